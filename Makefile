@@ -1,0 +1,39 @@
+# The two commands of the README:  `make app`  and  `make test`.
+# Both set up everything they need on a fresh machine (a virtualenv in .venv with pinned versions,
+# the SmolLM2 checkpoint, and for the browser tests Debian's chromium), then run.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# torch is pinned here, not in pyproject.toml: 2.13.0 is the CPU wheel this machine carries, while a
+# bare `torch` requirement would pull a CUDA build of several GB. Users bring their own build.
+TORCH  ?= torch==2.13.0
+
+.PHONY: setup fetch browser app test bench
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
+	touch $@
+
+setup: $(STAMP)
+
+fetch: setup
+	$(BIN)/workbench fetch smollm2-135m
+
+# Debian's chromium for the browser tests (Playwright cannot download its own browser here).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "chromium is missing: install Debian's chromium (sudo apt-get install chromium); the browser tests will be skipped"; fi; }
+
+app: fetch
+	$(BIN)/streamlit run app.py --server.address localhost --server.headless true
+
+test: fetch browser
+	$(BIN)/python -m pytest
+
+bench: fetch
+	$(BIN)/python -m benchmarks
