@@ -1,0 +1,428 @@
+"""Weights in and out: HF GPT-2 / Llama (objects, directories, hub ids) and native checkpoints.
+
+This is the one place that maps HF parameter names to the workbench's. A native checkpoint is a
+directory with ``config.json`` (the GPTConfig), ``model.safetensors`` (the per-head weights under
+their workbench names) and, when the model has one, ``tokenizer.json`` + ``tokenizer_meta.json``.
+Nothing is ever pickled. Every load checks names and shapes of all tensors before copying any, so
+a bad checkpoint fails whole, with the offending names, and leaves nothing half-loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from workbench.errors import CheckpointError, ConfigError
+from workbench.model import GPTConfig, HookedGPT
+from workbench.tokenize import Tokenizer
+
+FORMAT = "workbench-gpt"
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+# ---------------------------------------------------------------------------------------------
+# State dicts
+
+
+def load_weights(model: HookedGPT, state_dict: Mapping[str, Tensor], source: str = "checkpoint") -> None:
+    """Copy ``state_dict`` into ``model`` after checking that names and shapes match exactly."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state_dict.items()}
+    missing = sorted(set(expected) - set(got))
+    extra = sorted(set(got) - set(expected))
+    wrong = [f"{k}: {got[k]} (expected {expected[k]})" for k in expected if k in got and got[k] != expected[k]]
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+    if extra:
+        problems.append(f"unexpected tensors: {', '.join(extra[:8])}{' ...' if len(extra) > 8 else ''}")
+    if wrong:
+        problems.append(f"wrong shapes: {'; '.join(wrong[:8])}{' ...' if len(wrong) > 8 else ''}")
+    if problems:
+        raise CheckpointError(
+            f"{source} does not fit this model configuration ({'; '.join(problems)}); "
+            "check that the config and the weights come from the same model"
+        )
+    with torch.no_grad():
+        model.load_state_dict(dict(state_dict), strict=True)
+
+
+def _contiguous_state_dict(model: HookedGPT) -> dict[str, Tensor]:
+    # safetensors stores contiguous tensors; per-head views are copied into their logical layout
+    return {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Native checkpoints
+
+
+def save_native(model: HookedGPT, directory: str | os.PathLike) -> Path:
+    """Write ``model`` as a native checkpoint directory; files are replaced atomically."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp_weights = directory / (WEIGHTS_FILE + ".tmp")
+    save_file(_contiguous_state_dict(model), str(tmp_weights), metadata={"format": "pt"})
+    os.replace(tmp_weights, directory / WEIGHTS_FILE)
+    tmp_cfg = directory / (CONFIG_FILE + ".tmp")
+    tmp_cfg.write_text(json.dumps({"format": FORMAT, "version": 1, "config": model.cfg.to_dict()}, indent=2))
+    os.replace(tmp_cfg, directory / CONFIG_FILE)
+    if model.tokenizer is not None:
+        model.tokenizer.save(directory)
+    return directory
+
+
+def is_native_checkpoint(path: str | os.PathLike) -> bool:
+    cfg = Path(path) / CONFIG_FILE
+    if not cfg.is_file():
+        return False
+    try:
+        return json.loads(cfg.read_text()).get("format") == FORMAT
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+
+
+def read_native_config(directory: str | os.PathLike) -> GPTConfig:
+    path = Path(directory) / CONFIG_FILE
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} does not exist; a native checkpoint has {CONFIG_FILE} and {WEIGHTS_FILE}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc}); the checkpoint is corrupt, re-create it") from None
+    if raw.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a workbench checkpoint (format={raw.get('format')!r}); for HF directories use from_hf")
+    try:
+        return GPTConfig.from_dict(raw["config"])
+    except (KeyError, TypeError, ConfigError) as exc:
+        raise CheckpointError(f"{path} holds an invalid model config: {exc}") from None
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, Tensor]:
+    """Return the tensors of a safetensors file, or raise CheckpointError if it is truncated or corrupt."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"{path} is truncated or corrupt ({exc}); delete it and re-create it (for zoo models: workbench fetch NAME)"
+        ) from None
+
+
+def load_native(directory: str | os.PathLike, device=None, dtype=None) -> HookedGPT:
+    """Load a native checkpoint directory (with its tokenizer, if it has one)."""
+    directory = Path(directory)
+    cfg = read_native_config(directory)
+    state = read_safetensors(directory / WEIGHTS_FILE)
+    tokenizer = Tokenizer.load(directory) if (directory / "tokenizer.json").is_file() else None
+    model = HookedGPT(cfg, tokenizer=tokenizer, init=False)
+    load_weights(model, state, source=str(directory / WEIGHTS_FILE))
+    return model.to(device=device, dtype=dtype) if (device or dtype) else model
+
+
+# ---------------------------------------------------------------------------------------------
+# HF transformers
+
+
+def config_from_hf(hf_config: Mapping | object) -> GPTConfig:
+    """Return the GPTConfig of an HF GPT-2 or Llama config (a PretrainedConfig or its dict)."""
+    c = dict(hf_config) if isinstance(hf_config, Mapping) else hf_config.to_dict()
+    kind = c.get("model_type")
+    if kind == "gpt2":
+        for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+            if c.get(flag):
+                raise ConfigError(f"GPT-2 variant with {flag}=True is not supported")
+        if c.get("scale_attn_weights") is False:
+            raise ConfigError("GPT-2 variant with scale_attn_weights=False is not supported")
+        act = c.get("activation_function", "gelu_new")
+        act = {"gelu_pytorch_tanh": "gelu_new"}.get(act, act)
+        d = c["n_embd"]
+        return GPTConfig(
+            d_model=d, n_layers=c["n_layer"], n_heads=c["n_head"],
+            d_mlp=c.get("n_inner") or 4 * d, d_vocab=c["vocab_size"], n_ctx=c["n_positions"],
+            positional="learned", normalization="layernorm", act_fn=act, use_bias=True,
+            tie_embeddings=c.get("tie_word_embeddings", True), norm_eps=c.get("layer_norm_epsilon", 1e-5),
+            name=c.get("_name_or_path", "") or "gpt2",
+        )
+    if kind == "llama":
+        rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
+        if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+            raise ConfigError(f"Llama RoPE scaling {rope.get('rope_type')!r} is not supported (only the default RoPE)")
+        theta = rope.get("rope_theta", c.get("rope_theta", 10000.0))
+        d, H = c["hidden_size"], c["num_attention_heads"]
+        if c.get("attention_bias") != c.get("mlp_bias", False):
+            raise ConfigError("Llama variants with attention_bias != mlp_bias are not supported")
+        return GPTConfig(
+            d_model=d, n_layers=c["num_hidden_layers"], n_heads=H, d_head=c.get("head_dim"),
+            d_mlp=c["intermediate_size"], d_vocab=c["vocab_size"], n_ctx=c["max_position_embeddings"],
+            n_kv_heads=c.get("num_key_value_heads") or H, positional="rotary", normalization="rmsnorm",
+            act_fn=c.get("hidden_act", "silu"), gated_mlp=True, use_bias=bool(c.get("attention_bias", False)),
+            tie_embeddings=c.get("tie_word_embeddings", False), rope_theta=float(theta),
+            norm_eps=c.get("rms_norm_eps", 1e-6), name=c.get("_name_or_path", "") or "llama",
+        )
+    raise ConfigError(f"HF model_type {kind!r} is not supported; the workbench reads 'gpt2' and 'llama' models")
+
+
+def _gpt2_to_workbench(cfg: GPTConfig, sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    H, dh, d = cfg.n_heads, cfg.d_head, cfg.d_model
+    p = "transformer." if any(k.startswith("transformer.") for k in sd) else ""
+    out = {"embed.W_E": sd[f"{p}wte.weight"], "pos_embed.W_pos": sd[f"{p}wpe.weight"],
+           "ln_final.w": sd[f"{p}ln_f.weight"], "ln_final.b": sd[f"{p}ln_f.bias"]}
+    for i in range(cfg.n_layers):
+        h, b = f"{p}h.{i}.", f"blocks.{i}."
+        # Conv1D weights are [in, out]; c_attn's out axis is q, k, v each [head d_head]
+        W_q, W_k, W_v = sd[h + "attn.c_attn.weight"].split(d, dim=1)
+        b_q, b_k, b_v = sd[h + "attn.c_attn.bias"].split(d)
+        for name, W, bias in (("Q", W_q, b_q), ("K", W_k, b_k), ("V", W_v, b_v)):
+            out[b + f"attn.W_{name}"] = W.reshape(d, H, dh).permute(1, 0, 2)
+            out[b + f"attn.b_{name}"] = bias.reshape(H, dh)
+        out[b + "attn.W_O"] = sd[h + "attn.c_proj.weight"].reshape(H, dh, d)
+        out[b + "attn.b_O"] = sd[h + "attn.c_proj.bias"]
+        out[b + "mlp.W_in"] = sd[h + "mlp.c_fc.weight"]
+        out[b + "mlp.b_in"] = sd[h + "mlp.c_fc.bias"]
+        out[b + "mlp.W_out"] = sd[h + "mlp.c_proj.weight"]
+        out[b + "mlp.b_out"] = sd[h + "mlp.c_proj.bias"]
+        for ln, hf_ln in (("ln1", "ln_1"), ("ln2", "ln_2")):
+            out[b + f"{ln}.w"] = sd[h + f"{hf_ln}.weight"]
+            out[b + f"{ln}.b"] = sd[h + f"{hf_ln}.bias"]
+    if not cfg.tie_embeddings:
+        out["unembed.W_U"] = sd["lm_head.weight"].T
+    return out
+
+
+def _llama_to_workbench(cfg: GPTConfig, sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    H, K, dh, d = cfg.n_heads, cfg.n_kv, cfg.d_head, cfg.d_model
+    p = "model." if any(k.startswith("model.") for k in sd) else ""
+    out = {"embed.W_E": sd[f"{p}embed_tokens.weight"], "ln_final.w": sd[f"{p}norm.weight"]}
+    for i in range(cfg.n_layers):
+        h, b = f"{p}layers.{i}.", f"blocks.{i}."
+        for name, proj, n in (("Q", "q_proj", H), ("K", "k_proj", K), ("V", "v_proj", K)):
+            # nn.Linear weights are [out, in] = [head*d_head, d_model]
+            out[b + f"attn.W_{name}"] = sd[h + f"self_attn.{proj}.weight"].reshape(n, dh, d).transpose(1, 2)
+            if cfg.use_bias:
+                out[b + f"attn.b_{name}"] = sd[h + f"self_attn.{proj}.bias"].reshape(n, dh)
+        out[b + "attn.W_O"] = sd[h + "self_attn.o_proj.weight"].reshape(d, H, dh).permute(1, 2, 0)
+        out[b + "mlp.W_gate"] = sd[h + "mlp.gate_proj.weight"].T
+        out[b + "mlp.W_in"] = sd[h + "mlp.up_proj.weight"].T
+        out[b + "mlp.W_out"] = sd[h + "mlp.down_proj.weight"].T
+        if cfg.use_bias:
+            out[b + "attn.b_O"] = sd[h + "self_attn.o_proj.bias"]
+            out[b + "mlp.b_gate"] = sd[h + "mlp.gate_proj.bias"]
+            out[b + "mlp.b_in"] = sd[h + "mlp.up_proj.bias"]
+            out[b + "mlp.b_out"] = sd[h + "mlp.down_proj.bias"]
+        out[b + "ln1.w"] = sd[h + "input_layernorm.weight"]
+        out[b + "ln2.w"] = sd[h + "post_attention_layernorm.weight"]
+    if not cfg.tie_embeddings:
+        out["unembed.W_U"] = sd["lm_head.weight"].T
+    return out
+
+
+def from_hf_state_dict(hf_config, state_dict: Mapping[str, Tensor], tokenizer: Tokenizer | None = None) -> HookedGPT:
+    """Return a HookedGPT holding an HF GPT-2 or Llama state dict (HF parameter names)."""
+    cfg = config_from_hf(hf_config)
+    family = "gpt2" if cfg.positional == "learned" else "llama"
+    convert = _gpt2_to_workbench if family == "gpt2" else _llama_to_workbench
+    try:
+        weights = convert(cfg, state_dict)
+    except KeyError as exc:
+        raise CheckpointError(f"HF {family} checkpoint lacks tensor {exc.args[0]!r}; is the file complete?") from None
+    model = HookedGPT(cfg, tokenizer=tokenizer, init=False)
+    known = {k for k in state_dict if not k.endswith((".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq"))}
+    used = _hf_names_used(cfg, family, state_dict)
+    if known - used:
+        raise CheckpointError(f"HF checkpoint has tensors this config does not use: {sorted(known - used)[:8]}")
+    load_weights(model, {k: v.float() if v.is_floating_point() and v.dtype != torch.float32 else v
+                         for k, v in weights.items()}, source=f"HF {family} state dict")
+    return model
+
+
+def _hf_names_used(cfg: GPTConfig, family: str, sd: Mapping[str, Tensor]) -> set[str]:
+    # derive by conversion bookkeeping: every key of sd that a converter reads
+    reads: set[str] = set()
+
+    class Recorder(dict):
+        def __getitem__(self, key):
+            reads.add(key)
+            return sd[key]
+
+        def __iter__(self):
+            return iter(sd)
+
+        def __contains__(self, key):
+            return key in sd
+
+    rec = Recorder()
+    (_gpt2_to_workbench if family == "gpt2" else _llama_to_workbench)(cfg, rec)
+    if cfg.tie_embeddings:
+        reads.add("lm_head.weight")  # HF keeps the tied copy under this name too
+    return reads
+
+
+def from_hf(model_or_path, tokenizer=None, local_files_only: bool = False) -> HookedGPT:
+    """Return a HookedGPT from an HF model object, a local HF directory, or a hub id.
+
+    ``tokenizer`` may be an HF fast tokenizer or a workbench Tokenizer; from a directory the
+    tokenizer there (tokenizer.json) is used.
+    """
+    if tokenizer is not None and not isinstance(tokenizer, Tokenizer):
+        tokenizer = Tokenizer.from_hf(tokenizer)
+    if hasattr(model_or_path, "state_dict") and hasattr(model_or_path, "config"):
+        return from_hf_state_dict(model_or_path.config, model_or_path.state_dict(), tokenizer)
+    path = Path(model_or_path)
+    if not path.is_dir():
+        path = _snapshot(str(model_or_path), local_files_only)
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{path} has no config.json; an HF model directory holds config.json and *.safetensors")
+    hf_config = json.loads(config_path.read_text())
+    state = read_hf_weights(path)
+    if tokenizer is None and (path / "tokenizer.json").is_file():
+        tokenizer = Tokenizer.load(path)
+    return from_hf_state_dict(hf_config, state, tokenizer)
+
+
+def read_hf_weights(directory: Path) -> dict[str, Tensor]:
+    """Return the tensors of an HF directory: model.safetensors, sharded safetensors, or pytorch_model.bin."""
+    single = directory / "model.safetensors"
+    if single.is_file():
+        return read_safetensors(single)
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        state: dict[str, Tensor] = {}
+        for shard in shards:
+            state.update(read_safetensors(directory / shard))
+        return state
+    bin_path = directory / "pytorch_model.bin"
+    if bin_path.is_file():
+        try:  # weights_only: tensors and plain containers, never arbitrary objects
+            return torch.load(bin_path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - torch raises many kinds here
+            raise CheckpointError(f"{bin_path} could not be read as weights ({exc}); convert it to safetensors") from None
+    raise CheckpointError(f"{directory} has no model.safetensors, sharded safetensors index or pytorch_model.bin")
+
+
+def _snapshot(repo_id: str, local_files_only: bool) -> Path:
+    """Return a local directory for an HF hub id (the local HF cache first, the network second)."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise CheckpointError(
+            f"{repo_id!r} is not a local directory and huggingface_hub is not installed to fetch it"
+        ) from None
+    patterns = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not in the local cache: try the network below
+        if local_files_only:
+            raise _no_network(repo_id) from None
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as exc:  # noqa: BLE001 - offline, unknown repo, gated repo...
+        raise _no_network(repo_id, exc) from None
+
+
+def _no_network(repo_id: str, exc: Exception | None = None) -> CheckpointError:
+    why = f" ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})" if exc else ""
+    return CheckpointError(
+        f"could not get {repo_id!r} from the HF hub{why}. On a machine with network, download its "
+        "config.json, model.safetensors and tokenizer.json (e.g. `huggingface-cli download "
+        f"{repo_id}`), copy the directory here, and pass its path instead of the hub id"
+    )
+
+
+def to_hf(model: HookedGPT):
+    """Return an HF ``GPT2LMHeadModel`` or ``LlamaForCausalLM`` with the same weights."""
+    import transformers
+
+    cfg = model.cfg
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    if cfg.positional == "learned" and cfg.normalization == "layernorm" and not cfg.gated_mlp and cfg.use_bias \
+            and not cfg.attn_only and not cfg.unembed_bias and cfg.n_kv == cfg.n_heads and cfg.d_head * cfg.n_heads == cfg.d_model:
+        hf_cfg = transformers.GPT2Config(
+            n_embd=cfg.d_model, n_layer=cfg.n_layers, n_head=cfg.n_heads, n_inner=cfg.d_mlp,
+            vocab_size=cfg.d_vocab, n_positions=cfg.n_ctx, layer_norm_epsilon=cfg.norm_eps,
+            activation_function=cfg.act_fn, tie_word_embeddings=cfg.tie_embeddings,
+        )
+        hf = transformers.GPT2LMHeadModel(hf_cfg)
+        out = _workbench_to_gpt2(cfg, sd)
+    elif cfg.positional == "rotary" and cfg.normalization == "rmsnorm" and cfg.gated_mlp and not cfg.attn_only \
+            and not cfg.unembed_bias:
+        hf_cfg = transformers.LlamaConfig(
+            hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+            num_key_value_heads=cfg.n_kv, head_dim=cfg.d_head, intermediate_size=cfg.d_mlp,
+            vocab_size=cfg.d_vocab, max_position_embeddings=cfg.n_ctx, rms_norm_eps=cfg.norm_eps,
+            hidden_act=cfg.act_fn, tie_word_embeddings=cfg.tie_embeddings, attention_bias=cfg.use_bias,
+            mlp_bias=cfg.use_bias, rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        )
+        hf = transformers.LlamaForCausalLM(hf_cfg)
+        out = _workbench_to_llama(cfg, sd)
+    else:
+        raise ConfigError(
+            "to_hf() needs a GPT-2 shaped config (learned positions, LayerNorm, biases, plain MLP) or a Llama "
+            "shaped one (rotary, RMSNorm, gated MLP); this model mixes the two families"
+        )
+    missing, unexpected = hf.load_state_dict(out, strict=False)
+    missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise CheckpointError(f"to_hf mapping incomplete: missing {missing}, unexpected {unexpected}")
+    if cfg.tie_embeddings:
+        hf.tie_weights()
+    return hf.eval()
+
+
+def _workbench_to_gpt2(cfg: GPTConfig, sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    d = cfg.d_model
+    out = {"transformer.wte.weight": sd["embed.W_E"], "transformer.wpe.weight": sd["pos_embed.W_pos"],
+           "transformer.ln_f.weight": sd["ln_final.w"], "transformer.ln_f.bias": sd["ln_final.b"]}
+    for i in range(cfg.n_layers):
+        h, b = f"transformer.h.{i}.", f"blocks.{i}."
+        out[h + "attn.c_attn.weight"] = torch.cat(
+            [sd[b + f"attn.W_{n}"].permute(1, 0, 2).reshape(d, -1) for n in "QKV"], dim=1)
+        out[h + "attn.c_attn.bias"] = torch.cat([sd[b + f"attn.b_{n}"].reshape(-1) for n in "QKV"])
+        out[h + "attn.c_proj.weight"] = sd[b + "attn.W_O"].reshape(-1, d)
+        out[h + "attn.c_proj.bias"] = sd[b + "attn.b_O"]
+        out[h + "mlp.c_fc.weight"] = sd[b + "mlp.W_in"]
+        out[h + "mlp.c_fc.bias"] = sd[b + "mlp.b_in"]
+        out[h + "mlp.c_proj.weight"] = sd[b + "mlp.W_out"]
+        out[h + "mlp.c_proj.bias"] = sd[b + "mlp.b_out"]
+        for ln, hf_ln in (("ln1", "ln_1"), ("ln2", "ln_2")):
+            out[h + f"{hf_ln}.weight"] = sd[b + f"{ln}.w"]
+            out[h + f"{hf_ln}.bias"] = sd[b + f"{ln}.b"]
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = sd["unembed.W_U"].T
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def _workbench_to_llama(cfg: GPTConfig, sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    d = cfg.d_model
+    out = {"model.embed_tokens.weight": sd["embed.W_E"], "model.norm.weight": sd["ln_final.w"]}
+    for i in range(cfg.n_layers):
+        h, b = f"model.layers.{i}.", f"blocks.{i}."
+        for n, proj in (("Q", "q_proj"), ("K", "k_proj"), ("V", "v_proj")):
+            out[h + f"self_attn.{proj}.weight"] = sd[b + f"attn.W_{n}"].transpose(1, 2).reshape(-1, d)
+            if cfg.use_bias:
+                out[h + f"self_attn.{proj}.bias"] = sd[b + f"attn.b_{n}"].reshape(-1)
+        out[h + "self_attn.o_proj.weight"] = sd[b + "attn.W_O"].permute(2, 0, 1).reshape(d, -1)
+        out[h + "mlp.gate_proj.weight"] = sd[b + "mlp.W_gate"].T
+        out[h + "mlp.up_proj.weight"] = sd[b + "mlp.W_in"].T
+        out[h + "mlp.down_proj.weight"] = sd[b + "mlp.W_out"].T
+        if cfg.use_bias:
+            out[h + "self_attn.o_proj.bias"] = sd[b + "attn.b_O"]
+            out[h + "mlp.gate_proj.bias"] = sd[b + "mlp.b_gate"]
+            out[h + "mlp.up_proj.bias"] = sd[b + "mlp.b_in"]
+            out[h + "mlp.down_proj.bias"] = sd[b + "mlp.b_out"]
+        out[h + "input_layernorm.weight"] = sd[b + "ln1.w"]
+        out[h + "post_attention_layernorm.weight"] = sd[b + "ln2.w"]
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = sd["unembed.W_U"].T
+    return {k: v.contiguous() for k, v in out.items()}

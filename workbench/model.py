@@ -1,0 +1,669 @@
+"""GPTConfig and HookedGPT: one readable GPT covering the GPT-2 and Llama families.
+
+Pieces in dependency order: config, positional encodings, norm, attention, MLP, block, model.
+Every interesting activation passes through a named :class:`~workbench.hooks.HookPoint`
+(TransformerLens' names). Weights are exposed per head as in the literature
+(``W_Q: [head d_model d_head]``) but stored in the memory layout ``F.linear`` wants, so the
+forward pass runs one fused matmul per projection over a view of the same memory.
+Loading, generation and conversion live in ``loading.py`` / ``generate.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+
+from workbench.errors import ConfigError, InputError
+from workbench.hooks import HookedModule, HookPoint, NameFilter
+from workbench.names import layer_of
+
+Positional = Literal["learned", "rotary", "sinusoidal", "none"]
+Normalization = Literal["layernorm", "rmsnorm"]
+ActFn = Literal["gelu_new", "gelu", "relu", "silu"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class GPTConfig:
+    """Architecture of a decoder-only transformer (GPT-2 family, Llama family, or any mix)."""
+
+    d_model: int
+    n_layers: int
+    n_heads: int
+    d_vocab: int
+    n_ctx: int
+    #: width of each head; None means d_model // n_heads (which must then divide evenly)
+    d_head: int | None = None
+    #: hidden width of the MLP (ignored, may be 0, when attn_only)
+    d_mlp: int = 0
+    #: key/value heads for grouped-query attention; None means n_heads (plain multi-head)
+    n_kv_heads: int | None = None
+    #: how positions enter: learned table, rotary (RoPE on q and k), fixed sinusoids, or nothing
+    positional: Positional = "learned"
+    normalization: Normalization = "layernorm"
+    #: gelu_new is GPT-2's tanh approximation; silu with gated_mlp=True is Llama's SwiGLU
+    act_fn: ActFn = "gelu_new"
+    #: MLP computes act(x W_gate) * (x W_in) before W_out (SwiGLU and friends)
+    gated_mlp: bool = False
+    #: no MLP sub-layers at all (the toy models of Elhage et al. 2021)
+    attn_only: bool = False
+    #: biases on the attention and MLP projections (GPT-2: yes, Llama: no)
+    use_bias: bool = True
+    #: a bias on the unembedding (neither GPT-2 nor Llama has one)
+    unembed_bias: bool = False
+    #: W_U is W_E transposed (GPT-2 and SmolLM2 tie them)
+    tie_embeddings: bool = False
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    #: standard deviation of the normal initialisation of weight matrices
+    init_std: float = 0.02
+    #: free-form label kept in checkpoints
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.d_head is None:
+            if self.n_heads <= 0 or self.d_model % self.n_heads:
+                raise ConfigError(
+                    f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; choose n_heads among "
+                    "the divisors of d_model, or give d_head explicitly"
+                )
+            object.__setattr__(self, "d_head", self.d_model // self.n_heads)
+        for f in ("d_model", "n_layers", "n_heads", "d_head", "d_vocab", "n_ctx"):
+            if getattr(self, f) <= 0:
+                raise ConfigError(f"{f} must be positive, got {getattr(self, f)}")
+        if not self.attn_only and self.d_mlp <= 0:
+            raise ConfigError(f"d_mlp must be positive for a model with MLPs, got {self.d_mlp} (or set attn_only=True)")
+        if self.n_heads % self.n_kv:
+            raise ConfigError(
+                f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv}: each key/value head "
+                "serves a whole group of query heads; pick n_kv_heads among the divisors of n_heads"
+            )
+        if self.positional == "rotary" and self.d_head % 2:
+            raise ConfigError(f"rotary positions need an even d_head, got {self.d_head}")
+        if self.positional == "sinusoidal" and self.d_model % 2:
+            raise ConfigError(f"sinusoidal positions need an even d_model, got {self.d_model}")
+        for f, allowed in (("positional", Positional), ("normalization", Normalization), ("act_fn", ActFn)):
+            if getattr(self, f) not in allowed.__args__:
+                raise ConfigError(f"{f}={getattr(self, f)!r} is not one of {allowed.__args__}")
+
+    @property
+    def n_kv(self) -> int:
+        """Number of key/value heads."""
+        return self.n_kv_heads or self.n_heads
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GPTConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown GPTConfig fields {unknown}; known fields: {sorted(known)}")
+        return cls(**d)
+
+    @classmethod
+    def gpt2_small(cls) -> "GPTConfig":
+        return cls(d_model=768, n_layers=12, n_heads=12, d_head=64, d_mlp=3072, d_vocab=50257, n_ctx=1024,
+                   tie_embeddings=True, name="gpt2-small")
+
+    @classmethod
+    def gpt3_175b(cls) -> "GPTConfig":
+        return cls(d_model=12288, n_layers=96, n_heads=96, d_head=128, d_mlp=49152, d_vocab=50257, n_ctx=2048,
+                   name="gpt3-175b")
+
+
+def parameter_counts(cfg: GPTConfig) -> dict[str, int]:
+    """Return parameter counts by component, plus ``weights`` (matrices only) and ``total``.
+
+    Components: embedding, positional, attn_q/k/v/o, attn_bias, mlp_in, mlp_gate, mlp_out,
+    mlp_bias, norms, unembedding (0 when tied). GPT-2 small's total is 124,439,808; GPT-3
+    175B's ``weights`` (embedding, Q, K, V, O, MLP and an untied unembedding) is 175,181,291,520.
+    """
+    L, d, H, K, dh = cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv, cfg.d_head
+    mlp = 0 if cfg.attn_only else cfg.d_mlp
+    norm_size = d * (2 if cfg.normalization == "layernorm" else 1)
+    counts = {
+        "embedding": cfg.d_vocab * d,
+        "positional": cfg.n_ctx * d if cfg.positional == "learned" else 0,
+        "attn_q": L * H * d * dh,
+        "attn_k": L * K * d * dh,
+        "attn_v": L * K * d * dh,
+        "attn_o": L * H * dh * d,
+        "attn_bias": L * ((H + 2 * K) * dh + d) if cfg.use_bias else 0,
+        "mlp_in": L * d * mlp,
+        "mlp_gate": L * d * mlp if cfg.gated_mlp else 0,
+        "mlp_out": L * mlp * d,
+        "mlp_bias": L * (mlp * (2 if cfg.gated_mlp else 1) + d) if cfg.use_bias and mlp else 0,
+        "norms": norm_size * (L * (1 if cfg.attn_only else 2) + 1),
+        "unembedding": 0 if cfg.tie_embeddings else d * cfg.d_vocab,
+        "unembedding_bias": cfg.d_vocab if cfg.unembed_bias else 0,
+    }
+    matrices = ("embedding", "attn_q", "attn_k", "attn_v", "attn_o", "mlp_in", "mlp_gate", "mlp_out", "unembedding")
+    counts["weights"] = sum(counts[k] for k in matrices)
+    counts["total"] = sum(v for k, v in counts.items() if k != "weights")
+    return counts
+
+
+# ---------------------------------------------------------------------------------------------
+# Positional encodings
+
+
+def sinusoidal_table(n_ctx: int, d_model: int) -> Float[Tensor, "pos d_model"]:
+    """Return Vaswani et al.'s fixed table: sin on even dimensions, cos on odd ones."""
+    pos = torch.arange(n_ctx, dtype=torch.float64)[:, None]
+    freq = torch.exp(-math.log(10000.0) * torch.arange(0, d_model, 2, dtype=torch.float64) / d_model)
+    table = torch.zeros(n_ctx, d_model, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(pos * freq)
+    table[:, 1::2] = torch.cos(pos * freq)
+    return table.float()
+
+
+def rotary_tables(n_ctx: int, d_head: int, theta: float) -> tuple[Tensor, Tensor]:
+    """Return RoPE's cos and sin tables ``[pos d_head]`` in the rotate-half layout HF Llama uses."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, d_head, 2, dtype=torch.int64).float() / d_head))
+    angles = torch.outer(torch.arange(n_ctx).float(), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: Float[Tensor, "batch pos head d_head"], cos: Tensor, sin: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers
+
+
+class Norm(nn.Module):
+    """LayerNorm or RMSNorm, with ``hook_scale`` and ``hook_normalized`` (before the affine part)."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.kind, self.eps = cfg.normalization, cfg.norm_eps
+        self.w = nn.Parameter(torch.ones(cfg.d_model))
+        self.b = nn.Parameter(torch.zeros(cfg.d_model)) if self.kind == "layernorm" else None
+        self.hook_scale = HookPoint()  # [batch pos 1]
+        self.hook_normalized = HookPoint()  # [batch pos d_model]
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        if not (self.hook_scale.active or self.hook_normalized.active):
+            # fused kernels when nobody is looking inside
+            if self.kind == "layernorm":
+                return F.layer_norm(x, x.shape[-1:], self.w, self.b, self.eps)
+            return F.rms_norm(x.float(), x.shape[-1:], None, self.eps).to(x.dtype) * self.w
+        orig_dtype = x.dtype
+        x = x.float()
+        if self.kind == "layernorm":
+            x = x - x.mean(-1, keepdim=True)
+        scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
+        x = self.hook_normalized(x / scale).to(orig_dtype)
+        return x * self.w + self.b if self.b is not None else x * self.w
+
+
+def _per_head(shape_in_memory: tuple[int, ...], perm: tuple[int, ...]) -> nn.Parameter:
+    """A parameter whose logical (per-head) shape is a permutation of its memory layout."""
+    return nn.Parameter(torch.empty(shape_in_memory).permute(perm))
+
+
+class Attention(nn.Module):
+    """Causal multi-head (or grouped-query) attention with optional RoPE."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        H, K, dh, d = cfg.n_heads, cfg.n_kv, cfg.d_head, cfg.d_model
+        # Memory [head d_head d_model] is F.linear's [out in]; the logical view is [head d_model d_head].
+        self.W_Q = _per_head((H, dh, d), (0, 2, 1))
+        self.W_K = _per_head((K, dh, d), (0, 2, 1))
+        self.W_V = _per_head((K, dh, d), (0, 2, 1))
+        # Memory [d_model head d_head] is F.linear's [out in]; the logical view is [head d_head d_model].
+        self.W_O = _per_head((d, H, dh), (1, 2, 0))
+        if cfg.use_bias:
+            self.b_Q = nn.Parameter(torch.zeros(H, dh))
+            self.b_K = nn.Parameter(torch.zeros(K, dh))
+            self.b_V = nn.Parameter(torch.zeros(K, dh))
+            self.b_O = nn.Parameter(torch.zeros(d))
+        else:
+            self.b_Q = self.b_K = self.b_V = self.b_O = None
+        rotary = ("hook_rot_q", "hook_rot_k") if cfg.positional == "rotary" else ()
+        # registered in the order they fire, so model.hook_names() reads like the forward pass
+        for name in ("hook_q", "hook_k", "hook_v", *rotary, "hook_attn_scores", "hook_pattern", "hook_z", "hook_result"):
+            setattr(self, name, HookPoint())
+
+    def _project(self, x: Tensor, W: Tensor, b: Tensor | None) -> Tensor:
+        n, dh = W.shape[0], W.shape[2]
+        out = F.linear(x, W.transpose(1, 2).reshape(n * dh, -1), None if b is None else b.reshape(-1))
+        return out.view(*x.shape[:-1], n, dh)
+
+    def forward(
+        self,
+        x: Float[Tensor, "batch pos d_model"],
+        rotary: tuple[Tensor, Tensor] | None,
+        pos_offset: int,
+        kv: tuple[Tensor, Tensor] | None,
+    ) -> Float[Tensor, "batch pos d_model"]:
+        cfg = self.cfg
+        batch, n_pos, _ = x.shape
+        q = self.hook_q(self._project(x, self.W_Q, self.b_Q))
+        k = self.hook_k(self._project(x, self.W_K, self.b_K))
+        v = self.hook_v(self._project(x, self.W_V, self.b_V))
+        if rotary is not None:
+            cos, sin = (t[pos_offset: pos_offset + n_pos].to(q.dtype) for t in rotary)
+            q = self.hook_rot_q(apply_rotary(q, cos, sin))
+            k = self.hook_rot_k(apply_rotary(k, cos, sin))
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [batch head pos d_head]
+        if kv is not None:
+            # write into the preallocated cache, attend over everything up to here
+            k_cache, v_cache = kv
+            k_cache[:, :, pos_offset: pos_offset + n_pos] = k
+            v_cache[:, :, pos_offset: pos_offset + n_pos] = v
+            k, v = k_cache[:, :, : pos_offset + n_pos], v_cache[:, :, : pos_offset + n_pos]
+        n_keys = k.shape[2]
+        group = cfg.n_heads // cfg.n_kv
+        if self.hook_attn_scores.active or self.hook_pattern.active:
+            # the explicit path, only when someone wants to see scores or pattern
+            if group > 1:
+                k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+            scores = (q @ k.transpose(-1, -2)) / math.sqrt(cfg.d_head)
+            future = torch.ones(n_pos, n_keys, dtype=torch.bool, device=x.device).triu(pos_offset + 1)
+            scores = self.hook_attn_scores(scores.masked_fill(future, float("-inf")))
+            pattern = self.hook_pattern(scores.softmax(dim=-1))
+            z = pattern @ v
+        else:
+            mask = None
+            if pos_offset and n_pos > 1:
+                mask = torch.ones(n_pos, n_keys, dtype=torch.bool, device=x.device).tril(pos_offset)
+            z = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None and n_pos > 1, enable_gqa=group > 1
+            )
+        z = self.hook_z(z.transpose(1, 2))  # [batch pos head d_head]
+        if self.hook_result.active:
+            result = self.hook_result(torch.einsum("bphd,hdm->bphm", z, self.W_O))
+            out = result.sum(dim=2)
+            return out if self.b_O is None else out + self.b_O
+        W_O = self.W_O.permute(2, 0, 1).reshape(cfg.d_model, -1)
+        return F.linear(z.reshape(batch, n_pos, -1), W_O, self.b_O)
+
+
+_ACTIVATIONS = {
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+    "relu": F.relu,
+    "silu": F.silu,
+}
+
+
+class MLP(nn.Module):
+    """``act(x W_in + b_in) W_out + b_out``, or the gated form ``(act(x W_gate) * x W_in) W_out``."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        d, m = cfg.d_model, cfg.d_mlp
+        self.act = _ACTIVATIONS[cfg.act_fn]
+        self.W_in = _per_head((m, d), (1, 0))  # [d_model d_mlp], memory [d_mlp d_model]
+        self.W_gate = _per_head((m, d), (1, 0)) if cfg.gated_mlp else None
+        self.W_out = _per_head((d, m), (1, 0))  # [d_mlp d_model], memory [d_model d_mlp]
+        self.b_in = nn.Parameter(torch.zeros(m)) if cfg.use_bias else None
+        self.b_gate = nn.Parameter(torch.zeros(m)) if cfg.use_bias and cfg.gated_mlp else None
+        self.b_out = nn.Parameter(torch.zeros(d)) if cfg.use_bias else None
+        self.hook_pre = HookPoint()  # what the nonlinearity sees
+        if cfg.gated_mlp:
+            self.hook_pre_linear = HookPoint()  # the linear branch
+        self.hook_post = HookPoint()
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        if self.W_gate is not None:
+            pre = self.hook_pre(F.linear(x, self.W_gate.T, self.b_gate))
+            post = self.hook_post(self.act(pre) * self.hook_pre_linear(F.linear(x, self.W_in.T, self.b_in)))
+        else:
+            post = self.hook_post(self.act(self.hook_pre(F.linear(x, self.W_in.T, self.b_in))))
+        return F.linear(post, self.W_out.T, self.b_out)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: attention, then (unless attention-only) an MLP."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.attn_only = cfg.attn_only
+        self.hook_resid_pre = HookPoint()
+        self.ln1 = Norm(cfg)
+        self.attn = Attention(cfg)
+        self.hook_attn_out = HookPoint()
+        if not cfg.attn_only:
+            self.hook_resid_mid = HookPoint()
+            self.ln2 = Norm(cfg)
+            self.mlp = MLP(cfg)
+            self.hook_mlp_out = HookPoint()
+        self.hook_resid_post = HookPoint()
+
+    def forward(self, resid: Tensor, rotary, pos_offset: int, kv) -> Tensor:
+        resid = self.hook_resid_pre(resid)
+        resid = resid + self.hook_attn_out(self.attn(self.ln1(resid), rotary, pos_offset, kv))
+        if not self.attn_only:
+            resid = self.hook_resid_mid(resid)
+            resid = resid + self.hook_mlp_out(self.mlp(self.ln2(resid)))
+        return self.hook_resid_post(resid)
+
+
+class Embed(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.W_E = nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model))
+
+
+class PosEmbed(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        if cfg.positional == "learned":
+            self.W_pos = nn.Parameter(torch.empty(cfg.n_ctx, cfg.d_model))
+        else:  # sinusoidal: a fixed table, recomputed from the config rather than stored
+            self.register_buffer("W_pos", sinusoidal_table(cfg.n_ctx, cfg.d_model), persistent=False)
+
+
+class Unembed(nn.Module):
+    def __init__(self, cfg: GPTConfig, embed: Embed):
+        super().__init__()
+        # tied: W_U is a view of W_E; kept out of the module tree so it is not a second parameter
+        self._embed = [embed] if cfg.tie_embeddings else None
+        if not cfg.tie_embeddings:
+            self.W_U = _per_head((cfg.d_vocab, cfg.d_model), (1, 0))  # [d_model d_vocab]
+        self.b_U = nn.Parameter(torch.zeros(cfg.d_vocab)) if cfg.unembed_bias else None
+
+    def __getattr__(self, name: str):
+        if name == "W_U" and self.__dict__.get("_embed"):
+            return self.__dict__["_embed"][0].W_E.T
+        return super().__getattr__(name)
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_vocab"]:
+        return F.linear(x, self.W_U.T, self.b_U)
+
+
+@dataclass
+class KVCache:
+    """Preallocated keys and values, one ``[batch kv_head max_pos d_head]`` pair per layer."""
+
+    keys: list[Tensor]
+    values: list[Tensor]
+    #: how many positions are filled
+    pos: int = 0
+
+    @classmethod
+    def empty(cls, cfg: GPTConfig, batch: int, max_pos: int, device=None, dtype=torch.float32) -> "KVCache":
+        if max_pos > cfg.n_ctx:
+            raise InputError(f"a KV cache of {max_pos} positions exceeds the model's context of {cfg.n_ctx}")
+        shape = (batch, cfg.n_kv, max_pos, cfg.d_head)
+        return cls([torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)],
+                   [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)])
+
+    @property
+    def max_pos(self) -> int:
+        return self.keys[0].shape[2]
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+
+
+class HookedGPT(HookedModule):
+    """A GPT whose activations can all be read and replaced through named hook points."""
+
+    def __init__(self, cfg: GPTConfig, tokenizer=None, init: bool = True):
+        super().__init__()
+        self.cfg = cfg
+        #: a workbench.tokenize.Tokenizer, or None for models used on raw token ids
+        self.tokenizer = tokenizer
+        self.embed = Embed(cfg)
+        self.hook_embed = HookPoint()
+        if cfg.positional in ("learned", "sinusoidal"):
+            self.pos_embed = PosEmbed(cfg)
+            self.hook_pos_embed = HookPoint()
+        if cfg.positional == "rotary":
+            cos, sin = rotary_tables(cfg.n_ctx, cfg.d_head, cfg.rope_theta)
+            self.register_buffer("rotary_cos", cos, persistent=False)
+            self.register_buffer("rotary_sin", sin, persistent=False)
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layers)])
+        self.ln_final = Norm(cfg)
+        self.unembed = Unembed(cfg, self.embed)
+        if init:  # loaders skip this: they overwrite every weight anyway
+            self.init_weights()
+        self.setup_hooks()
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> None:
+        """Normal(0, init_std) matrices, zero biases, unit norms; output projections scaled by 1/sqrt(2 n_layers)."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if p.ndim >= 2:
+                scale = 1 / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("W_O", "W_out")) else 1.0
+                p.copy_(torch.randn(p.shape, generator=gen) * std * scale)
+            elif name.endswith(".w"):
+                p.fill_(1.0)
+            else:
+                p.zero_()
+
+    # -- the forward pass, in pieces that analyses can call separately -------------------------
+
+    def check_tokens(self, tokens: Tensor, pos_offset: int = 0) -> Int[Tensor, "batch pos"]:
+        """Return ``tokens`` as ``[batch pos]`` after checking dtype, range and length."""
+        if not isinstance(tokens, Tensor):
+            raise InputError(f"expected a tensor of token ids, got {type(tokens).__name__}; use model.to_tokens(text)")
+        if tokens.dtype not in (torch.int64, torch.int32):
+            raise InputError(f"token ids must be integers, got {tokens.dtype}")
+        if tokens.ndim == 1:
+            tokens = tokens[None]
+        if tokens.ndim != 2 or tokens.shape[1] == 0:
+            raise InputError(f"expected token ids of shape [batch, pos] with pos >= 1, got {tuple(tokens.shape)}")
+        end = pos_offset + tokens.shape[1]
+        if end > self.cfg.n_ctx:
+            raise InputError(
+                f"{end} positions exceed the model's context of {self.cfg.n_ctx} tokens; "
+                f"shorten the input to at most {self.cfg.n_ctx - pos_offset} tokens"
+            )
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= self.cfg.d_vocab:
+            bad = lo if lo < 0 else hi
+            raise InputError(f"token id {bad} is outside the vocabulary [0, {self.cfg.d_vocab})")
+        return tokens
+
+    def embed_tokens(self, tokens: Int[Tensor, "batch pos"], pos_offset: int = 0) -> Float[Tensor, "batch pos d_model"]:
+        """Return the residual stream before the first block: token (+ positional) embeddings."""
+        resid = self.hook_embed(F.embedding(tokens, self.embed.W_E))
+        if self.cfg.positional in ("learned", "sinusoidal"):
+            pos = self.pos_embed.W_pos[pos_offset: pos_offset + tokens.shape[1]].to(resid.dtype)
+            resid = resid + self.hook_pos_embed(pos.expand(tokens.shape[0], -1, -1))
+        return resid
+
+    def run_blocks(
+        self,
+        resid: Float[Tensor, "batch pos d_model"],
+        start: int = 0,
+        stop: int | None = None,
+        pos_offset: int = 0,
+        kv_cache: KVCache | None = None,
+    ) -> Float[Tensor, "batch pos d_model"]:
+        """Return the residual stream after blocks ``start .. stop-1`` (resid_pre of ``stop``)."""
+        rotary = (self.rotary_cos, self.rotary_sin) if self.cfg.positional == "rotary" else None
+        for i in range(start, self.cfg.n_layers if stop is None else stop):
+            kv = None if kv_cache is None else (kv_cache.keys[i], kv_cache.values[i])
+            resid = self.blocks[i](resid, rotary, pos_offset, kv)
+        return resid
+
+    def unembed_resid(self, resid: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_vocab"]:
+        """Return logits from a final residual stream (final norm, then W_U)."""
+        return self.unembed(self.ln_final(resid))
+
+    def forward(self, tokens: Int[Tensor, "batch pos"], kv_cache: KVCache | None = None) -> Float[Tensor, "batch pos d_vocab"]:
+        """Return next-token logits. With ``kv_cache`` the tokens continue the cached positions."""
+        offset = 0 if kv_cache is None else kv_cache.pos
+        tokens = self.check_tokens(tokens, offset)
+        if kv_cache is not None and offset + tokens.shape[1] > kv_cache.max_pos:
+            raise InputError(f"KV cache holds {kv_cache.max_pos} positions; {offset + tokens.shape[1]} needed")
+        resid = self.run_blocks(self.embed_tokens(tokens, offset), pos_offset=offset, kv_cache=kv_cache)
+        if kv_cache is not None:
+            kv_cache.pos += tokens.shape[1]
+        return self.unembed_resid(resid)
+
+    # -- caching ---------------------------------------------------------------------------------
+
+    def run_with_cache(
+        self,
+        tokens: Int[Tensor, "batch pos"],
+        names_filter: NameFilter = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        stop_at_layer: int | None = None,
+        incl_grad: bool = False,
+    ):
+        """Return ``(output, cache)``: logits (or, with ``stop_at_layer=L``, ``blocks.L.hook_resid_pre``)
+        and an :class:`~workbench.cache.ActivationCache` of the hooks ``names_filter`` selects.
+
+        ``names_filter=None`` caches every hook except the opt-in ``attn.hook_result`` (a
+        ``[batch pos head d_model]`` tensor per layer); name it to get it. Stored tensors are
+        detached and the pass runs without autograd unless ``incl_grad=True``. ``device`` and
+        ``dtype`` say where and how to keep the stored activations.
+        """
+        from workbench.cache import ActivationCache
+
+        if names_filter is None:
+            names_filter = lambda name: not name.endswith("hook_result")  # noqa: E731
+        store, fwd_hooks = self.caching_hooks(names_filter, device, dtype, incl_grad)
+        if stop_at_layer is not None:
+            if not -self.cfg.n_layers <= stop_at_layer <= self.cfg.n_layers:
+                raise InputError(f"stop_at_layer={stop_at_layer} is outside [-{self.cfg.n_layers}, {self.cfg.n_layers}]")
+            if stop_at_layer < 0:  # as in Python slicing: -1 stops before the last block
+                stop_at_layer += self.cfg.n_layers
+            # hooks past the stopping layer never fire; keep them out of the cache
+            fwd_hooks = [(n, f) for n, f in fwd_hooks if _runs_before(n, stop_at_layer)]
+        with torch.set_grad_enabled(incl_grad and torch.is_grad_enabled()), self.hooks(fwd_hooks):
+            if stop_at_layer is None:
+                out = self(tokens)
+            else:
+                out = self.run_blocks(self.embed_tokens(self.check_tokens(tokens)), stop=stop_at_layer)
+        return out, ActivationCache(store, self)
+
+    def hook_shapes(self, batch: int = 1, pos: int = 4) -> dict[str, tuple[int, ...]]:
+        """Return every hook name with the shape it sees for a ``[batch, pos]`` input."""
+        shapes: dict[str, tuple[int, ...]] = {}
+
+        def record(x: Tensor, hook: HookPoint) -> None:
+            shapes[hook.name] = tuple(x.shape)
+
+        tokens = torch.zeros(batch, pos, dtype=torch.long, device=self.embed.W_E.device)
+        with torch.no_grad():
+            self.run_with_hooks(tokens, fwd_hooks=[(lambda n: True, record)])
+        return {name: shapes[name] for name in self.hook_dict if name in shapes}
+
+    def hook_names(self) -> list[str]:
+        """Return every hook name, in the order they fire."""
+        return list(self.hook_dict)
+
+    # -- stacked weights (one einsum away from QK/OV circuits) ------------------------------------
+
+    def _stack(self, get) -> Tensor:
+        return torch.stack([get(b) for b in self.blocks])
+
+    @property
+    def W_Q(self) -> Float[Tensor, "layer head d_model d_head"]:
+        return self._stack(lambda b: b.attn.W_Q)
+
+    @property
+    def W_K(self) -> Float[Tensor, "layer head d_model d_head"]:
+        return self._stack(lambda b: b.attn.W_K)
+
+    @property
+    def W_V(self) -> Float[Tensor, "layer head d_model d_head"]:
+        return self._stack(lambda b: b.attn.W_V)
+
+    @property
+    def W_O(self) -> Float[Tensor, "layer head d_head d_model"]:
+        return self._stack(lambda b: b.attn.W_O)
+
+    @property
+    def W_E(self) -> Float[Tensor, "d_vocab d_model"]:
+        return self.embed.W_E
+
+    @property
+    def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
+        return self.unembed.W_U
+
+    # -- tokens and text ---------------------------------------------------------------------------
+
+    def _require_tokenizer(self):
+        if self.tokenizer is None:
+            raise InputError("this model has no tokenizer; pass token ids, or load it with load_model(...)")
+        return self.tokenizer
+
+    def to_tokens(self, text: str | list[str], prepend_bos: bool | None = None) -> Int[Tensor, "batch pos"]:
+        """Return token ids ``[batch pos]``; BOS in front per the tokenizer's ``add_bos`` unless told."""
+        tok = self._require_tokenizer()
+        texts = [text] if isinstance(text, str) else list(text)
+        ids = [tok.encode(t, add_bos=prepend_bos) for t in texts]
+        if any(len(i) == 0 for i in ids):
+            raise InputError("the prompt is empty; give at least one token of text")
+        if len({len(i) for i in ids}) > 1:
+            raise InputError(f"prompts tokenize to different lengths {[len(i) for i in ids]}; pass them one at a time")
+        return torch.tensor(ids, dtype=torch.long, device=self.embed.W_E.device)
+
+    def to_string(self, tokens: Tensor | list[int]) -> str | list[str]:
+        """Return the text of ``[pos]`` ids, or a list of texts for ``[batch pos]``."""
+        tok = self._require_tokenizer()
+        if isinstance(tokens, Tensor) and tokens.ndim == 2:
+            return [tok.decode(row.tolist()) for row in tokens]
+        return tok.decode(tokens.tolist() if isinstance(tokens, Tensor) else list(tokens))
+
+    def to_str_tokens(self, text_or_tokens: str | Tensor | list[int], prepend_bos: bool | None = None) -> list[str]:
+        """Return each token of a text (or of ``[pos]`` ids) as its own string."""
+        tok = self._require_tokenizer()
+        if isinstance(text_or_tokens, str):
+            ids = tok.encode(text_or_tokens, add_bos=prepend_bos)
+        elif isinstance(text_or_tokens, Tensor):
+            ids = text_or_tokens.reshape(-1).tolist()
+        else:
+            ids = list(text_or_tokens)
+        return tok.str_tokens(ids)
+
+    # -- delegations to loading.py / generate.py ------------------------------------------------
+
+    def save(self, directory) -> None:
+        """Write a native checkpoint (config.json + model.safetensors + tokenizer files)."""
+        from workbench.loading import save_native
+
+        save_native(self, directory)
+
+    @classmethod
+    def load(cls, directory, device=None, dtype=None) -> "HookedGPT":
+        from workbench.loading import load_native
+
+        return load_native(directory, device=device, dtype=dtype)
+
+    @classmethod
+    def from_hf(cls, model_or_path, **kwargs) -> "HookedGPT":
+        from workbench.loading import from_hf
+
+        return from_hf(model_or_path, **kwargs)
+
+    def to_hf(self):
+        from workbench.loading import to_hf
+
+        return to_hf(self)
+
+    def generate(self, *args, **kwargs):
+        from workbench.generate import generate
+
+        return generate(self, *args, **kwargs)
+
+
+def _runs_before(hook_name: str, stop: int) -> bool:
+    """Whether a hook fires when the forward pass stops before block ``stop``."""
+    layer = layer_of(hook_name)
+    return layer < stop if layer is not None else not hook_name.startswith("ln_final")

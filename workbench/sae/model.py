@@ -1,0 +1,201 @@
+"""Sparse autoencoders: one model class, the architecture chosen by a config field.
+
+    latents = act(((x * norm_scale) - b_dec) @ W_enc + b_enc)
+    x_hat   = (latents @ W_dec + b_dec) / norm_scale
+
+Architectures (``SAEConfig.architecture``):
+
+- ``relu``      ReLU latents, trained with an L1 penalty (SAELens' ``standard``).
+- ``topk``      the k largest pre-activations per row, ReLU'd (Gao et al. 2024), trained with AuxK.
+- ``batchtopk`` the ``k * batch`` largest activations over a whole training batch (Bussmann et al.
+                2024); at inference a learned global threshold, so it is saved as SAELens' ``jumprelu``.
+- ``jumprelu``  ``pre * (pre > threshold)`` with a per-latent threshold (Rajamanoharan et al. 2024).
+
+Weights use SAELens' names and shapes (``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_in]``) so saving
+is a copy, and the decoder rows are kept at unit norm by the trainer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+
+from workbench.errors import ConfigError, InputError
+
+Architecture = Literal["relu", "topk", "batchtopk", "jumprelu"]
+Normalization = Literal["none", "expected_average_only_in"]
+
+ARCHITECTURES: tuple[str, ...] = ("relu", "topk", "batchtopk", "jumprelu")
+NORMALIZATIONS: tuple[str, ...] = ("none", "expected_average_only_in")
+
+
+@dataclass(frozen=True)
+class SAEConfig:
+    """Shape and kind of a sparse autoencoder (training hyperparameters live in ``TrainConfig``)."""
+
+    d_in: int
+    """Width of the activations it reads (d_model for a residual-stream SAE)."""
+    d_sae: int
+    """Number of latents (dictionary size)."""
+    architecture: Architecture = "topk"
+    """How latents are chosen; see the module docstring."""
+    k: int = 32
+    """topk: active latents per row; batchtopk: active latents per row on average over a batch."""
+    apply_b_dec_to_input: bool = True
+    """Subtract the decoder bias from the input before encoding (the usual choice)."""
+    normalize_activations: Normalization = "none"
+    """``expected_average_only_in``: scale inputs by one constant so their mean norm is sqrt(d_in)
+    (estimated by the trainer; folded into the weights when saved in SAELens' layout)."""
+
+    def __post_init__(self) -> None:
+        if self.architecture not in ARCHITECTURES:
+            raise ConfigError(
+                f"SAE architecture {self.architecture!r} is unknown; expected one of {ARCHITECTURES}"
+            )
+        if self.normalize_activations not in NORMALIZATIONS:
+            raise ConfigError(
+                f"normalize_activations={self.normalize_activations!r} is not supported; expected "
+                f"one of {NORMALIZATIONS}"
+            )
+        if self.d_in < 1 or self.d_sae < 1:
+            raise ConfigError(f"d_in={self.d_in} and d_sae={self.d_sae} must both be at least 1")
+        if self.architecture in ("topk", "batchtopk") and not 1 <= self.k <= self.d_sae:
+            raise ConfigError(
+                f"k={self.k} must lie between 1 and d_sae={self.d_sae} for a {self.architecture} SAE"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SAEConfig:
+        names = cls.__dataclass_fields__.keys()
+        return cls(**{key: value for key, value in data.items() if key in names})
+
+
+class SAEOutput(NamedTuple):
+    """What a forward pass gives back."""
+
+    x_hat: Float[Tensor, "*batch d_in"]
+    """The reconstruction, in the input's units."""
+    latents: Float[Tensor, "*batch d_sae"]
+    """Latent (feature) activations, dense; zero where a latent is off."""
+
+
+class SAE(nn.Module):
+    """A sparse autoencoder; ``cfg.architecture`` picks how latents are chosen."""
+
+    def __init__(self, cfg: SAEConfig, *, seed: int | None = None):
+        super().__init__()
+        self.cfg = cfg
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        # Encoder starts as the decoder's transpose (Gao et al. 2024; also SAELens' default): it
+        # makes the first steps reconstruct rather than fight a random encoder.
+        W_dec = torch.randn(cfg.d_sae, cfg.d_in, generator=generator)
+        W_dec /= W_dec.norm(dim=-1, keepdim=True)
+        self.W_enc = nn.Parameter(W_dec.T.contiguous())
+        self.W_dec = nn.Parameter(W_dec)
+        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
+        if cfg.architecture == "jumprelu":
+            self.threshold = nn.Parameter(torch.full((cfg.d_sae,), 1e-3))
+        elif cfg.architecture == "batchtopk":
+            # Not trained by gradient: a running estimate of the smallest activation a batch
+            # keeps, used at inference instead of the batch-wide selection.
+            self.register_buffer("threshold", torch.zeros(cfg.d_sae))
+        # One scalar for `expected_average_only_in`; 1 otherwise. Kept as a buffer so it travels
+        # with the state dict and checkpoints.
+        self.register_buffer("norm_scale", torch.ones(()))
+
+    # -- encoding ------------------------------------------------------------------------------
+
+    def check_input(self, x: Tensor) -> None:
+        """Raise ``InputError`` unless ``x`` is a float tensor ending in ``d_in``."""
+        if not isinstance(x, Tensor) or x.ndim < 1 or x.shape[-1] != self.cfg.d_in:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise InputError(
+                f"SAE input has shape {shape}, expected [..., d_in={self.cfg.d_in}]; train or load "
+                f"an SAE for this hook's width"
+            )
+        if not x.is_floating_point():
+            raise InputError(f"SAE input has dtype {x.dtype}; expected a floating-point tensor")
+
+    def centered_input(self, x: Float[Tensor, "*batch d_in"]) -> Float[Tensor, "*batch d_in"]:
+        """Return the normalised input with ``b_dec`` removed: what ``W_enc`` multiplies."""
+        x = x.to(self.W_enc.dtype) * self.norm_scale
+        return x - self.b_dec if self.cfg.apply_b_dec_to_input else x
+
+    def pre_acts(self, x: Float[Tensor, "*batch d_in"]) -> Float[Tensor, "*batch d_sae"]:
+        """Return the encoder's pre-activations."""
+        self.check_input(x)
+        return self.centered_input(x) @ self.W_enc + self.b_enc
+
+    def activate(self, pre: Float[Tensor, "*batch d_sae"]) -> Float[Tensor, "*batch d_sae"]:
+        """Return latents from pre-activations according to the architecture."""
+        arch = self.cfg.architecture
+        if arch == "relu":
+            return F.relu(pre)
+        if arch == "topk":
+            top = pre.topk(self.cfg.k, dim=-1, sorted=False)
+            return torch.zeros_like(pre).scatter_(-1, top.indices, F.relu(top.values))
+        if arch == "batchtopk" and self.training:
+            return batch_topk(F.relu(pre), self.cfg.k)
+        # jumprelu, and batchtopk at inference: a per-latent threshold.
+        return pre * (pre > self.threshold)
+
+    def encode(self, x: Float[Tensor, "*batch d_in"]) -> Float[Tensor, "*batch d_sae"]:
+        """Return the latent activations of ``x``."""
+        return self.activate(self.pre_acts(x))
+
+    # -- decoding ------------------------------------------------------------------------------
+
+    def decode(self, latents: Float[Tensor, "*batch d_sae"]) -> Float[Tensor, "*batch d_in"]:
+        """Return the reconstruction (in input units) from dense latents."""
+        if latents.shape[-1] != self.cfg.d_sae:
+            raise InputError(
+                f"latents have shape {tuple(latents.shape)}, expected [..., d_sae={self.cfg.d_sae}]"
+            )
+        return (latents @ self.W_dec + self.b_dec) / self.norm_scale
+
+    def decode_sparse(
+        self, values: Float[Tensor, "batch k"], indices: Int[Tensor, "batch k"]
+    ) -> Float[Tensor, "batch d_in"]:
+        """Return the reconstruction from ``k`` (value, latent index) pairs per row.
+
+        Reads only the ``k`` decoder rows each input uses, not all ``d_sae`` of them.
+        """
+        out = F.embedding_bag(indices, self.W_dec, per_sample_weights=values, mode="sum")
+        return (out + self.b_dec) / self.norm_scale
+
+    def forward(self, x: Float[Tensor, "*batch d_in"]) -> SAEOutput:
+        latents = self.encode(x)
+        return SAEOutput(x_hat=self.decode(latents), latents=latents)
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        """Rescale decoder rows to unit norm, moving the norm into the encoder (same function)."""
+        norms = self.W_dec.norm(dim=-1).clamp_min(1e-12)
+        self.W_dec.div_(norms[:, None])
+        self.W_enc.mul_(norms[None, :])
+        self.b_enc.mul_(norms)
+        if self.cfg.architecture in ("jumprelu", "batchtopk"):
+            self.threshold.mul_(norms)
+
+    @property
+    def device(self) -> torch.device:
+        return self.W_enc.device
+
+
+def batch_topk(acts: Float[Tensor, "batch d_sae"], k: int) -> Float[Tensor, "batch d_sae"]:
+    """Keep the ``k * batch`` largest activations over the whole batch, zero the rest."""
+    flat = acts.reshape(-1)
+    n_keep = min(k * acts.shape[0], flat.numel())
+    top = flat.topk(n_keep, sorted=False)
+    return torch.zeros_like(flat).scatter_(0, top.indices, top.values).reshape(acts.shape)
