@@ -15,11 +15,17 @@ def _deterministic():
     yield
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _workbench_home(tmp_path_factory):
-    """Point WORKBENCH_HOME at a scratch directory unless the caller chose one.
+@pytest.fixture(scope="session")
+def hf_tokenizer_dir(tmp_path_factory):
+    """A local directory holding a 100-token word-level tokenizer that HF's from_pretrained accepts."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
 
-    SmolLM2 is the exception: its converted copy is expensive, so tests that need it use the
-    real home (where `make test` fetched it); see the `smollm2` fixture.
-    """
-    yield
+    d = tmp_path_factory.mktemp("hf_tok")
+    tk = Tokenizer(models.WordLevel({f"t{i}": i for i in range(100)}, unk_token="t0"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.save(str(d / "tokenizer.json"))
+    transformers.PreTrainedTokenizerFast(
+        tokenizer_file=str(d / "tokenizer.json"), bos_token="t1", eos_token="t2", pad_token="t3"
+    ).save_pretrained(d)
+    return d
