@@ -1,0 +1,128 @@
+"""Hook points: observe, replace, clean up on error, fire once each, fail clearly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import LLAMA_TINY, tiny_cfg
+
+from workbench import HookedGPT
+from workbench.errors import HookError
+
+CONFIGS = {
+    "gpt2": tiny_cfg(),
+    "llama": tiny_cfg(**LLAMA_TINY),
+    "attn-only-sinusoidal": tiny_cfg(attn_only=True, positional="sinusoidal"),
+}
+
+
+@pytest.fixture(params=list(CONFIGS), scope="module")
+def model(request):
+    torch.manual_seed(0)
+    return HookedGPT(CONFIGS[request.param]).eval()
+
+
+def test_identity_hooks_change_nothing(model):
+    tokens = torch.randint(0, model.cfg.d_vocab, (2, 10))
+    with torch.no_grad():
+        plain = model(tokens)
+        hooked = model.run_with_hooks(tokens, fwd_hooks=[(lambda n: True, lambda x, hook: x.clone())])
+    # every hook is on, so attention takes the explicit path: equal up to float rounding
+    torch.testing.assert_close(hooked, plain, atol=1e-5, rtol=0)
+    assert not any(hp.active for hp in model.hook_dict.values())
+
+
+def test_every_hook_fires_once_with_its_declared_shape(model):
+    calls: dict[str, list[tuple]] = {}
+    tokens = torch.randint(0, model.cfg.d_vocab, (3, 7))
+    with torch.no_grad():
+        model.run_with_hooks(tokens, fwd_hooks=[(lambda n: True, lambda x, hook: calls.setdefault(hook.name, []).append(tuple(x.shape)))])
+    declared = model.hook_shapes(batch=3, pos=7)
+    assert set(calls) == set(model.hook_names()) == set(declared)
+    cfg = model.cfg
+    for name, shapes in calls.items():
+        assert len(shapes) == 1, f"{name} fired {len(shapes)} times"
+        assert shapes[0] == declared[name]
+    assert declared["blocks.0.attn.hook_pattern"] == (3, cfg.n_heads, 7, 7)
+    assert declared["blocks.0.attn.hook_k"] == (3, 7, cfg.n_kv, cfg.d_head)
+    assert declared["blocks.1.attn.hook_result"] == (3, 7, cfg.n_heads, cfg.d_model)
+    assert declared["ln_final.hook_scale"] == (3, 7, 1)
+    assert ("blocks.0.attn.hook_rot_q" in declared) == (cfg.positional == "rotary")
+    assert ("blocks.0.mlp.hook_post" in declared) == (not cfg.attn_only)
+
+
+def test_exception_in_hook_leaves_no_hook(model):
+    def boom(x, hook):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        model.run_with_hooks(torch.zeros(1, 4, dtype=torch.long), fwd_hooks=[("blocks.1.hook_resid_pre", boom)])
+    assert not any(hp.active for hp in model.hook_dict.values())
+
+
+def test_nested_contexts_remove_only_their_own_hooks(model):
+    seen = []
+    outer = ("hook_embed", lambda x, hook: seen.append("outer"))
+    inner = ("hook_embed", lambda x, hook: seen.append("inner"))
+    tokens = torch.zeros(1, 3, dtype=torch.long)
+    with model.hooks([outer]):
+        with model.hooks([inner]):
+            model(tokens)
+        model(tokens)
+    model(tokens)
+    assert seen == ["outer", "inner", "outer"]
+
+
+def test_unknown_hook_name_lists_nearest(model):
+    with pytest.raises(HookError, match=r"blocks\.0\.hook_resid_pre"):
+        model.run_with_hooks(torch.zeros(1, 3, dtype=torch.long), fwd_hooks=[("blocks.0.hook_resid_pr", lambda x, h: None)])
+    with pytest.raises(HookError, match="nearest"):
+        model.run_with_cache(torch.zeros(1, 3, dtype=torch.long), names_filter=["blocks.0.attn.hook_patern"])
+
+
+def test_wrong_shape_from_hook_names_hook_and_shapes(model):
+    with pytest.raises(HookError, match=r"blocks\.0\.hook_resid_post.*\(1, 3, 5\).*\(1, 3, 32\)"):
+        model.run_with_hooks(torch.zeros(1, 3, dtype=torch.long),
+                             fwd_hooks=[("blocks.0.hook_resid_post", lambda x, hook: x[..., :5])])
+    assert not any(hp.active for hp in model.hook_dict.values())
+
+
+def test_replacing_an_activation_propagates_as_computed_by_hand():
+    """Zero head 1's z in layer 0; hook_attn_out must equal z_without_head1 @ W_O + b_O."""
+    torch.manual_seed(1)
+    model = HookedGPT(tiny_cfg()).eval()
+    tokens = torch.randint(0, 50, (2, 6))
+    _, clean = model.run_with_cache(tokens)
+
+    def ablate(z, hook):
+        z = z.clone()
+        z[:, :, 1] = 0
+        return z
+
+    with torch.no_grad(), model.hooks([("blocks.0.attn.hook_z", ablate)]):
+        _, cache = model.run_with_cache(tokens, names_filter=["blocks.0.hook_attn_out", "blocks.0.hook_resid_mid"])
+    attn = model.blocks[0].attn
+    z = clean["blocks.0.attn.hook_z"].clone()
+    z[:, :, 1] = 0
+    expected = torch.einsum("bphd,hdm->bpm", z, attn.W_O) + attn.b_O
+    torch.testing.assert_close(cache["blocks.0.hook_attn_out"], expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(cache["blocks.0.hook_resid_mid"], clean["blocks.0.hook_resid_pre"] + expected,
+                               atol=1e-5, rtol=0)
+
+
+def test_replacing_the_pattern_is_what_attention_uses():
+    """Force layer 0 to attend uniformly: z must be the running mean of v."""
+    model = HookedGPT(tiny_cfg()).eval()
+    tokens = torch.randint(0, 50, (1, 5))
+
+    def uniform(pattern, hook):
+        causal = torch.ones_like(pattern).tril()
+        return causal / causal.sum(-1, keepdim=True)
+
+    with torch.no_grad():
+        _ = model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.attn.hook_pattern", uniform)])
+        with model.hooks([("blocks.0.attn.hook_pattern", uniform)]):
+            _, cache = model.run_with_cache(tokens, names_filter=["blocks.0.attn.hook_v", "blocks.0.attn.hook_z"])
+    v, z = cache["blocks.0.attn.hook_v"], cache["blocks.0.attn.hook_z"]
+    running_mean = v.cumsum(1) / torch.arange(1, 6)[None, :, None, None]
+    torch.testing.assert_close(z, running_mean, atol=1e-6, rtol=0)

@@ -1,0 +1,121 @@
+"""HookedGPT properties: causality, configs, bad input, parameter counts, KV cache, dtype."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import LLAMA_TINY, tiny_cfg
+
+from workbench import GPTConfig, HookedGPT, parameter_counts
+from workbench.errors import ConfigError, InputError
+from workbench.model import KVCache
+
+ALL = {"gpt2": {}, "llama": LLAMA_TINY, "attn-only": dict(attn_only=True), "sinusoidal": dict(positional="sinusoidal"),
+       "no-pos-rms": dict(positional="none", normalization="rmsnorm", tie_embeddings=True)}
+
+
+@pytest.mark.parametrize("variant", list(ALL))
+def test_causality(variant):
+    model = HookedGPT(tiny_cfg(**ALL[variant])).eval()
+    tokens = torch.randint(0, 50, (1, 12))
+    changed = tokens.clone()
+    changed[0, 7] = (tokens[0, 7] + 1) % 50
+    with torch.no_grad():
+        a, b = model(tokens), model(changed)
+    assert torch.equal(a[:, :7], b[:, :7])
+    assert not torch.allclose(a[:, 7:], b[:, 7:])
+
+
+@pytest.mark.parametrize("variant", list(ALL))
+def test_kv_cache_matches_full_forward(variant):
+    model = HookedGPT(tiny_cfg(**ALL[variant])).eval()
+    tokens = torch.randint(0, 50, (2, 10))
+    kv = KVCache.empty(model.cfg, batch=2, max_pos=10)
+    with torch.no_grad():
+        full = model(tokens)
+        parts = [model(tokens[:, :4], kv_cache=kv)] + [model(tokens[:, i:i + 1], kv_cache=kv) for i in range(4, 7)]
+        parts.append(model(tokens[:, 7:], kv_cache=kv))  # a multi-token chunk after a filled cache
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=0)
+    assert kv.pos == 10
+    with pytest.raises(InputError, match="KV cache"):
+        model(tokens[:, :1], kv_cache=kv)
+
+
+def test_parameter_counts_gpt2_and_gpt3():
+    gpt2 = parameter_counts(GPTConfig.gpt2_small())
+    assert gpt2["total"] == 124_439_808
+    gpt3 = parameter_counts(GPTConfig.gpt3_175b())
+    assert gpt3["weights"] == 175_181_291_520
+    assert gpt3["embedding"] == gpt3["unembedding"] == 617_558_016
+    for part in ("attn_q", "attn_k", "attn_v", "attn_o"):
+        assert gpt3[part] == 14_495_514_624
+    assert gpt3["mlp_in"] == gpt3["mlp_out"] == 57_982_058_496
+
+
+@pytest.mark.parametrize("variant", list(ALL))
+def test_parameter_counts_match_the_module(variant):
+    cfg = tiny_cfg(**ALL[variant])
+    assert parameter_counts(cfg)["total"] == sum(p.numel() for p in HookedGPT(cfg).parameters())
+
+
+def test_per_head_weights_are_views_of_fused_memory():
+    model = HookedGPT(tiny_cfg(**LLAMA_TINY))
+    attn = model.blocks[0].attn
+    assert attn.W_Q.shape == (4, 32, 8) and attn.W_K.shape == (2, 32, 8) and attn.W_O.shape == (4, 8, 32)
+    assert attn.W_Q.transpose(1, 2).is_contiguous()  # the F.linear layout, reshaped without a copy
+    assert attn.W_O.permute(2, 0, 1).is_contiguous()
+    with torch.no_grad():  # editing a head through its per-head view changes the model
+        tokens = torch.randint(0, 50, (1, 6))
+        before = model(tokens)
+        attn.W_O[1] = 0
+        assert not torch.allclose(model(tokens), before)
+    assert model.W_Q.shape == (2, 4, 32, 8)
+
+
+def test_tied_unembedding_is_the_embedding():
+    model = HookedGPT(tiny_cfg(tie_embeddings=True))
+    assert model.W_U.data_ptr() == model.W_E.data_ptr() and model.W_U.shape == (32, 50)
+    assert "unembed.W_U" not in model.state_dict()
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [(dict(d_model=30, n_heads=4), "not divisible by n_heads"),
+     (dict(n_heads=6, n_kv_heads=4, d_head=8), "not a multiple of n_kv_heads"),
+     (dict(positional="rotary", d_head=7), "even d_head"),
+     (dict(act_fn="swish"), "act_fn"),
+     (dict(d_mlp=0), "d_mlp must be positive")],
+)
+def test_configs_that_cannot_work(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        tiny_cfg(**overrides)
+
+
+def test_bad_tokens():
+    model = HookedGPT(tiny_cfg())
+    with pytest.raises(InputError, match="exceed the model's context of 24"):
+        model(torch.zeros(1, 25, dtype=torch.long))
+    with pytest.raises(InputError, match="token id 50 is outside the vocabulary"):
+        model(torch.tensor([[1, 50]]))
+    with pytest.raises(InputError, match="token id -1"):
+        model(torch.tensor([[-1, 3]]))
+    with pytest.raises(InputError, match="integers"):
+        model(torch.zeros(1, 3))
+    with pytest.raises(InputError, match="pos >= 1"):
+        model(torch.zeros(1, 0, dtype=torch.long))
+
+
+def test_config_round_trip_and_unknown_fields():
+    cfg = tiny_cfg(**LLAMA_TINY)
+    assert GPTConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ConfigError, match="unknown GPTConfig fields"):
+        GPTConfig.from_dict({**cfg.to_dict(), "n_layer": 3})
+
+
+def test_bfloat16_forward_runs_close_to_float32():
+    model = HookedGPT(tiny_cfg(**LLAMA_TINY)).eval()
+    tokens = torch.randint(0, 50, (1, 8))
+    with torch.no_grad():
+        ref = model(tokens)
+        low = model.to(torch.bfloat16)(tokens).float()
+    assert (low - ref).abs().max() < 0.05 * ref.abs().max() + 0.05
