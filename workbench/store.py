@@ -36,7 +36,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -875,7 +875,3 @@ class ActivationStore:
 def open_store(path: str | Path, verify: bool = False) -> ActivationStore:
     """Open a finished store (see :meth:`ActivationStore.open`)."""
     return ActivationStore.open(path, verify=verify)
-
-
-def config_dict(cfg: StoreConfig) -> dict[str, Any]:
-    return asdict(cfg)

@@ -1,0 +1,131 @@
+"""Spliced SAE evaluation: exact oracles (a perfect and a null SAE), hand-computed losses, a trained TopK SAE."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from workbench.errors import DataError
+from workbench.model import GPTConfig, HookedGPT
+from workbench.sae.evaluate import EvalConfig, SpliceConfig, evaluate_sae, reconstruction_metrics, spliced_metrics
+from workbench.sae.model import SAE, SAEConfig
+from workbench.sae.train import TrainConfig, train_sae
+from workbench.store import ActivationStore, ReaderConfig, StoreConfig, write_store
+
+HOOK = "blocks.0.hook_resid_post"
+
+
+def perfect_sae(d_in: int) -> SAE:
+    """ReLU SAE with W_enc = [I, -I]: x = relu(x) - relu(-x) is reconstructed exactly."""
+    sae = SAE(SAEConfig(d_in=d_in, d_sae=2 * d_in, architecture="relu"))
+    eye = torch.eye(d_in)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.cat([eye, -eye], dim=1))
+        sae.W_dec.copy_(torch.cat([eye, -eye], dim=0))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    return sae
+
+
+def null_sae(d_in: int) -> SAE:
+    sae = SAE(SAEConfig(d_in=d_in, d_sae=8, architecture="topk", k=2))
+    with torch.no_grad():
+        sae.W_dec.zero_()
+        sae.b_dec.zero_()
+    return sae
+
+
+def test_perfect_sae_recovers_everything(bigram_lm):
+    model, windows = bigram_lm
+    m = spliced_metrics(model, perfect_sae(32), HOOK, windows[:32])
+    assert m.ce_zero > m.ce_clean + 1.0  # zero ablation hurts: the ratio is well defined
+    assert m.ce_loss_recovered == pytest.approx(1.0, abs=1e-5)
+    assert abs(m.delta_loss) < 1e-5 and abs(m.kl_spliced) < 1e-6
+    assert m.n_tokens == 32 * 15
+
+
+def test_null_sae_is_zero_ablation_and_losses_match_a_hand_computation(bigram_lm):
+    model, windows = bigram_lm
+    tokens = windows[:24]
+    m = spliced_metrics(model, null_sae(32), HOOK, tokens, SpliceConfig(batch_windows=5))
+    assert m.ce_loss_recovered == pytest.approx(0.0, abs=1e-9) and m.ce_spliced == m.ce_zero
+    with torch.no_grad():
+        clean = F.cross_entropy(model(tokens)[:, :-1].reshape(-1, 64), tokens[:, 1:].reshape(-1))
+        with model.hooks([(HOOK, lambda x, hook: torch.zeros_like(x))]):
+            zero_logits = model(tokens)
+        zero = F.cross_entropy(zero_logits[:, :-1].reshape(-1, 64), tokens[:, 1:].reshape(-1))
+        p = F.log_softmax(model(tokens)[:, :-1].double(), -1)
+        q = F.log_softmax(zero_logits[:, :-1].double(), -1)
+        kl = (p.exp() * (p - q)).sum(-1).mean()
+    assert m.ce_clean == pytest.approx(float(clean), rel=1e-5)
+    assert m.ce_zero == pytest.approx(float(zero), rel=1e-5)
+    assert m.kl_zero == pytest.approx(float(kl), rel=1e-5) and m.kl_spliced == pytest.approx(m.kl_zero)
+
+
+def test_first_position_is_left_clean_and_unscored(bigram_lm):
+    model, windows = bigram_lm
+    m = spliced_metrics(model, null_sae(32), HOOK, windows[:8], SpliceConfig(first_position=3))
+    assert m.n_tokens == 8 * (16 - 3 - 1)
+    full = spliced_metrics(model, null_sae(32), HOOK, windows[:8])
+    assert m.ce_zero != pytest.approx(full.ce_zero)
+
+
+def test_multi_axis_hook_is_flattened(bigram_lm):
+    model, windows = bigram_lm
+    m = spliced_metrics(model, perfect_sae(32), "blocks.0.attn.hook_z", windows[:8])  # [batch pos head d_head]
+    assert m.ce_loss_recovered == pytest.approx(1.0, abs=1e-5)
+    with pytest.raises(DataError, match="carries 64 features.*d_in=32"):
+        spliced_metrics(model, perfect_sae(32), "blocks.0.mlp.hook_post", windows[:8])
+
+
+def test_reconstruction_metrics_oracles():
+    x = torch.randn(300, 16)
+    rec = reconstruction_metrics(perfect_sae(16), [x[:100], x[100:]])
+    assert rec.fvu == pytest.approx(0.0, abs=1e-10) and rec.cos == pytest.approx(1.0)
+    # relu(x) and relu(-x): exactly the nonzero entries fire
+    assert rec.l0 == pytest.approx(float((x != 0).sum()) / 300) and rec.dead_fraction == 0.0
+    assert rec.dense_fraction == 1.0 and rec.n_rows == 300
+    null = reconstruction_metrics(null_sae(16), [x])
+    ref = ((x**2).sum() / ((x - x.mean(0)) ** 2).sum()).item()
+    assert null.fvu == pytest.approx(ref, rel=1e-6) and null.mse == pytest.approx(float((x**2).mean()), rel=1e-6)
+    with pytest.raises(DataError, match="NaN or Inf"):
+        reconstruction_metrics(perfect_sae(16), [torch.full((4, 16), float("nan"))])
+
+
+@pytest.fixture(scope="module")
+def bigram_store(bigram_lm, tmp_path_factory):
+    path = tmp_path_factory.mktemp("eval") / "store"
+    write_store(bigram_lm.model, bigram_lm.windows, path, StoreConfig(hooks=(HOOK,), batch_windows=64))
+    return ActivationStore.open(path)
+
+
+def test_trained_topk_sae_recovers_90_percent_of_ce_loss(bigram_lm, bigram_store, tmp_path):
+    """The acceptance property on a small LM: store -> shuffled reader -> trainer -> spliced evaluation."""
+    model = bigram_lm.model
+    rcfg = ReaderConfig(batch_size=256, buffer_rows=2048, block_rows=128)
+    sae = SAE(SAEConfig(d_in=32, d_sae=128, architecture="topk", k=8), seed=0)
+    train_sae(
+        sae,
+        lambda step: bigram_store.stream(HOOK, rcfg, start_row=step * rcfg.batch_size),
+        TrainConfig(total_steps=300, lr=3e-3, progress=False, checkpoint_every=0),
+    )
+    ev = evaluate_sae(model, sae, bigram_store, HOOK, EvalConfig(batch_size=1024))
+    assert ev.reconstruction.l0 <= 8 and ev.reconstruction.n_rows == bigram_store.n_rows
+    assert ev.splice.ce_loss_recovered >= 0.9, ev.to_dict()
+    assert ev.splice.kl_spliced < ev.splice.kl_zero / 10
+    d = ev.to_dict()
+    assert set(d) >= {"l0", "fvu", "dead_fraction", "dense_fraction", "ce_loss_recovered", "kl_spliced", "delta_loss"}
+
+
+def test_store_of_another_model_or_width_is_refused(bigram_lm, bigram_store):
+    other = HookedGPT(bigram_lm.model.cfg)
+    with pytest.raises(DataError, match="other weights"):
+        evaluate_sae(other, perfect_sae(32), bigram_store, HOOK)
+    with pytest.raises(DataError, match="d_in 32, the SAE expects 16"):
+        evaluate_sae(bigram_lm.model, perfect_sae(16), bigram_store, HOOK)
+    with pytest.raises(DataError, match="holds no hook"):
+        evaluate_sae(bigram_lm.model, perfect_sae(32), bigram_store, "blocks.0.hook_resid_pre")
+    wide = HookedGPT(GPTConfig(**{**bigram_lm.model.cfg.to_dict(), "d_model": 16, "d_head": 4}))
+    with pytest.raises(DataError, match="another model"):
+        evaluate_sae(wide, perfect_sae(16), bigram_store, HOOK)
