@@ -61,10 +61,15 @@ def bigram_lm() -> BigramLM:
     cfg = GPTConfig(d_model=32, n_layers=1, n_heads=4, d_head=8, d_mlp=64, d_vocab=vocab, n_ctx=n_ctx)
     model = HookedGPT(cfg)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for step in range(80):
-        x = windows[(step * 32) % n :][:32]
-        loss = F.cross_entropy(model(x)[:, :-1].reshape(-1, vocab), x[:, 1:].reshape(-1))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: threads only add contention on a shared CI machine
+    try:
+        for step in range(80):
+            x = windows[(step * 32) % n :][:32]
+            loss = F.cross_entropy(model(x)[:, :-1].reshape(-1, vocab), x[:, 1:].reshape(-1))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
     return BigramLM(model.eval().requires_grad_(False), windows)
