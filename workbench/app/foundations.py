@@ -1,0 +1,163 @@
+"""Foundations pages: tokenizer, embeddings, positional encodings, sampling, architecture."""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+import torch
+
+from workbench.app import cached, compute, figures, ui
+from workbench.app.sidebar import Selection
+from workbench.model import GPTConfig, parameter_counts, rotary_tables, sinusoidal_table
+
+
+def tokenizer_page(sel: Selection) -> None:
+    st.title("Tokenizer")
+    model = cached.model(sel.key)
+    st.caption("How a text becomes token ids: each chip is one token (· marks a space, ↵ a newline), its id below.")
+    default = ("Tokenizers split text into pieces: café, naïve, 1234567, def f(x): return x**2"
+               if model.tokenizer is not None else None)
+    _, enc = ui.prompt(sel.key, model, "tok_prompt", label="Text", default=default)
+    st.markdown(figures.token_chips_html(enc.str_tokens, enc.ids), unsafe_allow_html=True)
+    n_chars = sum(len(s) for s in enc.str_tokens)
+    c1, c2, c3 = st.columns(3)
+    c1.metric("tokens", len(enc.ids))
+    c2.metric("characters", n_chars)
+    c3.metric("characters per token", f"{n_chars / max(1, len(enc.ids)):.2f}")
+    ui.plot(figures.token_ids_figure(enc.str_tokens, enc.ids))
+    if model.tokenizer is not None:
+        bos = model.tokenizer.bos_token_id
+        st.caption(f"Vocabulary: {model.tokenizer.vocab_size:,} tokens. BOS id {bos}, "
+                   f"{'prepended' if model.tokenizer.add_bos else 'not prepended'} to plain text by this model.")
+
+
+def embeddings_page(sel: Selection) -> None:
+    st.title("Embeddings")
+    model = cached.model(sel.key)
+    unit = cached.unit_embeddings(sel.key)
+    st.caption("Each token id indexes one row of W_E. Similar tokens get similar rows (cosine similarity).")
+    left, right = st.columns(2)
+    with left:
+        st.subheader("Nearest neighbours")
+        default_word = " king" if model.tokenizer is not None else "5"
+        word = st.text_input("Token", value=default_word, key="emb_word")
+        k = st.slider("How many", 5, 30, 10, key="emb_k")
+        with ui.guard():
+            ids, labels = compute.word_token_ids(model, [word]) if word.strip() or word else ([], [])
+        if ids:
+            nb = compute.nearest(unit, unit[ids[0]], k + 1, exclude=())
+            rows = [(compute.token_label(model, i), c) for i, c in zip(nb.ids, nb.cosine) if i != ids[0]][:k]
+            st.caption(f"Using token {figures.show_token(labels[0])!r} (id {ids[0]})")
+            ui.plot(figures.bar_tokens([r[0] for r in rows], [r[1] for r in rows], "Nearest tokens", "cosine"))
+    with right:
+        st.subheader("Analogy arithmetic")
+        st.caption("a is to b as c is to ?  — the tokens nearest E[b] − E[a] + E[c]")
+        defaults = (" man", " king", " woman") if model.tokenizer is not None else ("1", "2", "3")
+        a = st.text_input("a", defaults[0], key="emb_a")
+        b = st.text_input("b", defaults[1], key="emb_b")
+        c = st.text_input("c", defaults[2], key="emb_c")
+        with ui.guard():
+            nb, used = compute.analogy(model, unit, a, b, c, k=10)
+        st.caption("Tokens used: " + ", ".join(repr(figures.show_token(s)) for s in used))
+        st.dataframe(pd.DataFrame({"token": [figures.show_token(compute.token_label(model, i)) for i in nb.ids],
+                                   "cosine": nb.cosine}), hide_index=True)
+    st.subheader("2-D projection")
+    default_words = (" king queen man woman prince princess Paris France London England Berlin Germany one two "
+                     "three four five cat dog horse cow red green blue" if model.tokenizer is not None
+                     else " ".join(str(i) for i in range(1, min(model.cfg.d_vocab, 25))))
+    words = st.text_area("Words (first token of each)", default_words, key="emb_words")
+    method = st.radio("Method", ["pca", "tsne"], horizontal=True, key="emb_method",
+                      format_func=lambda m: {"pca": "PCA", "tsne": "t-SNE"}[m])
+    with ui.guard(), st.spinner("Projecting…"):
+        points = cached.projection(sel.key, words, method)
+    ui.plot(figures.scatter_2d(points, f"Token embeddings, {method.upper()} (scikit-learn)"))
+
+
+def positional_page(sel: Selection) -> None:
+    st.title("Positional encodings")
+    model = cached.model(sel.key)
+    cfg = model.cfg
+    n = st.slider("Positions shown", 8, min(cfg.n_ctx, 512), min(cfg.n_ctx, 64), key="pos_n")
+    st.caption(f"This model uses **{cfg.positional}** positions.")
+    if cfg.positional == "learned":
+        W_pos = model.pos_embed.W_pos[:n].detach().float().cpu()
+        ui.plot(figures.matrix_heatmap(W_pos, "Learned W_pos (this model)", "d_model", "position"))
+        unit = compute.unit_rows(W_pos)
+        ui.plot(figures.matrix_heatmap(unit @ unit.T, "Cosine similarity between learned positions", "position",
+                                       "position"), key="pos_cos")
+    if cfg.positional == "rotary":
+        d_head = cfg.d_head
+        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d_head, 2).float() / d_head))
+        ui.plot(figures.rope_frequencies(inv_freq, cfg.rope_theta))
+        cos, _ = rotary_tables(n, d_head, cfg.rope_theta)
+        ui.plot(figures.matrix_heatmap(cos[:, : d_head // 2], "RoPE cos(position × frequency), per dimension pair",
+                                       "dimension pair", "position"), key="rope_cos")
+    d_ref = cfg.d_model if cfg.d_model % 2 == 0 else cfg.d_model + 1
+    table = sinusoidal_table(n, d_ref)
+    ui.plot(figures.matrix_heatmap(table, f"Sinusoidal encoding (Vaswani et al.), d_model {d_ref}"
+                                   + (" — this model's" if cfg.positional == "sinusoidal" else " — for comparison"),
+                                   "d_model", "position"), key="pos_sin")
+
+
+def sampling_page(sel: Selection) -> None:
+    from workbench.generate import stream_generate
+
+    st.title("Sampling")
+    model = cached.model(sel.key)
+    text, enc = ui.prompt(sel.key, model, "samp_prompt",
+                          default="The capital of France is" if model.tokenizer is not None else None)
+    c1, c2, c3 = st.columns(3)
+    temperature = c1.slider("Temperature (0 = greedy)", 0.0, 2.0, 1.0, 0.05, key="samp_t")
+    top_k = c2.slider("top-k (0 = off)", 0, 100, 0, key="samp_k")
+    top_p = c3.slider("top-p (1 = off)", 0.05, 1.0, 1.0, 0.05, key="samp_p")
+    logits = cached.next_token_logits(sel.key, text)
+    raw = logits.softmax(-1)
+    filtered = compute.sampling_probs(logits, temperature, top_k or None, top_p if top_p < 1 else None)
+    order = raw.topk(min(20, raw.shape[0])).indices.tolist()
+    labels = [compute.token_label(model, i) for i in order]
+    ui.plot(figures.sampling_figure(labels, raw[order].tolist(), filtered[order].tolist()))
+    kept = int((filtered > 0).sum())
+    entropy = float(-(filtered[filtered > 0] * filtered[filtered > 0].log()).sum())
+    st.caption(f"{kept:,} tokens can be sampled; entropy {entropy:.2f} nats.")
+    st.subheader("Generate")
+    g1, g2 = st.columns(2)
+    n_new = g1.slider("New tokens", 1, 64, 24, key="samp_new")
+    seed = g2.number_input("Seed", 0, 2**31 - 1, 0, key="samp_seed")
+    if st.button("Generate", key="samp_go"):
+        out = st.empty()
+        pieces: list[str] = []
+        with ui.guard():
+            for event in stream_generate(model, torch.tensor(enc.ids), n_new, temperature=temperature,
+                                         top_k=top_k or None, top_p=top_p if top_p < 1 else None, seed=int(seed),
+                                         stop_tokens=[]):
+                pieces.append(event.text if model.tokenizer is not None else f" {event.token}")
+                out.markdown(f"**{''.join(enc.str_tokens)}**{''.join(pieces)}")
+        st.session_state["samp_last"] = "".join(pieces)
+
+
+def architecture_page(sel: Selection) -> None:
+    st.title("Architecture")
+    model = cached.model(sel.key)
+    cfg = model.cfg
+    ui.plot(figures.architecture_diagram(cfg))
+    compare = st.multiselect("Compare with", ["GPT-2 small", "GPT-3 175B"], ["GPT-2 small", "GPT-3 175B"],
+                             key="arch_compare")
+    configs = {cfg.name or sel.name: cfg}
+    if "GPT-2 small" in compare:
+        configs["GPT-2 small"] = GPTConfig.gpt2_small()
+    if "GPT-3 175B" in compare:
+        configs["GPT-3 175B"] = GPTConfig.gpt3_175b()
+    rows = []
+    for name, c in configs.items():
+        for component, count in parameter_counts(c).items():
+            rows.append({"model": name, "component": component, "parameters": count})
+    table = pd.DataFrame(rows)
+    shown = table[(table.parameters > 0) & ~table.component.isin(["total", "weights"])]
+    ui.plot(figures.parameter_figure(shown), key="arch_params")
+    wide = table.pivot(index="component", columns="model", values="parameters").loc[
+        lambda t: t.index.isin(parameter_counts(cfg).keys())]
+    st.dataframe(wide.style.format("{:,}"))
+    actual = sum(p.numel() for p in model.parameters())
+    st.caption(f"This model's loaded parameters: {actual:,} (the table counts {parameter_counts(cfg)['total']:,}).")
+    with st.expander("Configuration"):
+        st.json(cfg.to_dict())
