@@ -73,3 +73,25 @@ def bigram_lm() -> BigramLM:
     finally:
         torch.set_num_threads(threads)
     return BigramLM(model.eval().requires_grad_(False), windows)
+
+
+# --- the app's tests (issue 7) ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def app_home(tmp_path_factory):
+    """A workbench home whose model directory holds ``tiny-lm``: a random 2-layer GPT with a small BPE
+    tokenizer (the app's pages run on it in a second or two)."""
+    from helpers import tiny_cfg
+
+    from workbench import HookedGPT
+    from workbench.corpora import train_bpe
+
+    home = tmp_path_factory.mktemp("wb_home")
+    text = ("When Mary and John went to the store, John gave a drink to Mary. The cat sat on the mat. "
+            "The capital of France is Paris. One two three four five six seven eight nine ten. ") * 4
+    tok = train_bpe(text.split(". "), vocab_size=320)
+    cfg = tiny_cfg(d_vocab=tok.vocab_size, n_ctx=64, name="tiny-lm")
+    torch.manual_seed(0)
+    HookedGPT(cfg, tokenizer=tok).save(home / "models" / "tiny-lm")
+    return home
