@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from workbench.errors import DataError
 from workbench.model import GPTConfig, HookedGPT
-from workbench.sae.evaluate import EvalConfig, SpliceConfig, evaluate_sae, reconstruction_metrics, spliced_metrics
+from workbench.sae.evaluate import EvalConfig, SpliceConfig, evaluate_sae, spliced_metrics
 from workbench.sae.model import SAE, SAEConfig
 from workbench.sae.train import TrainConfig, train_sae
 from workbench.store import ActivationStore, ReaderConfig, StoreConfig, write_store
@@ -79,20 +79,6 @@ def test_multi_axis_hook_is_flattened(bigram_lm):
         spliced_metrics(model, perfect_sae(32), "blocks.0.mlp.hook_post", windows[:8])
 
 
-def test_reconstruction_metrics_oracles():
-    x = torch.randn(300, 16)
-    rec = reconstruction_metrics(perfect_sae(16), [x[:100], x[100:]])
-    assert rec.fvu == pytest.approx(0.0, abs=1e-10) and rec.cos == pytest.approx(1.0)
-    # relu(x) and relu(-x): exactly the nonzero entries fire
-    assert rec.l0 == pytest.approx(float((x != 0).sum()) / 300) and rec.dead_fraction == 0.0
-    assert rec.dense_fraction == 1.0 and rec.n_rows == 300
-    null = reconstruction_metrics(null_sae(16), [x])
-    ref = ((x**2).sum() / ((x - x.mean(0)) ** 2).sum()).item()
-    assert null.fvu == pytest.approx(ref, rel=1e-6) and null.mse == pytest.approx(float((x**2).mean()), rel=1e-6)
-    with pytest.raises(DataError, match="NaN or Inf"):
-        reconstruction_metrics(perfect_sae(16), [torch.full((4, 16), float("nan"))])
-
-
 @pytest.fixture(scope="module")
 def bigram_store(bigram_lm, tmp_path_factory):
     path = tmp_path_factory.mktemp("eval") / "store"
@@ -111,11 +97,19 @@ def test_trained_topk_sae_recovers_90_percent_of_ce_loss(bigram_lm, bigram_store
         TrainConfig(total_steps=300, lr=3e-3, progress=False, checkpoint_every=0),
     )
     ev = evaluate_sae(model, sae, bigram_store, HOOK, EvalConfig(batch_size=1024))
-    assert ev.reconstruction.l0 <= 8 and ev.reconstruction.n_rows == bigram_store.n_rows
+    assert ev.reconstruction.l0 <= 8 and ev.reconstruction.n_tokens == bigram_store.n_rows
+    assert ev.reconstruction.fvu < 0.2
     assert ev.splice.ce_loss_recovered >= 0.9, ev.to_dict()
     assert ev.splice.kl_spliced < ev.splice.kl_zero / 10
     d = ev.to_dict()
     assert set(d) >= {"l0", "fvu", "dead_fraction", "dense_fraction", "ce_loss_recovered", "kl_spliced", "delta_loss"}
+
+
+def test_perfect_sae_over_a_store(bigram_lm, bigram_store):
+    ev = evaluate_sae(bigram_lm.model, perfect_sae(32), bigram_store, HOOK, EvalConfig(max_rows=1000))
+    assert ev.reconstruction.n_tokens == 1000 and ev.reconstruction.fvu == pytest.approx(0.0, abs=1e-10)
+    assert ev.splice.n_tokens == 63 * 15  # the windows holding those rows
+    assert ev.splice.ce_loss_recovered == pytest.approx(1.0, abs=1e-5)
 
 
 def test_store_of_another_model_or_width_is_refused(bigram_lm, bigram_store):

@@ -1,4 +1,4 @@
-"""SAE evaluation: reconstruction statistics over a store, and losses with the SAE spliced into the model.
+"""SAE evaluation: losses with the SAE spliced into the model, plus reconstruction statistics over a store.
 
 Splicing replaces the activation at the SAE's hook by its reconstruction during the forward pass
 (``model.run_with_hooks``), so what is measured is what the rest of the model makes of the SAE's
@@ -18,10 +18,11 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float, Int
+from jaxtyping import Int
 from torch import Tensor
 
 from workbench.errors import ConfigError, DataError
+from workbench.sae.metrics import ReconstructionMetrics, evaluate_reconstruction
 from workbench.sae.model import SAE
 
 
@@ -66,37 +67,16 @@ class SpliceMetrics(NamedTuple):
     """Predictions scored."""
 
 
-class ReconstructionMetrics(NamedTuple):
-    """How well the SAE reconstructs the stored activations, and how its latents fire."""
-
-    l0: float
-    """Mean number of active latents per row."""
-    fvu: float
-    """Fraction of variance unexplained: ``sum |x - x_hat|^2 / sum |x - mean(x)|^2``."""
-    mse: float
-    """Mean squared error per element."""
-    cos: float
-    """Mean cosine similarity of ``x_hat`` and ``x``."""
-    dead_fraction: float
-    """Fraction of latents that never fired on these rows."""
-    dense_fraction: float
-    """Fraction of latents that fired on more than ``dense_threshold`` of the rows."""
-    density: Float[Tensor, " d_sae"]
-    """Firing frequency of each latent."""
-    n_rows: int
-    """Rows evaluated."""
-
-
 class SAEEvaluation(NamedTuple):
     """Both halves of an evaluation, as :func:`evaluate_sae` gives them."""
 
     reconstruction: ReconstructionMetrics
+    """L0, FVU, dead and dense fractions over the store's rows (``workbench.sae.metrics``)."""
     splice: SpliceMetrics
 
     def to_dict(self) -> dict[str, Any]:
         """Return the scalar numbers (for JSON reports)."""
-        rec = {k: v for k, v in self.reconstruction._asdict().items() if k != "density"}
-        return {**rec, **self.splice._asdict()}
+        return {**self.reconstruction.summary(), **self.splice._asdict()}
 
 
 def _flat_hook_fn(sae: SAE, hook_name: str, first_position: int, mode: str):
@@ -171,58 +151,6 @@ def spliced_metrics(
     return SpliceMetrics(ce_clean, ce_sae, ce_zero, recovered, ce_sae - ce_clean, kl_sae, kl_zero, n)
 
 
-@torch.no_grad()
-def reconstruction_metrics(
-    sae: SAE,
-    batches: Any,
-    dense_threshold: float = 0.1,
-) -> ReconstructionMetrics:
-    """Return L0, FVU, MSE, cosine and dead/dense fractions over an iterable of ``[batch, d_in]`` rows.
-
-    Streams: sums are kept in float64, so any number of rows fits in memory.
-    """
-    d_in, d_sae = sae.cfg.d_in, sae.cfg.d_sae
-    was_training = sae.training
-    sae.eval()
-    fires = torch.zeros(d_sae, dtype=torch.float64)
-    sum_x = torch.zeros(d_in, dtype=torch.float64)
-    sum_sq = sq_err = l0 = cos = 0.0
-    n = 0
-    try:
-        for x in batches:
-            x = x.to(sae.W_enc.device, sae.W_enc.dtype)
-            if x.ndim != 2 or x.shape[-1] != d_in:
-                raise DataError(f"rows of shape {tuple(x.shape)} do not fit an SAE with d_in={d_in}")
-            if not bool(torch.isfinite(x).all()):
-                raise DataError("the activations hold NaN or Inf values; check the store with `ActivationStore.open(..., verify=True)`")
-            out = sae(x)
-            active = out.latents > 0
-            fires += active.sum(0).double().cpu()
-            l0 += float(active.sum())
-            xd = x.double()
-            sum_x += xd.sum(0).cpu()
-            sum_sq += float((xd**2).sum())
-            sq_err += float(((xd - out.x_hat.double()) ** 2).sum())
-            cos += float(F.cosine_similarity(out.x_hat.double(), xd, dim=-1).sum())
-            n += x.shape[0]
-    finally:
-        sae.train(was_training)
-    if n == 0:
-        raise DataError("no rows to evaluate the SAE on; the store or batch iterator is empty")
-    total_var = sum_sq - float((sum_x**2).sum()) / n
-    density = (fires / n).float()
-    return ReconstructionMetrics(
-        l0=l0 / n,
-        fvu=sq_err / total_var if total_var > 0 else float("nan"),
-        mse=sq_err / (n * d_in),
-        cos=cos / n,
-        dead_fraction=float((fires == 0).double().mean()),
-        dense_fraction=float((density > dense_threshold).double().mean()),
-        density=density,
-        n_rows=n,
-    )
-
-
 @dataclass(frozen=True)
 class EvalConfig:
     """How much of a store an evaluation reads."""
@@ -246,8 +174,8 @@ def evaluate_sae(model: Any, sae: SAE, store: Any, hook: str, cfg: EvalConfig = 
     store.check_model(model)
     store.check_hook(hook, d_in=sae.cfg.d_in)
     stop = store.n_rows if cfg.max_rows is None else min(cfg.max_rows, store.n_rows)
-    rec = reconstruction_metrics(
-        sae, (b.acts for b in store.iter_rows(hook, cfg.batch_size, stop=stop)), cfg.dense_threshold
+    rec = evaluate_reconstruction(
+        sae, (b.acts for b in store.iter_rows(hook, cfg.batch_size, stop=stop)), dense_threshold=cfg.dense_threshold
     )
     splice_cfg = cfg.splice
     first = int(store.manifest["first_position"])
