@@ -1,0 +1,112 @@
+"""Logit lens and tuned lens: exact at the last layer, identity at initialisation, better after training."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import LLAMA_TINY, tiny_cfg
+
+from workbench.analysis import logit_lens as LL
+from workbench.errors import CheckpointError
+
+
+@pytest.fixture(params=[{}, LLAMA_TINY], ids=["gpt2", "llama"])
+def model(request):
+    from workbench import HookedGPT
+
+    return HookedGPT(tiny_cfg(**request.param)).eval()
+
+
+def test_last_layer_is_the_models_output(model):
+    tokens = torch.randint(0, 50, (2, 10))
+    res = LL.logit_lens(model, tokens, k=3)
+    assert res.labels == ["0", "1", "final"]
+    assert res.kl_to_final[-1].abs().max() < 1e-6
+    probs = model(tokens).softmax(-1).detach()
+    top = probs.topk(3, dim=-1)
+    torch.testing.assert_close(res.top_probs[-1], top.values)
+    assert torch.equal(res.top_tokens[-1], top.indices)
+    nxt = tokens[:, 1:]
+    torch.testing.assert_close(res.target_prob[-1, :, :-1], probs[:, :-1].gather(-1, nxt[..., None]).squeeze(-1))
+    assert res.target_prob[:, :, -1].isnan().all() and (res.target_rank[:, :, -1] == -1).all()
+    # rank 0 exactly where the target is the top token
+    assert torch.equal(res.target_rank[-1, :, :-1] == 0, top.indices[:, :-1, 0] == nxt)
+    ent = -(probs * probs.log()).sum(-1)
+    torch.testing.assert_close(res.entropy[-1], ent, atol=1e-5, rtol=1e-5)
+    assert (res.kl_to_final[:-1] > 0).all()
+
+
+def test_tuned_lens_at_init_is_the_logit_lens(model):
+    tokens = torch.randint(0, 50, (2, 10))
+    lens = LL.TunedLens.for_model(model)
+    a, b = LL.logit_lens(model, tokens), LL.tuned_lens(model, lens, tokens)
+    for x, y in zip(a[1:], b[1:]):
+        assert torch.equal(x.nan_to_num(), y.nan_to_num())
+
+
+def test_training_beats_the_logit_lens_held_out_and_round_trips(tmp_path):
+    from workbench import HookedGPT
+
+    torch.manual_seed(0)
+    model = HookedGPT(tiny_cfg(n_layers=3, d_vocab=40)).eval()
+    windows = torch.randint(0, 40, (64, 16))
+    held_out = torch.randint(0, 40, (16, 16))
+    cfg = LL.TunedLensConfig(steps=60, lr=1e-2, batch_size=8, eval_every=20)
+    out = LL.train_tuned_lens(model, windows, cfg)
+    assert out.losses[-1] < out.losses[0]
+    assert not any(p.requires_grad is False for p in model.parameters())  # the model is given back as it was
+    cmp = LL.compare_lenses(model, out.lens, held_out)
+    assert (cmp.tuned_kl <= cmp.logit_kl + 1e-6).all(), cmp
+    assert cmp.tuned_kl.sum() < 0.8 * cmp.logit_kl.sum()
+    out.lens.save(tmp_path / "lens")
+    loaded = LL.TunedLens.load(tmp_path / "lens", model)
+    torch.testing.assert_close(LL.lens_kl(model, held_out, loaded), cmp.tuned_kl)
+    with pytest.raises(CheckpointError, match="trained for 3 layers"):
+        LL.TunedLens.load(tmp_path / "lens", HookedGPT(tiny_cfg()))
+    with pytest.raises(CheckpointError, match="tuned-lens train"):
+        LL.TunedLens.load(tmp_path / "nothing")
+
+
+def test_lens_frame_has_a_row_per_layer_and_position(model):
+    res = LL.logit_lens(model, torch.randint(0, 50, (1, 6)))
+    df = LL.lens_frame(res)
+    assert len(df) == 3 * 6 and set(df.layer) == {"0", "1", "final"}
+
+
+def _small_lm():
+    from workbench.builtin import BUILTIN_DIR
+    from workbench.model import HookedGPT
+
+    for name in ("kjv-small",):
+        d = BUILTIN_DIR / name
+        if (d / "config.json").is_file():
+            return HookedGPT.load(d).eval()
+    pytest.skip("the small text LM checkpoint is not shipped yet")
+
+
+def test_small_text_lm_tuned_lens_beats_logit_lens():
+    model = _small_lm()
+    text = ("In the beginning God created the heaven and the earth. And the earth was without form, and void; "
+            "and darkness was upon the face of the deep. And the Spirit of God moved upon the face of the waters. "
+            "And God said, Let there be light: and there was light. And God saw the light, that it was good: "
+            "and God divided the light from the darkness. And God called the light Day, and the darkness he called "
+            "Night. And the evening and the morning were the first day.")
+    ids = model.to_tokens(text)[0]
+    n = 32
+    windows = ids[: (len(ids) // n) * n].view(-1, n)
+    assert windows.shape[0] >= 3
+    res = LL.logit_lens(model, windows[:1])
+    assert res.kl_to_final[-1].abs().max() < 1e-5
+    train, held = windows[:-1], windows[-1:]
+    out = LL.train_tuned_lens(model, train.repeat(4, 1), LL.TunedLensConfig(steps=40, lr=3e-3, batch_size=4,
+                                                                            eval_every=20, val_fraction=0.25))
+    cmp = LL.compare_lenses(model, out.lens, held)
+    assert (cmp.tuned_kl <= cmp.logit_kl + 1e-5).all()
+
+
+@pytest.mark.smollm2
+def test_smollm2_logit_lens_last_layer_is_exact(smollm2):
+    tokens = smollm2.to_tokens("The capital of France is")
+    res = LL.logit_lens(smollm2, tokens)
+    assert res.kl_to_final[-1].abs().max() < 1e-5
+    assert res.kl_to_final[0].mean() > res.kl_to_final[-2].mean()

@@ -1,0 +1,369 @@
+"""Logit lens and tuned lens: what the residual stream at each layer would predict if decoding began there.
+
+Row ``l`` of a lens is ``blocks.l.hook_resid_pre`` (for ``l < n_layers``) decoded through the final
+norm and the unembedding; the last row (label ``final``) is the final residual stream, i.e. the
+model's own output. The tuned lens (Belrose et al. 2023) puts one affine translator per layer in
+front of that decoding, ``h -> h + A h + b`` with ``A = 0, b = 0`` at initialisation (so it starts
+as the logit lens), trained on cached residuals to minimise the KL divergence from the final output.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator, NamedTuple
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+
+from workbench.errors import CheckpointError, InputError
+from workbench.names import act_name
+
+if TYPE_CHECKING:
+    from workbench.model import HookedGPT
+
+LENS_CONFIG_FILE = "tuned_lens.json"
+LENS_WEIGHTS_FILE = "tuned_lens.safetensors"
+
+
+# ------------------------------------------------------------------------------------- residuals
+
+
+def layer_labels(n_layers: int) -> list[str]:
+    """Return the row labels of a lens: ``0 .. n_layers-1`` (resid_pre of each block), then ``final``."""
+    return [str(i) for i in range(n_layers)] + ["final"]
+
+
+def lens_residuals(model: "HookedGPT", tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "layer batch pos d_model"]:
+    """Return resid_pre of every block and the final residual stream, stacked (``n_layers + 1`` rows)."""
+    names = [act_name("resid_pre", i) for i in range(model.cfg.n_layers)]
+    names.append(act_name("resid_post", model.cfg.n_layers - 1))
+    with torch.no_grad():
+        _, cache = model.run_with_cache(model.check_tokens(tokens), names_filter=names)
+    return torch.stack([cache[n] for n in names])
+
+
+def _kl(logp_ref: Tensor, logp: Tensor) -> Tensor:
+    """KL(ref || p) over the last axis, from log-probabilities."""
+    return (logp_ref.exp() * (logp_ref - logp)).sum(-1)
+
+
+# ------------------------------------------------------------------------------------- the lens
+
+
+class LensResult(NamedTuple):
+    """Per layer and position: the top predictions, the target's probability and rank, entropy and KL."""
+
+    #: one label per row: block index of the resid_pre decoded, or ``final``
+    labels: list[str]
+    #: ``[layer batch pos k]`` ids and probabilities of the k most likely next tokens
+    top_tokens: Int[Tensor, "layer batch pos k"]
+    top_probs: Float[Tensor, "layer batch pos k"]
+    #: probability and rank (0 = top) of the target token; NaN / -1 where no target is known
+    target_prob: Float[Tensor, "layer batch pos"]
+    target_rank: Int[Tensor, "layer batch pos"]
+    #: entropy of the decoded distribution (nats)
+    entropy: Float[Tensor, "layer batch pos"]
+    #: KL(final output || decoded) in nats; 0 on the last row
+    kl_to_final: Float[Tensor, "layer batch pos"]
+
+
+@torch.no_grad()
+def decode_residuals(
+    model: "HookedGPT",
+    resid: Float[Tensor, "layer batch pos d_model"],
+    targets: Int[Tensor, "batch pos"] | None = None,
+    k: int = 5,
+    labels: list[str] | None = None,
+) -> LensResult:
+    """Return the lens statistics of residuals already translated (or not) into the final basis.
+
+    The last row is taken as the reference output for the KL. ``targets[b, p]`` is the token the
+    prediction at ``p`` is scored on (``-1`` for none).
+    """
+    n_layer, batch, n_pos, _ = resid.shape
+    logp = model.unembed_resid(resid.reshape(n_layer * batch, n_pos, -1)).float().log_softmax(-1)
+    logp = logp.view(n_layer, batch, n_pos, -1)
+    probs = logp.exp()
+    top = probs.topk(min(k, logp.shape[-1]), dim=-1)
+    entropy = -(probs * logp).sum(-1)
+    kl = _kl(logp[-1:], logp)
+    if targets is None:
+        target_prob = torch.full((n_layer, batch, n_pos), float("nan"))
+        target_rank = torch.full((n_layer, batch, n_pos), -1, dtype=torch.long)
+    else:
+        has = targets >= 0
+        t = targets.clamp(min=0)[None, :, :, None].expand(n_layer, -1, -1, 1)
+        tp = logp.gather(-1, t)  # [layer batch pos 1]
+        target_prob = torch.where(has, tp.squeeze(-1).exp(), torch.tensor(float("nan")))
+        target_rank = torch.where(has, (logp > tp).sum(-1), torch.tensor(-1))
+    return LensResult(labels or layer_labels(n_layer - 1), top.indices, top.values, target_prob, target_rank,
+                      entropy, kl)
+
+
+def next_token_targets(tokens: Int[Tensor, "batch pos"]) -> Int[Tensor, "batch pos"]:
+    """Return the next token at each position (``-1`` at the last, which has none)."""
+    return torch.cat([tokens[:, 1:], torch.full_like(tokens[:, :1], -1)], dim=1)
+
+
+def logit_lens(
+    model: "HookedGPT", tokens: Int[Tensor, "batch pos"], targets: Int[Tensor, "batch pos"] | None = None, k: int = 5
+) -> LensResult:
+    """Return the logit lens of every layer on ``tokens`` (targets default to the next tokens)."""
+    tokens = model.check_tokens(tokens)
+    targets = next_token_targets(tokens) if targets is None else targets
+    return decode_residuals(model, lens_residuals(model, tokens), targets, k)
+
+
+# -------------------------------------------------------------------------------------- tuned lens
+
+
+@dataclass(frozen=True)
+class TunedLensConfig:
+    """Training settings of a tuned lens."""
+
+    steps: int = 300
+    lr: float = 1e-3
+    #: windows per step
+    batch_size: int = 8
+    weight_decay: float = 0.0
+    #: fraction of the training windows held out to choose, per layer, between the trained
+    #: translator and the identity (never the text the lens is finally evaluated on)
+    val_fraction: float = 0.1
+    #: evaluate on the validation windows every this many steps and keep each layer's best translator
+    eval_every: int = 50
+    seed: int = 0
+
+
+class TunedLens(nn.Module):
+    """One affine translator per block: ``resid_pre[l] -> resid_pre[l] + A_l resid_pre[l] + b_l``."""
+
+    def __init__(self, n_layers: int, d_model: int, model_name: str = ""):
+        super().__init__()
+        self.n_layers, self.d_model, self.model_name = n_layers, d_model, model_name
+        self.translators = nn.ModuleList([nn.Linear(d_model, d_model) for _ in range(n_layers)])
+        self.reset_to_identity()
+
+    @classmethod
+    def for_model(cls, model: "HookedGPT") -> "TunedLens":
+        p = model.W_E
+        return cls(model.cfg.n_layers, model.cfg.d_model, model.cfg.name).to(device=p.device, dtype=p.dtype)
+
+    @torch.no_grad()
+    def reset_to_identity(self, layers: list[int] | None = None) -> None:
+        for i in range(self.n_layers) if layers is None else layers:
+            self.translators[i].weight.zero_()
+            self.translators[i].bias.zero_()
+
+    def forward(self, resid: Float[Tensor, "layer batch pos d_model"]) -> Float[Tensor, "layer batch pos d_model"]:
+        """Translate the ``n_layers`` resid_pre rows; a final row, if present, passes unchanged."""
+        rows = [resid[i] + self.translators[i](resid[i]) for i in range(self.n_layers)]
+        return torch.stack(rows + list(resid[self.n_layers:]))
+
+    def save(self, directory: str | Path) -> Path:
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().float().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, str(directory / LENS_WEIGHTS_FILE))
+        meta = {"n_layers": self.n_layers, "d_model": self.d_model, "model_name": self.model_name}
+        (directory / LENS_CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, model: "HookedGPT | None" = None) -> "TunedLens":
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        cfg_path, weights = directory / LENS_CONFIG_FILE, directory / LENS_WEIGHTS_FILE
+        if not cfg_path.is_file() or not weights.is_file():
+            raise CheckpointError(f"{directory} holds no tuned lens ({LENS_CONFIG_FILE} + {LENS_WEIGHTS_FILE}); "
+                                  "train one with `workbench tuned-lens train MODEL --out DIR`")
+        meta = json.loads(cfg_path.read_text())
+        if model is not None and (meta["n_layers"], meta["d_model"]) != (model.cfg.n_layers, model.cfg.d_model):
+            raise CheckpointError(
+                f"the tuned lens in {directory} was trained for {meta['n_layers']} layers x d_model {meta['d_model']}, "
+                f"but the model has {model.cfg.n_layers} x {model.cfg.d_model}; train a lens for this model")
+        lens = cls(meta["n_layers"], meta["d_model"], meta.get("model_name", ""))
+        lens.load_state_dict(load_file(str(weights)))
+        if model is not None:
+            lens = lens.to(device=model.W_E.device, dtype=model.W_E.dtype)
+        return lens
+
+
+def tuned_lens(
+    model: "HookedGPT", lens: TunedLens, tokens: Int[Tensor, "batch pos"],
+    targets: Int[Tensor, "batch pos"] | None = None, k: int = 5,
+) -> LensResult:
+    """Return the tuned lens of every layer on ``tokens`` (same fields as :func:`logit_lens`)."""
+    tokens = model.check_tokens(tokens)
+    targets = next_token_targets(tokens) if targets is None else targets
+    with torch.no_grad():
+        resid = lens(lens_residuals(model, tokens))
+    return decode_residuals(model, resid, targets, k)
+
+
+def _layer_kl(model: "HookedGPT", resid: Tensor, lens: TunedLens | None) -> Float[Tensor, " layer"]:
+    """Return the mean KL(final || decoded) of each resid_pre row (no final row in the result)."""
+    final = model.unembed_resid(resid[-1]).float().log_softmax(-1)
+    rows = resid[:-1] if lens is None else lens(resid)[:-1]
+    out = []
+    for i in range(rows.shape[0]):
+        logp = model.unembed_resid(rows[i]).float().log_softmax(-1)
+        out.append(_kl(final, logp).mean())
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def lens_kl(
+    model: "HookedGPT", tokens: Int[Tensor, "batch pos"], lens: TunedLens | None = None, chunk: int = 8
+) -> Float[Tensor, " layer"]:
+    """Return the mean KL(final output || lens) per block over ``tokens`` (logit lens when ``lens`` is None)."""
+    tokens = model.check_tokens(tokens)
+    total = torch.zeros(model.cfg.n_layers, dtype=torch.float64)
+    for lo in range(0, tokens.shape[0], chunk):
+        part = tokens[lo: lo + chunk]
+        total += _layer_kl(model, lens_residuals(model, part), lens).double().cpu() * part.shape[0]
+    return (total / tokens.shape[0]).float()
+
+
+class TunedLensTraining(NamedTuple):
+    """A trained lens and what its training saw."""
+
+    lens: TunedLens
+    #: mean training loss (sum over layers of the KL) every step
+    losses: list[float]
+    #: per-layer validation KL of the logit lens and of the kept translators
+    val_kl_logit: Float[Tensor, " layer"]
+    val_kl_tuned: Float[Tensor, " layer"]
+    #: layers whose translator was reset to the identity because it did worse on validation
+    reset_layers: list[int]
+
+
+def _batches(windows: Tensor, batch_size: int, gen: torch.Generator) -> Iterator[Tensor]:
+    while True:
+        for idx in torch.randperm(windows.shape[0], generator=gen).split(batch_size):
+            if len(idx) == batch_size or windows.shape[0] < batch_size:
+                yield windows[idx]
+
+
+def train_tuned_lens(
+    model: "HookedGPT",
+    windows: Int[Tensor, "batch pos"],
+    cfg: TunedLensConfig = TunedLensConfig(),
+    lens: TunedLens | None = None,
+    progress: bool = False,
+) -> TunedLensTraining:
+    """Return a tuned lens trained on ``windows`` to minimise, per layer, KL(final output || lens).
+
+    The model is frozen; each step caches the residuals of one batch and takes an Adam step on the
+    sum over layers of the mean KL. Every ``eval_every`` steps each layer's translator is scored on
+    validation windows split off ``windows``, and each layer keeps its best translator so far (the
+    identity counts as a candidate), so no layer ends worse than the logit lens on that split.
+    """
+    windows = model.check_tokens(windows)
+    if windows.shape[0] < 2:
+        raise InputError(f"got {windows.shape[0]} training window(s); a tuned lens needs at least 2 (more is better)")
+    gen = torch.Generator().manual_seed(cfg.seed)
+    perm = torch.randperm(windows.shape[0], generator=gen)
+    n_val = max(1, int(round(cfg.val_fraction * windows.shape[0])))
+    val, train = windows[perm[:n_val]], windows[perm[n_val:]]
+    lens = lens or TunedLens.for_model(model)
+    requires = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    opt = torch.optim.Adam(lens.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / cfg.steps, 1.0))))
+    val_logit = lens_kl(model, val)
+    best_kl = val_logit.clone()
+    best_state = [{k: v.clone() for k, v in t.state_dict().items()} for t in lens.translators]
+    for state in best_state:  # the identity is every layer's first candidate
+        for v in state.values():
+            v.zero_()
+
+    def keep_best() -> None:
+        kl = lens_kl(model, val, lens)
+        for i in range(lens.n_layers):
+            if kl[i] < best_kl[i]:
+                best_kl[i] = kl[i]
+                best_state[i] = {k: v.detach().clone() for k, v in lens.translators[i].state_dict().items()}
+
+    losses: list[float] = []
+    batches = _batches(train, cfg.batch_size, gen)
+    steps = range(cfg.steps)
+    if progress:
+        from tqdm import tqdm
+
+        steps = tqdm(steps, desc="tuned lens")
+    try:
+        for step in steps:
+            resid = lens_residuals(model, next(batches))
+            with torch.no_grad():
+                final = model.unembed_resid(resid[-1]).float().log_softmax(-1)
+            opt.zero_grad(set_to_none=True)
+            loss = 0.0
+            # translators are independent, so one backward per layer gives the same gradients as one
+            # over the sum while holding a single layer's d_vocab-wide log-probabilities at a time
+            for i, t in enumerate(lens.translators):
+                logp = model.unembed_resid(resid[i] + t(resid[i])).float().log_softmax(-1)
+                layer_loss = _kl(final, logp).mean()
+                layer_loss.backward()
+                loss += float(layer_loss.detach())
+            opt.step()
+            sched.step()
+            losses.append(float(loss))
+            if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+                keep_best()
+    finally:
+        for p, r in zip(model.parameters(), requires):
+            p.requires_grad_(r)
+    with torch.no_grad():
+        for t, s in zip(lens.translators, best_state):
+            t.load_state_dict(s)
+    reset = [i for i in range(lens.n_layers) if not best_kl[i] < val_logit[i]]
+    return TunedLensTraining(lens, losses, val_logit, best_kl, reset)
+
+
+class LensComparison(NamedTuple):
+    """Held-out KL(final || lens) per layer for the logit lens and a tuned lens."""
+
+    labels: list[str]
+    logit_kl: Float[Tensor, " layer"]
+    tuned_kl: Float[Tensor, " layer"]
+
+
+def compare_lenses(model: "HookedGPT", lens: TunedLens, tokens: Int[Tensor, "batch pos"]) -> LensComparison:
+    """Return the per-layer KL of the logit lens and of ``lens`` on (held-out) ``tokens``."""
+    return LensComparison(layer_labels(model.cfg.n_layers)[:-1], lens_kl(model, tokens), lens_kl(model, tokens, lens))
+
+
+def lens_frame(result: LensResult, str_tokens: list[str] | None = None, batch_index: int = 0):
+    """Return a long DataFrame (one row per layer and position) of a lens result, for tables and JSON."""
+    import pandas as pd
+
+    rows = []
+    n_layer, _, n_pos = result.entropy.shape
+    for li in range(n_layer):
+        for p in range(n_pos):
+            rows.append({
+                "layer": result.labels[li], "pos": p,
+                "token": str_tokens[p] if str_tokens else None,
+                "top_token": int(result.top_tokens[li, batch_index, p, 0]),
+                "top_prob": float(result.top_probs[li, batch_index, p, 0]),
+                "target_prob": float(result.target_prob[li, batch_index, p]),
+                "target_rank": int(result.target_rank[li, batch_index, p]),
+                "entropy": float(result.entropy[li, batch_index, p]),
+                "kl_to_final": float(result.kl_to_final[li, batch_index, p]),
+            })
+    return pd.DataFrame(rows)
+
+
+__all__ = [
+    "LensResult", "TunedLens", "TunedLensConfig", "TunedLensTraining", "LensComparison", "logit_lens", "tuned_lens",
+    "decode_residuals", "lens_residuals", "lens_kl", "train_tuned_lens", "compare_lenses", "lens_frame",
+    "next_token_targets", "layer_labels",
+]
