@@ -319,12 +319,14 @@ def _header(model: Any, model_name: str, windows: Tensor, cfg: StoreConfig, shap
 
 
 def _probe_shapes(model: Any, windows: Tensor, cfg: StoreConfig, stop: int | None, device: torch.device) -> dict[str, list[int]]:
+    # Two tokens are enough to learn the shapes; a whole window would cost a forward pass.
+    probe = windows[:1, : min(2, windows.shape[1])].to(device)
     with torch.no_grad():
-        _, cache = model.run_with_cache(windows[:1].to(device), names_filter=list(cfg.hooks), stop_at_layer=stop)
+        _, cache = model.run_with_cache(probe, names_filter=list(cfg.hooks), stop_at_layer=stop)
     shapes = {}
     for h in cfg.hooks:
         act = cache[h]
-        if act.ndim < 3 or act.shape[1] != windows.shape[1]:
+        if act.ndim < 3 or act.shape[1] != probe.shape[1]:
             raise ConfigError(
                 f"hook {h!r} gives activations of shape {tuple(act.shape)}, not [batch pos ...]; "
                 "a store keeps one row per token: choose a per-position hook"

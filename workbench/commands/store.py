@@ -1,0 +1,177 @@
+"""``workbench cache`` (write an activation store), ``workbench eval-sae`` and ``workbench features``.
+
+    workbench cache smollm2-135m --corpus pydocs --hooks blocks.6.hook_resid_post --tokens 200000 --out DIR
+    torchrun --nproc-per-node 2 -m workbench.cli cache ...        # each rank writes its own shards
+    workbench eval-sae SAE_DIR --store DIR                         # L0, FVU, CE loss recovered, KL
+    workbench features SAE_DIR --store DIR --out REPORT_DIR        # per-latent dashboard statistics
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+from workbench.errors import ConfigError, DataError
+
+
+def token_windows(model: Any, corpus: str, n_ctx: int, n_windows: int) -> Int[Tensor, "batch pos"]:
+    """Return the first ``n_windows`` windows of ``n_ctx`` tokens of a corpus, in the model's tokenizer.
+
+    Documents are tokenized only until there are enough tokens. Tokenizers that put BOS in front
+    (``add_bos``) get it at the start of every window, as the model saw in training; others get
+    plain consecutive chunks of the document stream (documents separated by EOS when there is one).
+    """
+    from workbench.corpora import load_corpus
+
+    tok = getattr(model, "tokenizer", None)
+    if tok is None:
+        raise ConfigError("this model has no tokenizer; pass token windows to workbench.store.write_store directly")
+    if n_ctx > model.cfg.n_ctx or n_ctx < 2:
+        raise ConfigError(f"--n-ctx {n_ctx} must lie in [2, {model.cfg.n_ctx}] (the model's context)")
+    use_bos = bool(tok.add_bos and tok.bos_token_id is not None)
+    body = n_ctx - 1 if use_bos else n_ctx
+    need = n_windows * body
+    docs = load_corpus(corpus).documents
+    ids: list[int] = []
+    for start in range(0, len(docs), 64):
+        for enc in tok.tok.encode_batch(docs[start : start + 64], add_special_tokens=False):
+            ids.extend(enc.ids)
+            if tok.eos_token_id is not None:
+                ids.append(tok.eos_token_id)
+        if len(ids) >= need:
+            break
+    have = len(ids) // body
+    if have < n_windows:
+        raise DataError(
+            f"corpus {corpus!r} gives {len(ids)} tokens, {have} windows of {n_ctx}; {n_windows} were asked for. "
+            "Lower --tokens or use a bigger corpus"
+        )
+    stream = torch.tensor(ids[:need], dtype=torch.long).view(n_windows, body)
+    if use_bos:
+        stream = torch.cat([torch.full((n_windows, 1), tok.bos_token_id, dtype=torch.long), stream], dim=1)
+    return stream
+
+
+def _init_distributed() -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    from workbench import paths
+    from workbench.store import StoreConfig, write_store
+    from workbench.zoo import load_model
+
+    _init_distributed()
+    model = load_model(args.model, device=args.device)
+    n_ctx = args.n_ctx or min(model.cfg.n_ctx, 128)
+    rows_per_window = n_ctx - args.first_position
+    n_windows = max(1, -(-args.tokens // rows_per_window))
+    windows = token_windows(model, args.corpus, n_ctx, n_windows)
+    out = Path(args.out) if args.out else paths.stores_dir() / f"{Path(str(args.model)).name}-{args.corpus}"
+    cfg = StoreConfig(
+        hooks=tuple(args.hooks),
+        dtype=args.dtype,
+        batch_windows=args.batch,
+        shard_tokens=args.shard_tokens,
+        first_position=args.first_position,
+    )
+    res = write_store(model, windows, out, cfg, model_name=str(args.model), progress=not args.quiet)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(
+            f"{out}: {res.n_rows} tokens x {len(cfg.hooks)} hook(s) ({cfg.dtype}); wrote {res.shards_written} shard(s), "
+            f"kept {res.shards_skipped} from an earlier run, {res.seconds:.1f}s"
+        )
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+def _load_for_eval(args: argparse.Namespace) -> tuple[Any, Any, Any, str]:
+    from workbench.sae.io import load_sae
+    from workbench.store import ActivationStore
+    from workbench.zoo import load_model
+
+    store = ActivationStore.open(args.store)
+    sae = load_sae(args.sae, device=args.device or "cpu")
+    meta = getattr(sae, "metadata", {}) or {}
+    hook = args.hook or meta.get("hook_name") or (store.hooks[0] if len(store.hooks) == 1 else None)
+    if hook is None:
+        raise ConfigError(f"the store holds several hooks {store.hooks} and the SAE names none; pass --hook")
+    model_name = args.model or store.manifest["model"].get("name")
+    if not model_name:
+        raise ConfigError("the store does not name its model; pass --model")
+    model = load_model(model_name, device=args.device)
+    return model, sae, store, hook
+
+
+def cmd_eval_sae(args: argparse.Namespace) -> int:
+    from workbench.sae.evaluate import EvalConfig, SpliceConfig, evaluate_sae
+
+    model, sae, store, hook = _load_for_eval(args)
+    ev = evaluate_sae(
+        model, sae, store, hook,
+        EvalConfig(max_rows=args.max_rows, splice=SpliceConfig(batch_windows=args.batch, max_windows=args.max_windows)),
+    )
+    numbers = ev.to_dict()
+    text = json.dumps(numbers, indent=2)
+    if args.json:
+        Path(args.json).write_text(text)
+    print(text)
+    return 0
+
+
+def cmd_features(args: argparse.Namespace) -> int:
+    from workbench.sae.features import FeatureStatsConfig, feature_stats
+
+    model, sae, store, hook = _load_for_eval(args)
+    stats = feature_stats(sae, store, hook, FeatureStatsConfig(max_rows=args.max_rows, n_top=args.n_top), model=model)
+    stats.save(args.out)
+    print(json.dumps(stats.summary(), indent=2))
+    print(f"feature statistics written to {args.out}", file=sys.stderr)
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("cache", help="write a model's activations for a corpus to an activation store")
+    p.add_argument("model", help="zoo name or checkpoint path")
+    p.add_argument("--corpus", default="pydocs", help="pydocs, kjv, or a .txt/.jsonl file (default pydocs)")
+    p.add_argument("--hooks", nargs="+", required=True, help="hook names, e.g. blocks.6.hook_resid_post")
+    p.add_argument("--tokens", type=int, required=True, help="tokens (rows) to store")
+    p.add_argument("--out", help="store directory (default $WORKBENCH_HOME/stores/MODEL-CORPUS)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--n-ctx", type=int, default=None, help="tokens per window (default min(model context, 128))")
+    p.add_argument("--batch", type=int, default=8, help="windows per forward pass")
+    p.add_argument("--shard-tokens", type=int, default=1 << 16, help="rows per shard (rounded to whole batches)")
+    p.add_argument("--first-position", type=int, default=0, help="skip positions before this (1 drops a BOS)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_cache)
+
+    for name, func, help_text in (
+        ("eval-sae", cmd_eval_sae, "evaluate an SAE on a store: L0, FVU, dead/dense, CE loss recovered, KL"),
+        ("features", cmd_features, "per-latent dashboard statistics of an SAE over a store"),
+    ):
+        q = subparsers.add_parser(name, help=help_text)
+        q.add_argument("sae", help="SAE directory (SAELens layout)")
+        q.add_argument("--store", required=True, help="activation store directory")
+        q.add_argument("--hook", default=None, help="hook (default: the SAE's metadata hook_name)")
+        q.add_argument("--model", default=None, help="model (default: the one the store names)")
+        q.add_argument("--max-rows", type=int, default=None, help="read at most this many store rows")
+        q.add_argument("--device", default=None)
+        if name == "eval-sae":
+            q.add_argument("--batch", type=int, default=8, help="windows per spliced forward pass")
+            q.add_argument("--max-windows", type=int, default=None, help="spliced losses on at most this many windows")
+            q.add_argument("--json", default=None, help="also write the numbers to this file")
+        else:
+            q.add_argument("--out", required=True, help="directory for feature_stats.safetensors/json")
+            q.add_argument("--n-top", type=int, default=16, help="top activating examples per latent")
+        q.set_defaults(func=func)
