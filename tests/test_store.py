@@ -182,7 +182,8 @@ def test_truncated_or_corrupted_shard_is_detected(model, windows, tmp_path):
 def test_non_finite_activations_are_refused_and_nothing_is_listed(model, windows, tmp_path):
     def poison(x, hook):
         y = x.clone()
-        y[0, 4, 0] = float("nan")
+        if y.shape[1] > 4:  # not the two-token shape probe
+            y[0, 4, 0] = float("nan")
         return y
 
     with model.hooks([("blocks.0.hook_resid_post", poison)]):
