@@ -13,6 +13,7 @@ import sys
 
 #: Modules that add subcommands, in the order they appear in ``workbench --help``.
 COMMAND_MODULES: list[str] = [
+    "workbench.commands.models",
     "workbench.commands.store",
 ]
 

@@ -111,12 +111,6 @@ def _open(path: str | os.PathLike):
     return reader
 
 
-def _field_value(field) -> Any:
-    """A reader field as a Python value (strings decoded, one-element arrays unwrapped)."""
-    value = field.contents()
-    return value
-
-
 def read_metadata(path: str | os.PathLike, reader=None) -> dict[str, Any]:
     """Return the file's metadata fields (token arrays and merges left out) without reading tensors."""
     reader = reader if reader is not None else _open(path)
@@ -126,7 +120,7 @@ def read_metadata(path: str | os.PathLike, reader=None) -> dict[str, Any]:
                    "tokenizer.ggml.scores"):
             continue
         try:
-            meta[key] = _field_value(field)
+            meta[key] = field.contents()
         except Exception as exc:  # a field the gguf package cannot decode: a corrupt header
             raise CheckpointError(f"{path}: metadata field {key!r} cannot be read ({exc}); the file is corrupt") from exc
     return meta
@@ -257,7 +251,9 @@ def _dequantize(t) -> np.ndarray:
             arr = gguf.dequantize(t.data, qtype)
         except NotImplementedError as exc:
             raise CheckpointError(f"tensor {t.name!r} uses ggml type {qtype.name}, which gguf cannot dequantize") from exc
-    return arr.reshape(shape).astype(np.float32, copy=False)
+    arr = arr.reshape(shape).astype(np.float32, copy=False)
+    # F32 tensors come back as read-only views of the memory-mapped file; torch wants its own memory
+    return arr if arr.flags.writeable and arr.flags.c_contiguous else np.array(arr, dtype=np.float32, order="C")
 
 
 def read_state_dict(
@@ -278,7 +274,7 @@ def read_state_dict(
             progress(i, n, t.name)
         if name is None:
             continue
-        w = torch.from_numpy(np.ascontiguousarray(_dequantize(t)))
+        w = torch.from_numpy(_dequantize(t))
         if name.endswith("q_proj.weight"):
             w = unpermute_qk(w, hf_config.num_attention_heads)
         elif name.endswith("k_proj.weight"):
