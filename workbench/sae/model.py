@@ -111,6 +111,9 @@ class SAE(nn.Module):
         # One scalar for `expected_average_only_in`; 1 otherwise. Kept as a buffer so it travels
         # with the state dict and checkpoints.
         self.register_buffer("norm_scale", torch.ones(()))
+        #: Free-form facts about what the SAE reads (model name, hook name, context size...);
+        #: saved as SAELens' ``metadata`` object.
+        self.metadata: dict[str, Any] = {}
 
     # -- encoding ------------------------------------------------------------------------------
 

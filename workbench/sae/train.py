@@ -1,0 +1,795 @@
+"""Training sparse autoencoders on any stream of activation batches.
+
+The trainer is blind to where activations come from: it takes ``[batch, d_in]`` tensors (or a
+function giving an iterator from a step offset, so a resumed run continues exactly where it
+stopped). Under ``torchrun`` each process trains on its own slice of every global batch and the
+gradients are averaged, so N processes with batch b train the same SAE as one with batch N*b.
+
+TopK training never multiplies by the dense latent matrix: only the encoder's forward matmul is
+dense; the decoder, the encoder's gradient and the AuxK loss touch ``k`` latents per row through
+gather/sparse-matrix kernels (``SparsePattern``, ``_EncodeAt``, ``_DecodeSparse``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from workbench.errors import CheckpointError, ConfigError, DataError, InputError
+from workbench.sae.model import SAE, SAEConfig, batch_topk
+
+#: A source of activation batches: an iterable, or a function from the first step to an iterable.
+Batches = Iterable[Tensor] | Callable[[int], Iterable[Tensor]]
+
+CHECKPOINT_DIR = "checkpoint"
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train an SAE (its shape and kind are in ``SAEConfig``)."""
+
+    total_steps: int
+    """Optimizer steps to run."""
+    lr: float = 4e-4
+    """Peak Adam learning rate."""
+    warmup_steps: int = 0
+    """Linear learning-rate warmup from 0."""
+    decay_fraction: float = 0.2
+    """Final fraction of the steps over which the learning rate decays linearly to 0."""
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    l1_coefficient: float = 5.0
+    """relu: weight of the L1 penalty on latents (decoder rows have unit norm)."""
+    l1_warmup_steps: int = 0
+    """relu: ramp the L1 coefficient up from 0 over this many steps."""
+    l0_coefficient: float = 1e-3
+    """jumprelu: weight of the (straight-through) L0 penalty."""
+    jumprelu_bandwidth: float = 1e-3
+    """jumprelu: width of the rectangle kernel of the threshold's pseudo-gradient."""
+    aux_k_coefficient: float = 1 / 32
+    """topk/batchtopk: weight of the AuxK loss that revives dead latents (Gao et al. 2024)."""
+    aux_k: int | None = None
+    """topk/batchtopk: dead latents used by AuxK per row; default d_in // 2."""
+    dead_tokens: int = 10_000_000
+    """A latent that has not fired for this many tokens counts as dead."""
+    resample_every: int = 0
+    """relu: every this many steps, re-initialise dead latents on badly reconstructed inputs (0: never)."""
+    batchtopk_threshold_lr: float = 0.01
+    """batchtopk: EMA rate of the inference threshold (the smallest activation kept)."""
+    init_b_dec_mean: bool = True
+    """Start b_dec at the mean of the first batch."""
+    checkpoint_every: int = 1000
+    """Write a resumable checkpoint every this many steps (0: only at the end)."""
+    log_every: int = 10
+    """Append a metrics line every this many steps."""
+    seed: int = 0
+    """Seeds the SAE's initialisation and any resampling."""
+    progress: bool = True
+    """Show a progress bar (rank 0 only)."""
+
+    def __post_init__(self) -> None:
+        if self.total_steps < 1:
+            raise ConfigError(f"total_steps={self.total_steps} must be at least 1")
+        if not 0 <= self.decay_fraction <= 1:
+            raise ConfigError(f"decay_fraction={self.decay_fraction} must lie in [0, 1]")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        names = cls.__dataclass_fields__.keys()
+        values = {key: value for key, value in data.items() if key in names}
+        if "adam_betas" in values:
+            values["adam_betas"] = tuple(values["adam_betas"])
+        return cls(**values)
+
+
+@dataclass
+class TrainResult:
+    """What ``train_sae`` gives back."""
+
+    sae: SAE
+    """The trained SAE (in training units; ``workbench.sae.io.save_sae`` folds the scale on save)."""
+    steps: int
+    """Steps completed in total, including those before a resume."""
+    tokens: int
+    """Tokens (rows) seen in total, over all processes."""
+    resumed_from: int | None
+    """The step this run resumed from, or None for a fresh run."""
+    last_metrics: dict[str, float] = field(default_factory=dict)
+    """The last metrics line written."""
+    log_feature_density: Tensor | None = None
+    """log10 of each latent's firing frequency over the run (SAELens' ``sparsity.safetensors``)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Sparse kernels for TopK: only k latents per row are ever touched after the encoder matmul.
+# ---------------------------------------------------------------------------------------------
+
+
+class SparsePattern(NamedTuple):
+    """Which latents each row uses, in the two layouts the sparse products need."""
+
+    indices: Int[Tensor, "batch k"]
+    """Latent index of each active entry, sorted within each row."""
+    crow: Int[Tensor, " batch_plus_1"]
+    """CSR row pointers of the [batch, d_sae] matrix (k entries a row)."""
+    order: Int[Tensor, " entries"]
+    """Permutation sorting the flattened entries by latent: the transposed matrix's order."""
+    crow_t: Int[Tensor, " d_sae_plus_1"]
+    """CSR row pointers of the transposed [d_sae, batch] matrix."""
+    rows_t: Int[Tensor, " entries"]
+    """Batch row of each entry in transposed order."""
+    d_sae: int
+
+
+def make_pattern(indices: Int[Tensor, "batch k"], d_sae: int) -> SparsePattern:
+    """Return the CSR layouts of a [batch, d_sae] matrix with the given k entries a row."""
+    batch, k = indices.shape
+    flat = indices.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    crow_t = torch.zeros(d_sae + 1, dtype=torch.long, device=indices.device)
+    crow_t[1:] = torch.bincount(flat, minlength=d_sae).cumsum(0)
+    crow = torch.arange(0, batch * k + 1, k, device=indices.device)
+    return SparsePattern(indices, crow, order, crow_t, order // k, d_sae)
+
+
+def _csr(pattern: SparsePattern, values: Float[Tensor, "batch k"]) -> Tensor:
+    batch = pattern.indices.shape[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+        return torch.sparse_csr_tensor(
+            pattern.crow, pattern.indices.reshape(-1), values.reshape(-1),
+            size=(batch, pattern.d_sae), check_invariants=False,
+        )
+
+
+def _csr_t(pattern: SparsePattern, values: Float[Tensor, "batch k"]) -> Tensor:
+    batch = pattern.indices.shape[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.sparse_csr_tensor(
+            pattern.crow_t, pattern.rows_t, values.reshape(-1)[pattern.order],
+            size=(pattern.d_sae, batch), check_invariants=False,
+        )
+
+
+def _scatter_sum(pattern: SparsePattern, values: Float[Tensor, "batch k"]) -> Float[Tensor, " d_sae"]:
+    out = values.new_zeros(pattern.d_sae)
+    return out.index_add_(0, pattern.indices.reshape(-1), values.reshape(-1))
+
+
+def _gather_rows(x: Float[Tensor, "batch d_in"], pattern: SparsePattern, grad: Tensor) -> Tensor:
+    """Return ``M^T @ x`` for the sparse ``M`` holding ``grad`` at the pattern: [d_sae, d_in]."""
+    if not x.is_cuda:
+        return _csr_t(pattern, grad) @ x
+    # On GPUs index_add over rows is as fast as cuSPARSE and deterministic enough.
+    flat = pattern.indices.reshape(-1)
+    contrib = (grad[..., None] * x[:, None, :]).reshape(-1, x.shape[-1])
+    return x.new_zeros(pattern.d_sae, x.shape[-1]).index_add_(0, flat, contrib)
+
+
+class _EncodeAt(torch.autograd.Function):
+    """Pre-activations at the pattern's entries, with gradients touching only those entries.
+
+    The values come from the dense forward matmul (done once, without autograd); the backward
+    returns gradients for ``b_dec`` (through the centred input), ``W_enc`` and ``b_enc``.
+    """
+
+    @staticmethod
+    def forward(ctx, x_c, b_dec, W_enc, b_enc, values, pattern, apply_b_dec):  # noqa: ARG004
+        ctx.save_for_backward(x_c, W_enc)
+        ctx.pattern = pattern
+        ctx.apply_b_dec = apply_b_dec
+        return values.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        x_c, W_enc = ctx.saved_tensors
+        pattern = ctx.pattern
+        grad = grad.contiguous()
+        grad_b_enc = _scatter_sum(pattern, grad)
+        grad_W_enc = _gather_rows(x_c, pattern, grad).T if ctx.needs_input_grad[2] else None
+        grad_b_dec = -(W_enc @ grad_b_enc) if ctx.apply_b_dec and ctx.needs_input_grad[1] else None
+        return None, grad_b_dec, grad_W_enc, grad_b_enc, None, None, None
+
+
+class _DecodeSparse(torch.autograd.Function):
+    """``sum_j values[b, j] * W_dec[indices[b, j]]``, gradients only for the rows used."""
+
+    @staticmethod
+    def forward(ctx, values, W_dec, pattern):
+        ctx.save_for_backward(values, W_dec)
+        ctx.pattern = pattern
+        return F.embedding_bag(pattern.indices, W_dec, per_sample_weights=values, mode="sum")
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        values, W_dec = ctx.saved_tensors
+        pattern = ctx.pattern
+        grad_out = grad_out.contiguous()
+        grad_values = grad_W_dec = None
+        if ctx.needs_input_grad[0]:
+            if grad_out.is_cuda:
+                rows = W_dec[pattern.indices]  # [batch k d_in]: fine in GPU memory
+                grad_values = torch.einsum("bkd,bd->bk", rows, grad_out)
+            else:
+                sampled = torch.sparse.sampled_addmm(_csr(pattern, values), grad_out, W_dec.T, beta=0.0)
+                grad_values = sampled.values().view_as(values)
+        if ctx.needs_input_grad[1]:
+            grad_W_dec = _gather_rows(grad_out, pattern, values)
+        return grad_values, grad_W_dec, None
+
+
+class SparseForward(NamedTuple):
+    """A TopK forward pass in training units, with the pieces the losses need."""
+
+    x_n: Float[Tensor, "batch d_in"]
+    """Normalised input."""
+    x_c: Float[Tensor, "batch d_in"]
+    """Normalised, centred input (detached): what W_enc multiplied."""
+    x_hat_n: Float[Tensor, "batch d_in"]
+    """Reconstruction in normalised units."""
+    pre: Float[Tensor, "batch d_sae"]
+    """Dense pre-activations, detached (AuxK picks dead latents from them)."""
+    values: Float[Tensor, "batch k"]
+    """Active latent values."""
+    pattern: SparsePattern
+
+
+def topk_pattern(pre: Float[Tensor, "batch d_sae"], k: int) -> tuple[Tensor, SparsePattern]:
+    """Return the top-k pre-activation values per row (sorted by latent index) and their pattern."""
+    top = pre.topk(k, dim=-1, sorted=False)
+    indices, perm = top.indices.sort(dim=-1)
+    return top.values.gather(-1, perm), make_pattern(indices, pre.shape[-1])
+
+
+def encode_at(sae: SAE, x_c: Tensor, values: Tensor, pattern: SparsePattern) -> Tensor:
+    """Differentiable pre-activations at ``pattern`` (values precomputed densely)."""
+    return _EncodeAt.apply(
+        x_c, sae.b_dec, sae.W_enc, sae.b_enc, values, pattern, sae.cfg.apply_b_dec_to_input
+    )
+
+
+def topk_forward(sae: SAE, x: Float[Tensor, "batch d_in"]) -> SparseForward:
+    """TopK forward pass for training: one dense matmul, everything else k entries a row."""
+    x_n = x.to(sae.W_enc.dtype) * sae.norm_scale
+    x_c = (x_n - sae.b_dec.detach()) if sae.cfg.apply_b_dec_to_input else x_n
+    with torch.no_grad():
+        pre = torch.addmm(sae.b_enc, x_c, sae.W_enc)
+        pre_values, pattern = topk_pattern(pre, sae.cfg.k)
+    values = F.relu(encode_at(sae, x_c, pre_values, pattern))
+    x_hat_n = _DecodeSparse.apply(values, sae.W_dec, pattern) + sae.b_dec
+    return SparseForward(x_n, x_c, x_hat_n, pre, values, pattern)
+
+
+def auxk_loss(
+    sae: SAE,
+    x_c: Float[Tensor, "batch d_in"],
+    pre: Float[Tensor, "batch d_sae"],
+    residual: Float[Tensor, "batch d_in"],
+    dead: Tensor,
+    aux_k: int,
+) -> Tensor:
+    """AuxK (Gao et al. 2024): the top ``aux_k`` dead latents reconstruct the live latents' error.
+
+    Scaled down when fewer latents are dead than ``aux_k``, as in SAELens.
+    """
+    n_dead = int(dead.sum())
+    if n_dead == 0:
+        return residual.new_zeros(())
+    k_aux = min(aux_k, n_dead)
+    with torch.no_grad():
+        masked = pre.masked_fill(~dead, -math.inf)
+        aux_values, pattern = topk_pattern(masked, k_aux)
+    values = encode_at(sae, x_c, aux_values, pattern)
+    recon = _DecodeSparse.apply(values, sae.W_dec, pattern)
+    loss = (recon - residual.detach()).pow(2).sum(-1).mean()
+    return loss * min(n_dead / aux_k, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# JumpReLU's straight-through estimators (Rajamanoharan et al. 2024).
+# ---------------------------------------------------------------------------------------------
+
+
+def _rectangle(u: Tensor) -> Tensor:
+    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
+
+
+class _JumpReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, pre, threshold, bandwidth):
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return pre * (pre > threshold)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, threshold = ctx.saved_tensors
+        bw = ctx.bandwidth
+        grad_pre = grad * (pre > threshold)
+        pseudo = -(threshold / bw) * _rectangle((pre - threshold) / bw)
+        grad_threshold = (grad * pseudo).reshape(-1, pre.shape[-1]).sum(0)
+        return grad_pre, grad_threshold, None
+
+
+class _Step(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, pre, threshold, bandwidth):
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, threshold = ctx.saved_tensors
+        bw = ctx.bandwidth
+        pseudo = -(1.0 / bw) * _rectangle((pre - threshold) / bw)
+        return None, (grad * pseudo).reshape(-1, pre.shape[-1]).sum(0), None
+
+
+# ---------------------------------------------------------------------------------------------
+# One step's losses, per architecture.
+# ---------------------------------------------------------------------------------------------
+
+
+class StepLosses(NamedTuple):
+    """The losses of one step (local to this process) and what the step needs to track."""
+
+    loss: Tensor
+    """Total loss, differentiable."""
+    mse: Tensor
+    """Reconstruction loss: squared error summed over d_in, mean over rows (normalised units)."""
+    sparsity: Tensor
+    """The architecture's sparsity/auxiliary term before its coefficient (L1, L0 or AuxK)."""
+    fired: Tensor
+    """Number of rows in which each latent fired [d_sae]."""
+    l0: Tensor
+    """Mean number of active latents per row."""
+    variance: Tensor
+    """Mean squared distance of the normalised inputs from their batch mean (for FVU)."""
+    per_row_error: Tensor
+    """Squared error of each row (for resampling)."""
+    min_active: Tensor
+    """batchtopk: the smallest activation kept (inf if none)."""
+
+
+def compute_losses(
+    sae: SAE, x: Float[Tensor, "batch d_in"], cfg: TrainConfig, step: int, dead: Tensor
+) -> StepLosses:
+    """Return one step's losses for any architecture."""
+    arch = sae.cfg.architecture
+    aux_k = cfg.aux_k or max(sae.cfg.d_in // 2, 1)
+    min_active = torch.tensor(math.inf)
+    if arch == "topk":
+        out = topk_forward(sae, x)
+        x_n, x_hat_n = out.x_n, out.x_hat_n
+        fired = _scatter_sum(out.pattern, (out.values > 0).to(x_n.dtype))
+        l0 = (out.values > 0).sum(-1).to(x_n.dtype).mean()
+        sparsity = auxk_loss(sae, out.x_c, out.pre, x_n - x_hat_n, dead, aux_k)
+        coefficient = cfg.aux_k_coefficient
+    else:
+        x_n = x.to(sae.W_enc.dtype) * sae.norm_scale
+        x_c = (x_n - sae.b_dec) if sae.cfg.apply_b_dec_to_input else x_n
+        pre = x_c @ sae.W_enc + sae.b_enc
+        if arch == "relu":
+            acts = F.relu(pre)
+            sparsity = acts.sum(-1).mean()
+            ramp = min(1.0, (step + 1) / cfg.l1_warmup_steps) if cfg.l1_warmup_steps else 1.0
+            coefficient = cfg.l1_coefficient * ramp
+        elif arch == "jumprelu":
+            acts = _JumpReLU.apply(pre, sae.threshold, cfg.jumprelu_bandwidth)
+            sparsity = _Step.apply(pre, sae.threshold, cfg.jumprelu_bandwidth).sum(-1).mean()
+            coefficient = cfg.l0_coefficient
+        else:  # batchtopk
+            acts = batch_topk(F.relu(pre), sae.cfg.k)
+            kept = acts[acts > 0]
+            if kept.numel():
+                min_active = kept.min().detach()
+            coefficient = cfg.aux_k_coefficient
+        x_hat_n = acts @ sae.W_dec + sae.b_dec
+        if arch == "batchtopk":
+            x_c_detached = x_c.detach()
+            sparsity = auxk_loss(sae, x_c_detached, pre.detach(), x_n - x_hat_n, dead, aux_k)
+        active = acts > 0
+        fired = active.sum(0).to(x_n.dtype)
+        l0 = active.sum(-1).to(x_n.dtype).mean()
+    per_row_error = (x_hat_n - x_n).pow(2).sum(-1)
+    mse = per_row_error.mean()
+    variance = (x_n - x_n.mean(0)).pow(2).sum(-1).mean().detach()
+    return StepLosses(
+        mse + coefficient * sparsity, mse, sparsity, fired.detach(), l0.detach(), variance,
+        per_row_error.detach(), min_active,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed helpers: no-ops in a single process.
+# ---------------------------------------------------------------------------------------------
+
+
+class DistInfo(NamedTuple):
+    rank: int
+    world_size: int
+
+
+def init_distributed(device: torch.device | str = "cpu") -> DistInfo:
+    """Join the process group ``torchrun`` describes (gloo on CPU, nccl on GPU); no-op alone."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
+        dist.init_process_group(backend)
+    return dist_info()
+
+
+def dist_info() -> DistInfo:
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size())
+    return DistInfo(0, 1)
+
+
+def _all_reduce(tensor: Tensor, op: str = "sum") -> Tensor:
+    if dist_info().world_size > 1:
+        ops = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN}
+        dist.all_reduce(tensor, op=ops[op])
+    return tensor
+
+
+def _average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
+    if world == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for g in grads:
+        n = g.numel()
+        g.copy_(flat[offset : offset + n].view_as(g))
+        offset += n
+
+
+def _broadcast_parameters(sae: SAE) -> None:
+    if dist_info().world_size > 1:
+        for tensor in list(sae.parameters()) + list(sae.buffers()):
+            dist.broadcast(tensor.data, src=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop.
+# ---------------------------------------------------------------------------------------------
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate at ``step``: linear warmup, constant, linear decay to 0 over the tail."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    decay_steps = int(cfg.total_steps * cfg.decay_fraction)
+    decay_start = cfg.total_steps - decay_steps
+    if decay_steps and step >= decay_start:
+        return cfg.lr * (cfg.total_steps - step) / decay_steps
+    return cfg.lr
+
+
+def project_decoder_gradient(sae: SAE) -> None:
+    """Remove the part of each decoder row's gradient that would change the row's norm."""
+    grad = sae.W_dec.grad
+    if grad is not None:
+        W = sae.W_dec.detach()
+        grad.sub_((grad * W).sum(-1, keepdim=True) * W)
+
+
+def _open_batches(data: Batches, start: int) -> Iterator[Tensor]:
+    if callable(data):
+        return iter(data(start))
+    iterator = iter(data)
+    for _ in range(start):  # a plain iterable cannot seek: skip what was already trained on
+        next(iterator, None)
+    return iterator
+
+
+def check_batch(x: Any, d_in: int, step: int) -> Tensor:
+    """Return ``x`` as a 2-D float tensor, or raise naming what is wrong with it."""
+    if not isinstance(x, Tensor) or x.ndim != 2 or not x.is_floating_point():
+        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise InputError(
+            f"activation batch {step} is {shape}; expected a float tensor [batch, d_in={d_in}]"
+        )
+    if x.shape[-1] != d_in:
+        raise InputError(
+            f"activation batch {step} has width {x.shape[-1]}, but the SAE has d_in={d_in}; "
+            f"use an SAE config with d_in={x.shape[-1]} or the store of the right hook"
+        )
+    bad = (~torch.isfinite(x)).sum().item()
+    if bad:
+        raise DataError(
+            f"activation batch {step} holds {bad} NaN/Inf values (of {x.numel()}); the model or "
+            f"the activation store produced them. Training stopped before using this batch; the "
+            f"last checkpoint is intact and resuming continues from it"
+        )
+    return x
+
+
+def train_sae(
+    sae: SAE,
+    data: Batches,
+    cfg: TrainConfig,
+    out_dir: str | Path | None = None,
+    *,
+    resume: bool = True,
+) -> TrainResult:
+    """Train ``sae`` on ``data`` and return it with the run's totals.
+
+    ``data`` yields this process's ``[batch, d_in]`` slice of each global batch: an iterable, or a
+    function from the first step to an iterable (lets a resumed run seek instead of re-reading).
+    With ``out_dir``, metrics go to ``out_dir/metrics.jsonl`` and checkpoints to
+    ``out_dir/checkpoint/``; an existing checkpoint there is resumed from when ``resume``.
+    """
+    info = dist_info()
+    out = Path(out_dir) if out_dir is not None else None
+    device = sae.device
+    params = [p for p in sae.parameters()]
+    optimizer = torch.optim.Adam(params, lr=cfg.lr, betas=cfg.adam_betas, **_fast_adam(device))
+    tokens_since_fired = torch.zeros(sae.cfg.d_sae, dtype=torch.float64, device=device)
+    fired_total = torch.zeros(sae.cfg.d_sae, dtype=torch.float64, device=device)
+    step = tokens = 0
+    resumed_from = None
+    if out is not None and resume and (out / CHECKPOINT_DIR / "state.pt").exists():
+        state = load_checkpoint(out, sae, optimizer)
+        step, tokens = state["step"], state["tokens"]
+        tokens_since_fired.copy_(state["tokens_since_fired"])
+        fired_total.copy_(state["fired_total"])
+        resumed_from = step
+        if info.rank == 0:
+            _truncate_metrics(out / METRICS_FILE, step)
+    else:
+        _broadcast_parameters(sae)
+    if out is not None and info.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_config.json").write_text(
+            json.dumps({"sae": sae.cfg.to_dict(), "train": cfg.to_dict(), "world_size": info.world_size}, indent=2)
+        )
+
+    batches = _open_batches(data, step)
+    progress = _progress(cfg, step, info.rank)
+    last: dict[str, float] = {}
+    sae.train()
+    t_last, tokens_last = time.perf_counter(), tokens
+    try:
+        while step < cfg.total_steps:
+            try:
+                x = next(batches)
+            except StopIteration:
+                raise DataError(
+                    f"the activation source ran out after {step} of {cfg.total_steps} steps; cache "
+                    f"more activations or lower total_steps"
+                ) from None
+            try:
+                x = check_batch(x, sae.cfg.d_in, step).to(device, non_blocking=True)
+            except (InputError, DataError):
+                if out is not None and step > 0:
+                    save_checkpoint(out, sae, optimizer, step, tokens, tokens_since_fired, fired_total)
+                raise
+            if step == 0 and resumed_from is None:
+                _initialise_from_batch(sae, x, cfg)
+            global_rows = x.shape[0] * info.world_size
+            dead = tokens_since_fired >= cfg.dead_tokens
+            losses = compute_losses(sae, x, cfg, step, dead)
+
+            optimizer.zero_grad(set_to_none=True)
+            losses.loss.backward()
+            _average_gradients(params, info.world_size)
+            project_decoder_gradient(sae)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, cfg)
+            optimizer.step()
+            sae.normalize_decoder()
+            if sae.cfg.architecture == "jumprelu":
+                with torch.no_grad():
+                    sae.threshold.clamp_(min=1e-6)
+
+            fired = _all_reduce(losses.fired.to(torch.float64))
+            tokens_since_fired += global_rows
+            tokens_since_fired[fired > 0] = 0
+            fired_total += fired
+            if sae.cfg.architecture == "batchtopk":
+                _update_batchtopk_threshold(sae, losses.min_active, cfg)
+            step += 1
+            tokens += global_rows
+            if sae.cfg.architecture == "relu" and cfg.resample_every and step % cfg.resample_every == 0:
+                resample_dead_latents(sae, optimizer, x, losses.per_row_error, fired_total, cfg, step)
+
+            if step % cfg.log_every == 0 or step == cfg.total_steps:
+                now = time.perf_counter()
+                last = _metrics_line(losses, step, tokens, cfg, tokens_since_fired, info)
+                last["tokens_per_s"] = (tokens - tokens_last) / max(now - t_last, 1e-9)
+                t_last, tokens_last = now, tokens
+                if out is not None and info.rank == 0:
+                    with open(out / METRICS_FILE, "a") as f:
+                        f.write(json.dumps(last) + "\n")
+                progress.set_postfix(mse=f"{last['mse']:.4g}", l0=f"{last['l0']:.1f}")
+            progress.update(1)
+            if out is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                save_checkpoint(out, sae, optimizer, step, tokens, tokens_since_fired, fired_total)
+    finally:
+        progress.close()
+    if out is not None and (not cfg.checkpoint_every or step % cfg.checkpoint_every):
+        save_checkpoint(out, sae, optimizer, step, tokens, tokens_since_fired, fired_total)
+    sae.eval()
+    density = fired_total / max(tokens, 1)
+    return TrainResult(sae, step, tokens, resumed_from, last, torch.log10(density + 1e-10).float())
+
+
+def _fast_adam(device: torch.device) -> dict[str, Any]:
+    # The fused kernel exists on CPU and CUDA in recent torch; fall back silently if not.
+    try:
+        torch.optim.Adam([torch.nn.Parameter(torch.zeros(1, device=device))], fused=True)
+        return {"fused": True}
+    except (RuntimeError, TypeError):
+        return {}
+
+
+@torch.no_grad()
+def _initialise_from_batch(sae: SAE, x: Tensor, cfg: TrainConfig) -> None:
+    """Estimate the input scale and b_dec from the first (global) batch."""
+    world = dist_info().world_size
+    x = x.to(sae.W_enc.dtype)
+    if sae.cfg.normalize_activations == "expected_average_only_in":
+        stats = _all_reduce(torch.stack([x.norm(dim=-1).sum(), torch.tensor(float(x.shape[0]), device=x.device)]))
+        mean_norm = float(stats[0] / stats[1])
+        if mean_norm > 0:
+            sae.norm_scale.fill_(math.sqrt(sae.cfg.d_in) / mean_norm)
+    if cfg.init_b_dec_mean:
+        mean = _all_reduce(x.sum(0)) / (x.shape[0] * world)
+        sae.b_dec.copy_(mean * sae.norm_scale)
+
+
+@torch.no_grad()
+def _update_batchtopk_threshold(sae: SAE, min_active: Tensor, cfg: TrainConfig) -> None:
+    value = _all_reduce(min_active.clone().to(sae.threshold.device), op="min")
+    if torch.isfinite(value):
+        lr = cfg.batchtopk_threshold_lr
+        if float(sae.threshold[0]) == 0.0:
+            sae.threshold.fill_(float(value))
+        else:
+            sae.threshold.mul_(1 - lr).add_(lr * value)
+
+
+@torch.no_grad()
+def resample_dead_latents(
+    sae: SAE,
+    optimizer: torch.optim.Optimizer,
+    x: Tensor,
+    per_row_error: Tensor,
+    fired_total: Tensor,
+    cfg: TrainConfig,
+    step: int,
+) -> int:
+    """Re-initialise latents that never fired on inputs the SAE reconstructs worst; return how many.
+
+    Anthropic's recipe (Towards Monosemanticity): decoder row = a high-error input's direction,
+    encoder column = the same direction at 0.2x the mean live encoder norm, bias 0, and the Adam
+    moments of those entries reset. Rank 0 decides; the others receive its parameters.
+    """
+    dead = (fired_total == 0).nonzero().squeeze(-1)
+    n = int(dead.numel())
+    if n and dist_info().rank == 0:
+        generator = torch.Generator(device="cpu").manual_seed(cfg.seed * 1_000_003 + step)
+        weights = per_row_error.double().cpu() + 1e-12
+        rows = torch.multinomial(weights, n, replacement=True, generator=generator).to(x.device)
+        x_c = sae.centered_input(x[rows])
+        directions = x_c / x_c.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        alive = fired_total > 0
+        enc_norm = sae.W_enc[:, alive].norm(dim=0).mean() if alive.any() else torch.tensor(1.0)
+        sae.W_dec[dead] = directions
+        sae.W_enc[:, dead] = directions.T * 0.2 * enc_norm
+        sae.b_enc[dead] = 0.0
+        for param, index in ((sae.W_dec, (dead,)), (sae.W_enc, (slice(None), dead)), (sae.b_enc, (dead,))):
+            state = optimizer.state.get(param, {})
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state:
+                    state[key][index] = 0.0
+    _broadcast_parameters(sae)
+    fired_total.zero_()
+    return n
+
+
+def _metrics_line(
+    losses: StepLosses, step: int, tokens: int, cfg: TrainConfig, tokens_since_fired: Tensor, info: DistInfo
+) -> dict[str, float]:
+    stats = _all_reduce(
+        torch.stack([losses.loss.detach(), losses.mse.detach(), losses.sparsity.detach(), losses.l0, losses.variance]).double()
+    ) / info.world_size
+    loss, mse, sparsity, l0, variance = (float(v) for v in stats)
+    return {
+        "step": step,
+        "tokens": tokens,
+        "lr": lr_at(step - 1, cfg),
+        "loss": loss,
+        "mse": mse,
+        "sparsity_loss": sparsity,
+        "fvu": mse / variance if variance > 0 else float("nan"),
+        "l0": l0,
+        "dead_fraction": float((tokens_since_fired >= cfg.dead_tokens).double().mean()),
+    }
+
+
+def _progress(cfg: TrainConfig, start: int, rank: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=cfg.total_steps, initial=start, disable=not cfg.progress or rank != 0, desc="train-sae", unit="step")
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: weights, optimiser, counters, RNG and step (the data offset), written atomically.
+# ---------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(
+    out: Path,
+    sae: SAE,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    tokens: int,
+    tokens_since_fired: Tensor,
+    fired_total: Tensor,
+) -> None:
+    """Write ``out/checkpoint/state.pt`` atomically (rank 0 only; all ranks hold the same state)."""
+    if dist_info().rank != 0:
+        return
+    directory = out / CHECKPOINT_DIR
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {
+        "step": step,
+        "tokens": tokens,
+        "sae_cfg": sae.cfg.to_dict(),
+        "sae": sae.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "tokens_since_fired": tokens_since_fired.cpu(),
+        "fired_total": fired_total.cpu(),
+        "torch_rng": torch.get_rng_state(),
+    }
+    tmp = directory / "state.pt.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, directory / "state.pt")
+
+
+def load_checkpoint(out: Path, sae: SAE, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Load ``out/checkpoint/state.pt`` into ``sae`` and ``optimizer``; return the counters."""
+    path = out / CHECKPOINT_DIR / "state.pt"
+    try:
+        state = torch.load(path, map_location=sae.device, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same problem for the user
+        raise CheckpointError(f"checkpoint {path} cannot be read ({exc}); delete it to start over") from exc
+    if SAEConfig.from_dict(state["sae_cfg"]) != sae.cfg:
+        raise CheckpointError(
+            f"checkpoint {path} is for SAE {state['sae_cfg']}, not {sae.cfg.to_dict()}; use another "
+            f"output directory or the same SAE config"
+        )
+    sae.load_state_dict(state["sae"])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"].cpu())
+    return state
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metrics lines written after the checkpoint a run resumes from."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept))
