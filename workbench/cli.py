@@ -15,6 +15,7 @@ import sys
 COMMAND_MODULES: list[str] = [
     "workbench.commands.models",
     "workbench.commands.store",
+    "workbench.commands.sae",
 ]
 
 
