@@ -95,3 +95,37 @@ def app_home(tmp_path_factory):
     torch.manual_seed(0)
     HookedGPT(cfg, tokenizer=tok).save(home / "models" / "tiny-lm")
     return home
+
+
+# --- SmolLM2 (workbench.zoo) ------------------------------------------------------------------
+
+
+def _smollm2_missing_reason():
+    from workbench import zoo
+
+    if zoo.cache_status(zoo.SMOLLM2.name).state == "ready" or zoo.source_path(zoo.SMOLLM2).is_file():
+        return None
+    return (f"SmolLM2 is not fetched (looked in {zoo.cache_dir(zoo.SMOLLM2.name)} and "
+            f"{zoo.source_path(zoo.SMOLLM2)}); run `workbench fetch smollm2-135m` (`make test` does)")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct as a HookedGPT, via load_model (skips if the checkpoint is not fetched)."""
+    reason = _smollm2_missing_reason()
+    if reason:
+        pytest.skip(reason)
+    from workbench import load_model
+
+    return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    """Path of the verified SmolLM2 GGUF file (the oracle input for HF's GGUF loader)."""
+    from workbench import zoo
+
+    path = zoo.source_path(zoo.SMOLLM2)
+    if not path.is_file():
+        pytest.skip(f"{path} is missing; run `workbench fetch smollm2-135m` (`make test` does)")
+    return path
