@@ -361,7 +361,7 @@ def train(
             with _autocast(cfg):
                 logits = model(tokens)
             loss = next_token_loss(logits, tokens).mean()
-            loss_value = float(loss)
+            loss_value = float(loss.detach())
             if not math.isfinite(loss_value):
                 _diverged("loss", loss_value, step, last_good, out_dir)
             optimizer.zero_grad(set_to_none=True)
