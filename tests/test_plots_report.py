@@ -1,0 +1,134 @@
+"""Figure builders (workbench.plots) carry the analysis numbers they are given, labelled; the report
+writer produces a self-contained page and a JSON that round-trips the numbers."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from helpers import tiny_cfg
+
+from workbench import plots
+from workbench.analysis import attribution as A
+from workbench.analysis import induction as I
+from workbench.analysis import logit_lens as LL
+from workbench.analysis import patching as P
+from workbench.report import Report, jsonable
+
+
+@pytest.fixture(scope="module")
+def model():
+    from workbench import HookedGPT
+
+    torch.manual_seed(0)
+    return HookedGPT(tiny_cfg(n_layers=3)).eval()
+
+
+def test_head_scores_figure_one_panel_per_score(model):
+    seq = I.repeated_random_tokens(I.RepeatedTokensSpec(seq_len=6, batch=2, bos_token_id=0), 50)
+    s = I.score_heads(model, seq.tokens)
+    fig = plots.head_scores_figure({k: s.get(k) for k in I.SCORE_KINDS})
+    assert [t.type for t in fig.data] == ["heatmap"] * 3
+    for trace, kind in zip(fig.data, I.SCORE_KINDS):
+        np.testing.assert_allclose(np.asarray(trace.z), s.get(kind).numpy(), rtol=1e-6)
+        assert (trace.zmin, trace.zmax) == (0, 1)
+    assert [a.text for a in fig.layout.annotations] == list(I.SCORE_KINDS)
+    fig = plots.loss_by_position_figure(s.loss, split=7)
+    np.testing.assert_allclose(fig.data[0].y, s.loss.mean(0).numpy(), rtol=1e-6)
+
+
+def test_top_heads_table_sorts_and_skips_nan():
+    scores = torch.tensor([[float("nan"), 0.2], [0.9, 0.5]])
+    rows = plots.top_heads_table(scores, n=3)
+    assert rows == [{"layer": 1, "head": 0, "score": pytest.approx(0.9)}, {"layer": 1, "head": 1, "score": 0.5},
+                    {"layer": 0, "head": 1, "score": pytest.approx(0.2)}]
+
+
+def test_composition_figures(model):
+    scores = I.composition_scores(model, "k")
+    fig = plots.composition_figure(scores, later_layer=2)
+    z = np.asarray(fig.data[0].z)
+    assert z.shape == (2 * 4, 4) and list(fig.data[0].y)[:2] == ["L0H0", "L0H1"]
+    np.testing.assert_allclose(z[5], scores[1, 1, 2].numpy(), rtol=1e-6)  # row L1H1
+    seq = I.repeated_random_tokens(I.RepeatedTokensSpec(seq_len=6, batch=2, bos_token_id=0), 50)
+    causal = I.causal_composition(model, seq.tokens, kind="k", per="layer")
+    fig = plots.causal_composition_figure(causal, later_layer=1, normalized=False)
+    assert list(fig.data[0].y) == ["L0"]  # only sources before the later layer
+    np.testing.assert_allclose(np.asarray(fig.data[0].z)[0], causal.drop[0, 1].numpy(), rtol=1e-6)
+
+
+def test_lens_figures(model):
+    tokens = torch.randint(0, 50, (1, 5))
+    res = LL.logit_lens(model, tokens, k=2)
+    fig = plots.lens_grid(res, ["a", "b", "c", "d", "e"], "top_prob", tokenizer_decode=lambda ids: f"t{ids[0]}")
+    np.testing.assert_allclose(np.asarray(fig.data[0].z), res.top_probs[:, 0, :, 0].numpy(), rtol=1e-6)
+    assert list(fig.data[0].y) == ["0", "1", "2", "final"] and list(fig.data[0].x)[1] == "1: b"
+    assert fig.data[0].text[3][4] == f"t{int(res.top_tokens[3, 0, 4, 0])}"
+    kl = plots.lens_grid(res, value="kl_to_final")
+    np.testing.assert_allclose(np.asarray(kl.data[0].z), res.kl_to_final[:, 0].numpy(), rtol=1e-6)
+    cmp = LL.LensComparison(["0", "1", "2"], torch.tensor([3.0, 2.0, 1.0]), torch.tensor([1.0, 0.5, 0.2]))
+    fig = plots.lens_kl_figure(cmp)
+    assert [t.name for t in fig.data] == ["logit lens", "tuned lens"]
+    np.testing.assert_allclose(fig.data[1].y, [1.0, 0.5, 0.2])
+
+
+def test_attribution_bars_top_by_magnitude(model):
+    res = A.direct_logit_attribution(model, torch.randint(0, 50, (1, 6)), 3, 7, granularity="head")
+    fig = plots.attribution_bars(res, top=4)
+    values = res.attrs[:, 0]
+    order = values.abs().argsort(descending=True)[:4]
+    assert list(fig.data[0].x) == [res.labels[i] for i in order]
+    np.testing.assert_allclose(fig.data[0].y, values[order].numpy(), rtol=1e-6)
+    assert all(c == ("#2b6cb0" if v >= 0 else "#c53030") for c, v in zip(fig.data[0].marker.color, fig.data[0].y))
+    grid = A.head_attribution_grid(res, 3, 4)
+    fig = plots.head_heatmap(grid, diverging=True)
+    assert fig.data[0].zmid == 0.0 and np.asarray(fig.data[0].z).shape == (3, 4)
+
+
+def test_patching_and_ablation_heatmaps(model):
+    clean = torch.randint(0, 50, (1, 5))
+    corrupt = clean.clone()
+    corrupt[0, 1] = (corrupt[0, 1] + 1) % 50
+    metric = P.LogitDiff(3, 7)
+    res = P.patch_residual(model, clean, corrupt, metric)
+    fig = plots.patching_heatmap(res, ["a", "b", "c", "d", "e"])
+    np.testing.assert_allclose(np.asarray(fig.data[0].z), res.normalized.numpy(), rtol=1e-5)
+    assert list(fig.data[0].x)[0] == "0: a" and "fraction restored" in fig.layout.title.text
+    heads = P.patch_heads(model, clean, corrupt, metric)
+    fig = plots.patching_heatmap(heads, normalized=False)
+    assert list(fig.data[0].x) == ["0", "1", "2", "3"] and fig.layout.xaxis.title.text == "head"
+    np.testing.assert_allclose(np.asarray(fig.data[0].z), heads.scores.numpy(), rtol=1e-6)
+    abl = P.ablate(model, clean, metric, kind="mlp_out")
+    fig = plots.ablation_heatmap(abl)
+    np.testing.assert_allclose(np.asarray(fig.data[0].z), abl.effect.numpy(), rtol=1e-6)
+
+
+def test_jsonable_turns_tensors_and_nan_into_json():
+    out = jsonable({"t": torch.tensor([[1.0, float("nan")]]), "n": np.float32(2.5), 3: (1, float("inf")),
+                    "s": "x"})
+    assert out == {"t": [[1.0, None]], "n": 2.5, "3": [1, None], "s": "x"}
+    json.dumps(out, allow_nan=False)
+
+
+def test_report_writes_a_self_contained_page(tmp_path, model):
+    report = Report("A <b>title</b>")
+    report.heading("Scores").text("first paragraph\n\nsecond & last")
+    evil = plots.head_heatmap(torch.zeros(2, 2), title="</script><script>alert(1)</script>")
+    report.figure(evil, caption="caption <i>")
+    report.figure(plots.head_heatmap(torch.ones(2, 2)))
+    report.table([{"layer": 0, "score": 0.123456}, {"layer": 1, "score": math.nan}], caption="tbl")
+    report.numbers["scores"] = torch.tensor([0.5, float("nan")])
+    paths = report.write(tmp_path / "out")
+    page = paths.html.read_text()
+    assert "A &lt;b&gt;title&lt;/b&gt;" in page and "second &amp; last" in page and "caption &lt;i&gt;" in page
+    assert page.count("Plotly.newPlot(") == 2 and "</script><script>alert" not in page
+    assert page.count("<script>") == 3  # plotly.js once, then one per figure
+    assert "cdn" not in page.split("<script>")[0].lower()
+    assert "<td>0.1235</td>" in page and "<caption>tbl</caption>" in page
+    assert json.loads(paths.json.read_text()) == {"title": "A <b>title</b>", "scores": [0.5, None]}
+    # the figure spec survives the escaping as valid JSON-in-JS
+    spec = page.split('<div class="fig"')[1].split('var f=')[1].split(';Plotly.newPlot')[0]
+    assert json.loads(spec.replace("<\\/", "</"))["layout"]["title"]["text"].startswith("</script>")

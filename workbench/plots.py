@@ -1,0 +1,182 @@
+"""Plotly figure builders shared by the app and the analysis scripts.
+
+Each builder is a pure function from an analysis result (a tensor, a NamedTuple or a DataFrame) to
+a ``plotly.graph_objects.Figure``; nothing here computes an analysis or touches a model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import plotly.graph_objects as go
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from workbench.analysis.attribution import LogitAttribution
+    from workbench.analysis.induction import CausalComposition
+    from workbench.analysis.logit_lens import LensComparison, LensResult
+    from workbench.analysis.patching import AblationResult, PatchResult
+
+_DIVERGING = "RdBu"
+_SEQUENTIAL = "Blues"
+
+
+def _np(x: Tensor):
+    return x.detach().float().cpu().numpy()
+
+
+def _heatmap(z, x, y, title: str, colorscale: str, zmid: float | None = None, text=None, xlabel: str = "",
+             ylabel: str = "", colorbar: str = "", zmin=None, zmax=None) -> go.Figure:
+    trace = go.Heatmap(
+        z=z, x=x, y=y, colorscale=colorscale, zmid=zmid, zmin=zmin, zmax=zmax,
+        colorbar=dict(title=colorbar) if colorbar else None,
+        text=text, texttemplate="%{text}" if text is not None else None,
+        hovertemplate=f"{ylabel} %{{y}}<br>{xlabel} %{{x}}<br>value %{{z:.4g}}<extra></extra>",
+    )
+    fig = go.Figure(trace)
+    fig.update_layout(title=title, xaxis_title=xlabel, yaxis_title=ylabel, yaxis_autorange="reversed",
+                      margin=dict(l=60, r=20, t=50, b=50))
+    return fig
+
+
+def head_heatmap(scores: Tensor, title: str = "head scores", colorbar: str = "score",
+                 diverging: bool = False) -> go.Figure:
+    """Return a ``[layer head]`` heatmap (layers down, heads across)."""
+    L, H = scores.shape
+    return _heatmap(_np(scores), [str(h) for h in range(H)], [str(i) for i in range(L)], title,
+                    _DIVERGING if diverging else _SEQUENTIAL, 0.0 if diverging else None,
+                    xlabel="head", ylabel="layer", colorbar=colorbar)
+
+
+def head_scores_figure(scores: dict[str, Tensor], title: str = "attention head scores") -> go.Figure:
+    """Return side-by-side ``[layer head]`` heatmaps, one per named score, on a shared 0..1 scale."""
+    from plotly.subplots import make_subplots
+
+    names = list(scores)
+    fig = make_subplots(rows=1, cols=len(names), subplot_titles=names, horizontal_spacing=0.06)
+    for i, name in enumerate(names):
+        z = scores[name]
+        fig.add_trace(go.Heatmap(z=_np(z), x=[str(h) for h in range(z.shape[1])], y=[str(li) for li in range(z.shape[0])],
+                                 colorscale=_SEQUENTIAL, zmin=0, zmax=1, showscale=i == len(names) - 1,
+                                 hovertemplate="layer %{y} head %{x}: %{z:.3f}<extra></extra>"), 1, i + 1)
+        fig.update_yaxes(autorange="reversed", title_text="layer" if i == 0 else None, row=1, col=i + 1)
+        fig.update_xaxes(title_text="head", row=1, col=i + 1)
+    fig.update_layout(title=title, margin=dict(l=60, r=20, t=70, b=50))
+    return fig
+
+
+def composition_figure(scores: Tensor, later_layer: int, title: str = "") -> go.Figure:
+    """Return the composition scores ``[layer head layer head]`` into one later layer as an
+    (earlier head) x (later head) heatmap."""
+    L, H = scores.shape[:2]
+    z = scores[:later_layer, :, later_layer].reshape(later_layer * H, H)
+    y = [f"L{li}H{h}" for li in range(later_layer) for h in range(H)]
+    return _heatmap(_np(z), [f"L{later_layer}H{h}" for h in range(H)], y,
+                    title or f"composition into layer {later_layer}", _SEQUENTIAL,
+                    xlabel="later head", ylabel="earlier head", colorbar="score")
+
+
+def causal_composition_figure(result: "CausalComposition", later_layer: int, normalized: bool = True) -> go.Figure:
+    """Return the drop of each later head's score per removed source, as a (source) x (head) heatmap."""
+    keep = [i for i, sl in enumerate(result.source_layers) if sl < later_layer]
+    drop = result.drop[keep, later_layer]
+    if normalized:
+        drop = drop / result.clean[later_layer].abs().clamp_min(1e-9)[None]
+    H = drop.shape[1]
+    what = {"q": "query", "k": "key", "v": "value"}[result.kind]
+    return _heatmap(_np(drop), [f"L{later_layer}H{h}" for h in range(H)], [result.sources[i] for i in keep],
+                    f"score drop when a source is removed from the {what} input" + (" (fraction)" if normalized else ""),
+                    _DIVERGING, 0.0, xlabel="later head", ylabel="removed source", colorbar="drop")
+
+
+def loss_by_position_figure(loss: Tensor, split: int | None = None, title: str = "loss by position") -> go.Figure:
+    """Return mean next-token loss per position (``loss [batch pos]`` or ``[pos]``), with an optional
+    marker where the repeat starts."""
+    y = loss.float().mean(0) if loss.ndim == 2 else loss.float()
+    fig = go.Figure(go.Scatter(x=list(range(len(y))), y=_np(y), mode="lines+markers", name="loss"))
+    if split is not None:
+        fig.add_vline(x=split - 0.5, line_dash="dash", annotation_text="repeat starts")
+    fig.update_layout(title=title, xaxis_title="prediction position", yaxis_title="loss (nats)")
+    return fig
+
+
+def lens_grid(result: "LensResult", str_tokens: Sequence[str] | None = None, value: str = "target_prob",
+              batch_index: int = 0, tokenizer_decode=None, title: str | None = None) -> go.Figure:
+    """Return a layer x position heatmap of one lens field (``target_prob``, ``entropy``,
+    ``kl_to_final``, ``top_prob``) with the top token written in each cell when ``tokenizer_decode``
+    (ids -> strings) is given."""
+    if value == "top_prob":
+        z = result.top_probs[:, batch_index, :, 0]
+    else:
+        z = getattr(result, value)[:, batch_index]
+    n_pos = z.shape[1]
+    x = [f"{i}: {t}" for i, t in enumerate(str_tokens)] if str_tokens else [str(i) for i in range(n_pos)]
+    text = None
+    if tokenizer_decode is not None:
+        ids = result.top_tokens[:, batch_index, :, 0]
+        text = [[tokenizer_decode([int(i)]) for i in row] for row in ids.tolist()]
+    scale = {"target_prob": ("Viridis", 0, 1), "top_prob": ("Viridis", 0, 1)}.get(value, ("Magma", None, None))
+    return _heatmap(_np(z), x, list(result.labels), title or f"lens: {value}", scale[0], text=text,
+                    xlabel="position (input token)", ylabel="layer", colorbar=value, zmin=scale[1], zmax=scale[2])
+
+
+def lens_kl_figure(comparison: "LensComparison", title: str = "KL(final || lens) by layer, held out") -> go.Figure:
+    """Return the per-layer KL of the logit lens and the tuned lens as two lines (log scale)."""
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=comparison.labels, y=_np(comparison.logit_kl), mode="lines+markers", name="logit lens"))
+    fig.add_trace(go.Scatter(x=comparison.labels, y=_np(comparison.tuned_kl), mode="lines+markers", name="tuned lens"))
+    fig.update_layout(title=title, xaxis_title="layer (resid_pre)", yaxis_title="KL (nats)", yaxis_type="log")
+    return fig
+
+
+def attribution_bars(result: "LogitAttribution | pd.DataFrame", batch_index: int = 0, top: int | None = None,
+                     title: str = "direct logit attribution") -> go.Figure:
+    """Return one bar per component (largest ``top`` by magnitude if given, else in model order)."""
+    frame = result if hasattr(result, "columns") else result.frame(batch_index)
+    if top is not None:
+        frame = frame.reindex(frame.attribution.abs().sort_values(ascending=False).index[:top])
+    colors = ["#2b6cb0" if v >= 0 else "#c53030" for v in frame.attribution]
+    fig = go.Figure(go.Bar(x=list(frame.component), y=list(frame.attribution), marker_color=colors,
+                           hovertemplate="%{x}: %{y:.4f}<extra></extra>"))
+    fig.update_layout(title=title, xaxis_title="component", yaxis_title="logit contribution")
+    return fig
+
+
+def patching_heatmap(result: "PatchResult", str_tokens: Sequence[str] | None = None, normalized: bool = True,
+                     title: str | None = None) -> go.Figure:
+    """Return a patching result as a heatmap: layer x position, layer x head, or a single column per layer."""
+    z = result.normalized if normalized else result.scores
+    L, C = z.shape
+    if result.kind == "z":
+        x, xlabel = [str(h) for h in range(C)], "head"
+    elif C == 1:
+        x, xlabel = ["all positions"], ""
+    else:
+        x = [f"{i}: {t}" for i, t in enumerate(str_tokens)] if str_tokens else [str(i) for i in range(C)]
+        xlabel = "position"
+    name = {"resid_pre": "residual stream", "attn_out": "attention output", "mlp_out": "MLP output", "z": "head output"}
+    return _heatmap(_np(z), x, [str(i) for i in range(L)],
+                    title or f"patching the clean {name[result.kind]}" + (" (fraction restored)" if normalized else ""),
+                    _DIVERGING, 0.0, xlabel=xlabel, ylabel="layer",
+                    colorbar="restored" if normalized else "metric")
+
+
+def ablation_heatmap(result: "AblationResult", title: str | None = None) -> go.Figure:
+    """Return the metric change of each ablated component as a layer x head (or layer) heatmap."""
+    z = result.effect
+    x = [str(h) for h in range(z.shape[1])] if result.kind == "z" else [result.kind]
+    return _heatmap(_np(z), x, [str(i) for i in range(z.shape[0])],
+                    title or f"{result.method} ablation: change of the metric", _DIVERGING, 0.0,
+                    xlabel="head" if result.kind == "z" else "", ylabel="layer", colorbar="change")
+
+
+def top_heads_table(scores: Tensor, n: int = 10) -> list[dict]:
+    """Return the ``n`` highest-scoring heads of a ``[layer head]`` tensor as rows for tables and JSON."""
+    flat = torch.nan_to_num(scores.float(), nan=float("-inf")).flatten()
+    top = flat.topk(min(n, flat.numel()))
+    H = scores.shape[1]
+    return [{"layer": int(i) // H, "head": int(i) % H, "score": float(v)} for v, i in zip(top.values, top.indices)]
