@@ -16,7 +16,6 @@ COMMAND_MODULES: list[str] = [
     "workbench.commands.models",
     "workbench.commands.store",
     "workbench.commands.sae",
-    "workbench.commands.train",
     "workbench.commands.analysis",
 ]
 
