@@ -585,7 +585,7 @@ def _load_hub(repo_id: str):
     except CheckpointError as exc:
         raise CheckpointError(
             f"{repo_id!r} is not in the zoo, not a local path, and could not be read from the HF hub or its cache "
-            f"({str(exc).split(';')[0]}). Bring its files: from https://huggingface.co/{repo_id} copy config.json, "
+            f"({str(exc).split('. ')[0].split(';')[0]}). Bring its files: from https://huggingface.co/{repo_id} copy config.json, "
             f"model.safetensors (or the model-*.safetensors shards with model.safetensors.index.json) and "
             f"tokenizer.json into {local}/ and load it again with the same id (or pass that directory). "
             f"The zoo has {sorted(zoo())}"
