@@ -15,6 +15,16 @@ def _deterministic():
     yield
 
 
+@pytest.fixture
+def one_thread():
+    """Run a test on one torch thread: with several agents sharing two cores, every parallel
+    region of a tiny op waits for a descheduled thread (a 300-step toy SAE run went from 3 s to 28 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def hf_tokenizer_dir(tmp_path_factory):
     """A local directory holding a 100-token word-level tokenizer that HF's from_pretrained accepts."""

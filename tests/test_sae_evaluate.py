@@ -15,6 +15,8 @@ from workbench.store import ActivationStore, ReaderConfig, StoreConfig, write_st
 
 HOOK = "blocks.0.hook_resid_post"
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors on shared cores
+
 
 def perfect_sae(d_in: int) -> SAE:
     """ReLU SAE with W_enc = [I, -I]: x = relu(x) - relu(-x) is reconstructed exactly."""

@@ -19,6 +19,8 @@ from workbench.store import ActivationStore, StoreConfig, write_store
 
 HOOKS = ("blocks.0.hook_resid_post", "blocks.0.mlp.hook_post", "blocks.0.attn.hook_z")
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors on shared cores
+
 
 @pytest.fixture(scope="module")
 def store(bigram_lm, tmp_path_factory) -> ActivationStore:

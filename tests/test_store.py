@@ -22,6 +22,8 @@ from workbench.model import GPTConfig, HookedGPT
 from workbench.store import ActivationStore, ReaderConfig, StoreConfig, stop_layer, write_store
 
 HOOKS = ("blocks.0.hook_resid_post", "blocks.0.mlp.hook_post", "blocks.0.attn.hook_z")
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors on shared cores
 CFG = GPTConfig(d_model=32, n_layers=2, n_heads=4, d_head=8, d_mlp=64, d_vocab=101, n_ctx=16)
 
 

@@ -131,14 +131,16 @@ def spliced_metrics(
             targets = tokens[:, cfg.first_position + 1 :]
             # positions p >= first_position predict token p + 1
             scored = slice(cfg.first_position, -1)
-            logp_clean = F.log_softmax(model(tokens)[:, scored].double(), dim=-1)
-            logp_sae = F.log_softmax(model.run_with_hooks(tokens, fwd_hooks=[(hook, splice)])[:, scored].double(), dim=-1)
-            logp_zero = F.log_softmax(model.run_with_hooks(tokens, fwd_hooks=[(hook, zero)])[:, scored].double(), dim=-1)
+            # float32 over the vocabulary (a float64 copy of [batch pos d_vocab] costs more than the
+            # model's own unembedding on a big vocabulary); per-token terms are summed in float64
+            logp_clean = F.log_softmax(model(tokens)[:, scored].float(), dim=-1)
+            logp_sae = F.log_softmax(model.run_with_hooks(tokens, fwd_hooks=[(hook, splice)])[:, scored].float(), dim=-1)
+            logp_zero = F.log_softmax(model.run_with_hooks(tokens, fwd_hooks=[(hook, zero)])[:, scored].float(), dim=-1)
             p_clean = logp_clean.exp()
             for i, lp in enumerate((logp_clean, logp_sae, logp_zero)):
-                sums[i] += -lp.gather(-1, targets[..., None]).sum().cpu()
-            sums[3] += (p_clean * (logp_clean - logp_sae)).sum().cpu()
-            sums[4] += (p_clean * (logp_clean - logp_zero)).sum().cpu()
+                sums[i] += -lp.gather(-1, targets[..., None]).double().sum().cpu()
+            sums[3] += (p_clean * (logp_clean - logp_sae)).sum(-1).double().sum().cpu()
+            sums[4] += (p_clean * (logp_clean - logp_zero)).sum(-1).double().sum().cpu()
             n += targets.numel()
     finally:
         sae.train(was_training)
