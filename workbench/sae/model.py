@@ -9,7 +9,7 @@ Architectures (``SAEConfig.architecture``):
 - ``topk``      the k largest pre-activations per row, ReLU'd (Gao et al. 2024), trained with AuxK.
 - ``batchtopk`` the ``k * batch`` largest activations over a whole training batch (Bussmann et al.
                 2024); at inference a learned global threshold, so it is saved as SAELens' ``jumprelu``.
-- ``jumprelu``  ``pre * (pre > threshold)`` with a per-latent threshold (Rajamanoharan et al. 2024).
+- ``jumprelu``  ``relu(pre) * (pre > threshold)`` with a per-latent threshold (Rajamanoharan et al. 2024).
 
 Weights use SAELens' names and shapes (``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_in]``) so saving
 is a copy, and the decoder rows are kept at unit norm by the trainer.
@@ -148,8 +148,9 @@ class SAE(nn.Module):
             return torch.zeros_like(pre).scatter_(-1, top.indices, F.relu(top.values))
         if arch == "batchtopk" and self.training:
             return batch_topk(F.relu(pre), self.cfg.k)
-        # jumprelu, and batchtopk at inference: a per-latent threshold.
-        return pre * (pre > self.threshold)
+        # jumprelu, and batchtopk at inference: a per-latent threshold. The ReLU matters only for
+        # a negative threshold (SAELens' JumpReLUSAE applies it too; ours are trained positive).
+        return F.relu(pre) * (pre > self.threshold)
 
     def encode(self, x: Float[Tensor, "*batch d_in"]) -> Float[Tensor, "*batch d_sae"]:
         """Return the latent activations of ``x``."""
