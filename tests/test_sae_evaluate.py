@@ -122,6 +122,19 @@ def test_store_of_another_model_or_width_is_refused(bigram_lm, bigram_store):
         evaluate_sae(bigram_lm.model, perfect_sae(16), bigram_store, HOOK)
     with pytest.raises(DataError, match="holds no hook"):
         evaluate_sae(bigram_lm.model, perfect_sae(32), bigram_store, "blocks.0.hook_resid_pre")
+    # same width, but the SAE says it was trained elsewhere
+    sae = perfect_sae(32)
+    sae.metadata = {"hook_name": "blocks.0.hook_resid_mid", "model_name": "bigram", "trained_with": "interp-workbench"}
+    with pytest.raises(DataError, match="trained on hook 'blocks.0.hook_resid_mid', not 'blocks.0.hook_resid_post'"):
+        evaluate_sae(bigram_lm.model, sae, bigram_store, HOOK)
+    sae.metadata = {"hook_name": HOOK, "model_name": "smollm2-135m", "trained_with": "interp-workbench"}
+    name = bigram_store.manifest["model"]["name"]
+    bigram_store.manifest["model"]["name"] = "bigram"
+    try:
+        with pytest.raises(DataError, match="activations of 'smollm2-135m'.*holds 'bigram'"):
+            evaluate_sae(bigram_lm.model, sae, bigram_store, HOOK)
+    finally:
+        bigram_store.manifest["model"]["name"] = name
     wide = HookedGPT(GPTConfig(**{**bigram_lm.model.cfg.to_dict(), "d_model": 16, "d_head": 4}))
     with pytest.raises(DataError, match="another model"):
         evaluate_sae(wide, perfect_sae(16), bigram_store, HOOK)

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import runpy
+import signal
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 
 from workbench.analysis.superposition import SyntheticConfig, SyntheticFeatures, mmcs, random_dictionary_mmcs
-from workbench.errors import DataError, InputError
+from workbench.errors import CheckpointError, DataError, InputError
 from workbench.sae.io import load_sae
 from workbench.sae.model import SAE, SAEConfig
 from workbench.sae.train import CHECKPOINT_DIR, METRICS_FILE, TrainConfig, lr_at, train_sae
@@ -81,6 +84,69 @@ def test_killed_run_resumes_to_the_same_sae(tmp_path, arch):
     assert [json.loads(l)["step"] for l in lines_b] == [5, 10, 15, 20, 25, 30]
     drop_timing = lambda line: {k: v for k, v in json.loads(line).items() if k != "tokens_per_s"}  # noqa: E731
     assert list(map(drop_timing, lines_a)) == list(map(drop_timing, lines_b))
+
+
+def test_sigkilled_training_process_resumes_to_the_same_sae(tmp_path, monkeypatch):
+    """A real SIGKILL (the process kills itself while fetching batch 23; the last checkpoint is at
+    step 20), plus the debris of a kill during a checkpoint write, then the same command again."""
+    script = textwrap.dedent(
+        """
+        import os, signal, sys, torch
+        torch.set_num_threads(1)
+        from workbench.analysis.superposition import SyntheticConfig, SyntheticFeatures
+        from workbench.sae.model import SAE, SAEConfig
+        from workbench.sae.train import TrainConfig, train_sae
+        kill_at, out = int(sys.argv[1]), sys.argv[2]
+        data = SyntheticFeatures(SyntheticConfig(d_in=16, n_features=32, mean_active=2.0, seed=5))
+        def source(start):
+            for i, batch in enumerate(data.batches(64, start)):
+                if start + i == kill_at:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                yield batch
+        sae = SAE(SAEConfig(d_in=16, d_sae=64, architecture="topk", k=4,
+                            normalize_activations="expected_average_only_in"), seed=0)
+        sae.metadata = {"model_name": "synthetic", "hook_name": "synthetic"}
+        cfg = TrainConfig(total_steps=40, lr=3e-3, warmup_steps=4, checkpoint_every=5, log_every=1,
+                          progress=False, dead_tokens=300)
+        res = train_sae(sae, source, cfg, out)
+        torch.save({"state": sae.state_dict(), "resumed_from": res.resumed_from}, out + "/final.pt")
+        """
+    )
+    (tmp_path / "job.py").write_text(script)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    run = lambda kill_at, out: subprocess.run(  # noqa: E731
+        [sys.executable, str(tmp_path / "job.py"), str(kill_at), str(tmp_path / out)],
+        env=env, capture_output=True, text=True, timeout=120,
+    )
+    killed = run(23, "b")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert torch.load(tmp_path / "b" / CHECKPOINT_DIR / "state.pt", weights_only=True)["step"] == 20
+    (tmp_path / "b" / CHECKPOINT_DIR / "state.pt.tmp").write_bytes(b"half a checkpoint")  # killed mid-save
+    with open(tmp_path / "b" / METRICS_FILE, "a") as f:
+        f.write('{"step": 24, "loss"')  # killed mid-line
+    assert run(-1, "b").returncode == 0
+    monkeypatch.setattr(sys, "argv", ["job.py", "-1", str(tmp_path / "a")])
+    runpy.run_path(str(tmp_path / "job.py"), run_name="__main__")  # the unbroken run, in this process
+    a, b = (torch.load(tmp_path / d / "final.pt", weights_only=True) for d in "ab")
+    assert a["resumed_from"] is None and b["resumed_from"] == 20
+    for name, tensor in a["state"].items():
+        assert torch.equal(tensor, b["state"][name]), name
+    drop_timing = lambda line: {k: v for k, v in json.loads(line).items() if k != "tokens_per_s"}  # noqa: E731
+    lines = [list(map(drop_timing, (tmp_path / d / METRICS_FILE).read_text().splitlines())) for d in "ab"]
+    assert lines[0] == lines[1] and [m["step"] for m in lines[1]] == list(range(1, 41))
+
+
+def test_checkpoint_of_another_hook_is_not_resumed(tmp_path):
+    data = SyntheticFeatures(SyntheticConfig(d_in=16, n_features=32, seed=1))
+    cfg = TrainConfig(total_steps=4, checkpoint_every=2, progress=False)
+    sae = SAE(SAEConfig(d_in=16, d_sae=32, architecture="topk", k=4), seed=0)
+    sae.metadata = {"model_name": "m", "hook_name": "blocks.0.hook_resid_post"}
+    train_sae(sae, lambda s: data.batches(32, s), TrainConfig(total_steps=2, checkpoint_every=2, progress=False), tmp_path)
+    other = SAE(SAEConfig(d_in=16, d_sae=32, architecture="topk", k=4), seed=0)
+    other.metadata = {"model_name": "m", "hook_name": "blocks.1.hook_resid_post"}
+    with pytest.raises(CheckpointError, match="hook_name='blocks.0.hook_resid_post'.*--no-resume"):
+        train_sae(other, lambda s: data.batches(32, s), cfg, tmp_path)
+    assert train_sae(other, lambda s: data.batches(32, s), cfg, tmp_path, resume=False).resumed_from is None
 
 
 def test_torchrun_two_processes_train_the_same_sae_as_one(tmp_path):

@@ -689,6 +689,27 @@ class ActivationStore:
                 "use an SAE trained on this hook"
             )
 
+    def check_sae(self, sae: Any, hook: str) -> None:
+        """Raise unless ``sae`` can read this store's ``hook``: the width matches and, where the SAE
+        records what it was trained on (SAELens ``metadata``), the hook and model do too."""
+        self.check_hook(hook, d_in=sae.cfg.d_in)
+        meta = getattr(sae, "metadata", None) or {}
+        trained_hook = meta.get("hook_name")
+        if trained_hook and trained_hook != "synthetic" and trained_hook != hook:
+            raise DataError(
+                f"the SAE was trained on hook {trained_hook!r}, not {hook!r} (both have d_in {sae.cfg.d_in}); "
+                f"evaluate it on {trained_hook!r} or train an SAE for {hook!r}"
+            )
+        # Model names are compared only for SAEs the workbench trained: SAELens releases name
+        # models their own way ("gpt2-small"), which would refuse good pairs.
+        store_model = self.manifest.get("model", {}).get("name")
+        sae_model = meta.get("model_name")
+        if meta.get("trained_with") == "interp-workbench" and store_model and sae_model and store_model != sae_model:
+            raise DataError(
+                f"the SAE was trained on activations of {sae_model!r}; the store in {self.path} holds {store_model!r}. "
+                "Use a store of the SAE's model, or train an SAE on this one"
+            )
+
     # -- facts ---------------------------------------------------------------------------------
 
     @property

@@ -174,7 +174,7 @@ def evaluate_sae(model: Any, sae: SAE, store: Any, hook: str, cfg: EvalConfig = 
     error, not a silently meaningless number.
     """
     store.check_model(model)
-    store.check_hook(hook, d_in=sae.cfg.d_in)
+    store.check_sae(sae, hook)
     stop = store.n_rows if cfg.max_rows is None else min(cfg.max_rows, store.n_rows)
     rec = evaluate_reconstruction(
         sae, (b.acts for b in store.iter_rows(hook, cfg.batch_size, stop=stop)), dense_threshold=cfg.dense_threshold

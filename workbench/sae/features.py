@@ -228,7 +228,7 @@ def feature_stats(sae: SAE, store: Any, hook: str, cfg: FeatureStatsConfig = Fea
 
     ``model`` (optional) adds logit effects; it must be the model the store came from.
     """
-    store.check_hook(hook, d_in=sae.cfg.d_in)
+    store.check_sae(sae, hook)
     if model is not None:
         store.check_model(model)
     d_sae = sae.cfg.d_sae
@@ -350,7 +350,7 @@ def feature_contexts(
     """Return, for each store row in ``rows``, the latent's activation on the tokens around it."""
     if not 0 <= feature < sae.cfg.d_sae:
         raise DataError(f"feature {feature} does not exist; the SAE has d_sae={sae.cfg.d_sae} latents")
-    store.check_hook(hook, d_in=sae.cfg.d_in)
+    store.check_sae(sae, hook)
     rows = [int(r) for r in rows if int(r) >= 0]
     if not rows:
         return []

@@ -759,6 +759,7 @@ def save_checkpoint(
         "tokens": tokens,
         "sae_cfg": sae.cfg.to_dict(),
         "sae": sae.state_dict(),
+        "metadata": json.dumps(sae.metadata, default=str),
         "optimizer": optimizer.state_dict(),
         "tokens_since_fired": tokens_since_fired.cpu(),
         "fired_total": fired_total.cpu(),
@@ -781,6 +782,13 @@ def load_checkpoint(out: Path, sae: SAE, optimizer: torch.optim.Optimizer) -> di
             f"checkpoint {path} is for SAE {state['sae_cfg']}, not {sae.cfg.to_dict()}; use another "
             f"output directory or the same SAE config"
         )
+    saved = json.loads(state.get("metadata") or "{}")
+    for key in ("model_name", "hook_name", "activation_store"):
+        if saved.get(key) and sae.metadata.get(key) and saved[key] != sae.metadata[key]:
+            raise CheckpointError(
+                f"checkpoint {path} was trained on {key}={saved[key]!r}, this run reads {sae.metadata[key]!r}; "
+                f"resuming would mix two data sources. Use another output directory, or --no-resume to start over"
+            )
     sae.load_state_dict(state["sae"])
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["torch_rng"].cpu())
@@ -791,5 +799,11 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """Drop metrics lines written after the checkpoint a run resumes from."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # a line cut short by a kill mid-write (or a blank one)
     path.write_text("".join(line + "\n" for line in kept))
