@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 pytest.importorskip("streamlit")
@@ -192,3 +193,225 @@ def test_attention_page(app_env):
     at.slider(key="attn_head").set_value(3).run()
     assert "Layer 1, head 3" in titles(at)
     assert any("All heads" in x for x in titles(at))
+
+
+@pytest.fixture
+def model_passes(monkeypatch):
+    """Count forward passes of any HookedGPT (every pass embeds its tokens exactly once)."""
+    from workbench.model import HookedGPT
+
+    calls = {"n": 0}
+    embed = HookedGPT.embed_tokens
+
+    def counting(self, *args, **kwargs):
+        calls["n"] += 1
+        return embed(self, *args, **kwargs)
+
+    monkeypatch.setattr(HookedGPT, "embed_tokens", counting)
+    return calls
+
+
+def metric(at: AppTest, label: str) -> str:
+    return [m for m in at.metric if m.label == label][0].value
+
+
+def fig_titled(at: AppTest, part: str) -> dict:
+    found = [f for f, t in zip(figures(at), titles(at)) if part in t]
+    assert found, f"no figure titled *{part}* among {titles(at)}"
+    return found[0]
+
+
+def test_switching_layer_or_head_does_not_rerun_the_model(app_env, model_passes):
+    at = run_page("attention")
+    at.text_input(key="attn_prompt").set_value("The cat sat on the mat and the cat sat").run()
+    before = model_passes["n"]
+    at.slider(key="attn_layer").set_value(1).run()
+    at.slider(key="attn_head").set_value(2).run()
+    assert not at.exception
+    assert "Layer 1, head 2" in titles(at)
+    assert model_passes["n"] == before
+
+
+def test_induction_page(app_env):
+    from workbench import HookedGPT
+    from workbench.analysis.induction import default_spec, repeat_losses, repeated_random_tokens, score_heads
+
+    at = AppTest.from_function(_script, args=("induction",), default_timeout=TIMEOUT)
+    at.session_state["ind_len"] = 10
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    model = HookedGPT.load(app_env / "models" / "tiny-lm")
+    seq = repeated_random_tokens(default_spec(model, seq_len=10, batch=8), model.cfg.d_vocab)
+    want = score_heads(model, seq.tokens)
+    heat = fig_titled(at, "Head scores")
+    np.testing.assert_allclose(arr(heat["data"][0]["z"]), want.induction.numpy(), atol=1e-5)
+    assert float(metric(at, "loss, first copy")) == pytest.approx(repeat_losses(want.loss, seq).first, abs=1e-3)
+    loss = fig_titled(at, "Loss by position")
+    assert len(arr(loss["data"][0]["y"])) == 2 * 10  # BOS + 2L tokens: 2L predictions
+    assert any("no training snapshots" in i.value for i in at.info)
+
+
+def test_induction_page_shows_training_dynamics_across_snapshots(app_env, monkeypatch):
+    import shutil
+
+    from workbench import HookedGPT
+
+    src = app_env / "models" / "tiny-lm"
+    run = app_env / "models" / "tiny-snapshots"
+    if not run.exists():
+        shutil.copytree(src, run)
+        for step, seed in ((0, 1), (50, 2), (100, 3)):
+            m = HookedGPT.load(src)
+            m.init_weights(seed)
+            m.save(run / "snapshots" / f"step_{step:06d}")
+        (run / "metrics.jsonl").write_text("\n".join(json.dumps({"step": s, "loss": 5 - s / 50, "loss_repeat": 4 - s / 40})
+                                                     for s in (25, 50, 75, 100)) + "\n")
+    monkeypatch.setenv("WORKBENCH_APP_MODEL", "tiny-snapshots")
+    at = AppTest.from_function(_script, args=("induction",), default_timeout=TIMEOUT)
+    at.session_state["ind_len"] = 6
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    dyn = fig_titled(at, "Training dynamics")
+    steps = [d for d in dyn["data"] if d["name"] == "loss, repeat"][0]["x"]
+    assert arr(steps) == [0, 50, 100]
+    n_layers = 2
+    assert sum(d["name"].startswith("induction, layer") for d in dyn["data"]) == n_layers
+    log = fig_titled(at, "Training log")
+    assert {d["name"] for d in log["data"]} == {"loss_repeat", "loss"}
+
+
+def test_induction_page_on_attn_only_2l(app_env, monkeypatch):
+    from workbench.app import choices
+
+    if "attn-only-2l" not in choices.zoo_names():
+        pytest.skip("the built-in attn-only-2l has not landed in data/models yet")
+    monkeypatch.setenv("WORKBENCH_APP_MODEL", "attn-only-2l")
+    at = run_page("induction")
+    best = metric(at, "best induction head")
+    assert best.startswith("L1"), best  # the induction head sits in the second layer
+    assert float(metric(at, "loss, second copy")) < 0.5 * float(metric(at, "loss, first copy"))
+    if any(True for _ in (choices.model_dir("attn-only-2l") / "snapshots").glob("step_*")):
+        fig_titled(at, "Training dynamics")
+
+
+def test_logit_lens_page(app_env, model_passes):
+    from workbench import HookedGPT
+
+    at = run_page("logit-lens")
+    text = "The cat sat on the mat"
+    at.text_input(key="lens_prompt").set_value(text).run()
+    model = HookedGPT.load(app_env / "models" / "tiny-lm")
+    ids = model.tokenizer.encode(text)
+    grid = fig_titled(at, "Logit lens")
+    z = arr(grid["data"][0]["z"])
+    assert len(z) == model.cfg.n_layers + 1 and len(z[0]) == len(ids)
+    import torch
+
+    with torch.no_grad():
+        logits = model(torch.tensor([ids]))[0]
+    probs = logits.softmax(-1)
+    # the last row is the model's own output: each cell's value is the next token's probability
+    want = [float(probs[p, ids[p + 1]]) for p in range(len(ids) - 1)]
+    assert z[-1][:-1] == pytest.approx(want, abs=1e-4)
+    top_text = grid["data"][0]["text"][-1]
+    from workbench.app.figures import show_token
+
+    assert top_text == [show_token(model.tokenizer.decode([int(i)])) for i in logits.argmax(-1)]
+    before = model_passes["n"]
+    at.slider(key="lens_pos").set_value(1).run()
+    at.slider(key="lens_k").set_value(3).run()
+    assert model_passes["n"] == before  # position and k only slice the cached run
+    rank = fig_titled(at, "across layers")
+    assert len(arr(rank["data"][0]["y"])) == model.cfg.n_layers + 1
+    assert list(at.dataframe[-1].value.columns) == ["layer", "#1", "#2", "#3"]
+    at.text_input(key="lens_target").set_value(" Mary").run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert "Mary" in str(fig_titled(at, "across layers")["layout"]["title"])
+    at.text_input(key="lens_target").set_value(" Mary and John").run()
+    assert any("not one" in e.value for e in at.error)  # an answer must be one token
+
+
+def test_logit_lens_page_offers_a_saved_tuned_lens(app_env):
+    from workbench import HookedGPT, paths
+    from workbench.analysis.logit_lens import TunedLens
+
+    model = HookedGPT.load(app_env / "models" / "tiny-lm")
+    lens_dir = paths.runs_dir() / "lens-tiny-lm"
+    TunedLens.for_model(model).save(lens_dir)  # the identity: the tuned lens must equal the logit lens
+    at = run_page("logit-lens")
+    logit_z = arr(fig_titled(at, "Logit lens")["data"][0]["z"])
+    options = at.radio(key="lens_kind").options
+    assert len(options) == 2 and "tuned lens" in options[1]
+    at.radio(key="lens_kind").set_value(str(lens_dir)).run()
+    assert not at.exception, [e.value for e in at.exception]
+    np.testing.assert_allclose(arr(fig_titled(at, "Tuned lens")["data"][0]["z"]), logit_z, atol=1e-5)
+
+
+def test_attribution_page(app_env):
+    at = run_page("attribution")
+    total = float(metric(at, "model's logit difference"))
+    parts = float(metric(at, "sum of the parts")) + float(metric(at, "constant (final norm bias, b_U)"))
+    assert parts == pytest.approx(total, abs=2e-3)
+    bars = fig_titled(at, "by layer")
+    assert arr(bars["data"][0]["x"]) == ["embed", "pos_embed", "0_attn_out", "0_mlp_out", "1_attn_out", "1_mlp_out"]
+    # the prompts differ in one token: patching the clean residual there into block 0 restores everything
+    patch = fig_titled(at, "patching the clean residual stream")
+    z = arr(patch["data"][0]["z"])
+    x = arr(patch["data"][0]["x"])
+    differ = [i for i, label in enumerate(x) if "John" in label and i > 10]
+    assert len(differ) == 1
+    assert z[0][differ[0]] == pytest.approx(1.0, abs=1e-4)
+    assert all(abs(v) < 1e-4 for i, v in enumerate(z[0]) if i != differ[0])
+    at.radio(key="attr_granularity").set_value("Heads").run()
+    heads = fig_titled(at, "each head")
+    assert len(arr(heads["data"][0]["z"])) == 2 and len(arr(heads["data"][0]["z"])[0]) == 4
+    at.selectbox(key="attr_patch").set_value("z").run()
+    assert not at.exception
+    assert len(arr(fig_titled(at, "head output")["data"][0]["z"])[0]) == 4
+    at.text_input(key="attr_corrupt").set_value("Mary gave").run()
+    assert any("same length" in w.value for w in at.warning)
+
+
+def test_sae_page_trains_browses_lists_and_steers(app_env):
+    at = run_page("sae")
+    assert any("No SAE for tiny-lm" in i.value for i in at.info)
+    for key, value in (("sae_tokens", 2048), ("sae_steps", 40), ("sae_dsae", 64), ("sae_k", 4), ("sae_layer", 1)):
+        at.number_input(key=key).set_value(value)
+    at.button(key="sae_train").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert any("Saved to" in s.value for s in at.success)
+    assert "sae-app-tiny-lm-L1-64x4" in at.sidebar.selectbox(key="sae_pick").value
+    live = metric(at, "live latents")
+    assert live.endswith("of 64")
+    for part in ("Feature density", "Activations of latent", "Logit effects", "Active latents per token"):
+        fig_titled(at, part)
+    html = " ".join(m.proto.body for m in at.get("markdown"))
+    assert "rgba(255,120,0" in html  # highlighted top-activating contexts
+    table = at.dataframe[-1].value
+    assert list(table.columns) == ["pos", "token", "active", "strongest latents"]
+    assert (table["active"] == 4).all()  # a TopK SAE with k=4: exactly 4 latents on every token
+    at.slider(key="sae_feature").set_value(5).run()
+    assert not at.exception
+    assert "latent 5" in str(fig_titled(at, "Logit effects")["layout"]["title"])
+    at.slider(key="steer_strength").set_value(100.0)
+    at.slider(key="steer_new").set_value(6)
+    at.button(key="steer_go").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.session_state["steer_out_on"] != at.session_state["steer_out_off"]
+
+
+def test_superposition_page(app_env):
+    at = AppTest.from_function(_script, args=("superposition",), default_timeout=TIMEOUT)
+    at.session_state["sup_steps"] = 300
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    geometry = fig_titled(at, "Feature directions")
+    assert len(geometry["data"]) == 5  # one arrow per feature in the 2-D hidden space
+    norms = fig_titled(at, "Feature norms")
+    assert len(arr(norms["data"][0]["y"])) == 5
+    assert metric(at, "features represented (norm > 0.5)").endswith("of 5")
+    at.slider(key="sup_features").set_value(6)
+    at.slider(key="sup_dims").set_value(3).run()
+    assert not at.exception
+    assert len(arr(fig_titled(at, "Feature norms")["data"][0]["y"])) == 6
+    fig_titled(at, "WᵀW")  # more than two dimensions: the overlaps as a heatmap

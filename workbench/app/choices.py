@@ -159,6 +159,19 @@ def model_source(name: str) -> str | Path:
     return resolve_local(name)
 
 
+def model_dir(name: str) -> Path | None:
+    """Return the directory holding model ``name``'s checkpoint (and any training snapshots), or None."""
+    zoo = _zoo()
+    entry = zoo.zoo().get(name) if zoo is not None else None
+    if entry is not None:
+        d = entry.directory if entry.directory is not None else zoo.cache_dir(name)
+        return d if d is not None and d.is_dir() else None
+    try:
+        return resolve_local(name)
+    except InputError:
+        return None
+
+
 def default_model(query_value: str | None = None) -> str:
     """Return the start-up model: the ``model`` query parameter, else ``$WORKBENCH_APP_MODEL``, else SmolLM2."""
     return query_value or os.environ.get(MODEL_ENV) or DEFAULT_MODEL

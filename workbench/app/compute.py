@@ -1,19 +1,23 @@
-"""Small pure computations behind the foundations and attention pages (no streamlit here).
+"""Small pure computations behind the pages (no streamlit here).
 
-These are the few analyses no library module covers yet (embedding neighbours and analogies,
-head-type scores on one prompt, sampling filters); each is a plain function of tensors so it can
-move into ``workbench/analysis/`` unchanged.
+These are the few pieces no library module covers yet (embedding neighbours and analogies,
+head-type scores on one prompt, sampling filters, finding snapshots / tuned lenses / SAEs on disk,
+per-token SAE listings, steering hooks); each is a plain function so it can move into the library
+unchanged.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import json
+from pathlib import Path
+from typing import Callable, NamedTuple
 
 import pandas as pd
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from workbench import paths
 from workbench.errors import InputError
 
 
@@ -134,15 +138,20 @@ def project_2d(vectors: Float[Tensor, "n d_model"], labels: list[str], method: s
     from sklearn.decomposition import PCA
     from sklearn.manifold import TSNE
 
+    from threadpoolctl import threadpool_limits
+
     X = vectors.detach().float().cpu().numpy()
     if X.shape[0] < 3:
         raise InputError(f"a projection needs at least 3 words, got {X.shape[0]}")
-    if method == "pca":
-        xy = PCA(n_components=2, random_state=0).fit_transform(X)
-    elif method == "tsne":
-        xy = TSNE(n_components=2, perplexity=min(30.0, (X.shape[0] - 1) / 3), init="pca", random_state=0).fit_transform(X)
-    else:
+    if method not in ("pca", "tsne"):
         raise InputError(f"projection method {method!r} is not one of ('pca', 'tsne')")
+    # a few dozen points: OpenMP thread start-up costs more than the work (t-SNE 1 s -> 0.15 s on one thread)
+    with threadpool_limits(1):
+        if method == "pca":
+            xy = PCA(n_components=2, random_state=0).fit_transform(X)
+        else:
+            xy = TSNE(n_components=2, perplexity=min(30.0, (X.shape[0] - 1) / 3), init="pca",
+                      random_state=0).fit_transform(X)
     return pd.DataFrame({"x": xy[:, 0], "y": xy[:, 1], "token": labels})
 
 
@@ -172,3 +181,256 @@ def sampling_probs(logits: Float[Tensor, "d_vocab"], temperature: float, top_k: 
         logits = logits.clone()
         logits[order[drop]] = -float("inf")
     return logits.softmax(-1)
+
+
+# ------------------------------------------------------------------------------------ answers
+
+
+def answer_id(model, text: str) -> int:
+    """Return the id of one answer token: text that is one token, or an id for a model without a tokenizer."""
+    from workbench.analysis.attribution import token_id
+
+    if model.tokenizer is None:
+        try:
+            return token_id(model, int(text.strip()))
+        except ValueError:
+            raise InputError(f"this model has no tokenizer: give the answer as a token id, not {text!r}") from None
+    return token_id(model, text)
+
+
+# ------------------------------------------------------------------------------ training dynamics
+
+
+class Snapshot(NamedTuple):
+    """One saved training snapshot of a model."""
+
+    step: int
+    path: Path
+
+
+def snapshots(model_dir: Path | None) -> list[Snapshot]:
+    """Return the training snapshots saved beside a checkpoint (``snapshots/step_NNNNNN/``), by step."""
+    from workbench.train import SNAPSHOT_DIR
+
+    if model_dir is None or not (model_dir / SNAPSHOT_DIR).is_dir():
+        return []
+    found = []
+    for d in (model_dir / SNAPSHOT_DIR).iterdir():
+        if d.is_dir() and d.name.startswith("step_") and d.name[5:].isdigit() and (d / "config.json").is_file():
+            found.append(Snapshot(int(d.name[5:]), d))
+    return sorted(found)
+
+
+def training_metrics(model_dir: Path | None) -> pd.DataFrame:
+    """Return the ``metrics.jsonl`` a training run wrote beside a checkpoint (empty when there is none)."""
+    from workbench.train import METRICS_FILE
+
+    path = None if model_dir is None else model_dir / METRICS_FILE
+    if path is None or not path.is_file():
+        return pd.DataFrame()
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut by a killed run
+    return pd.DataFrame(rows)
+
+
+class DynamicsPoint(NamedTuple):
+    """Induction measurements of one snapshot on repeated random tokens."""
+
+    step: int
+    #: best score of any head in each layer
+    max_induction: list[float]
+    max_previous_token: list[float]
+    loss_first: float
+    loss_repeat: float
+
+
+def snapshot_point(step: int, model, seq_len: int, batch: int = 16) -> DynamicsPoint:
+    """Return one snapshot's per-layer best induction / previous-token scores and per-copy losses."""
+    from workbench.analysis.induction import default_spec, repeat_losses, repeated_random_tokens, score_heads
+
+    seq = repeated_random_tokens(default_spec(model, seq_len=seq_len, batch=batch, seed=1), model.cfg.d_vocab)
+    scores = score_heads(model, seq.tokens.to(model.W_E.device))
+    losses = repeat_losses(scores.loss, seq)
+    return DynamicsPoint(step, scores.induction.max(-1).values.tolist(), scores.previous_token.max(-1).values.tolist(),
+                         losses.first, losses.second)
+
+
+# ------------------------------------------------------------------------------ tuned lenses, SAEs
+
+
+def tuned_lenses(cfg) -> list[Path]:
+    """Return the tuned lenses under the runs directory that fit a model's shape (its own name first)."""
+    from workbench.analysis.logit_lens import LENS_CONFIG_FILE
+
+    found = []
+    for path in sorted(paths.runs_dir().glob(f"**/{LENS_CONFIG_FILE}")):
+        try:
+            meta = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if (meta.get("n_layers"), meta.get("d_model")) == (cfg.n_layers, cfg.d_model):
+            found.append((meta.get("model_name") != cfg.name, path.parent))
+    return [p for _, p in sorted(found)]
+
+
+class SAEInfo(NamedTuple):
+    """An SAE found in the runs directory."""
+
+    path: Path
+    hook: str
+    d_in: int
+    d_sae: int
+    architecture: str
+    model_name: str
+    #: the activation store it was trained on (None when unknown or gone)
+    store: Path | None
+
+    @property
+    def label(self) -> str:
+        try:
+            where = self.path.relative_to(paths.runs_dir()).as_posix()
+        except ValueError:
+            where = str(self.path)
+        return f"{where} · {self.hook} · {self.architecture} · {self.d_sae} latents"
+
+
+def find_saes(model_name: str, d_model: int) -> list[SAEInfo]:
+    """Return the SAEs under the runs directory made for ``model_name`` (by their metadata) with a
+    residual-width input, newest first."""
+    from workbench.sae.io import CFG_FILE, WEIGHTS_FILE
+
+    found = []
+    for cfg_path in paths.runs_dir().glob(f"**/{CFG_FILE}"):
+        d = cfg_path.parent
+        if not (d / WEIGHTS_FILE).is_file():
+            continue
+        try:
+            cfg = json.loads(cfg_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        meta = cfg.get("metadata") or {}
+        if meta.get("model_name") != model_name or cfg.get("d_in") != d_model or not meta.get("hook_name"):
+            continue
+        store = meta.get("activation_store")
+        store_path = Path(store) if store and (Path(store) / "manifest.json").is_file() else None
+        found.append((cfg_path.stat().st_mtime, SAEInfo(d, meta["hook_name"], int(cfg["d_in"]), int(cfg["d_sae"]),
+                                                        str(cfg.get("architecture")), model_name, store_path)))
+    return [info for _, info in sorted(found, key=lambda t: -t[0])]
+
+
+def sae_windows(model, n_tokens: int, n_ctx: int, corpus: str = "pydocs") -> Tensor:
+    """Return token windows to cache for a quick SAE: corpus text in the model's tokenizer, or
+    repeated random tokens for a model without one."""
+    n_ctx = min(n_ctx, model.cfg.n_ctx)
+    n_windows = max(2, -(-n_tokens // n_ctx))
+    if model.tokenizer is None:
+        from workbench.analysis.induction import RepeatedTokensSpec, repeated_random_tokens
+
+        half = (n_ctx - 1) // 2
+        spec = RepeatedTokensSpec(seq_len=half, batch=n_windows, seed=0, low=1, bos_token_id=0)
+        return repeated_random_tokens(spec, model.cfg.d_vocab).tokens
+    from workbench.commands.store import token_windows
+
+    return token_windows(model, corpus, n_ctx, n_windows)
+
+
+def steering_hook(direction: Float[Tensor, "d_model"], scale: float):
+    """Return a hook that adds ``scale * direction`` to an activation at every position."""
+    def add(act: Tensor, hook) -> Tensor:
+        return act + scale * direction.to(act)
+    return add
+
+
+class ActiveFeatures(NamedTuple):
+    """The SAE latents active on each token of a prompt."""
+
+    #: ``[pos d_sae]`` latent activations
+    latents: Float[Tensor, "pos d_sae"]
+    #: one row per token: position, token, and its strongest latents as "id (activation)"
+    table: pd.DataFrame
+
+
+def active_features(latents: Float[Tensor, "pos d_sae"], str_tokens: list[str], top: int = 8) -> ActiveFeatures:
+    """Return, per token, the ``top`` latents that fire most strongly on it."""
+    rows = []
+    for p, s in enumerate(str_tokens):
+        row = latents[p]
+        n_active = int((row > 0).sum())
+        best = row.topk(min(top, row.shape[0]))
+        listed = [f"{int(i)} ({float(v):.2f})" for v, i in zip(best.values, best.indices) if v > 0]
+        rows.append({"pos": p, "token": s, "active": n_active, "strongest latents": ", ".join(listed)})
+    return ActiveFeatures(latents, pd.DataFrame(rows))
+
+
+class QuickSAE(NamedTuple):
+    """Where a quick SAE run put its pieces."""
+
+    sae_dir: Path
+    store_dir: Path
+    #: the trainer's last metrics line (mse, l0, ...)
+    metrics: dict
+
+
+def train_quick_sae(model, model_name: str, layer: int, n_tokens: int, d_sae: int, k: int, steps: int,
+                    on_progress: Callable[[str, float], None] = lambda what, done: None) -> QuickSAE:
+    """Cache ``n_tokens`` of ``blocks.{layer}.hook_resid_post`` into a store, train a TopK SAE on it and
+    save it in SAELens' layout under the runs directory; ``on_progress(stage, fraction)`` reports as it goes."""
+    import re
+
+    from workbench.sae.io import save_sae
+    from workbench.sae.model import SAE, SAEConfig
+    from workbench.sae.train import TrainConfig, train_sae
+    from workbench.store import ReaderConfig, StoreConfig, open_store, write_store
+
+    if not 0 <= layer < model.cfg.n_layers:
+        raise InputError(f"layer {layer} is outside [0, {model.cfg.n_layers})")
+    hook = f"blocks.{layer}.hook_resid_post"
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", model_name).strip("-") or "model"
+    n_ctx = min(64, model.cfg.n_ctx)
+    windows = sae_windows(model, n_tokens, n_ctx)
+    first = 1 if model.tokenizer is None or model.tokenizer.add_bos else 0  # keep the BOS sink out of the SAE
+    batch_windows = 8
+    store_dir = paths.stores_dir() / f"app-{safe}-{hook}-{windows.shape[0]}x{windows.shape[1]}"
+    n_batches = -(-windows.shape[0] // batch_windows)
+    rows_per_batch = batch_windows * (windows.shape[1] - first)
+    shard_batches = max(1, n_batches // 10)  # about ten shards: ten progress updates
+
+    def shard_done(index: int) -> None:
+        on_progress("caching activations", min(1.0, (index + 1) * shard_batches / n_batches))
+
+    cfg = StoreConfig(hooks=(hook,), batch_windows=batch_windows, shard_tokens=shard_batches * rows_per_batch,
+                      first_position=first)
+    on_progress("caching activations", 0.0)
+    write_store(model, windows, store_dir, cfg, model_name=model_name, on_shard=shard_done)
+    store = open_store(store_dir)
+    batch_size = min(512, store.n_rows)
+    reader = ReaderConfig(batch_size=batch_size, block_rows=min(1024, batch_size), seed=0)
+
+    def batches(start: int):
+        for i, x in enumerate(store.stream(hook, reader, start_row=start * batch_size)):
+            on_progress("training the SAE", min(1.0, (start + i) / steps))
+            yield x
+
+    sae = SAE(SAEConfig(d_in=model.cfg.d_model, d_sae=d_sae, architecture="topk", k=min(k, d_sae),
+                        normalize_activations="expected_average_only_in"), seed=0).to(model.W_E.device)
+    run_dir = paths.runs_dir() / f"sae-app-{safe}-L{layer}-{d_sae}x{k}"
+    result = train_sae(sae, batches, TrainConfig(total_steps=steps, lr=1e-3, checkpoint_every=0, log_every=10,
+                                                 progress=False), run_dir, resume=False)
+    meta = {"model_name": model_name, "hook_name": hook, "hook_layer": layer, "context_size": n_ctx,
+            "dataset_path": "pydocs" if model.tokenizer is not None else "repeated random tokens",
+            "activation_store": str(store_dir.resolve())}
+    sae_dir = save_sae(result.sae, run_dir / "sae", metadata=meta, log_feature_density=result.log_feature_density)
+    on_progress("done", 1.0)
+    return QuickSAE(sae_dir, store_dir, result.last_metrics)
+
+
+# ------------------------------------------------------------------------------ superposition
+
+
+def importance_profile(n_features: int, decay: float) -> Tensor:
+    """Return feature importances ``decay ** i`` (Elhage et al.'s geometric fall-off)."""
+    return decay ** torch.arange(n_features, dtype=torch.float32)

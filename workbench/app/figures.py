@@ -69,21 +69,30 @@ def attention_heatmap(pattern: Float[Tensor, "q k"], str_tokens: list[str], titl
 
 
 def attention_grid(patterns: Float[Tensor, "layer head q k"], max_layers: int = 32) -> go.Figure:
-    """Return a grid of every head's pattern: one row per layer, one column per head."""
-    n_layers, n_heads = patterns.shape[:2]
+    """Return a grid of every head's pattern (one row per layer, one column per head) as one tiled heatmap.
+
+    One trace, not a subplot per head: SmolLM2's 270 heads as subplots take seconds to build and draw.
+    """
+    import numpy as np
+
+    n_layers, n_heads, n, _ = patterns.shape
     n_layers = min(n_layers, max_layers)
-    fig = make_subplots(rows=n_layers, cols=n_heads, horizontal_spacing=0.005, vertical_spacing=0.005,
-                        row_titles=[f"L{layer}" for layer in range(n_layers)],
-                        column_titles=[f"H{h}" for h in range(n_heads)])
+    gap = 1
+    tiles = np.full((n_layers * (n + gap), n_heads * (n + gap)), np.nan, dtype=np.float32)
+    grid = patterns[:n_layers].float().numpy()
     for layer in range(n_layers):
         for h in range(n_heads):
-            fig.add_trace(go.Heatmap(z=patterns[layer, h].numpy(), colorscale="Blues", zmin=0, zmax=1, showscale=False,
-                                     hovertemplate=f"L{layer}H{h}<br>q %{{y}} k %{{x}}<br>%{{z:.2f}}<extra></extra>"),
-                          row=layer + 1, col=h + 1)
-    fig.update_xaxes(showticklabels=False)
-    fig.update_yaxes(showticklabels=False, autorange="reversed")
-    fig.update_layout(title="All heads (rows: layers, columns: heads)", height=max(300, 70 * n_layers + 80),
-                      margin=dict(l=40, r=40, t=80, b=20))
+            r, c = layer * (n + gap), h * (n + gap)
+            tiles[r:r + n, c:c + n] = grid[layer, h]
+    fig = go.Figure(go.Heatmap(z=tiles, colorscale="Blues", zmin=0, zmax=1, showscale=False, hoverongaps=False,
+                               hovertemplate="attention %{z:.2f}<extra></extra>"))
+    fig.update_xaxes(tickvals=[h * (n + gap) + (n - 1) / 2 for h in range(n_heads)],
+                     ticktext=[f"H{h}" for h in range(n_heads)], side="top", showgrid=False, zeroline=False)
+    fig.update_yaxes(tickvals=[layer * (n + gap) + (n - 1) / 2 for layer in range(n_layers)],
+                     ticktext=[f"L{layer}" for layer in range(n_layers)], autorange="reversed", showgrid=False,
+                     zeroline=False, scaleanchor="x")
+    fig.update_layout(title="All heads (rows: layers, columns: heads)", height=max(300, 60 * n_layers + 100),
+                      margin=dict(l=40, r=20, t=90, b=20), plot_bgcolor="white")
     return fig
 
 
@@ -148,9 +157,9 @@ def sampling_figure(labels: list[str], raw: list[float], filtered: list[float]) 
     return fig
 
 
-def parameter_figure(table: pd.DataFrame) -> go.Figure:
+def parameter_figure(table: pd.DataFrame, log: bool = True) -> go.Figure:
     """Return parameter counts by component for several models (log scale), from a long-form table."""
-    fig = px.bar(table, x="component", y="parameters", color="model", barmode="group", log_y=True,
+    fig = px.bar(table, x="component", y="parameters", color="model", barmode="group", log_y=log,
                  title="Parameters by component")
     fig.update_layout(height=420)
     return fig
@@ -195,4 +204,131 @@ def architecture_diagram(cfg) -> go.Figure:
     fig.update_yaxes(visible=False, range=[0.3, n + 0.7])
     fig.update_layout(title=f"Architecture of {cfg.name or 'this model'}", height=60 * n + 80,
                       margin=dict(l=10, r=10, t=50, b=10), plot_bgcolor="white")
+    return fig
+
+
+# ------------------------------------------------------------------------------------ induction
+
+
+def dynamics_figure(steps: list[int], max_induction: list[list[float]], max_prev: list[list[float]],
+                    loss_first: list[float], loss_repeat: list[float]) -> go.Figure:
+    """Return induction scores and per-copy losses across training snapshots (the phase change)."""
+    fig = make_subplots(rows=1, cols=2, subplot_titles=["best head score per layer", "loss on repeated random tokens"])
+    n_layers = len(max_induction[0]) if max_induction else 0
+    for layer in range(n_layers):
+        fig.add_trace(go.Scatter(x=steps, y=[p[layer] for p in max_induction], mode="lines+markers",
+                                 name=f"induction, layer {layer}"), row=1, col=1)
+        fig.add_trace(go.Scatter(x=steps, y=[p[layer] for p in max_prev], mode="lines+markers", line_dash="dot",
+                                 name=f"previous token, layer {layer}"), row=1, col=1)
+    fig.add_trace(go.Scatter(x=steps, y=loss_first, mode="lines+markers", name="loss, first copy"), row=1, col=2)
+    fig.add_trace(go.Scatter(x=steps, y=loss_repeat, mode="lines+markers", name="loss, repeat"), row=1, col=2)
+    fig.update_xaxes(title_text="training step")
+    fig.update_yaxes(title_text="score", range=[0, 1.02], row=1, col=1)
+    fig.update_yaxes(title_text="loss (nats)", row=1, col=2)
+    fig.update_layout(title="Training dynamics across snapshots", height=420)
+    return fig
+
+
+def metrics_figure(metrics: pd.DataFrame, columns: list[str]) -> go.Figure:
+    """Return training-log curves (``metrics.jsonl`` columns) against the step."""
+    fig = go.Figure()
+    for col in columns:
+        rows = metrics[["step", col]].dropna()
+        fig.add_trace(go.Scatter(x=rows["step"], y=rows[col], mode="lines", name=col))
+    fig.update_layout(title="Training log", xaxis_title="step", height=380)
+    return fig
+
+
+# ------------------------------------------------------------------------------------ logit lens
+
+
+def rank_across_layers(labels: list[str], rank: list[int], prob: list[float], token: str, pos_label: str) -> go.Figure:
+    """Return the target token's rank (log scale) and probability at one position, layer by layer."""
+    fig = make_subplots(rows=1, cols=2, subplot_titles=["rank (0 = top prediction)", "probability"])
+    fig.add_trace(go.Scatter(x=labels, y=[r + 1 for r in rank], mode="lines+markers", name="rank + 1",
+                             customdata=rank, hovertemplate="layer %{x}: rank %{customdata}<extra></extra>"),
+                  row=1, col=1)
+    fig.add_trace(go.Scatter(x=labels, y=prob, mode="lines+markers", name="probability"), row=1, col=2)
+    fig.update_yaxes(type="log", title_text="rank + 1", row=1, col=1)
+    fig.update_yaxes(range=[0, 1], row=1, col=2)
+    fig.update_xaxes(title_text="layer (resid_pre)")
+    fig.update_layout(title=f"Target {show_token(token)!r} across layers at {pos_label}", height=360, showlegend=False)
+    return fig
+
+
+# ------------------------------------------------------------------------------------------ SAEs
+
+
+def density_histogram(log10_density, feature: int | None = None) -> go.Figure:
+    """Return the histogram of every latent's log10 firing density, with one latent marked."""
+    import numpy as np
+
+    values = np.asarray(log10_density, dtype=float)
+    fig = go.Figure(go.Histogram(x=values[np.isfinite(values)], nbinsx=50, name="latents"))
+    if feature is not None and np.isfinite(values[feature]):
+        fig.add_vline(x=float(values[feature]), line_color="#c44", annotation_text=f"latent {feature}")
+    fig.update_layout(title="Feature density (all latents)", xaxis_title="log10 fraction of tokens it fires on",
+                      yaxis_title="latents", height=320)
+    return fig
+
+
+def activation_histogram(edges, counts, feature: int) -> go.Figure:
+    """Return one latent's activation histogram on log-spaced bins."""
+    import numpy as np
+
+    edges = np.asarray(edges, dtype=float)
+    centres = np.sqrt(edges[:-1] * edges[1:])
+    counts = np.asarray(counts)
+    keep = counts > 0
+    fig = go.Figure(go.Bar(x=centres[keep], y=counts[keep], width=(edges[1:] - edges[:-1])[keep]))
+    fig.update_xaxes(type="log", title_text="activation")
+    fig.update_layout(title=f"Activations of latent {feature} where it fires", yaxis_title="tokens", height=320)
+    return fig
+
+
+def logit_effects_figure(top: list[str], top_values: list[float], bottom: list[str], bottom_values: list[float],
+                         feature: int) -> go.Figure:
+    """Return the tokens a latent's decoder direction raises and lowers most."""
+    fig = make_subplots(rows=1, cols=2, subplot_titles=["raises", "lowers"], horizontal_spacing=0.15)
+    fig.add_trace(go.Bar(x=top_values[::-1], y=[show_token(s) for s in top][::-1], orientation="h",
+                         marker_color="#2b6cb0"), row=1, col=1)
+    fig.add_trace(go.Bar(x=bottom_values[::-1], y=[show_token(s) for s in bottom][::-1], orientation="h",
+                         marker_color="#c53030"), row=1, col=2)
+    fig.update_layout(title=f"Logit effects of latent {feature}", showlegend=False,
+                      height=max(300, 22 * len(top) + 120))
+    return fig
+
+
+# ------------------------------------------------------------------------------------ superposition
+
+
+def toy_geometry_figure(W: Float[Tensor, "d_hidden feature"], importance: list[float]) -> go.Figure:
+    """Return the feature directions of a toy model: arrows in the plane when d_hidden is 2, else
+    ``W^T W`` (features' overlaps) as a heatmap."""
+    W = W.detach().float().cpu()
+    if W.shape[0] == 2:
+        fig = go.Figure()
+        top = max(importance) or 1.0
+        for i in range(W.shape[1]):
+            x, y = float(W[0, i]), float(W[1, i])
+            shade = 0.25 + 0.75 * importance[i] / top
+            fig.add_trace(go.Scatter(x=[0, x], y=[0, y], mode="lines+markers+text", text=["", f"f{i}"],
+                                     textposition="top center", line=dict(width=3, color=f"rgba(60,60,200,{shade:.2f})"),
+                                     name=f"feature {i}", hovertemplate=f"feature {i}<br>(%{{x:.2f}}, %{{y:.2f}})<extra></extra>"))
+        lim = max(1.1, float(W.abs().max()) * 1.15)
+        fig.update_xaxes(range=[-lim, lim], zeroline=True)
+        fig.update_yaxes(range=[-lim, lim], scaleanchor="x", scaleratio=1, zeroline=True)
+        fig.update_layout(title="Feature directions W_i in the 2-D hidden space (darker: more important)", height=480,
+                          showlegend=False)
+        return fig
+    return matrix_heatmap(W.T @ W, "WᵀW: each feature's overlap with every other", "feature", "feature")
+
+
+def toy_norms_figure(norms: list[float], fractional: list[float]) -> go.Figure:
+    """Return each feature's norm ||W_i||, coloured by its fractional dimensionality."""
+    fig = go.Figure(go.Bar(x=[f"f{i}" for i in range(len(norms))], y=norms,
+                           marker=dict(color=fractional, colorscale="Viridis", cmin=0, cmax=1,
+                                       colorbar=dict(title="dims / feature")),
+                           hovertemplate="%{x}: norm %{y:.2f}<br>dimensionality %{marker.color:.2f}<extra></extra>"))
+    fig.update_layout(title="Feature norms (colour: fractional dimensionality)", yaxis_title="||W_i||", height=340)
     return fig

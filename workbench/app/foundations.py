@@ -153,7 +153,8 @@ def architecture_page(sel: Selection) -> None:
             rows.append({"model": name, "component": component, "parameters": count})
     table = pd.DataFrame(rows)
     shown = table[(table.parameters > 0) & ~table.component.isin(["total", "weights"])]
-    ui.plot(figures.parameter_figure(shown), key="arch_params")
+    scale = st.radio("Scale", ["log", "linear"], horizontal=True, key="arch_scale")
+    ui.plot(figures.parameter_figure(shown, log=scale == "log"), key="arch_params")
     wide = table.pivot(index="component", columns="model", values="parameters").loc[
         lambda t: t.index.isin(parameter_counts(cfg).keys())]
     st.dataframe(wide.style.format("{:,}"))

@@ -1,0 +1,172 @@
+"""SAE features page: pick an SAE (or train a quick one), browse its features, list the features active
+on a prompt, and steer generation along a feature's direction."""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+import torch
+
+from workbench import paths
+from workbench.app import cached, compute, figures, ui
+from workbench.app.sidebar import Selection
+
+
+def sae_page(sel: Selection) -> None:
+    st.title("SAE features")
+    model = cached.model(sel.key)
+    _train_form(sel, model)
+    saes = compute.find_saes(sel.name, model.cfg.d_model)
+    if not saes:
+        st.info(f"No SAE for {sel.name} in {paths.runs_dir()} yet. Train a quick one above, or from the shell: "
+                f"`workbench cache {sel.name} --hooks blocks.L.hook_resid_post --tokens 200000` then "
+                "`workbench train-sae --store DIR`.")
+        return
+    by_path = {str(s.path): s for s in saes}
+    if st.session_state.get("sae_new") in by_path:  # a run just finished: show it
+        st.session_state["sae_pick"] = st.session_state.pop("sae_new")
+    if st.session_state.get("sae_pick") not in by_path:
+        st.session_state["sae_pick"] = str(saes[0].path)
+    picked = st.sidebar.selectbox("SAE", list(by_path), key="sae_pick", format_func=lambda p: by_path[p].label,
+                                  help="SAEs under the runs directory made for this model")
+    info = by_path[picked]
+    with ui.guard():
+        sae = cached.sae(sel.key, picked)
+    st.caption(f"{info.label}; reads `{info.hook}`.")
+    browser, prompt_view, steering = st.tabs(["Feature browser", "Prompt view", "Steering"])
+    with browser:
+        feature = _browser(sel, model, info, sae)
+    with prompt_view:
+        _prompt_view(sel, model, info, feature)
+    with steering:
+        _steering(sel, model, info, sae, feature)
+
+
+def _train_form(sel: Selection, model) -> None:
+    cfg = model.cfg
+    with st.expander("Train a quick SAE", expanded=False):
+        st.caption("Caches the residual stream after one block on a small corpus (Python's docs; repeated random "
+                   "tokens for a model without a tokenizer), trains a TopK SAE on it, and saves it in SAELens' "
+                   "layout under the runs directory. A minute or less on a CPU for the defaults.")
+        c1, c2, c3 = st.columns(3)
+        layer = c1.number_input("Layer", 0, cfg.n_layers - 1, cfg.n_layers // 2, key="sae_layer")
+        d_sae = c2.number_input("Latents", 16, 16384, min(4096, 8 * cfg.d_model), key="sae_dsae")
+        k = c3.number_input("k (active latents per token)", 1, 256, 16, key="sae_k")
+        c4, c5 = st.columns(2)
+        n_tokens = c4.number_input("Tokens to cache", 1024, 200_000, 16_384, 1024, key="sae_tokens")
+        steps = c5.number_input("Training steps", 10, 5000, 300, 10, key="sae_steps")
+        if st.button("Train SAE", key="sae_train"):
+            bar = st.progress(0.0, text="Starting…")
+
+            def report(stage: str, done: float) -> None:
+                bar.progress(min(1.0, max(0.0, done)), text=f"{stage} ({done:.0%})")
+
+            with ui.guard():
+                run = compute.train_quick_sae(model, sel.name, int(layer), int(n_tokens), int(d_sae), int(k),
+                                              int(steps), report)
+            st.session_state["sae_new"] = str(run.sae_dir)
+            st.success(f"Saved to {run.sae_dir}: MSE {run.metrics.get('mse', float('nan')):.4g}, "
+                       f"L0 {run.metrics.get('l0', float('nan')):.1f}")
+
+
+def _browser(sel: Selection, model, info: compute.SAEInfo, sae) -> int:
+    d_sae = sae.cfg.d_sae
+    if info.store is None:
+        st.warning("The activation store this SAE was trained on is not on this machine (its metadata names "
+                   "none, or it was deleted), so there are no activation statistics to browse. The prompt view "
+                   "and steering still work.")
+        return int(st.number_input("Feature", 0, d_sae - 1, 0, key="sae_feature"))
+    with ui.guard(), st.spinner("Computing feature statistics (one pass over the store, saved for next time)…"):
+        stats = cached.feature_stats(sel.key, str(info.path), str(info.store), info.hook)
+    live = int((stats.density > 0).sum())
+    if st.session_state.get("sae_feature", 0) >= d_sae:  # another SAE was picked: start over
+        del st.session_state["sae_feature"]
+    if "sae_feature" not in st.session_state:  # open on the latent with the strongest activation
+        st.session_state["sae_feature"] = int(stats.max_act.argmax())
+    feature = st.slider("Feature", 0, d_sae - 1, key="sae_feature")
+    m1, m2, m3, m4 = st.columns(4)
+    m1.metric("density", f"{float(stats.density[feature]):.3%}")
+    m2.metric("mean activation (when firing)", f"{float(stats.mean_active[feature]):.3g}")
+    m3.metric("max activation", f"{float(stats.max_act[feature]):.3g}")
+    m4.metric("live latents", f"{live} of {d_sae}", f"{stats.dead_fraction:.0%} dead", delta_color="off")
+    c1, c2 = st.columns(2)
+    with c1:
+        ui.plot(figures.density_histogram(torch.log10(stats.density).tolist(), feature), key="sae_density")
+    with c2:
+        if stats.density[feature] > 0:
+            ui.plot(figures.activation_histogram(stats.hist_edges.tolist(), stats.hist_counts[feature].tolist(),
+                                                 feature), key="sae_hist")
+        else:
+            st.info(f"Latent {feature} never fired on the {stats.n_rows:,} tokens of the store (a dead latent).")
+    st.markdown("**Top activating contexts** (orange: the latent's activation on each token)")
+    rows = tuple(int(r) for r in stats.top_rows[feature][:8] if r >= 0)
+    _contexts(sel, model, info, feature, rows)
+    quantiles = stats.quantile_rows(feature, 5)
+    if quantiles:
+        with st.expander("Samples across the activation range (quantiles)"):
+            _contexts(sel, model, info, feature, tuple(r for _, r, _ in quantiles))
+    if stats.logit_top_ids is not None:
+        top = [compute.token_label(model, int(i)) for i in stats.logit_top_ids[feature]]
+        bottom = [compute.token_label(model, int(i)) for i in stats.logit_bottom_ids[feature]]
+        ui.plot(figures.logit_effects_figure(top, stats.logit_top_values[feature].tolist(), bottom,
+                                             stats.logit_bottom_values[feature].tolist(), feature), key="sae_logits")
+    if stats.neighbour_ids is not None:
+        st.markdown("**Nearest latents by decoder cosine**")
+        ids = stats.neighbour_ids[feature].tolist()
+        st.dataframe(pd.DataFrame({"latent": ids, "cosine": stats.neighbour_cos[feature].tolist(),
+                                   "density": [float(stats.density[i]) for i in ids]}), hide_index=True)
+    return feature
+
+
+def _contexts(sel: Selection, model, info: compute.SAEInfo, feature: int, rows: tuple[int, ...]) -> None:
+    if not rows:
+        st.caption("No examples: the latent never fired.")
+        return
+    with ui.guard():
+        contexts = cached.feature_contexts(sel.key, str(info.path), str(info.store), info.hook, feature, rows)
+    vmax = max([c.value for c in contexts] + [1e-9])
+    lines = []
+    for c in contexts:
+        pieces = model.tokenizer.str_tokens(c.tokens) if model.tokenizer is not None else [f" {t}" for t in c.tokens]
+        lines.append(f'<div style="margin:3px 0"><b>{c.value:.2f}</b> &nbsp;'
+                     f"{figures.highlighted_tokens_html(pieces, c.acts, vmax)}</div>")
+    st.markdown("".join(lines), unsafe_allow_html=True)
+
+
+def _prompt_view(sel: Selection, model, info: compute.SAEInfo, feature: int) -> None:
+    text, enc = ui.prompt(sel.key, model, "sae_prompt")
+    with ui.guard(), st.spinner("Encoding the prompt…"):
+        latents = cached.prompt_latents(sel.key, str(info.path), info.hook, text)
+    active = compute.active_features(latents, [figures.show_token(s) for s in enc.str_tokens])
+    st.markdown(f"**Latent {feature} on this prompt**")
+    st.markdown(figures.highlighted_tokens_html(enc.str_tokens, latents[:, feature].tolist()), unsafe_allow_html=True)
+    ui.plot(figures.token_ids_figure(enc.str_tokens, active.table["active"].tolist()).update_layout(
+        title="Active latents per token", yaxis_title="latents active"), key="sae_active")
+    st.dataframe(active.table, hide_index=True)
+
+
+def _steering(sel: Selection, model, info: compute.SAEInfo, sae, feature: int) -> None:
+    from workbench.generate import stream_generate
+
+    st.caption(f"Generate greedily while adding strength × latent {feature}'s decoder direction to `{info.hook}` at "
+               "every position (the direction has unit norm; the residual stream's norm is printed for scale).")
+    default = "The" if model.tokenizer is not None else "0 17 42 5"
+    text, enc = ui.prompt(sel.key, model, "steer_prompt", default=default)
+    c1, c2 = st.columns(2)
+    strength = c1.slider("Steering strength", -100.0, 100.0, 20.0, 1.0, key="steer_strength")
+    n_new = c2.slider("New tokens", 1, 48, 20, key="steer_new")
+    if not st.button("Generate with and without steering", key="steer_go"):
+        return
+    direction = sae.W_dec[feature].detach()
+    hook = compute.steering_hook(direction, strength)
+    cols = st.columns(2)
+    for col, hooks, title in ((cols[0], [], "without steering"), (cols[1], [(info.hook, hook)], f"strength {strength:g}")):
+        with col, ui.guard():
+            st.markdown(f"**{title}**")
+            out = st.empty()
+            pieces: list[str] = []
+            for event in stream_generate(model, torch.tensor(enc.ids), int(n_new), temperature=0.0,
+                                         stop_tokens=[], fwd_hooks=hooks):
+                pieces.append(event.text if model.tokenizer is not None else f" {event.token}")
+                out.markdown(f"{''.join(enc.str_tokens)}**{''.join(pieces)}**")
+            st.session_state[f"steer_out_{'on' if hooks else 'off'}"] = "".join(pieces)
