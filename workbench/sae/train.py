@@ -141,7 +141,8 @@ def make_pattern(indices: Int[Tensor, "batch k"], d_sae: int) -> SparsePattern:
     """Return the CSR layouts of a [batch, d_sae] matrix with the given k entries a row."""
     batch, k = indices.shape
     flat = indices.reshape(-1)
-    order = torch.argsort(flat, stable=True)
+    # int32 keys: torch's stable CPU argsort of 131k int64 keys takes ~200 ms, of int32 ~1 ms
+    order = torch.argsort(flat.to(torch.int32), stable=True)
     crow_t = torch.zeros(d_sae + 1, dtype=torch.long, device=indices.device)
     crow_t[1:] = torch.bincount(flat, minlength=d_sae).cumsum(0)
     crow = torch.arange(0, batch * k + 1, k, device=indices.device)
