@@ -415,3 +415,12 @@ def test_superposition_page(app_env):
     assert not at.exception
     assert len(arr(fig_titled(at, "Feature norms")["data"][0]["y"])) == 6
     fig_titled(at, "WᵀW")  # more than two dimensions: the overlaps as a heatmap
+
+
+def test_app_binds_to_localhost_by_default():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    from pathlib import Path
+
+    config = tomllib.loads((Path(__file__).resolve().parent.parent / ".streamlit" / "config.toml").read_text())
+    assert config["server"]["address"] == "localhost"
+    assert config["server"]["headless"] is True

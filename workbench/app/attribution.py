@@ -49,8 +49,8 @@ def attribution_page(sel: Selection) -> None:
     m3.metric("constant (final norm bias, b_U)", f"{float(result.constant[0]):.3f}")
     if granularity == "Heads":
         grid = head_attribution_grid(result, cfg.n_layers, cfg.n_heads)
-        ui.plot(plots.head_heatmap(grid, title=f"Direct attribution of each head to the {what}", colorbar=what,
-                                   diverging=True), key="attr_heads")
+        ui.plot(ui.categorical(plots.head_heatmap(grid, title=f"Direct attribution of each head to the {what}",
+                                                  colorbar=what, diverging=True)), key="attr_heads")
         ui.plot(plots.attribution_bars(result, top=20, title="The 20 largest components"), key="attr_bars")
     else:
         ui.plot(plots.attribution_bars(result, title=f"Direct attribution to the {what} by layer"), key="attr_bars")
@@ -76,4 +76,5 @@ def attribution_page(sel: Selection) -> None:
         st.warning(f"The clean and corrupted runs give the same {what}, so nothing can be restored; change the "
                    "corrupted prompt or the answer tokens.")
         return
-    ui.plot(plots.patching_heatmap(patched, [figures.show_token(s) for s in enc.str_tokens]), key="attr_patching")
+    ui.plot(ui.categorical(plots.patching_heatmap(patched, [figures.show_token(s) for s in enc.str_tokens])),
+            key="attr_patching")

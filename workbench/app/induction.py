@@ -31,9 +31,10 @@ def induction_page(sel: Selection) -> None:
     best = plots.top_heads_table(scores.induction, n=1)[0]
     m3.metric("best induction head", f"L{best['layer']}H{best['head']}", f"score {best['score']:.2f}",
               delta_color="off")
-    ui.plot(plots.head_scores_figure({"induction": scores.induction, "previous token": scores.previous_token,
-                                      "duplicate token": scores.duplicate_token},
-                                     title="Head scores on repeated random tokens"), key="ind_scores")
+    ui.plot(ui.categorical(plots.head_scores_figure({"induction": scores.induction,
+                                                     "previous token": scores.previous_token,
+                                                     "duplicate token": scores.duplicate_token},
+                                                    title="Head scores on repeated random tokens")), key="ind_scores")
     ui.plot(plots.loss_by_position_figure(scores.loss, split=seq.start + seq.seq_len,
                                           title="Loss by position (mean over sequences)"), key="ind_loss")
     with st.expander("Top heads"):

@@ -37,9 +37,9 @@ def lens_page(sel: Selection) -> None:
     decode = (lambda ids: figures.show_token(model.tokenizer.decode(ids))) if model.tokenizer is not None else (
         lambda ids: str(ids[0]))
     shown = [figures.show_token(s) for s in enc.str_tokens]
-    ui.plot(plots.lens_grid(result, shown, value=value, tokenizer_decode=decode,
-                            title=f"{'Tuned' if lens_dir else 'Logit'} lens: top token per layer and position"),
-            key="lens_grid")
+    ui.plot(ui.categorical(plots.lens_grid(result, shown, value=value, tokenizer_decode=decode,
+                                           title=f"{'Tuned' if lens_dir else 'Logit'} lens: top token per layer and "
+                                                 "position")), key="lens_grid")
     n = len(enc.ids)
     c3, c4 = st.columns(2)
     pos = c3.slider("Position", 0, n - 1, n - 1, key="lens_pos") if n > 1 else 0

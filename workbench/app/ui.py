@@ -42,6 +42,11 @@ def prompt(key: str, model, widget_key: str, label: str = "Prompt", default: str
     return text, enc
 
 
+def categorical(fig):
+    """Return ``fig`` with both axes categorical: label lists like ``["0", "1", "final"]`` stay rows, not numbers."""
+    return fig.update_xaxes(type="category").update_yaxes(type="category")
+
+
 def plot(fig, key: str | None = None) -> None:
     """Place a plotly figure at full width."""
     st.plotly_chart(fig, width="stretch", key=key)
