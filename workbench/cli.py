@@ -16,6 +16,7 @@ COMMAND_MODULES: list[str] = [
     "workbench.commands.models",
     "workbench.commands.store",
     "workbench.commands.sae",
+    "workbench.commands.train",
     "workbench.commands.analysis",
 ]
 
