@@ -424,3 +424,15 @@ def test_app_binds_to_localhost_by_default():
     config = tomllib.loads((Path(__file__).resolve().parent.parent / ".streamlit" / "config.toml").read_text())
     assert config["server"]["address"] == "localhost"
     assert config["server"]["headless"] is True
+
+
+@pytest.mark.smollm2
+def test_logit_lens_page_on_smollm2(smollm2, monkeypatch):
+    monkeypatch.setenv("WORKBENCH_APP_MODEL", "smollm2-135m")
+    at = run_page("logit-lens")
+    at.text_input(key="lens_prompt").set_value("The capital of France is").run()
+    assert not at.exception, [e.value for e in at.exception]
+    grid = fig_titled(at, "Logit lens")
+    assert len(arr(grid["data"][0]["z"])) == smollm2.cfg.n_layers + 1
+    assert grid["data"][0]["text"][-1][-1] == "·Paris"  # the model's own answer, in the final row
+    assert grid["data"][0]["text"][0][-1] != "·Paris"  # the embedding alone does not know it
