@@ -249,6 +249,15 @@ def feature_contexts(key: str, sae_dir: str, store_dir: str, hook: str, feature:
         return contexts(sae(key, sae_dir), store(store_dir), hook, feature, list(rows))
 
 
+@st.cache_data(max_entries=16, show_spinner=False)
+def activation_norm(key: str, hook: str, text: str) -> float:
+    """Return the mean norm of the activation at ``hook`` over the prompt's tokens (the scale for steering)."""
+    m = model(key)
+    with torch.inference_mode():
+        _, cache = m.run_with_cache(_tokens(key, text), names_filter=[hook])
+        return float(cache[hook][0].float().norm(dim=-1).mean())
+
+
 @st.cache_resource(max_entries=16, show_spinner=False)
 def prompt_latents(key: str, sae_dir: str, hook: str, text: str) -> Tensor:
     """Return the SAE's latents on every token of the prompt, ``[pos d_sae]`` (CPU, float32)."""

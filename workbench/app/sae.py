@@ -148,10 +148,12 @@ def _prompt_view(sel: Selection, model, info: compute.SAEInfo, feature: int) -> 
 def _steering(sel: Selection, model, info: compute.SAEInfo, sae, feature: int) -> None:
     from workbench.generate import stream_generate
 
-    st.caption(f"Generate greedily while adding strength × latent {feature}'s decoder direction to `{info.hook}` at "
-               "every position (the direction has unit norm; the residual stream's norm is printed for scale).")
     default = "The" if model.tokenizer is not None else "0 17 42 5"
     text, enc = ui.prompt(sel.key, model, "steer_prompt", default=default)
+    with ui.guard():
+        norm = cached.activation_norm(sel.key, info.hook, text)
+    st.caption(f"Generate greedily while adding strength × latent {feature}'s decoder direction (unit norm) to "
+               f"`{info.hook}` at every position. For scale: that activation's mean norm on this prompt is {norm:.1f}.")
     c1, c2 = st.columns(2)
     strength = c1.slider("Steering strength", -100.0, 100.0, 20.0, 1.0, key="steer_strength")
     n_new = c2.slider("New tokens", 1, 48, 20, key="steer_new")
