@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -138,3 +140,32 @@ def test_store_of_another_model_or_width_is_refused(bigram_lm, bigram_store):
     wide = HookedGPT(GPTConfig(**{**bigram_lm.model.cfg.to_dict(), "d_model": 16, "d_head": 4}))
     with pytest.raises(DataError, match="another model"):
         evaluate_sae(wide, perfect_sae(16), bigram_store, HOOK)
+
+
+KJV = Path(__file__).resolve().parents[1] / "data" / "models" / "kjv-small"
+
+
+@pytest.mark.skipif(not (KJV / "config.json").is_file(), reason="data/models/kjv-small is not committed yet")
+@pytest.mark.parametrize("hook", ["blocks.1.hook_resid_post", "blocks.2.hook_mlp_out"])
+def test_topk_sae_on_the_small_text_lm_recovers_90_percent_of_ce_loss(tmp_path, hook):
+    """The acceptance property on the shipped KJV language model: cache 8k tokens, train a TopK SAE
+    (4x expansion, k 32) for 400 steps, splice it in on windows it was not trained on."""
+    from workbench import load_model
+    from workbench.commands.store import token_windows
+
+    model = load_model("kjv-small")
+    windows = token_windows(model, "kjv", 64, 144)
+    train_windows, held_out = windows[:128], windows[128:]
+    write_store(model, train_windows, tmp_path / "s", StoreConfig(hooks=(hook,), batch_windows=32), model_name="kjv-small")
+    store = ActivationStore.open(tmp_path / "s")
+    d_model = model.cfg.d_model
+    sae = SAE(SAEConfig(d_in=d_model, d_sae=4 * d_model, architecture="topk", k=32,
+                        normalize_activations="expected_average_only_in"), seed=0)
+    rcfg = ReaderConfig(batch_size=256, buffer_rows=4096, block_rows=128)
+    train_sae(sae, lambda step: store.stream(hook, rcfg, start_row=step * rcfg.batch_size),
+              TrainConfig(total_steps=400, lr=2e-3, warmup_steps=20, progress=False, checkpoint_every=0,
+                          dead_tokens=20_000))
+    m = spliced_metrics(model, sae, hook, held_out, SpliceConfig(batch_windows=16))
+    assert m.ce_zero - m.ce_clean > 0.5, m  # zero ablation must hurt, or "recovered" means nothing
+    assert m.ce_loss_recovered >= 0.9, m
+    assert m.kl_spliced < m.kl_zero / 5
