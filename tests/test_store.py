@@ -7,6 +7,7 @@ import filecmp
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -118,11 +119,11 @@ def test_killed_run_resumes_to_the_same_bytes(model, windows, tmp_path):
 
 
 def test_sigkilled_subprocess_resumes_to_the_same_bytes(model, windows, tmp_path):
-    """A real kill (os._exit inside the forward of the third shard) leaves nothing a resume trips on."""
+    """A real SIGKILL inside the forward of the third shard leaves nothing a resume trips on."""
     torch.save({"state": model.state_dict(), "windows": windows}, tmp_path / "inputs.pt")
     script = textwrap.dedent(
         f"""
-        import os, sys, torch
+        import os, signal, sys, torch
         from workbench.model import GPTConfig, HookedGPT
         from workbench.store import StoreConfig, write_store
         d = torch.load({str(tmp_path / 'inputs.pt')!r})
@@ -132,7 +133,7 @@ def test_sigkilled_subprocess_resumes_to_the_same_bytes(model, windows, tmp_path
         def die(x, hook):
             calls[0] += 1
             if calls[0] == 9 and sys.argv[1] == "kill":  # probe + 2 shards of 3 batches, then mid-shard
-                os._exit(9)
+                os.kill(os.getpid(), signal.SIGKILL)
         m.hook_dict["blocks.0.hook_resid_post"].add(die)
         write_store(m, d["windows"], sys.argv[2], StoreConfig(hooks={HOOKS!r}, batch_windows=3, shard_tokens=90))
         """
@@ -140,7 +141,7 @@ def test_sigkilled_subprocess_resumes_to_the_same_bytes(model, windows, tmp_path
     (tmp_path / "job.py").write_text(script)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     killed = subprocess.run([sys.executable, tmp_path / "job.py", "kill", tmp_path / "k"], env=env)
-    assert killed.returncode == 9
+    assert killed.returncode == -signal.SIGKILL
     assert any(p.name.endswith(".tmp") for p in (tmp_path / "k").iterdir())  # it died mid-shard
     write_store(model, windows, tmp_path / "k", small())
     write_store(model, windows, tmp_path / "whole", small())
