@@ -436,3 +436,15 @@ def test_logit_lens_page_on_smollm2(smollm2, monkeypatch):
     assert len(arr(grid["data"][0]["z"])) == smollm2.cfg.n_layers + 1
     assert grid["data"][0]["text"][-1][-1] == "·Paris"  # the model's own answer, in the final row
     assert grid["data"][0]["text"][0][-1] != "·Paris"  # the embedding alone does not know it
+
+
+def test_big_patching_sweeps_wait_for_the_button(app_env, monkeypatch):
+    monkeypatch.setattr("workbench.app.attribution.AUTO_PATCH_RUNS", 1)
+    at = run_page("attribution")
+    assert not [t for t in titles(at) if "patching" in t]
+    assert any("patched runs" in c.value for c in at.caption)
+    at.button(key="attr_patch_go").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    fig_titled(at, "patching the clean residual stream")
+    at.radio(key="attr_granularity").set_value("Heads").run()  # same request: the sweep stays shown
+    fig_titled(at, "patching the clean residual stream")

@@ -4,6 +4,7 @@ activation patching heatmaps."""
 from __future__ import annotations
 
 import streamlit as st
+import torch
 
 from workbench import plots
 from workbench.analysis.attribution import head_attribution_grid
@@ -16,6 +17,9 @@ TEXT_DEFAULTS = ("When Mary and John went to the store, John gave a drink to",
 #: for models without a tokenizer: a repeated sequence whose next token is 17 by induction; the
 #: corrupted prompt changes what followed the first 12 to 3
 ID_DEFAULTS = ("0 17 42 5 33 21 9 50 12 17 42 5 33 21 9 50 12", "0 3 42 5 33 21 9 50 12 17 42 5 33 21 9 50 12", "17", "3")
+
+#: patching sweeps up to this many patched runs start by themselves; bigger ones wait for the button
+AUTO_PATCH_RUNS = 400
 
 PATCH_KINDS = {"resid_pre": "residual stream (per position)", "attn_out": "attention output (per position)",
                "mlp_out": "MLP output (per position)", "z": "each head's output"}
@@ -67,8 +71,16 @@ def attribution_page(sel: Selection) -> None:
             st.warning(f"The corrupted prompt has {len(corrupt_enc.ids)} tokens, the clean one {len(enc.ids)}; "
                        "patching pairs positions one to one, so make them the same length.")
             return
-        with st.spinner("Patching every layer…"):
-            patched = cached.patching(sel.key, text, corrupt_text, answer, wrong, kind)
+        request = (sel.key, text, corrupt_text, answer, wrong, kind)
+        runs = cfg.n_layers * (cfg.n_heads if kind == "z" else len(enc.ids))
+        # a few hundred patched runs of a 30-layer model take a minute on a CPU: start those on request
+        if runs > AUTO_PATCH_RUNS and st.session_state.get("attr_patch_request") != request:
+            st.caption(f"This sweep is {runs} patched runs of a {cfg.n_layers}-layer model (each from its layer on, "
+                       "batched by layer); on a CPU that can take a minute.")
+            if not st.button("Run patching", key="attr_patch_go"):
+                return
+            st.session_state["attr_patch_request"] = request
+        patched = _patch(sel, request)
     p1, p2 = st.columns(2)
     p1.metric(f"clean {what}", f"{patched.clean:.3f}")
     p2.metric(f"corrupted {what}", f"{patched.corrupt:.3f}")
@@ -78,3 +90,24 @@ def attribution_page(sel: Selection) -> None:
         return
     ui.plot(ui.categorical(plots.patching_heatmap(patched, [figures.show_token(s) for s in enc.str_tokens])),
             key="attr_patching")
+
+
+def _patch(sel: Selection, request: tuple):
+    """Return the patching result, computed layer group by layer group with a progress bar for the residual stream."""
+    from workbench.analysis.patching import PatchResult
+
+    key, clean, corrupt, answer, wrong, kind = request
+    n_layers = cached.model(key).cfg.n_layers
+    if kind != "resid_pre":
+        with st.spinner(f"Patching every layer's {PATCH_KINDS[kind]}…"):
+            return cached.patching(key, clean, corrupt, answer, wrong, kind)
+    groups = [tuple(range(lo, min(lo + 5, n_layers))) for lo in range(0, n_layers, 5)]
+    bar = st.progress(0.0, text="Patching the residual stream…") if len(groups) > 1 else None
+    parts = []
+    for i, layers in enumerate(groups):
+        parts.append(cached.patching(key, clean, corrupt, answer, wrong, kind, layers))
+        if bar is not None:
+            bar.progress((i + 1) / len(groups), text=f"Patched layers up to {layers[-1]}")
+    if bar is not None:
+        bar.empty()
+    return PatchResult(kind, torch.cat([p.scores for p in parts]), parts[0].clean, parts[0].corrupt)

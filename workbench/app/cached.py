@@ -184,9 +184,10 @@ def attribution(key: str, text: str, answer: int, wrong: int = -1, granularity: 
                                         granularity=granularity)
 
 
-@st.cache_resource(max_entries=16, show_spinner=False)
-def patching(key: str, clean: str, corrupt: str, answer: int, wrong: int, kind: str):
-    """Return the clean -> corrupted patching sweep of one kind (``resid_pre``, ``attn_out``, ``mlp_out``, ``z``)."""
+@st.cache_resource(max_entries=64, show_spinner=False)
+def patching(key: str, clean: str, corrupt: str, answer: int, wrong: int, kind: str, layers: tuple[int, ...] = ()):
+    """Return the clean -> corrupted patching sweep of one kind (``resid_pre``, ``attn_out``, ``mlp_out``, ``z``);
+    for ``resid_pre``, only the rows of ``layers`` when given (so a page can show progress layer by layer)."""
     from workbench.analysis import patching as P
 
     m = model(key)
@@ -194,7 +195,7 @@ def patching(key: str, clean: str, corrupt: str, answer: int, wrong: int, kind: 
     metric = P.LogitDiff(answer, None if wrong < 0 else wrong)
     with torch.inference_mode():
         if kind == "resid_pre":
-            return P.patch_residual(m, a, b, metric)
+            return P.patch_residual(m, a, b, metric, layers=list(layers) or None)
         if kind == "z":
             return P.patch_heads(m, a, b, metric)
         return P.patch_outputs(m, a, b, metric, kind=kind)
