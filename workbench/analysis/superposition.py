@@ -187,17 +187,31 @@ def phase_diagram(
     n_features: int = 2,
     d_hidden: int = 1,
     train: ToyTrainConfig = ToyTrainConfig(),
+    restarts: int = 1,
 ) -> PhaseDiagram:
-    """Train one toy model per (density, importance) pair, all at once, and classify each."""
+    """Train one toy model per (density, importance) pair, all at once, and classify each.
+
+    With ``restarts`` > 1 each cell is trained that many times from different initialisations and
+    the model with the lowest loss (on a fresh batch) is kept, as Elhage et al. do: sparse cells
+    otherwise land in a local optimum often enough to speckle the diagram.
+    """
+    if restarts < 1:
+        raise ConfigError(f"restarts={restarts} must be at least 1")
     imp = torch.as_tensor(relative_importance, dtype=torch.float32)
     dens = torch.as_tensor(feature_density, dtype=torch.float32)
     grid_d, grid_i = torch.meshgrid(dens, imp, indexing="ij")
     n = grid_d.numel()
-    cfg = ToyConfig(n_features=n_features, d_hidden=d_hidden, n_instances=n)
+    cfg = ToyConfig(n_features=n_features, d_hidden=d_hidden, n_instances=n * restarts)
     importance = torch.ones(n, n_features)
     importance[:, -1] = grid_i.reshape(-1)  # the last feature is the "extra" one
-    model = train_toy_model(cfg, grid_d.reshape(-1, 1), importance, train)
-    norms = toy_geometry(model).norms
+    importance = importance.repeat(restarts, 1)  # instance r * n + c is restart r of cell c
+    probability = grid_d.reshape(-1, 1).repeat(restarts, 1)
+    model = train_toy_model(cfg, probability, importance, train)
+    with torch.no_grad():
+        x = sample_sparse_features(16 * train.batch_size, probability, torch.Generator().manual_seed(train.seed + 2))
+        loss = (importance * (x - model(x)).pow(2)).mean(0).sum(-1).view(restarts, n)
+    best = loss.argmin(0) * n + torch.arange(n)
+    norms = toy_geometry(model).norms[best]
     extra = norms[:, -1] > 0.5
     others = (norms[:, :-1] > 0.5).any(-1)
     phase = torch.where(extra & others, 2, torch.where(extra, 1, 0))
