@@ -7,8 +7,9 @@ CPUs, thread counts and torch builds, so another machine agrees to rounding, not
 
 A shipped directory holds the final model (``config.json``, ``model.safetensors``, tokenizer files
 for text models), ``card.md`` (the model card), ``metrics.jsonl`` (the training log) and, for the
-toy models, ``snapshots.safetensors``: the weights at the snapshot steps stacked along a leading
-axis (fp16, to keep the repository small); ``load_snapshot(name, step)`` rebuilds the model at a step.
+toy models, ``snapshots/step_NNNNNN/``: native checkpoints of the model during training, the
+training loop's layout, with weights stored in fp16 to keep the repository small;
+``load_snapshot(name, step)`` returns the fp32 model at a step.
 
 - ``attn-only-2l``: two attention-only layers on repeated random tokens; forms a previous-token
   head in layer 0 and an induction head in layer 1, with a phase change partway through training.
@@ -42,7 +43,7 @@ from workbench.corpora import (
     repeated_tokens,
 )
 from workbench.errors import CheckpointError, ConfigError
-from workbench.train import METRICS_FILE, TrainConfig, TrainResult, next_token_loss, train
+from workbench.train import METRICS_FILE, SNAPSHOT_DIR, TrainConfig, TrainResult, next_token_loss, train
 
 CARD_FILE = "card.md"
 #: Where the shipped built-in checkpoints live.
@@ -69,7 +70,7 @@ class Recipe:
     seed: int = 0
     #: prompts for the greedy samples in the model card (corpus recipes)
     sample_prompts: tuple[str, ...] = field(default_factory=tuple)
-    #: dtype of the stacked snapshots that ship (the final model always ships in fp32)
+    #: dtype in which snapshots are stored (the final model always ships in fp32)
     snapshot_dtype: Literal["float16", "float32"] = "float16"
     #: torch threads while training: matmul summation order can depend on it, so bit-for-bit
     #: reproduction needs the same count (and one keeps the run polite on a shared machine)
@@ -117,10 +118,11 @@ RECIPES: dict[str, Recipe] = {
     "kjv-small": Recipe(
         name="kjv-small",
         description="4-layer GPT-2-style LM with MLPs on the King James Bible (BPE vocabulary 2048, context 128)",
-        model=dict(d_model=192, n_layers=4, n_heads=6, d_mlp=768, n_ctx=128, positional="learned",
+        model=dict(d_model=128, n_layers=4, n_heads=4, d_mlp=512, n_ctx=128, positional="learned",
                    normalization="layernorm", act_fn="gelu_new", tie_embeddings=True, name="kjv-small"),
         data="corpus",
-        train=TrainConfig(steps=1500, lr=2e-3, warmup_steps=100, min_lr_ratio=0.1, weight_decay=0.1,
+        # ~2.9M tokens (2.5 epochs of the KJV's 1.1M training tokens): about 8 minutes on one free core
+        train=TrainConfig(steps=700, lr=3e-3, warmup_steps=100, min_lr_ratio=0.1, weight_decay=0.1,
                           grad_clip=1.0, checkpoint_every=100, log_every=10, max_val_windows=512),
         batch_size=32,
         corpus=CorpusWindowsConfig(corpus="kjv", vocab_size=2048, n_ctx=128, val_fraction=0.05, seed=0),
@@ -277,7 +279,7 @@ def train_builtin(
                        evaluate=data.evaluate, resume=resume, progress=progress)  # fmt: skip
         wall_s = time.perf_counter() - t0
         if result.step == recipe.train.steps:
-            pack_snapshots(out_dir, getattr(torch, recipe.snapshot_dtype))
+            compact_snapshots(out_dir, getattr(torch, recipe.snapshot_dtype))
             write_card(recipe, model, out_dir, result, wall_s=wall_s, resumed=resume)
     finally:
         torch.set_num_threads(threads)
@@ -286,35 +288,38 @@ def train_builtin(
 
 # ---------------------------------------------------------------------------------------- snapshots
 
-SNAPSHOTS_FILE = "snapshots.safetensors"
 
+def compact_snapshots(run_dir: str | Path, dtype: torch.dtype = torch.float16) -> list[int]:
+    """Rewrite the run's ``snapshots/step_*/`` weights in ``dtype`` (halving them for fp16); return the steps.
 
-def pack_snapshots(run_dir: str | Path, dtype: torch.dtype = torch.float16) -> Path | None:
-    """Stack the run's ``snapshots/step_*/`` weights into one ``snapshots.safetensors``; return its path.
-
-    Each tensor name maps to ``[n_snapshots, *shape]``; the ``steps`` tensor lists the steps in the
-    same order. The per-step directories are removed once the packed file is in place. Returns None
-    (leaving any earlier packed file) when the run has no snapshot directories.
+    The layout stays the training loop's (one native checkpoint directory a step, which
+    ``HookedGPT.load`` reads and the app's training-dynamics page lists); only the stored dtype
+    changes. Loading casts back to the model's fp32.
     """
     from safetensors.torch import save_file
 
     from workbench.loading import read_safetensors
+
+    dirs = _snapshot_dirs(Path(run_dir))
+    for d in dirs.values():
+        weights = d / "model.safetensors"
+        state = read_safetensors(weights)
+        if all(v.dtype == dtype for v in state.values()):
+            continue  # already compacted (a resumed run that had finished)
+        tmp = weights.with_suffix(".tmp")
+        save_file({k: v.to(dtype).contiguous() for k, v in state.items()}, str(tmp), metadata={"format": "pt"})
+        tmp.replace(weights)
+    return sorted(dirs)
+
+
+def _snapshot_dirs(directory: Path) -> dict[int, Path]:
     from workbench.train import SNAPSHOT_DIR
 
-    run_dir = Path(run_dir)
-    dirs = sorted((run_dir / SNAPSHOT_DIR).glob("step_*")) if (run_dir / SNAPSHOT_DIR).is_dir() else []
-    if not dirs:
-        return None
-    steps = [int(d.name.removeprefix("step_")) for d in dirs]
-    states = [read_safetensors(d / "model.safetensors") for d in dirs]
-    packed = {k: torch.stack([s[k] for s in states]).to(dtype).contiguous() for k in states[0]}
-    packed["steps"] = torch.tensor(steps, dtype=torch.long)
-    path = run_dir / SNAPSHOTS_FILE
-    tmp = path.with_suffix(".tmp")
-    save_file(packed, str(tmp), metadata={"format": "workbench-snapshots", "dtype": str(dtype).removeprefix("torch.")})
-    tmp.replace(path)
-    shutil.rmtree(run_dir / SNAPSHOT_DIR)
-    return path
+    root = directory / SNAPSHOT_DIR
+    if not root.is_dir():
+        return {}
+    return {int(d.name.removeprefix("step_")): d for d in root.iterdir()
+            if d.is_dir() and d.name.startswith("step_") and d.name[5:].isdigit()}  # fmt: skip
 
 
 def _model_dir(name_or_dir: str | Path) -> Path:
@@ -329,42 +334,26 @@ def _model_dir(name_or_dir: str | Path) -> Path:
 
 
 def snapshot_steps(name_or_dir: str | Path) -> list[int]:
-    """Return the steps at which a built-in model (name or run/shipped directory) has snapshots."""
-    return _read_snapshots(_model_dir(name_or_dir))["steps"].tolist()
-
-
-def _read_snapshots(directory: Path) -> dict[str, Tensor]:
-    from workbench.loading import read_safetensors
-
-    path = directory / SNAPSHOTS_FILE
-    if not path.is_file():
-        raise CheckpointError(f"{directory} has no {SNAPSHOTS_FILE}; only the toy models ship snapshots")
-    return read_safetensors(path)
+    """Return the steps at which a built-in model (name, or a run/shipped directory) has snapshots."""
+    return sorted(_snapshot_dirs(_model_dir(name_or_dir)))
 
 
 def load_snapshot(name_or_dir: str | Path, step: int):
-    """Return the model (fp32, eval mode) as it was at training step ``step`` (one of ``snapshot_steps``)."""
-    from workbench.loading import load_weights, read_native_config
+    """Return the model (fp32, eval mode) as it was after ``step`` training steps (one of ``snapshot_steps``)."""
     from workbench.model import HookedGPT
-    from workbench.tokenize import Tokenizer
 
     directory = _model_dir(name_or_dir)
-    packed = _read_snapshots(directory)
-    steps = packed.pop("steps").tolist()
-    if step not in steps:
-        raise CheckpointError(f"no snapshot at step {step} in {directory}; the snapshot steps are {steps}")
-    i = steps.index(step)
-    tokenizer = Tokenizer.load(directory) if (directory / "tokenizer.json").is_file() else None
-    model = HookedGPT(read_native_config(directory), tokenizer=tokenizer, init=False)
-    load_weights(model, {k: v[i].float() for k, v in packed.items()}, source=f"{directory / SNAPSHOTS_FILE} step {step}")
-    return model.eval()
+    dirs = _snapshot_dirs(directory)
+    if step not in dirs:
+        raise CheckpointError(f"no snapshot at step {step} in {directory}; the snapshot steps are {sorted(dirs)}")
+    return HookedGPT.load(dirs[step], dtype=torch.float32).eval()
 
 
 # ------------------------------------------------------------------------------ shipping, comparing
 
 #: what ``ship`` copies from a run directory (the optimiser checkpoint stays behind: it is 3x the model)
 SHIPPED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_meta.json", CARD_FILE,
-                 METRICS_FILE, SNAPSHOTS_FILE)  # fmt: skip
+                 METRICS_FILE)  # fmt: skip
 
 
 def ship(name: str, run_dir: str | Path) -> Path:
@@ -385,6 +374,8 @@ def ship(name: str, run_dir: str | Path) -> Path:
     for f in SHIPPED_FILES:
         if (run_dir / f).is_file():
             shutil.copy2(run_dir / f, tmp / f)
+    if (run_dir / SNAPSHOT_DIR).is_dir():
+        shutil.copytree(run_dir / SNAPSHOT_DIR, tmp / SNAPSHOT_DIR)
     if target.exists():
         shutil.rmtree(target)
     tmp.replace(target)
@@ -532,11 +523,11 @@ def write_card(recipe: Recipe, model, run_dir: str | Path, result: TrainResult, 
         for prompt in recipe.sample_prompts:
             text = model.generate(prompt, max_new_tokens=48).texts[0]
             out += [f"**{prompt}**", "", "```", prompt + text, "```", ""]
-    if (run_dir / SNAPSHOTS_FILE).is_file():
-        steps = snapshot_steps(run_dir)
+    steps = snapshot_steps(run_dir)
+    if steps:
         out += ["## Snapshots", "",
-                f"`{SNAPSHOTS_FILE}` holds the weights at steps {steps[0]}, {steps[1]}, ..., {steps[-1]} "
-                f"({len(steps)} snapshots, {recipe.snapshot_dtype}, stacked along a leading axis). "
+                f"`{SNAPSHOT_DIR}/step_NNNNNN/` hold the model after steps {_steps_text(steps)} "
+                f"({len(steps)} snapshots, weights stored in {recipe.snapshot_dtype}). "
                 f"`workbench.builtin.load_snapshot(\"{recipe.name}\", step)` rebuilds the model at a step.", ""]  # fmt: skip
     out += [
         "## Reproduce", "",
@@ -550,6 +541,10 @@ def write_card(recipe: Recipe, model, run_dir: str | Path, result: TrainResult, 
     path = run_dir / CARD_FILE
     path.write_text("\n".join(out))
     return path
+
+
+def _steps_text(steps: list[int]) -> str:
+    return ", ".join(map(str, steps)) if len(steps) <= 4 else f"{steps[0]}, {steps[1]}, ..., {steps[-1]}"
 
 
 def _induction_section(recipe: Recipe, model, evals: dict[int, dict]) -> list[str]:
