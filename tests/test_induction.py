@@ -142,6 +142,20 @@ def test_causal_composition_agrees_with_hooks():
     assert res.ablated[2 * 4:, 1].isnan().all()  # layer-2 heads never feed layer 1
 
 
+def test_causal_composition_of_chosen_layers_matches_all_layers():
+    from workbench import HookedGPT
+
+    model = HookedGPT(tiny_cfg(n_layers=3)).eval()
+    seq = _seq(L=6, batch=2)
+    full = I.causal_composition(model, seq.tokens, kind="q", per="head")
+    one = I.causal_composition(model, seq.tokens, kind="q", per="head", layers=[2])
+    torch.testing.assert_close(one.ablated[:, 2], full.ablated[:, 2])
+    torch.testing.assert_close(one.clean[2], full.clean[2])
+    assert one.ablated[:, 1].isnan().all() and one.clean[1].isnan().all()
+    with pytest.raises(InputError, match="layer 0 has no earlier layer"):
+        I.causal_composition(model, seq.tokens, layers=[0])
+
+
 def test_causal_value_composition_is_the_heads_direct_effect():
     from workbench import HookedGPT
 
@@ -179,8 +193,8 @@ def toy_models():
     out = {}
     for name in ("attn-only-2l", "attn-only-1l"):
         d = BUILTIN_DIR / name
-        if not (d / "config.json").is_file():
-            pytest.skip(f"built-in checkpoint {d} is missing")
+        # shipped with the project: a missing checkpoint is a failure, not a skip
+        assert (d / "config.json").is_file(), f"built-in checkpoint {d} is missing; `workbench train {name} --ship`"
         out[name] = HookedGPT.load(d).eval()
     return out
 

@@ -58,6 +58,11 @@ def test_composition_figures(model):
     fig = plots.causal_composition_figure(causal, later_layer=1, normalized=False)
     assert list(fig.data[0].y) == ["L0"]  # only sources before the later layer
     np.testing.assert_allclose(np.asarray(fig.data[0].z)[0], causal.drop[0, 1].numpy(), rtol=1e-6)
+    q = I.causal_composition(model, seq.tokens, kind="q", per="layer")
+    fig = plots.composition_drop_figure([causal, q], layer=2, head=3)
+    assert [t.name for t in fig.data] == ["removed from the key", "removed from the query"]
+    assert list(fig.data[0].x) == ["L0", "L1"]
+    np.testing.assert_allclose(fig.data[1].y, (q.drop[:, 2, 3] / q.clean[2, 3].abs()).numpy(), rtol=1e-5)
 
 
 def test_lens_figures(model):

@@ -180,3 +180,21 @@ def top_heads_table(scores: Tensor, n: int = 10) -> list[dict]:
     top = flat.topk(min(n, flat.numel()))
     H = scores.shape[1]
     return [{"layer": int(i) // H, "head": int(i) % H, "score": float(v)} for v, i in zip(top.values, top.indices)]
+
+
+def composition_drop_figure(results: Sequence["CausalComposition"], layer: int, head: int,
+                            normalized: bool = True) -> go.Figure:
+    """Return, for one later head, the drop of its score per removed source, one bar group per kind
+    (the K- against Q-composition comparison of an induction head)."""
+    fig = go.Figure()
+    what = {"q": "query", "k": "key", "v": "value"}
+    for res in results:
+        keep = [i for i, sl in enumerate(res.source_layers) if sl < layer]
+        drop = res.drop[keep, layer, head]
+        if normalized:
+            drop = drop / max(abs(float(res.clean[layer, head])), 1e-9)
+        fig.add_trace(go.Bar(x=[res.sources[i] for i in keep], y=_np(drop), name=f"removed from the {what[res.kind]}",
+                             hovertemplate="%{x}: %{y:.3f}<extra></extra>"))
+    fig.update_layout(title=f"L{layer}H{head}: score drop when a source is removed" + (" (fraction)" if normalized else ""),
+                      xaxis_title="removed source", yaxis_title="drop", barmode="group")
+    return fig

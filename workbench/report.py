@@ -23,6 +23,13 @@ HTML_FILE = "report.html"
 JSON_FILE = "report.json"
 
 
+def report_dir(name: str) -> Path:
+    """Return the default directory of a named report: ``$WORKBENCH_HOME/runs/reports/<name>``."""
+    from workbench import paths
+
+    return paths.runs_dir() / "reports" / name
+
+
 class ReportPaths(NamedTuple):
     html: Path
     json: Path

@@ -417,6 +417,7 @@ def causal_composition(
     per: Literal["layer", "head"] = "layer",
     score: ScoreKind = "induction",
     chunk: int = 32,
+    layers: list[int] | None = None,
 ) -> CausalComposition:
     """Return each head's score with an earlier layer's (or head's) output removed from one input.
 
@@ -426,6 +427,7 @@ def causal_composition(
     the score is the head's direct effect on the next token's logit (through the cached final norm
     scale) on the queries the mask counts, computed with the source removed from the values only.
     The ablated inputs of all sources are stacked on the batch axis (``chunk`` sources at a time).
+    ``layers`` limits the later layers scored (default: every layer from 1); rows of the others stay NaN.
     """
     tokens = model.check_tokens(tokens)
     cfg = model.cfg
@@ -467,9 +469,12 @@ def causal_composition(
         per_q = per_q * counted.repeat(n_rep, 1)[:, None]
         return per_q.view(n_rep, B, H, -1).sum((1, 3)) / n_counted
 
+    later = list(range(1, L)) if layers is None else sorted(set(layers))
+    if any(not 1 <= i < L for i in later):
+        raise InputError(f"layers {later} must lie in [1, {L}): layer 0 has no earlier layer to compose with")
     clean = torch.full((L, H), float("nan"))
     ablated = torch.full((len(sources), L, H), float("nan"))
-    for layer in range(1, L):
+    for layer in later:
         resid = cache[act_name("resid_pre", layer)]
         clean[layer] = head_score(_layer_pattern(model, layer, resid, resid), resid, layer, 1)[0]
         earlier = [s for s, sl in enumerate(src_layers) if sl < layer]
