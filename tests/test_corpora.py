@@ -146,3 +146,30 @@ def test_batch_sources_are_pure_functions_of_the_step():
     epoch0 = torch.cat([wb.batch(s)[:, 0] for s in range(wb.per_epoch)])
     assert len(set(epoch0.tolist())) == 48  # each window at most once per epoch
     assert torch.equal(wb.batch(9), corpora.WindowBatches(windows, 8, seed=0).batch(9))
+
+
+def test_more_bad_inputs_give_clear_errors(tmp_path):
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text("\n\n")
+    with pytest.raises(DataError, match="holds no JSON lines"):
+        corpora.load_corpus(blank)
+    spaces = tmp_path / "spaces.jsonl"
+    spaces.write_text(json.dumps({"text": "   "}) + "\n" + json.dumps("\n") + "\n")
+    with pytest.raises(DataError, match="holds no text"):
+        corpora.load_corpus(spaces)
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(json.dumps({"text": "x"}).encode() + b"\n" + '{"text": "na\u00efve"}'.encode("latin-1"))
+    with pytest.raises(DataError, match="not UTF-8"):
+        corpora.load_corpus(latin)
+    wrong_field = tmp_path / "wrong.jsonl"
+    wrong_field.write_text(json.dumps({"body": "text under another key"}) + "\n")
+    with pytest.raises(DataError, match="'text' string"):
+        corpora.load_corpus(wrong_field)
+    with pytest.raises(DataError, match="not a file"):
+        corpora.read_text_file(tmp_path)
+    with pytest.raises(DataError, match="empty corpus"):
+        corpora.train_bpe([], vocab_size=300)
+    with pytest.raises(ConfigError, match="too small"):
+        corpora.train_bpe(["abc"], vocab_size=100)
+    with pytest.raises(DataError, match="fewer than one batch"):
+        corpora.WindowBatches(torch.zeros(3, 8, dtype=torch.long), batch_size=4)
