@@ -25,8 +25,9 @@ pytestmark = [
                        reason=f"Debian's chromium is not installed ({CHROMIUM}); `make browser` installs it"),
 ]
 
-#: how long one page may take to show its figure after a load or an interaction (seconds)
-PAGE_TIMEOUT_S = 30
+#: how long one page may take to show its figure after a load or an interaction (seconds; generous because
+#: CI machines are shared: a page takes 2-3 s on an idle one)
+PAGE_TIMEOUT_S = 60
 
 
 def _free_port() -> int:
@@ -111,6 +112,15 @@ def _settle(page) -> None:
     while quiet < 2 and time.monotonic() < deadline:
         quiet = quiet + 1 if busy.count() == 0 else 0
         page.wait_for_timeout(150)
+
+
+def _drawn(page) -> None:
+    """Wait until every plotly chart on the page has drawn its SVG (a rerun redraws them)."""
+    pending = page.locator('[data-testid="stPlotlyChart"]:not(:has(.main-svg))')
+    deadline = time.monotonic() + PAGE_TIMEOUT_S
+    while pending.count() and time.monotonic() < deadline:
+        page.wait_for_timeout(100)
+    page.wait_for_timeout(300)  # let the last draw's transitions finish before the screenshot
 
 
 def _slider(label: str, key: str = "ArrowRight"):
@@ -214,6 +224,7 @@ def test_every_page_in_a_browser(app_url, browser_page, tmp_path):
         chart = page.locator('[data-testid="stPlotlyChart"] .js-plotly-plot').first
         try:
             chart.wait_for(state="visible")
+            _drawn(page)
         except Exception:  # noqa: BLE001
             problems.append(f"{url}: no plotly figure after using its control")
         for d in shots:
