@@ -286,12 +286,20 @@ def test_induction_page_on_attn_only_2l(app_env, monkeypatch):
     if "attn-only-2l" not in choices.zoo_names():
         pytest.skip("the built-in attn-only-2l has not landed in data/models yet")
     monkeypatch.setenv("WORKBENCH_APP_MODEL", "attn-only-2l")
-    at = run_page("induction")
+    at = AppTest.from_function(_script, args=("induction",), default_timeout=TIMEOUT)
+    at.session_state["ind_len"] = 12
+    at.session_state["ind_batch"] = 4
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
     best = metric(at, "best induction head")
     assert best.startswith("L1"), best  # the induction head sits in the second layer
     assert float(metric(at, "loss, second copy")) < 0.5 * float(metric(at, "loss, first copy"))
     if any(True for _ in (choices.model_dir("attn-only-2l") / "snapshots").glob("step_*")):
-        fig_titled(at, "Training dynamics")
+        dyn = fig_titled(at, "Training dynamics")
+        first = arr([d for d in dyn["data"] if d["name"] == "loss, first copy"][0]["y"])
+        repeat = arr([d for d in dyn["data"] if d["name"] == "loss, repeat"][0]["y"])
+        assert repeat[0] > 0.8 * first[0] and repeat[-1] < 0.5 * first[-1]  # the repeat becomes predictable
+        assert any("phase change" in c.value for c in at.caption)
 
 
 def test_logit_lens_page(app_env, model_passes):
