@@ -262,8 +262,8 @@ def train_builtin(
 
     ``steps`` overrides the recipe's length (the result then differs from the shipped model; the
     schedule is stretched to the new length). ``resume`` continues a killed run from its checkpoint.
-    When the run completes, the snapshots are packed into ``snapshots.safetensors`` and the model
-    card is written; ``ship(name, out_dir)`` then copies the run into ``data/models/<name>/``.
+    When the run completes, the snapshots are stored in fp16 and the model card is written;
+    ``ship(name, out_dir)`` then copies the run into ``data/models/<name>/``.
     """
     recipe = get_recipe(name)
     if steps is not None:
@@ -436,9 +436,10 @@ def _card_rows(recipe: Recipe, logs: dict[int, dict], evals: dict[int, dict]) ->
     """Return the per-checkpoint table: at each snapshot step (toys) or checkpoint (text LM)."""
     cfg = recipe.train
     if recipe.train.snapshot_steps:
-        steps = [s for s in cfg.snapshot_steps if s in evals]
+        steps = {s for s in cfg.snapshot_steps if s in evals}
     else:
-        steps = sorted(s for s in evals if s % cfg.checkpoint_every == 0 or s == cfg.steps)
+        steps = {s for s in evals if s % cfg.checkpoint_every == 0}
+    steps = sorted(steps | ({cfg.steps} & evals.keys()))  # the final evaluation always has a row
     header = ["step", "train loss", "val loss"]
     synthetic = recipe.data == "synthetic"
     if synthetic:
