@@ -213,7 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     stats = feature_stats(sae, store, hook, FeatureStatsConfig(batch_size=2048), model=model)
     stats.save(out / "features")
     feats = pick_features(stats, args.report_features)
-    evaluation = {**ev.reconstruction.summary(), **{f"{k}": v for k, v in held_out._asdict().items()}}
+    # the spliced losses' token count is of held-out predictions, not of the store's rows
+    spliced = {("spliced_n_tokens" if k == "n_tokens" else k): v for k, v in held_out._asdict().items()}
+    evaluation = {**ev.reconstruction.summary(), **spliced}
     numbers = {
         "model": args.model, "hook": hook, "corpus": args.corpus,
         "store": {"tokens": res.n_rows, "n_ctx": n_ctx, "first_position": first, "path": str(out / "store")},
