@@ -142,11 +142,10 @@ def test_store_of_another_model_or_width_is_refused(bigram_lm, bigram_store):
         evaluate_sae(wide, perfect_sae(16), bigram_store, HOOK)
 
 
-KJV = Path(__file__).resolve().parents[1] / "data" / "models" / "kjv-small"
 
 
-@pytest.mark.skipif(not (KJV / "config.json").is_file(), reason="data/models/kjv-small is not committed yet")
-@pytest.mark.parametrize("hook", ["blocks.1.hook_resid_post", "blocks.2.hook_mlp_out"])
+# zero-ablating a later MLP of this model costs only ~0.05 nats (recovered would mean little); layer 0's MLP costs 3.5
+@pytest.mark.parametrize("hook", ["blocks.1.hook_resid_post", "blocks.0.hook_mlp_out"])
 def test_topk_sae_on_the_small_text_lm_recovers_90_percent_of_ce_loss(tmp_path, hook):
     """The acceptance property on the shipped KJV language model: cache 8k tokens, train a TopK SAE
     (4x expansion, k 32) for 400 steps, splice it in on windows it was not trained on."""
