@@ -145,3 +145,40 @@ def test_tuned_lens_train_and_eval_commands(tiny_lm, tmp_path, capsys):
     assert main(["lens", path, CLEAN, "--tuned", str(tmp_path / "lens")]) == 0
     assert "tuned lens at position" in capsys.readouterr().out
     assert _report(tmp_path / "rep")["layers"] == ["0", "1"]
+
+
+def _script(name: str):
+    """Import one of the analyses/ scripts as a module."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "analyses" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"analyses_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_induction_script_on_a_tiny_model(tiny_lm, tmp_path):
+    from workbench.analysis import induction as I
+
+    model, path, _ = tiny_lm
+    numbers = _script("induction_heads").main(["--models", path, str(tmp_path / "nothing-here"), "--seq-len", "6",
+                                               "--batch", "3", "--out", str(tmp_path / "rep")])
+    got = numbers["models"][path]
+    seq = I.repeated_random_tokens(I.default_spec(model, seq_len=6, batch=3), model.cfg.d_vocab)
+    torch.testing.assert_close(torch.as_tensor(got["induction"]), I.score_heads(model, seq.tokens).induction)
+    assert got["composition_head"].startswith("L1H") and len(got["causal_k_drop"]) == 4  # the 4 heads of layer 0
+    assert numbers["skipped"] == [str(tmp_path / "nothing-here")]
+    assert json.loads((tmp_path / "rep" / "report.json").read_text())["models"][path]["n_layers"] == 2
+
+
+def test_attribution_patching_script_on_a_tiny_model(tiny_lm, tmp_path):
+    model, path, _ = tiny_lm
+    numbers = _script("attribution_patching").main(["--model", path, "--out", str(tmp_path / "rep")])
+    attr, patch = numbers["attribution"], numbers["patching"]
+    assert attr["abs_error"] < 1e-4
+    assert patch["whole_residual_restore_max_abs_error"] < 1e-4
+    resid = torch.as_tensor(patch["resid_pre"]["normalized"])
+    assert resid.shape == (2, model.to_tokens(CLEAN).shape[1])
+    assert (tmp_path / "rep" / "report.html").is_file()
