@@ -51,9 +51,14 @@ def _quick_sae(home: Path) -> None:
 @pytest.fixture(scope="module")
 def app_url(app_home, tmp_path_factory):
     """Start the app on a free localhost port with the tiny model selected; yield its URL."""
-    _quick_sae(app_home)
+    import shutil
+
+    # a private copy of the shared home: the SAE trained here must not show up in other tests' pages
+    home = tmp_path_factory.mktemp("browser_home") / "home"
+    shutil.copytree(app_home, home)
+    _quick_sae(home)
     port = _free_port()
-    env = dict(os.environ, WORKBENCH_HOME=str(app_home), WORKBENCH_APP_MODEL="tiny-lm")
+    env = dict(os.environ, WORKBENCH_HOME=str(home), WORKBENCH_APP_MODEL="tiny-lm")
     log = (tmp_path_factory.mktemp("app_log") / "streamlit.log").open("w")
     proc = subprocess.Popen(
         # no --server.address / --server.headless: the checkout's .streamlit/config.toml must supply them

@@ -155,5 +155,5 @@ def test_smollm2_kv_cache_equals_recompute_and_stops_at_eos(smollm2):
     assert text == a.texts[0]
     # the instruct model ends its answer with <|im_end|>; that is its EOS, the default stop token
     chat = "<|im_start|>user\nSay hi.<|im_end|>\n<|im_start|>assistant\n"
-    out = generate(smollm2, chat, 24)
+    out = generate(smollm2, chat, 48)
     assert out.finish_reasons == ["stop_token"] and "<|im_end|>" not in out.texts[0]
