@@ -126,3 +126,31 @@ def test_replacing_the_pattern_is_what_attention_uses():
     v, z = cache["blocks.0.attn.hook_v"], cache["blocks.0.attn.hook_z"]
     running_mean = v.cumsum(1) / torch.arange(1, 6)[None, :, None, None]
     torch.testing.assert_close(z, running_mean, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("variant", ["gpt2", "llama"])
+def test_a_replaced_norm_scale_is_what_the_norm_divides_by(variant):
+    """Caching only observes the scale (the fused kernel runs); a hook that returns a new scale, or
+    changes it in place, is what the norm divides by (freezing LayerNorm scales relies on this)."""
+    model = HookedGPT(tiny_cfg(**({} if variant == "gpt2" else LLAMA_TINY))).eval()
+    tokens = torch.randint(0, 50, (2, 9))
+    scale, normalized = "blocks.1.ln2.hook_scale", "blocks.1.ln2.hook_normalized"
+    with torch.no_grad():
+        clean = model(tokens)
+        logits, cache = model.run_with_cache(tokens, names_filter=[scale, normalized])
+        torch.testing.assert_close(logits, clean, atol=1e-6, rtol=0)
+        seen = {}
+
+        def grab(x, hook):
+            seen["normalized"] = x.clone()
+
+        def in_place(s, hook):
+            s.mul_(2)
+            return s
+
+        for double in (lambda s, hook: s * 2, in_place):
+            model.run_with_hooks(tokens, fwd_hooks=[(scale, double), (normalized, grab)])
+            torch.testing.assert_close(seen["normalized"], cache[normalized] / 2, atol=1e-6, rtol=1e-5)
+        frozen = model.run_with_hooks(tokens, fwd_hooks=[(scale, lambda s, hook: cache[scale].clone())])
+        torch.testing.assert_close(frozen, clean, atol=1e-5, rtol=0)
+        assert not torch.allclose(model.run_with_hooks(tokens, fwd_hooks=[(scale, lambda s, hook: s * 3)]), clean)

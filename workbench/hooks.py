@@ -41,6 +41,11 @@ class HookPoint(nn.Module):
     def active(self) -> bool:
         return bool(self._fns)
 
+    @property
+    def observe_only(self) -> bool:
+        """Whether every attached hook only reads the activation (caching hooks are marked so)."""
+        return all(getattr(fn, "observe_only", False) for fn in self._fns)
+
     def forward(self, x: Tensor) -> Tensor:
         # The common case must cost nothing: no hooks, no work.
         if not self._fns:
@@ -168,4 +173,5 @@ class HookedModule(nn.Module):
                 y = y.to(device=device, dtype=dtype)
             store[hook.name] = y
 
+        save.observe_only = True  # type: ignore[attr-defined]  # lets fused kernels run under caching
         return store, [(name, save) for name in self.hook_dict if match(name)]

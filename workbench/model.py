@@ -199,13 +199,23 @@ class Norm(nn.Module):
             if self.kind == "layernorm":
                 return F.layer_norm(x, x.shape[-1:], self.w, self.b, self.eps)
             return F.rms_norm(x.float(), x.shape[-1:], None, self.eps).to(x.dtype) * self.w
-        orig_dtype = x.dtype
+        orig_dtype, d = x.dtype, x.shape[-1]
         x = x.float()
         if self.kind == "layernorm":
-            x = x - x.mean(-1, keepdim=True)
-        scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
-        x = self.hook_normalized(x / scale).to(orig_dtype)
-        return x * self.w + self.b if self.b is not None else x * self.w
+            var, mean = torch.var_mean(x, dim=-1, keepdim=True, correction=0)
+            computed = (var + self.eps).sqrt()
+        else:
+            mean = None  # a reduction, no [batch pos d_model] temporary for x ** 2
+            computed = (torch.linalg.vector_norm(x, dim=-1, keepdim=True).square() / d + self.eps).sqrt()
+        scale = self.hook_scale(computed)
+        if self.hook_scale.observe_only:
+            # the scale was only looked at (cached): the fused kernel gives the same normalized x
+            normalized = (F.layer_norm(x, (d,), None, None, self.eps) if mean is not None
+                          else F.rms_norm(x, (d,), None, self.eps))
+        else:  # a hook may have replaced the scale (e.g. frozen): divide by what it returned
+            normalized = (x - mean if mean is not None else x) / scale
+        x = self.hook_normalized(normalized).to(orig_dtype)
+        return torch.addcmul(self.b, x, self.w) if self.b is not None else x * self.w
 
 
 def _per_head(shape_in_memory: tuple[int, ...], perm: tuple[int, ...]) -> nn.Parameter:
@@ -269,14 +279,22 @@ class Attention(nn.Module):
         n_keys = k.shape[2]
         group = cfg.n_heads // cfg.n_kv
         if self.hook_attn_scores.active or self.hook_pattern.active:
-            # the explicit path, only when someone wants to see scores or pattern
-            if group > 1:
-                k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-            scores = (q @ k.transpose(-1, -2)) / math.sqrt(cfg.d_head)
-            future = torch.ones(n_pos, n_keys, dtype=torch.bool, device=x.device).triu(pos_offset + 1)
-            scores = self.hook_attn_scores(scores.masked_fill(future, float("-inf")))
+            # The explicit path, only when someone wants to see scores or pattern. The `group` query
+            # heads that share a KV head are stacked along the query axis, so K and V are never
+            # repeated, and scaling plus the causal mask fold into one baddbmm.
+            n_kv = k.shape[1]
+            mask = torch.full((n_pos, n_keys), float("-inf"), dtype=q.dtype, device=x.device).triu_(pos_offset + 1)
+            scores = torch.baddbmm(
+                mask.repeat(group, 1),
+                q.reshape(batch * n_kv, group * n_pos, cfg.d_head),
+                k.reshape(batch * n_kv, n_keys, cfg.d_head).transpose(1, 2),
+                alpha=1 / math.sqrt(cfg.d_head),
+            )
+            scores = self.hook_attn_scores(scores.view(batch, cfg.n_heads, n_pos, n_keys))
             pattern = self.hook_pattern(scores.softmax(dim=-1))
-            z = pattern @ v
+            z = torch.bmm(
+                pattern.reshape(batch * n_kv, group * n_pos, n_keys), v.reshape(batch * n_kv, n_keys, cfg.d_head)
+            ).view(batch, cfg.n_heads, n_pos, cfg.d_head)
         else:
             mask = None
             if pos_offset and n_pos > 1:
