@@ -11,6 +11,13 @@
   load (read the native copy), in a temporary WORKBENCH_HOME.
 
 Decoding reads every weight once per token: fp32 SmolLM2 is 538 MB, so memory bandwidth bounds it.
+
+Caching every hook keeps ~1.8 GB of fresh activations per 4 x 256 call; glibc's malloc hands such
+blocks back to the kernel when freed, so each call page-faults them in again. Measured here, that
+is most of the gap between cache-all and a plain forward; with the allocator told to keep freed
+memory (as jemalloc/tcmalloc do), e.g.
+``MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736 python -m benchmarks generate``,
+the same run measures the allocator-independent cost.
 """
 
 from __future__ import annotations

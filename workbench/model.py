@@ -457,7 +457,11 @@ class HookedGPT(HookedModule):
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
-        """Normal(0, init_std) matrices, zero biases, unit norms; output projections scaled by 1/sqrt(2 n_layers)."""
+        """Normal(0, init_std) for every parameter of rank >= 2, zeros for the other biases, ones for norm gains;
+        W_O and W_out scaled by 1/sqrt(2 n_layers).
+
+        The rank rule also draws the per-head biases b_Q/b_K/b_V ([head d_head]) from the normal; the
+        built-in models were trained that way, so changing it means retraining them (``workbench train``)."""
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         std = self.cfg.init_std
         for name, p in self.named_parameters():
