@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from benchmarks.bench_forward import interleaved_medians
+from benchmarks import interleaved_medians
 from workbench.analysis import induction as I
 from workbench.analysis import patching as P
 from workbench.analysis.attribution import token_id

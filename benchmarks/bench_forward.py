@@ -12,30 +12,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import tempfile
-import time
 
 import torch
 import transformers
 
+from benchmarks import interleaved_medians
 from workbench.loading import from_hf
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-def interleaved_medians(fns: dict, repeats: int, warmup: int = 1) -> dict[str, float]:
-    """Return the median seconds of each function, timed in rotation."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def _tokenizer_dir(vocab: int) -> str:

@@ -31,7 +31,7 @@ import time
 
 import torch
 
-from benchmarks.bench_forward import interleaved_medians
+from benchmarks import interleaved_medians
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 PROMPT = "The history of the printing press begins"

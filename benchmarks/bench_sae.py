@@ -21,27 +21,13 @@ batch 4096. No latent is dead here (AuxK costs nothing until some are).
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
+from benchmarks import interleaved_medians
 from workbench.sae.model import SAE, SAEConfig
 from workbench.sae.train import TrainConfig, train_sae
-
-
-def interleaved_medians(fns: dict, repeats: int) -> dict[str, float]:
-    """Return the median seconds of each function, timed in rotation after one warm-up call each."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,28 +17,14 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
+from benchmarks import interleaved_medians
 from workbench.model import GPTConfig, HookedGPT
 from workbench.store import StoreConfig, stop_layer, write_store
-
-
-def interleaved_medians(fns: dict, repeats: int) -> dict[str, float]:
-    """Return the median seconds of each function, timed in rotation after one warm-up call each."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def run(model: HookedGPT, hooks: tuple[str, ...], n_windows: int, n_ctx: int, batch: int, dtype: str,
