@@ -50,6 +50,27 @@ def _hf_smollm2():
     return hf, tok
 
 
+def _matvec_ceiling(model) -> "callable":
+    """Return a function doing one batch-1 F.linear over every weight matrix a decode step reads.
+
+    Its rate is the most tokens/s any implementation built on torch's matrix-vector kernels can
+    reach on this machine in the model's dtype (attention, norms and Python overhead come on top)."""
+    flat = []  # the matrices in the [out in] layout F.linear reads them in the forward pass
+    for block in model.blocks:
+        attn, mlp = block.attn, block.mlp
+        flat += [W.transpose(1, 2).reshape(-1, model.cfg.d_model) for W in (attn.W_Q, attn.W_K, attn.W_V)]
+        flat.append(attn.W_O.permute(2, 0, 1).reshape(model.cfg.d_model, -1))
+        flat += [W.T for W in (mlp.W_gate, mlp.W_in, mlp.W_out) if W is not None]
+    flat.append(model.unembed.W_U.T)
+    inputs = {n: torch.randn(1, n, dtype=flat[0].dtype) for n in {f.shape[1] for f in flat}}
+
+    def run():
+        for f in flat:
+            torch.nn.functional.linear(inputs[f.shape[1]], f)
+
+    return run
+
+
 def decode(new_tokens: int, repeats: int) -> dict[str, float]:
     """Return tokens/s of HF generate and workbench generate (fp32, bf16), greedy, batch 1."""
     from workbench import load_model
@@ -71,6 +92,9 @@ def decode(new_tokens: int, repeats: int) -> dict[str, float]:
         "wb_generate_fp32": lambda: outs.__setitem__("wb", generate(wb, ids, new_tokens, stop_tokens=[]).tokens),
         "wb_generate_bf16": lambda: generate(wb_bf16, ids, new_tokens, stop_tokens=[]),
     }
+    ceilings = {"matvec_ceiling_fp32": _matvec_ceiling(wb), "matvec_ceiling_bf16": _matvec_ceiling(wb_bf16)}
+    for name, one_pass in ceilings.items():  # timed as new_tokens passes, so the rates compare directly
+        fns[name] = lambda one_pass=one_pass: [one_pass() for _ in range(new_tokens)]
     with torch.inference_mode():
         med = interleaved_medians(fns, repeats)
     same = int((outs["hf"][0, ids.shape[1]:] == outs["wb"][0, ids.shape[1]:]).cumprod(0).sum())
@@ -81,7 +105,8 @@ def decode(new_tokens: int, repeats: int) -> dict[str, float]:
     for name, seconds in med.items():
         rates[name] = new_tokens / seconds
         print(f"  {name:18s} {rates[name]:7.1f} tokens/s   {rates[name] / base:5.2f}x HF")
-    print(f"  greedy tokens identical to HF's for the first {same} of {new_tokens}")
+    print(f"  greedy tokens identical to HF's for the first {same} of {new_tokens}; matvec_ceiling_*: one batch-1 "
+          "F.linear over every weight matrix per token, nothing else (the most torch's kernels allow here)")
     return rates
 
 
