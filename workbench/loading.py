@@ -172,6 +172,35 @@ def config_from_hf(hf_config: Mapping | object) -> GPTConfig:
     raise ConfigError(f"HF model_type {kind!r} is not supported; the workbench reads 'gpt2' and 'llama' models")
 
 
+# Tensors that map one to one, per layer: (HF name, workbench name, transposed). Both directions of
+# the conversion read these, so a name is written once; the per-head reshapes are spelled out below.
+_GPT2_PAIRS = (
+    ("attn.c_proj.bias", "attn.b_O", False), ("mlp.c_fc.weight", "mlp.W_in", False),
+    ("mlp.c_fc.bias", "mlp.b_in", False), ("mlp.c_proj.weight", "mlp.W_out", False),
+    ("mlp.c_proj.bias", "mlp.b_out", False), ("ln_1.weight", "ln1.w", False), ("ln_1.bias", "ln1.b", False),
+    ("ln_2.weight", "ln2.w", False), ("ln_2.bias", "ln2.b", False),
+)
+_LLAMA_PAIRS = (
+    ("mlp.gate_proj.weight", "mlp.W_gate", True), ("mlp.up_proj.weight", "mlp.W_in", True),
+    ("mlp.down_proj.weight", "mlp.W_out", True), ("input_layernorm.weight", "ln1.w", False),
+    ("post_attention_layernorm.weight", "ln2.w", False),
+)
+_LLAMA_BIAS_PAIRS = (
+    ("self_attn.o_proj.bias", "attn.b_O", False), ("mlp.gate_proj.bias", "mlp.b_gate", False),
+    ("mlp.up_proj.bias", "mlp.b_in", False), ("mlp.down_proj.bias", "mlp.b_out", False),
+)
+
+
+def _pairs_to_workbench(pairs, sd: Mapping[str, Tensor], h: str, b: str, out: dict[str, Tensor]) -> None:
+    for hf_name, wb_name, transposed in pairs:
+        out[b + wb_name] = sd[h + hf_name].T if transposed else sd[h + hf_name]
+
+
+def _pairs_to_hf(pairs, sd: Mapping[str, Tensor], h: str, b: str, out: dict[str, Tensor]) -> None:
+    for hf_name, wb_name, transposed in pairs:
+        out[h + hf_name] = sd[b + wb_name].T if transposed else sd[b + wb_name]
+
+
 def _gpt2_to_workbench(cfg: GPTConfig, sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
     H, dh, d = cfg.n_heads, cfg.d_head, cfg.d_model
     p = "transformer." if any(k.startswith("transformer.") for k in sd) else ""
@@ -186,14 +215,7 @@ def _gpt2_to_workbench(cfg: GPTConfig, sd: Mapping[str, Tensor]) -> dict[str, Te
             out[b + f"attn.W_{name}"] = W.reshape(d, H, dh).permute(1, 0, 2)
             out[b + f"attn.b_{name}"] = bias.reshape(H, dh)
         out[b + "attn.W_O"] = sd[h + "attn.c_proj.weight"].reshape(H, dh, d)
-        out[b + "attn.b_O"] = sd[h + "attn.c_proj.bias"]
-        out[b + "mlp.W_in"] = sd[h + "mlp.c_fc.weight"]
-        out[b + "mlp.b_in"] = sd[h + "mlp.c_fc.bias"]
-        out[b + "mlp.W_out"] = sd[h + "mlp.c_proj.weight"]
-        out[b + "mlp.b_out"] = sd[h + "mlp.c_proj.bias"]
-        for ln, hf_ln in (("ln1", "ln_1"), ("ln2", "ln_2")):
-            out[b + f"{ln}.w"] = sd[h + f"{hf_ln}.weight"]
-            out[b + f"{ln}.b"] = sd[h + f"{hf_ln}.bias"]
+        _pairs_to_workbench(_GPT2_PAIRS, sd, h, b, out)
     if not cfg.tie_embeddings:
         out["unembed.W_U"] = sd["lm_head.weight"].T
     return out
@@ -211,16 +233,7 @@ def _llama_to_workbench(cfg: GPTConfig, sd: Mapping[str, Tensor]) -> dict[str, T
             if cfg.use_bias:
                 out[b + f"attn.b_{name}"] = sd[h + f"self_attn.{proj}.bias"].reshape(n, dh)
         out[b + "attn.W_O"] = sd[h + "self_attn.o_proj.weight"].reshape(d, H, dh).permute(1, 2, 0)
-        out[b + "mlp.W_gate"] = sd[h + "mlp.gate_proj.weight"].T
-        out[b + "mlp.W_in"] = sd[h + "mlp.up_proj.weight"].T
-        out[b + "mlp.W_out"] = sd[h + "mlp.down_proj.weight"].T
-        if cfg.use_bias:
-            out[b + "attn.b_O"] = sd[h + "self_attn.o_proj.bias"]
-            out[b + "mlp.b_gate"] = sd[h + "mlp.gate_proj.bias"]
-            out[b + "mlp.b_in"] = sd[h + "mlp.up_proj.bias"]
-            out[b + "mlp.b_out"] = sd[h + "mlp.down_proj.bias"]
-        out[b + "ln1.w"] = sd[h + "input_layernorm.weight"]
-        out[b + "ln2.w"] = sd[h + "post_attention_layernorm.weight"]
+        _pairs_to_workbench(_LLAMA_PAIRS + (_LLAMA_BIAS_PAIRS if cfg.use_bias else ()), sd, h, b, out)
     if not cfg.tie_embeddings:
         out["unembed.W_U"] = sd["lm_head.weight"].T
     return out
@@ -231,40 +244,38 @@ def from_hf_state_dict(hf_config, state_dict: Mapping[str, Tensor], tokenizer: T
     cfg = config_from_hf(hf_config)
     family = "gpt2" if cfg.positional == "learned" else "llama"
     convert = _gpt2_to_workbench if family == "gpt2" else _llama_to_workbench
+    reads: set[str] = set()
     try:
-        weights = convert(cfg, state_dict)
+        weights = convert(cfg, _ReadRecorder(state_dict, reads))
     except KeyError as exc:
         raise CheckpointError(f"HF {family} checkpoint lacks tensor {exc.args[0]!r}; is the file complete?") from None
+    if cfg.tie_embeddings:
+        reads.add("lm_head.weight")  # HF keeps the tied copy under this name too
     model = HookedGPT(cfg, tokenizer=tokenizer, init=False)
     known = {k for k in state_dict if not k.endswith((".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq"))}
-    used = _hf_names_used(cfg, family, state_dict)
-    if known - used:
-        raise CheckpointError(f"HF checkpoint has tensors this config does not use: {sorted(known - used)[:8]}")
+    if known - reads:
+        raise CheckpointError(f"HF checkpoint has tensors this config does not use: {sorted(known - reads)[:8]}")
     load_weights(model, {k: v.float() if v.is_floating_point() and v.dtype != torch.float32 else v
                          for k, v in weights.items()}, source=f"HF {family} state dict")
     return model
 
 
-def _hf_names_used(cfg: GPTConfig, family: str, sd: Mapping[str, Tensor]) -> set[str]:
-    # derive by conversion bookkeeping: every key of sd that a converter reads
-    reads: set[str] = set()
+class _ReadRecorder(dict):
+    """A read-only view of a state dict that notes every key a converter reads."""
 
-    class Recorder(dict):
-        def __getitem__(self, key):
-            reads.add(key)
-            return sd[key]
+    def __init__(self, sd: Mapping[str, Tensor], reads: set[str]):
+        super().__init__()
+        self._sd, self._reads = sd, reads
 
-        def __iter__(self):
-            return iter(sd)
+    def __getitem__(self, key):
+        self._reads.add(key)
+        return self._sd[key]
 
-        def __contains__(self, key):
-            return key in sd
+    def __iter__(self):
+        return iter(self._sd)
 
-    rec = Recorder()
-    (_gpt2_to_workbench if family == "gpt2" else _llama_to_workbench)(cfg, rec)
-    if cfg.tie_embeddings:
-        reads.add("lm_head.weight")  # HF keeps the tied copy under this name too
-    return reads
+    def __contains__(self, key):
+        return key in self._sd
 
 
 def from_hf(model_or_path, tokenizer=None, local_files_only: bool = False) -> HookedGPT:
@@ -390,14 +401,7 @@ def _workbench_to_gpt2(cfg: GPTConfig, sd: Mapping[str, Tensor]) -> dict[str, Te
             [sd[b + f"attn.W_{n}"].permute(1, 0, 2).reshape(d, -1) for n in "QKV"], dim=1)
         out[h + "attn.c_attn.bias"] = torch.cat([sd[b + f"attn.b_{n}"].reshape(-1) for n in "QKV"])
         out[h + "attn.c_proj.weight"] = sd[b + "attn.W_O"].reshape(-1, d)
-        out[h + "attn.c_proj.bias"] = sd[b + "attn.b_O"]
-        out[h + "mlp.c_fc.weight"] = sd[b + "mlp.W_in"]
-        out[h + "mlp.c_fc.bias"] = sd[b + "mlp.b_in"]
-        out[h + "mlp.c_proj.weight"] = sd[b + "mlp.W_out"]
-        out[h + "mlp.c_proj.bias"] = sd[b + "mlp.b_out"]
-        for ln, hf_ln in (("ln1", "ln_1"), ("ln2", "ln_2")):
-            out[h + f"{hf_ln}.weight"] = sd[b + f"{ln}.w"]
-            out[h + f"{hf_ln}.bias"] = sd[b + f"{ln}.b"]
+        _pairs_to_hf(_GPT2_PAIRS, sd, h, b, out)
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = sd["unembed.W_U"].T
     return {k: v.contiguous() for k, v in out.items()}
@@ -413,16 +417,7 @@ def _workbench_to_llama(cfg: GPTConfig, sd: Mapping[str, Tensor]) -> dict[str, T
             if cfg.use_bias:
                 out[h + f"self_attn.{proj}.bias"] = sd[b + f"attn.b_{n}"].reshape(-1)
         out[h + "self_attn.o_proj.weight"] = sd[b + "attn.W_O"].permute(2, 0, 1).reshape(d, -1)
-        out[h + "mlp.gate_proj.weight"] = sd[b + "mlp.W_gate"].T
-        out[h + "mlp.up_proj.weight"] = sd[b + "mlp.W_in"].T
-        out[h + "mlp.down_proj.weight"] = sd[b + "mlp.W_out"].T
-        if cfg.use_bias:
-            out[h + "self_attn.o_proj.bias"] = sd[b + "attn.b_O"]
-            out[h + "mlp.gate_proj.bias"] = sd[b + "mlp.b_gate"]
-            out[h + "mlp.up_proj.bias"] = sd[b + "mlp.b_in"]
-            out[h + "mlp.down_proj.bias"] = sd[b + "mlp.b_out"]
-        out[h + "input_layernorm.weight"] = sd[b + "ln1.w"]
-        out[h + "post_attention_layernorm.weight"] = sd[b + "ln2.w"]
+        _pairs_to_hf(_LLAMA_PAIRS + (_LLAMA_BIAS_PAIRS if cfg.use_bias else ()), sd, h, b, out)
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = sd["unembed.W_U"].T
     return {k: v.contiguous() for k, v in out.items()}
