@@ -101,3 +101,19 @@ def test_unsupported_hf_architecture():
 
     with pytest.raises(ConfigError, match="'mistral' is not supported"):
         config_from_hf({"model_type": "mistral"})
+
+
+def test_hf_state_dict_with_a_missing_or_an_unused_tensor():
+    import transformers
+
+    from workbench.loading import from_hf_state_dict
+
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=100,
+                                                              n_positions=16))
+    sd = dict(hf.state_dict())
+    assert from_hf_state_dict(hf.config, sd).cfg.n_layers == 1
+    with pytest.raises(CheckpointError, match="does not use.*h.1.mlp.c_fc.weight"):
+        from_hf_state_dict(hf.config, {**sd, "transformer.h.1.mlp.c_fc.weight": torch.zeros(32, 128)})
+    del sd["transformer.h.0.ln_2.bias"]
+    with pytest.raises(CheckpointError, match="lacks tensor 'transformer.h.0.ln_2.bias'"):
+        from_hf_state_dict(hf.config, sd)
