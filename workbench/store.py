@@ -46,6 +46,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from workbench.errors import ConfigError, DataError
+from workbench.zoo import sha256_file
 
 FORMAT = "workbench-activation-store"
 FORMAT_VERSION = 1
@@ -248,14 +249,6 @@ class _HashingFile:
             self.f.close()
         except OSError:
             pass
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------
@@ -652,7 +645,7 @@ class ActivationStore:
                         f"store file {p} has {size} bytes, the manifest says {meta['bytes']} (truncated or "
                         "overwritten); delete that shard directory and rerun `workbench cache` to rewrite it"
                     )
-                if verify and _sha256_file(p) != meta["sha256"]:
+                if verify and sha256_file(p, progress=False) != meta["sha256"]:
                     raise DataError(
                         f"store file {p} does not match its checksum; delete that shard directory and rerun "
                         "`workbench cache` to rewrite it"
