@@ -28,6 +28,7 @@ import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -50,7 +51,7 @@ def _hf_smollm2():
     return hf, tok
 
 
-def _matvec_ceiling(model) -> "callable":
+def _matvec_ceiling(model) -> Callable[[], None]:
     """Return a function doing one batch-1 F.linear over every weight matrix a decode step reads.
 
     Its rate is the most tokens/s any implementation built on torch's matrix-vector kernels can

@@ -167,6 +167,18 @@ def _check_length(model, prompt_len: int, max_new_tokens: int) -> None:
         )
 
 
+def _start(model, prompt: Prompt, max_new_tokens: int, stop_tokens, prepend_bos: bool | None
+           ) -> tuple[Int[Tensor, "batch pos"], int, list[int]]:
+    """Return the preallocated token buffer (prompt in front), the prompt length and the stop ids."""
+    prompt_tokens = _prompt_tokens(model, prompt, prepend_bos)
+    batch, prompt_len = prompt_tokens.shape
+    _check_length(model, prompt_len, max_new_tokens)
+    stops = _stop_ids(model, stop_tokens)
+    buf = torch.empty(batch, prompt_len + max_new_tokens, dtype=torch.long, device=prompt_tokens.device)
+    buf[:, :prompt_len] = prompt_tokens
+    return buf, prompt_len, stops
+
+
 def _decode_steps(
     model, tokens: Int[Tensor, "batch pos"], max_new_tokens: int, cfg: SamplingConfig, use_cache: bool
 ) -> Iterator[Int[Tensor, " batch"]]:
@@ -223,12 +235,8 @@ def generate(
     ``fwd_hooks``: ``[(name_or_filter, fn)]`` attached for the whole generation.
     """
     cfg = SamplingConfig(temperature, top_k, top_p, seed)
-    prompt_tokens = _prompt_tokens(model, prompt, prepend_bos)
-    batch, prompt_len = prompt_tokens.shape
-    _check_length(model, prompt_len, max_new_tokens)
-    stops = _stop_ids(model, stop_tokens)
-    buf = torch.empty(batch, prompt_len + max_new_tokens, dtype=torch.long, device=prompt_tokens.device)
-    buf[:, :prompt_len] = prompt_tokens
+    buf, prompt_len, stops = _start(model, prompt, max_new_tokens, stop_tokens, prepend_bos)
+    batch = buf.shape[0]
     stop_t = torch.tensor(stops, dtype=torch.long, device=buf.device) if stops else None
     done = torch.zeros(batch, dtype=torch.bool, device=buf.device)
     n_gen = torch.full((batch,), max_new_tokens, dtype=torch.long, device=buf.device)
@@ -279,14 +287,10 @@ def stream_generate(
     reached, is yielded last with empty text and ``finish_reason="stop_token"``.
     """
     cfg = SamplingConfig(temperature, top_k, top_p, seed)
-    tokens = _prompt_tokens(model, prompt, prepend_bos)
-    if tokens.shape[0] != 1:
-        raise InputError(f"stream_generate takes one prompt, got a batch of {tokens.shape[0]}; use generate()")
-    prompt_len = tokens.shape[1]
-    _check_length(model, prompt_len, max_new_tokens)
-    stops = set(_stop_ids(model, stop_tokens))
-    buf = torch.empty(1, prompt_len + max_new_tokens, dtype=torch.long, device=tokens.device)
-    buf[:, :prompt_len] = tokens
+    buf, prompt_len, stop_list = _start(model, prompt, max_new_tokens, stop_tokens, prepend_bos)
+    if buf.shape[0] != 1:
+        raise InputError(f"stream_generate takes one prompt, got a batch of {buf.shape[0]}; use generate()")
+    stops = set(stop_list)
     tok = model.tokenizer
     new_ids: list[int] = []
     emitted = ""
