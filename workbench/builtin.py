@@ -96,25 +96,20 @@ _TOY_TRAIN = TrainConfig(
 _KJV_PROMPTS = ("In the beginning", "And the LORD said unto Moses,", "Jesus answered and said unto them,",
                 "Blessed are the", "The LORD is my shepherd;")  # fmt: skip
 
+
+def _toy_recipe(n_layers: int, description: str) -> Recipe:
+    """Return the attention-only toy recipe with ``n_layers`` layers (the toys differ in nothing else)."""
+    name = f"attn-only-{n_layers}l"
+    return Recipe(name=name, description=description, model=dict(_TOY_MODEL, n_layers=n_layers, name=name),
+                  data="synthetic", train=_TOY_TRAIN, batch_size=64,
+                  synthetic=RepeatedTokensConfig(d_vocab=64, n_ctx=64, min_offset=16, max_offset=31))
+
+
 RECIPES: dict[str, Recipe] = {
-    "attn-only-2l": Recipe(
-        name="attn-only-2l",
-        description="2-layer attention-only transformer on repeated random tokens (induction heads, phase change)",
-        model=dict(_TOY_MODEL, n_layers=2, name="attn-only-2l"),
-        data="synthetic",
-        train=_TOY_TRAIN,
-        batch_size=64,
-        synthetic=RepeatedTokensConfig(d_vocab=64, n_ctx=64, min_offset=16, max_offset=31),
-    ),
-    "attn-only-1l": Recipe(
-        name="attn-only-1l",
-        description="1-layer attention-only control: same task and training, cannot form an induction head",
-        model=dict(_TOY_MODEL, n_layers=1, name="attn-only-1l"),
-        data="synthetic",
-        train=_TOY_TRAIN,
-        batch_size=64,
-        synthetic=RepeatedTokensConfig(d_vocab=64, n_ctx=64, min_offset=16, max_offset=31),
-    ),
+    "attn-only-2l": _toy_recipe(
+        2, "2-layer attention-only transformer on repeated random tokens (induction heads, phase change)"),
+    "attn-only-1l": _toy_recipe(
+        1, "1-layer attention-only control: same task and training, cannot form an induction head"),
     "kjv-small": Recipe(
         name="kjv-small",
         description="4-layer GPT-2-style LM with MLPs on the King James Bible (BPE vocabulary 2048, context 128)",
