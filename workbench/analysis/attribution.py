@@ -14,6 +14,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from workbench.analysis.patching import LogitDiff
 from workbench.errors import InputError
 from workbench.names import act_name
 
@@ -87,16 +88,6 @@ def _per_row(model: "HookedGPT", token: TokenLike, batch: int) -> Int[Tensor, " 
     return torch.full((batch,), token_id(model, token), dtype=torch.long)
 
 
-def logit_of(
-    logits: Float[Tensor, "batch d_vocab"], answer: Int[Tensor, " batch"], wrong: Int[Tensor, " batch"] | None
-) -> Float[Tensor, " batch"]:
-    """Return ``logits[answer] - logits[wrong]`` per row (just the answer's logit when ``wrong`` is None)."""
-    out = logits.gather(-1, answer[:, None].to(logits.device)).squeeze(-1)
-    if wrong is not None:
-        out = out - logits.gather(-1, wrong[:, None].to(logits.device)).squeeze(-1)
-    return out
-
-
 @torch.no_grad()
 def direct_logit_attribution(
     model: "HookedGPT",
@@ -142,7 +133,7 @@ def direct_logit_attribution(
         raise InputError(f"granularity={granularity!r} is not one of 'layer', 'head'")
     attrs = cache.logit_attrs(parts, ans, wr, pos=pos)
     constant = cache.logit_constant(ans, wr)
-    logit = logit_of(logits[:, pos], ans, wr)
+    logit = LogitDiff(ans, wr)(logits[:, pos])
     return LogitAttribution(labels, attrs, constant.expand(batch).clone(), logit, ans, wr)
 
 
