@@ -16,18 +16,6 @@ from workbench.errors import DataError
 from workbench.sae.model import SAE
 
 
-def l0(latents: Float[Tensor, "*batch d_sae"]) -> float:
-    """Mean number of non-zero latents per row."""
-    return float((latents != 0).sum(-1).double().mean())
-
-
-def fvu(x: Float[Tensor, "batch d_in"], x_hat: Float[Tensor, "batch d_in"]) -> float:
-    """Fraction of variance unexplained: squared error over squared deviation from the mean."""
-    x, x_hat = x.double(), x_hat.double()
-    total = (x - x.mean(0)).pow(2).sum()
-    return float((x - x_hat).pow(2).sum() / total) if total > 0 else float("nan")
-
-
 def dead_fraction(fire_counts: Float[Tensor, " d_sae"]) -> float:
     """Fraction of latents that never fired."""
     return float((fire_counts == 0).double().mean())
