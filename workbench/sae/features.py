@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from workbench.errors import ConfigError, DataError
+from workbench.sae import metrics
 from workbench.sae.model import SAE
 
 
@@ -102,11 +103,11 @@ class FeatureStats:
 
     @property
     def dead_fraction(self) -> float:
-        return float((self.density == 0).float().mean())
+        return metrics.dead_fraction(self.density)
 
     @property
     def dense_fraction(self) -> float:
-        return float((self.density > self.dense_threshold).float().mean())
+        return metrics.dense_fraction(self.density, self.dense_threshold)
 
     def quantile_rows(self, feature: int, n_quantiles: int = 5) -> list[tuple[float, int, float]]:
         """Return ``(quantile, row, activation)`` for evenly spaced quantiles of a latent's firing activations."""
