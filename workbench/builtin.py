@@ -295,7 +295,7 @@ def compact_snapshots(run_dir: str | Path, dtype: torch.dtype = torch.float16) -
 
     from workbench.loading import read_safetensors
 
-    dirs = _snapshot_dirs(Path(run_dir))
+    dirs = snapshot_dirs(Path(run_dir))
     for d in dirs.values():
         weights = d / "model.safetensors"
         state = read_safetensors(weights)
@@ -307,9 +307,8 @@ def compact_snapshots(run_dir: str | Path, dtype: torch.dtype = torch.float16) -
     return sorted(dirs)
 
 
-def _snapshot_dirs(directory: Path) -> dict[int, Path]:
-    from workbench.train import SNAPSHOT_DIR
-
+def snapshot_dirs(directory: Path) -> dict[int, Path]:
+    """Return the snapshot directories (``snapshots/step_NNNNNN/``) under a run or model directory, by step."""
     root = directory / SNAPSHOT_DIR
     if not root.is_dir():
         return {}
@@ -330,7 +329,7 @@ def _model_dir(name_or_dir: str | Path) -> Path:
 
 def snapshot_steps(name_or_dir: str | Path) -> list[int]:
     """Return the steps at which a built-in model (name, or a run/shipped directory) has snapshots."""
-    return sorted(_snapshot_dirs(_model_dir(name_or_dir)))
+    return sorted(snapshot_dirs(_model_dir(name_or_dir)))
 
 
 def load_snapshot(name_or_dir: str | Path, step: int):
@@ -338,7 +337,7 @@ def load_snapshot(name_or_dir: str | Path, step: int):
     from workbench.model import HookedGPT
 
     directory = _model_dir(name_or_dir)
-    dirs = _snapshot_dirs(directory)
+    dirs = snapshot_dirs(directory)
     if step not in dirs:
         raise CheckpointError(f"no snapshot at step {step} in {directory}; the snapshot steps are {sorted(dirs)}")
     return HookedGPT.load(dirs[step], dtype=torch.float32).eval()

@@ -210,15 +210,11 @@ class Snapshot(NamedTuple):
 
 def snapshots(model_dir: Path | None) -> list[Snapshot]:
     """Return the training snapshots saved beside a checkpoint (``snapshots/step_NNNNNN/``), by step."""
-    from workbench.train import SNAPSHOT_DIR
+    from workbench.builtin import snapshot_dirs
 
-    if model_dir is None or not (model_dir / SNAPSHOT_DIR).is_dir():
+    if model_dir is None:
         return []
-    found = []
-    for d in (model_dir / SNAPSHOT_DIR).iterdir():
-        if d.is_dir() and d.name.startswith("step_") and d.name[5:].isdigit() and (d / "config.json").is_file():
-            found.append(Snapshot(int(d.name[5:]), d))
-    return sorted(found)
+    return sorted(Snapshot(step, d) for step, d in snapshot_dirs(model_dir).items() if (d / "config.json").is_file())
 
 
 def training_metrics(model_dir: Path | None) -> pd.DataFrame:
