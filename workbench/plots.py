@@ -29,6 +29,11 @@ def _np(x: Tensor):
     return x.detach().float().cpu().numpy()
 
 
+def _position_labels(str_tokens: Sequence[str] | None, n_pos: int) -> list[str]:
+    """Unique column labels ``"{i}: {token}"`` (just ``"{i}"`` without tokens): a token may repeat."""
+    return [f"{i}: {t}" for i, t in enumerate(str_tokens)] if str_tokens else [str(i) for i in range(n_pos)]
+
+
 def _heatmap(z, x, y, title: str, colorscale: str, zmid: float | None = None, text=None, xlabel: str = "",
              ylabel: str = "", colorbar: str = "", zmin=None, zmax=None) -> go.Figure:
     trace = go.Heatmap(
@@ -114,7 +119,7 @@ def lens_grid(result: "LensResult", str_tokens: Sequence[str] | None = None, val
     else:
         z = getattr(result, value)[:, batch_index]
     n_pos = z.shape[1]
-    x = [f"{i}: {t}" for i, t in enumerate(str_tokens)] if str_tokens else [str(i) for i in range(n_pos)]
+    x = _position_labels(str_tokens, n_pos)
     text = None
     if tokenizer_decode is not None:
         ids = result.top_tokens[:, batch_index, :, 0]
@@ -156,7 +161,7 @@ def patching_heatmap(result: "PatchResult", str_tokens: Sequence[str] | None = N
     elif C == 1:
         x, xlabel = ["all positions"], ""
     else:
-        x = [f"{i}: {t}" for i, t in enumerate(str_tokens)] if str_tokens else [str(i) for i in range(C)]
+        x = _position_labels(str_tokens, C)
         xlabel = "position"
     name = {"resid_pre": "residual stream", "attn_out": "attention output", "mlp_out": "MLP output", "z": "head output"}
     return _heatmap(_np(z), x, [str(i) for i in range(L)],

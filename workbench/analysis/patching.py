@@ -315,8 +315,3 @@ def patch_residual_naive(
             logits = model.run_with_hooks(corrupt, fwd_hooks=[(name, hook)])
             out[layer, p] = metric(logits[:, answer_pos]).float().mean()
     return out
-
-
-def position_labels(str_tokens: list[str]) -> list[str]:
-    """Return unique column labels ``"{i}: {token}"`` for a patching heatmap."""
-    return [f"{i}: {t}" for i, t in enumerate(str_tokens)]
