@@ -29,7 +29,7 @@ def token_windows(model: Any, corpus: str, n_ctx: int, n_windows: int) -> Int[Te
     (``add_bos``) get it at the start of every window, as the model saw in training; others get
     plain consecutive chunks of the document stream (documents separated by EOS when there is one).
     """
-    from workbench.corpora import load_corpus
+    from workbench.corpora import load_corpus, make_windows
 
     tok = getattr(model, "tokenizer", None)
     if tok is None:
@@ -54,10 +54,8 @@ def token_windows(model: Any, corpus: str, n_ctx: int, n_windows: int) -> Int[Te
             f"corpus {corpus!r} gives {len(ids)} tokens, {have} windows of {n_ctx}; {n_windows} were asked for. "
             "Lower --tokens or use a bigger corpus"
         )
-    stream = torch.tensor(ids[:need], dtype=torch.long).view(n_windows, body)
-    if use_bos:
-        stream = torch.cat([torch.full((n_windows, 1), tok.bos_token_id, dtype=torch.long), stream], dim=1)
-    return stream
+    stream = torch.tensor(ids[:need], dtype=torch.long)
+    return make_windows(stream, n_ctx, tok.bos_token_id) if use_bos else stream.view(n_windows, body)
 
 
 def _init_distributed() -> None:
