@@ -154,3 +154,15 @@ def test_a_replaced_norm_scale_is_what_the_norm_divides_by(variant):
         frozen = model.run_with_hooks(tokens, fwd_hooks=[(scale, lambda s, hook: cache[scale].clone())])
         torch.testing.assert_close(frozen, clean, atol=1e-5, rtol=0)
         assert not torch.allclose(model.run_with_hooks(tokens, fwd_hooks=[(scale, lambda s, hook: s * 3)]), clean)
+
+
+def test_reset_hooks_removes_hooks_added_outside_the_context_manager():
+    model = HookedGPT(tiny_cfg()).eval()
+    tokens = torch.randint(0, 50, (1, 6))
+    with torch.no_grad():
+        clean = model(tokens)
+        model.hook_point("blocks.0.hook_resid_post").add(lambda x, hook: x * 0)
+        assert not torch.equal(model(tokens), clean)
+        model.reset_hooks()
+        assert not any(hp.active for hp in model.hook_dict.values())
+        assert torch.equal(model(tokens), clean)
