@@ -224,16 +224,25 @@ def _layer_kl(model: "HookedGPT", resid: Tensor, lens: TunedLens | None) -> Floa
 
 
 @torch.no_grad()
+def _lens_kls(
+    model: "HookedGPT", tokens: Int[Tensor, "batch pos"], lenses: list[TunedLens | None], chunk: int = 8
+) -> list[Float[Tensor, " layer"]]:
+    """Return :func:`lens_kl` of each lens, caching the residuals of each chunk once for all of them."""
+    tokens = model.check_tokens(tokens)
+    totals = [torch.zeros(model.cfg.n_layers, dtype=torch.float64) for _ in lenses]
+    for lo in range(0, tokens.shape[0], chunk):
+        part = tokens[lo: lo + chunk]
+        resid = lens_residuals(model, part)
+        for total, lens in zip(totals, lenses):
+            total += _layer_kl(model, resid, lens).double().cpu() * part.shape[0]
+    return [(total / tokens.shape[0]).float() for total in totals]
+
+
 def lens_kl(
     model: "HookedGPT", tokens: Int[Tensor, "batch pos"], lens: TunedLens | None = None, chunk: int = 8
 ) -> Float[Tensor, " layer"]:
     """Return the mean KL(final output || lens) per block over ``tokens`` (logit lens when ``lens`` is None)."""
-    tokens = model.check_tokens(tokens)
-    total = torch.zeros(model.cfg.n_layers, dtype=torch.float64)
-    for lo in range(0, tokens.shape[0], chunk):
-        part = tokens[lo: lo + chunk]
-        total += _layer_kl(model, lens_residuals(model, part), lens).double().cpu() * part.shape[0]
-    return (total / tokens.shape[0]).float()
+    return _lens_kls(model, tokens, [lens], chunk)[0]
 
 
 class TunedLensTraining(NamedTuple):
@@ -359,7 +368,8 @@ class LensComparison(NamedTuple):
 
 def compare_lenses(model: "HookedGPT", lens: TunedLens, tokens: Int[Tensor, "batch pos"]) -> LensComparison:
     """Return the per-layer KL of the logit lens and of ``lens`` on (held-out) ``tokens``."""
-    return LensComparison(layer_labels(model.cfg.n_layers)[:-1], lens_kl(model, tokens), lens_kl(model, tokens, lens))
+    logit_kl, tuned_kl = _lens_kls(model, tokens, [None, lens])
+    return LensComparison(layer_labels(model.cfg.n_layers)[:-1], logit_kl, tuned_kl)
 
 
 def lens_frame(result: LensResult, str_tokens: list[str] | None = None, batch_index: int = 0):
