@@ -193,6 +193,8 @@ def test_attention_page(app_env):
     at.slider(key="attn_head").set_value(3).run()
     assert "Layer 1, head 3" in titles(at)
     assert any("All heads" in x for x in titles(at))
+    scores = fig_titled(at, "Head-type scores on this prompt")
+    assert len(scores["data"]) == 4  # previous token, duplicate token, induction, first token
 
 
 @pytest.fixture

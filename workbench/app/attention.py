@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import streamlit as st
+import torch
 
+from workbench import plots
 from workbench.app import cached, figures, ui
 from workbench.app.sidebar import Selection
 
@@ -33,6 +35,8 @@ def attention_page(sel: Selection) -> None:
         st.caption("Mean attention of each head to: the previous token; earlier copies of the current token; the "
                    "token after an earlier copy (induction); the first token. Scores need a prompt with repeats "
                    "for the duplicate and induction columns.")
-        ui.plot(figures.head_score_heatmaps(scores, SCORES), key="attn_scores")
+        grids = {c: torch.tensor(scores.pivot(index="layer", columns="head", values=c).values) for c in SCORES}
+        ui.plot(ui.categorical(plots.head_scores_figure(grids, title="Head-type scores on this prompt")),
+                key="attn_scores")
         st.dataframe(scores.sort_values("induction", ascending=False).head(12).style.format(precision=3),
                      hide_index=True)

@@ -96,20 +96,6 @@ def attention_grid(patterns: Float[Tensor, "layer head q k"], max_layers: int = 
     return fig
 
 
-def head_score_heatmaps(scores: pd.DataFrame, columns: list[str]) -> go.Figure:
-    """Return one layer x head heatmap per score column."""
-    fig = make_subplots(rows=1, cols=len(columns), subplot_titles=columns, horizontal_spacing=0.06)
-    for i, col in enumerate(columns):
-        grid = scores.pivot(index="layer", columns="head", values=col)
-        fig.add_trace(go.Heatmap(z=grid.values, x=[f"H{h}" for h in grid.columns], y=[f"L{l}" for l in grid.index],
-                                 colorscale="Viridis", zmin=0, zmax=1, showscale=i == len(columns) - 1,
-                                 hovertemplate=f"{col}<br>%{{y}} %{{x}}: %{{z:.3f}}<extra></extra>"),
-                      row=1, col=i + 1)
-    fig.update_yaxes(autorange="reversed")
-    fig.update_layout(height=max(300, 16 * scores["layer"].nunique() + 140), title="Head-type scores on this prompt")
-    return fig
-
-
 def scatter_2d(points: pd.DataFrame, title: str) -> go.Figure:
     """Return labelled points in 2-D."""
     fig = px.scatter(points, x="x", y="y", text=points["token"].map(show_token), title=title)
