@@ -38,8 +38,10 @@ def _write_json(path: str | None, numbers: dict) -> None:
         print(f"numbers written to {path}")
 
 
-def _write_report(report, directory: str | None) -> None:
+def _write_report(report, directory: str | None, numbers: dict) -> None:
+    """Write ``report`` with ``numbers`` beside its figures into ``directory`` (nothing when None)."""
     if directory:
+        report.numbers.update(numbers)
         paths = report.write(directory)
         print(f"report written to {paths.html} (numbers in {paths.json.name})")
 
@@ -101,8 +103,7 @@ def _cmd_induction(args: argparse.Namespace) -> int:
                       caption="next-token loss by prediction position; the repeat is predictable by induction")
         report.figure(plots.head_heatmap(copying, "OV copying score", diverging=True))
         report.table(induction_top, caption="top induction heads")
-        report.numbers.update(numbers)
-        _write_report(report, args.report)
+        _write_report(report, args.report, numbers)
     return 0
 
 
@@ -146,8 +147,7 @@ def _cmd_lens(args: argparse.Namespace) -> int:
                                       title="top next token and its probability"))
         report.figure(plots.lens_grid(result, strs, "target_prob", title="probability of the actual next token"))
         report.figure(plots.lens_grid(result, strs, "kl_to_final", title="KL(final output || lens), nats"))
-        report.numbers.update(numbers)
-        _write_report(report, args.report)
+        _write_report(report, args.report, numbers)
     return 0
 
 
@@ -167,8 +167,7 @@ def _comparison_report(title: str, cmp, numbers: dict, directory: str | None) ->
     report.figure(plots.lens_kl_figure(cmp))
     report.table([{"layer": lbl, "logit lens KL": a, "tuned lens KL": b}
                   for lbl, a, b in zip(cmp.labels, cmp.logit_kl.tolist(), cmp.tuned_kl.tolist())])
-    report.numbers.update(numbers)
-    _write_report(report, directory)
+    _write_report(report, directory, numbers)
 
 
 def _cmd_tuned_train(args: argparse.Namespace) -> int:
@@ -251,8 +250,7 @@ def _cmd_attribute(args: argparse.Namespace) -> int:
             grid = A.head_attribution_grid(res, model.cfg.n_layers, model.cfg.n_heads)
             report.figure(plots.head_heatmap(grid, "direct logit attribution per head", "logit", diverging=True))
         report.table(top, caption="largest components")
-        report.numbers.update(numbers)
-        _write_report(report, args.report)
+        _write_report(report, args.report, numbers)
     return 0
 
 
@@ -290,8 +288,7 @@ def _cmd_patch(args: argparse.Namespace) -> int:
                     + (f" - logit({args.wrong!r})" if args.wrong is not None else "")
                     + f": clean {res.clean:.4f}, corrupted {res.corrupt:.4f}.")
         report.figure(plots.patching_heatmap(res, strs))
-        report.numbers.update(numbers)
-        _write_report(report, args.report)
+        _write_report(report, args.report, numbers)
     return 0
 
 
