@@ -182,8 +182,7 @@ def _data_source(args: argparse.Namespace, local_batch: int, rank: int, world: i
         "hook_name": hook,
         "hook_layer": hook_layer(hook),
         "context_size": store.n_ctx,
-        "dataset_path": str(store.manifest.get("corpus", {}).get("name", args.store))
-        if isinstance(store.manifest.get("corpus"), dict) else str(args.store),
+        "dataset_path": str(args.store),  # the manifest records the corpus by digest, not by name
         "activation_store": str(Path(args.store).resolve()),
     }
     name = f"{model_info.get('name') or 'model'}-{hook}"
