@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
@@ -93,12 +94,26 @@ class StreamEvent(NamedTuple):
 # ---------------------------------------------------------------------------------------- sampling
 
 
+def next_token_probs(logits: Float[Tensor, "batch d_vocab"], cfg: SamplingConfig) -> Float[Tensor, "batch d_vocab"]:
+    """Return the distribution the next token is drawn from: temperature, then top-k, then top-p.
+
+    Greedy (temperature 0) puts all the mass on the argmax."""
+    if cfg.greedy:
+        return F.one_hot(logits.argmax(dim=-1), logits.shape[-1]).float()
+    return _filtered_logits(logits, cfg).softmax(dim=-1)
+
+
 def sample_next(
     logits: Float[Tensor, "batch d_vocab"], cfg: SamplingConfig, generator: torch.Generator | None = None
 ) -> Int[Tensor, " batch"]:
     """Return the next token of every row from last-position logits, as ``cfg`` says."""
     if cfg.greedy:
         return logits.argmax(dim=-1)
+    return torch.multinomial(_filtered_logits(logits, cfg).softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+
+def _filtered_logits(logits: Float[Tensor, "batch d_vocab"], cfg: SamplingConfig) -> Float[Tensor, "batch d_vocab"]:
+    """Return logits / temperature with the tokens top-k and top-p exclude set to -inf."""
     logits = logits.float() / cfg.temperature
     if cfg.top_k is not None and cfg.top_k < logits.shape[-1]:
         kth = torch.topk(logits, cfg.top_k, dim=-1).values[:, -1:]
@@ -109,7 +124,7 @@ def sample_next(
         # drop a token when the tokens before it already cover top_p (the most likely always stays)
         drop = probs.cumsum(dim=-1) - probs >= cfg.top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+    return logits
 
 
 # --------------------------------------------------------------------------------------- the loop

@@ -160,27 +160,13 @@ def project_2d(vectors: Float[Tensor, "n d_model"], labels: list[str], method: s
 
 def sampling_probs(logits: Float[Tensor, "d_vocab"], temperature: float, top_k: int | None,
                    top_p: float | None) -> Float[Tensor, "d_vocab"]:
-    """Return the next-token distribution after temperature, top-k and top-p (nucleus) filtering.
+    """Return the next-token distribution after temperature, top-k and top-p (nucleus) filtering, as
+    generation samples it (temperature 0: all mass on the argmax)."""
+    from workbench.generate import SamplingConfig, next_token_probs
 
-    Temperature 0 means greedy: all mass on the argmax.
-    """
-    logits = logits.float()
-    if temperature <= 0:
-        probs = torch.zeros_like(logits)
-        probs[logits.argmax()] = 1.0
-        return probs
-    logits = logits / temperature
-    if top_k is not None and 0 < top_k < logits.shape[-1]:
-        kth = logits.topk(top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, -float("inf"))
-    if top_p is not None and 0 < top_p < 1:
-        sorted_logits, order = logits.sort(descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        # keep the smallest prefix whose mass reaches top_p (the token that crosses it stays)
-        drop = cum - sorted_logits.softmax(-1) >= top_p
-        logits = logits.clone()
-        logits[order[drop]] = -float("inf")
-    return logits.softmax(-1)
+    top_k = top_k if top_k is not None and top_k > 0 else None
+    top_p = top_p if top_p is not None and 0 < top_p < 1 else None
+    return next_token_probs(logits[None], SamplingConfig(max(temperature, 0.0), top_k, top_p))[0]
 
 
 # ------------------------------------------------------------------------------------ answers
