@@ -228,3 +228,13 @@ def test_lr_schedule_warms_up_and_decays():
     assert lr_at(0, cfg) == pytest.approx(0.1)
     assert lr_at(50, cfg) == 1.0
     assert lr_at(80, cfg) == 1.0 and lr_at(90, cfg) == pytest.approx(0.5) and lr_at(99, cfg) == pytest.approx(0.05)
+
+
+def test_a_fresh_run_does_not_append_to_an_earlier_runs_metrics(tmp_path):
+    data = SyntheticFeatures(SyntheticConfig(d_in=16, n_features=32, mean_active=2.0, seed=3))
+    sae_cfg = SAEConfig(d_in=16, d_sae=64, architecture="topk", k=4)
+    cfg = TrainConfig(total_steps=10, lr=3e-3, warmup_steps=2, checkpoint_every=5, log_every=5, progress=False)
+    for _ in range(2):
+        train_sae(SAE(sae_cfg, seed=0), lambda start: data.batches(64, start), cfg, tmp_path, resume=False)
+    lines = (tmp_path / METRICS_FILE).read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [5, 10]

@@ -560,6 +560,9 @@ def train_sae(
             _truncate_metrics(out / METRICS_FILE, step)
     else:
         _broadcast_parameters(sae)
+        if out is not None and info.rank == 0:
+            # a fresh run owns its metrics file: lines of an earlier run there would read as this one's
+            (out / METRICS_FILE).unlink(missing_ok=True)
     if out is not None and info.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(
