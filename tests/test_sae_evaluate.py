@@ -164,6 +164,9 @@ def test_topk_sae_on_the_small_text_lm_recovers_90_percent_of_ce_loss(tmp_path, 
               TrainConfig(total_steps=400, lr=2e-3, warmup_steps=20, progress=False, checkpoint_every=0,
                           dead_tokens=20_000))
     m = spliced_metrics(model, sae, hook, held_out, SpliceConfig(batch_windows=16))
+    # the figure for the issue note: `pytest tests/test_sae_evaluate.py -k small_text -s`
+    print(f"\nkjv-small {hook}: CE loss recovered {m.ce_loss_recovered:.3f} (clean {m.ce_clean:.3f}, "
+          f"spliced {m.ce_spliced:.3f}, zero-ablated {m.ce_zero:.3f})")
     assert m.ce_zero - m.ce_clean > 0.5, m  # zero ablation must hurt, or "recovered" means nothing
     assert m.ce_loss_recovered >= 0.9, m
     assert m.kl_spliced < m.kl_zero / 5
