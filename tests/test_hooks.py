@@ -166,3 +166,29 @@ def test_reset_hooks_removes_hooks_added_outside_the_context_manager():
         model.reset_hooks()
         assert not any(hp.active for hp in model.hook_dict.values())
         assert torch.equal(model(tokens), clean)
+
+
+def test_torch_module_hooks_on_a_hook_point_still_fire(model):
+    """An empty hook point skips nn.Module's call machinery, but not when torch-level hooks are registered."""
+    tokens = torch.randint(0, model.cfg.d_vocab, (1, 6))
+    seen = []
+    point = model.hook_point("blocks.0.hook_resid_pre")
+    handle = point.register_forward_hook(lambda mod, args, out: seen.append(("local", mod.name, tuple(out.shape))))
+    try:
+        with torch.no_grad():
+            model(tokens)
+    finally:
+        handle.remove()
+    assert seen == [("local", "blocks.0.hook_resid_pre", (1, 6, model.cfg.d_model))]
+    seen.clear()
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda mod, args, out: seen.append(mod.name) if getattr(mod, "name", "") == "blocks.0.hook_resid_post" else None)
+    try:
+        with torch.no_grad():
+            model(tokens)
+    finally:
+        handle.remove()
+    assert seen == ["blocks.0.hook_resid_post"]
+    with torch.no_grad():
+        model(tokens)  # and once removed, nothing fires
+    assert seen == ["blocks.0.hook_resid_post"]

@@ -15,6 +15,7 @@ from typing import Union
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as module_hooks
 
 from workbench.errors import HookError
 
@@ -46,8 +47,15 @@ class HookPoint(nn.Module):
         """Whether every attached hook only reads the activation (caching hooks are marked so)."""
         return all(getattr(fn, "observe_only", False) for fn in self._fns)
 
+    def __call__(self, x: Tensor) -> Tensor:
+        # The common case must cost nothing: with no hook attached (and no torch module hook registered
+        # on this module or globally), skip nn.Module's call machinery, a few µs per call, ~600 calls per
+        # SmolLM2 decode step.
+        if not self._fns and not (self._forward_hooks or self._forward_pre_hooks or _global_module_hooks()):
+            return x
+        return super().__call__(x)
+
     def forward(self, x: Tensor) -> Tensor:
-        # The common case must cost nothing: no hooks, no work.
         if not self._fns:
             return x
         for fn in self._fns:
@@ -69,6 +77,11 @@ class HookPoint(nn.Module):
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}"
+
+
+def _global_module_hooks() -> bool:
+    """Whether torch-level forward hooks are registered for every module (``nn.modules.module``'s globals)."""
+    return bool(module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks)
 
 
 def name_matcher(names_filter: NameFilter) -> Callable[[str], bool]:
