@@ -11,6 +11,11 @@
   load (read the native copy), in a temporary WORKBENCH_HOME.
 
 Decoding reads every weight once per token: fp32 SmolLM2 is 538 MB, so memory bandwidth bounds it.
+The ``*_ceiling`` lines time only those reads: through torch's batch-1 ``F.linear`` (one core here),
+through ``workbench.model.linear`` (the rows split over the threads, what the forward pass uses at
+decode) and through a plain sum of every matrix (the streaming rate of all cores: no matrix-vector
+kernel beats it). The gap between a ceiling and the real decode is per-token overhead: norms, rotary,
+attention over the cache and about 80 small torch calls per layer.
 
 Caching every hook keeps ~1.8 GB of fresh activations per 4 x 256 call; glibc's malloc hands such
 blocks back to the kernel when freed, so each call page-faults them in again. Measured here, that
@@ -51,23 +56,31 @@ def _hf_smollm2():
     return hf, tok
 
 
-def _matvec_ceiling(model) -> Callable[[], None]:
-    """Return a function doing one batch-1 F.linear over every weight matrix a decode step reads.
-
-    Its rate is the most tokens/s any implementation built on torch's matrix-vector kernels can
-    reach on this machine in the model's dtype (attention, norms and Python overhead come on top)."""
-    flat = []  # the matrices in the [out in] layout F.linear reads them in the forward pass
+def _weight_matrices(model) -> list[torch.Tensor]:
+    """Return every weight matrix a decode step reads, in the ``[out in]`` layout the forward pass uses."""
+    flat = []
     for block in model.blocks:
         attn, mlp = block.attn, block.mlp
         flat += [W.transpose(1, 2).reshape(-1, model.cfg.d_model) for W in (attn.W_Q, attn.W_K, attn.W_V)]
         flat.append(attn.W_O.permute(2, 0, 1).reshape(model.cfg.d_model, -1))
         flat += [W.T for W in (mlp.W_gate, mlp.W_in, mlp.W_out) if W is not None]
     flat.append(model.unembed.W_U.T)
-    inputs = {n: torch.randn(1, n, dtype=flat[0].dtype) for n in {f.shape[1] for f in flat}}
+    return flat
+
+
+def _ceiling(model, product: Callable | None) -> Callable[[], None]:
+    """Return a function doing one decode step's weight reads and nothing else.
+
+    ``product`` (e.g. ``F.linear``) multiplies a batch-1 input by every weight matrix: the most
+    tokens/s an implementation built on that kernel can reach in the model's dtype (attention, norms
+    and Python overhead come on top). ``None`` only sums every matrix, which reads the same bytes at
+    the machine's streaming rate on all threads: the cap for any matrix-vector kernel."""
+    flat = _weight_matrices(model)
+    inputs = {n: torch.randn(1, 1, n, dtype=flat[0].dtype) for n in {f.shape[1] for f in flat}}
 
     def run():
         for f in flat:
-            torch.nn.functional.linear(inputs[f.shape[1]], f)
+            product(inputs[f.shape[1]], f) if product is not None else f.sum()
 
     return run
 
@@ -76,6 +89,7 @@ def decode(new_tokens: int, repeats: int) -> dict[str, float]:
     """Return tokens/s of HF generate and workbench generate (fp32, bf16), greedy, batch 1."""
     from workbench import load_model
     from workbench.generate import generate
+    from workbench.model import linear
 
     hf, tok = _hf_smollm2()
     wb = load_model("smollm2-135m")
@@ -93,7 +107,12 @@ def decode(new_tokens: int, repeats: int) -> dict[str, float]:
         "wb_generate_fp32": lambda: outs.__setitem__("wb", generate(wb, ids, new_tokens, stop_tokens=[]).tokens),
         "wb_generate_bf16": lambda: generate(wb_bf16, ids, new_tokens, stop_tokens=[]),
     }
-    ceilings = {"matvec_ceiling_fp32": _matvec_ceiling(wb), "matvec_ceiling_bf16": _matvec_ceiling(wb_bf16)}
+    ceilings = {
+        "F.linear_ceiling_fp32": _ceiling(wb, torch.nn.functional.linear),
+        "wb.linear_ceiling_fp32": _ceiling(wb, linear),
+        "read_ceiling_fp32": _ceiling(wb, None),
+        "F.linear_ceiling_bf16": _ceiling(wb_bf16, torch.nn.functional.linear),
+    }
     for name, one_pass in ceilings.items():  # timed as new_tokens passes, so the rates compare directly
         fns[name] = lambda one_pass=one_pass: [one_pass() for _ in range(new_tokens)]
     with torch.inference_mode():
@@ -105,9 +124,10 @@ def decode(new_tokens: int, repeats: int) -> dict[str, float]:
     rates = {}
     for name, seconds in med.items():
         rates[name] = new_tokens / seconds
-        print(f"  {name:18s} {rates[name]:7.1f} tokens/s   {rates[name] / base:5.2f}x HF")
-    print(f"  greedy tokens identical to HF's for the first {same} of {new_tokens}; matvec_ceiling_*: one batch-1 "
-          "F.linear over every weight matrix per token, nothing else (the most torch's kernels allow here)")
+        print(f"  {name:22s} {rates[name]:7.1f} tokens/s   {rates[name] / base:5.2f}x HF")
+    print(f"  greedy tokens identical to HF's for the first {same} of {new_tokens}\n"
+          "  *_ceiling: per token only one batch-1 product with every weight matrix (F.linear: torch's kernel; "
+          "wb.linear: the workbench's split one), or only a sum over them (read: the machine's streaming rate)")
     return rates
 
 

@@ -119,3 +119,80 @@ def test_bfloat16_forward_runs_close_to_float32():
         ref = model(tokens)
         low = model.to(torch.bfloat16)(tokens).float()
     assert (low - ref).abs().max() < 0.05 * ref.abs().max() + 0.05
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1,), (), (3,), (2, 4), (2, 2, 2)])
+def test_linear_splits_few_rows_and_matches_f_linear(shape, two_threads, monkeypatch):
+    import torch.nn.functional as F
+
+    from workbench.model import linear
+
+    g = torch.Generator().manual_seed(0)
+    W, b = torch.randn(512, 160, generator=g), torch.randn(512, generator=g)
+    x = torch.randn(*shape, 160, generator=g)
+    expected = F.linear(x, W, b)
+    monkeypatch.setattr(F, "linear", lambda *a: pytest.fail("a few fp32 rows must take the split path"))
+    out = linear(x, W, b)
+    assert out.shape == expected.shape
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["many rows", "small weight", "bfloat16", "strided weight", "odd rows", "one thread"])
+def test_linear_falls_back_to_f_linear(case, two_threads, monkeypatch):
+    import torch.nn.functional as F
+
+    from workbench import model as model_mod
+
+    W, x = torch.randn(512, 160), torch.randn(1, 1, 160)
+    if case == "many rows":
+        x = torch.randn(1, model_mod.SPLIT_MAX_ROWS + 1, 160)
+    elif case == "small weight":
+        W = torch.randn(16, 160)
+    elif case == "bfloat16":
+        W, x = W.bfloat16(), x.bfloat16()
+    elif case == "strided weight":
+        W = torch.randn(512, 320)[:, ::2]
+    elif case == "odd rows":
+        W = torch.randn(511, 160)
+    else:
+        torch.set_num_threads(1)
+    calls = []
+    real = F.linear
+    monkeypatch.setattr(F, "linear", lambda *a: calls.append(1) or real(*a))
+    out = model_mod.linear(x, W)
+    assert calls == [1]
+    assert torch.equal(out, real(x, W))
+
+
+def test_kv_cache_decode_through_the_split_path_matches_full_forward(two_threads, monkeypatch):
+    from workbench import model as model_mod
+
+    monkeypatch.setattr(model_mod, "SPLIT_MIN_WEIGHTS", 0)  # tiny weights take the decode path too
+    model = HookedGPT(tiny_cfg(**LLAMA_TINY)).eval()
+    tokens = torch.randint(0, 50, (1, 9))
+    kv = KVCache.empty(model.cfg, batch=1, max_pos=9)
+    with torch.no_grad():
+        full = model(tokens)
+        steps = [model(tokens[:, :3], kv_cache=kv)] + [model(tokens[:, i:i + 1], kv_cache=kv) for i in range(3, 9)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
+
+
+def test_rotary_is_hf_rotate_half_bit_for_bit():
+    from workbench.model import apply_rotary
+
+    model = HookedGPT(tiny_cfg(**LLAMA_TINY))
+    d_head = model.cfg.d_head
+    x = torch.randn(2, 5, 3, d_head)
+    cos, sin = model.rotary_cos[4:9], torch.cat([-model.rotary_sin[4:9, : d_head // 2], model.rotary_sin[4:9, d_head // 2:]], -1)
+    # HF Llama's formula with the plain sin table (rotary_sin keeps rotate-half's sign folded in)
+    rotate_half = torch.cat([-x[..., d_head // 2:], x[..., : d_head // 2]], dim=-1)
+    expected = x * cos[:, None] + rotate_half * sin[:, None]
+    assert torch.equal(apply_rotary(x, *model.rotary(4, 5, x.dtype)), expected)

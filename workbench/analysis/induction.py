@@ -379,9 +379,8 @@ def _layer_pattern(model: "HookedGPT", layer: int, x_q: Tensor, x_k: Tensor) -> 
     q = attn._project(block.ln1(x_q), attn.W_Q, attn.b_Q)
     k = attn._project(block.ln1(x_k), attn.W_K, attn.b_K)
     if cfg.positional == "rotary":
-        n = q.shape[1]
-        cos, sin = model.rotary_cos[:n].to(q.dtype), model.rotary_sin[:n].to(q.dtype)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        tables = model.rotary(0, q.shape[1], q.dtype)
+        q, k = apply_rotary(q, *tables), apply_rotary(k, *tables)
     if cfg.n_heads != cfg.n_kv:
         k = k.repeat_interleave(cfg.n_heads // cfg.n_kv, dim=2)
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(cfg.d_head)
