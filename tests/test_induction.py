@@ -132,7 +132,7 @@ def test_causal_composition_agrees_with_hooks():
     src, layer = 5, 2  # L1H1 removed from layer 2's keys
     removed = cache[act_name("resid_pre", layer)] - cache.head_results(1)[:, :, 1]
     block = model.blocks[layer]
-    k_new = block.attn._project(block.ln1(removed), block.attn.W_K, block.attn.b_K)
+    k_new = block.attn.project(block.ln1(removed), "k")
     with model.hooks([(act_name("k", layer), lambda k, hook: k_new)]):
         _, c2 = model.run_with_cache(seq.tokens, names_filter=[act_name("pattern", layer)])
     expect = I.masked_attention_score(c2[act_name("pattern", layer)], mask)

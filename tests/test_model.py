@@ -196,3 +196,16 @@ def test_rotary_is_hf_rotate_half_bit_for_bit():
     rotate_half = torch.cat([-x[..., d_head // 2:], x[..., : d_head // 2]], dim=-1)
     expected = x * cos[:, None] + rotate_half * sin[:, None]
     assert torch.equal(apply_rotary(x, *model.rotary(4, 5, x.dtype)), expected)
+
+
+def test_attention_project_gives_what_hook_q_k_v_see():
+    model = HookedGPT(tiny_cfg(**LLAMA_TINY)).eval()
+    tokens = torch.randint(0, 50, (2, 7))
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens)
+        block = model.blocks[1]
+        x = block.ln1(cache["blocks.1.hook_resid_pre"])
+        for which in "qkv":
+            torch.testing.assert_close(block.attn.project(x, which), cache[f"blocks.1.attn.hook_{which}"])
+    with pytest.raises(InputError, match="'q', 'k' or 'v'"):
+        block.attn.project(x, "o")

@@ -300,6 +300,16 @@ class Attention(nn.Module):
         for name in ("hook_q", "hook_k", "hook_v", *rotary, "hook_attn_scores", "hook_pattern", "hook_z", "hook_result"):
             setattr(self, name, HookPoint())
 
+    def project(self, x: Float[Tensor, "batch pos d_model"], which: Literal["q", "k", "v"]
+                ) -> Float[Tensor, "batch pos head d_head"]:
+        """Return the per-head queries, keys or values of ``x`` (the normalized residual), before RoPE.
+
+        Analyses use it to ask what a head would read from another input (e.g. K-composition)."""
+        if which not in ("q", "k", "v"):
+            raise InputError(f"which={which!r}: choose 'q', 'k' or 'v'")
+        name = which.upper()
+        return self._project(x, getattr(self, f"W_{name}"), getattr(self, f"b_{name}"))
+
     def _project(self, x: Tensor, W: Tensor, b: Tensor | None) -> Tensor:
         n, dh = W.shape[0], W.shape[2]
         out = linear(x, W.transpose(1, 2).reshape(n * dh, -1), None if b is None else b.reshape(-1))

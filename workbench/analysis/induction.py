@@ -376,8 +376,8 @@ def _layer_pattern(model: "HookedGPT", layer: int, x_q: Tensor, x_k: Tensor) -> 
 
     block, cfg = model.blocks[layer], model.cfg
     attn = block.attn
-    q = attn._project(block.ln1(x_q), attn.W_Q, attn.b_Q)
-    k = attn._project(block.ln1(x_k), attn.W_K, attn.b_K)
+    q = attn.project(block.ln1(x_q), "q")
+    k = attn.project(block.ln1(x_k), "k")
     if cfg.positional == "rotary":
         tables = model.rotary(0, q.shape[1], q.dtype)
         q, k = apply_rotary(q, *tables), apply_rotary(k, *tables)
@@ -395,7 +395,7 @@ def _head_logit_effect(
     """Return each head's direct effect on the logit of the next token at every query position."""
     block, cfg = model.blocks[layer], model.cfg
     attn = block.attn
-    v = attn._project(block.ln1(x_v), attn.W_V, attn.b_V)
+    v = attn.project(block.ln1(x_v), "v")
     if cfg.n_heads != cfg.n_kv:
         v = v.repeat_interleave(cfg.n_heads // cfg.n_kv, dim=2)
     z = torch.einsum("bhqk,bkhd->bqhd", pattern, v)
