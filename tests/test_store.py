@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from workbench import store as store_mod
+from workbench.distributed import DistInfo
 from workbench.errors import ConfigError, DataError
 from workbench.model import GPTConfig, HookedGPT
 from workbench.store import ActivationStore, ReaderConfig, StoreConfig, stop_layer, write_store
@@ -297,10 +298,18 @@ def test_two_ranks_write_the_same_rows_as_one(model, windows, tmp_path, monkeypa
     """Under torchrun each rank writes its own shards; rank 0 merges the manifest."""
     write_store(model, windows, tmp_path / "one", small())
     for rank in (1, 0):  # rank 1 finishes first; rank 0 merges after its own shards
-        monkeypatch.setattr(store_mod, "_dist_rank_world", lambda r=rank: (r, 2))
+        monkeypatch.setattr(store_mod, "dist_info", lambda r=rank: DistInfo(r, 2))
         write_store(model, windows, tmp_path / "two", small())
     one, two = ActivationStore.open(tmp_path / "one"), ActivationStore.open(tmp_path / "two", verify=True)
     assert {s["rank"] for s in two.shards} == {0, 1}
     for hook in HOOKS:
         assert torch.equal(one.acts(hook), two.acts(hook))
     assert torch.equal(one.tokens(), two.tokens())
+
+
+def test_torchrun_launch_without_a_process_group_is_refused(model, windows, tmp_path, monkeypatch):
+    """With no group joined no barrier holds rank 0 back from merging unfinished manifests: refused up front."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=r"WORLD_SIZE=2.*init_distributed"):
+        write_store(model, windows, tmp_path / "s", small())
+    assert not (tmp_path / "s").exists()

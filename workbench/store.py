@@ -22,7 +22,9 @@ by offset: the corpus is not re-read). Because shards hold fixed groups of windo
 forward batches never straddle shards, a resumed store is byte-for-byte the unbroken one.
 
 Under ``torchrun`` shard ``i`` goes to rank ``i % world_size``; each rank lists its shards in
-``manifest.r{rank}.json`` and rank 0 merges them into ``manifest.json`` at the end.
+``manifest.r{rank}.json`` and rank 0 merges them into ``manifest.json`` at the end. The ranks come
+from the process group :func:`workbench.distributed.init_distributed` joins (``workbench cache``
+joins it; a script joins it before calling :func:`write_store`).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from workbench.distributed import barrier, dist_info
 from workbench.errors import ConfigError, DataError
 from workbench.zoo import sha256_file
 
@@ -178,17 +181,6 @@ def _model_config(model: Any) -> dict[str, Any]:
 
 def _tokens_digest(windows: Tensor) -> str:
     return hashlib.sha256(windows.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()[:16]
-
-
-def _dist_rank_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def _barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
@@ -440,7 +432,8 @@ def write_store(
     Reruns with the same arguments resume where a killed run stopped; a directory holding a store
     of another model, corpus, hook set or dtype is refused. ``on_shard(index)`` is called after
     each shard is listed (tests use it to simulate a kill). Under ``torchrun`` every rank calls
-    this with the same arguments.
+    this with the same arguments, after joining the process group with
+    :func:`workbench.distributed.init_distributed` (launched with no group joined is a ConfigError).
     """
     t0 = time.perf_counter()
     out = Path(out)
@@ -459,7 +452,7 @@ def write_store(
             f"token ids range over [{int(windows.min())}, {int(windows.max())}] but the model's vocabulary has "
             f"{d_vocab} entries; tokenize the corpus with this model's tokenizer"
         )
-    rank, world = _dist_rank_world()
+    rank, world = dist_info()
     device = next(iter(model.parameters())).device if hasattr(model, "parameters") else torch.device("cpu")
     stop = stop_layer(cfg.hooks)
     shapes = _probe_shapes(model, windows, cfg, stop, device)
@@ -549,7 +542,7 @@ def write_store(
         _write_json_atomic(out / MANIFEST, _manifest(header, shards, complete=True))
     else:
         _write_json_atomic(progress_path, _manifest(header, shards, complete=True))
-        _barrier()
+        barrier()
         if rank == 0:
             merged: list[dict[str, Any]] = []
             for r in range(world):
@@ -558,7 +551,7 @@ def write_store(
                     raise DataError(f"rank {r} did not finish its shards in {out}; rerun the same torchrun command")
                 merged.extend(part["shards"])
             _write_json_atomic(out / MANIFEST, _manifest(header, merged, complete=len(merged) == len(plans)))
-        _barrier()
+        barrier()
     n_rows = header["n_tokens"]
     return WriteResult(out, n_rows, written, len(done), time.perf_counter() - t0)
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -63,12 +62,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def cmd_train_sae(args: argparse.Namespace) -> int:
     """Train an SAE as the arguments say; print a JSON summary; return 0."""
-    import torch
-
+    from workbench.distributed import destroy_distributed, init_distributed
     from workbench.errors import ConfigError
     from workbench.sae.io import save_sae
     from workbench.sae.model import SAE, SAEConfig
-    from workbench.sae.train import TrainConfig, init_distributed, train_sae
+    from workbench.sae.train import TrainConfig, train_sae
 
     if bool(args.store) == bool(args.synthetic):
         raise ConfigError("give exactly one data source: --store DIR (with --hook) or --synthetic")
@@ -120,8 +118,7 @@ def cmd_train_sae(args: argparse.Namespace) -> int:
 
             summary["mmcs"] = mmcs(result.sae.W_dec, data.features)  # type: ignore[attr-defined]
         print(json.dumps(summary, indent=2))
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    destroy_distributed()
     return 0
 
 
@@ -190,15 +187,12 @@ def _data_source(args: argparse.Namespace, local_batch: int, rank: int, world: i
 
 
 def _device(requested: str | None):
+    """Return the device to train on: as requested, else CUDA when there is one; under torchrun this rank's GPU."""
     import torch
 
-    if requested:
-        device = torch.device(requested)
-    else:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    return device
+    from workbench.distributed import local_device
+
+    return local_device(requested or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def _default_out(name: str, cfg) -> Path:

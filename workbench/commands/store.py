@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -58,18 +57,16 @@ def token_windows(model: Any, corpus: str, n_ctx: int, n_windows: int) -> Int[Te
     return make_windows(stream, n_ctx, tok.bos_token_id) if use_bos else stream.view(n_windows, body)
 
 
-def _init_distributed() -> None:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-
-
 def cmd_cache(args: argparse.Namespace) -> int:
     from workbench import paths
+    from workbench.distributed import destroy_distributed, init_distributed, local_device
     from workbench.store import StoreConfig, write_store
     from workbench.zoo import load_model
 
-    _init_distributed()
-    model = load_model(args.model, device=args.device)
+    # load_model leaves the model on the CPU unless asked; the group's backend follows that device.
+    device = local_device(args.device or "cpu")
+    info = init_distributed(device)
+    model = load_model(args.model, device=device)
     n_ctx = args.n_ctx or min(model.cfg.n_ctx, 128)
     rows_per_window = n_ctx - args.first_position
     n_windows = max(1, -(-args.tokens // rows_per_window))
@@ -83,13 +80,12 @@ def cmd_cache(args: argparse.Namespace) -> int:
         first_position=args.first_position,
     )
     res = write_store(model, windows, out, cfg, model_name=str(args.model), progress=not args.quiet)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if info.rank == 0:
         print(
             f"{out}: {res.n_rows} tokens x {len(cfg.hooks)} hook(s) ({cfg.dtype}); wrote {res.shards_written} shard(s), "
             f"kept {res.shards_skipped} from an earlier run, {res.seconds:.1f}s"
         )
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    destroy_distributed()
     return 0
 
 

@@ -3,7 +3,8 @@
 The trainer is blind to where activations come from: it takes ``[batch, d_in]`` tensors (or a
 function giving an iterator from a step offset, so a resumed run continues exactly where it
 stopped). Under ``torchrun`` each process trains on its own slice of every global batch and the
-gradients are averaged, so N processes with batch b train the same SAE as one with batch N*b.
+gradients are averaged, so N processes with batch b train the same SAE as one with batch N*b; the
+caller joins the process group first (:func:`workbench.distributed.init_distributed`).
 
 TopK training never multiplies by the dense latent matrix: only the encoder's forward matmul is
 dense; the decoder, the encoder's gradient and the AuxK loss touch ``k`` latents per row through
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from workbench.distributed import DistInfo, dist_info
 from workbench.errors import CheckpointError, ConfigError, DataError, InputError
 from workbench.sae.model import SAE, SAEConfig, batch_topk
 
@@ -420,28 +422,8 @@ def compute_losses(
 
 
 # ---------------------------------------------------------------------------------------------
-# Distributed helpers: no-ops in a single process.
+# Collectives over the process group (workbench.distributed): no-ops in a single process.
 # ---------------------------------------------------------------------------------------------
-
-
-class DistInfo(NamedTuple):
-    rank: int
-    world_size: int
-
-
-def init_distributed(device: torch.device | str = "cpu") -> DistInfo:
-    """Join the process group ``torchrun`` describes (gloo on CPU, nccl on GPU); no-op alone."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
-        dist.init_process_group(backend)
-    return dist_info()
-
-
-def dist_info() -> DistInfo:
-    if dist.is_available() and dist.is_initialized():
-        return DistInfo(dist.get_rank(), dist.get_world_size())
-    return DistInfo(0, 1)
 
 
 def _all_reduce(tensor: Tensor, op: str = "sum") -> Tensor:

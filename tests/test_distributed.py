@@ -1,0 +1,127 @@
+"""Process-group set-up: no-ops alone, backend by device, reuse of a joined group, clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from workbench import distributed
+from workbench.distributed import (
+    DistInfo,
+    barrier,
+    destroy_distributed,
+    dist_info,
+    init_distributed,
+    local_device,
+)
+from workbench.errors import ConfigError
+
+TORCHRUN_ENV = {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"}
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    """Tests start as a plain single process, whatever launched pytest."""
+    for name in TORCHRUN_ENV:
+        monkeypatch.delenv(name, raising=False)
+    assert not dist.is_initialized()
+    yield
+    destroy_distributed()
+
+
+class _Joined(Exception):
+    pass
+
+
+@pytest.fixture
+def record_init(monkeypatch):
+    """Replace the process-group join by a recorder that stops before any rendezvous."""
+    calls: list[tuple[str, object]] = []
+
+    def init_process_group(backend, *args, **kwargs):
+        calls.append(("init", backend))
+        raise _Joined
+
+    monkeypatch.setattr(dist, "init_process_group", init_process_group)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", torch.device(d))))
+    return calls
+
+
+@pytest.mark.parametrize("world", [None, "1"])
+def test_single_process_is_rank_0_of_1_and_joins_nothing(monkeypatch, record_init, world):
+    if world is not None:
+        monkeypatch.setenv("WORLD_SIZE", world)
+    assert init_distributed("cpu") == DistInfo(0, 1)
+    assert init_distributed("cuda") == DistInfo(0, 1)  # no CUDA needed: nothing is set up
+    assert dist_info() == (0, 1)
+    barrier()
+    destroy_distributed()
+    assert record_init == [] and not dist.is_initialized()
+
+
+@pytest.mark.parametrize(
+    ("device", "expected"),
+    [
+        ("cpu", [("init", "gloo")]),
+        ("cuda", [("set_device", torch.device("cuda", 1)), ("init", "nccl")]),  # LOCAL_RANK=1
+        ("cuda:0", [("set_device", torch.device("cuda", 0)), ("init", "nccl")]),
+        ("meta", [("init", "gloo")]),
+    ],
+)
+def test_backend_follows_the_device_not_cuda_availability(monkeypatch, record_init, device, expected):
+    for name, value in TORCHRUN_ENV.items():
+        monkeypatch.setenv(name, value)
+    # A GPU machine running on the CPU must still get gloo (nccl cannot reduce CPU tensors).
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(_Joined):
+        init_distributed(device)
+    assert record_init == expected
+
+
+def test_local_device_gives_each_rank_its_own_gpu(monkeypatch):
+    assert local_device("cuda") == torch.device("cuda")
+    assert local_device("cpu") == torch.device("cpu")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert local_device("cuda") == torch.device("cuda", 3)
+    assert local_device(torch.device("cuda", 1)) == torch.device("cuda", 1)  # an explicit index wins
+    assert local_device("cpu") == torch.device("cpu")
+
+
+def test_a_joined_group_is_reused(monkeypatch, tmp_path):
+    # A real one-process gloo group, joined by the caller before the launcher's env says 2.
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    joins = []
+    monkeypatch.setattr(dist, "init_process_group", lambda *a, **k: joins.append(a))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert init_distributed("cpu") == DistInfo(0, 1)  # the group's own size, not the env's
+    assert init_distributed("cpu") == DistInfo(0, 1)
+    assert joins == []
+    barrier()  # a real barrier of one rank returns
+    destroy_distributed()
+    assert not dist.is_initialized()
+    destroy_distributed()  # twice is harmless
+
+
+def test_torchrun_env_without_rendezvous_names_what_is_missing(monkeypatch, record_init):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ConfigError, match=r"WORLD_SIZE=2 .*MASTER_ADDR, MASTER_PORT are not set.*torchrun"):
+        init_distributed("cpu")
+    assert record_init == [] and not dist.is_initialized()
+
+
+def test_torchrun_env_with_no_group_joined_is_an_error_not_rank_0_of_1(monkeypatch):
+    for name, value in TORCHRUN_ENV.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=r"WORLD_SIZE=2 but no process group.*init_distributed"):
+        dist_info()
+    barrier()  # nothing to wait for without a group
+    assert distributed.launched_world_size() == 2
+
+
+@pytest.mark.parametrize("bad", ["two", "0", "-1", ""])
+def test_a_malformed_world_size_is_named(monkeypatch, bad):
+    monkeypatch.setenv("WORLD_SIZE", bad)
+    with pytest.raises(ConfigError, match=f"WORLD_SIZE={bad!r} is not a positive integer"):
+        init_distributed("cpu")
