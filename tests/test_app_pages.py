@@ -266,8 +266,9 @@ def test_induction_page_shows_training_dynamics_across_snapshots(app_env, monkey
             m = HookedGPT.load(src)
             m.init_weights(seed)
             m.save(run / "snapshots" / f"step_{step:06d}")
+        # ends in half a record, as a job killed mid-write leaves it: the page reads the complete ones
         (run / "metrics.jsonl").write_text("\n".join(json.dumps({"step": s, "loss": 5 - s / 50, "loss_repeat": 4 - s / 40})
-                                                     for s in (25, 50, 75, 100)) + "\n")
+                                                     for s in (25, 50, 75, 100)) + '\n{"step": 125, "lo')
     monkeypatch.setenv("WORKBENCH_APP_MODEL", "tiny-snapshots")
     at = AppTest.from_function(_script, args=("induction",), default_timeout=TIMEOUT)
     at.session_state["ind_len"] = 6
@@ -280,6 +281,8 @@ def test_induction_page_shows_training_dynamics_across_snapshots(app_env, monkey
     assert sum(d["name"].startswith("induction, layer") for d in dyn["data"]) == n_layers
     log = fig_titled(at, "Training log")
     assert {d["name"] for d in log["data"]} == {"loss_repeat", "loss"}
+    loss = [d for d in log["data"] if d["name"] == "loss"][0]
+    assert arr(loss["x"]) == [25, 50, 75, 100] and arr(loss["y"]) == pytest.approx([4.5, 4, 3.5, 3])
 
 
 def test_induction_page_on_attn_only_2l(app_env, monkeypatch):

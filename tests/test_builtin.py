@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from workbench import builtin
-from workbench.errors import CheckpointError, ConfigError
+from workbench.errors import CheckpointError, ConfigError, DataError
 from workbench.loading import read_safetensors
 
 TOYS = ("attn-only-2l", "attn-only-1l")
@@ -96,6 +97,17 @@ def test_kjv_small_card_reports_validation_loss_per_checkpoint():
     assert val == [round(evals[s]["val_loss"], 3) for s in steps]
     assert val[-1] < val[0] - 1.0 and val[-1] < 0.6 * math.log(2048)
     assert "## Greedy samples" in card and "workbench train kjv-small" in card
+
+
+def test_card_metrics_split_losses_from_evaluations_by_step(tmp_path):
+    records = [{"step": 2, "loss": 3.0}, {"step": 4, "loss": 2.5}, {"step": 4, "val_loss": 2.7, "answer": 1.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 6, "lo')
+    logs, evals = builtin._read_metrics(tmp_path)  # the cut last line (a killed run) is left out
+    assert logs == {2: records[0], 4: records[1]} and evals == {4: records[2]}
+    (tmp_path / "metrics.jsonl").write_text('{"step": 2, "lo\n' + json.dumps(records[1]) + "\n")
+    with pytest.raises(DataError, match=r"metrics\.jsonl line 1 is not JSON"):
+        builtin._read_metrics(tmp_path)
+    assert builtin._read_metrics(tmp_path / "no-run") == ({}, {})
 
 
 def test_kjv_small_greedy_text_is_shaped_like_the_bible():

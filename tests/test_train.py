@@ -11,7 +11,7 @@ from helpers import tiny_cfg
 
 from workbench import HookedGPT
 from workbench.corpora import RepeatedTokensConfig, SyntheticBatches
-from workbench.errors import CheckpointError, ConfigError
+from workbench.errors import CheckpointError, ConfigError, DataError
 from workbench.loading import read_safetensors
 from workbench.train import (
     CHECKPOINT_DIR,
@@ -22,6 +22,7 @@ from workbench.train import (
     TrainingDivergedError,
     checkpoint_path,
     lr_at,
+    read_metrics,
     train,
 )
 
@@ -191,6 +192,27 @@ def test_metrics_jsonl_logs_losses_and_evaluations(unbroken):
     assert all(math.isfinite(r["loss"]) for r in logs)
     # the logged lr is the one the step used (steps are logged by count done, lr_at takes the 0-based index)
     assert [r["lr"] for r in logs] == [lr_at(_cfg(), r["step"] - 1) for r in logs]
+
+
+def test_read_metrics_skips_a_cut_last_line_and_names_a_corrupt_one(unbroken, tmp_path):
+    _, out = unbroken
+    text = (out / METRICS_FILE).read_text()
+    lines = text.splitlines()
+    assert read_metrics(out / METRICS_FILE) == [json.loads(line) for line in lines]
+    # a job killed mid-write leaves half a record without its newline: the complete records still read
+    cut = tmp_path / "cut.jsonl"
+    cut.write_text(text + lines[-1][: len(lines[-1]) // 2])
+    assert read_metrics(cut) == [json.loads(line) for line in lines]
+    # the same damage before the last line is corruption, reported with the file and the 1-based line
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(lines[:2] + [lines[2][:10]] + lines[3:]) + "\n")
+    with pytest.raises(DataError, match=r"bad\.jsonl line 3 is not JSON"):
+        read_metrics(bad)
+    (tmp_path / "list.jsonl").write_text(lines[0] + "\n[1, 2]\n" + lines[1] + "\n")
+    with pytest.raises(DataError, match=r"list\.jsonl line 2 is not a metrics record"):
+        read_metrics(tmp_path / "list.jsonl")
+    with pytest.raises(DataError, match=r"cannot read the training log .*missing\.jsonl"):
+        read_metrics(tmp_path / "missing.jsonl")
 
 
 def test_validation_and_extra_evaluations_are_logged(tmp_path):

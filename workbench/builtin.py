@@ -19,7 +19,6 @@ training loop's layout, with weights stored in fp16 to keep the repository small
 
 from __future__ import annotations
 
-import json
 import math
 import platform
 import shutil
@@ -43,7 +42,7 @@ from workbench.corpora import (
     repeated_tokens,
 )
 from workbench.errors import CheckpointError, ConfigError
-from workbench.train import METRICS_FILE, SNAPSHOT_DIR, TrainConfig, TrainResult, next_token_loss, train
+from workbench.train import METRICS_FILE, SNAPSHOT_DIR, TrainConfig, TrainResult, next_token_loss, read_metrics, train
 
 CARD_FILE = "card.md"
 #: Where the shipped built-in checkpoints live.
@@ -402,10 +401,8 @@ def _read_metrics(run_dir: Path) -> tuple[dict[int, dict], dict[int, dict]]:
     """Return the training-loss records and the evaluation records of a run, each keyed by step."""
     logs, evals = {}, {}
     path = run_dir / METRICS_FILE
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        if line.strip():
-            record = json.loads(line)
-            (logs if "loss" in record else evals)[record["step"]] = record
+    for record in read_metrics(path) if path.is_file() else []:
+        (logs if "loss" in record else evals)[record["step"]] = record
     return logs, evals
 
 

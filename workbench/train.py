@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from workbench.errors import CheckpointError, ConfigError, WorkbenchError
+from workbench.errors import CheckpointError, ConfigError, DataError, WorkbenchError
 
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -292,6 +292,36 @@ class _Metrics:
     def write(self, record: dict) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """Return the records of a ``metrics.jsonl`` in file order (training-loss records carry ``loss``).
+
+    A last line that does not parse is skipped: a job killed mid-write leaves one. A bad line
+    anywhere else, or a record that is not an object with a ``step``, raises :class:`DataError`
+    naming the file and line.
+    """
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read the training log {path} ({exc}); give the path of a {METRICS_FILE}") from exc
+    numbered = [(i, line) for i, line in enumerate(lines, 1) if line.strip()]
+    records = []
+    for k, (i, line) in enumerate(numbered):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if k == len(numbered) - 1:
+                break  # a line cut by a killed run
+            raise DataError(
+                f"{path} line {i} is not JSON ({exc.msg}): {line[:80]!r}; the log is corrupt before its "
+                "last line, so fix or delete that line (or the file) and read it again"
+            ) from None
+        if not isinstance(record, dict) or "step" not in record:
+            raise DataError(f"{path} line {i} is not a metrics record (a JSON object with a 'step'): {line[:80]!r}")
+        records.append(record)
+    return records
 
 
 # ----------------------------------------------------------------------------------------- loop

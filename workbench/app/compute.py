@@ -204,19 +204,16 @@ def snapshots(model_dir: Path | None) -> list[Snapshot]:
 
 
 def training_metrics(model_dir: Path | None) -> pd.DataFrame:
-    """Return the ``metrics.jsonl`` a training run wrote beside a checkpoint (empty when there is none)."""
-    from workbench.train import METRICS_FILE
+    """Return the ``metrics.jsonl`` a training run wrote beside a checkpoint (empty when there is none).
+
+    Raises :class:`~workbench.errors.DataError` when the log is corrupt before its last line.
+    """
+    from workbench.train import METRICS_FILE, read_metrics
 
     path = None if model_dir is None else model_dir / METRICS_FILE
     if path is None or not path.is_file():
         return pd.DataFrame()
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut by a killed run
-    return pd.DataFrame(rows)
+    return pd.DataFrame(read_metrics(path))
 
 
 class DynamicsPoint(NamedTuple):
