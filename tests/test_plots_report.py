@@ -111,6 +111,32 @@ def test_patching_and_ablation_heatmaps(model):
     np.testing.assert_allclose(np.asarray(fig.data[0].z), abl.effect.numpy(), rtol=1e-6)
 
 
+def test_one_heatmap_builder_serves_the_library_and_the_app():
+    from workbench.app import figures
+
+    z = torch.tensor([[0.2, -0.5, 0.1], [0.3, 0.0, -0.25]])
+    fig = plots.heatmap(z, ["a", "b", "c"], ["r0", "r1"], "t", xlabel="col", ylabel="row")
+    np.testing.assert_allclose(np.asarray(fig.data[0].z), z.numpy())
+    assert fig.data[0].hovertemplate == "row %{y}<br>col %{x}<br>value %{z:.4g}<extra></extra>"
+    assert fig.layout.yaxis.autorange == "reversed" and fig.layout.margin.l == 60 and fig.layout.height is None
+    # the app's attention pattern: tokens on both axes, 0..1 in blues, its own hover line, plotly's margins
+    fig = figures.attention_heatmap(torch.eye(3), ["a", " b", "\n"], "Layer 0, head 1")
+    trace = fig.data[0]
+    assert list(trace.x) == list(trace.y) == ["0:a", "1:·b", "2:↵"]
+    assert (trace.zmin, trace.zmax, trace.colorscale[0][1]) == (0, 1, "rgb(247,251,255)")  # Blues starts white
+    assert trace.hovertemplate == "query %{y}<br>key %{x}<br>attention %{z:.3f}<extra></extra>"
+    assert (fig.layout.title.text, fig.layout.xaxis.title.text, fig.layout.yaxis.title.text) == ("Layer 0, head 1",
+                                                                                                 "key", "query")
+    assert fig.layout.height == 360 and fig.layout.margin.l is None and fig.layout.yaxis.autorange == "reversed"
+    # a plain matrix: symmetric scale around 0 by default, plotly's own hover
+    fig = figures.matrix_heatmap(z, "W", "d_model", "position")
+    trace = fig.data[0]
+    assert (trace.zmid, trace.zmin, trace.zmax) == (0, -0.5, 0.5) and trace.hovertemplate is None
+    assert (fig.layout.xaxis.title.text, fig.layout.yaxis.title.text, fig.layout.height) == ("d_model", "position", 420)
+    fig = figures.matrix_heatmap(z.abs(), "W", "x", "y", colorscale="Viridis", symmetric=False)
+    assert (fig.data[0].zmid, fig.data[0].zmin, fig.data[0].zmax) == (None, None, None)
+
+
 def test_jsonable_turns_tensors_and_nan_into_json():
     out = jsonable({"t": torch.tensor([[1.0, float("nan")]]), "n": np.float32(2.5), 3: (1, float("inf")),
                     "s": "x"})

@@ -34,17 +34,34 @@ def _position_labels(str_tokens: Sequence[str] | None, n_pos: int) -> list[str]:
     return [f"{i}: {t}" for i, t in enumerate(str_tokens)] if str_tokens else [str(i) for i in range(n_pos)]
 
 
-def _heatmap(z, x, y, title: str, colorscale: str, zmid: float | None = None, text=None, xlabel: str = "",
-             ylabel: str = "", colorbar: str = "", zmin=None, zmax=None) -> go.Figure:
+#: the library's heatmap margins: tighter than plotly's default, which leaves room for long titles
+_HEATMAP_MARGIN = dict(l=60, r=20, t=50, b=50)
+
+
+def heatmap(z, x, y, title: str, colorscale: str = _SEQUENTIAL, zmid: float | None = None, text=None,
+            xlabel: str = "", ylabel: str = "", colorbar: str = "", zmin=None, zmax=None, *,
+            hover: str | None = "value %{z:.4g}", height: int | None = None,
+            margin: dict | None = _HEATMAP_MARGIN) -> go.Figure:
+    """Return a labelled heatmap of the matrix ``z``: rows ``y`` top to bottom, columns ``x`` (None: indices).
+
+    ``hover`` is the hover's last line, after "ylabel y" and "xlabel x" (None: plotly's default
+    hover); ``height=None`` and ``margin=None`` leave plotly's defaults.
+    """
+    if isinstance(z, Tensor):
+        z = _np(z)
     trace = go.Heatmap(
         z=z, x=x, y=y, colorscale=colorscale, zmid=zmid, zmin=zmin, zmax=zmax,
         colorbar=dict(title=colorbar) if colorbar else None,
         text=text, texttemplate="%{text}" if text is not None else None,
-        hovertemplate=f"{ylabel} %{{y}}<br>{xlabel} %{{x}}<br>value %{{z:.4g}}<extra></extra>",
+        hovertemplate=f"{ylabel} %{{y}}<br>{xlabel} %{{x}}<br>{hover}<extra></extra>" if hover is not None else None,
     )
     fig = go.Figure(trace)
-    fig.update_layout(title=title, xaxis_title=xlabel, yaxis_title=ylabel, yaxis_autorange="reversed",
-                      margin=dict(l=60, r=20, t=50, b=50))
+    layout = dict(title=title, xaxis_title=xlabel, yaxis_title=ylabel, yaxis_autorange="reversed")
+    if margin is not None:
+        layout["margin"] = margin
+    if height is not None:
+        layout["height"] = height
+    fig.update_layout(**layout)
     return fig
 
 
@@ -52,9 +69,9 @@ def head_heatmap(scores: Tensor, title: str = "head scores", colorbar: str = "sc
                  diverging: bool = False) -> go.Figure:
     """Return a ``[layer head]`` heatmap (layers down, heads across)."""
     L, H = scores.shape
-    return _heatmap(_np(scores), [str(h) for h in range(H)], [str(i) for i in range(L)], title,
-                    _DIVERGING if diverging else _SEQUENTIAL, 0.0 if diverging else None,
-                    xlabel="head", ylabel="layer", colorbar=colorbar)
+    return heatmap(_np(scores), [str(h) for h in range(H)], [str(i) for i in range(L)], title,
+                   _DIVERGING if diverging else _SEQUENTIAL, 0.0 if diverging else None,
+                   xlabel="head", ylabel="layer", colorbar=colorbar)
 
 
 def head_scores_figure(scores: dict[str, Tensor], title: str = "attention head scores") -> go.Figure:
@@ -80,9 +97,9 @@ def composition_figure(scores: Tensor, later_layer: int, title: str = "") -> go.
     L, H = scores.shape[:2]
     z = scores[:later_layer, :, later_layer].reshape(later_layer * H, H)
     y = [f"L{li}H{h}" for li in range(later_layer) for h in range(H)]
-    return _heatmap(_np(z), [f"L{later_layer}H{h}" for h in range(H)], y,
-                    title or f"composition into layer {later_layer}", _SEQUENTIAL,
-                    xlabel="later head", ylabel="earlier head", colorbar="score")
+    return heatmap(_np(z), [f"L{later_layer}H{h}" for h in range(H)], y,
+                   title or f"composition into layer {later_layer}", _SEQUENTIAL,
+                   xlabel="later head", ylabel="earlier head", colorbar="score")
 
 
 def causal_composition_figure(result: "CausalComposition", later_layer: int, normalized: bool = True) -> go.Figure:
@@ -93,9 +110,9 @@ def causal_composition_figure(result: "CausalComposition", later_layer: int, nor
         drop = drop / result.clean[later_layer].abs().clamp_min(1e-9)[None]
     H = drop.shape[1]
     what = {"q": "query", "k": "key", "v": "value"}[result.kind]
-    return _heatmap(_np(drop), [f"L{later_layer}H{h}" for h in range(H)], [result.sources[i] for i in keep],
-                    f"score drop when a source is removed from the {what} input" + (" (fraction)" if normalized else ""),
-                    _DIVERGING, 0.0, xlabel="later head", ylabel="removed source", colorbar="drop")
+    return heatmap(_np(drop), [f"L{later_layer}H{h}" for h in range(H)], [result.sources[i] for i in keep],
+                   f"score drop when a source is removed from the {what} input" + (" (fraction)" if normalized else ""),
+                   _DIVERGING, 0.0, xlabel="later head", ylabel="removed source", colorbar="drop")
 
 
 def loss_by_position_figure(loss: Tensor, split: int | None = None, title: str = "loss by position") -> go.Figure:
@@ -125,8 +142,8 @@ def lens_grid(result: "LensResult", str_tokens: Sequence[str] | None = None, val
         ids = result.top_tokens[:, batch_index, :, 0]
         text = [[tokenizer_decode([int(i)]) for i in row] for row in ids.tolist()]
     scale = {"target_prob": ("Viridis", 0, 1), "top_prob": ("Viridis", 0, 1)}.get(value, ("Magma", None, None))
-    return _heatmap(_np(z), x, list(result.labels), title or f"lens: {value}", scale[0], text=text,
-                    xlabel="position (input token)", ylabel="layer", colorbar=value, zmin=scale[1], zmax=scale[2])
+    return heatmap(_np(z), x, list(result.labels), title or f"lens: {value}", scale[0], text=text,
+                   xlabel="position (input token)", ylabel="layer", colorbar=value, zmin=scale[1], zmax=scale[2])
 
 
 def lens_kl_figure(comparison: "LensComparison", title: str = "KL(final || lens) by layer, held out") -> go.Figure:
@@ -164,19 +181,19 @@ def patching_heatmap(result: "PatchResult", str_tokens: Sequence[str] | None = N
         x = _position_labels(str_tokens, C)
         xlabel = "position"
     name = {"resid_pre": "residual stream", "attn_out": "attention output", "mlp_out": "MLP output", "z": "head output"}
-    return _heatmap(_np(z), x, [str(i) for i in range(L)],
-                    title or f"patching the clean {name[result.kind]}" + (" (fraction restored)" if normalized else ""),
-                    _DIVERGING, 0.0, xlabel=xlabel, ylabel="layer",
-                    colorbar="restored" if normalized else "metric")
+    return heatmap(_np(z), x, [str(i) for i in range(L)],
+                   title or f"patching the clean {name[result.kind]}" + (" (fraction restored)" if normalized else ""),
+                   _DIVERGING, 0.0, xlabel=xlabel, ylabel="layer",
+                   colorbar="restored" if normalized else "metric")
 
 
 def ablation_heatmap(result: "AblationResult", title: str | None = None) -> go.Figure:
     """Return the metric change of each ablated component as a layer x head (or layer) heatmap."""
     z = result.effect
     x = [str(h) for h in range(z.shape[1])] if result.kind == "z" else [result.kind]
-    return _heatmap(_np(z), x, [str(i) for i in range(z.shape[0])],
-                    title or f"{result.method} ablation: change of the metric", _DIVERGING, 0.0,
-                    xlabel="head" if result.kind == "z" else "", ylabel="layer", colorbar="change")
+    return heatmap(_np(z), x, [str(i) for i in range(z.shape[0])],
+                   title or f"{result.method} ablation: change of the metric", _DIVERGING, 0.0,
+                   xlabel="head" if result.kind == "z" else "", ylabel="layer", colorbar="change")
 
 
 def top_heads_table(scores: Tensor, n: int = 10) -> list[dict]:

@@ -14,6 +14,8 @@ from jaxtyping import Float
 from plotly.subplots import make_subplots
 from torch import Tensor
 
+from workbench import plots
+
 #: a qualitative palette for token chips (light, so dark text stays readable)
 TOKEN_COLOURS = ["#fde2e4", "#e2ece9", "#fff1e6", "#dfe7fd", "#e9f5db", "#f0efeb", "#fad2e1", "#cddafd", "#bee1e6"]
 
@@ -61,11 +63,8 @@ def token_ids_figure(str_tokens: list[str], ids: list[int]) -> go.Figure:
 def attention_heatmap(pattern: Float[Tensor, "q k"], str_tokens: list[str], title: str) -> go.Figure:
     """Return one head's attention pattern (rows: queries, columns: keys)."""
     labels = [f"{i}:{show_token(s)}" for i, s in enumerate(str_tokens)]
-    fig = go.Figure(go.Heatmap(z=pattern.numpy(), x=labels, y=labels, colorscale="Blues", zmin=0, zmax=1,
-                               hovertemplate="query %{y}<br>key %{x}<br>attention %{z:.3f}<extra></extra>"))
-    fig.update_layout(title=title, xaxis_title="key", yaxis_title="query", yaxis_autorange="reversed",
-                      height=max(360, 18 * len(labels) + 120))
-    return fig
+    return plots.heatmap(pattern, labels, labels, title, "Blues", zmin=0, zmax=1, xlabel="key", ylabel="query",
+                         hover="attention %{z:.3f}", height=max(360, 18 * len(labels) + 120), margin=None)
 
 
 def attention_grid(patterns: Float[Tensor, "layer head q k"], max_layers: int = 32) -> go.Figure:
@@ -116,10 +115,9 @@ def matrix_heatmap(z: Float[Tensor, "a b"], title: str, x_title: str, y_title: s
     """Return a plain heatmap of a matrix."""
     arr = z.detach().float().cpu().numpy()
     lim = float(abs(arr).max()) if symmetric and arr.size else None
-    fig = go.Figure(go.Heatmap(z=arr, colorscale=colorscale, zmid=0 if symmetric else None,
-                               zmin=-lim if lim else None, zmax=lim))
-    fig.update_layout(title=title, xaxis_title=x_title, yaxis_title=y_title, yaxis_autorange="reversed", height=420)
-    return fig
+    return plots.heatmap(arr, None, None, title, colorscale, zmid=0 if symmetric else None,
+                         zmin=-lim if lim else None, zmax=lim, xlabel=x_title, ylabel=y_title, hover=None,
+                         height=420, margin=None)
 
 
 def rope_frequencies(inv_freq: Float[Tensor, "pair"], theta: float) -> go.Figure:
