@@ -106,6 +106,8 @@ def test_run_killed_mid_interval_resumes_from_its_last_checkpoint(unbroken, tmp_
     with pytest.raises(_Killed):
         train(_model(), _batches(), _cfg(eval_every=2), tmp_path, evaluate=crash, progress=False)
     assert torch.load(checkpoint_path(tmp_path), weights_only=False)["step"] == 8
+    with (tmp_path / METRICS_FILE).open("a") as f:
+        f.write('{"step": 10, "lo')  # a kill mid-write also leaves a log line cut short
     resumed = _model(seed=5)
     train(resumed, _batches(), _cfg(), tmp_path, resume=True, progress=False)
     _assert_same(_weights(resumed), want)

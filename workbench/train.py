@@ -285,9 +285,9 @@ class _Metrics:
         self.path = path
         if resume_step is None:
             path.write_text("")
-        elif path.is_file():
-            kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= resume_step]
-            path.write_text("".join(line + "\n" for line in kept))
+        elif path.is_file():  # read_metrics drops a line a killed run cut short
+            kept = [r for r in read_metrics(path) if r["step"] <= resume_step]
+            path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, record: dict) -> None:
         with self.path.open("a") as f:

@@ -46,7 +46,8 @@ def _dynamics(sel: Selection, seq_len: int) -> None:
     st.subheader("Training dynamics")
     model_dir = choices.model_dir(sel.name)
     snaps = compute.snapshots(model_dir)
-    metrics = compute.training_metrics(model_dir)
+    with ui.guard():  # a training log damaged before its last line says which line, no traceback
+        metrics = compute.training_metrics(model_dir)
     if not snaps and metrics.empty:
         st.info(f"{sel.name} has no training snapshots beside its checkpoint. The built-in `attn-only-2l` ships "
                 "with them; `workbench train attn-only-2l` reproduces the run, snapshots included.")
