@@ -17,12 +17,11 @@ decode) and through a plain sum of every matrix (the streaming rate of all cores
 kernel beats it). The gap between a ceiling and the real decode is per-token overhead: norms, rotary,
 attention over the cache and about 80 small torch calls per layer.
 
-Caching every hook keeps ~1.8 GB of fresh activations per 4 x 256 call; glibc's malloc hands such
-blocks back to the kernel when freed, so each call page-faults them in again. Measured here, that
-is most of the gap between cache-all and a plain forward; with the allocator told to keep freed
-memory (as jemalloc/tcmalloc do), e.g.
-``MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736 python -m benchmarks generate``,
-the same run measures the allocator-independent cost.
+Caching every hook keeps ~1.8 GB of fresh activations per 4 x 256 call. With glibc's default malloc
+those blocks go back to the kernel when freed, so each call page-faults them in again (about 500,000
+minor faults, 1.2-1.4x a plain forward); the benchmarks run with freed memory kept in the process
+(``workbench.allocator``, as the workbench command and the app do), for HF and the workbench alike.
+``WORKBENCH_KEEP_FREED_MEMORY=0 python -m benchmarks generate`` shows glibc's defaults.
 """
 
 from __future__ import annotations
@@ -37,7 +36,7 @@ from collections.abc import Callable
 
 import torch
 
-from benchmarks import interleaved_medians
+from benchmarks import KEEPS_FREED_MEMORY, interleaved_medians
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 PROMPT = "The history of the printing press begins"
@@ -145,7 +144,8 @@ def prefill(repeats: int, batch: int = 4, pos: int = 256) -> dict[str, float]:
     }
     with torch.inference_mode():
         med = interleaved_medians(fns, repeats)
-    print(f"\nprefill: SmolLM2-135M, {batch} x {pos}, fp32, median of {repeats}")
+    allocator = "freed memory kept (workbench.allocator)" if KEEPS_FREED_MEMORY else "glibc's default malloc"
+    print(f"\nprefill: SmolLM2-135M, {batch} x {pos}, fp32, median of {repeats}, {allocator}")
     for name, seconds in med.items():
         print(f"  {name:14s} {seconds * 1000:8.1f} ms   {seconds / med['hf_forward']:5.2f}x HF forward")
     return {name: seconds / med["hf_forward"] for name, seconds in med.items()}

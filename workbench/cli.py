@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from workbench.allocator import retain_freed_memory
+
+    retain_freed_memory()  # repeated large passes reuse memory instead of page-faulting it in (see there)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -12,6 +12,7 @@ from typing import Callable
 
 import streamlit as st
 
+from workbench.allocator import retain_freed_memory
 from workbench.app import sidebar
 
 
@@ -79,6 +80,7 @@ def _page(spec: PageSpec):
 
 def main() -> None:
     """Run the whole app: navigation over every page, the sidebar above it."""
+    retain_freed_memory()  # every prompt caches all hooks: reuse that memory across reruns (see workbench.allocator)
     st.set_page_config(page_title="Interpretability workbench", page_icon=":material/biotech:", layout="wide")
     sections: dict[str, list] = {}
     for spec in PAGES:
