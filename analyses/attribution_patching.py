@@ -34,7 +34,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # analyses/_common.py
 
+from _common import log  # noqa: E402
 from workbench import plots  # noqa: E402
 from workbench.analysis import attribution as A  # noqa: E402
 from workbench.analysis import patching as P  # noqa: E402
@@ -44,10 +46,6 @@ from workbench.zoo import load_model  # noqa: E402
 CLEAN = "When Mary and John went to the store, John gave a drink to"
 CORRUPT = "When Mary and John went to the store, Mary gave a drink to"
 ANSWER, WRONG = " Mary", " John"
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -31,17 +31,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # analyses/_common.py
 
+from _common import log, study_models  # noqa: E402
 from workbench import plots  # noqa: E402
 from workbench.analysis import induction as I  # noqa: E402
 from workbench.errors import WorkbenchError  # noqa: E402
 from workbench.report import Report, report_dir  # noqa: E402
 
 MODELS = ("attn-only-2l", "attn-only-1l", "smollm2-135m")
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -54,22 +52,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--top", type=int, default=10, help="induction heads listed per model (default 10)")
     p.add_argument("--out", default=None, help="report directory (default $WORKBENCH_HOME/runs/reports/induction-heads)")
     return p.parse_args(argv)
-
-
-def load(name: str):
-    """Return the model, or None with a message saying how to get it."""
-    from workbench.builtin import BUILTIN_DIR, RECIPES
-    from workbench.zoo import load_model
-
-    if name in RECIPES and not (BUILTIN_DIR / name / "config.json").is_file():
-        log(f"skipping {name}: its checkpoint is not in {BUILTIN_DIR / name} yet; "
-            f"`workbench train {name} --ship` trains and ships it")
-        return None
-    try:
-        return load_model(name)
-    except WorkbenchError as exc:
-        log(f"skipping {name}: {exc}")
-        return None
 
 
 def _head(label_layer: int, head: int) -> str:
@@ -192,19 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out) if args.out else report_dir("induction-heads")
     report = Report("Induction heads: attention scores, composition and loss on repeated tokens")
     report.text(__doc__.split("\n\n", 2)[2].split("A model that")[0])
-    report.numbers["models"] = {}
-    skipped = []
-    for name in args.models:
-        model = load(name)
-        if model is None:
-            skipped.append(name)
-            report.text(f"{name}: not available in this checkout (skipped).")
-            continue
-        report.numbers["models"][name] = study(name, model, args, report)
-    report.numbers["skipped"] = skipped
-    paths = report.write(out)
-    log(f"report: {paths.html}  numbers: {paths.json}")
-    return report.numbers
+    return study_models(report, args.models, lambda name, model: study(name, model, args, report), out)
 
 
 if __name__ == "__main__":

@@ -32,11 +32,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # analyses/_common.py
 
+from _common import log, study_models  # noqa: E402
 from workbench import plots  # noqa: E402
 from workbench.analysis import logit_lens as LL  # noqa: E402
 from workbench.commands.store import token_windows  # noqa: E402
-from workbench.errors import WorkbenchError  # noqa: E402
 from workbench.report import Report, report_dir  # noqa: E402
 
 
@@ -64,10 +65,6 @@ PLANS = {
 DEFAULT_PLAN = PLANS["kjv-small"]
 
 
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="+", default=list(PLANS), help="zoo names or checkpoint paths")
@@ -75,21 +72,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--vocab", type=int, default=None, help="override the training vocabulary restriction (0: none)")
     p.add_argument("--out", default=None, help="report directory (default $WORKBENCH_HOME/runs/reports/logit-lens)")
     return p.parse_args(argv)
-
-
-def load(name: str):
-    from workbench.builtin import BUILTIN_DIR
-    from workbench.zoo import load_model
-
-    if name == "kjv-small" and not (BUILTIN_DIR / name / "config.json").is_file():
-        log(f"skipping {name}: the small text LM is not in {BUILTIN_DIR / name} yet (the training helper ships it; "
-            f"`workbench train {name} --ship` trains it). Pass --models PATH to use another small LM")
-        return None
-    try:
-        return load_model(name)
-    except WorkbenchError as exc:
-        log(f"skipping {name}: {exc}")
-        return None
 
 
 def study(name: str, model, plan: Plan, args: argparse.Namespace, out: Path, report: Report) -> dict:
@@ -161,20 +143,8 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out) if args.out else report_dir("logit-lens")
     report = Report("Logit lens and tuned lens, held out")
     report.text(__doc__.split("\n\n", 2)[2].split("The small text LM")[0])
-    report.numbers["models"] = {}
-    skipped = []
-    for name in args.models:
-        model = load(name)
-        if model is None:
-            skipped.append(name)
-            report.text(f"{name}: not available in this checkout (skipped).")
-            continue
-        plan = PLANS.get(name, DEFAULT_PLAN)
-        report.numbers["models"][name] = study(name, model, plan, args, out, report)
-    report.numbers["skipped"] = skipped
-    paths = report.write(out)
-    log(f"report: {paths.html}  numbers: {paths.json}")
-    return report.numbers
+    return study_models(report, args.models,
+                        lambda name, model: study(name, model, PLANS.get(name, DEFAULT_PLAN), args, out, report), out)
 
 
 if __name__ == "__main__":

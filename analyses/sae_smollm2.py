@@ -32,7 +32,9 @@ import plotly.graph_objects as go
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # analyses/_common.py
 
+from _common import log  # noqa: E402
 from workbench import paths  # noqa: E402
 from workbench.commands.store import token_windows  # noqa: E402
 from workbench.sae.evaluate import EvalConfig, SpliceConfig, evaluate_sae, spliced_metrics  # noqa: E402
@@ -44,10 +46,6 @@ from workbench.store import ActivationStore, ReaderConfig, StoreConfig, write_st
 from workbench.zoo import load_model  # noqa: E402
 
 MODEL = "smollm2-135m"
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

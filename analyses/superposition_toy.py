@@ -31,7 +31,9 @@ import torch
 from plotly.subplots import make_subplots
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # analyses/_common.py
 
+from _common import log  # noqa: E402
 from workbench.analysis.superposition import (  # noqa: E402
     PHASE_NAMES,
     ToyConfig,
@@ -41,10 +43,6 @@ from workbench.analysis.superposition import (  # noqa: E402
     train_toy_model,
 )
 from workbench.report import Report, report_dir  # noqa: E402
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def polar_gaps(W: torch.Tensor) -> list[float]:
