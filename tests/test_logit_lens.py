@@ -133,3 +133,26 @@ def test_smollm2_logit_lens_last_layer_is_exact(smollm2):
     res = LL.logit_lens(smollm2, tokens)
     assert res.kl_to_final[-1].abs().max() < 1e-5
     assert res.kl_to_final[0].mean() > res.kl_to_final[-2].mean()
+
+
+def test_validation_residuals_are_computed_once(monkeypatch):
+    """Each evaluation scores the same validation windows: their residuals are cached once (when they fit),
+    and the kept translators are the same as when every evaluation recomputes them."""
+    from workbench import HookedGPT
+
+    torch.manual_seed(0)
+    model = HookedGPT(tiny_cfg(n_layers=2, d_vocab=40)).eval()
+    windows = torch.randint(0, 40, (40, 12))
+    cfg = LL.TunedLensConfig(steps=8, lr=1e-2, batch_size=4, eval_every=2, val_fraction=0.25)  # 10 val windows
+    calls = []
+    real = LL.lens_residuals
+    monkeypatch.setattr(LL, "lens_residuals", lambda m, t: calls.append(t.shape[0]) or real(m, t))
+    cached = LL.train_tuned_lens(model, windows, cfg)
+    assert calls == [8, 2] + [4] * 8  # the validation windows in 2 chunks, once, then one batch per step
+    calls.clear()
+    monkeypatch.setattr(LL, "VAL_CACHE_BYTES", 0)
+    recomputed = LL.train_tuned_lens(model, windows, cfg)
+    assert calls.count(4) == 8 and calls.count(8) == 1 + 4 and calls.count(2) == 1 + 4  # before training + 4 evals
+    torch.testing.assert_close(cached.val_kl_tuned, recomputed.val_kl_tuned)
+    for a, b in zip(cached.lens.parameters(), recomputed.lens.parameters()):
+        assert torch.equal(a, b)

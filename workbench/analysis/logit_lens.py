@@ -224,18 +224,28 @@ def _layer_kl(model: "HookedGPT", resid: Tensor, lens: TunedLens | None) -> Floa
 
 
 @torch.no_grad()
-def _lens_kls(
-    model: "HookedGPT", tokens: Int[Tensor, "batch pos"], lenses: list[TunedLens | None], chunk: int = 8
-) -> list[Float[Tensor, " layer"]]:
-    """Return :func:`lens_kl` of each lens, caching the residuals of each chunk once for all of them."""
+def _residual_chunks(model: "HookedGPT", tokens: Int[Tensor, "batch pos"], chunk: int = 8
+                     ) -> Iterator[tuple[Float[Tensor, "layer batch pos d_model"], int]]:
+    """Yield :func:`lens_residuals` of ``chunk`` windows at a time, with the number of windows."""
     tokens = model.check_tokens(tokens)
-    totals = [torch.zeros(model.cfg.n_layers, dtype=torch.float64) for _ in lenses]
     for lo in range(0, tokens.shape[0], chunk):
         part = tokens[lo: lo + chunk]
-        resid = lens_residuals(model, part)
+        yield lens_residuals(model, part), part.shape[0]
+
+
+def _lens_kls(
+    model: "HookedGPT", tokens: Int[Tensor, "batch pos"], lenses: list[TunedLens | None], chunk: int = 8,
+    residuals: list[tuple[Tensor, int]] | None = None,
+) -> list[Float[Tensor, " layer"]]:
+    """Return :func:`lens_kl` of each lens, caching the residuals of each chunk once for all of them
+    (or reading them from ``residuals``, :func:`_residual_chunks` of the same tokens kept in memory)."""
+    totals = [torch.zeros(model.cfg.n_layers, dtype=torch.float64) for _ in lenses]
+    n_windows = 0
+    for resid, n in residuals if residuals is not None else _residual_chunks(model, tokens, chunk):
+        n_windows += n
         for total, lens in zip(totals, lenses):
-            total += _layer_kl(model, resid, lens).double().cpu() * part.shape[0]
-    return [(total / tokens.shape[0]).float() for total in totals]
+            total += _layer_kl(model, resid, lens).double().cpu() * n
+    return [(total / n_windows).float() for total in totals]
 
 
 def lens_kl(
@@ -243,6 +253,10 @@ def lens_kl(
 ) -> Float[Tensor, " layer"]:
     """Return the mean KL(final output || lens) per block over ``tokens`` (logit lens when ``lens`` is None)."""
     return _lens_kls(model, tokens, [lens], chunk)[0]
+
+
+#: train_tuned_lens keeps the validation windows' residuals in memory up to this many bytes
+VAL_CACHE_BYTES = 512 << 20
 
 
 class TunedLensTraining(NamedTuple):
@@ -292,7 +306,8 @@ def train_tuned_lens(
     The model is frozen; each step caches the residuals of one batch and takes an Adam step on the
     sum over layers of the mean KL. Every ``eval_every`` steps each layer's translator is scored on
     validation windows split off ``windows``, and each layer keeps its best translator so far (the
-    identity counts as a candidate), so no layer ends worse than the logit lens on that split.
+    identity counts as a candidate), so no layer ends worse than the logit lens on that split. The
+    validation residuals are computed once and kept while they fit in :data:`VAL_CACHE_BYTES`.
     """
     windows = model.check_tokens(windows)
     if windows.shape[0] < 2:
@@ -307,7 +322,10 @@ def train_tuned_lens(
         p.requires_grad_(False)
     opt = torch.optim.Adam(lens.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / cfg.steps, 1.0))))
-    val_logit = lens_kl(model, val)
+    # the validation residuals are the same at every evaluation: keep them when they fit in VAL_CACHE_BYTES
+    val_bytes = val.numel() * (model.cfg.n_layers + 1) * model.cfg.d_model * model.embed.W_E.element_size()
+    val_resid = list(_residual_chunks(model, val)) if val_bytes <= VAL_CACHE_BYTES else None
+    val_logit = _lens_kls(model, val, [None], residuals=val_resid)[0]
     best_kl = val_logit.clone()
     best_state = [{k: v.clone() for k, v in t.state_dict().items()} for t in lens.translators]
     for state in best_state:  # the identity is every layer's first candidate
@@ -315,7 +333,7 @@ def train_tuned_lens(
             v.zero_()
 
     def keep_best() -> None:
-        kl = lens_kl(model, val, lens)
+        kl = _lens_kls(model, val, [lens], residuals=val_resid)[0]
         for i in range(lens.n_layers):
             if kl[i] < best_kl[i]:
                 best_kl[i] = kl[i]
