@@ -285,9 +285,8 @@ class _Metrics:
         self.path = path
         if resume_step is None:
             path.write_text("")
-        elif path.is_file():  # read_metrics drops a line a killed run cut short
-            kept = [r for r in read_metrics(path) if r["step"] <= resume_step]
-            path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        else:
+            truncate_metrics(path, resume_step)
 
     def write(self, record: dict) -> None:
         with self.path.open("a") as f:
@@ -322,6 +321,14 @@ def read_metrics(path: str | Path) -> list[dict]:
             raise DataError(f"{path} line {i} is not a metrics record (a JSON object with a 'step'): {line[:80]!r}")
         records.append(record)
     return records
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop the records a run logged after ``step`` (the checkpoint it resumes from), and a line a kill
+    cut short, so the log of a resumed run reads as one run. No file: nothing to do."""
+    if path.is_file():
+        kept = [r for r in read_metrics(path) if r["step"] <= step]
+        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 
 # ----------------------------------------------------------------------------------------- loop

@@ -32,12 +32,12 @@ from torch import Tensor
 from workbench.distributed import DistInfo, dist_info
 from workbench.errors import CheckpointError, ConfigError, DataError, InputError
 from workbench.sae.model import SAE, SAEConfig, batch_topk
+from workbench.train import METRICS_FILE, truncate_metrics  # the LM trainer's log format
 
 #: A source of activation batches: an iterable, or a function from the first step to an iterable.
 Batches = Iterable[Tensor] | Callable[[int], Iterable[Tensor]]
 
 CHECKPOINT_DIR = "checkpoint"
-METRICS_FILE = "metrics.jsonl"
 
 
 @dataclass(frozen=True)
@@ -539,7 +539,7 @@ def train_sae(
         fired_total.copy_(state["fired_total"])
         resumed_from = step
         if info.rank == 0:
-            _truncate_metrics(out / METRICS_FILE, step)
+            truncate_metrics(out / METRICS_FILE, step)
     else:
         _broadcast_parameters(sae)
         if out is not None and info.rank == 0:
@@ -781,15 +781,3 @@ def load_checkpoint(out: Path, sae: SAE, optimizer: torch.optim.Optimizer) -> di
     return state
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metrics lines written after the checkpoint a run resumes from."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line)
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue  # a line cut short by a kill mid-write (or a blank one)
-    path.write_text("".join(line + "\n" for line in kept))
