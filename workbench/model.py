@@ -204,11 +204,11 @@ def linear(x: Float[Tensor, "... d_in"], W: Float[Tensor, "d_out d_in"], b: Tens
     """``F.linear(x, W, b)``, faster when ``x`` has only a few rows on a multi-threaded CPU.
 
     Decoding multiplies one row by every weight matrix. Torch hands a one-row fp32 product on the CPU to a
-    kernel that runs on one core, and one core streams memory at under half the rate of all (measured on
-    a 2-core machine: 9 GB/s against 20). So
-    for up to :data:`SPLIT_MAX_ROWS` rows of fp32 on the CPU, the rows of ``W`` are cut into one block per
-    thread and multiplied as a batched matmul, which the BLAS spreads over the threads: SmolLM2 decodes
-    1.4x faster in fp32 (``python -m benchmarks generate``). Each output is the same dot product, so the
+    kernel that runs on one core, and one core streams memory at about half the rate of all. So for up
+    to :data:`SPLIT_MAX_ROWS` rows of fp32 on the CPU, the rows of ``W`` are cut into one block per
+    thread and multiplied as a batched matmul, which the BLAS spreads over the threads
+    (``python -m benchmarks generate`` prints both kernels' SmolLM2 weight-read rates, the
+    ``F.linear_ceiling`` and ``wb.linear_ceiling`` lines). Each output is the same dot product, so the
     result equals ``F.linear``'s up to the order of summation (bit for bit in SmolLM2's shapes). Other
     inputs (more rows, small weights, other dtypes, GPUs, one thread) go to ``F.linear`` unchanged.
     """
@@ -248,8 +248,6 @@ class Norm(nn.Module):
             # fused kernels when nobody is looking inside
             if self.kind == "layernorm":
                 return F.layer_norm(x, x.shape[-1:], self.w, self.b, self.eps)
-            if x.dtype is torch.float32:  # two conversions fewer; they are not free at one token per call
-                return F.rms_norm(x, x.shape[-1:], None, self.eps) * self.w
             return F.rms_norm(x.float(), x.shape[-1:], None, self.eps).to(x.dtype) * self.w
         orig_dtype, d = x.dtype, x.shape[-1]
         x = x.float()
