@@ -300,6 +300,10 @@ def _outputs(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report", metavar="DIR", help="also write report.html (figures) and report.json here")
 
 
+#: `tuned-lens train`'s default training and held-out windows (`eval` skips both by default)
+_LENS_WINDOWS, _LENS_HELD_OUT = 256, 32
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser("induction", help="score every head for previous-token/duplicate/induction attention")
     p.add_argument("model", help="zoo name, checkpoint directory or .gguf file")
@@ -326,8 +330,9 @@ def register(subparsers) -> None:
     t.add_argument("--corpus", default="pydocs", help="pydocs, kjv or a .txt/.jsonl file (default pydocs)")
     t.add_argument("--out", required=True, help="directory to save the lens in")
     t.add_argument("--n-ctx", type=int, default=64, help="tokens per window (default 64)")
-    t.add_argument("--windows", type=int, default=256, help="training windows (default 256)")
-    t.add_argument("--held-out", type=int, default=32, help="held-out windows after them (default 32)")
+    t.add_argument("--windows", type=int, default=_LENS_WINDOWS, help=f"training windows (default {_LENS_WINDOWS})")
+    t.add_argument("--held-out", type=int, default=_LENS_HELD_OUT,
+                   help=f"held-out windows after them (default {_LENS_HELD_OUT})")
     t.add_argument("--steps", type=int, default=300)
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--batch-size", type=int, default=8)
@@ -339,9 +344,10 @@ def register(subparsers) -> None:
     e.add_argument("lens", help="directory of the lens")
     e.add_argument("--corpus", default="pydocs")
     e.add_argument("--n-ctx", type=int, default=64)
-    e.add_argument("--skip", type=int, default=288,
-                   help="windows to skip first (training + held-out windows of `train`'s defaults: 288)")
-    e.add_argument("--held-out", type=int, default=32)
+    skip = _LENS_WINDOWS + _LENS_HELD_OUT
+    e.add_argument("--skip", type=int, default=skip,
+                   help=f"windows to skip first (training + held-out windows of `train`'s defaults: {skip})")
+    e.add_argument("--held-out", type=int, default=_LENS_HELD_OUT)
     _outputs(e)
     e.set_defaults(func=_cmd_tuned_eval)
 
