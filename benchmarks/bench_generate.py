@@ -1,6 +1,6 @@
 """SmolLM2-135M: generation tokens/s, cache-all prefill and load times, against HF transformers, in one run.
 
-    python -m benchmarks.bench_generate [--quick] [--new-tokens 128] [--repeats 3]
+    python -m benchmarks.bench_generate [--quick] [--new-tokens 128] [--repeats 3] [--parts decode prefill load]
 
 - decode: batch 1, greedy, N new tokens (no stop token) from a short prompt; HF ``generate`` on the
   model HF's own GGUF loader builds from the same file, vs. ``workbench.generate`` in float32 and
@@ -18,16 +18,18 @@ kernel beats it). The gap between a ceiling and the real decode is per-token ove
 attention over the cache and about 80 small torch calls per layer.
 
 Caching every hook keeps ~1.8 GB of fresh activations per 4 x 256 call. With glibc's default malloc
-those blocks go back to the kernel when freed, so each call page-faults them in again (about 500,000
-minor faults, 1.2-1.4x a plain forward); the benchmarks run with freed memory kept in the process
-(``workbench.allocator``, as the workbench command and the app do), for HF and the workbench alike.
-``WORKBENCH_KEEP_FREED_MEMORY=0 python -m benchmarks generate`` shows glibc's defaults.
+those blocks go back to the kernel when freed, so each call page-faults them in again (the prefill
+lines print the minor page faults of one call); the benchmarks run with freed memory kept in the
+process (``workbench.allocator``, as the workbench command and the app do), for HF and the workbench
+alike. ``WORKBENCH_KEEP_FREED_MEMORY=0 python -m benchmarks.bench_generate --parts prefill`` shows
+glibc's defaults.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import statistics
 import tempfile
@@ -40,6 +42,7 @@ from benchmarks import KEEPS_FREED_MEMORY, interleaved_medians
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 PROMPT = "The history of the printing press begins"
+PARTS = ["decode", "prefill", "load"]
 
 
 def _hf_smollm2():
@@ -144,10 +147,16 @@ def prefill(repeats: int, batch: int = 4, pos: int = 256) -> dict[str, float]:
     }
     with torch.inference_mode():
         med = interleaved_medians(fns, repeats)
+        faults = {}  # minor page faults of one more call each: memory the kernel had to map and zero anew
+        for name, fn in fns.items():
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            fn()
+            faults[name] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
     allocator = "freed memory kept (workbench.allocator)" if KEEPS_FREED_MEMORY else "glibc's default malloc"
     print(f"\nprefill: SmolLM2-135M, {batch} x {pos}, fp32, median of {repeats}, {allocator}")
     for name, seconds in med.items():
-        print(f"  {name:14s} {seconds * 1000:8.1f} ms   {seconds / med['hf_forward']:5.2f}x HF forward")
+        print(f"  {name:14s} {seconds * 1000:8.1f} ms   {seconds / med['hf_forward']:5.2f}x HF forward   "
+              f"{faults[name]:8d} page faults")
     return {name: seconds / med["hf_forward"] for name, seconds in med.items()}
 
 
@@ -185,9 +194,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="16 new tokens, 1 repeat (a smoke run)")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=PARTS, help="which parts to run (default: all)")
     args = parser.parse_args(argv)
     new, repeats = (16, 1) if args.quick else (args.new_tokens, args.repeats)
-    return {"decode": decode(new, repeats), "prefill": prefill(repeats), "load": load_times()}
+    run = {"decode": lambda: decode(new, repeats), "prefill": lambda: prefill(repeats), "load": load_times}
+    return {part: run[part]() for part in args.parts}
 
 
 if __name__ == "__main__":

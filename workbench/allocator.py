@@ -4,10 +4,10 @@ Caching every hook of SmolLM2 on 4 x 256 tokens makes about 1.8 GB of fresh tens
 and the logits alone are 200 MB. glibc's malloc serves blocks that large with ``mmap`` and
 gives them back to the kernel on ``free``; smaller ones come from the heap, whose top is also
 given back once it is big enough. So every call maps its memory anew and the kernel zeroes it
-page by page: measured here, about 500,000 minor page faults per cache-all call, which made it
-1.2-1.4x a plain forward. :func:`retain_freed_memory` raises both thresholds so freed blocks stay
-in the process and the next call reuses them: no page faults, cache-all within 1.02x of a forward
-(``python -m benchmarks generate`` prints both). jemalloc and tcmalloc behave this way by default.
+page by page. :func:`retain_freed_memory` raises both thresholds so freed blocks stay in the process
+and the next call reuses them. ``python -m benchmarks.bench_generate --parts prefill`` prints the
+times and page faults per call with it, and with ``WORKBENCH_KEEP_FREED_MEMORY=0`` without it.
+jemalloc and tcmalloc keep freed memory this way by default.
 
 The ``workbench`` command, the app and the benchmarks call it at start. It is a setting of the
 whole process, so the library never applies it on import; call it in your own scripts if you run
