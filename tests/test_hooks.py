@@ -192,3 +192,90 @@ def test_torch_module_hooks_on_a_hook_point_still_fire(model):
     with torch.no_grad():
         model(tokens)  # and once removed, nothing fires
     assert seen == ["blocks.0.hook_resid_post"]
+
+
+def test_hooks_belong_to_the_thread_that_attached_them():
+    """Two threads share one model: each forward pass sees only its own thread's hooks.
+
+    Thread A holds a destructive hook open (inside ``hooks()``) while thread B runs plain and cached
+    passes, which must equal a quiet run exactly; then A's own pass inside the block is still hooked."""
+    import threading
+
+    model = HookedGPT(tiny_cfg(**LLAMA_TINY)).eval()
+    tokens = torch.randint(0, model.cfg.d_vocab, (2, 9))
+    with torch.no_grad():
+        quiet = model(tokens)
+        _, quiet_cache = model.run_with_cache(tokens, names_filter="blocks.1.attn.hook_pattern")
+    attached, done = threading.Event(), threading.Event()
+    seen: dict[str, torch.Tensor] = {}
+
+    def steer():
+        with torch.no_grad(), model.hooks([(lambda n: n.endswith("hook_resid_post"), lambda x, hook: x * 0 + 100.0),
+                                           ("blocks.1.attn.hook_pattern", lambda p, hook: torch.ones_like(p))]):
+            attached.set()
+            done.wait(timeout=30)
+            seen["steered"] = model(tokens)
+
+    def read():
+        attached.wait(timeout=30)
+        with torch.no_grad():
+            seen["plain"] = model(tokens)
+            seen["active"] = torch.tensor(any(hp.active for hp in model.hook_dict.values()))
+            _, cache = model.run_with_cache(tokens, names_filter="blocks.1.attn.hook_pattern")
+            seen["pattern"] = cache["blocks.1.attn.hook_pattern"]
+        done.set()
+
+    threads = [threading.Thread(target=steer), threading.Thread(target=read)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not seen["active"].item()
+    assert torch.equal(seen["plain"], quiet)
+    assert torch.equal(seen["pattern"], quiet_cache["blocks.1.attn.hook_pattern"])
+    assert not torch.allclose(seen["steered"], quiet)  # A's hooks did fire in A's own pass
+    assert not any(hp.active for hp in model.hook_dict.values())
+
+
+def test_nested_blocks_closing_out_of_order_keep_the_inner_hooks():
+    """Generators may close ``hooks()`` blocks out of order; each removes exactly its own hooks."""
+    model = HookedGPT(tiny_cfg()).eval()
+    point = model.hook_point("blocks.0.hook_resid_post")
+    f, g = (lambda x, hook: None), (lambda x, hook: None)
+    outer, inner = model.hooks([(point.name, f)]), model.hooks([(point.name, g)])
+    outer.__enter__()
+    inner.__enter__()
+    assert point.fns == (f, g)
+    outer.__exit__(None, None, None)
+    assert point.fns == (g,)
+    inner.__exit__(None, None, None)
+    assert point.fns == () and not point.active
+
+
+def test_clear_run_hooks_drops_what_an_abandoned_block_left():
+    from workbench.hooks import clear_run_hooks
+
+    model = HookedGPT(tiny_cfg()).eval()
+
+    def stream():
+        with model.hooks([("blocks.0.hook_resid_post", lambda x, hook: x * 0)]):
+            yield 1
+            yield 2
+
+    gen = stream()
+    next(gen)  # paused inside the block: this thread now carries the hook
+    assert model.hook_point("blocks.0.hook_resid_post").active
+    clear_run_hooks()
+    assert not any(hp.active for hp in model.hook_dict.values())
+    gen.close()  # its finally then finds nothing of its own to remove, and says nothing
+    assert not any(hp.active for hp in model.hook_dict.values())
+
+
+def test_bad_hook_functions_are_one_line_errors():
+    model = HookedGPT(tiny_cfg()).eval()
+    tokens = torch.randint(0, 50, (1, 5))
+    with pytest.raises(HookError, match="not a function"):
+        model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_resid_post", "x * 2")])
+    with pytest.raises(HookError, match=r"float64 tensor .* expected torch.float32"):
+        model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_resid_post", lambda x, hook: x.double())])
+    assert not any(hp.active for hp in model.hook_dict.values())

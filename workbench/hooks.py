@@ -4,6 +4,12 @@ A :class:`HookPoint` returns its input unchanged unless a hook function is attac
 functions take ``(activation, hook)`` and return ``None`` (observe) or a tensor of the same
 shape (replace). :class:`HookedModule` gives a model name lookup, a context manager for
 temporary hooks that always removes them, ``run_with_hooks`` and ``run_with_cache``.
+
+Hooks belong to the run that attached them. Temporary hooks live in a :class:`contextvars.ContextVar`,
+not on the module: a forward pass sees the hooks its own thread (or asyncio task) attached and no
+others, so one model can be shared between callers (the app's cached model serves every browser
+session, each in its own thread) without one caller's hooks firing in another's pass. Only
+:meth:`HookPoint.add` attaches a *permanent* hook that every caller sees; the library never uses it.
 """
 
 from __future__ import annotations
@@ -11,6 +17,8 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
+from types import MappingProxyType
 from typing import Union
 
 import torch
@@ -23,6 +31,22 @@ HookFn = Callable[[Tensor, "HookPoint"], Union[Tensor, None]]
 NameFilter = Union[None, str, Sequence[str], Callable[[str], bool]]
 FwdHooks = Sequence[tuple[Union[str, Callable[[str], bool]], HookFn]]
 
+# The temporary hooks of the current run: hook point -> its functions in attach order. Each `hooks()`
+# block installs a new mapping (never mutated in place), so a thread sees only what it attached.
+# Threads start from the empty default: Python does not copy a context into a new thread.
+_EMPTY: "MappingProxyType[HookPoint, tuple[HookFn, ...]]" = MappingProxyType({})
+_RUN_HOOKS: ContextVar["MappingProxyType[HookPoint, tuple[HookFn, ...]]"] = ContextVar("workbench_run_hooks", default=_EMPTY)
+
+
+def clear_run_hooks() -> None:
+    """Drop every temporary hook of the current thread's context (a guard for reused worker threads).
+
+    A ``hooks()`` block always removes its hooks on exit; this is for a thread that runs one job
+    after another (Streamlit reruns a session's script on the same thread) and wants to be sure that
+    nothing a stopped job left behind, e.g. a generator abandoned mid-``with``, reaches the next one.
+    """
+    _RUN_HOOKS.set(_EMPTY)
+
 
 class HookPoint(nn.Module):
     """An identity module that calls its hook functions on what passes through."""
@@ -30,35 +54,52 @@ class HookPoint(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.name: str = ""
-        self._fns: list[HookFn] = []
+        self._fns: list[HookFn] = []  # permanent hooks (add): seen by every caller
 
     def add(self, fn: HookFn) -> None:
+        """Attach a *permanent* hook, seen by every caller until :meth:`clear`.
+
+        Prefer ``model.hooks(...)``: its hooks belong to the run that attached them. A permanent hook
+        on a model that several callers share fires in all of their forward passes."""
+        _check_callable(fn, self.name)
         self._fns.append(fn)
 
     def clear(self) -> None:
+        """Remove the permanent hooks and the current run's temporary hooks on this point."""
         self._fns.clear()
+        run = _RUN_HOOKS.get()
+        if self in run:
+            _RUN_HOOKS.set(MappingProxyType({hp: fns for hp, fns in run.items() if hp is not self}))
+
+    @property
+    def fns(self) -> tuple[HookFn, ...]:
+        """The hook functions a forward pass of the current run calls here, in order."""
+        run = _RUN_HOOKS.get().get(self, ())
+        return (*self._fns, *run) if self._fns else run
 
     @property
     def active(self) -> bool:
-        return bool(self._fns)
+        return bool(self._fns) or self in _RUN_HOOKS.get()
 
     @property
     def observe_only(self) -> bool:
         """Whether every attached hook only reads the activation (caching hooks are marked so)."""
-        return all(getattr(fn, "observe_only", False) for fn in self._fns)
+        return all(getattr(fn, "observe_only", False) for fn in self.fns)
 
     def __call__(self, x: Tensor) -> Tensor:
         # The common case must cost nothing: with no hook attached (and no torch module hook registered
         # on this module or globally), skip nn.Module's call machinery, a few µs per call, ~600 calls per
-        # SmolLM2 decode step.
-        if not self._fns and not (self._forward_hooks or self._forward_pre_hooks or _global_module_hooks()):
+        # SmolLM2 decode step. One ContextVar read and a dict lookup stay well under that.
+        if (not self._fns and self not in _RUN_HOOKS.get()
+                and not (self._forward_hooks or self._forward_pre_hooks or _global_module_hooks())):
             return x
         return super().__call__(x)
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self._fns:
+        fns = self.fns
+        if not fns:
             return x
-        for fn in self._fns:
+        for fn in fns:
             out = fn(x, self)
             if out is None:
                 continue
@@ -72,11 +113,24 @@ class HookPoint(nn.Module):
                     f"hook on {self.name!r} returned shape {tuple(out.shape)}, "
                     f"expected {tuple(x.shape)} (the activation's shape)"
                 )
+            if out.dtype != x.dtype or out.device != x.device:
+                raise HookError(
+                    f"hook on {self.name!r} returned a {out.dtype} tensor on {out.device}, expected "
+                    f"{x.dtype} on {x.device} (the activation's); convert it with .to(x.dtype) / .to(x.device)"
+                )
             x = out
         return x
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}"
+
+
+def _check_callable(fn: object, where: str) -> None:
+    if not callable(fn):
+        raise HookError(
+            f"the hook for {where!r} is a {type(fn).__name__}, not a function; a hook is fn(activation, hook) "
+            "returning None or a tensor of the same shape"
+        )
 
 
 def _global_module_hooks() -> bool:
@@ -137,27 +191,48 @@ class HookedModule(nn.Module):
         """Attach ``(name_or_filter, fn)`` hooks for the duration of a ``with`` block.
 
         Exactly the hooks added here are removed on exit, also when the block raises; hooks
-        attached by an enclosing ``with`` stay until that one exits.
+        attached by an enclosing ``with`` stay until that one exits. The hooks belong to this run:
+        a forward pass in another thread does not see them (see the module docstring).
         """
         added: list[tuple[HookPoint, HookFn]] = []
+        for target, fn in fwd_hooks:  # resolve and check everything before attaching anything
+            for hp in self.resolve(target):
+                _check_callable(fn, hp.name)
+                added.append((hp, fn))
+        run = dict(_RUN_HOOKS.get())
+        for hp, fn in added:
+            run[hp] = (*run.get(hp, ()), fn)
+        _RUN_HOOKS.set(MappingProxyType(run))
         try:
-            for target, fn in fwd_hooks:
-                for hp in self.resolve(target):
-                    hp.add(fn)
-                    added.append((hp, fn))
             yield self
         finally:
+            # Remove exactly ours (by identity, the last occurrence: the same function may be attached
+            # twice) from whatever is current, rather than restoring a snapshot: blocks opened in
+            # generators may close out of order, and an inner block's hooks must survive that.
+            run = dict(_RUN_HOOKS.get())
             for hp, fn in reversed(added):
-                # remove by identity: the same function may be attached twice
-                for i in range(len(hp._fns) - 1, -1, -1):
-                    if hp._fns[i] is fn:
-                        del hp._fns[i]
+                fns = list(run.get(hp, ()))
+                for i in range(len(fns) - 1, -1, -1):
+                    if fns[i] is fn:
+                        del fns[i]
                         break
+                if fns:
+                    run[hp] = tuple(fns)
+                else:
+                    run.pop(hp, None)
+            _RUN_HOOKS.set(MappingProxyType(run) if run else _EMPTY)
 
     def reset_hooks(self) -> None:
-        """Remove every hook from every hook point."""
+        """Remove the permanent hooks and the current run's temporary hooks from every hook point.
+
+        Other threads' temporary hooks are theirs: they are neither seen nor removed."""
         for hp in self.hook_dict.values():
-            hp.clear()
+            hp._fns.clear()
+        run = _RUN_HOOKS.get()
+        mine = set(self.hook_dict.values())
+        if any(hp in mine for hp in run):
+            kept = {hp: fns for hp, fns in run.items() if hp not in mine}
+            _RUN_HOOKS.set(MappingProxyType(kept) if kept else _EMPTY)
 
     def run_with_hooks(self, *args, fwd_hooks: FwdHooks = (), **kwargs):
         """Run ``forward`` with temporary hooks; they are removed afterwards, even on error."""
