@@ -279,3 +279,22 @@ def test_bad_hook_functions_are_one_line_errors():
     with pytest.raises(HookError, match=r"float64 tensor .* expected torch.float32"):
         model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_resid_post", lambda x, hook: x.double())])
     assert not any(hp.active for hp in model.hook_dict.values())
+
+
+def test_mlp_and_unembed_in_out_hooks_hold_what_the_module_reads_and_writes():
+    """mlp.hook_in is ln2's output after its weight (not ln2.hook_normalized); the out hooks equal the writes."""
+    torch.manual_seed(0)
+    model = HookedGPT(tiny_cfg(**LLAMA_TINY)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)  # norm weights away from 1, so the two inputs differ
+        tokens = torch.randint(0, model.cfg.d_vocab, (2, 7))
+        logits, cache = model.run_with_cache(tokens)
+    block = model.blocks[1]
+    torch.testing.assert_close(cache["blocks.1.mlp.hook_in"], cache["blocks.1.ln2.hook_normalized"] * block.ln2.w)
+    assert not torch.allclose(cache["blocks.1.mlp.hook_in"], cache["blocks.1.ln2.hook_normalized"])
+    torch.testing.assert_close(cache["blocks.1.mlp.hook_out"], cache["blocks.1.hook_mlp_out"], atol=0, rtol=0)
+    torch.testing.assert_close(cache["unembed.hook_out"], logits, atol=0, rtol=0)
+    torch.testing.assert_close(cache["unembed.hook_in"], cache["ln_final.hook_normalized"] * model.ln_final.w)
+    _, stopped = model.run_with_cache(tokens, stop_at_layer=1)
+    assert "unembed.hook_in" not in stopped and "hook_embed" in stopped

@@ -357,12 +357,17 @@ def to_hf(model: HookedGPT):
 
     cfg = model.cfg
     sd = {k: v.detach() for k, v in model.state_dict().items()}
+    # The model's own special tokens, not the HF classes' defaults (GPT-2's 50256 lies outside a
+    # smaller vocabulary); None when the model has no tokenizer or the token.
+    tok = model.tokenizer
+    special = {"bos_token_id": tok.bos_token_id if tok else None, "eos_token_id": tok.eos_token_id if tok else None,
+               "pad_token_id": None}
     if cfg.positional == "learned" and cfg.normalization == "layernorm" and not cfg.gated_mlp and cfg.use_bias \
             and not cfg.attn_only and not cfg.unembed_bias and cfg.n_kv == cfg.n_heads and cfg.d_head * cfg.n_heads == cfg.d_model:
         hf_cfg = transformers.GPT2Config(
             n_embd=cfg.d_model, n_layer=cfg.n_layers, n_head=cfg.n_heads, n_inner=cfg.d_mlp,
             vocab_size=cfg.d_vocab, n_positions=cfg.n_ctx, layer_norm_epsilon=cfg.norm_eps,
-            activation_function=cfg.act_fn, tie_word_embeddings=cfg.tie_embeddings,
+            activation_function=cfg.act_fn, tie_word_embeddings=cfg.tie_embeddings, **special,
         )
         hf = transformers.GPT2LMHeadModel(hf_cfg)
         out = _workbench_to_gpt2(cfg, sd)
@@ -373,7 +378,7 @@ def to_hf(model: HookedGPT):
             num_key_value_heads=cfg.n_kv, head_dim=cfg.d_head, intermediate_size=cfg.d_mlp,
             vocab_size=cfg.d_vocab, max_position_embeddings=cfg.n_ctx, rms_norm_eps=cfg.norm_eps,
             hidden_act=cfg.act_fn, tie_word_embeddings=cfg.tie_embeddings, attention_bias=cfg.use_bias,
-            mlp_bias=cfg.use_bias, rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+            mlp_bias=cfg.use_bias, rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta}, **special,
         )
         hf = transformers.LlamaForCausalLM(hf_cfg)
         out = _workbench_to_llama(cfg, sd)
@@ -389,6 +394,39 @@ def to_hf(model: HookedGPT):
     if cfg.tie_embeddings:
         hf.tie_weights()
     return hf.eval()
+
+
+def hf_tokenizer(tokenizer: Tokenizer):
+    """Return a ``transformers`` fast tokenizer over the same vocabulary and special tokens."""
+    import transformers
+
+    def token(i: int | None) -> str | None:
+        return None if i is None else tokenizer.tok.id_to_token(i)
+
+    hf = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer.tok, bos_token=token(tokenizer.bos_token_id), eos_token=token(tokenizer.eos_token_id))
+    # transformers' fast tokenizers prepend nothing unless their post-processor says so; record the
+    # workbench's BOS convention in tokenizer_config.json (interop.from_transformer_lens reads it back)
+    hf.init_kwargs["add_bos_token"] = tokenizer.add_bos
+    return hf
+
+
+def export_hf(model: HookedGPT, directory: str | os.PathLike) -> Path:
+    """Write ``model`` as an HF model directory (``config.json``, ``model.safetensors``) with its tokenizer.
+
+    ``transformers.AutoModelForCausalLM.from_pretrained(directory)`` and ``AutoTokenizer`` read it
+    offline, and so does :func:`from_hf`, which gives back the same weights and special tokens."""
+    directory = Path(directory)
+    hf = to_hf(model)
+    try:
+        hf.save_pretrained(directory)
+        if model.tokenizer is not None:
+            hf_tokenizer(model.tokenizer).save_pretrained(directory)
+            model.tokenizer.save(directory)  # tokenizer_meta.json: BOS convention for the workbench's reader
+    except OSError as exc:
+        raise CheckpointError(f"cannot write the HF export to {directory}: {exc.strerror or exc}; "
+                              "choose a writable directory with free space") from exc
+    return directory
 
 
 def _workbench_to_gpt2(cfg: GPTConfig, sd: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -391,18 +391,23 @@ class MLP(nn.Module):
         self.b_in = nn.Parameter(torch.zeros(m)) if cfg.use_bias else None
         self.b_gate = nn.Parameter(torch.zeros(m)) if cfg.use_bias and cfg.gated_mlp else None
         self.b_out = nn.Parameter(torch.zeros(d)) if cfg.use_bias else None
+        # What the MLP reads (ln2's output *after* its weight; ln2.hook_normalized is before it) and
+        # what it writes: the input/output pair a transcoder is trained on (TransformerLens' names).
+        self.hook_in = HookPoint()  # [batch pos d_model]
         self.hook_pre = HookPoint()  # what the nonlinearity sees
         if cfg.gated_mlp:
             self.hook_pre_linear = HookPoint()  # the linear branch
         self.hook_post = HookPoint()
+        self.hook_out = HookPoint()  # [batch pos d_model], the same values as the block's hook_mlp_out
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        x = self.hook_in(x)
         if self.W_gate is not None:
             pre = self.hook_pre(linear(x, self.W_gate.T, self.b_gate))
             post = self.hook_post(self.act(pre) * self.hook_pre_linear(linear(x, self.W_in.T, self.b_in)))
         else:
             post = self.hook_post(self.act(self.hook_pre(linear(x, self.W_in.T, self.b_in))))
-        return linear(post, self.W_out.T, self.b_out)
+        return self.hook_out(linear(post, self.W_out.T, self.b_out))
 
 
 class Block(nn.Module):
@@ -454,6 +459,9 @@ class Unembed(nn.Module):
         if not cfg.tie_embeddings:
             self.W_U = _per_head((cfg.d_vocab, cfg.d_model), (1, 0))  # [d_model d_vocab]
         self.b_U = nn.Parameter(torch.zeros(cfg.d_vocab)) if cfg.unembed_bias else None
+        # TransformerLens' unembed hooks: the final normalized residual in, the logits out
+        self.hook_in = HookPoint()  # [batch pos d_model]
+        self.hook_out = HookPoint()  # [batch pos d_vocab]
 
     def __getattr__(self, name: str):
         if name == "W_U" and self.__dict__.get("_embed"):
@@ -461,7 +469,7 @@ class Unembed(nn.Module):
         return super().__getattr__(name)
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_vocab"]:
-        return linear(x, self.W_U.T, self.b_U)
+        return self.hook_out(linear(self.hook_in(x), self.W_U.T, self.b_U))
 
 
 @dataclass
@@ -745,6 +753,18 @@ class HookedGPT(HookedModule):
 
         return to_hf(self)
 
+    def to_transformer_lens(self):
+        """Return a TransformerLens 4.x ``TransformerBridge`` over these weights (see workbench.interop)."""
+        from workbench.interop import to_transformer_lens
+
+        return to_transformer_lens(self)
+
+    @classmethod
+    def from_transformer_lens(cls, bridge) -> "HookedGPT":
+        from workbench.interop import from_transformer_lens
+
+        return from_transformer_lens(bridge)
+
     def generate(self, *args, **kwargs):
         from workbench.generate import generate
 
@@ -754,4 +774,4 @@ class HookedGPT(HookedModule):
 def _runs_before(hook_name: str, stop: int) -> bool:
     """Whether a hook fires when the forward pass stops before block ``stop``."""
     layer = layer_of(hook_name)
-    return layer < stop if layer is not None else not hook_name.startswith("ln_final")
+    return layer < stop if layer is not None else hook_name in ("hook_embed", "hook_pos_embed")

@@ -18,7 +18,7 @@ NORM = {"scale", "normalized"}
 
 def act_name(kind: str, layer: int | None = None, norm: Literal["ln1", "ln2", "ln_final"] | None = None) -> str:
     """Return the full hook name for a short kind and a layer (``norm`` picks ln1/ln2 for norm hooks)."""
-    if kind.startswith(("blocks.", "hook_", "ln_final.")):
+    if kind.startswith(("blocks.", "hook_", "ln_final.", "unembed.")):
         return kind  # already a full name
     if kind in ("embed", "pos_embed"):
         return f"hook_{kind}"
