@@ -1,25 +1,20 @@
 """Attribution and patching page: direct logit attribution by layer and head, and clean -> corrupted
-activation patching heatmaps."""
+activation patching heatmaps (a sweep runs as a background job: progress, time left, cancel)."""
 
 from __future__ import annotations
 
 import streamlit as st
-import torch
 
 from workbench import plots
 from workbench.analysis.attribution import head_attribution_grid
-from workbench.app import cached, compute, figures, ui
+from workbench.app import cached, choices, compute, figures, ui
 from workbench.app.sidebar import Selection
 
-#: the indirect-object task (Wang et al. 2022): the corrupted prompt swaps who gives
-TEXT_DEFAULTS = ("When Mary and John went to the store, John gave a drink to",
-                 "When Mary and John went to the store, Mary gave a drink to", " Mary", " John")
-#: for models without a tokenizer: a repeated sequence whose next token is 17 by induction; the
-#: corrupted prompt changes what followed the first 12 to 3
-ID_DEFAULTS = ("0 17 42 5 33 21 9 50 12 17 42 5 33 21 9 50 12", "0 3 42 5 33 21 9 50 12 17 42 5 33 21 9 50 12", "17", "3")
-
-#: patching sweeps up to this many patched runs start by themselves; bigger ones wait for the button
+#: patching sweeps up to this many patched runs ...
 AUTO_PATCH_RUNS = 400
+#: ... and this many estimated FLOPs (a few seconds on a laptop CPU) start by themselves; bigger ones wait
+#: for the button (SmolLM2's sweeps are ~1e12: minutes on a CPU)
+AUTO_PATCH_FLOPS = 2e10
 
 PATCH_KINDS = {"resid_pre": "residual stream (per position)", "attn_out": "attention output (per position)",
                "mlp_out": "MLP output (per position)", "z": "each head's output"}
@@ -29,8 +24,9 @@ def attribution_page(sel: Selection) -> None:
     st.title("Attribution and patching")
     model = cached.model(sel.key)
     cfg = model.cfg
+    defaults = choices.prompt_defaults(model)  # checked to tokenize as needed on this model
     clean_default, corrupt_default, answer_default, wrong_default = (
-        TEXT_DEFAULTS if model.tokenizer is not None else ID_DEFAULTS)
+        defaults.clean, defaults.corrupt, defaults.answer, defaults.wrong)
     text, enc = ui.prompt(sel.key, model, "attr_prompt", label="Clean prompt", default=clean_default)
     c1, c2 = st.columns(2)
     answer_text = c1.text_input("Answer token", answer_default, key="attr_answer")
@@ -71,16 +67,25 @@ def attribution_page(sel: Selection) -> None:
             st.warning(f"The corrupted prompt has {len(corrupt_enc.ids)} tokens, the clean one {len(enc.ids)}; "
                        "patching pairs positions one to one, so make them the same length.")
             return
-        request = (sel.key, text, corrupt_text, answer, wrong, kind)
-        runs = cfg.n_layers * (cfg.n_heads if kind == "z" else len(enc.ids))
-        # a few hundred patched runs of a 30-layer model take a minute on a CPU: start those on request
-        if runs > AUTO_PATCH_RUNS and st.session_state.get("attr_patch_request") != request:
-            st.caption(f"This sweep is {runs} patched runs of a {cfg.n_layers}-layer model (each from its layer on, "
-                       "batched by layer); on a CPU that can take a minute.")
-            if not st.button("Run patching", key="attr_patch_go"):
-                return
-            st.session_state["attr_patch_request"] = request
-        patched = _patch(sel, request)
+        request = cached.PatchRequest(sel.key, text, corrupt_text, answer, wrong, kind)
+    runs, flops = compute.patch_cost(model, len(enc.ids), kind)
+    job = cached.jobs().get(("patching", *request))
+    cancelled = job is not None and job.cancelled
+    asked = st.session_state.get("attr_patch_request") == request and not cancelled
+    # nothing that takes more than a few seconds starts without a click (a cancelled sweep waits for one too)
+    if (runs > AUTO_PATCH_RUNS or flops > AUTO_PATCH_FLOPS or cancelled) and not asked:
+        st.caption(f"This sweep is {runs} patched runs of a {cfg.n_layers}-layer model (each from its layer on, "
+                   "batched by layer); on a CPU that can take minutes. It runs in the background, with progress "
+                   "and a cancel button; the rest of the page stays usable.")
+        if cancelled:
+            st.info(f"The last {job.title} was cancelled after {job.elapsed:.0f} s.")
+        if not st.button("Run patching", key="attr_patch_go"):
+            return
+        st.session_state["attr_patch_request"] = request
+    job = cached.patching_job(request)  # starts it, or joins the one running (or finished) for these inputs
+    patched = ui.job_status(job, "attr_patch")
+    if patched is None:
+        return
     p1, p2 = st.columns(2)
     p1.metric(f"clean {what}", f"{patched.clean:.3f}")
     p2.metric(f"corrupted {what}", f"{patched.corrupt:.3f}")
@@ -90,24 +95,3 @@ def attribution_page(sel: Selection) -> None:
         return
     ui.plot(ui.categorical(plots.patching_heatmap(patched, [figures.show_token(s) for s in enc.str_tokens])),
             key="attr_patching")
-
-
-def _patch(sel: Selection, request: tuple):
-    """Return the patching result, computed layer group by layer group with a progress bar for the residual stream."""
-    from workbench.analysis.patching import PatchResult
-
-    key, clean, corrupt, answer, wrong, kind = request
-    n_layers = cached.model(key).cfg.n_layers
-    if kind != "resid_pre":
-        with st.spinner(f"Patching every layer's {PATCH_KINDS[kind]}…"):
-            return cached.patching(key, clean, corrupt, answer, wrong, kind)
-    groups = [tuple(range(lo, min(lo + 5, n_layers))) for lo in range(0, n_layers, 5)]
-    bar = st.progress(0.0, text="Patching the residual stream…") if len(groups) > 1 else None
-    parts = []
-    for i, layers in enumerate(groups):
-        parts.append(cached.patching(key, clean, corrupt, answer, wrong, kind, layers))
-        if bar is not None:
-            bar.progress((i + 1) / len(groups), text=f"Patched layers up to {layers[-1]}")
-    if bar is not None:
-        bar.empty()
-    return PatchResult(kind, torch.cat([p.scores for p in parts]), parts[0].clean, parts[0].corrupt)

@@ -6,18 +6,33 @@ the device and the dtype it was computed with. Model runs are cached on (model k
 cheap slicing a widget does (which layer, which head) happens outside, on the cached result, so
 moving a slider never reruns the model. Heavy tensors live in ``cache_resource`` (kept as they are,
 not pickled); small tables in ``cache_data``.
+
+One model object serves every browser session. A cached result must not depend on who computed
+it, so every model run below goes through :func:`_quiet`: it runs in an empty
+:class:`contextvars.Context`, where no run-local hook (``workbench.hooks``) of the calling run can
+fire, whatever that run has attached. Nothing here mutates the model after loading it (no
+``.eval()/.train()``, no moves, no ``reset_hooks()``).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import contextvars
+from typing import Callable, NamedTuple, TypeVar
 
 import streamlit as st
 import torch
 from torch import Tensor
 
-from workbench.app import choices, compute
+from workbench.app import choices, compute, jobs as jobs_mod
 from workbench.app.choices import ModelKey
+
+T = TypeVar("T")
+
+
+def _quiet(fn: Callable[[], T]) -> T:
+    """Return ``fn()`` run in an empty context: no run-local hook of the caller fires in its forward passes
+    (so what it returns can be cached and shown to any session). Streamlit calls stay outside ``fn``."""
+    return contextvars.Context().run(fn)
 
 
 # --------------------------------------------------------------------------------------- models
@@ -46,16 +61,20 @@ class Encoded(NamedTuple):
     ids: list[int]
     #: each token as text
     str_tokens: list[str]
-    #: how many tokens the full prompt had before the cap
+    #: how many tokens the full prompt had before the cap (a lower bound when ``exact`` is False)
     n_full: int
+    #: False when the text was cut before tokenizing (a long prompt): ``n_full`` is then "more than"
+    exact: bool = True
 
 
 @st.cache_data(max_entries=256, show_spinner=False)
 def encode(key: str, text: str, max_tokens: int = choices.MAX_PROMPT_TOKENS) -> Encoded:
-    """Return a prompt's token ids and strings, cut to ``min(max_tokens, n_ctx)`` tokens."""
-    ids, str_tokens = compute.encode(model(key), text)
-    cap = min(max_tokens, model(key).cfg.n_ctx)
-    return Encoded(ids[:cap], str_tokens[:cap], len(ids))
+    """Return a prompt's token ids and strings, cut to ``min(max_tokens, n_ctx)`` tokens. Only a prefix
+    of a long text is tokenized (:func:`compute.encode_capped`), never the whole of it."""
+    m = model(key)
+    cap = min(max_tokens, m.cfg.n_ctx)
+    got = compute.encode_capped(m, text, cap)
+    return Encoded(got.ids, got.str_tokens, got.n_full, got.exact)
 
 
 def _tokens(key: str, text: str) -> Tensor:
@@ -71,17 +90,25 @@ def attention_patterns(key: str, text: str) -> Tensor:
     """Return every head's attention pattern on the prompt, ``[layer head query key]`` (CPU, float32)."""
     m = model(key)
     names = [f"blocks.{layer}.attn.hook_pattern" for layer in range(m.cfg.n_layers)]
-    with torch.inference_mode():
-        _, cache = m.run_with_cache(_tokens(key, text), names_filter=names, device="cpu", dtype=torch.float32)
-    return torch.stack([cache[n][0] for n in names])
+    tokens = _tokens(key, text)
+
+    def run() -> Tensor:
+        with torch.inference_mode():
+            _, cache = m.run_with_cache(tokens, names_filter=names, device="cpu", dtype=torch.float32)
+        return torch.stack([cache[n][0] for n in names])
+    return _quiet(run)
 
 
 @st.cache_resource(max_entries=16, show_spinner=False)
 def next_token_logits(key: str, text: str) -> Tensor:
     """Return the logits for the token after the prompt, ``[d_vocab]`` (CPU, float32)."""
     m = model(key)
-    with torch.inference_mode():
-        return m(_tokens(key, text))[0, -1].float().cpu()
+    tokens = _tokens(key, text)
+
+    def run() -> Tensor:
+        with torch.inference_mode():
+            return m(tokens)[0, -1].float().cpu()
+    return _quiet(run)
 
 
 @st.cache_data(max_entries=16, show_spinner=False)
@@ -117,9 +144,11 @@ def induction(key: str, seq_len: int, batch: int = 8):
 
     m = model(key)
     seq = repeated_random_tokens(default_spec(m, seq_len=seq_len, batch=batch), m.cfg.d_vocab)
-    with torch.inference_mode():
-        scores = score_heads(m, seq.tokens.to(m.W_E.device))
-    return scores, seq
+
+    def run():
+        with torch.inference_mode():
+            return score_heads(m, seq.tokens.to(m.W_E.device))
+    return _quiet(run), seq
 
 
 @st.cache_data(max_entries=256, show_spinner=False)
@@ -129,10 +158,13 @@ def snapshot_point(snapshot_dir: str, device: str, dtype: str, seq_len: int) -> 
 
     from workbench.model import HookedGPT
 
-    m = HookedGPT.load(Path(snapshot_dir)).to(device=device, dtype=choices.DTYPES[dtype]).eval()
+    m = HookedGPT.load(Path(snapshot_dir)).to(device=device, dtype=choices.DTYPES[dtype]).eval()  # a private copy
     step = int(Path(snapshot_dir).name.removeprefix("step_"))
-    with torch.inference_mode():
-        return compute.snapshot_point(step, m, seq_len)
+
+    def run() -> compute.DynamicsPoint:
+        with torch.inference_mode():
+            return compute.snapshot_point(step, m, seq_len)
+    return _quiet(run)
 
 
 # ------------------------------------------------------------------------------------ logit lens
@@ -143,8 +175,12 @@ def lens_residuals(key: str, text: str) -> Tensor:
     """Return resid_pre of every block and the final residual on the prompt, ``[layer 1 pos d_model]``."""
     from workbench.analysis.logit_lens import lens_residuals as residuals
 
-    with torch.inference_mode():
-        return residuals(model(key), _tokens(key, text))
+    m, tokens = model(key), _tokens(key, text)
+
+    def run() -> Tensor:
+        with torch.inference_mode():
+            return residuals(m, tokens)
+    return _quiet(run)
 
 
 @st.cache_resource(max_entries=4, show_spinner=False)
@@ -164,11 +200,14 @@ def lens(key: str, text: str, lens_dir: str = "", target: int = -1):
     m = model(key)
     tokens = _tokens(key, text)
     resid = lens_residuals(key, text)
-    with torch.inference_mode():
-        if lens_dir:
-            resid = tuned_lens(key, lens_dir)(resid)
-        targets = next_token_targets(tokens) if target < 0 else torch.full_like(tokens, target)
-        return decode_residuals(m, resid, targets.to(resid.device), k=10)
+    translator = tuned_lens(key, lens_dir) if lens_dir else None
+
+    def run():
+        with torch.inference_mode():
+            r = translator(resid) if translator is not None else resid
+            targets = next_token_targets(tokens) if target < 0 else torch.full_like(tokens, target)
+            return decode_residuals(m, r, targets.to(r.device), k=10)
+    return _quiet(run)
 
 
 # ------------------------------------------------------------------------------ attribution, patching
@@ -179,26 +218,34 @@ def attribution(key: str, text: str, answer: int, wrong: int = -1, granularity: 
     """Return the direct logit attribution of the answer's logit (minus the wrong token's) at the last position."""
     from workbench.analysis.attribution import direct_logit_attribution
 
-    with torch.inference_mode():
-        return direct_logit_attribution(model(key), _tokens(key, text), answer, None if wrong < 0 else wrong,
-                                        granularity=granularity)
+    m, tokens = model(key), _tokens(key, text)
+
+    def run():
+        with torch.inference_mode():
+            return direct_logit_attribution(m, tokens, answer, None if wrong < 0 else wrong, granularity=granularity)
+    return _quiet(run)
 
 
-@st.cache_resource(max_entries=64, show_spinner=False)
-def patching(key: str, clean: str, corrupt: str, answer: int, wrong: int, kind: str, layers: tuple[int, ...] = ()):
-    """Return the clean -> corrupted patching sweep of one kind (``resid_pre``, ``attn_out``, ``mlp_out``, ``z``);
-    for ``resid_pre``, only the rows of ``layers`` when given (so a page can show progress layer by layer)."""
-    from workbench.analysis import patching as P
+class PatchRequest(NamedTuple):
+    """One clean -> corrupted patching sweep, named by plain values."""
 
-    m = model(key)
-    a, b = _tokens(key, clean), _tokens(key, corrupt)
-    metric = P.LogitDiff(answer, None if wrong < 0 else wrong)
-    with torch.inference_mode():
-        if kind == "resid_pre":
-            return P.patch_residual(m, a, b, metric, layers=list(layers) or None)
-        if kind == "z":
-            return P.patch_heads(m, a, b, metric)
-        return P.patch_outputs(m, a, b, metric, kind=kind)
+    key: str
+    clean: str
+    corrupt: str
+    answer: int
+    wrong: int
+    kind: str
+
+
+def patching_job(request: PatchRequest) -> jobs_mod.Job:
+    """Return the background job computing a patching sweep (started now, or the one already running or done)."""
+    m = model(request.key)
+    a, b = _tokens(request.key, request.clean), _tokens(request.key, request.corrupt)
+
+    def work(report: jobs_mod.Report):
+        return compute.patching_sweep(m, a, b, request.answer, None if request.wrong < 0 else request.wrong,
+                                      request.kind, report)
+    return jobs().start(("patching", *request), f"patching sweep ({request.kind})", work)
 
 
 # ------------------------------------------------------------------------------------------ SAEs
@@ -234,9 +281,12 @@ def feature_stats(key: str, sae_dir: str, store_dir: str, hook: str):
     saved = Path(sae_dir) / STATS_DIR
     if (saved / "feature_stats.json").is_file():
         return FeatureStats.load(saved)
-    with torch.inference_mode():
-        stats = compute_stats(sae(key, sae_dir), store(store_dir), hook, FeatureStatsConfig(batch_size=1024),
-                              model=model(key))
+    s, st_, m = sae(key, sae_dir), store(store_dir), model(key)
+
+    def run():
+        with torch.inference_mode():
+            return compute_stats(s, st_, hook, FeatureStatsConfig(batch_size=1024), model=m)
+    stats = _quiet(run)
     stats.save(saved)
     return stats
 
@@ -253,19 +303,25 @@ def feature_contexts(key: str, sae_dir: str, store_dir: str, hook: str, feature:
 @st.cache_data(max_entries=16, show_spinner=False)
 def activation_norm(key: str, hook: str, text: str) -> float:
     """Return the mean norm of the activation at ``hook`` over the prompt's tokens (the scale for steering)."""
-    m = model(key)
-    with torch.inference_mode():
-        _, cache = m.run_with_cache(_tokens(key, text), names_filter=[hook])
-        return float(cache[hook][0].float().norm(dim=-1).mean())
+    m, tokens = model(key), _tokens(key, text)
+
+    def run() -> float:
+        with torch.inference_mode():
+            _, cache = m.run_with_cache(tokens, names_filter=[hook])
+            return float(cache[hook][0].float().norm(dim=-1).mean())
+    return _quiet(run)
 
 
 @st.cache_resource(max_entries=16, show_spinner=False)
 def prompt_latents(key: str, sae_dir: str, hook: str, text: str) -> Tensor:
     """Return the SAE's latents on every token of the prompt, ``[pos d_sae]`` (CPU, float32)."""
-    m, s = model(key), sae(key, sae_dir)
-    with torch.inference_mode():
-        _, cache = m.run_with_cache(_tokens(key, text), names_filter=[hook])
-        return s.encode(cache[hook][0].to(s.W_enc)).float().cpu()
+    m, s, tokens = model(key), sae(key, sae_dir), _tokens(key, text)
+
+    def run() -> Tensor:
+        with torch.inference_mode():
+            _, cache = m.run_with_cache(tokens, names_filter=[hook])
+            return s.encode(cache[hook][0].to(s.W_enc)).float().cpu()
+    return _quiet(run)
 
 
 # ------------------------------------------------------------------------------------ superposition
@@ -276,13 +332,18 @@ def toy_model(n_features: int, d_hidden: int, sparsity: float, decay: float, ste
     """Return a toy model of superposition trained on CPU, and its geometry."""
     from workbench.analysis.superposition import ToyConfig, ToyTrainConfig, toy_geometry, train_toy_model
 
-    threads = torch.get_num_threads()
     # a few-parameter model: thread hand-offs cost more than the arithmetic (1 thread is ~4x faster here)
-    torch.set_num_threads(1)
-    try:
+    with compute.one_torch_thread():
         toy = train_toy_model(ToyConfig(n_features=n_features, d_hidden=d_hidden), 1.0 - sparsity,
                               compute.importance_profile(n_features, decay),
                               ToyTrainConfig(steps=steps, batch_size=512, lr=1e-2, seed=seed))
-    finally:
-        torch.set_num_threads(threads)
     return toy, toy_geometry(toy)
+
+
+# ------------------------------------------------------------------------------------ background jobs
+
+
+@st.cache_resource(show_spinner=False)
+def jobs() -> jobs_mod.Jobs:
+    """Return the process's one registry of background jobs (shared by every session)."""
+    return jobs_mod.Jobs()

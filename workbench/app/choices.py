@@ -10,8 +10,10 @@ A model is addressed everywhere in the app by one plain string, its *model key*
 from __future__ import annotations
 
 import os
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -136,8 +138,19 @@ def model_card(name: str) -> str:
     return f"**{name}**: {entry.description}" if entry is not None else f"**{name}**: a local checkpoint (no card.md)"
 
 
+def check_name(name: str) -> str:
+    """Return ``name`` if it can name a model (printable, at most 200 characters); else raise InputError."""
+    bad = [c for c in name if unicodedata.category(c).startswith("C")]
+    if bad or len(name) > 200:
+        what = f"control character {bad[0]!r}" if bad else f"{len(name)} characters"
+        raise InputError(f"model name {name[:60]!r} has {what}; give a zoo name ({', '.join(zoo_names())}) "
+                         "or a folder under the model directory")
+    return name
+
+
 def resolve_local(relative: str) -> Path:
     """Return the directory ``relative`` names under the model directory; refuse anything outside it."""
+    check_name(relative)
     root = paths.models_dir().resolve()
     if not relative or os.path.isabs(relative) or relative.startswith("~"):
         raise InputError(
@@ -154,6 +167,7 @@ def resolve_local(relative: str) -> Path:
 
 def model_source(name: str) -> str | Path:
     """Return what to hand ``load_model`` for ``name``: the zoo name itself, or its folder in the model directory."""
+    check_name(name)
     if name in zoo_names():
         return name
     return resolve_local(name)
@@ -175,3 +189,67 @@ def model_dir(name: str) -> Path | None:
 def default_model(query_value: str | None = None) -> str:
     """Return the start-up model: the ``model`` query parameter, else ``$WORKBENCH_APP_MODEL``, else SmolLM2."""
     return query_value or os.environ.get(MODEL_ENV) or DEFAULT_MODEL
+
+
+# ------------------------------------------------------------------------------ per-model defaults
+
+
+class PromptDefaults(NamedTuple):
+    """What the pages open with on one model; every text here tokenizes as its use needs on that model."""
+
+    #: the prompt most pages open with
+    text: str
+    #: attribution and patching: the clean and corrupted prompts (the same number of tokens) ...
+    clean: str
+    corrupt: str
+    #: ... and the answer and wrong tokens (one token each; token ids for a model without a tokenizer)
+    answer: str
+    wrong: str
+
+
+#: the indirect-object task (Wang et al. 2022): the corrupted prompt swaps who gives
+IOI = PromptDefaults("When Mary and John went to the store, John gave a drink to",
+                     "When Mary and John went to the store, John gave a drink to",
+                     "When Mary and John went to the store, Mary gave a drink to", " Mary", " John")
+#: the same task in the King James Bible's words (kjv-small's tokenizer splits " Mary"; it reads " Moses")
+KJV = PromptDefaults("And when Moses and Aaron went in unto Pharaoh, Aaron spake unto",
+                     "And when Moses and Aaron went in unto Pharaoh, Aaron spake unto",
+                     "And when Moses and Aaron went in unto Pharaoh, Moses spake unto", " Moses", " Aaron")
+#: for models without a tokenizer (the attention-only toys): BOS, then a random sequence twice, whose next
+#: token is 17 by induction; the corrupted prompt changes what followed the first 12 to 3
+IDS = PromptDefaults("0 17 42 5 33 21 9 50 12 17 42 5 33 21 9 50 12",
+                     "0 17 42 5 33 21 9 50 12 17 42 5 33 21 9 50 12",
+                     "0 3 42 5 33 21 9 50 12 17 42 5 33 21 9 50 12", "17", "3")
+
+#: models whose own corpus makes other defaults fit better, tried before the general ones
+MODEL_DEFAULTS: dict[str, tuple[PromptDefaults, ...]] = {"kjv-small": (KJV,)}
+
+
+def _fits(model, d: PromptDefaults) -> bool:
+    """Whether ``d`` works on ``model``: answers of one token each, clean and corrupted prompts of one length."""
+    from workbench.app.compute import encode, encode_no_bos
+    from workbench.errors import WorkbenchError
+
+    try:
+        if model.tokenizer is None:
+            ids = [int(t) for t in (d.clean + " " + d.corrupt + " " + d.answer + " " + d.wrong).split()]
+            if any(not 0 <= i < model.cfg.d_vocab for i in ids):
+                return False
+        if any(len(encode_no_bos(model, w)[0]) != 1 for w in (d.answer, d.wrong)):
+            return False
+        return len(encode(model, d.clean)[0]) == len(encode(model, d.corrupt)[0]) and bool(encode(model, d.text)[0])
+    except (WorkbenchError, ValueError):
+        return False
+
+
+def prompt_defaults(model) -> PromptDefaults:
+    """Return the defaults for ``model``: its own (by ``cfg.name``) when they fit, else the first general set
+    that fits its tokenizer, else the general set (whose problem the page then names)."""
+    if model.tokenizer is None:
+        candidates = (*MODEL_DEFAULTS.get(model.cfg.name, ()), IDS)
+    else:
+        candidates = (*MODEL_DEFAULTS.get(model.cfg.name, ()), IOI, KJV)
+    for d in candidates:
+        if _fits(model, d):
+            return d
+    return candidates[-1] if model.tokenizer is None else IOI

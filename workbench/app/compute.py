@@ -9,8 +9,10 @@ unchanged.
 from __future__ import annotations
 
 import json
+import threading
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Callable, ContextManager, Iterator, NamedTuple
 
 import pandas as pd
 import torch
@@ -41,6 +43,51 @@ def encode(model, text: str) -> tuple[list[int], list[str]]:
     if bad:
         raise InputError(f"token ids {bad[:5]} are outside the vocabulary [0, {model.cfg.d_vocab})")
     return ids, [str(i) for i in ids]
+
+
+class CappedTokens(NamedTuple):
+    """A prompt's first tokens, found without tokenizing all of a long text."""
+
+    ids: list[int]
+    str_tokens: list[str]
+    #: tokens of the whole text (exact), or of the prefix that was tokenized (a lower bound)
+    n_full: int
+    #: whether ``n_full`` counts the whole text
+    exact: bool
+
+
+#: a prefix of this many characters per kept token is tokenized first (a token is rarely longer)
+CHARS_PER_TOKEN = 16
+#: tokens past the cap that must come out of a prefix before the first ``cap`` count as settled (the
+#: prefix's cut can only change the tokens next to it)
+SETTLE_TOKENS = 8
+
+
+def encode_capped(model, text: str, cap: int) -> CappedTokens:
+    """Return the first ``cap`` tokens of ``text`` tokenizing only as much of it as that takes.
+
+    A prefix of ``cap * CHARS_PER_TOKEN`` characters is tokenized; when it yields more than
+    ``cap + SETTLE_TOKENS`` tokens the first ``cap`` cannot depend on what follows, else the prefix
+    doubles (up to the whole text). A 10 MB prompt costs a few kB of tokenizing, not 10 MB.
+    """
+    n = len(text)
+    size = max(64, cap * CHARS_PER_TOKEN)
+    while True:
+        whole = size >= n
+        part = text if whole else text[:size]
+        if model.tokenizer is None:
+            # ids typed as numbers: split off no more pieces than needed
+            pieces = part.replace(",", " ").split(None, cap + SETTLE_TOKENS + 1)
+            if not whole and len(pieces) <= cap + SETTLE_TOKENS:
+                size *= 2
+                continue
+            ids, str_tokens = encode(model, " ".join(pieces[: cap + SETTLE_TOKENS]))
+            exact = whole and len(pieces) <= cap + SETTLE_TOKENS
+            return CappedTokens(ids[:cap], str_tokens[:cap], len(ids), exact)
+        ids, str_tokens = encode(model, part)
+        if whole or len(ids) > cap + SETTLE_TOKENS:
+            return CappedTokens(ids[:cap], str_tokens[:cap], len(ids), whole)
+        size *= 2
 
 
 def token_label(model, token_id: int) -> str:
@@ -317,6 +364,68 @@ def sae_windows(model, n_tokens: int, n_ctx: int, corpus: str = "pydocs") -> Ten
     return token_windows(model, corpus, n_ctx, n_windows)
 
 
+# ------------------------------------------------------------------------------ background work
+
+
+_THREADS_LOCK = threading.Lock()
+_THREADS_USERS = 0
+_THREADS_BEFORE = 0
+
+
+@contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Run torch on one intra-op thread inside the block (tiny models: thread hand-offs cost more than the
+    work). The setting is process-wide, so concurrent users count in and out and the last one restores it."""
+    global _THREADS_USERS, _THREADS_BEFORE
+    with _THREADS_LOCK:
+        if _THREADS_USERS == 0:
+            _THREADS_BEFORE = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _THREADS_USERS += 1
+    try:
+        yield
+    finally:
+        with _THREADS_LOCK:
+            _THREADS_USERS -= 1
+            if _THREADS_USERS == 0:
+                torch.set_num_threads(_THREADS_BEFORE)
+
+
+def patch_cost(model, n_tokens: int, kind: str) -> tuple[int, float]:
+    """Return ``(patched runs, estimated FLOPs)`` of one patching sweep: each patched run goes from its
+    layer to the end (half the blocks on average) over ``n_tokens`` tokens, ~2 FLOPs per weight per token."""
+    cfg = model.cfg
+    runs = cfg.n_layers * (cfg.n_heads if kind == "z" else n_tokens)
+    block_params = sum(p.numel() for p in model.blocks.parameters())
+    return runs, 2.0 * block_params * n_tokens * runs / 2
+
+
+def patching_sweep(model, clean: Tensor, corrupt: Tensor, answer: int, wrong: int | None, kind: str,
+                   report: Callable[[float, str], None] = lambda done, what: None):
+    """Return the clean -> corrupted patching sweep of one kind (``resid_pre``, ``attn_out``, ``mlp_out``, ``z``),
+    reporting progress as it goes: an observing hook on the last block's output counts the passes (two
+    caching runs, then one batched run per layer), and ``report`` may raise to stop the sweep there."""
+    from workbench.analysis import patching as P
+
+    n = model.cfg.n_layers
+    total = n + 2
+    passes = [0]
+
+    def tick(x: Tensor, hook) -> None:
+        passes[0] += 1
+        layer = passes[0] - 2
+        report(passes[0] / total, "caching the clean and corrupted runs" if layer < 1 else f"patched layer {layer - 1} of {n}")
+
+    tick.observe_only = True  # type: ignore[attr-defined]  # reads nothing: the fused kernels stay on
+    metric = P.LogitDiff(answer, wrong)
+    with torch.inference_mode(), model.hooks([(f"blocks.{n - 1}.hook_resid_post", tick)]):
+        if kind == "resid_pre":
+            return P.patch_residual(model, clean, corrupt, metric)
+        if kind == "z":
+            return P.patch_heads(model, clean, corrupt, metric)
+        return P.patch_outputs(model, clean, corrupt, metric, kind=kind)
+
+
 def steering_hook(direction: Float[Tensor, "d_model"], scale: float):
     """Return a hook that adds ``scale * direction`` to an activation at every position."""
     def add(act: Tensor, hook) -> Tensor:
@@ -355,15 +464,16 @@ class QuickSAE(NamedTuple):
 
 
 def train_quick_sae(model, model_name: str, layer: int, n_tokens: int, d_sae: int, k: int, steps: int,
-                    on_progress: Callable[[str, float], None] = lambda what, done: None) -> QuickSAE:
+                    on_progress: Callable[[str, float], None] = lambda what, done: None,
+                    writing: Callable[..., ContextManager] | None = None) -> QuickSAE:
     """Cache ``n_tokens`` of ``blocks.{layer}.hook_resid_post`` into a store, train a TopK SAE on it and
-    save it in SAELens' layout under the runs directory; ``on_progress(stage, fraction)`` reports as it goes."""
+    save it in SAELens' layout under the runs directory; ``on_progress(stage, fraction)`` reports as it goes
+    (and may raise to stop the run; the store stays resumable). ``writing(store_dir, run_dir)``, when
+    given, is held around everything that writes those directories (the app passes its per-directory
+    locks, so two jobs on one store take turns instead of breaking it)."""
     import re
 
-    from workbench.sae.io import save_sae
-    from workbench.sae.model import SAE, SAEConfig
-    from workbench.sae.train import TrainConfig, train_sae
-    from workbench.store import ReaderConfig, StoreConfig, open_store, write_store
+    from workbench.store import StoreConfig
 
     if not 0 <= layer < model.cfg.n_layers:
         raise InputError(f"layer {layer} is outside [0, {model.cfg.n_layers})")
@@ -383,6 +493,19 @@ def train_quick_sae(model, model_name: str, layer: int, n_tokens: int, d_sae: in
 
     cfg = StoreConfig(hooks=(hook,), batch_windows=batch_windows, shard_tokens=shard_batches * rows_per_batch,
                       first_position=first)
+    run_dir = paths.runs_dir() / f"sae-app-{safe}-L{layer}-{d_sae}x{k}"
+    with writing(store_dir, run_dir) if writing is not None else nullcontext():
+        return _cache_and_train(model, model_name, layer, hook, windows, store_dir, run_dir, cfg, shard_done,
+                                d_sae, k, steps, n_ctx, on_progress)
+
+
+def _cache_and_train(model, model_name, layer, hook, windows, store_dir, run_dir, cfg, shard_done, d_sae, k, steps,
+                     n_ctx, on_progress) -> QuickSAE:
+    from workbench.sae.io import save_sae
+    from workbench.sae.model import SAE, SAEConfig
+    from workbench.sae.train import TrainConfig, train_sae
+    from workbench.store import ReaderConfig, open_store, write_store
+
     on_progress("caching activations", 0.0)
     write_store(model, windows, store_dir, cfg, model_name=model_name, on_shard=shard_done)
     store = open_store(store_dir)
@@ -396,7 +519,6 @@ def train_quick_sae(model, model_name: str, layer: int, n_tokens: int, d_sae: in
 
     sae = SAE(SAEConfig(d_in=model.cfg.d_model, d_sae=d_sae, architecture="topk", k=min(k, d_sae),
                         normalize_activations="expected_average_only_in"), seed=0).to(model.W_E.device)
-    run_dir = paths.runs_dir() / f"sae-app-{safe}-L{layer}-{d_sae}x{k}"
     result = train_sae(sae, batches, TrainConfig(total_steps=steps, lr=1e-3, checkpoint_every=0, log_every=10,
                                                  progress=False), run_dir, resume=False)
     meta = {"model_name": model_name, "hook_name": hook, "hook_layer": layer, "context_size": n_ctx,

@@ -14,6 +14,7 @@ import streamlit as st
 
 from workbench.allocator import retain_freed_memory
 from workbench.app import sidebar
+from workbench.hooks import clear_run_hooks
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,9 @@ def _page(spec: PageSpec):
 
 def main() -> None:
     """Run the whole app: navigation over every page, the sidebar above it."""
+    # Streamlit runs a session's reruns on a reused thread: whatever a stopped run left in this thread's
+    # run-local hooks (a generator abandoned mid-step, say) must not reach this run's forward passes
+    clear_run_hooks()
     retain_freed_memory()  # every prompt caches all hooks: reuse that memory across reruns (see workbench.allocator)
     st.set_page_config(page_title="Interpretability workbench", page_icon=":material/biotech:", layout="wide")
     sections: dict[str, list] = {}
@@ -92,6 +96,7 @@ def main() -> None:
 
 def render_page(url: str) -> None:
     """Draw one page under the sidebar, without navigation (what the per-page tests run)."""
+    clear_run_hooks()
     selection = sidebar.render()
     if selection is not None:
         _call(BY_URL[url], selection)

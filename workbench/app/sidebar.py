@@ -29,9 +29,25 @@ class Selection:
     load_s: float
 
 
+#: session-state keys that belong to the sidebar and survive a change of model; every other key is a page's
+#: widget, reset when the model changes (a prompt typed for one tokenizer means nothing to another)
+KEEP_PREFIX = "wb_"
+
+
 def _initial_model(names: list[str]) -> str:
     wanted = choices.default_model(st.query_params.get("model"))
     return wanted
+
+
+def _reset_pages_on_model_change(name: str) -> None:
+    """Forget the pages' widget values when the model differs from the last run's, so each page opens on
+    this model's defaults instead of carrying the last model's prompt and answer tokens."""
+    last = st.session_state.get("wb_last_model")
+    if last is not None and last != name:
+        for k in list(st.session_state.keys()):
+            if not str(k).startswith(KEEP_PREFIX):
+                del st.session_state[k]
+    st.session_state["wb_last_model"] = name
 
 
 def render() -> Selection | None:
@@ -64,6 +80,7 @@ def render() -> Selection | None:
     except WorkbenchError as exc:
         st.error(str(exc))
         return None
+    _reset_pages_on_model_change(picked)
     missing = choices.missing_message(picked) if isinstance(source, str) else None
     if missing:
         st.warning(missing)

@@ -1,22 +1,29 @@
-"""Widgets and layout helpers shared by the pages: the prompt box (with its length cap) and error display."""
+"""Widgets and layout helpers shared by the pages: the prompt box (with its length cap), error display,
+and the progress panel of a background job."""
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Iterator
 
 import streamlit as st
 
 from workbench.app import cached, choices
+from workbench.app.jobs import Job
 from workbench.errors import WorkbenchError
 
-DEFAULT_TEXT = "When Mary and John went to the store, John gave a drink to"
+DEFAULT_TEXT = choices.IOI.text
 #: for models without a tokenizer (the attention-only toys): BOS, then a random sequence twice
-DEFAULT_IDS = "0 17 42 5 33 21 9 50 12 17 42 5 33 21 9 50 12"
+DEFAULT_IDS = choices.IDS.text
+
+#: how long a page waits for a job it just asked for before drawing a progress panel instead (seconds):
+#: a quick job shows its result in the same run
+JOB_WAIT_S = 2.0
 
 
 def default_prompt(model) -> str:
-    return DEFAULT_TEXT if model.tokenizer is not None else DEFAULT_IDS
+    """Return the prompt pages open with on ``model`` (chosen per model: it tokenizes there)."""
+    return choices.prompt_defaults(model).text
 
 
 @contextmanager
@@ -37,8 +44,8 @@ def prompt(key: str, model, widget_key: str, label: str = "Prompt", default: str
         enc = cached.encode(key, text)
     cap = min(choices.MAX_PROMPT_TOKENS, model.cfg.n_ctx)
     if enc.n_full > len(enc.ids):
-        st.warning(f"The prompt has {enc.n_full} tokens; only the first {cap} are used (the app's limit is "
-                   f"{choices.MAX_PROMPT_TOKENS} tokens, the model's context {model.cfg.n_ctx}).")
+        st.warning(f"The prompt has {'' if enc.exact else 'more than '}{enc.n_full} tokens; only the first {cap} are "
+                   f"used (the app's limit is {choices.MAX_PROMPT_TOKENS} tokens, the model's context {model.cfg.n_ctx}).")
     return text, enc
 
 
@@ -50,3 +57,39 @@ def categorical(fig):
 def plot(fig, key: str | None = None) -> None:
     """Place a plotly figure at full width."""
     st.plotly_chart(fig, width="stretch", key=key)
+
+
+def _eta_text(job: Job) -> str:
+    eta = job.eta()
+    left = "estimating time left" if eta is None else (f"about {eta:.0f} s left" if eta < 90 else f"about {eta / 60:.1f} min left")
+    return f"{job.title}: {job.stage} · {job.fraction:.0%} · {job.elapsed:.0f} s so far, {left}"
+
+
+def job_status(job: Job, key: str) -> Any | None:
+    """Return the job's result once it has finished. Until then draw its progress, the time left and a cancel
+    button (refreshed every second without blocking the page) and return None. A job that failed shows its
+    error (a WorkbenchError as a plain message) and stops the page; a cancelled one says so and returns None."""
+    job.wait(JOB_WAIT_S)
+    if job.done:
+        if job.cancelled:
+            st.info(f"{job.title} was cancelled after {job.elapsed:.0f} s.")
+            return None
+        if job.error is not None:
+            if isinstance(job.error, WorkbenchError):
+                st.error(str(job.error))
+                st.stop()
+            raise job.error
+        return job.result
+
+    @st.fragment(run_every=1.0)
+    def panel() -> None:
+        if job.done:
+            st.rerun()  # the whole page: draw the result
+        st.progress(job.fraction, text=_eta_text(job))
+        if st.button("Cancel", key=f"{key}_cancel"):
+            job.cancel()
+            job.wait(5.0)
+            st.rerun()
+
+    panel()
+    return None
