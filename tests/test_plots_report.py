@@ -122,12 +122,12 @@ def test_one_heatmap_builder_serves_the_library_and_the_app():
     # the app's attention pattern: tokens on both axes, 0..1 in blues, its own hover line, plotly's margins
     fig = figures.attention_heatmap(torch.eye(3), ["a", " b", "\n"], "Layer 0, head 1")
     trace = fig.data[0]
-    assert list(trace.x) == list(trace.y) == ["0:a", "1:·b", "2:↵"]
+    assert list(trace.x) == list(trace.y) == ["0: a", "1: ·b", "2: ↵"]  # plots.token_labels, as every token axis
     assert (trace.zmin, trace.zmax, trace.colorscale[0][1]) == (0, 1, "rgb(247,251,255)")  # Blues starts white
-    assert trace.hovertemplate == "query %{y}<br>key %{x}<br>attention %{z:.3f}<extra></extra>"
+    assert trace.hovertemplate == "Layer 0, head 1<br>query %{y}<br>key %{x}<br>attention %{z:.3f}<extra></extra>"
     assert (fig.layout.title.text, fig.layout.xaxis.title.text, fig.layout.yaxis.title.text) == ("Layer 0, head 1",
                                                                                                  "key", "query")
-    assert fig.layout.height == 360 and fig.layout.margin.l is None and fig.layout.yaxis.autorange == "reversed"
+    assert fig.layout.height == 360 and fig.layout.margin.l is None and fig.layout.xaxis.type == "category" and fig.layout.yaxis.autorange == "reversed"
     # a plain matrix: symmetric scale around 0 by default, plotly's own hover
     fig = figures.matrix_heatmap(z, "W", "d_model", "position")
     trace = fig.data[0]

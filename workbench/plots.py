@@ -7,7 +7,7 @@ a ``plotly.graph_objects.Figure``; nothing here computes an analysis or touches 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import plotly.graph_objects as go
 import torch
@@ -29,9 +29,134 @@ def _np(x: Tensor):
     return x.detach().float().cpu().numpy()
 
 
+# ------------------------------------------------------------------------------------ token axes
+
+
+def show_token(s: str) -> str:
+    """Return a token's text with whitespace made visible (so ' the' and 'the' differ on screen)."""
+    return s.replace(" ", "·").replace("\n", "↵").replace("\t", "→") or "∅"
+
+
+def token_labels(str_tokens: Sequence[str], style: Literal["position", "rank"] = "position") -> list[str]:
+    """Return one unique axis label per token, whitespace made visible: ``"3: ·Paris"`` (its position in
+    a prompt) or ``"#1 ·Paris"`` (its rank in a list of vocabulary tokens).
+
+    A token may repeat and may look like a number (the toy models' tokens are ids): the position or
+    rank keeps the labels unique and never numeric, so a categorical axis keeps them in this order.
+    """
+    if style == "rank":
+        return [f"#{i + 1} {show_token(t)}" for i, t in enumerate(str_tokens)]
+    return [f"{i}: {show_token(t)}" for i, t in enumerate(str_tokens)]
+
+
 def _position_labels(str_tokens: Sequence[str] | None, n_pos: int) -> list[str]:
     """Unique column labels ``"{i}: {token}"`` (just ``"{i}"`` without tokens): a token may repeat."""
-    return [f"{i}: {t}" for i, t in enumerate(str_tokens)] if str_tokens else [str(i) for i in range(n_pos)]
+    return token_labels(str_tokens) if str_tokens else [str(i) for i in range(n_pos)]
+
+
+def category_axis(fig: go.Figure, axis: Literal["x", "y"], labels: Sequence[str], every_label: bool = True,
+                  **where) -> go.Figure:
+    """Return ``fig`` with one axis categorical, its categories in the order of ``labels``.
+
+    Plotly guesses an axis type from the labels: token labels such as ``"5"`` or ``"final"`` after
+    ``"29"`` would turn into numbers (hairline bars, a dropped row, digits sorted 0-9).
+    ``every_label`` writes each label (plotly skips some on a crowded axis); ``where`` picks a
+    subplot (``row=, col=``).
+    """
+    labels = list(labels)
+    opts = dict(type="category", categoryorder="array", categoryarray=labels)
+    if every_label:
+        opts.update(tickmode="array", tickvals=labels, ticktext=labels)
+    (fig.update_xaxes if axis == "x" else fig.update_yaxes)(**opts, **where)
+    return fig
+
+
+# ------------------------------------------------------------------------------------ colour
+
+
+def _luminance(rgb: str) -> float:
+    """Return the WCAG relative luminance of a ``"rgb(r, g, b)"`` or ``"#rrggbb"`` colour."""
+    import plotly.colors as pc
+
+    if rgb.startswith("#"):
+        r, g, b = pc.hex_to_rgb(rgb)
+    else:
+        r, g, b = (float(v) for v in rgb[rgb.index("(") + 1: rgb.index(")")].split(",")[:3])
+
+    def lin(c: float) -> float:
+        c /= 255
+        return c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4
+
+    return 0.2126 * lin(r) + 0.7152 * lin(g) + 0.0722 * lin(b)
+
+
+def contrast_ratio(a: str, b: str) -> float:
+    """Return the WCAG contrast ratio of two colours (1 to 21; body text wants 4.5 or more)."""
+    la, lb = sorted((_luminance(a), _luminance(b)), reverse=True)
+    return (la + 0.05) / (lb + 0.05)
+
+
+def text_colours(z, colorscale: str, zmin: float, zmax: float) -> list[list[str]]:
+    """Return, per cell of ``z``, black or white, whichever contrasts more with the cell's colour."""
+    import numpy as np
+    import plotly.colors as pc
+
+    z = np.asarray(z, dtype=float)
+    span = (zmax - zmin) or 1.0
+    t = np.clip(np.nan_to_num((z - zmin) / span, nan=0.0), 0.0, 1.0)
+    fills = pc.sample_colorscale(colorscale, t.flatten().tolist())
+    out = ["#000000" if contrast_ratio(f, "#000000") >= contrast_ratio(f, "#ffffff") else "#ffffff" for f in fills]
+    return [out[i * z.shape[1]:(i + 1) * z.shape[1]] for i in range(z.shape[0])]
+
+
+# ------------------------------------------------------------------------------------ export
+
+
+#: a trace with ``meta={"export": False}`` is decoration (cell text, click targets), not data
+NO_EXPORT = {"export": False}
+
+
+def figure_frame(fig: go.Figure) -> "pd.DataFrame":
+    """Return the data a figure shows as one long table: a row per point (per cell for heatmaps), with
+    the trace's name and its x, y, z and text. Decoration traces (``meta == NO_EXPORT``) are left out."""
+    import numpy as np
+    import pandas as pd
+
+    frames = []
+    for i, tr in enumerate(fig.data):
+        if tr.meta == NO_EXPORT:
+            continue
+        name = getattr(tr, "name", None) or f"{tr.type} {i}"
+        z = getattr(tr, "z", None)
+        if z is not None and np.ndim(z) == 2:
+            z = np.asarray(z, dtype=float)
+            n_y, n_x = z.shape
+            xs = list(tr.x) if tr.x is not None else list(range(n_x))
+            ys = list(tr.y) if tr.y is not None else list(range(n_y))
+            rows = {"trace": name, "y": np.repeat(ys, n_x), "x": np.tile(xs, n_y), "z": z.flatten()}
+            if tr.text is not None and np.shape(tr.text) == z.shape:
+                rows["text"] = np.asarray(tr.text, dtype=object).flatten()
+            frames.append(pd.DataFrame(rows))
+            continue
+        cols = {}
+        for field in ("x", "y", "text"):
+            value = getattr(tr, field, None)
+            if value is not None and not isinstance(value, str):
+                cols[field] = list(value)
+        n = max((len(v) for v in cols.values()), default=0)
+        if n:
+            cols = {k: v for k, v in cols.items() if len(v) == n}
+            frames.append(pd.DataFrame({"trace": [name] * n, **cols}))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["trace"])
+
+
+def figure_json(fig: go.Figure) -> str:
+    """Return the figure's title and data (as :func:`figure_frame`) as JSON records."""
+    import json
+
+    title = fig.layout.title.text if fig.layout.title is not None else None
+    frame = figure_frame(fig)
+    return json.dumps({"title": title, "data": json.loads(frame.to_json(orient="records"))}, indent=1)
 
 
 #: the library's heatmap margins: tighter than plotly's default, which leaves room for long titles
@@ -127,23 +252,66 @@ def loss_by_position_figure(loss: Tensor, split: int | None = None, title: str =
 
 
 def lens_grid(result: "LensResult", str_tokens: Sequence[str] | None = None, value: str = "target_prob",
-              batch_index: int = 0, tokenizer_decode=None, title: str | None = None) -> go.Figure:
+              batch_index: int = 0, tokenizer_decode=None, title: str | None = None, *,
+              layers: Sequence[int] | None = None, k_hover: int = 5, cell_chars: int = 8) -> go.Figure:
     """Return a layer x position heatmap of one lens field (``target_prob``, ``entropy``,
     ``kl_to_final``, ``top_prob``) with the top token written in each cell when ``tokenizer_decode``
-    (ids -> strings) is given."""
+    (ids -> strings) is given.
+
+    ``layers`` picks rows (indices into ``result.labels``; the ``final`` row is always kept). The cell
+    text is drawn in black or white, whichever contrasts more with the cell (a text trace marked
+    :data:`NO_EXPORT`); ``trace.text`` keeps each cell's full top token. The hover names the layer
+    and position, the value, the target's probability and rank, and the top ``k_hover`` tokens.
+    """
+    import numpy as np
+
+    n_rows = len(result.labels)
+    rows = list(range(n_rows)) if layers is None else sorted({int(i) for i in layers if 0 <= i < n_rows} | {n_rows - 1})
     if value == "top_prob":
-        z = result.top_probs[:, batch_index, :, 0]
+        z = result.top_probs[rows, batch_index, :, 0]
     else:
-        z = getattr(result, value)[:, batch_index]
+        z = getattr(result, value)[rows, batch_index]
+    z = _np(z)
     n_pos = z.shape[1]
     x = _position_labels(str_tokens, n_pos)
+    y = [result.labels[r] for r in rows]
+    decode = tokenizer_decode or (lambda ids: str(ids[0]))
+    top_ids = result.top_tokens[rows, batch_index, :, :k_hover].tolist()
+    top_ps = result.top_probs[rows, batch_index, :, :k_hover].tolist()
+    t_prob = result.target_prob[rows, batch_index].tolist()
+    t_rank = result.target_rank[rows, batch_index].tolist()
+    hover = []
+    for r in range(len(rows)):
+        line = []
+        for p in range(n_pos):
+            tops = ", ".join(f"{decode([i])} {q:.2f}" for i, q in zip(top_ids[r][p], top_ps[r][p]))
+            target = ("no target" if t_rank[r][p] < 0 or np.isnan(t_prob[r][p])
+                      else f"P(target) {t_prob[r][p]:.3f}, rank {t_rank[r][p]}")
+            line.append(f"{target}<br>top {len(top_ids[r][p])}: {tops}")
+        hover.append(line)
     text = None
     if tokenizer_decode is not None:
-        ids = result.top_tokens[:, batch_index, :, 0]
-        text = [[tokenizer_decode([int(i)]) for i in row] for row in ids.tolist()]
-    scale = {"target_prob": ("Viridis", 0, 1), "top_prob": ("Viridis", 0, 1)}.get(value, ("Magma", None, None))
-    return heatmap(_np(z), x, list(result.labels), title or f"lens: {value}", scale[0], text=text,
-                   xlabel="position (input token)", ylabel="layer", colorbar=value, zmin=scale[1], zmax=scale[2])
+        text = [[tokenizer_decode([int(row[p][0])]) for p in range(n_pos)] for row in top_ids]
+    colorscale, zmin, zmax = {"target_prob": ("Viridis", 0, 1), "top_prob": ("Viridis", 0, 1)}.get(
+        value, ("Magma", None, None))
+    fig = heatmap(z, x, y, title or f"lens: {value}", colorscale, text=text, xlabel="position (input token)",
+                  ylabel="layer", colorbar=value, zmin=zmin, zmax=zmax,
+                  hover=f"{value} %{{z:.3f}}<br>%{{customdata}}", height=max(320, 24 * len(rows) + 160))
+    fig.data[0].update(customdata=hover, texttemplate=None)
+    if text is not None:
+        finite = z[np.isfinite(z)]
+        lo = zmin if zmin is not None else (float(finite.min()) if finite.size else 0.0)
+        hi = zmax if zmax is not None else (float(finite.max()) if finite.size else 1.0)
+        colours = text_colours(z, colorscale, lo, hi)
+        short = [[t if len(t) <= cell_chars else t[:cell_chars - 1] + "…" for t in row] for row in text]
+        fig.add_trace(go.Scatter(
+            x=[x[p] for _ in rows for p in range(n_pos)], y=[label for label in y for _ in range(n_pos)],
+            mode="text", text=[t for row in short for t in row], textfont=dict(size=11, color=sum(colours, [])),
+            hoverinfo="skip", showlegend=False, meta=NO_EXPORT, name="cell text"))
+    category_axis(fig, "x", x, every_label=len(x) <= 64)
+    category_axis(fig, "y", y)
+    fig.update_yaxes(autorange="reversed")
+    return fig
 
 
 def lens_kl_figure(comparison: "LensComparison", title: str = "KL(final || lens) by layer, held out") -> go.Figure:
@@ -152,7 +320,7 @@ def lens_kl_figure(comparison: "LensComparison", title: str = "KL(final || lens)
     fig.add_trace(go.Scatter(x=comparison.labels, y=_np(comparison.logit_kl), mode="lines+markers", name="logit lens"))
     fig.add_trace(go.Scatter(x=comparison.labels, y=_np(comparison.tuned_kl), mode="lines+markers", name="tuned lens"))
     fig.update_layout(title=title, xaxis_title="layer (resid_pre)", yaxis_title="KL (nats)", yaxis_type="log")
-    return fig
+    return category_axis(fig, "x", comparison.labels, every_label=len(comparison.labels) <= 40)
 
 
 def attribution_bars(result: "LogitAttribution | pd.DataFrame", batch_index: int = 0, top: int | None = None,

@@ -20,9 +20,8 @@ from workbench import plots
 TOKEN_COLOURS = ["#fde2e4", "#e2ece9", "#fff1e6", "#dfe7fd", "#e9f5db", "#f0efeb", "#fad2e1", "#cddafd", "#bee1e6"]
 
 
-def show_token(s: str) -> str:
-    """Return a token's text with whitespace made visible (so ' the' and 'the' differ on screen)."""
-    return s.replace(" ", "·").replace("\n", "↵").replace("\t", "→") or "∅"
+#: a token's text with whitespace made visible (so ' the' and 'the' differ on screen)
+show_token = plots.show_token
 
 
 def token_chips_html(str_tokens: list[str], ids: list[int]) -> str:
@@ -52,46 +51,77 @@ def highlighted_tokens_html(str_tokens: list[str], values: list[float], vmax: fl
     return "".join(spans)
 
 
-def token_ids_figure(str_tokens: list[str], ids: list[int]) -> go.Figure:
-    """Return a bar chart of token ids by position (hover shows the token)."""
-    labels = [f"{i}: {show_token(s)}" for i, s in enumerate(str_tokens)]
-    fig = go.Figure(go.Bar(x=labels, y=ids, hovertext=[show_token(s) for s in str_tokens]))
-    fig.update_layout(title="Token ids by position", xaxis_title="position: token", yaxis_title="id", height=320)
-    return fig
+def token_ids_figure(str_tokens: list[str], ids: list[int], value_name: str = "id",
+                     title: str = "Token ids by position") -> go.Figure:
+    """Return a bar per position of a prompt (token ids by default): a categorical axis of the tokens."""
+    labels = plots.token_labels(str_tokens)
+    fig = go.Figure(go.Bar(x=labels, y=ids, hovertemplate=f"%{{x}}<br>{value_name} %{{y}}<extra></extra>"))
+    fig.update_layout(title=title, xaxis_title="position: token", yaxis_title=value_name, height=320)
+    return plots.category_axis(fig, "x", labels, every_label=len(labels) <= 64)
 
 
 def attention_heatmap(pattern: Float[Tensor, "q k"], str_tokens: list[str], title: str) -> go.Figure:
-    """Return one head's attention pattern (rows: queries, columns: keys)."""
-    labels = [f"{i}:{show_token(s)}" for i, s in enumerate(str_tokens)]
-    return plots.heatmap(pattern, labels, labels, title, "Blues", zmin=0, zmax=1, xlabel="key", ylabel="query",
-                         hover="attention %{z:.3f}", height=max(360, 18 * len(labels) + 120), margin=None)
+    """Return one head's attention pattern (rows: queries, columns: keys), every token labelled on
+    both axes; the hover names the head (``title``), the query and the key."""
+    labels = plots.token_labels(str_tokens)
+    fig = plots.heatmap(pattern, labels, labels, title, "Blues", zmin=0, zmax=1, xlabel="key", ylabel="query",
+                        height=max(360, 18 * len(labels) + 140), margin=None)
+    fig.data[0].hovertemplate = f"{title}<br>query %{{y}}<br>key %{{x}}<br>attention %{{z:.3f}}<extra></extra>"
+    plots.category_axis(fig, "x", labels)
+    plots.category_axis(fig, "y", labels)
+    return fig.update_yaxes(autorange="reversed")
 
 
-def attention_grid(patterns: Float[Tensor, "layer head q k"], max_layers: int = 32) -> go.Figure:
-    """Return a grid of every head's pattern (one row per layer, one column per head) as one tiled heatmap.
+def head_name(layer: int, head: int) -> str:
+    return f"L{layer}H{head}"
+
+
+def attention_grid(patterns: Float[Tensor, "layer head q k"], str_tokens: list[str] | None = None,
+                   layers: range | None = None) -> go.Figure:
+    """Return a grid of heads' patterns (one row per layer of ``layers``, one column per head) as one
+    tiled heatmap, with a click target (a square marker, trace 1) at each tile's centre whose
+    ``customdata`` is ``[layer, head]``.
 
     One trace, not a subplot per head: SmolLM2's 270 heads as subplots take seconds to build and draw.
+    Each row and column has its own category label (``"L3 query 4: ·cat"``, ``"H2 key 1: ·The"``), so
+    the hover names the head, the query and the key without a per-cell hover table.
     """
     import numpy as np
 
     n_layers, n_heads, n, _ = patterns.shape
-    n_layers = min(n_layers, max_layers)
+    layers = layers if layers is not None else range(n_layers)
+    toks = plots.token_labels(str_tokens) if str_tokens else [str(i) for i in range(n)]
     gap = 1
-    tiles = np.full((n_layers * (n + gap), n_heads * (n + gap)), np.nan, dtype=np.float32)
-    grid = patterns[:n_layers].float().numpy()
-    for layer in range(n_layers):
+    tiles = np.full((len(layers) * (n + gap), n_heads * (n + gap)), np.nan, dtype=np.float32)
+    grid = patterns[list(layers)].float().numpy()
+    for r_i in range(len(layers)):
         for h in range(n_heads):
-            r, c = layer * (n + gap), h * (n + gap)
-            tiles[r:r + n, c:c + n] = grid[layer, h]
-    fig = go.Figure(go.Heatmap(z=tiles, colorscale="Blues", zmin=0, zmax=1, showscale=False, hoverongaps=False,
-                               hovertemplate="attention %{z:.2f}<extra></extra>"))
-    fig.update_xaxes(tickvals=[h * (n + gap) + (n - 1) / 2 for h in range(n_heads)],
+            r, c = r_i * (n + gap), h * (n + gap)
+            tiles[r:r + n, c:c + n] = grid[r_i, h]
+    x = [f"H{h} key {toks[j]}" if j < n else f"H{h} |" for h in range(n_heads) for j in range(n + gap)]
+    y = [f"L{layer} query {toks[i]}" if i < n else f"L{layer} —" for layer in layers for i in range(n + gap)]
+    fig = go.Figure(go.Heatmap(z=tiles, x=x, y=y, colorscale="Blues", zmin=0, zmax=1, showscale=False,
+                               hoverongaps=False, xgap=0, ygap=0,
+                               hovertemplate="%{y}<br>%{x}<br>attention %{z:.3f}<extra></extra>"))
+    centre = n // 2
+    fig.add_trace(go.Scatter(
+        x=[x[h * (n + gap) + centre] for _ in layers for h in range(n_heads)],
+        y=[y[r_i * (n + gap) + centre] for r_i in range(len(layers)) for _ in range(n_heads)],
+        customdata=[[layer, h] for layer in layers for h in range(n_heads)], mode="markers",
+        marker=dict(symbol="square-open", size=12, color="rgba(197,48,48,0.55)", line=dict(width=2)),
+        hovertemplate="L%{customdata[0]}H%{customdata[1]}: click to open<extra></extra>", showlegend=False,
+        meta=plots.NO_EXPORT, name="open a head"))
+    fig.update_xaxes(type="category", categoryorder="array", categoryarray=x, tickmode="array",
+                     tickvals=[x[h * (n + gap) + centre] for h in range(n_heads)],
                      ticktext=[f"H{h}" for h in range(n_heads)], side="top", showgrid=False, zeroline=False)
-    fig.update_yaxes(tickvals=[layer * (n + gap) + (n - 1) / 2 for layer in range(n_layers)],
-                     ticktext=[f"L{layer}" for layer in range(n_layers)], autorange="reversed", showgrid=False,
+    fig.update_yaxes(type="category", categoryorder="array", categoryarray=y, tickmode="array",
+                     tickvals=[y[r_i * (n + gap) + centre] for r_i in range(len(layers))],
+                     ticktext=[f"L{layer}" for layer in layers], autorange="reversed", showgrid=False,
                      zeroline=False, scaleanchor="x")
-    fig.update_layout(title="All heads (rows: layers, columns: heads)", height=max(300, 60 * n_layers + 100),
-                      margin=dict(l=40, r=20, t=90, b=20), plot_bgcolor="white")
+    tile_px = min(160, max(60, 1200 // n_heads))
+    fig.update_layout(title="All heads (rows: layers, columns: heads; click a head's marker to open it)",
+                      height=max(300, tile_px * len(layers) + 110), margin=dict(l=40, r=20, t=90, b=20),
+                      plot_bgcolor="white", clickmode="event+select", dragmode="select")
     return fig
 
 
@@ -103,11 +133,21 @@ def scatter_2d(points: pd.DataFrame, title: str) -> go.Figure:
     return fig
 
 
-def bar_tokens(labels: list[str], values: list[float], title: str, value_name: str) -> go.Figure:
-    """Return a horizontal bar chart of tokens and a value (largest on top)."""
-    fig = go.Figure(go.Bar(x=values[::-1], y=[show_token(s) for s in labels][::-1], orientation="h"))
+def bar_tokens(labels: list[str], values: list[float], title: str, value_name: str,
+               ids: list[int] | None = None) -> go.Figure:
+    """Return a horizontal bar chart of ranked vocabulary tokens and a value, first on top (a
+    categorical axis: ``"#1 ·queen"``; the hover adds the token id when ``ids`` are given)."""
+    fig = go.Figure(_ranked_bar(labels, values, value_name, ids))
     fig.update_layout(title=title, xaxis_title=value_name, height=max(260, 22 * len(labels) + 100))
-    return fig
+    return plots.category_axis(fig, "y", plots.token_labels(labels, "rank")).update_yaxes(autorange="reversed")
+
+
+def _ranked_bar(labels: list[str], values: list[float], value_name: str, ids: list[int] | None = None,
+                **bar) -> go.Bar:
+    """Return one horizontal bar trace of ranked tokens (labels as :func:`plots.token_labels` ranks)."""
+    shown = plots.token_labels(labels, "rank")
+    hover = f"%{{y}}<br>{value_name} %{{x:.4g}}" + ("<br>id %{customdata}" if ids is not None else "")
+    return go.Bar(x=values, y=shown, orientation="h", customdata=ids, hovertemplate=hover + "<extra></extra>", **bar)
 
 
 def matrix_heatmap(z: Float[Tensor, "a b"], title: str, x_title: str, y_title: str, colorscale: str = "RdBu",
@@ -132,13 +172,19 @@ def rope_frequencies(inv_freq: Float[Tensor, "pair"], theta: float) -> go.Figure
     return fig
 
 
-def sampling_figure(labels: list[str], raw: list[float], filtered: list[float]) -> go.Figure:
-    """Return the top tokens' probabilities before and after temperature / top-k / top-p."""
-    shown = [show_token(s) for s in labels]
-    fig = go.Figure([go.Bar(x=shown, y=raw, name="softmax(logits)"),
-                     go.Bar(x=shown, y=filtered, name="after temperature, top-k, top-p")])
-    fig.update_layout(barmode="group", title="Next-token distribution", yaxis_title="probability", height=380)
-    return fig
+def sampling_figure(labels: list[str], raw: list[float], filtered: list[float],
+                    ids: list[int] | None = None) -> go.Figure:
+    """Return the top tokens' probabilities before and after temperature / top-k / top-p, in the
+    order given (by probability), on a categorical axis (``"#1 ·Paris"``): digits stay in that order."""
+    shown = plots.token_labels(labels, "rank")
+    hover = "%{x}<br>%{fullData.name}: %{y:.4f}" + ("<br>id %{customdata}" if ids is not None else "")
+    fig = go.Figure([go.Bar(x=shown, y=raw, name="softmax(logits)", customdata=ids,
+                            hovertemplate=hover + "<extra></extra>"),
+                     go.Bar(x=shown, y=filtered, name="after temperature, top-k, top-p", customdata=ids,
+                            hovertemplate=hover + "<extra></extra>")])
+    fig.update_layout(barmode="group", title="Next-token distribution", yaxis_title="probability", height=380,
+                      xaxis_title="token (rank by probability)")
+    return plots.category_axis(fig, "x", shown)
 
 
 def parameter_figure(table: pd.DataFrame, log: bool = True) -> go.Figure:
@@ -235,8 +281,10 @@ def rank_across_layers(labels: list[str], rank: list[int], prob: list[float], to
     fig.add_trace(go.Scatter(x=labels, y=prob, mode="lines+markers", name="probability"), row=1, col=2)
     fig.update_yaxes(type="log", title_text="rank + 1", row=1, col=1)
     fig.update_yaxes(range=[0, 1], row=1, col=2)
-    fig.update_xaxes(title_text="layer (resid_pre)")
+    fig.update_xaxes(title_text="layer (resid_pre; final = the output)")
     fig.update_layout(title=f"Target {show_token(token)!r} across layers at {pos_label}", height=360, showlegend=False)
+    for col in (1, 2):  # categorical: "final" after "29" is a row, not a number plotly drops
+        plots.category_axis(fig, "x", labels, every_label=len(labels) <= 40, row=1, col=col)
     return fig
 
 
@@ -274,13 +322,14 @@ def logit_effects_figure(top: list[str], top_values: list[float], bottom: list[s
                          feature: int) -> go.Figure:
     """Return the tokens a latent's decoder direction raises and lowers most."""
     fig = make_subplots(rows=1, cols=2, subplot_titles=["raises", "lowers"], horizontal_spacing=0.15)
-    fig.add_trace(go.Bar(x=top_values[::-1], y=[show_token(s) for s in top][::-1], orientation="h",
-                         marker_color="#2b6cb0"), row=1, col=1)
-    fig.add_trace(go.Bar(x=bottom_values[::-1], y=[show_token(s) for s in bottom][::-1], orientation="h",
-                         marker_color="#c53030"), row=1, col=2)
+    fig.add_trace(_ranked_bar(top, top_values, "logit effect", marker_color="#2b6cb0", name="raises"), row=1, col=1)
+    fig.add_trace(_ranked_bar(bottom, bottom_values, "logit effect", marker_color="#c53030", name="lowers"),
+                  row=1, col=2)
     fig.update_layout(title=f"Logit effects of latent {feature}", showlegend=False,
                       height=max(300, 22 * len(top) + 120))
-    return fig
+    plots.category_axis(fig, "y", plots.token_labels(top, "rank"), row=1, col=1)
+    plots.category_axis(fig, "y", plots.token_labels(bottom, "rank"), row=1, col=2)
+    return fig.update_yaxes(autorange="reversed")
 
 
 # ------------------------------------------------------------------------------------ superposition
@@ -316,3 +365,103 @@ def toy_norms_figure(norms: list[float], fractional: list[float]) -> go.Figure:
                            hovertemplate="%{x}: norm %{y:.2f}<br>dimensionality %{marker.color:.2f}<extra></extra>"))
     fig.update_layout(title="Feature norms (colour: fractional dimensionality)", yaxis_title="||W_i||", height=340)
     return fig
+
+
+# ------------------------------------------------------------------------------------------ text
+
+
+def count_noun(n: int, singular: str, plural: str | None = None) -> str:
+    """Return ``"1 token"`` / ``"3 tokens"``: a count with its noun in the right number."""
+    return f"{n:,} {singular if n == 1 else (plural or singular + 's')}"
+
+
+def nats(x: float, digits: int = 2) -> str:
+    """Return ``x`` to ``digits`` places with no ``-0.00`` (a zero entropy computed as -1e-9)."""
+    shown = f"{x:.{digits}f}"
+    return shown[1:] if shown.startswith("-") and float(shown) == 0 else shown
+
+
+def _byte_decoder() -> dict[str, int]:
+    """Return GPT-2's byte-level alphabet backwards: the printable stand-in of each byte -> the byte."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+_BYTES = _byte_decoder()
+
+
+def token_bytes(tokenizer, token_id: int) -> bytes | None:
+    """Return the bytes a byte-level BPE token stands for (None when the vocabulary is not byte-level)."""
+    piece = tokenizer.tok.id_to_token(int(token_id))
+    if piece is None or not all(ch in _BYTES for ch in piece):
+        return None
+    return bytes(_BYTES[ch] for ch in piece)
+
+
+def token_texts(tokenizer, ids: list[int], str_tokens: list[str]) -> list[str]:
+    """Return each token as text, or as its bytes (``\\xe6\\x97``) where it holds part of a multi-byte
+    character and decodes on its own to the replacement glyph."""
+    out = []
+    for t, s in zip(ids, str_tokens):
+        raw = token_bytes(tokenizer, t) if tokenizer is not None and "\ufffd" in s else None
+        if raw is None:
+            out.append(s)
+            continue
+        text = raw.decode("utf-8", errors="backslashreplace")
+        out.append(text)
+    return out
+
+
+_MARKDOWN_SPECIALS = {c: f"&#{ord(c)};" for c in "*_`~#[]\\|$+-!{}()"}
+
+
+def plain_text_html(text: str) -> str:
+    """Return ``text`` as HTML that no markdown renderer reinterprets (``**`` stays two asterisks)."""
+    escaped = html.escape(text, quote=True)
+    escaped = "".join(_MARKDOWN_SPECIALS.get(c, c) for c in escaped)
+    return escaped.replace("\n", "<br>")
+
+
+def generated_text_html(prompt: str, generated: str) -> str:
+    """Return a prompt (bold) and its continuation as plain text in one HTML block (whitespace kept)."""
+    return (f'<div style="white-space:pre-wrap;line-height:1.5"><b>{plain_text_html(prompt)}</b>'
+            f"{plain_text_html(generated)}</div>")
+
+
+# ------------------------------------------------------------------------------------ logit lens
+
+
+def lens_kl_on_prompt(logit, tuned) -> go.Figure:
+    """Return the per-layer KL(final || lens) of the logit and a tuned lens, averaged over the prompt's
+    positions (two :class:`~workbench.analysis.logit_lens.LensResult` of the same prompt)."""
+    from workbench.analysis.logit_lens import LensComparison
+
+    comparison = LensComparison(list(logit.labels[:-1]), logit.kl_to_final[:-1, 0].mean(-1),
+                                tuned.kl_to_final[:-1, 0].mean(-1))
+    return plots.lens_kl_figure(comparison, title="KL(final output ‖ lens) by layer, mean over this prompt")
+
+
+# ------------------------------------------------------------------------------------------ SAEs
+
+
+def feature_card_html(title: str, facts: dict[str, str], figs: list[go.Figure], contexts_html: str) -> str:
+    """Return one SAE latent's card as a standalone HTML page: its numbers, its figures (plotly.js
+    embedded once, so the file opens offline) and its top activating contexts."""
+    parts = []
+    for i, fig in enumerate(figs):
+        parts.append(fig.to_html(full_html=False, include_plotlyjs=i == 0, config={"displaylogo": False}))
+    rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in facts.items())
+    return (
+        "<!DOCTYPE html>\n<html><head><meta charset='utf-8'>"
+        f"<title>{html.escape(title)}</title><style>body{{font-family:sans-serif;margin:24px;max-width:1100px}}"
+        "th{text-align:left;padding-right:16px}td{font-family:monospace}</style></head><body>"
+        f"<h1>{html.escape(title)}</h1><table>{rows}</table>{''.join(parts)}"
+        f"<h2>Top activating contexts</h2>{contexts_html}</body></html>\n"
+    )

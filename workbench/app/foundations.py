@@ -6,7 +6,7 @@ import pandas as pd
 import streamlit as st
 import torch
 
-from workbench.app import cached, compute, figures, ui
+from workbench.app import cached, compute, figures, share, ui
 from workbench.app.sidebar import Selection
 from workbench.model import GPTConfig, parameter_counts, rotary_tables, sinusoidal_table
 
@@ -14,17 +14,19 @@ from workbench.model import GPTConfig, parameter_counts, rotary_tables, sinusoid
 def tokenizer_page(sel: Selection) -> None:
     st.title("Tokenizer")
     model = cached.model(sel.key)
-    st.caption("How a text becomes token ids: each chip is one token (· marks a space, ↵ a newline), its id below.")
+    st.caption("How a text becomes token ids: each chip is one token (· marks a space, ↵ a newline), its id below. "
+               "A token holding part of a multi-byte character shows its bytes (\\xe6\\x97).")
     default = ("Tokenizers split text into pieces: café, naïve, 1234567, def f(x): return x**2"
                if model.tokenizer is not None else None)
     _, enc = ui.prompt(sel.key, model, "tok_prompt", label="Text", default=default)
-    st.markdown(figures.token_chips_html(enc.str_tokens, enc.ids), unsafe_allow_html=True)
+    shown = figures.token_texts(model.tokenizer, enc.ids, enc.str_tokens)
+    st.markdown(figures.token_chips_html(shown, enc.ids), unsafe_allow_html=True)
     n_chars = sum(len(s) for s in enc.str_tokens)
     c1, c2, c3 = st.columns(3)
     c1.metric("tokens", len(enc.ids))
     c2.metric("characters", n_chars)
     c3.metric("characters per token", f"{n_chars / max(1, len(enc.ids)):.2f}")
-    ui.plot(figures.token_ids_figure(enc.str_tokens, enc.ids))
+    share.plot(figures.token_ids_figure(shown, enc.ids), key="tok_ids")
     if model.tokenizer is not None:
         bos = model.tokenizer.bos_token_id
         st.caption(f"Vocabulary: {model.tokenizer.vocab_size:,} tokens. BOS id {bos}, "
@@ -48,7 +50,8 @@ def embeddings_page(sel: Selection) -> None:
             nb = compute.nearest(unit, unit[ids[0]], k + 1, exclude=())
             rows = [(compute.token_label(model, i), c) for i, c in zip(nb.ids, nb.cosine) if i != ids[0]][:k]
             st.caption(f"Using token {figures.show_token(labels[0])!r} (id {ids[0]})")
-            ui.plot(figures.bar_tokens([r[0] for r in rows], [r[1] for r in rows], "Nearest tokens", "cosine"))
+            share.plot(figures.bar_tokens([r[0] for r in rows], [r[1] for r in rows], "Nearest tokens", "cosine",
+                                          ids=[i for i in nb.ids if i != ids[0]][:k]), key="emb_neighbours")
     with right:
         st.subheader("Analogy arithmetic")
         st.caption("a is to b as c is to ?  — the tokens nearest E[b] − E[a] + E[c]")
@@ -62,15 +65,42 @@ def embeddings_page(sel: Selection) -> None:
         st.dataframe(pd.DataFrame({"token": [figures.show_token(compute.token_label(model, i)) for i in nb.ids],
                                    "cosine": nb.cosine}), hide_index=True)
     st.subheader("2-D projection")
-    default_words = (" king queen man woman prince princess Paris France London England Berlin Germany one two "
+    default_words = ("king queen man woman prince princess Paris France London England Berlin Germany one two "
                      "three four five cat dog horse cow red green blue" if model.tokenizer is not None
                      else " ".join(str(i) for i in range(1, min(model.cfg.d_vocab, 25))))
     words = st.text_area("Words (first token of each)", default_words, key="emb_words")
-    method = st.radio("Method", ["pca", "tsne"], horizontal=True, key="emb_method",
+    c1, c2 = st.columns(2)
+    method = c1.radio("Method", ["pca", "tsne"], horizontal=True, key="emb_method",
                       format_func=lambda m: {"pca": "PCA", "tsne": "t-SNE"}[m])
+    spaced = model.tokenizer is not None and c2.checkbox(
+        "Each word with a leading space", True, key="emb_space",
+        help="Mid-sentence words are tokens that start with a space (· on the plot): ' queen' is one token "
+             "where 'queen' may split into pieces")
     with ui.guard(), st.spinner("Projecting…"):
-        points = cached.projection(sel.key, words, method)
-    ui.plot(figures.scatter_2d(points, f"Token embeddings, {method.upper()} (scikit-learn)"))
+        points, split = _projection(model, words, method, spaced)
+    if split:
+        st.caption("Not one token each, so the plot shows their first piece: "
+                   + ", ".join(f"{figures.show_token(w)!r} → {' + '.join(repr(figures.show_token(p)) for p in ps)}"
+                               for w, ps in split[:8]) + (" …" if len(split) > 8 else ""))
+    share.plot(figures.scatter_2d(points, f"Token embeddings, {method.upper()} (scikit-learn)"), key="emb_projection")
+
+
+def _projection(model, words: str, method: str, spaced: bool):
+    """Return the 2-D points of the first token of each word (with a leading space when ``spaced``) and
+    the words that are more than one token, with their pieces.
+
+    Computed here, not in ``cached.projection`` (which splits the words on whitespace, so it cannot
+    keep a leading space): a PCA of a few dozen rows takes milliseconds, a t-SNE a fraction of a second.
+    """
+    listed = [(" " + w if spaced else w) for w in words.split()]
+    split = []
+    for w in listed:
+        ids, pieces = compute.encode_no_bos(model, w)
+        if len(ids) > 1:
+            split.append((w, pieces))
+    ids, labels = compute.word_token_ids(model, listed)
+    points = compute.project_2d(model.embed.W_E[ids].detach().float().cpu(), labels, method)
+    return points, split
 
 
 def positional_page(sel: Selection) -> None:
@@ -81,20 +111,20 @@ def positional_page(sel: Selection) -> None:
     st.caption(f"This model uses **{cfg.positional}** positions.")
     if cfg.positional == "learned":
         W_pos = model.pos_embed.W_pos[:n].detach().float().cpu()
-        ui.plot(figures.matrix_heatmap(W_pos, "Learned W_pos (this model)", "d_model", "position"))
+        share.plot(figures.matrix_heatmap(W_pos, "Learned W_pos (this model)", "d_model", "position"), key="pos_learned")
         unit = compute.unit_rows(W_pos)
-        ui.plot(figures.matrix_heatmap(unit @ unit.T, "Cosine similarity between learned positions", "position",
-                                       "position"), key="pos_cos")
+        share.plot(figures.matrix_heatmap(unit @ unit.T, "Cosine similarity between learned positions", "position",
+                                          "position"), key="pos_cos")
     if cfg.positional == "rotary":
         d_head = cfg.d_head
         inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d_head, 2).float() / d_head))
-        ui.plot(figures.rope_frequencies(inv_freq, cfg.rope_theta))
+        share.plot(figures.rope_frequencies(inv_freq, cfg.rope_theta), key="rope_freq")
         cos, _ = rotary_tables(n, d_head, cfg.rope_theta)
-        ui.plot(figures.matrix_heatmap(cos[:, : d_head // 2], "RoPE cos(position × frequency), per dimension pair",
-                                       "dimension pair", "position"), key="rope_cos")
+        share.plot(figures.matrix_heatmap(cos[:, : d_head // 2], "RoPE cos(position × frequency), per dimension pair",
+                                          "dimension pair", "position"), key="rope_cos")
     d_ref = cfg.d_model if cfg.d_model % 2 == 0 else cfg.d_model + 1
     table = sinusoidal_table(n, d_ref)
-    ui.plot(figures.matrix_heatmap(table, f"Sinusoidal encoding (Vaswani et al.), d_model {d_ref}"
+    share.plot(figures.matrix_heatmap(table, f"Sinusoidal encoding (Vaswani et al.), d_model {d_ref}"
                                    + (" — this model's" if cfg.positional == "sinusoidal" else " — for comparison"),
                                    "d_model", "position"), key="pos_sin")
 
@@ -115,10 +145,11 @@ def sampling_page(sel: Selection) -> None:
     filtered = compute.sampling_probs(logits, temperature, top_k or None, top_p if top_p < 1 else None)
     order = raw.topk(min(20, raw.shape[0])).indices.tolist()
     labels = [compute.token_label(model, i) for i in order]
-    ui.plot(figures.sampling_figure(labels, raw[order].tolist(), filtered[order].tolist()))
+    share.plot(figures.sampling_figure(labels, raw[order].tolist(), filtered[order].tolist(), ids=order),
+               key="samp_dist")
     kept = int((filtered > 0).sum())
-    entropy = float(-(filtered[filtered > 0] * filtered[filtered > 0].log()).sum())
-    st.caption(f"{kept:,} tokens can be sampled; entropy {entropy:.2f} nats.")
+    entropy = max(0.0, float(-(filtered[filtered > 0] * filtered[filtered > 0].log()).sum()))
+    st.caption(f"{figures.count_noun(kept, 'token')} can be sampled; entropy {figures.nats(entropy)} nats.")
     st.subheader("Generate")
     g1, g2 = st.columns(2)
     n_new = g1.slider("New tokens", 1, 64, 24, key="samp_new")
@@ -131,7 +162,8 @@ def sampling_page(sel: Selection) -> None:
                                          top_k=top_k or None, top_p=top_p if top_p < 1 else None, seed=int(seed),
                                          stop_tokens=[]):
                 pieces.append(event.text if model.tokenizer is not None else f" {event.token}")
-                out.markdown(f"**{''.join(enc.str_tokens)}**{''.join(pieces)}")
+                out.markdown(figures.generated_text_html("".join(enc.str_tokens), "".join(pieces)),
+                             unsafe_allow_html=True)
         st.session_state["samp_last"] = "".join(pieces)
 
 
@@ -139,7 +171,7 @@ def architecture_page(sel: Selection) -> None:
     st.title("Architecture")
     model = cached.model(sel.key)
     cfg = model.cfg
-    ui.plot(figures.architecture_diagram(cfg))
+    share.plot(figures.architecture_diagram(cfg), key="arch_diagram")
     compare = st.multiselect("Compare with", ["GPT-2 small", "GPT-3 175B"], ["GPT-2 small", "GPT-3 175B"],
                              key="arch_compare")
     configs = {cfg.name or sel.name: cfg}
@@ -154,7 +186,7 @@ def architecture_page(sel: Selection) -> None:
     table = pd.DataFrame(rows)
     shown = table[(table.parameters > 0) & ~table.component.isin(["total", "weights"])]
     scale = st.radio("Scale", ["log", "linear"], horizontal=True, key="arch_scale")
-    ui.plot(figures.parameter_figure(shown, log=scale == "log"), key="arch_params")
+    share.plot(figures.parameter_figure(shown, log=scale == "log"), key="arch_params")
     wide = table.pivot(index="component", columns="model", values="parameters").loc[
         lambda t: t.index.isin(parameter_counts(cfg).keys())]
     st.dataframe(wide.style.format("{:,}"))

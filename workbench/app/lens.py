@@ -6,18 +6,22 @@ import pandas as pd
 import streamlit as st
 
 from workbench import plots
-from workbench.app import cached, compute, figures, ui
+from workbench.app import cached, compute, figures, share, ui
 from workbench.app.sidebar import Selection
 
 VALUES = {"target_prob": "probability of the target token", "top_prob": "probability of the top token",
           "entropy": "entropy (nats)", "kl_to_final": "KL(final output ‖ layer)"}
+#: layer-row strides offered for deep models (every row of SmolLM2's 31 at once is a tall grid)
+STRIDES = [1, 2, 3, 5]
 
 
 def lens_page(sel: Selection) -> None:
     st.title("Logit lens")
     model = cached.model(sel.key)
+    n_layers = model.cfg.n_layers
     st.caption("Row l decodes the residual stream entering block l through the final norm and the unembedding "
-               "(the last row is the model's output). Each cell shows the top token; its colour the value chosen.")
+               "(the last row, final, is the model's output). Each cell shows the top token; its colour the value "
+               "chosen; hover for the top tokens and the target's probability.")
     text, enc = ui.prompt(sel.key, model, "lens_prompt")
     lenses = compute.tuned_lenses(model.cfg)
     options = [""] + [str(p) for p in lenses]
@@ -26,24 +30,44 @@ def lens_page(sel: Selection) -> None:
                         format_func=lambda p: "logit lens" if not p else f"tuned lens ({p})")
     if not lenses:
         c1.caption("No tuned lens for this model in the runs directory; "
-                   "`workbench tuned-lens train MODEL --out $WORKBENCH_HOME/runs/lens-MODEL` makes one.")
+                   "`workbench tuned-lens train MODEL --out $WORKBENCH_HOME/runs/lens-MODEL` makes one, and "
+                   "this page then shows it beside the logit lens.")
     value = c2.selectbox("Colour", list(VALUES), key="lens_value", format_func=VALUES.get)
-    target_text = st.text_input("Target token (empty: the actual next token at each position)", "", key="lens_target")
+    c3, c4 = st.columns(2)
+    target_text = c3.text_input("Target token (empty: the actual next token at each position)", "", key="lens_target")
+    layers = range(n_layers)
+    if n_layers > 1:
+        lo, hi = c4.slider("Layers shown (the final row always)", 0, n_layers - 1, (0, n_layers - 1),
+                           key="lens_layers")
+        stride = c4.select_slider("Every n-th layer", STRIDES, 1, key="lens_stride") if n_layers > 8 else 1
+        layers = range(lo, hi + 1, stride)
     with ui.guard():
         target = compute.answer_id(model, target_text) if target_text else -1
     with ui.guard(), st.spinner("Running the lens…"):
         # one model run per prompt (cached); the lens, the target and everything below only re-decode or slice it
         result = cached.lens(sel.key, text, lens_dir, target)
+        logit = cached.lens(sel.key, text, "", target) if lens_dir else result
     decode = (lambda ids: figures.show_token(model.tokenizer.decode(ids))) if model.tokenizer is not None else (
         lambda ids: str(ids[0]))
     shown = [figures.show_token(s) for s in enc.str_tokens]
-    ui.plot(ui.categorical(plots.lens_grid(result, shown, value=value, tokenizer_decode=decode,
-                                           title=f"{'Tuned' if lens_dir else 'Logit'} lens: top token per layer and "
-                                                 "position")), key="lens_grid")
+
+    def grid(res, name: str):
+        return plots.lens_grid(res, shown, value=value, tokenizer_decode=decode, layers=layers,
+                               title=f"{name} lens: top token per layer and position")
+
+    if lens_dir:
+        left, right = st.columns(2)
+        with left:
+            share.plot(grid(logit, "Logit"), key="lens_grid_logit")
+        with right:
+            share.plot(grid(result, "Tuned"), key="lens_grid")
+        share.plot(figures.lens_kl_on_prompt(logit, result), key="lens_kl")
+    else:
+        share.plot(grid(result, "Logit"), key="lens_grid")
     n = len(enc.ids)
-    c3, c4 = st.columns(2)
-    pos = c3.slider("Position", 0, n - 1, n - 1, key="lens_pos") if n > 1 else 0
-    k = c4.slider("Top tokens shown", 1, 10, 5, key="lens_k")
+    c5, c6 = st.columns(2)
+    pos = c5.slider("Position", 0, n - 1, n - 1, key="lens_pos") if n > 1 else 0
+    k = c6.slider("Top tokens shown", 1, 10, 5, key="lens_k")
     pos_label = f"position {pos} ({shown[pos]!r})"
     if target >= 0:
         target_token = compute.token_label(model, target)
@@ -51,17 +75,19 @@ def lens_page(sel: Selection) -> None:
         target_token = enc.str_tokens[pos + 1]
     else:
         target_token = None
+    which = "tuned lens" if lens_dir else "logit lens"
     if target_token is None:
         st.info("The last position has no next token to rank; pick an earlier position or type a target token.")
     else:
         ranks = result.target_rank[:, 0, pos].tolist()
         probs = result.target_prob[:, 0, pos].tolist()
-        st.caption(f"The target is first the top prediction at layer "
-                   f"{next((result.labels[i] for i, r in enumerate(ranks) if r == 0), 'none')}.")
-        ui.plot(figures.rank_across_layers(result.labels, ranks, probs, target_token, pos_label), key="lens_rank")
+        st.caption(f"With the {which}, the target is first the top prediction at layer "
+                   f"{next((result.labels[i] for i, r in enumerate(ranks) if r == 0), 'none (not even final)')}; "
+                   "the plot's last point, final, is the model's output.")
+        share.plot(figures.rank_across_layers(result.labels, ranks, probs, target_token, pos_label), key="lens_rank")
     ids = result.top_tokens[:, 0, pos, :k].tolist()
     ps = result.top_probs[:, 0, pos, :k].tolist()
     table = pd.DataFrame({"layer": result.labels} | {
         f"#{j + 1}": [f"{decode([row[j]])}  {p[j]:.2f}" for row, p in zip(ids, ps)] for j in range(k)})
-    st.markdown(f"**Top {k} next tokens at {pos_label}**")
+    st.markdown(f"**Top {k} next tokens at {pos_label}** ({which})")
     st.dataframe(table, hide_index=True)

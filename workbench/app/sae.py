@@ -8,7 +8,7 @@ import streamlit as st
 import torch
 
 from workbench import paths
-from workbench.app import cached, compute, figures, ui
+from workbench.app import cached, compute, figures, share, ui
 from workbench.app.sidebar import Selection
 
 
@@ -88,19 +88,23 @@ def _browser(sel: Selection, model, info: compute.SAEInfo, sae) -> int:
     m1.metric("density", f"{float(stats.density[feature]):.3%}")
     m2.metric("mean activation (when firing)", f"{float(stats.mean_active[feature]):.3g}")
     m3.metric("max activation", f"{float(stats.max_act[feature]):.3g}")
-    m4.metric("live latents", f"{live} of {d_sae}", f"{stats.dead_fraction:.0%} dead", delta_color="off")
+    # a plain figure, not a change: no delta arrow
+    m4.metric("live latents", f"{live} of {d_sae}", f"{stats.dead_fraction:.0%} dead", delta_color="off",
+              delta_arrow="off")
+    card_figs = [figures.density_histogram(torch.log10(stats.density).tolist(), feature)]
     c1, c2 = st.columns(2)
     with c1:
-        ui.plot(figures.density_histogram(torch.log10(stats.density).tolist(), feature), key="sae_density")
+        share.plot(card_figs[0], key="sae_density")
     with c2:
         if stats.density[feature] > 0:
-            ui.plot(figures.activation_histogram(stats.hist_edges.tolist(), stats.hist_counts[feature].tolist(),
-                                                 feature), key="sae_hist")
+            card_figs.append(figures.activation_histogram(stats.hist_edges.tolist(),
+                                                          stats.hist_counts[feature].tolist(), feature))
+            share.plot(card_figs[-1], key="sae_hist")
         else:
             st.info(f"Latent {feature} never fired on the {stats.n_rows:,} tokens of the store (a dead latent).")
     st.markdown("**Top activating contexts** (orange: the latent's activation on each token)")
     rows = tuple(int(r) for r in stats.top_rows[feature][:8] if r >= 0)
-    _contexts(sel, model, info, feature, rows)
+    contexts_html = _contexts(sel, model, info, feature, rows)
     quantiles = stats.quantile_rows(feature, 5)
     if quantiles:
         with st.expander("Samples across the activation range (quantiles)"):
@@ -108,8 +112,19 @@ def _browser(sel: Selection, model, info: compute.SAEInfo, sae) -> int:
     if stats.logit_top_ids is not None:
         top = [compute.token_label(model, int(i)) for i in stats.logit_top_ids[feature]]
         bottom = [compute.token_label(model, int(i)) for i in stats.logit_bottom_ids[feature]]
-        ui.plot(figures.logit_effects_figure(top, stats.logit_top_values[feature].tolist(), bottom,
-                                             stats.logit_bottom_values[feature].tolist(), feature), key="sae_logits")
+        card_figs.append(figures.logit_effects_figure(top, stats.logit_top_values[feature].tolist(), bottom,
+                                                      stats.logit_bottom_values[feature].tolist(), feature))
+        share.plot(card_figs[-1], key="sae_logits")
+    facts = {"SAE": info.label, "hook": info.hook, "model": sel.name, "latent": str(feature),
+             "density": f"{float(stats.density[feature]):.3%}",
+             "mean activation (when firing)": f"{float(stats.mean_active[feature]):.3g}",
+             "max activation": f"{float(stats.max_act[feature]):.3g}",
+             "live latents in this SAE": f"{live} of {d_sae}", "store tokens": f"{stats.n_rows:,}"}
+    title = f"{sel.name} · {info.hook} · latent {feature}"
+    st.download_button("Download this latent's card (standalone HTML, works offline)",
+                       lambda: figures.feature_card_html(title, facts, card_figs, contexts_html),
+                       file_name=f"latent-{feature}.html", mime="text/html", key="sae_card",
+                       on_click="ignore", icon=":material/download:")
     if stats.neighbour_ids is not None:
         st.markdown("**Nearest latents by decoder cosine**")
         ids = stats.neighbour_ids[feature].tolist()
@@ -118,10 +133,11 @@ def _browser(sel: Selection, model, info: compute.SAEInfo, sae) -> int:
     return feature
 
 
-def _contexts(sel: Selection, model, info: compute.SAEInfo, feature: int, rows: tuple[int, ...]) -> None:
+def _contexts(sel: Selection, model, info: compute.SAEInfo, feature: int, rows: tuple[int, ...]) -> str:
+    """Show the contexts of ``rows`` with the latent's activations highlighted; return their HTML."""
     if not rows:
         st.caption("No examples: the latent never fired.")
-        return
+        return "<p>No examples: the latent never fired.</p>"
     with ui.guard():
         contexts = cached.feature_contexts(sel.key, str(info.path), str(info.store), info.hook, feature, rows)
     vmax = max([c.value for c in contexts] + [1e-9])
@@ -131,6 +147,7 @@ def _contexts(sel: Selection, model, info: compute.SAEInfo, feature: int, rows: 
         lines.append(f'<div style="margin:3px 0"><b>{c.value:.2f}</b> &nbsp;'
                      f"{figures.highlighted_tokens_html(pieces, c.acts, vmax)}</div>")
     st.markdown("".join(lines), unsafe_allow_html=True)
+    return "".join(lines)
 
 
 def _prompt_view(sel: Selection, model, info: compute.SAEInfo, feature: int) -> None:
@@ -140,8 +157,8 @@ def _prompt_view(sel: Selection, model, info: compute.SAEInfo, feature: int) -> 
     active = compute.active_features(latents, [figures.show_token(s) for s in enc.str_tokens])
     st.markdown(f"**Latent {feature} on this prompt**")
     st.markdown(figures.highlighted_tokens_html(enc.str_tokens, latents[:, feature].tolist()), unsafe_allow_html=True)
-    ui.plot(figures.token_ids_figure(enc.str_tokens, active.table["active"].tolist()).update_layout(
-        title="Active latents per token", yaxis_title="latents active"), key="sae_active")
+    share.plot(figures.token_ids_figure(enc.str_tokens, active.table["active"].tolist(), "latents active",
+                                        "Active latents per token"), key="sae_active")
     st.dataframe(active.table, hide_index=True)
 
 
@@ -170,5 +187,6 @@ def _steering(sel: Selection, model, info: compute.SAEInfo, sae, feature: int) -
             for event in stream_generate(model, torch.tensor(enc.ids), int(n_new), temperature=0.0,
                                          stop_tokens=[], fwd_hooks=hooks):
                 pieces.append(event.text if model.tokenizer is not None else f" {event.token}")
-                out.markdown(f"{''.join(enc.str_tokens)}**{''.join(pieces)}**")
+                out.markdown(figures.generated_text_html("".join(enc.str_tokens), "".join(pieces)),
+                             unsafe_allow_html=True)
             st.session_state[f"steer_out_{'on' if hooks else 'off'}"] = "".join(pieces)

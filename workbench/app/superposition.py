@@ -6,7 +6,7 @@ import time
 
 import streamlit as st
 
-from workbench.app import cached, compute, figures, ui
+from workbench.app import cached, compute, figures, share, ui
 from workbench.app.sidebar import Selection
 
 
@@ -32,10 +32,10 @@ def superposition_page(sel: Selection) -> None:  # noqa: ARG001 - the toy model 
     m2.metric("dimensions per feature", f"{float(geo.dimensions_per_feature[0]):.2f}")
     m3.metric("hidden dimensions", d_hidden)
     importance = compute.importance_profile(n_features, decay).tolist()
-    ui.plot(figures.toy_geometry_figure(toy.W[0], importance), key="sup_geometry")
-    ui.plot(figures.toy_norms_figure(geo.norms[0].tolist(), geo.fractional_dimensionality[0].tolist()), key="sup_norms")
+    share.plot(figures.toy_geometry_figure(toy.W[0], importance), key="sup_geometry")
+    share.plot(figures.toy_norms_figure(geo.norms[0].tolist(), geo.fractional_dimensionality[0].tolist()), key="sup_norms")
     if d_hidden == 2:
-        ui.plot(figures.matrix_heatmap(toy.W[0].T @ toy.W[0], "WᵀW: each feature's overlap with every other",
+        share.plot(figures.matrix_heatmap(toy.W[0].T @ toy.W[0], "WᵀW: each feature's overlap with every other",
                                        "feature", "feature"), key="sup_gram")
     st.caption(f"Trained in {took:.1f} s (0 when these settings were trained before). Fractional dimensionality "
                "D_i = ‖W_i‖² / Σⱼ (Ŵ_i·W_j)²: 1 for a dimension of its own, ½ for an antipodal pair, ⅖ for a "

@@ -1,0 +1,36 @@
+"""Placing a figure so it can be shared: plotly's mode bar (PNG download) and the figure's data as
+CSV and JSON, built only when a download button is pressed."""
+
+from __future__ import annotations
+
+import re
+
+import plotly.graph_objects as go
+import streamlit as st
+
+from workbench import plots
+
+#: plotly's mode bar always shown, its camera button saving a 2x PNG named after the chart
+_CONFIG = {"displayModeBar": True, "displaylogo": False,
+           "toImageButtonOptions": {"format": "png", "scale": 2}}
+
+
+def _file_stem(fig: go.Figure, key: str | None) -> str:
+    title = fig.layout.title.text if fig.layout.title is not None and fig.layout.title.text else (key or "figure")
+    return re.sub(r"[^A-Za-z0-9]+", "-", title).strip("-").lower()[:60] or "figure"
+
+
+def plot(fig: go.Figure, key: str, *, on_select: str = "ignore", selection_mode=("points", "box")):
+    """Place a plotly figure at full width with CSV and JSON downloads of its data underneath; return
+    the chart's selection state when ``on_select="rerun"``."""
+    stem = _file_stem(fig, key)
+    config = {**_CONFIG, "toImageButtonOptions": {**_CONFIG["toImageButtonOptions"], "filename": stem}}
+    state = st.plotly_chart(fig, width="stretch", key=key, config=config, on_select=on_select,
+                            selection_mode=selection_mode)
+    c1, c2, _ = st.columns([1, 1, 6])
+    c1.download_button("CSV", lambda: plots.figure_frame(fig).to_csv(index=False), file_name=f"{stem}.csv",
+                       mime="text/csv", key=f"{key}_csv", on_click="ignore", icon=":material/download:",
+                       type="tertiary", help="This chart's data as a table (PNG: the camera in the chart's toolbar)")
+    c2.download_button("JSON", lambda: plots.figure_json(fig), file_name=f"{stem}.json", mime="application/json",
+                       key=f"{key}_json", on_click="ignore", icon=":material/download:", type="tertiary")
+    return state
