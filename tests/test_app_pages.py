@@ -65,6 +65,16 @@ def markdown(at: AppTest) -> str:
     return "\n".join(m.value for m in at.markdown)
 
 
+def run_until(at: AppTest, done, timeout: float = TIMEOUT) -> None:
+    """Rerun the page until ``done()`` (a background job has finished and its result is drawn)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not done() and not at.exception and time.monotonic() < deadline:
+        time.sleep(0.3)
+        at.run()
+
+
 # ---------------------------------------------------------------------------------------------- shell
 
 
@@ -391,6 +401,7 @@ def test_sae_page_trains_browses_lists_and_steers(app_env):
     for key, value in (("sae_tokens", 2048), ("sae_steps", 40), ("sae_dsae", 64), ("sae_k", 4), ("sae_layer", 1)):
         at.number_input(key=key).set_value(value)
     at.button(key="sae_train").click().run()
+    run_until(at, lambda: any("Saved to" in s.value for s in at.success))  # a background job now (issue 12)
     assert not at.exception, [e.value for e in at.exception]
     assert any("Saved to" in s.value for s in at.success)
     assert "sae-app-tiny-lm-L1-64x4" in at.sidebar.selectbox(key="sae_pick").value

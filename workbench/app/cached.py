@@ -347,3 +347,19 @@ def toy_model(n_features: int, d_hidden: int, sparsity: float, decay: float, ste
 def jobs() -> jobs_mod.Jobs:
     """Return the process's one registry of background jobs (shared by every session)."""
     return jobs_mod.Jobs()
+
+
+def quick_sae_job(key: str, name: str, layer: int, n_tokens: int, d_sae: int, k: int, steps: int) -> jobs_mod.Job:
+    """Return the background job training a quick SAE (:func:`compute.train_quick_sae`), started now or the one
+    already running or done for these settings. Jobs writing the same store or run directory take turns."""
+    m = model(key)
+    registry = jobs()
+    shares = {"caching activations": (0.0, 0.3), "training the SAE": (0.3, 0.7), "done": (0.0, 1.0)}
+
+    def work(report: jobs_mod.Report):
+        def progress(stage: str, done: float) -> None:
+            lo, width = shares.get(stage, (0.0, 1.0))
+            report(lo + width * done, stage)
+        return compute.train_quick_sae(m, name, layer, n_tokens, d_sae, k, steps, progress,
+                                       writing=lambda *dirs: registry.writing(*dirs, report=report))
+    return registry.start(("quick-sae", key, layer, n_tokens, d_sae, k, steps), f"quick SAE on layer {layer}", work)

@@ -55,18 +55,23 @@ def _train_form(sel: Selection, model) -> None:
         c4, c5 = st.columns(2)
         n_tokens = c4.number_input("Tokens to cache", 1024, 200_000, 16_384, 1024, key="sae_tokens")
         steps = c5.number_input("Training steps", 10, 5000, 300, 10, key="sae_steps")
-        if st.button("Train SAE", key="sae_train"):
-            bar = st.progress(0.0, text="Starting…")
+        if st.button("Train SAE", key="sae_train"):  # a background job: progress, time left, cancel
+            st.session_state["sae_job"] = cached.quick_sae_job(sel.key, sel.name, int(layer), int(n_tokens),
+                                                               int(d_sae), int(k), int(steps)).key
+    _quick_sae_status()
 
-            def report(stage: str, done: float) -> None:
-                bar.progress(min(1.0, max(0.0, done)), text=f"{stage} ({done:.0%})")
 
-            with ui.guard():
-                run = compute.train_quick_sae(model, sel.name, int(layer), int(n_tokens), int(d_sae), int(k),
-                                              int(steps), report)
-            st.session_state["sae_new"] = str(run.sae_dir)
-            st.success(f"Saved to {run.sae_dir}: MSE {run.metrics.get('mse', float('nan')):.4g}, "
-                       f"L0 {run.metrics.get('l0', float('nan')):.1f}")
+def _quick_sae_status() -> None:
+    """Show this session's quick-SAE job: its progress while it runs; once done, pick the new SAE."""
+    job = cached.jobs().get(st.session_state.get("sae_job"))
+    run = ui.job_status(job, "sae_job") if job is not None else None
+    if run is None:
+        return
+    if st.session_state.get("sae_job_seen") != job.key:  # a run just finished: show it
+        st.session_state["sae_job_seen"] = job.key
+        st.session_state["sae_new"] = str(run.sae_dir)
+    st.success(f"Saved to {run.sae_dir}: MSE {run.metrics.get('mse', float('nan')):.4g}, "
+               f"L0 {run.metrics.get('l0', float('nan')):.1f}")
 
 
 def _browser(sel: Selection, model, info: compute.SAEInfo, sae) -> int:

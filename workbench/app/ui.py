@@ -68,7 +68,8 @@ def _eta_text(job: Job) -> str:
 def job_status(job: Job, key: str) -> Any | None:
     """Return the job's result once it has finished. Until then draw its progress, the time left and a cancel
     button (refreshed every second without blocking the page) and return None. A job that failed shows its
-    error (a WorkbenchError as a plain message) and stops the page; a cancelled one says so and returns None."""
+    error (a WorkbenchError as a plain message, anything else raised here) and a cancelled one says so; both
+    return None."""
     job.wait(JOB_WAIT_S)
     if job.done:
         if job.cancelled:
@@ -77,7 +78,7 @@ def job_status(job: Job, key: str) -> Any | None:
         if job.error is not None:
             if isinstance(job.error, WorkbenchError):
                 st.error(str(job.error))
-                st.stop()
+                return None
             raise job.error
         return job.result
 
