@@ -45,7 +45,24 @@ SAELENS_FORMAT_VERSION = "6.54.0"
 
 _TO_SAELENS = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu"}
 _FROM_SAELENS = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+# Transcoders, as SAELens names its classes (Transcoder, SkipTranscoder, JumpReLUTranscoder,
+# JumpReLUSkipTranscoder). SAELens has no TopK transcoder: the workbench writes `topk_transcoder`,
+# which only the workbench reads; train BatchTopK (saved as JumpReLU) for a set SAELens and
+# circuit-tracer can load.
+# Transcoders, named as SAELens names its classes (Transcoder, SkipTranscoder, JumpReLUTranscoder,
+# JumpReLUSkipTranscoder). SAELens has no TopK transcoder: `topk_transcoder` is the workbench's own
+# name, read only here; BatchTopK travels as JumpReLU with its threshold, which SAELens and
+# circuit-tracer load.
+_TRANSCODER_PREFIX = {"relu": "", "topk": "topk_", "batchtopk": "jumprelu_", "jumprelu": "jumprelu_"}
+_TRANSCODER_FROM_SAELENS = {f"{prefix}{skip}transcoder": (arch, bool(skip))
+                            for arch, prefix in _TRANSCODER_PREFIX.items() if arch != "batchtopk" for skip in ("", "skip_")}
+
+
+def saelens_architecture(cfg: SAEConfig) -> str:
+    """Return the ``architecture`` string SAELens' ``cfg.json`` uses for this SAE or transcoder."""
+    if not cfg.is_transcoder:
+        return _TO_SAELENS[cfg.architecture]
+    return f"{_TRANSCODER_PREFIX[cfg.architecture]}{'skip_' if cfg.skip else ''}transcoder"
 
 
 def saelens_state_dict(sae: SAE) -> dict[str, Tensor]:
@@ -59,6 +76,8 @@ def saelens_state_dict(sae: SAE) -> dict[str, Tensor]:
     }
     if sae.cfg.architecture in ("jumprelu", "batchtopk"):
         state["threshold"] = sae.threshold.detach().float()
+    if sae.W_skip is not None:  # x @ W_skip.T reads the raw input: unscale it like W_enc
+        state["W_skip"] = sae.W_skip.detach().float() * scale
     return {name: tensor.contiguous().cpu() for name, tensor in state.items()}
 
 
@@ -69,7 +88,7 @@ def saelens_config(sae: SAE, metadata: dict[str, Any] | None = None) -> dict[str
     meta.setdefault("sae_lens_training_version", SAELENS_FORMAT_VERSION)
     meta.setdefault("trained_with", "interp-workbench")
     cfg: dict[str, Any] = {
-        "architecture": _TO_SAELENS[sae.cfg.architecture],
+        "architecture": saelens_architecture(sae.cfg),
         "d_in": sae.cfg.d_in,
         "d_sae": sae.cfg.d_sae,
         "dtype": "float32",
@@ -82,6 +101,9 @@ def saelens_config(sae: SAE, metadata: dict[str, Any] | None = None) -> dict[str
     if sae.cfg.architecture == "topk":
         cfg["k"] = sae.cfg.k
         cfg["rescale_acts_by_decoder_norm"] = False
+    if sae.cfg.is_transcoder:
+        cfg["d_out"] = sae.cfg.d_out
+        cfg["hook_name_out"] = meta.get("hook_name_out", "")
     return cfg
 
 
@@ -134,19 +156,21 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
     sae_cfg = _config_from_saelens(cfg, path)
     expected = {
         "W_enc": (sae_cfg.d_in, sae_cfg.d_sae),
-        "W_dec": (sae_cfg.d_sae, sae_cfg.d_in),
+        "W_dec": (sae_cfg.d_sae, sae_cfg.out_dim),
         "b_enc": (sae_cfg.d_sae,),
-        "b_dec": (sae_cfg.d_in,),
+        "b_dec": (sae_cfg.out_dim,),
     }
     if sae_cfg.architecture in ("jumprelu", "batchtopk"):
         expected["threshold"] = (sae_cfg.d_sae,)
+    if sae_cfg.skip:
+        expected["W_skip"] = (sae_cfg.out_dim, sae_cfg.d_in)
     for name, shape in expected.items():
         if name not in state:
             raise CheckpointError(f"{weights_path} has no tensor {name!r} (it has {sorted(state)})")
         if tuple(state[name].shape) != shape:
             raise CheckpointError(
                 f"{weights_path}: {name} has shape {tuple(state[name].shape)}, but cfg.json "
-                f"(d_in={sae_cfg.d_in}, d_sae={sae_cfg.d_sae}) needs {shape}"
+                f"(d_in={sae_cfg.d_in}, d_sae={sae_cfg.d_sae}, d_out={sae_cfg.out_dim}) needs {shape}"
             )
         if not torch.isfinite(state[name]).all():
             raise CheckpointError(f"{weights_path}: {name} holds NaN/Inf values")
@@ -177,10 +201,12 @@ def _config_from_saelens(cfg: dict[str, Any], path: Path) -> SAEConfig:
         if field not in cfg:
             raise CheckpointError(f"{path / CFG_FILE} lacks the required field {field!r}")
     arch = cfg.get("architecture", "standard")
+    if arch in _TRANSCODER_FROM_SAELENS:
+        return _transcoder_config(cfg, arch, path)
     if arch not in _FROM_SAELENS:
         raise CheckpointError(
             f"{path / CFG_FILE}: architecture {arch!r} is not supported; the workbench loads "
-            f"{sorted(_FROM_SAELENS)}"
+            f"{sorted(_FROM_SAELENS) + sorted(_TRANSCODER_FROM_SAELENS)}"
         )
     normalize = cfg.get("normalize_activations", "none")
     # `expected_average_only_in` is a training-time scale SAELens folds away; at inference its
@@ -210,6 +236,22 @@ def _config_from_saelens(cfg: dict[str, Any], path: Path) -> SAEConfig:
         k=k if architecture in ("topk", "batchtopk") else SAEConfig.k,
         apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)),
     )
+
+
+def _transcoder_config(cfg: dict[str, Any], arch: str, path: Path) -> SAEConfig:
+    if "d_out" not in cfg:
+        raise CheckpointError(f"{path / CFG_FILE}: a {arch} needs 'd_out' (the width of its output hook)")
+    architecture, skip = _TRANSCODER_FROM_SAELENS[arch]
+    k = SAEConfig.k
+    workbench_file = path / WORKBENCH_FILE
+    if workbench_file.exists():  # the workbench's own name: BatchTopK travels as jumprelu
+        own = json.loads(workbench_file.read_text()).get("sae", {})
+        if _TRANSCODER_PREFIX.get(own.get("architecture", "")) == _TRANSCODER_PREFIX[architecture]:
+            architecture, k = own["architecture"], int(own.get("k", k))
+    if architecture == "topk":
+        k = int(cfg.get("k", k))
+    return SAEConfig(d_in=int(cfg["d_in"]), d_sae=int(cfg["d_sae"]), architecture=architecture, k=k,
+                     apply_b_dec_to_input=False, d_out=int(cfg["d_out"]), skip=skip)
 
 
 def _atomic(target: Path, write) -> None:

@@ -13,6 +13,13 @@ Architectures (``SAEConfig.architecture``):
 
 Weights use SAELens' names and shapes (``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_in]``) so saving
 is a copy, and the decoder rows are kept at unit norm by the trainer.
+
+A *transcoder* is the same class with ``d_out`` set: it reads one activation (an MLP's input,
+``blocks.L.mlp.hook_in``) and predicts another (what the MLP writes, ``blocks.L.mlp.hook_out``), so
+``W_dec [d_sae, d_out]`` and ``b_dec [d_out]`` live in the output space (and are not subtracted from
+the input). With ``skip=True`` a linear term is added (Paulo et al. 2025), zero at the start:
+
+    y_hat = latents @ W_dec + b_dec + x @ W_skip.T          W_skip [d_out, d_in]
 """
 
 from __future__ import annotations
@@ -51,6 +58,11 @@ class SAEConfig:
     normalize_activations: Normalization = "none"
     """``expected_average_only_in``: scale inputs by one constant so their mean norm is sqrt(d_in)
     (estimated by the trainer; folded into the weights when saved in SAELens' layout)."""
+    d_out: int | None = None
+    """Width of what it predicts: None for an SAE (it reconstructs its input), the output hook's
+    width for a transcoder."""
+    skip: bool = False
+    """Transcoders only: add a linear skip term ``x @ W_skip.T`` (``W_skip [d_out, d_in]``, zero-initialised)."""
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
@@ -68,6 +80,26 @@ class SAEConfig:
             raise ConfigError(
                 f"k={self.k} must lie between 1 and d_sae={self.d_sae} for a {self.architecture} SAE"
             )
+        if self.d_out is not None:
+            if self.d_out < 1:
+                raise ConfigError(f"d_out={self.d_out} must be at least 1 (the output hook's width)")
+            if self.apply_b_dec_to_input:
+                raise ConfigError("a transcoder's b_dec lives in its output space, so it cannot be subtracted from "
+                                  "the input: set apply_b_dec_to_input=False")
+            if self.normalize_activations != "none":
+                raise ConfigError("transcoders take normalize_activations='none' (an input-only scale would change "
+                                  "the map they learn)")
+        elif self.skip:
+            raise ConfigError("skip=True is for transcoders (set d_out); an SAE reconstructs its own input")
+
+    @property
+    def out_dim(self) -> int:
+        """Width of the output: ``d_out`` for a transcoder, ``d_in`` for an SAE."""
+        return self.d_in if self.d_out is None else self.d_out
+
+    @property
+    def is_transcoder(self) -> bool:
+        return self.d_out is not None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -81,8 +113,8 @@ class SAEConfig:
 class SAEOutput(NamedTuple):
     """What a forward pass gives back."""
 
-    x_hat: Float[Tensor, "*batch d_in"]
-    """The reconstruction, in the input's units."""
+    x_hat: Float[Tensor, "*batch d_out"]
+    """The reconstruction, in the input's units (a transcoder's prediction of its output, skip included)."""
     latents: Float[Tensor, "*batch d_sae"]
     """Latent (feature) activations, dense; zero where a latent is off."""
 
@@ -96,12 +128,18 @@ class SAE(nn.Module):
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         # Encoder starts as the decoder's transpose (Gao et al. 2024; also SAELens' default): it
         # makes the first steps reconstruct rather than fight a random encoder.
-        W_dec = torch.randn(cfg.d_sae, cfg.d_in, generator=generator)
+        W_dec = torch.randn(cfg.d_sae, cfg.out_dim, generator=generator)
         W_dec /= W_dec.norm(dim=-1, keepdim=True)
-        self.W_enc = nn.Parameter(W_dec.T.contiguous())
+        if cfg.is_transcoder:  # input and output spaces differ: no transpose to start from
+            W_enc = torch.randn(cfg.d_in, cfg.d_sae, generator=generator)
+            W_enc /= W_enc.norm(dim=0, keepdim=True)
+        else:
+            W_enc = W_dec.T.contiguous()
+        self.W_enc = nn.Parameter(W_enc)
         self.W_dec = nn.Parameter(W_dec)
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
-        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.out_dim))
+        self.W_skip = nn.Parameter(torch.zeros(cfg.out_dim, cfg.d_in)) if cfg.skip else None
         if cfg.architecture == "jumprelu":
             self.threshold = nn.Parameter(torch.full((cfg.d_sae,), 1e-3))
         elif cfg.architecture == "batchtopk":
@@ -158,8 +196,12 @@ class SAE(nn.Module):
 
     # -- decoding ------------------------------------------------------------------------------
 
-    def decode(self, latents: Float[Tensor, "*batch d_sae"]) -> Float[Tensor, "*batch d_in"]:
-        """Return the reconstruction (in input units) from dense latents."""
+    def skip_out(self, x: Float[Tensor, "*batch d_in"]) -> Float[Tensor, "*batch d_out"] | None:
+        """Return the skip term ``x @ W_skip.T`` of a skip transcoder, None without one."""
+        return None if self.W_skip is None else x.to(self.W_skip.dtype) @ self.W_skip.T
+
+    def decode(self, latents: Float[Tensor, "*batch d_sae"]) -> Float[Tensor, "*batch d_out"]:
+        """Return the reconstruction (in input units) from dense latents (a transcoder's: without the skip term)."""
         if latents.shape[-1] != self.cfg.d_sae:
             raise InputError(
                 f"latents have shape {tuple(latents.shape)}, expected [..., d_sae={self.cfg.d_sae}]"
@@ -168,8 +210,8 @@ class SAE(nn.Module):
 
     def decode_sparse(
         self, values: Float[Tensor, "batch k"], indices: Int[Tensor, "batch k"]
-    ) -> Float[Tensor, "batch d_in"]:
-        """Return the reconstruction from ``k`` (value, latent index) pairs per row.
+    ) -> Float[Tensor, "batch d_out"]:
+        """Return the reconstruction from ``k`` (value, latent index) pairs per row (no skip term).
 
         Reads only the ``k`` decoder rows each input uses, not all ``d_sae`` of them.
         """
@@ -178,7 +220,9 @@ class SAE(nn.Module):
 
     def forward(self, x: Float[Tensor, "*batch d_in"]) -> SAEOutput:
         latents = self.encode(x)
-        return SAEOutput(x_hat=self.decode(latents), latents=latents)
+        x_hat = self.decode(latents)
+        skip = self.skip_out(x)
+        return SAEOutput(x_hat=x_hat if skip is None else x_hat + skip, latents=latents)
 
     # -- helpers -------------------------------------------------------------------------------
 
