@@ -363,3 +363,73 @@ def quick_sae_job(key: str, name: str, layer: int, n_tokens: int, d_sae: int, k:
         return compute.train_quick_sae(m, name, layer, n_tokens, d_sae, k, steps, progress,
                                        writing=lambda *dirs: registry.writing(*dirs, report=report))
     return registry.start(("quick-sae", key, layer, n_tokens, d_sae, k, steps), f"quick SAE on layer {layer}", work)
+
+
+# ------------------------------------------------------------------- teaching pages, training dynamics
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def bpe_trace(text: str, n_merges: int):
+    """Return byte-level BPE trained merge by merge on ``text`` (one document a line)."""
+    from workbench.teaching import train_bpe_steps
+
+    return train_bpe_steps([line for line in text.splitlines() if line.strip()], n_merges)
+
+
+@st.cache_resource(max_entries=16, show_spinner=False)
+def scratch_attention(key: str, text: str, layer: int, head: int):
+    """Return ``(ScratchAttention, model pattern)`` of one head on the prompt: by hand, and the model's hook_pattern."""
+    from workbench.teaching import attention_from_scratch, model_pattern
+
+    m = model(key)
+    tokens = _tokens(key, text)[0]
+    return attention_from_scratch(m, tokens, layer, head), model_pattern(m, tokens, layer, head)
+
+
+@st.cache_resource(max_entries=8, show_spinner=False)
+def cached_decode(key: str, text: str, n_new: int):
+    """Return the prompt continued greedily by ``n_new`` tokens with a KV cache, and that cache."""
+    from workbench.teaching import decode_with_cache
+
+    return decode_with_cache(model(key), _tokens(key, text)[0], n_new)
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def hook_shapes_on(key: str, text: str) -> dict[str, tuple[int, ...]]:
+    """Return every hook's shape on the prompt (one forward pass; nothing is kept but the shapes)."""
+    m = model(key)
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def record(x: Tensor, hook) -> None:
+        shapes[hook.name] = tuple(x.shape)
+
+    with torch.inference_mode(), m.hooks([(lambda name: True, record)]):
+        m(_tokens(key, text))
+    return shapes
+
+
+@st.cache_resource(max_entries=64, show_spinner=False)
+def snapshot_model(snapshot_dir: str, device: str, dtype: str):
+    """Return the model saved in one training snapshot directory, on ``device`` in ``dtype``."""
+    from workbench.snapshots import load_snapshot
+
+    return load_snapshot(snapshot_dir, device=device, dtype=choices.DTYPES[dtype])
+
+
+@st.cache_resource(max_entries=256, show_spinner=False)
+def snapshot_heads(snapshot_dir: str, device: str, dtype: str, seq_len: int):
+    """Return one snapshot's head scores, patterns and losses on fixed repeated random tokens."""
+    from workbench.snapshots import snapshot_heads as measure
+    from workbench.snapshots import step_of
+
+    return measure(snapshot_model(snapshot_dir, device, dtype), step_of(snapshot_dir), seq_len)
+
+
+@st.cache_resource(max_entries=8, show_spinner=False)
+def snapshot_embeddings(model_dir: str, device: str, dtype: str, ids: tuple[int, ...]):
+    """Return the chosen token embeddings of every snapshot, projected on the final snapshot's principal axes."""
+    from workbench.snapshots import embedding_frames, list_snapshots
+
+    snaps = list_snapshots(model_dir)
+    W_Es = [snapshot_model(str(s.path), device, dtype).embed.W_E.detach().float().cpu() for s in snaps]
+    return embedding_frames(W_Es, [s.step for s in snaps], list(ids))

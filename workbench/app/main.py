@@ -47,6 +47,15 @@ PAGES: list[PageSpec] = [
     PageSpec("Interpretability", "SAE features", "sae", "sae:sae_page", ":material/hub:"),
     PageSpec("Interpretability", "Superposition", "superposition", "superposition:superposition_page",
              ":material/blur_on:"),
+    PageSpec("Interpretability", "Training dynamics", "dynamics", "dynamics:dynamics_page", ":material/timeline:"),
+    PageSpec("From scratch", "BPE step by step", "bpe", "teaching:bpe_page", ":material/merge:"),
+    PageSpec("From scratch", "Attention from scratch", "attention-scratch", "teaching:attention_scratch_page",
+             ":material/calculate:"),
+    PageSpec("From scratch", "Nearly orthogonal directions", "orthogonal", "teaching:orthogonal_page",
+             ":material/explore:"),
+    PageSpec("From scratch", "KV cache", "kv-cache", "teaching:kv_cache_page", ":material/memory:"),
+    PageSpec("From scratch", "Architecture, live", "architecture-live", "teaching:architecture_live_page",
+             ":material/schema:"),
 ]
 
 BY_URL = {p.url: p for p in PAGES}
