@@ -97,7 +97,8 @@ def contrast_ratio(a: str, b: str) -> float:
 
 
 def text_colours(z, colorscale: str, zmin: float, zmax: float) -> list[list[str]]:
-    """Return, per cell of ``z``, black or white, whichever contrasts more with the cell's colour."""
+    """Return, per cell of ``z``, black or white, whichever contrasts more with the cell's colour (black
+    on a NaN cell, which plotly leaves blank: the white plot background shows through)."""
     import numpy as np
     import plotly.colors as pc
 
@@ -106,6 +107,7 @@ def text_colours(z, colorscale: str, zmin: float, zmax: float) -> list[list[str]
     t = np.clip(np.nan_to_num((z - zmin) / span, nan=0.0), 0.0, 1.0)
     fills = pc.sample_colorscale(colorscale, t.flatten().tolist())
     out = ["#000000" if contrast_ratio(f, "#000000") >= contrast_ratio(f, "#ffffff") else "#ffffff" for f in fills]
+    out = ["#000000" if np.isnan(v) else c for v, c in zip(z.flatten(), out)]
     return [out[i * z.shape[1]:(i + 1) * z.shape[1]] for i in range(z.shape[0])]
 
 

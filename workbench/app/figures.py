@@ -108,7 +108,7 @@ def attention_grid(patterns: Float[Tensor, "layer head q k"], str_tokens: list[s
         x=[x[h * (n + gap) + centre] for _ in layers for h in range(n_heads)],
         y=[y[r_i * (n + gap) + centre] for r_i in range(len(layers)) for _ in range(n_heads)],
         customdata=[[layer, h] for layer in layers for h in range(n_heads)], mode="markers",
-        marker=dict(symbol="square-open", size=12, color="rgba(197,48,48,0.55)", line=dict(width=2)),
+        marker=dict(symbol="square-open", size=11, color="rgba(197,48,48,0.6)", line=dict(width=2)),
         hovertemplate="L%{customdata[0]}H%{customdata[1]}: click to open<extra></extra>", showlegend=False,
         meta=plots.NO_EXPORT, name="open a head"))
     fig.update_xaxes(type="category", categoryorder="array", categoryarray=x, tickmode="array",
@@ -117,11 +117,12 @@ def attention_grid(patterns: Float[Tensor, "layer head q k"], str_tokens: list[s
     fig.update_yaxes(type="category", categoryorder="array", categoryarray=y, tickmode="array",
                      tickvals=[y[r_i * (n + gap) + centre] for r_i in range(len(layers))],
                      ticktext=[f"L{layer}" for layer in layers], autorange="reversed", showgrid=False,
-                     zeroline=False, scaleanchor="x")
-    tile_px = min(160, max(60, 1200 // n_heads))
+                     zeroline=False)
+    # about square tiles on a ~1200 px wide page without scaleanchor, which would leave the height unused
+    tile_px = min(160, max(60, 1100 // n_heads))
     fig.update_layout(title="All heads (rows: layers, columns: heads; click a head's marker to open it)",
                       height=max(300, tile_px * len(layers) + 110), margin=dict(l=40, r=20, t=90, b=20),
-                      plot_bgcolor="white", clickmode="event+select", dragmode="select")
+                      plot_bgcolor="white")
     return fig
 
 

@@ -27,10 +27,10 @@ def plot(fig: go.Figure, key: str, *, on_select: str = "ignore", selection_mode=
     config = {**_CONFIG, "toImageButtonOptions": {**_CONFIG["toImageButtonOptions"], "filename": stem}}
     state = st.plotly_chart(fig, width="stretch", key=key, config=config, on_select=on_select,
                             selection_mode=selection_mode)
-    c1, c2, _ = st.columns([1, 1, 6])
-    c1.download_button("CSV", lambda: plots.figure_frame(fig).to_csv(index=False), file_name=f"{stem}.csv",
+    row = st.container(horizontal=True, gap="small")
+    row.download_button("CSV", lambda: plots.figure_frame(fig).to_csv(index=False), file_name=f"{stem}.csv",
                        mime="text/csv", key=f"{key}_csv", on_click="ignore", icon=":material/download:",
                        type="tertiary", help="This chart's data as a table (PNG: the camera in the chart's toolbar)")
-    c2.download_button("JSON", lambda: plots.figure_json(fig), file_name=f"{stem}.json", mime="application/json",
+    row.download_button("JSON", lambda: plots.figure_json(fig), file_name=f"{stem}.json", mime="application/json",
                        key=f"{key}_json", on_click="ignore", icon=":material/download:", type="tertiary")
     return state
