@@ -1,0 +1,190 @@
+"""Attribution graphs: the replacement is exact, rows sum to their targets, edges are direct effects."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import LLAMA_TINY, tiny_cfg
+
+from workbench import HookedGPT
+from workbench.analysis import graph as G
+from workbench.errors import CheckpointError, ConfigError, InputError
+from workbench.sae.model import SAE, SAEConfig
+
+FAMILIES = {"gpt2": {}, "llama": LLAMA_TINY}
+
+
+def _setup(family: str, architecture: str = "relu", skip: bool = True, n_layers: int = 3, seed: int = 0):
+    torch.manual_seed(seed)
+    model = HookedGPT(tiny_cfg(n_layers=n_layers, **FAMILIES[family])).eval()
+    tcs = []
+    for layer in range(n_layers):
+        tc = SAE(SAEConfig(d_in=32, d_sae=48, architecture=architecture, k=6, apply_b_dec_to_input=False, d_out=32,
+                           skip=skip), seed=seed + layer)
+        with torch.no_grad():
+            tc.b_enc.fill_(-0.05)  # a sparse but not empty set of active features
+            tc.W_dec.mul_(0.1)  # outputs of an MLP's size: untrained, but not cancelling large errors in fp32
+            tc.b_dec.normal_(0, 0.02)
+            if skip:
+                tc.W_skip.normal_(0, 0.02)
+        tcs.append(tc.eval())
+    tokens = torch.randint(0, 50, (1, 7))
+    return model, tcs, tokens
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def built(request):
+    model, tcs, tokens = _setup(request.param)
+    return model, tcs, tokens, G.attribute(model, tcs, tokens, batch_size=16)
+
+
+def test_replacement_model_reproduces_the_logits(built):
+    model, tcs, tokens, _ = built
+    rec = G._record(model, tokens)
+    with torch.no_grad():
+        acts = [tc.encode(x) for tc, x in zip(tcs, rec.mlp_in)]
+        errors = [y - tc(x).x_hat for tc, x, y in zip(tcs, rec.mlp_in, rec.mlp_out)]
+    rep = G._Replacement(model, tcs, tokens, rec, acts, errors, batch=2)
+    torch.testing.assert_close(rep.logits[0].detach(), rec.logits, atol=1e-4, rtol=0)
+    torch.testing.assert_close(G.intervene_replacement(model, tcs, tokens, []), rec.logits, atol=1e-4, rtol=0)
+
+
+def test_every_row_sums_to_its_target(built):
+    model, tcs, tokens, graph = built
+    assert graph.n_features > 20
+    rows = torch.cat([torch.arange(graph.n_features), torch.arange(graph.logit_node(0), graph.n_nodes)])
+    torch.testing.assert_close(graph.adjacency[rows].sum(-1) + graph.constant[rows], graph.target[rows],
+                               atol=1e-4, rtol=0)
+    # the feature targets are the transcoders' real pre-activations on the prompt
+    _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("mlp.hook_in"))
+    for node in range(graph.n_features):
+        layer, pos, index = graph.features[node].tolist()
+        pre = tcs[layer].pre_acts(cache[f"blocks.{layer}.mlp.hook_in"][0])[pos, index]
+        torch.testing.assert_close(graph.target[node], pre.detach(), atol=1e-4, rtol=0)
+        assert graph.activations[node] > 0
+    logits = model(tokens)[0, -1]
+    torch.testing.assert_close(graph.target[graph.logit_node(0):], (logits - logits.mean())[graph.logit_tokens].detach(),
+                               atol=1e-4, rtol=0)
+    # sources only feed later layers: no edge from a feature to one in the same or an earlier layer
+    f_layers = graph.features[:, 0]
+    same_or_later = f_layers[:, None] <= f_layers[None, :]
+    assert (graph.adjacency[: graph.n_features, : graph.n_features][same_or_later] == 0).all()
+
+
+def test_zeroing_a_source_moves_each_target_by_its_edge(built):
+    """In the frozen linear replacement, removing one source changes every target by exactly that edge."""
+    model, tcs, tokens, graph = built
+    rec = G._record(model, tokens)
+    with torch.no_grad():
+        acts = [tc.encode(x) for tc, x in zip(tcs, rec.mlp_in)]
+        errors = [y - tc(x).x_hat for tc, x, y in zip(tcs, rec.mlp_in, rec.mlp_out)]
+    targets = [("feature", tuple(f.tolist())) for f in graph.features] + [("logit", int(t)) for t in graph.logit_tokens]
+    rows = torch.cat([torch.arange(graph.n_features), torch.arange(graph.logit_node(0), graph.n_nodes)])
+
+    def values(a, e, zero_token=None):
+        rep = G._Replacement(model, tcs, tokens, rec, a, e, batch=1)
+        if zero_token is not None:  # a fresh replacement whose embedding leaf has one position zeroed
+            with torch.no_grad():
+                rep = _ReplacementWithoutToken(model, tcs, tokens, rec, a, e, zero_token)
+        with torch.no_grad():
+            return torch.stack([G._target_value(rep, k, key, tcs, 0) for k, key in targets]).float()
+
+    full = values(acts, errors)
+    g = torch.Generator().manual_seed(0)
+    sources = torch.randperm(graph.n_features, generator=g)[:40].tolist()
+    sources += [graph.error_node(layer, pos) for layer in range(graph.n_layers) for pos in (0, 3, 6)]
+    sources += [graph.token_node(p) for p in (0, 4)]
+    for node in sources:
+        a, e, tok = [x.clone() for x in acts], [x.clone() for x in errors], None
+        kind = graph.node_kind(node)
+        if kind == "feature":
+            layer, pos, index = graph.features[node].tolist()
+            a[layer][pos, index] = 0
+        elif kind == "error":
+            layer, pos = divmod(node - graph.n_features, graph.n_pos)
+            e[layer][pos] = 0
+        else:
+            tok = node - graph.token_node(0)
+        change = full - values(a, e, tok)
+        torch.testing.assert_close(change, graph.adjacency[rows, node], atol=1e-3, rtol=0, msg=graph.node_label(node))
+
+
+class _ReplacementWithoutToken(G._Replacement):
+    def __init__(self, model, tcs, tokens, rec, acts, errors, pos):
+        self._zero_pos = pos
+        super().__init__(model, tcs, tokens, rec, acts, errors, batch=1)
+
+    def sources(self):  # pragma: no cover - not used for gradients here
+        return super().sources()
+
+    def __setattr__(self, name, value):
+        if name == "embed" and getattr(self, "_zero_pos", None) is not None:
+            value = value.detach().clone()
+            value[:, self._zero_pos] = 0
+        super().__setattr__(name, value)
+
+
+def test_feature_budget_keeps_the_most_influential_and_rows_still_sum():
+    model, tcs, tokens = _setup("gpt2", seed=1)
+    full = G.attribute(model, tcs, tokens, batch_size=16)
+    small = G.attribute(model, tcs, tokens, batch_size=16, max_feature_nodes=15)
+    assert small.n_features == 15 < full.n_features
+    rows = torch.cat([torch.arange(15), torch.arange(small.logit_node(0), small.n_nodes)])
+    torch.testing.assert_close(small.adjacency[rows].sum(-1) + small.constant[rows], small.target[rows], atol=1e-4, rtol=0)
+    # the logit rows' error and token columns do not depend on which features were kept
+    torch.testing.assert_close(small.adjacency[small.logit_node(0):, 15:small.logit_node(0)],
+                               full.adjacency[full.logit_node(0):, full.n_features:full.logit_node(0)])
+
+
+def test_interventions_in_the_real_model_and_the_replacement():
+    model, tcs, tokens = _setup("llama", seed=2)
+    graph = G.attribute(model, tcs, tokens, batch_size=32)
+    base = model(tokens)[0].detach()
+    assert torch.equal(G.intervene(model, tcs, tokens, []), base)
+    # the last layer's features reach the logits only directly: both interventions equal the graph's edge
+    last = (graph.features[:, 0] == graph.n_layers - 1) & (graph.features[:, 1] == graph.n_pos - 1)
+    node = int(last.nonzero()[0, 0])
+    layer, pos, index = graph.features[node].tolist()
+    edit = [G.FeatureEdit(layer, pos, index, 0.0)]
+    edge = graph.adjacency[graph.logit_node(0):, node]
+
+    def drop(logits):
+        demeaned, base_d = logits[-1] - logits[-1].mean(), base[-1] - base[-1].mean()
+        return (base_d - demeaned)[graph.logit_tokens]
+
+    for propagate in (True, False):  # frozen norms and patterns: exactly the edge
+        torch.testing.assert_close(drop(G.intervene_replacement(model, tcs, tokens, edit, propagate=propagate)), edge,
+                                   atol=1e-4, rtol=0)
+    # the real model also rescales by the final norm: close to the edge, not equal
+    real = drop(G.intervene(model, tcs, tokens, edit))
+    assert torch.nn.functional.cosine_similarity(real, edge, dim=0) > 0.8
+    assert not torch.allclose(real, torch.zeros_like(real))
+
+
+def test_graph_file_round_trips_and_refuses_damage(built, tmp_path):
+    *_, graph = built
+    path = graph.save(tmp_path / "g.safetensors")
+    back = G.AttributionGraph.load(path, model_name="tiny")
+    assert torch.equal(back.adjacency, graph.adjacency) and back.settings == graph.settings
+    assert back.str_tokens == graph.str_tokens and back.n_layers == graph.n_layers
+    with pytest.raises(CheckpointError, match="built on model 'tiny'"):
+        G.AttributionGraph.load(path, model_name="kjv-small")
+    data = path.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        G.AttributionGraph.load(tmp_path / "cut.safetensors")
+
+
+def test_bad_inputs_are_clear_errors():
+    model, tcs, tokens = _setup("gpt2")
+    with pytest.raises(InputError, match="3 layers but 2 transcoders"):
+        G.attribute(model, tcs[:2], tokens)
+    with pytest.raises(InputError, match=r"desired_logit_prob=1.5"):
+        G.attribute(model, tcs, tokens, desired_logit_prob=1.5)
+    other = SAE(SAEConfig(d_in=16, d_sae=8, architecture="relu", d_out=16, apply_b_dec_to_input=False))
+    with pytest.raises(InputError, match="another model"):
+        G.attribute(model, [other] * 3, tokens)
+    with pytest.raises(ConfigError, match="attention-only"):
+        G.attribute(HookedGPT(tiny_cfg(attn_only=True)), tcs, tokens)
+    with pytest.raises(InputError, match="index must lie"):
+        G.intervene(model, tcs, tokens, [G.FeatureEdit(0, 0, 999, 1.0)])

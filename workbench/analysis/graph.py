@@ -1,0 +1,561 @@
+"""Attribution graphs: a prompt's computation traced through transcoder features (Ameisen et al. 2025).
+
+The *local replacement model* of a prompt is the model with every MLP replaced by its transcoder
+(plus skip term), the attention patterns and every norm's scale frozen at their values on that
+prompt, and an *error* at each (layer, position) holding what the transcoder misses, so that it
+reproduces the model's logits exactly. Freezing is done with hooks on the model itself
+(``attn.hook_pattern``, ``*.hook_scale``, ``mlp.hook_out``), not with a second model class.
+
+With patterns and scales frozen and the features' nonlinearities cut, every target below is an
+affine function of the sources, so each edge is a *direct effect*: the source's value times the
+gradient of the target with respect to it.
+
+- nodes, in this order: active features ``(layer, position, index)``, errors ``(layer, position)``,
+  tokens (the token's embedding plus its position embedding, per position), and the top logits
+  at the last position (cumulative probability 0.95, at most 10);
+- ``adjacency[target, source]``: rows are targets (a feature's pre-activation without its encoder
+  bias; a logit minus the mean logit), columns sources, one square matrix over all nodes;
+- ``constant[target]``: what the biases contribute (the decoder biases, attention and norm biases,
+  the encoder bias for features): the target's value when every source is zero.
+
+Nothing is dropped: for every row ``adjacency[row].sum() + constant[row] == target[row]``. The first
+position keeps its features and errors too (circuit-tracer zeroes them), so the workbench's rows
+sum exactly where circuit-tracer's do not, and the edges both graphs share agree.
+
+Edge rows are computed by backward passes over one forward pass of ``batch_size`` copies of the
+prompt: each copy carries one target, so one backward pass gives ``batch_size`` rows.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from workbench import names
+from workbench.errors import CheckpointError, ConfigError, InputError
+from workbench.model import HookedGPT
+from workbench.sae.model import SAE
+
+GRAPH_FORMAT = "workbench-attribution-graph"
+
+
+@dataclass
+class AttributionGraph:
+    """An attribution graph over one prompt; see the module docstring for the node order."""
+
+    tokens: Int[Tensor, " pos"]
+    """The prompt's token ids."""
+    str_tokens: list[str]
+    """Each token as text (empty strings when the model has no tokenizer)."""
+    features: Int[Tensor, "n_features 3"]
+    """Active features as ``(layer, position, index)`` rows, in node order."""
+    activations: Float[Tensor, " n_features"]
+    """Each feature's activation on the prompt."""
+    logit_tokens: Int[Tensor, " n_logits"]
+    """Token ids of the logit nodes (most probable first)."""
+    logit_probs: Float[Tensor, " n_logits"]
+    """Their probabilities at the last position."""
+    adjacency: Float[Tensor, "n_nodes n_nodes"]
+    """Direct effects: ``adjacency[target, source]``."""
+    constant: Float[Tensor, " n_nodes"]
+    """Each row's bias contribution (the row's target when every source is zero)."""
+    target: Float[Tensor, " n_nodes"]
+    """Each row's value on the prompt: a feature's pre-activation, a logit minus the mean logit (0 for
+    errors and tokens, which have no inputs)."""
+    error_norms: Float[Tensor, "layer pos"]
+    """Norm of each error node's vector (what the transcoder misses)."""
+    n_layers: int
+    model_name: str = ""
+    settings: dict[str, Any] = field(default_factory=dict)
+    """How it was built (batch size, feature budget, thresholds...)."""
+
+    # -- node bookkeeping ---------------------------------------------------------------------
+
+    @property
+    def n_pos(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def n_features(self) -> int:
+        return int(self.features.shape[0])
+
+    @property
+    def n_errors(self) -> int:
+        return self.n_layers * self.n_pos
+
+    @property
+    def n_logits(self) -> int:
+        return int(self.logit_tokens.shape[0])
+
+    @property
+    def n_nodes(self) -> int:
+        return self.n_features + self.n_errors + self.n_pos + self.n_logits
+
+    def error_node(self, layer: int, pos: int) -> int:
+        return self.n_features + layer * self.n_pos + pos
+
+    def token_node(self, pos: int) -> int:
+        return self.n_features + self.n_errors + pos
+
+    def logit_node(self, i: int) -> int:
+        return self.n_features + self.n_errors + self.n_pos + i
+
+    def feature_node(self, layer: int, pos: int, index: int) -> int:
+        """Return the node index of an active feature (an error if it is not in the graph)."""
+        hit = ((self.features[:, 0] == layer) & (self.features[:, 1] == pos) & (self.features[:, 2] == index)).nonzero()
+        if hit.numel() == 0:
+            raise InputError(f"feature {index} at layer {layer}, position {pos} is not an active node of this graph")
+        return int(hit[0, 0])
+
+    def node_kind(self, node: int) -> str:
+        if node < self.n_features:
+            return "feature"
+        if node < self.n_features + self.n_errors:
+            return "error"
+        return "token" if node < self.n_features + self.n_errors + self.n_pos else "logit"
+
+    def node_label(self, node: int) -> str:
+        """Return a short human-readable name of a node (e.g. ``F2/17@5``, ``err L1@3``, ``tok 'the'@2``)."""
+        kind = self.node_kind(node)
+        if kind == "feature":
+            layer, pos, index = self.features[node].tolist()
+            return f"F{layer}/{index}@{pos}"
+        if kind == "error":
+            layer, pos = divmod(node - self.n_features, self.n_pos)
+            return f"err L{layer}@{pos}"
+        if kind == "token":
+            pos = node - self.n_features - self.n_errors
+            return f"tok {self.str_tokens[pos]!r}@{pos}" if self.str_tokens else f"tok @{pos}"
+        i = node - self.logit_node(0)
+        return f"logit #{int(self.logit_tokens[i])} (p={float(self.logit_probs[i]):.2f})"
+
+    def logit_weights(self) -> Float[Tensor, " n_nodes"]:
+        """Return the logit nodes' probabilities, normalised to sum to 1, on the full node axis."""
+        w = torch.zeros(self.n_nodes)
+        w[self.logit_node(0):] = self.logit_probs / self.logit_probs.sum()
+        return w
+
+    # -- files --------------------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the graph to one safetensors file (tensors + JSON metadata); written under a temporary name."""
+        path = Path(path)
+        tensors = {"tokens": self.tokens, "features": self.features, "activations": self.activations,
+                   "logit_tokens": self.logit_tokens, "logit_probs": self.logit_probs, "adjacency": self.adjacency,
+                   "constant": self.constant, "target": self.target, "error_norms": self.error_norms}
+        meta = {"format": GRAPH_FORMAT, "version": "1", "n_layers": str(self.n_layers), "model_name": self.model_name,
+                "str_tokens": json.dumps(self.str_tokens), "settings": json.dumps(self.settings)}
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
+            os.replace(tmp, path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise CheckpointError(f"cannot write the graph to {path}: {exc.strerror or exc}; choose a writable path") from None
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model_name: str | None = None) -> "AttributionGraph":
+        """Read a graph written by :meth:`save`; with ``model_name``, refuse a graph built on another model."""
+        path = Path(path)
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"cannot read the graph {path} ({exc}); the file is truncated or not a graph") from None
+        if meta.get("format") != GRAPH_FORMAT:
+            raise CheckpointError(f"{path} is not an attribution graph written by the workbench")
+        if model_name is not None and meta.get("model_name") != model_name:
+            raise CheckpointError(f"{path} was built on model {meta.get('model_name')!r}, not {model_name!r}")
+        try:
+            graph = cls(**tensors, str_tokens=json.loads(meta["str_tokens"]), n_layers=int(meta["n_layers"]),
+                        model_name=meta.get("model_name", ""), settings=json.loads(meta.get("settings", "{}")))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{path} is an incomplete graph file ({exc}); rebuild it") from None
+        if graph.adjacency.shape != (graph.n_nodes, graph.n_nodes):
+            raise CheckpointError(f"{path}: adjacency {tuple(graph.adjacency.shape)} does not fit {graph.n_nodes} nodes")
+        return graph
+
+
+# ---------------------------------------------------------------------------------------------
+# The frozen replacement model
+
+
+@dataclass
+class _Prompt:
+    """What one plain pass over the prompt records: the values the replacement model freezes."""
+
+    logits: Float[Tensor, "pos d_vocab"]
+    scales: dict[str, Tensor]  # every *.hook_scale
+    patterns: dict[str, Tensor]  # every attn.hook_pattern
+    mlp_in: list[Tensor]  # [pos d_model] per layer
+    mlp_out: list[Tensor]
+
+
+def check_transcoders(model: HookedGPT, transcoders: Sequence[SAE]) -> None:
+    """Raise a clear error unless ``transcoders`` holds one MLP transcoder per layer of ``model``."""
+    cfg = model.cfg
+    if cfg.attn_only:
+        raise ConfigError(f"{cfg.name or 'this model'} is attention-only: it has no MLPs to replace with transcoders")
+    if len(transcoders) != cfg.n_layers:
+        raise InputError(f"the model has {cfg.n_layers} layers but {len(transcoders)} transcoders were given; "
+                         "train or load one transcoder per layer (workbench train-transcoders)")
+    for layer, tc in enumerate(transcoders):
+        if not tc.cfg.is_transcoder or tc.cfg.d_in != cfg.d_model or tc.cfg.out_dim != cfg.d_model:
+            raise InputError(f"layer {layer}: expected a transcoder d_model={cfg.d_model} -> d_model, got "
+                             f"d_in={tc.cfg.d_in}, d_out={tc.cfg.d_out}; was it trained for another model?")
+        trained_on = tc.metadata.get("model_name")
+        if trained_on and cfg.name and trained_on != cfg.name:
+            raise InputError(f"layer {layer}'s transcoder was trained on {trained_on!r}, not {cfg.name!r}")
+
+
+def _record(model: HookedGPT, tokens: Tensor) -> _Prompt:
+    wanted = lambda n: n.endswith(("hook_scale", "hook_pattern", "mlp.hook_in", "mlp.hook_out"))  # noqa: E731
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(tokens, names_filter=wanted)
+    L = model.cfg.n_layers
+    return _Prompt(
+        logits=logits[0].float(),
+        scales={n: t for n, t in cache.items() if n.endswith("hook_scale")},
+        patterns={n: t for n, t in cache.items() if n.endswith("hook_pattern")},
+        mlp_in=[cache[f"blocks.{i}.mlp.hook_in"][0].float() for i in range(L)],
+        mlp_out=[cache[f"blocks.{i}.mlp.hook_out"][0].float() for i in range(L)],
+    )
+
+
+def _frozen_hooks(prompt: _Prompt, batch: int) -> list:
+    """Hooks that hold every norm scale and attention pattern at the prompt's values, for ``batch`` copies."""
+    def hold(value: Tensor):
+        fixed = value.expand(batch, *value.shape[1:])
+        return lambda x, hook: fixed.to(x.dtype)
+    return [(n, hold(v)) for n, v in {**prompt.scales, **prompt.patterns}.items()]
+
+
+class _Replacement:
+    """One forward pass of the local replacement model on ``batch`` copies of the prompt.
+
+    Sources are leaf tensors (features' activations, errors, token embeddings), so the gradient of any
+    target with respect to them, times their value, is the edge weight.
+    """
+
+    def __init__(self, model: HookedGPT, transcoders: Sequence[SAE], tokens: Tensor, prompt: _Prompt,
+                 acts: list[Tensor], errors: list[Tensor], batch: int, zero_sources: bool = False):
+        n_pos = tokens.shape[-1]
+        scale = 0.0 if zero_sources else 1.0
+        self.acts = [(a * scale).expand(batch, -1, -1).clone().requires_grad_(True) for a in acts]
+        self.errors = [(e * scale).expand(batch, -1, -1).clone().requires_grad_(True) for e in errors]
+        self.mlp_in: list[Tensor | None] = [None] * len(transcoders)
+        hooks = _frozen_hooks(prompt, batch)
+        with torch.no_grad():
+            embed = model.embed_tokens(tokens.expand(batch, n_pos))  # token + position: one source per position
+        self.embed = (embed * scale).clone().requires_grad_(True)
+        pos_name = names.act_name("pos_embed")
+        if pos_name in model.hook_dict:  # the position embedding is folded into the token node
+            hooks.append((pos_name, lambda x, hook: torch.zeros_like(x)))
+        hooks.append((names.act_name("embed"), lambda x, hook: self.embed))
+        for layer, tc in enumerate(transcoders):
+            hooks.append((f"blocks.{layer}.mlp.hook_in", self._keep_input(layer)))
+            hooks.append((f"blocks.{layer}.mlp.hook_out", self._replace_mlp(layer, tc)))
+        with torch.enable_grad(), model.hooks(hooks):
+            self.logits = model(tokens.expand(batch, n_pos)).float()
+
+    def _keep_input(self, layer: int):
+        def keep(x: Tensor, hook) -> None:
+            self.mlp_in[layer] = x
+        return keep
+
+    def _replace_mlp(self, layer: int, tc: SAE):
+        def replace(y: Tensor, hook) -> Tensor:
+            out = self.acts[layer] @ tc.W_dec + tc.b_dec + self.errors[layer]  # b_dec: a constant, never zeroed
+            skip = tc.skip_out(self.mlp_in[layer])
+            return (out if skip is None else out + skip).to(y.dtype)
+        return replace
+
+    def sources(self) -> list[Tensor]:
+        return [*self.acts, *self.errors, self.embed]
+
+
+# ---------------------------------------------------------------------------------------------
+# Attribution
+
+
+def attribute(
+    model: HookedGPT,
+    transcoders: Sequence[SAE],
+    prompt: str | Tensor,
+    *,
+    max_n_logits: int = 10,
+    desired_logit_prob: float = 0.95,
+    max_feature_nodes: int | None = None,
+    batch_size: int = 64,
+) -> AttributionGraph:
+    """Return the attribution graph of ``prompt`` through ``transcoders`` (one per layer, layer 0 first).
+
+    ``max_feature_nodes`` caps the number of feature nodes: when a prompt has more active features,
+    those with the largest influence on the logit nodes are kept (ranked by the logit rows' direct
+    effects, then refined through the feature rows computed so far, as circuit-tracer does). The
+    dropped features' contributions stay in their targets' ``constant``, so rows still sum exactly.
+    """
+    check_transcoders(model, transcoders)
+    if not 0 < desired_logit_prob <= 1:
+        raise InputError(f"desired_logit_prob={desired_logit_prob} must lie in (0, 1]")
+    if max_n_logits < 1 or batch_size < 1:
+        raise InputError(f"max_n_logits={max_n_logits} and batch_size={batch_size} must be at least 1")
+    if max_feature_nodes is not None and max_feature_nodes < 1:
+        raise InputError(f"max_feature_nodes={max_feature_nodes} must be at least 1 (or None for all)")
+    tokens = model.to_tokens(prompt) if isinstance(prompt, str) else model.check_tokens(prompt)
+    if tokens.shape[0] != 1:
+        raise InputError(f"attribute takes one prompt, got a batch of {tokens.shape[0]}")
+    tokens = tokens[:1]
+    L, n_pos = model.cfg.n_layers, tokens.shape[1]
+    rec = _record(model, tokens)
+
+    with torch.no_grad():
+        pre = [tc.pre_acts(x) for tc, x in zip(transcoders, rec.mlp_in)]
+        acts = [tc.activate(p.unsqueeze(0)).squeeze(0) for tc, p in zip(transcoders, pre)]
+        recon = [tc(x).x_hat for tc, x in zip(transcoders, rec.mlp_in)]
+        errors = [y - r for y, r in zip(rec.mlp_out, recon)]
+    active = torch.cat([torch.stack([torch.full_like(idx[:, 0], layer), idx[:, 0], idx[:, 1]], dim=1)
+                        for layer, idx in enumerate(a.nonzero() for a in acts)])
+    probs = rec.logits[-1].softmax(-1)
+    top = probs.topk(min(max_n_logits, probs.numel()))
+    n_logits = min(int((top.values.cumsum(0) < desired_logit_prob).sum()) + 1, top.values.numel())
+    logit_tokens, logit_probs = top.indices[:n_logits], top.values[:n_logits]
+
+    # The replacement model, and a copy with every source zeroed: its targets are the constants.
+    rep = _Replacement(model, transcoders, tokens, rec, acts, errors, batch_size)
+    gap = float((rep.logits[0].detach() - rec.logits).abs().max())
+    if gap > 1e-3 * max(1.0, float(rec.logits.abs().max())):
+        raise ConfigError(f"the replacement model misses the model's logits by {gap:.2e}; report this as a bug")
+    zero = _Replacement(model, transcoders, tokens, rec, acts, errors, 1, zero_sources=True)
+    logit_targets = [("logit", int(t)) for t in logit_tokens]
+    logit_rows = _rows(rep, logit_targets, transcoders, active)
+    if max_feature_nodes is not None and active.shape[0] > max_feature_nodes:
+        keep, feature_rows = _select_by_influence(rep, transcoders, active, logit_rows, logit_probs, max_feature_nodes)
+    else:
+        keep = torch.arange(active.shape[0])
+        feature_rows = _rows(rep, [("feature", tuple(f.tolist())) for f in active], transcoders, active)
+    features = active[keep]
+    targets = [("feature", tuple(f.tolist())) for f in features] + logit_targets
+    rows = torch.cat([feature_rows, logit_rows])  # [targets, all active features + errors + tokens]
+    with torch.no_grad():
+        value = torch.stack([_target_value(rep, kind, key, transcoders, 0) for kind, key in targets]).float()
+        base = torch.stack([_target_value(zero, kind, key, transcoders, 0) for kind, key in targets]).float()
+    n_f, n_all = features.shape[0], active.shape[0]
+    dropped = torch.ones(n_all, dtype=torch.bool)
+    dropped[keep] = False
+    n_src = n_f + L * n_pos + n_pos
+    n_nodes = n_src + n_logits
+    adjacency = torch.zeros(n_nodes, n_nodes)
+    row_idx = torch.cat([torch.arange(n_f), torch.arange(n_src, n_nodes)])
+    adjacency[row_idx, :n_src] = torch.cat([rows[:, keep], rows[:, n_all:]], dim=1)
+    target, constant = torch.zeros(n_nodes), torch.zeros(n_nodes)
+    target[row_idx] = value
+    # the biases' share, plus what features left out by the budget sent to each row
+    constant[row_idx] = base + rows[:, :n_all][:, dropped].sum(-1)
+    str_tokens = model.to_str_tokens(tokens[0]) if model.tokenizer is not None else []
+    return AttributionGraph(
+        tokens=tokens[0].cpu(), str_tokens=str_tokens, features=features.cpu(),
+        activations=torch.stack([acts[l][p, i] for l, p, i in features.tolist()]).float().cpu() if n_f else torch.zeros(0),
+        logit_tokens=logit_tokens.cpu(), logit_probs=logit_probs.float().cpu(), adjacency=adjacency,
+        constant=constant, target=target, error_norms=torch.stack([e.norm(dim=-1) for e in errors]).float().cpu(),
+        n_layers=L, model_name=model.cfg.name or "",
+        settings={"max_n_logits": max_n_logits, "desired_logit_prob": desired_logit_prob,
+                  "max_feature_nodes": max_feature_nodes, "batch_size": batch_size, "n_active_features": n_all,
+                  "backward_passes": math.ceil(len(targets) / batch_size)},
+    )
+
+
+def _target_value(rep: _Replacement, kind: str, key, transcoders: Sequence[SAE], row: int) -> Tensor:
+    """A feature's pre-activation ``(layer, pos, index)`` or a demeaned last-position logit, in one batch row."""
+    if kind == "feature":
+        layer, pos, index = key
+        tc = transcoders[layer]
+        return (rep.mlp_in[layer][row, pos].float() * tc.norm_scale) @ tc.W_enc[:, index] + tc.b_enc[index]
+    last = rep.logits[row, -1]
+    return last[key] - last.mean()
+
+
+def _rows(rep: _Replacement, targets: list, transcoders: Sequence[SAE], active: Tensor) -> Float[Tensor, "n src"]:
+    """Return the direct effects on each target, columns [every active feature, errors, tokens].
+
+    Each backward pass handles as many targets as the replacement has copies of the prompt: copy
+    ``b`` carries target ``b``, and the copies do not interact."""
+    B, L = rep.embed.shape[0], len(rep.acts)
+    layer, pos, index = active.unbind(-1) if active.numel() else (active[:, 0],) * 3
+    value = (torch.stack([rep.acts[l][0, p, i] for l, p, i in active.tolist()]).detach() if active.numel()
+             else torch.zeros(0))
+    out = []
+    for start in range(0, len(targets), B):
+        chunk = targets[start: start + B]
+        n = len(chunk)
+        total = sum(_target_value(rep, kind, key, transcoders, b) for b, (kind, key) in enumerate(chunk))
+        grads = torch.autograd.grad(total, rep.sources(), retain_graph=True, allow_unused=True, materialize_grads=True)
+        g_acts, g_err, g_emb = grads[:L], grads[L: 2 * L], grads[2 * L]
+        if active.numel():
+            stacked = torch.stack([g[:n] for g in g_acts])  # [layer n pos d_sae]
+            feat = stacked[layer, :, pos, index].T * value  # [n active]
+        else:
+            feat = torch.zeros(n, 0)
+        err = torch.stack([(g[:n] * e[:n]).sum(-1) for g, e in zip(g_err, rep.errors)], dim=1).reshape(n, -1)
+        tok = (g_emb[:n] * rep.embed[:n]).sum(-1)
+        out.append(torch.cat([feat, err, tok], dim=1).detach().float())
+    if not out:
+        return torch.zeros(0, active.shape[0] + L * rep.embed.shape[1] + rep.embed.shape[1])
+    return torch.cat(out)
+
+
+def _select_by_influence(rep: _Replacement, transcoders: Sequence[SAE], active: Tensor, logit_rows: Tensor,
+                         logit_probs: Tensor, budget: int) -> tuple[Tensor, Tensor]:
+    """Return the ``budget`` most influential active features and their rows, found batch by batch.
+
+    Influence on the logits is first estimated from the logit rows' direct effects; after each batch of
+    feature rows it is recomputed through the rows known so far, and the next batch is the most
+    influential of the features not yet visited (circuit-tracer's order)."""
+    n_all, B = active.shape[0], rep.embed.shape[0]
+    n_src = logit_rows.shape[1]
+    known = torch.zeros(n_all, n_src)
+    visited = torch.zeros(n_all, dtype=torch.bool)
+    order: list[int] = []
+    weights = (logit_probs / logit_probs.sum()).float()
+    while len(order) < budget:
+        influence = _feature_influence(known, logit_rows, weights, n_all)
+        influence[visited] = -1.0
+        take = influence.topk(min(B, budget - len(order))).indices
+        rows = _rows(rep, [("feature", tuple(active[i].tolist())) for i in take], transcoders, active)
+        known[take] = rows
+        visited[take] = True
+        order.extend(take.tolist())
+    keep = torch.tensor(sorted(order))
+    return keep, known[keep]
+
+
+def _feature_influence(feature_rows: Tensor, logit_rows: Tensor, weights: Tensor, n_features: int) -> Tensor:
+    """Return each source column's total influence on the weighted logits, through the feature rows given."""
+    norm = lambda m: m.abs() / m.abs().sum(-1, keepdim=True).clamp_min(1e-12)  # noqa: E731
+    A = norm(feature_rows)[:, :n_features]  # features -> features
+    direct = weights @ norm(logit_rows)[:, :n_features]
+    total, step = direct.clone(), direct
+    for _ in range(64):  # the feature graph is layered, so the series ends after n_layers terms
+        step = step @ A
+        if float(step.abs().sum()) < 1e-9:
+            break
+        total += step
+    return total
+
+
+# ---------------------------------------------------------------------------------------------
+# Interventions
+
+
+@dataclass(frozen=True)
+class FeatureEdit:
+    """Set feature ``index`` of layer ``layer``'s transcoder to ``value`` at position ``pos``."""
+
+    layer: int
+    pos: int
+    index: int
+    value: float
+
+
+def _check_edits(model: HookedGPT, transcoders: Sequence[SAE], n_pos: int, edits: Sequence[FeatureEdit]) -> None:
+    for e in edits:
+        if not 0 <= e.layer < model.cfg.n_layers or not 0 <= e.pos < n_pos:
+            raise InputError(f"{e}: layer must lie in [0, {model.cfg.n_layers}) and pos in [0, {n_pos})")
+        if not 0 <= e.index < transcoders[e.layer].cfg.d_sae:
+            raise InputError(f"{e}: index must lie in [0, {transcoders[e.layer].cfg.d_sae})")
+        if not math.isfinite(e.value):
+            raise InputError(f"{e}: the value must be a finite number")
+
+
+def intervene(model: HookedGPT, transcoders: Sequence[SAE], prompt: str | Tensor, edits: Sequence[FeatureEdit],
+              ) -> Float[Tensor, "pos d_vocab"]:
+    """Return the real model's logits with the edited features' decoder differences added to the MLP outputs.
+
+    At each edited (layer, position) the feature's activation on this run (its transcoder applied to
+    ``mlp.hook_in``) is moved to the new value by adding ``(value - activation) * W_dec[index]`` to
+    ``mlp.hook_out``; everything downstream, attention included, is recomputed by the real model."""
+    check_transcoders(model, transcoders)
+    tokens = model.to_tokens(prompt) if isinstance(prompt, str) else model.check_tokens(prompt)
+    _check_edits(model, transcoders, tokens.shape[-1], edits)
+    seen: dict[int, Tensor] = {}
+    by_layer: dict[int, list[FeatureEdit]] = {}
+    for e in edits:
+        by_layer.setdefault(e.layer, []).append(e)
+
+    def read(layer: int):
+        def hook(x: Tensor, hook) -> None:
+            seen[layer] = x
+        return hook
+
+    def add(layer: int):
+        tc = transcoders[layer]
+
+        def hook(y: Tensor, hook) -> Tensor:
+            acts = tc.encode(seen[layer])
+            y = y.clone()
+            for e in by_layer[layer]:
+                y[:, e.pos] += ((e.value - acts[:, e.pos, e.index])[:, None] * tc.W_dec[e.index]).to(y.dtype)
+            return y
+        return hook
+
+    hooks = [h for layer in by_layer for h in ((f"blocks.{layer}.mlp.hook_in", read(layer)),
+                                                 (f"blocks.{layer}.mlp.hook_out", add(layer)))]
+    with torch.no_grad():
+        return model.run_with_hooks(tokens[:1], fwd_hooks=hooks)[0].float()
+
+
+def intervene_replacement(model: HookedGPT, transcoders: Sequence[SAE], prompt: str | Tensor,
+                          edits: Sequence[FeatureEdit], *, propagate: bool = True) -> Float[Tensor, "pos d_vocab"]:
+    """Return the local replacement model's logits with features set to new values.
+
+    Attention patterns and norm scales stay frozen at the prompt's values and the error nodes keep
+    their values. ``propagate=True`` recomputes every later feature through its transcoder (the
+    circuit-tracer semantics of an intervention); ``propagate=False`` holds every other feature at its
+    recorded activation, the linear model whose direct effects are the graph's edges."""
+    check_transcoders(model, transcoders)
+    tokens = model.to_tokens(prompt) if isinstance(prompt, str) else model.check_tokens(prompt)
+    tokens = tokens[:1]
+    _check_edits(model, transcoders, tokens.shape[-1], edits)
+    rec = _record(model, tokens)
+    with torch.no_grad():
+        acts = [tc.encode(x) for tc, x in zip(transcoders, rec.mlp_in)]
+        errors = [y - tc(x).x_hat for tc, x, y in zip(transcoders, rec.mlp_in, rec.mlp_out)]
+        mlp_in: dict[int, Tensor] = {}
+        hooks = _frozen_hooks(rec, 1)
+
+        def keep(layer: int):
+            def hook(x: Tensor, hook) -> None:
+                mlp_in[layer] = x[0].float()
+            return hook
+
+        def replace(layer: int):
+            tc = transcoders[layer]
+
+            def hook(y: Tensor, hook) -> Tensor:
+                a = tc.encode(mlp_in[layer]) if propagate else acts[layer].clone()
+                for e in edits:
+                    if e.layer == layer:
+                        a[e.pos, e.index] = e.value
+                out = a @ tc.W_dec + tc.b_dec + errors[layer]
+                skip = tc.skip_out(mlp_in[layer])
+                return (out if skip is None else out + skip).unsqueeze(0).to(y.dtype)
+            return hook
+
+        for layer in range(model.cfg.n_layers):
+            hooks += [(f"blocks.{layer}.mlp.hook_in", keep(layer)), (f"blocks.{layer}.mlp.hook_out", replace(layer))]
+        return model.run_with_hooks(tokens, fwd_hooks=hooks)[0].float()
