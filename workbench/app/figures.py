@@ -466,3 +466,19 @@ def feature_card_html(title: str, facts: dict[str, str], figs: list[go.Figure], 
         f"<h1>{html.escape(title)}</h1><table>{rows}</table>{''.join(parts)}"
         f"<h2>Top activating contexts</h2>{contexts_html}</body></html>\n"
     )
+
+
+# ------------------------------------------------------------------------------------ induction
+
+#: an induction score (mean attention to the token after an earlier copy) below this is no evidence of an
+#: induction head: a head attending uniformly over ~40 earlier tokens already scores about 0.025
+INDUCTION_THRESHOLD = 0.3
+
+
+def weak_head_note(best: dict, threshold: float = INDUCTION_THRESHOLD, kind: str = "induction") -> str | None:
+    """Return a caveat when the best head's score is below ``threshold`` (None when it is above): the
+    "best" head of a model without one is only the least bad."""
+    if best["score"] >= threshold:
+        return None
+    return (f"No head reaches a {kind} score of {threshold:g}: L{best['layer']}H{best['head']} is only the "
+            f"highest, at {best['score']:.2f}, so this model shows no clear {kind} head on these sequences.")

@@ -30,7 +30,9 @@ def induction_page(sel: Selection) -> None:
               delta_color="inverse")
     best = plots.top_heads_table(scores.induction, n=1)[0]
     m3.metric("best induction head", f"L{best['layer']}H{best['head']}", f"score {best['score']:.2f}",
-              delta_color="off")
+              delta_color="off", delta_arrow="off")
+    if (note := figures.weak_head_note(best)) is not None:
+        st.warning(note)
     ui.plot(ui.categorical(plots.head_scores_figure({"induction": scores.induction,
                                                      "previous token": scores.previous_token,
                                                      "duplicate token": scores.duplicate_token},
