@@ -163,3 +163,132 @@ def test_report_writes_a_self_contained_page(tmp_path, model):
     # the figure spec survives the escaping as valid JSON-in-JS
     spec = page.split('<div class="fig"')[1].split('var f=')[1].split(';Plotly.newPlot')[0]
     assert json.loads(spec.replace("<\\/", "</"))["layout"]["title"]["text"].startswith("</script>")
+
+
+# ------------------------------------------------------------------ readable, shareable figures (issue 12)
+
+
+def test_token_axes_are_categorical_unique_and_keep_their_order():
+    from workbench.app import figures
+
+    # number-like tokens (the toy models' tokens are ids) and a repeat: still categories, in probability order
+    tokens, probs = ["7", "1", "7 ", "3", "1"], [0.4, 0.3, 0.15, 0.1, 0.05]
+    fig = figures.sampling_figure(tokens, probs, probs, ids=[7, 1, 9, 3, 11]).to_plotly_json()
+    labels = list(fig["data"][0]["x"])
+    assert fig["layout"]["xaxis"]["type"] == "category" and len(set(labels)) == len(labels) == 5
+    assert list(fig["layout"]["xaxis"]["categoryarray"]) == labels and labels[0] == "#1 7" and labels[2] == "#3 7·"
+    assert list(fig["layout"]["xaxis"]["tickvals"]) == labels  # every bar labelled
+    bars = figures.bar_tokens(tokens, probs, "Nearest tokens", "cosine").to_plotly_json()
+    assert bars["layout"]["yaxis"]["type"] == "category" and bars["layout"]["yaxis"]["autorange"] == "reversed"
+    assert list(bars["layout"]["yaxis"]["categoryarray"]) == list(bars["data"][0]["y"])  # first on top
+    effects = figures.logit_effects_figure(["5", "6"], [2.0, 1.0], ["5", "8"], [-1.0, -2.0], 3).to_plotly_json()
+    for axis in ("yaxis", "yaxis2"):
+        assert effects["layout"][axis]["type"] == "category"
+    ids = figures.token_ids_figure(["0", "17", "17"], [0, 17, 17]).to_plotly_json()
+    assert ids["layout"]["xaxis"]["type"] == "category" and list(ids["data"][0]["x"]) == ["0: 0", "1: 17", "2: 17"]
+
+
+def test_lens_grid_is_readable(model):
+    tokens = torch.randint(0, 50, (1, 5))
+    res = LL.logit_lens(model, tokens, k=5)
+    fig = plots.lens_grid(res, ["a", "b", "c", "d", "e"], "target_prob", tokenizer_decode=lambda ids: f"t{ids[0]}")
+    heat, cells = fig.data
+    assert fig.layout.xaxis.type == fig.layout.yaxis.type == "category"
+    assert list(fig.layout.yaxis.categoryarray) == ["0", "1", "2", "final"]
+    # each cell's text: black or white, whichever contrasts more with the cell's colour (WCAG >= 4.5)
+    z = np.asarray(heat.z, dtype=float)
+    fills = __import__("plotly.colors", fromlist=["x"]).sample_colorscale("Viridis", np.nan_to_num(z).flatten().tolist())
+    colours = list(cells.textfont.color)
+    assert len(colours) == z.size and set(colours) <= {"#000000", "#ffffff"}
+    for fill, colour, v in zip(fills, colours, z.flatten()):
+        if np.isfinite(v):
+            assert plots.contrast_ratio(fill, colour) >= 4.5, (fill, colour)
+        else:
+            assert colour == "#000000"  # a blank (NaN) cell shows the white background
+    assert plots.contrast_ratio("#fde725", "#000000") > plots.contrast_ratio("#fde725", "#ffffff")  # no white on yellow
+    assert cells.meta == plots.NO_EXPORT and cells.hoverinfo == "skip"
+    # the hover: top-k tokens and the target's probability and rank
+    hover = heat.customdata[3][1]
+    assert "P(target)" in hover and f"t{int(res.top_tokens[3, 0, 1, 0])}" in hover and hover.count(",") >= 4
+    assert "%{customdata}" in heat.hovertemplate
+    # a subset of layers keeps the final row
+    sub = plots.lens_grid(res, value="entropy", layers=[1])
+    assert list(sub.data[0].y) == ["1", "final"] and np.asarray(sub.data[0].z).shape == (2, 5)
+
+
+def test_rank_chart_keeps_the_final_row():
+    from workbench.app import figures
+
+    labels = [str(i) for i in range(30)] + ["final"]
+    fig = figures.rank_across_layers(labels, list(range(31)), [0.1] * 31, " Paris", "position 3").to_plotly_json()
+    for axis in ("xaxis", "xaxis2"):
+        assert fig["layout"][axis]["type"] == "category" and fig["layout"][axis]["categoryarray"][-1] == "final"
+    assert list(fig["data"][0]["x"])[-1] == "final"
+
+
+def test_attention_figures_label_every_token_and_open_a_head():
+    from workbench.app import figures
+
+    n = 12
+    tokens = [f"t{i % 3}" for i in range(n)]  # repeats: labels stay unique by position
+    fig = figures.attention_heatmap(torch.eye(n), tokens, "Layer 1, head 2")
+    labels = list(fig.data[0].y)
+    assert len(set(labels)) == n and list(fig.layout.yaxis.tickvals) == labels  # every query labelled
+    assert fig.data[0].hovertemplate.startswith("Layer 1, head 2<br>query %{y}<br>key %{x}")
+    patterns = torch.rand(3, 4, n, n)
+    grid = figures.attention_grid(patterns, tokens, range(1, 3))
+    heat, targets = grid.data
+    assert len(set(heat.x)) == len(heat.x) and len(set(heat.y)) == len(heat.y)
+    assert heat.y[0] == "L1 query 0: t0" and heat.x[n + 1 + 2] == "H1 key 2: t2"
+    np.testing.assert_allclose(np.asarray(heat.z, dtype=float)[0, n + 1:2 * n + 1], patterns[1, 1, 0].numpy(), rtol=1e-6)
+    assert [list(c) for c in targets.customdata] == [[layer, h] for layer in (1, 2) for h in range(4)]
+    assert targets.meta == plots.NO_EXPORT and "click to open" in targets.hovertemplate
+
+
+def test_figure_data_exports_as_csv_and_json():
+    from workbench.app import figures
+
+    fig = plots.heatmap(torch.tensor([[1.0, 2.0], [3.0, 4.0]]), ["a", "b"], ["r0", "r1"], "grid")
+    frame = plots.figure_frame(fig)
+    assert list(frame.columns[:4]) == ["trace", "y", "x", "z"] and len(frame) == 4
+    assert frame.loc[(frame.y == "r1") & (frame.x == "a"), "z"].item() == 3.0
+    bars = figures.sampling_figure(["x", "y"], [0.6, 0.4], [1.0, 0.0])
+    frame = plots.figure_frame(bars)
+    assert set(frame.trace) == {"softmax(logits)", "after temperature, top-k, top-p"} and len(frame) == 4
+    data = json.loads(plots.figure_json(bars))
+    assert data["title"] == "Next-token distribution" and data["data"][0] == {"trace": "softmax(logits)", "x": "#1 x",
+                                                                             "y": 0.6}
+    # decoration (cell text, click targets) is not data
+    res = LL.logit_lens(__import__("workbench").HookedGPT(tiny_cfg(n_layers=1)).eval(), torch.randint(0, 50, (1, 3)))
+    grid = plots.lens_grid(res, tokenizer_decode=lambda ids: str(ids[0]))
+    assert set(plots.figure_frame(grid).trace) == {"heatmap 0"} and len(plots.figure_frame(grid)) == 2 * 3
+
+
+def test_text_helpers_tell_no_small_lies():
+    from types import SimpleNamespace
+
+    from workbench.app import figures
+
+    assert figures.count_noun(1, "token") == "1 token" and figures.count_noun(49152, "token") == "49,152 tokens"
+    assert figures.nats(-1e-9) == "0.00" and figures.nats(-0.5) == "-0.50" and figures.nats(1.234) == "1.23"
+    html = figures.generated_text_html("Prompt *", "**bold** _x_\n\n# not a heading")
+    assert "**" not in html and "&#42;&#42;bold&#42;&#42;" in html and "\n" not in html and "<b>Prompt &#42;</b>" in html
+    # a byte-level token that holds part of a character: its bytes, not the replacement glyph
+    vocab = {1: "Ġæ", 2: "Ĺ", 3: "æľ¬"}
+    tok = SimpleNamespace(tok=SimpleNamespace(id_to_token=vocab.get))
+    assert figures.token_texts(tok, [1, 2, 3], [" \ufffd", "\ufffd", "本"]) == [" \\xe6", "\\x97", "本"]
+    assert figures.weak_head_note({"layer": 1, "head": 2, "score": 0.03}).startswith("No head reaches")
+    assert figures.weak_head_note({"layer": 1, "head": 2, "score": 0.9}) is None
+
+
+def test_feature_card_is_one_standalone_html_file():
+    from workbench.app import figures
+
+    figs = [figures.density_histogram([-2.0, -3.0, -1.5], 0), figures.logit_effects_figure(["a"], [1.0], ["b"], [-1.0], 0)]
+    page = figures.feature_card_html("tiny · latent 0", {"density": "1.0%"}, figs, "<div>context <b>x</b></div>")
+    assert page.startswith("<!DOCTYPE html>") and "<title>tiny · latent 0</title>" in page
+    import re
+
+    assert page.count("Plotly.newPlot") == 2 and not re.search(r"<script[^>]*\bsrc=", page)  # nothing fetched: offline
+    assert page.count("* plotly.js v") == 1 and len(page) > 1_000_000  # plotly.js embedded, once
+    assert "Feature density" in page and "Logit effects of latent 0" in page and "context <b>x</b>" in page
