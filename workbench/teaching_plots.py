@@ -47,18 +47,28 @@ def matrix(values: Tensor, title: str, rows: list[str] | None = None, cols: list
     return fig
 
 
-def pair(left: go.Figure, right: go.Figure, title: str, height: int = 420) -> go.Figure:
-    """Return two heatmaps side by side sharing one colour scale (their own titles become subplot titles)."""
+def pair(left: go.Figure, right: go.Figure, title: str, height: int = 420, shared_scale: bool = False) -> go.Figure:
+    """Return two heatmaps side by side (their own titles become subplot titles).
+
+    Each keeps its own colour scale unless ``shared_scale`` (for two views of the same quantity)."""
     fig = make_subplots(1, 2, subplot_titles=[left.layout.title.text, right.layout.title.text],
-                        horizontal_spacing=0.12)
+                        horizontal_spacing=0.22)
     for col, src in ((1, left), (2, right)):
         trace = src.data[0]
-        trace.update(coloraxis="coloraxis")
+        axis = "coloraxis" if shared_scale or col == 1 else "coloraxis2"
+        scale = dict(colorscale=trace.colorscale, cmid=trace.zmid,
+                     colorbar=dict(x=1.0 if axis == "coloraxis2" or shared_scale else 0.40, xanchor="left",
+                                   thickness=12, len=0.9))
+        if shared_scale:
+            zs = [v for f in (left, right) for row in f.data[0].z for v in row if v == v]
+            scale.update(cmin=min(zs), cmax=max(zs))
+        fig.update_layout({axis: scale})
+        trace.update(coloraxis=axis)
         fig.add_trace(trace, 1, col)
         fig.update_yaxes(autorange="reversed", type="category", row=1, col=col)
-        fig.update_xaxes(type="category", row=1, col=col)
-    fig.update_layout(title=title, height=height, margin=dict(l=10, r=10, t=70, b=10),
-                      coloraxis=dict(colorscale=left.data[0].colorscale or "Blues"))
+        if trace.x is not None:
+            fig.update_xaxes(type="category", row=1, col=col)
+    fig.update_layout(title=title, height=height, margin=dict(l=10, r=10, t=70, b=10))
     return fig
 
 
@@ -87,7 +97,7 @@ def bpe_progress(n_tokens: list[int], counts: list[int], current: int) -> go.Fig
     fig.update_layout(title="The sentence's tokens after each merge", height=340, margin=dict(l=10, r=10, t=50, b=10),
                       xaxis_title="merges learned", legend=dict(orientation="h", y=-0.25))
     fig.update_yaxes(title_text="tokens", secondary_y=False)
-    fig.update_yaxes(title_text="pair count", secondary_y=True)
+    fig.update_yaxes(title_text="pair count", secondary_y=True, tickformat="d", showgrid=False)
     return fig
 
 
@@ -186,8 +196,8 @@ def scores_over_steps(steps: list[int], series: dict[str, list[float]], step: in
     for name, ys in series.items():
         fig.add_trace(go.Scatter(x=steps, y=ys, name=name, mode="lines+markers"))
     fig.add_vline(x=step, line_dash="dot", line_color="#c44")
-    fig.update_layout(title=title, height=340, xaxis_title="training step", yaxis_title=y_title,
-                      margin=dict(l=10, r=10, t=50, b=10), legend=dict(orientation="h", y=-0.25))
+    fig.update_layout(title=title, height=360, xaxis_title="training step", yaxis_title=y_title,
+                      margin=dict(l=10, r=10, t=50, b=10), legend=dict(orientation="h", y=-0.3))
     return fig
 
 
@@ -207,10 +217,11 @@ def loss_and_lr(log: pd.DataFrame, schedule: tuple[list[int], list[float]] | Non
                                  mode="lines", line=dict(dash="dash", color="#777")), secondary_y=True)
     if step is not None:
         fig.add_vline(x=step, line_dash="dot", line_color="#c44")
-    fig.update_layout(title="Loss and learning-rate schedule", height=360, margin=dict(l=10, r=10, t=50, b=10),
-                      xaxis_title="training step", legend=dict(orientation="h", y=-0.25))
+    fig.update_layout(title="Loss and learning-rate schedule", height=380, margin=dict(l=10, r=10, t=50, b=10),
+                      xaxis_title="training step", legend=dict(orientation="h", y=-0.3))
     fig.update_yaxes(title_text="loss (nats)", secondary_y=False)
-    fig.update_yaxes(title_text="learning rate", secondary_y=True)
+    fig.update_yaxes(title_text="learning rate", secondary_y=True, tickformat=".1e", rangemode="tozero",
+                     showgrid=False)
     return fig
 
 

@@ -39,7 +39,7 @@ def bpe_page(sel: Selection) -> None:
                "merges below and watch the sentence's segmentation change.")
     text = st.text_area("Training text (one document a line)", DEFAULT_BPE_TEXT, key="bpe_text", height=150)
     c1, c2 = st.columns([1, 2])
-    n_merges = c1.slider("Merges to learn", 1, 300, 80, key="bpe_merges")
+    n_merges = c1.slider("Merges to learn", 1, 300, 50, key="bpe_merges")
     sentence = c2.text_input("Sentence to segment", DEFAULT_SENTENCE, key="bpe_sentence")
     docs = [line for line in text.splitlines() if line.strip()]
     if not docs:
@@ -134,7 +134,8 @@ def attention_scratch_page(sel: Selection) -> None:
                 "tokens point the same way. It is symmetric (token i scores j as j scores i).")
     ui.plot(P.matrix(a.X, "X: one row per token", labels, None, "d_model", "token", height=320), key="scratch_X")
     ui.plot(P.pair(P.matrix(a.XXt, "X·Xᵀ", labels, labels), P.matrix(a.XXt_softmax, "softmax(X·Xᵀ), row by row",
-                                                                       labels, labels), "Scores, then weights"),
+                                                                       labels, labels, colorscale="Blues", zmid=None),
+                   "Scores, then weights"),
             key="scratch_xxt")
     asym_x = float((a.XXt - a.XXt.T).abs().max())
     st.caption(f"max |X·Xᵀ − (X·Xᵀ)ᵀ| = {asym_x:.2g} (symmetric up to rounding). Each row of the softmax sums to 1: "
@@ -159,7 +160,7 @@ def attention_scratch_page(sel: Selection) -> None:
     partial = T.causal_mask(a.scaled, upto=upto)
     ui.plot(P.pair(P.matrix(partial, f"scaled scores, future masked in rows 0–{upto - 1}" if upto else
                             "scaled scores, nothing masked yet", labels, labels),
-                   P.matrix(partial.softmax(-1), "softmax of each row", labels, labels),
+                   P.matrix(partial.softmax(-1), "softmax of each row", labels, labels, colorscale="Blues", zmid=None),
                    "Applying the causal mask"), key="scratch_mask_fig")
 
     st.header("4 · Scaling by √d_head")
@@ -171,7 +172,7 @@ def attention_scratch_page(sel: Selection) -> None:
     ui.plot(P.pair(P.matrix(a.pattern_unscaled, "softmax(mask(Q·Kᵀ)): unscaled", labels, labels, colorscale="Blues",
                             zmid=None),
                    P.matrix(a.pattern, "softmax(mask(Q·Kᵀ / √d_head)): scaled", labels, labels, colorscale="Blues",
-                            zmid=None), "Without and with the scaling"), key="scratch_scale")
+                            zmid=None), "Without and with the scaling", shared_scale=True), key="scratch_scale")
     e1, e2, e3 = st.columns(3)
     e1.metric("score spread (std), unscaled", f"{raw_std:.3g}")
     e2.metric("score spread (std), scaled", f"{scaled_std:.3g}")
@@ -182,7 +183,7 @@ def attention_scratch_page(sel: Selection) -> None:
     diff = float((a.pattern - real).abs().max())
     ui.plot(P.pair(P.matrix(a.pattern, "from scratch (this page)", labels, labels, colorscale="Blues", zmid=None),
                    P.matrix(real, f"the model's blocks.{layer}.attn.hook_pattern", labels, labels, colorscale="Blues",
-                            zmid=None), f"Layer {layer}, head {head}: by hand and in the model"), key="scratch_real")
+                            zmid=None), f"Layer {layer}, head {head}: by hand and in the model", shared_scale=True), key="scratch_real")
     st.metric("largest difference from the model's pattern", f"{diff:.1e}")
     if diff < 1e-4:
         st.success("The hand computation reproduces the model's attention pattern.")
@@ -227,7 +228,7 @@ def orthogonal_page(sel: Selection) -> None:
         st.caption(f"{n * (n - 1) // 2:,} pairs per dimension. The mean stays at 90°; the spread shrinks like 1/√d "
                    "(for large d, cos θ is about normal with variance 1/d).")
     st.subheader("How many almost-orthogonal directions fit")
-    eps = st.slider("Allowed |cos θ| (0.1 is 90° ± 5.7°)", 0.02, 0.5, 0.1, 0.01, key="orth_eps")
+    eps = st.slider("Allowed |cos θ| (0.2 is 90° ± 11.5°)", 0.02, 0.5, 0.2, 0.01, key="orth_eps")
     fit = [{"d": d, "angle band": f"90° ± {math.degrees(math.asin(eps)):.1f}°",
             "random directions that fit (≈ exp(d·ε²/4))": _count(T.directions_that_fit(d, eps))}
            for d in sorted(set(DIMENSIONS + [model.cfg.d_model]))]
@@ -390,8 +391,14 @@ def architecture_live_page(sel: Selection) -> None:
     with ui.guard(), st.spinner("Running the model…"):
         shapes = cached.hook_shapes_on(sel.key, text)
     rows = block_rows(model, shapes, layer)
-    flow = [(r["hook"].split(".", 2)[2], f"{r['shape']}  {r['axes']}", r["parameters"], r["residual"]) for r in rows]
+    sums = {"hook_resid_mid": " = resid_pre + attn_out",
+            "hook_resid_post": " = resid_pre + attn_out" if cfg.attn_only else " = resid_mid + mlp_out"}
+    flow = [(local + sums.get(local, ""), f"{r['shape']}  {r['axes']}", r["parameters"], r["residual"])
+            for r in rows for local in [r["hook"].split(".", 2)[2]]]
     ui.plot(P.block_flow(flow, f"Block {layer} on a {len(enc.ids)}-token prompt"), key="archlive_flow")
+    st.caption("Red: the residual stream; blue: inside the block. Parameters sit beside the hook point whose values "
+               "they produce (a norm's gain and bias are applied just after its hook_normalized). attn.hook_result "
+               "(each head's output in d_model) is computed only when someone looks, as here.")
     block_params = {name: p.numel() for name, p in model.blocks[layer].named_parameters()}
     total_block = sum(block_params.values())
     parts = {"embedding W_E": model.embed.W_E.numel(),
