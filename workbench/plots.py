@@ -298,7 +298,7 @@ def lens_grid(result: "LensResult", str_tokens: Sequence[str] | None = None, val
         value, ("Magma", None, None))
     fig = heatmap(z, x, y, title or f"lens: {value}", colorscale, text=text, xlabel="position (input token)",
                   ylabel="layer", colorbar=value, zmin=zmin, zmax=zmax,
-                  hover=f"{value} %{{z:.3f}}<br>%{{customdata}}", height=max(320, 24 * len(rows) + 160))
+                  hover=f"{value} %{{z:.3f}}<br>%{{customdata}}", height=max(380, 24 * len(rows) + 200))
     fig.data[0].update(customdata=hover, texttemplate=None)
     if text is not None:
         finite = z[np.isfinite(z)]
@@ -321,7 +321,9 @@ def lens_kl_figure(comparison: "LensComparison", title: str = "KL(final || lens)
     fig = go.Figure()
     fig.add_trace(go.Scatter(x=comparison.labels, y=_np(comparison.logit_kl), mode="lines+markers", name="logit lens"))
     fig.add_trace(go.Scatter(x=comparison.labels, y=_np(comparison.tuned_kl), mode="lines+markers", name="tuned lens"))
-    fig.update_layout(title=title, xaxis_title="layer (resid_pre)", yaxis_title="KL (nats)", yaxis_type="log")
+    # one tick per power of ten: plotly's default log ticks read "5, 2, 1, 5, 2, 0.1"
+    fig.update_layout(title=title, xaxis_title="layer (resid_pre)", yaxis_title="KL (nats)", yaxis_type="log",
+                      yaxis_dtick=1)
     return category_axis(fig, "x", comparison.labels, every_label=len(comparison.labels) <= 40)
 
 

@@ -13,6 +13,20 @@ VALUES = {"target_prob": "probability of the target token", "top_prob": "probabi
           "entropy": "entropy (nats)", "kl_to_final": "KL(final output ‖ layer)"}
 #: layer-row strides offered for deep models (every row of SmolLM2's 31 at once is a tall grid)
 STRIDES = [1, 2, 3, 5]
+#: the logit and tuned lens grids go side by side for prompts up to this many tokens
+SIDE_BY_SIDE_TOKENS = 10
+
+
+def _where(path: str) -> str:
+    """Return a lens directory relative to the runs directory (where the app looks for them)."""
+    from pathlib import Path
+
+    from workbench import paths
+
+    try:
+        return Path(path).relative_to(paths.runs_dir()).as_posix()
+    except ValueError:
+        return path
 
 
 def lens_page(sel: Selection) -> None:
@@ -27,7 +41,7 @@ def lens_page(sel: Selection) -> None:
     options = [""] + [str(p) for p in lenses]
     c1, c2 = st.columns(2)
     lens_dir = c1.radio("Lens", options, key="lens_kind", horizontal=True,
-                        format_func=lambda p: "logit lens" if not p else f"tuned lens ({p})")
+                        format_func=lambda p: "logit lens" if not p else f"tuned lens ({_where(p)})")
     if not lenses:
         c1.caption("No tuned lens for this model in the runs directory; "
                    "`workbench tuned-lens train MODEL --out $WORKBENCH_HOME/runs/lens-MODEL` makes one, and "
@@ -56,7 +70,11 @@ def lens_page(sel: Selection) -> None:
                                title=f"{name} lens: top token per layer and position")
 
     if lens_dir:
-        left, right = st.columns(2)
+        # beside each other while a cell's token still fits in half the page; one above the other after that
+        beside = st.toggle("Side by side", len(enc.ids) <= SIDE_BY_SIDE_TOKENS, key="lens_beside",
+                           help=f"Off: the logit lens above the tuned lens, each at full width (the default for "
+                                f"prompts over {SIDE_BY_SIDE_TOKENS} tokens)")
+        left, right = st.columns(2) if beside else (st.container(), st.container())
         with left:
             share.plot(grid(logit, "Logit"), key="lens_grid_logit")
         with right:
