@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
+	# circuit-tracer is an oracle for the attribution graphs (pruning, scores, its JSON schema); its own
+	# requirements (nnsight, transformers<=4.57) would fight ours and the tests import none of them
+	$(BIN)/python -m pip install -q --no-deps circuit-tracer==0.5.0
 	touch $@
 
 setup: $(STAMP)

@@ -22,7 +22,7 @@ def _setup(family: str, architecture: str = "relu", skip: bool = True, n_layers:
         tc = SAE(SAEConfig(d_in=32, d_sae=48, architecture=architecture, k=6, apply_b_dec_to_input=False, d_out=32,
                            skip=skip), seed=seed + layer)
         with torch.no_grad():
-            tc.b_enc.fill_(-0.05)  # a sparse but not empty set of active features
+            tc.b_enc.fill_(-0.12)  # a sparse but not empty set of active features
             tc.W_dec.mul_(0.1)  # outputs of an MLP's size: untrained, but not cancelling large errors in fp32
             tc.b_dec.normal_(0, 0.02)
             if skip:
@@ -91,7 +91,7 @@ def test_zeroing_a_source_moves_each_target_by_its_edge(built):
 
     full = values(acts, errors)
     g = torch.Generator().manual_seed(0)
-    sources = torch.randperm(graph.n_features, generator=g)[:40].tolist()
+    sources = torch.randperm(graph.n_features, generator=g)[:25].tolist()
     sources += [graph.error_node(layer, pos) for layer in range(graph.n_layers) for pos in (0, 3, 6)]
     sources += [graph.token_node(p) for p in (0, 4)]
     for node in sources:
@@ -188,3 +188,74 @@ def test_bad_inputs_are_clear_errors():
         G.attribute(HookedGPT(tiny_cfg(attn_only=True)), tcs, tokens)
     with pytest.raises(InputError, match="index must lie"):
         G.intervene(model, tcs, tokens, [G.FeatureEdit(0, 0, 999, 1.0)])
+
+
+# -- pruning, scores and export, against circuit-tracer's own code (installed by `make setup`, no deps) --
+
+
+class _AsCircuitTracer:
+    """The attributes circuit-tracer's prune_graph / compute_graph_scores read from its Graph."""
+
+    def __init__(self, graph: G.AttributionGraph):
+        from types import SimpleNamespace
+
+        self.input_tokens = graph.tokens
+        self.logit_targets = list(graph.logit_tokens)
+        self.selected_features = torch.arange(graph.n_features)
+        self.adjacency_matrix = graph.adjacency
+        self.logit_probabilities = graph.logit_probs
+        self.cfg = SimpleNamespace(n_layers=graph.n_layers)
+
+
+def test_pruning_and_scores_equal_circuit_tracers(built):
+    ct = pytest.importorskip("circuit_tracer.graph")
+    *_, graph = built
+    ours = G.prune(graph, 0.8, 0.98)
+    theirs = ct.prune_graph(_AsCircuitTracer(graph), 0.8, 0.98)
+    assert torch.equal(ours.node_mask, theirs.node_mask)
+    assert torch.equal(ours.edge_mask, theirs.edge_mask)
+    torch.testing.assert_close(ours.cumulative, theirs.cumulative_scores)
+    scores = G.graph_scores(graph)
+    replacement, completeness = ct.compute_graph_scores(_AsCircuitTracer(graph))
+    assert scores.replacement == pytest.approx(replacement, abs=1e-5)
+    assert scores.completeness == pytest.approx(completeness, abs=1e-5)
+
+
+def test_pruned_scores_count_what_pruning_removes(built):
+    *_, graph = built
+    full = G.graph_scores(graph)
+    everything = G.prune(graph, 1.0, 1.0)
+    assert G.graph_scores(graph, everything).completeness == pytest.approx(full.completeness, abs=1e-5)
+    pruned = G.prune(graph, 0.5, 0.8)
+    assert pruned.node_mask.sum() < graph.n_nodes
+    assert G.graph_scores(graph, pruned).completeness < full.completeness
+    assert 0 <= G.graph_scores(graph, pruned).replacement <= 1
+    with pytest.raises(InputError, match="node_threshold=0"):
+        G.prune(graph, 0, 0.9)
+
+
+def test_circuit_tracer_json_validates_against_its_schema(built):
+    models = pytest.importorskip("circuit_tracer.frontend.graph_models")
+    *_, graph = built
+    pruned = G.prune(graph)
+    data = G.to_circuit_tracer_json(graph, pruned)
+    model = models.Model(**data)  # pydantic: raises on any schema violation
+    ids = {n.node_id for n in model.nodes}
+    assert len(ids) == len(model.nodes)
+    assert {link["source"] for link in data["links"]} <= ids and {link["target"] for link in data["links"]} <= ids
+    assert sum(n.feature_type == "logit" for n in model.nodes) == graph.n_logits
+    assert sum(n.feature_type == "embedding" for n in model.nodes) == graph.n_pos
+    weights = {(link["source"], link["target"]): link["weight"] for link in data["links"]}
+    node_id = {n: d["node_id"] for n, d in enumerate(_node_ids(graph))}
+    for t, s in pruned.edge_mask.nonzero().tolist():
+        if node_id[s] in ids and node_id[t] in ids:
+            assert weights[(node_id[s], node_id[t])] == pytest.approx(float(graph.adjacency[t, s]))
+
+
+def _node_ids(graph):
+    """Every node's circuit-tracer id, in node order (the export of an unpruned graph keeps them all)."""
+    everything = G.Pruned(torch.ones(graph.n_nodes, dtype=torch.bool), torch.ones(graph.n_nodes, graph.n_nodes,
+                          dtype=torch.bool), torch.zeros(graph.n_nodes), torch.zeros(graph.n_nodes))
+    data = G.to_circuit_tracer_json(graph, everything)
+    assert len(data["nodes"]) == graph.n_nodes
+    return data["nodes"]

@@ -34,7 +34,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from jaxtyping import Float, Int
@@ -76,6 +76,8 @@ class AttributionGraph:
     error_norms: Float[Tensor, "layer pos"]
     """Norm of each error node's vector (what the transcoder misses)."""
     n_layers: int
+    logit_texts: list[str] = field(default_factory=list)
+    """Each logit node's token as text (empty without a tokenizer)."""
     model_name: str = ""
     settings: dict[str, Any] = field(default_factory=dict)
     """How it was built (batch size, feature budget, thresholds...)."""
@@ -140,6 +142,10 @@ class AttributionGraph:
         i = node - self.logit_node(0)
         return f"logit #{int(self.logit_tokens[i])} (p={float(self.logit_probs[i]):.2f})"
 
+    def logit_label(self, i: int) -> str:
+        """The text of logit node ``i``'s token (its id when there is no tokenizer)."""
+        return self.logit_texts[i] if i < len(self.logit_texts) else str(int(self.logit_tokens[i]))
+
     def logit_weights(self) -> Float[Tensor, " n_nodes"]:
         """Return the logit nodes' probabilities, normalised to sum to 1, on the full node axis."""
         w = torch.zeros(self.n_nodes)
@@ -155,7 +161,8 @@ class AttributionGraph:
                    "logit_tokens": self.logit_tokens, "logit_probs": self.logit_probs, "adjacency": self.adjacency,
                    "constant": self.constant, "target": self.target, "error_norms": self.error_norms}
         meta = {"format": GRAPH_FORMAT, "version": "1", "n_layers": str(self.n_layers), "model_name": self.model_name,
-                "str_tokens": json.dumps(self.str_tokens), "settings": json.dumps(self.settings)}
+                "str_tokens": json.dumps(self.str_tokens), "logit_texts": json.dumps(self.logit_texts),
+                "settings": json.dumps(self.settings)}
         tmp = path.with_name(path.name + ".tmp")
         try:
             save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
@@ -183,6 +190,7 @@ class AttributionGraph:
             raise CheckpointError(f"{path} was built on model {meta.get('model_name')!r}, not {model_name!r}")
         try:
             graph = cls(**tensors, str_tokens=json.loads(meta["str_tokens"]), n_layers=int(meta["n_layers"]),
+                        logit_texts=json.loads(meta.get("logit_texts", "[]")),
                         model_name=meta.get("model_name", ""), settings=json.loads(meta.get("settings", "{}")))
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{path} is an incomplete graph file ({exc}); rebuild it") from None
@@ -368,12 +376,13 @@ def attribute(
     # the biases' share, plus what features left out by the budget sent to each row
     constant[row_idx] = base + rows[:, :n_all][:, dropped].sum(-1)
     str_tokens = model.to_str_tokens(tokens[0]) if model.tokenizer is not None else []
+    logit_texts = model.to_str_tokens(logit_tokens) if model.tokenizer is not None else []
     return AttributionGraph(
         tokens=tokens[0].cpu(), str_tokens=str_tokens, features=features.cpu(),
         activations=torch.stack([acts[l][p, i] for l, p, i in features.tolist()]).float().cpu() if n_f else torch.zeros(0),
         logit_tokens=logit_tokens.cpu(), logit_probs=logit_probs.float().cpu(), adjacency=adjacency,
         constant=constant, target=target, error_norms=torch.stack([e.norm(dim=-1) for e in errors]).float().cpu(),
-        n_layers=L, model_name=model.cfg.name or "",
+        n_layers=L, logit_texts=logit_texts, model_name=model.cfg.name or "",
         settings={"max_n_logits": max_n_logits, "desired_logit_prob": desired_logit_prob,
                   "max_feature_nodes": max_feature_nodes, "batch_size": batch_size, "n_active_features": n_all,
                   "backward_passes": math.ceil(len(targets) / batch_size)},
@@ -559,3 +568,176 @@ def intervene_replacement(model: HookedGPT, transcoders: Sequence[SAE], prompt: 
         for layer in range(model.cfg.n_layers):
             hooks += [(f"blocks.{layer}.mlp.hook_in", keep(layer)), (f"blocks.{layer}.mlp.hook_out", replace(layer))]
         return model.run_with_hooks(tokens, fwd_hooks=hooks)[0].float()
+
+
+# ---------------------------------------------------------------------------------------------
+# Influence, pruning and scores
+#
+# As in circuit-tracer: edges are normalised by each row's total absolute input, and a node's
+# influence is the logit-probability-weighted sum over all paths from it to the logits
+# (w A + w A^2 + ..., a finite series because the graph is layered). The bias constants are not
+# edges, so they take no part: on the same adjacency matrix the masks equal circuit-tracer's.
+
+
+def _normalized(adjacency: Tensor, by: Tensor | None = None) -> Tensor:
+    """``|A|`` divided by each row's total absolute input (of ``by``, default ``A`` itself)."""
+    total = (adjacency if by is None else by).abs().sum(-1, keepdim=True).clamp_min(1e-10)
+    return adjacency.abs() / total
+
+
+def _influence(A: Tensor, weights: Tensor) -> Tensor:
+    """Return ``w A + w A^2 + ...``: each node's total influence on the weighted targets."""
+    step = weights @ A
+    total = step.clone()
+    for _ in range(A.shape[0] + 1):
+        step = step @ A
+        if not bool(step.any()):
+            return total
+        total += step
+    raise ConfigError("influence did not converge: the adjacency matrix has a cycle, so it is not an attribution graph")
+
+
+def _cutoff(scores: Tensor, fraction: float) -> Tensor:
+    """The smallest score among the top scores that hold ``fraction`` of the total."""
+    ranked = scores.flatten().sort(descending=True).values
+    share = ranked.cumsum(0) / ranked.sum().clamp_min(1e-30)
+    return ranked[min(int(torch.searchsorted(share, torch.tensor(fraction))), ranked.numel() - 1)]
+
+
+@dataclass
+class Pruned:
+    """What pruning keeps."""
+
+    node_mask: Tensor
+    """Nodes kept (tokens and logits always are)."""
+    edge_mask: Tensor
+    """Edges kept, ``[target, source]``."""
+    influence: Tensor
+    """Each node's influence on the logits in the full graph."""
+    cumulative: Tensor
+    """Each node's cumulative influence share when nodes are ranked by influence (circuit-tracer's ``influence`` field)."""
+
+
+def prune(graph: AttributionGraph, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> Pruned:
+    """Return the nodes and edges that carry ``node_threshold`` / ``edge_threshold`` of the influence on the logits."""
+    for name, value in (("node_threshold", node_threshold), ("edge_threshold", edge_threshold)):
+        if not 0 < value <= 1:
+            raise InputError(f"{name}={value} must lie in (0, 1]")
+    A, w = graph.adjacency, graph.logit_weights() * graph.logit_probs.sum()  # circuit-tracer weighs by raw probability
+    n_fe = graph.n_features + graph.n_errors
+    influence = _influence(_normalized(A), w)
+    nodes = influence >= _cutoff(influence, node_threshold)
+    nodes[n_fe:] = True
+    kept = A * nodes[:, None] * nodes[None, :]
+    Ak = _normalized(kept)
+    edge_scores = Ak * (_influence(Ak, w) + w)[:, None]
+    edges = edge_scores >= _cutoff(edge_scores, edge_threshold)
+    while True:  # drop features and errors left without outputs, and features left without inputs
+        before = nodes.clone()
+        edges &= nodes[:, None] & nodes[None, :]
+        nodes[:n_fe] &= edges[:, :n_fe].any(0)
+        nodes[: graph.n_features] &= edges[: graph.n_features].any(1)
+        if torch.equal(nodes, before):
+            break
+    order = influence.sort(descending=True)
+    cumulative = torch.zeros_like(influence)
+    cumulative[order.indices] = order.values.cumsum(0) / order.values.sum().clamp_min(1e-30)
+    return Pruned(node_mask=nodes, edge_mask=edges, influence=influence, cumulative=cumulative)
+
+
+class GraphScores(NamedTuple):
+    """How much of the model's computation a graph explains with features rather than errors."""
+
+    replacement: float
+    """Of the tokens' and errors' end-to-end influence on the logits, the tokens' share (errors, and
+    pruned edges, explain nothing)."""
+    completeness: float
+    """Influence-weighted mean, over nodes, of the fraction of each node's input coming from kept
+    feature and token edges rather than from errors or pruned edges."""
+
+
+def graph_scores(graph: AttributionGraph, pruned: Pruned | None = None) -> GraphScores:
+    """Return the replacement and completeness scores (Ameisen et al. 2025) of a graph, or of its pruned form.
+
+    For the full graph these are circuit-tracer's definitions. For a pruned graph, each row is still
+    normalised by its total input in the full graph, so the edges pruning removes count as
+    unexplained, like an error node's, instead of being renormalised away."""
+    A = graph.adjacency
+    w = graph.logit_weights() * graph.logit_probs.sum()
+    keep = torch.ones_like(A, dtype=torch.bool) if pruned is None else pruned.edge_mask
+    An = _normalized(A * keep, by=A)
+    influence = _influence(An, w)
+    errors = slice(graph.n_features, graph.n_features + graph.n_errors)
+    tokens = slice(graph.n_features + graph.n_errors, graph.n_features + graph.n_errors + graph.n_pos)
+    token_inf = influence[tokens].sum()
+    # influence that reaches errors or falls on pruned edges: what the graph leaves unexplained
+    unexplained = influence[errors].sum()
+    if pruned is not None:
+        lost = (_normalized(A, by=A) - An).sum(-1)  # per row, the normalised input pruning removed
+        lost[errors] = 0
+        unexplained = unexplained + ((influence + w) * lost).sum()
+    replacement = float(token_inf / (token_inf + unexplained).clamp_min(1e-30))
+    explained = 1 - An[:, errors].sum(-1) - (0 if pruned is None else lost)
+    out = influence + w  # as circuit-tracer: tokens and errors (no inputs) count as fully explained
+    completeness = float((explained * out).sum() / out.sum().clamp_min(1e-30))
+    return GraphScores(replacement=replacement, completeness=completeness)
+
+
+# ---------------------------------------------------------------------------------------------
+# circuit-tracer's graph JSON (what Neuronpedia-style viewers read)
+
+
+def _cantor(x: int, y: int) -> int:
+    return (x + y) * (x + y + 1) // 2 + y
+
+
+def to_circuit_tracer_json(graph: AttributionGraph, pruned: Pruned | None = None, slug: str = "workbench-graph",
+                           node_threshold: float = 0.8) -> dict[str, Any]:
+    """Return the graph as circuit-tracer's frontend JSON (``metadata``, ``qParams``, ``nodes``, ``links``).
+
+    Node ids follow circuit-tracer: features ``{layer}_{index}_{pos}``, errors ``0_{layer}_{pos}``
+    (``err_{layer}_{pos}`` where that would repeat a layer-0 feature's id), tokens ``E_{token}_{pos}``,
+    logits ``{n_layers + 1}_{token}_{last pos}``. Only kept nodes and edges
+    are written when ``pruned`` is given; every node of the graph otherwise."""
+    nodes_mask = torch.ones(graph.n_nodes, dtype=torch.bool) if pruned is None else pruned.node_mask
+    edge_mask = (graph.adjacency != 0) if pruned is None else pruned.edge_mask
+    cumulative = (pruned or prune(graph, node_threshold, 1.0)).cumulative
+    nodes: dict[int, dict[str, Any]] = {}
+    last = graph.n_pos - 1
+    for node in nodes_mask.nonzero().flatten().tolist():
+        kind, inf = graph.node_kind(node), float(cumulative[node])
+        if kind == "feature":
+            layer, pos, index = graph.features[node].tolist()
+            nodes[node] = dict(node_id=f"{layer}_{index}_{pos}", feature=_cantor(layer, index), layer=str(layer),
+                               ctx_idx=pos, feature_type="cross layer transcoder", jsNodeId=f"{layer}_{index}-0",
+                               influence=inf, activation=float(graph.activations[node]))
+        elif kind == "error":
+            layer, pos = divmod(node - graph.n_features, graph.n_pos)
+            # circuit-tracer's error id can equal a layer-0 feature's ({0}_{index}_{pos} with index == layer);
+            # such an error gets an id of its own (viewers tell errors by feature_type, not by id)
+            taken = (graph.features[:, 0] == 0) & (graph.features[:, 2] == layer) & (graph.features[:, 1] == pos)
+            error_id = f"err_{layer}_{pos}" if bool(taken.any()) else f"0_{layer}_{pos}"
+            nodes[node] = dict(node_id=error_id, feature=-1, layer=str(layer), ctx_idx=pos,
+                               feature_type="mlp reconstruction error", jsNodeId=f"{layer}_{pos}-0", influence=inf)
+        elif kind == "token":
+            pos = node - graph.token_node(0)
+            tok = int(graph.tokens[pos])
+            nodes[node] = dict(node_id=f"E_{tok}_{pos}", feature=pos, layer="E", ctx_idx=pos, feature_type="embedding",
+                               jsNodeId=f"E_{tok}-{pos}", influence=inf)
+        else:
+            i = node - graph.logit_node(0)
+            tok, p = int(graph.logit_tokens[i]), float(graph.logit_probs[i])
+            layer = str(graph.n_layers + 1)
+            nodes[node] = dict(node_id=f"{layer}_{tok}_{last}", feature=tok, layer=layer, ctx_idx=last,
+                               feature_type="logit", token_prob=p, is_target_logit=i == 0, jsNodeId=f"L_{tok}-{last}",
+                               clerp=f"Output {graph.logit_label(i)!r} (p={p:.3f})")
+    targets, sources = edge_mask.nonzero(as_tuple=True)
+    links = [{"source": nodes[s]["node_id"], "target": nodes[t]["node_id"], "weight": float(graph.adjacency[t, s])}
+             for t, s in zip(targets.tolist(), sources.tolist()) if s in nodes and t in nodes]
+    linked = {x for link in links for x in (link["source"], link["target"])}
+    used = [n for n in nodes.values() if n["node_id"] in linked or n["feature_type"] in ("embedding", "logit")]
+    meta = {"slug": slug, "scan": graph.model_name or "workbench", "transcoder_list": [],
+            "prompt_tokens": graph.str_tokens, "prompt": "".join(graph.str_tokens), "node_threshold": node_threshold,
+            "schema_version": 1, "info": {"generator": "interp-workbench", "settings": graph.settings}}
+    qparams = {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""}
+    return {"metadata": meta, "qParams": qparams, "nodes": used, "links": links}
