@@ -264,6 +264,14 @@ def test_dynamics_slider_on_attn_only_2l_shows_the_phase_change(app_env, monkeyp
     final = S.load_snapshot(snaps[-1].path).embed.W_E.detach()
     assert len(shown[lo][1]) == final.shape[0]  # the toy vocabulary is shown whole
 
+    lens = fig_titled(at, "Logit lens on the repeated copy across training")
+    final = arr([d for d in lens["data"] if d["name"] == "decoded after block 1"][0]["y"])
+    repeat = arr([d for d in fig_titled(at, "Loss on repeated random tokens")["data"]
+                  if d["name"] == "loss, repeat"][0]["y"])
+    assert final == pytest.approx(repeat, abs=1e-4)  # the lens after the last block is the model's own loss
+    embed = arr([d for d in lens["data"] if d["name"] == "decoded embeddings"][0]["y"])
+    assert embed[-1] > 2 * final[-1]  # the embeddings alone cannot predict the repeat
+
     loss = fig_titled(at, "Loss and learning-rate schedule")
     names = [d["name"] for d in loss["data"]]
     assert "training loss" in names and "learning rate (warmup + cosine, as trained)" in names

@@ -137,6 +137,7 @@ def test_snapshot_loader_and_dynamics(tmp_path):
     assert frames.coords[-1].mean(0).abs().max() < 1e-5  # the final frame is centred on its own mean
     heads = S.snapshot_heads(loaded[1], 100, seq_len=6)
     assert heads.induction.shape == (2, 4) and heads.pattern.shape == (2, 4, 13, 13)
+    assert len(heads.lens_repeat) == 3 and heads.lens_repeat[-1] == pytest.approx(heads.loss_repeat, abs=1e-5)
     assert S.phase_change([0, 100, 200], [0.1, 0.2, 0.8]) == (100, 200)
     assert S.list_snapshots(tmp_path / "nowhere") == []
 

@@ -3,8 +3,8 @@
 A run (or a shipped built-in model) keeps ``snapshots/step_NNNNNN/`` beside its checkpoint: one
 native checkpoint per step (:func:`workbench.builtin.snapshot_dirs`). Any page or script can use
 :func:`list_snapshots` and :func:`load_snapshot`; the measurements below (embedding projections
-in one frame for every step, head scores and patterns on fixed repeated tokens, the loss curve
-with the learning-rate schedule) are what the training-dynamics page draws.
+in one frame for every step, head scores, patterns and the logit lens on fixed repeated tokens,
+the loss curve with the learning-rate schedule) are what the training-dynamics page draws.
 """
 
 from __future__ import annotations
@@ -99,6 +99,9 @@ class SnapshotHeads(NamedTuple):
     #: mean loss on the first and on the repeated copy
     loss_first: float
     loss_repeat: float
+    #: logit lens: the repeat copy's loss decoded from resid_pre of each block and the final residual
+    #: (``n_layers + 1`` values; the last equals ``loss_repeat``)
+    lens_repeat: list[float]
 
 
 def repeated_sequence(model, seq_len: int, batch: int = 8, seed: int = 1):
@@ -110,7 +113,8 @@ def repeated_sequence(model, seq_len: int, batch: int = 8, seed: int = 1):
 
 def snapshot_heads(model, step: int, seq_len: int, batch: int = 8) -> SnapshotHeads:
     """Return a snapshot's induction / previous-token scores, patterns and per-copy losses."""
-    from workbench.analysis.induction import repeat_losses, score_heads
+    from workbench.analysis.induction import next_token_loss, repeat_losses, score_heads
+    from workbench.analysis.logit_lens import lens_residuals
     from workbench.names import act_name
 
     seq = repeated_sequence(model, seq_len, batch)
@@ -119,9 +123,11 @@ def snapshot_heads(model, step: int, seq_len: int, batch: int = 8) -> SnapshotHe
         scores = score_heads(model, tokens)
         names = [act_name("pattern", layer) for layer in range(model.cfg.n_layers)]
         _, cache = model.run_with_cache(tokens[:1], names_filter=names, device="cpu", dtype=torch.float32)
+        lens = [repeat_losses(next_token_loss(model.unembed_resid(r), tokens).float().cpu(), seq).second
+                for r in lens_residuals(model, tokens)]
     losses = repeat_losses(scores.loss, seq)
     return SnapshotHeads(step, scores.induction.float().cpu(), scores.previous_token.float().cpu(),
-                         torch.stack([cache[n][0] for n in names]), losses.first, losses.second)
+                         torch.stack([cache[n][0] for n in names]), losses.first, losses.second, lens)
 
 
 def phase_change(steps: list[int], best_induction: list[float]) -> tuple[int, int] | None:

@@ -58,11 +58,14 @@ def dynamics_page(sel: Selection) -> None:
         st.caption(f"The best induction score rises most between steps {lo} and {hi} "
                    f"({best[steps.index(lo)]:.2f} → {best[steps.index(hi)]:.2f}): the phase change, when an induction "
                    "head forms and the repeated half becomes predictable.")
-    tab_attn, tab_emb, tab_loss = st.tabs(["Attention and head scores", "Embeddings", "Loss and learning rate"])
+    tab_attn, tab_emb, tab_lens, tab_loss = st.tabs(["Attention and head scores", "Embeddings", "Logit lens",
+                                                     "Loss and learning rate"])
     with tab_attn:
         _attention(model, heads, steps, i, seq_len, best)
     with tab_emb:
         _embeddings(sel, model, model_dir, steps, i)
+    with tab_lens:
+        _lens(cfg, heads, steps, i)
     with tab_loss:
         if log.empty or "step" not in log.columns:
             st.info("No training log (metrics.jsonl) beside the checkpoint.")
@@ -118,6 +121,17 @@ def _attention(model, heads: list[S.SnapshotHeads], steps: list[int], i: int, se
     ui.plot(P.scores_over_steps(steps, {"loss, first copy": [h.loss_first for h in heads],
                                         "loss, repeat": [h.loss_repeat for h in heads]}, step,
                                 "Loss on repeated random tokens across training", "loss (nats)"), key="dyn_rep_loss")
+
+
+def _lens(cfg, heads: list[S.SnapshotHeads], steps: list[int], i: int) -> None:
+    points = ["embeddings"] + [f"after block {x}" for x in range(cfg.n_layers)]
+    series = {f"decoded {name}": [h.lens_repeat[x] for h in heads] for x, name in enumerate(points)}
+    ui.plot(P.scores_over_steps(steps, series, steps[i], "Logit lens on the repeated copy across training",
+                                "loss on the repeat (nats)"), key="dyn_lens")
+    now = heads[i].lens_repeat
+    st.caption(f"At step {steps[i]}, the repeated copy's loss read off the residual stream with the final norm and "
+               "W_U: " + ", ".join(f"{name} {v:.2f}" for name, v in zip(points, now)) + ". The last equals the "
+               "model's loss. Once the induction head forms, only the stream after the last block knows the repeat.")
 
 
 def _embedding_ids(model) -> tuple[list[int], list[str]]:
