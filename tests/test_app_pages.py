@@ -177,7 +177,7 @@ def test_sampling_page(app_env):
     at.slider(key="samp_new").set_value(5)
     at.button(key="samp_go").click().run()
     assert not at.exception
-    assert "**" in markdown(at)
+    assert '<b>' in markdown(at)  # the prompt in bold, the continuation as plain text (not markdown)
 
 
 def test_architecture_page(app_env):
@@ -472,3 +472,137 @@ def test_big_patching_sweeps_wait_for_the_button(app_env, monkeypatch):
     fig_titled(at, "patching the clean residual stream")
     at.radio(key="attr_granularity").set_value("Heads").run()  # same request: the sweep stays shown
     fig_titled(at, "patching the clean residual stream")
+
+
+# ------------------------------------------------------------ readable figures and sharing (issue 12, 3-6, 9)
+
+
+def _axis(fig: dict, name: str) -> dict:
+    return fig["layout"].get(name, {})
+
+
+def test_sampling_page_bars_are_tokens_in_probability_order(app_env):
+    at = run_page("sampling")
+    fig = fig_titled(at, "Next-token distribution")
+    labels, raw = list(fig["data"][0]["x"]), arr(fig["data"][0]["y"])
+    assert _axis(fig, "xaxis")["type"] == "category" and list(_axis(fig, "xaxis")["categoryarray"]) == labels
+    assert len(set(labels)) == len(labels) and labels[0].startswith("#1 ")
+    assert raw == sorted(raw, reverse=True)
+    at.slider(key="samp_t").set_value(0.0).run()  # greedy: one token left, no entropy below zero
+    caption = " ".join(c.value for c in at.caption)
+    assert "1 token can be sampled; entropy 0.00 nats" in caption, caption
+    # the chart offers its data (PNG is plotly's own camera button, its mode bar always shown)
+    assert [b.proto.label for b in at.get("download_button")][:2] == ["CSV", "JSON"]
+    assert json.loads(at.get("plotly_chart")[0].proto.config)["displayModeBar"] is True
+
+
+def test_generated_text_is_plain_text_not_markdown(app_env, monkeypatch):
+    from workbench.generate import StreamEvent
+
+    def fake_stream(*args, **kwargs):
+        for piece in ("**not", " bold**", " _x_"):
+            yield StreamEvent(0, piece, None)
+
+    monkeypatch.setattr("workbench.generate.stream_generate", fake_stream)
+    at = run_page("sampling")
+    at.button(key="samp_go").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    body = " ".join(m.proto.body for m in at.get("markdown"))
+    assert "&#42;&#42;not bold&#42;&#42; &#95;x&#95;" in body and at.session_state["samp_last"] == "**not bold** _x_"
+
+
+def test_tokenizer_page_shows_the_bytes_of_a_split_character(app_env):
+    at = run_page("tokenizer")
+    at.text_input(key="tok_prompt").set_value("日本 🙂").run()
+    html = " ".join(h.proto.body for h in at.get("markdown"))
+    assert "\ufffd" not in html and "\\x" in html  # the tiny BPE splits these characters into bytes
+    ids = fig_titled(at, "Token ids")
+    assert _axis(ids, "xaxis")["type"] == "category"
+
+
+def test_embedding_projection_uses_whole_words_with_their_space(app_env):
+    at = run_page("embeddings")
+    scatter = fig_titled(at, "Token embeddings")
+    assert all(t.startswith("·") for t in scatter["data"][0]["text"])  # ' king', not 'king'
+    neighbours = fig_titled(at, "Nearest tokens")
+    assert _axis(neighbours, "yaxis")["type"] == "category" and list(neighbours["data"][0]["y"])[0].startswith("#1 ")
+    at.checkbox(key="emb_space").uncheck().run()
+    assert not at.exception
+    assert not all(t.startswith("·") for t in fig_titled(at, "Token embeddings")["data"][0]["text"])
+
+
+def _click_script() -> None:
+    import streamlit as st
+
+    from workbench.app.attention import _open_clicked_head
+
+    st.session_state["attn_grid"] = {"selection": {"points": [{"curve_number": 1, "customdata": [1, 3]}]}}
+    _open_clicked_head(2, 4)
+    st.session_state["attn_layer"] = 0  # the user moves the slider afterwards: the same click is not re-applied
+    _open_clicked_head(2, 4)
+
+
+def test_attention_grid_opens_the_clicked_head_once():
+    at = AppTest.from_function(_click_script, default_timeout=TIMEOUT)
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert (at.session_state["attn_layer"], at.session_state["attn_head"]) == (0, 3)
+    assert at.session_state["attn_grid_opened"] == (1, 3)
+
+
+def test_attention_page_labels_every_token_and_names_head_query_key(app_env):
+    at = run_page("attention")
+    at.text_input(key="attn_prompt").set_value("The cat sat on the mat and the cat sat on the mat").run()
+    one = fig_titled(at, "Layer 0, head 0")
+    labels = list(one["data"][0]["y"])
+    assert list(_axis(one, "yaxis")["tickvals"]) == labels and len(set(labels)) == len(labels)  # every query
+    assert one["data"][0]["hovertemplate"].startswith("Layer 0, head 0<br>query")
+    grid = fig_titled(at, "All heads")
+    assert "%{y}<br>%{x}" in grid["data"][0]["hovertemplate"] and grid["data"][0]["y"][0].startswith("L0 query 0:")
+    assert len(grid["data"][1]["customdata"]) == 2 * 4  # one click target per head
+
+
+def test_logit_lens_page_rank_chart_keeps_final_and_tuned_lens_sits_beside(app_env):
+    from workbench import HookedGPT, paths
+    from workbench.analysis.logit_lens import TunedLens
+
+    at = run_page("logit-lens")
+    at.slider(key="lens_pos").set_value(2).run()
+    rank = fig_titled(at, "across layers")
+    assert _axis(rank, "xaxis")["type"] == "category" and list(rank["data"][0]["x"])[-1] == "final"
+    grid = fig_titled(at, "Logit lens")
+    assert _axis(grid, "yaxis")["type"] == "category" and set(grid["data"][1]["textfont"]["color"]) <= {"#000000",
+                                                                                                         "#ffffff"}
+    at.slider(key="lens_layers").set_value((1, 1)).run()
+    assert list(fig_titled(at, "Logit lens")["data"][0]["y"]) == ["1", "final"]
+    model = HookedGPT.load(app_env / "models" / "tiny-lm")
+    lens_dir = paths.runs_dir() / "lens-tiny-lm"
+    TunedLens.for_model(model).save(lens_dir)
+    at = run_page("logit-lens")
+    at.radio(key="lens_kind").set_value(str(lens_dir)).run()
+    assert not at.exception, [e.value for e in at.exception]
+    fig_titled(at, "Logit lens") and fig_titled(at, "Tuned lens")
+    kl = fig_titled(at, "KL(final output")
+    assert [d["name"] for d in kl["data"]] == ["logit lens", "tuned lens"]
+
+
+def test_sae_page_latent_card_and_no_delta_arrow(app_home, tmp_path, monkeypatch):
+    import shutil
+
+    from workbench import HookedGPT
+    from workbench.app import compute
+
+    home = tmp_path / "home"  # a private home: the SAE trained here must not show up in other tests' pages
+    shutil.copytree(app_home, home, ignore=shutil.ignore_patterns("runs", "stores"))
+    monkeypatch.setenv("WORKBENCH_HOME", str(home))
+    monkeypatch.setenv("WORKBENCH_APP_MODEL", "tiny-lm")
+    compute.train_quick_sae(HookedGPT.load(home / "models" / "tiny-lm"), "tiny-lm", layer=0, n_tokens=2048, d_sae=64,
+                            k=4, steps=20)
+    at = run_page("sae")
+    live = [m for m in at.metric if m.label == "live latents"][0]
+    from streamlit.proto.Metric_pb2 import Metric
+
+    assert "dead" in live.proto.delta and live.proto.direction == Metric.MetricDirection.NONE  # no arrow on a share
+    assert any(b.proto.label.startswith("Download this latent's card") for b in at.get("download_button"))
+    effects = fig_titled(at, "Logit effects")
+    assert _axis(effects, "yaxis")["type"] == _axis(effects, "yaxis2")["type"] == "category"
