@@ -1,0 +1,246 @@
+"""Transcoders for a model's MLPs: the hook pairs they map, live training pairs, and evaluation by splicing.
+
+A transcoder of layer ``L`` reads ``blocks.L.mlp.hook_in`` (what the MLP reads: ln2's output after
+its weight) and predicts ``blocks.L.mlp.hook_out`` (what the MLP writes); see
+:mod:`workbench.sae.model` for the arithmetic. Evaluation splices the transcoder's prediction in
+place of the MLP's output and measures what the rest of the model makes of it:
+
+- per layer: FVU of the MLP output, L0, dead fraction, and CE loss recovered against zero-ablating
+  that MLP (``(CE_zero - CE_spliced) / (CE_zero - CE_clean)``);
+- for the whole set at once (every MLP replaced, no error terms): CE loss and how often the
+  replaced model's top-1 next token equals the real model's.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from workbench.errors import ConfigError, DataError, HookError, InputError
+from workbench.sae.model import SAE
+
+
+def input_hook(layer: int) -> str:
+    """The hook a layer's transcoder reads (the MLP's input, after ln2's weight)."""
+    return f"blocks.{layer}.mlp.hook_in"
+
+
+def output_hook(layer: int) -> str:
+    """The hook a layer's transcoder predicts (the MLP's output)."""
+    return f"blocks.{layer}.mlp.hook_out"
+
+
+def pair_layer(in_hook: str, out_hook: str) -> int:
+    """Return the layer whose MLP ``in_hook`` -> ``out_hook`` is; refuse any other pair with the right one."""
+    parts = in_hook.split(".")
+    if len(parts) < 2 or parts[0] != "blocks" or not parts[1].isdigit():
+        raise HookError(f"{in_hook!r} is not a block's hook; a transcoder reads blocks.L.mlp.hook_in")
+    layer = int(parts[1])
+    if (in_hook, out_hook) != (input_hook(layer), output_hook(layer)):
+        raise HookError(
+            f"{in_hook!r} -> {out_hook!r} is not the input/output pair of one MLP; a transcoder maps "
+            f"{input_hook(layer)!r} -> {output_hook(layer)!r} (ln2.hook_normalized is taken before the norm's "
+            "weight, so it is not what a Llama-family MLP reads)")
+    return layer
+
+
+def check_layers(model: Any, layers: Sequence[int]) -> list[int]:
+    """Return ``layers`` checked against ``model``: it must have MLPs, and each layer must exist."""
+    cfg = model.cfg
+    if cfg.attn_only:
+        raise ConfigError(f"{cfg.name or 'this model'} is attention-only: it has no MLPs for transcoders to replace; "
+                          "choose a model with MLPs (kjv-small, smollm2-135m)")
+    layers = list(layers)
+    if not layers:
+        raise InputError("no layers chosen; pass --layers all or a list such as 0,3,5")
+    bad = [layer for layer in layers if not 0 <= layer < cfg.n_layers]
+    if bad:
+        raise InputError(f"layers {bad} do not exist: the model has layers 0..{cfg.n_layers - 1}")
+    if len(set(layers)) != len(layers):
+        raise InputError(f"layers {layers} name a layer twice")
+    return layers
+
+
+def parse_layers(spec: str, n_layers: int) -> list[int]:
+    """``"all"`` or ``"0,3,5"`` as a list of layer indices."""
+    if spec.strip() == "all":
+        return list(range(n_layers))
+    try:
+        return [int(part) for part in spec.split(",") if part.strip()]
+    except ValueError:
+        raise InputError(f"--layers {spec!r}: expected 'all' or comma-separated layer numbers such as 0,3,5") from None
+
+
+class Pairs(NamedTuple):
+    """One batch of transcoder training rows for one layer."""
+
+    x: Float[Tensor, "rows d_model"]
+    """What the MLP read."""
+    y: Float[Tensor, "rows d_model"]
+    """What it wrote."""
+
+
+def live_pairs(
+    model: Any,
+    windows: Int[Tensor, "n_windows pos"],
+    layers: Sequence[int],
+    batch_windows: int = 8,
+    first_position: int = 0,
+    start_window: int = 0,
+) -> Iterator[dict[int, Pairs]]:
+    """Yield, batch by batch, every chosen layer's (input, output) rows from one forward pass.
+
+    One pass feeds all transcoders: no activation store is needed for a full set. Rows are positions
+    ``first_position:`` of each window (BOS positions are usually left out). ``start_window`` lets
+    a resumed run seek instead of re-reading."""
+    layers = check_layers(model, layers)
+    if batch_windows < 1:
+        raise InputError(f"batch_windows={batch_windows} must be at least 1")
+    names = [h for layer in layers for h in (input_hook(layer), output_hook(layer))]
+    last = max(layers) + 1
+    device = model.embed.W_E.device
+    for b0 in range(start_window, windows.shape[0], batch_windows):
+        tokens = windows[b0: b0 + batch_windows].to(device)
+        with torch.no_grad():
+            _, cache = model.run_with_cache(tokens, names_filter=names,
+                                            stop_at_layer=last if last < model.cfg.n_layers else None)
+        batch: dict[int, Pairs] = {}
+        for layer in layers:
+            x = cache[input_hook(layer)][:, first_position:].reshape(-1, model.cfg.d_model).float()
+            y = cache[output_hook(layer)][:, first_position:].reshape(-1, model.cfg.d_model).float()
+            if not (torch.isfinite(x).all() and torch.isfinite(y).all()):
+                raise DataError(f"layer {layer}'s MLP input or output holds NaN/Inf in windows {b0}..{b0 + len(tokens) - 1}; "
+                                "the model produces non-finite activations on this text")
+            batch[layer] = Pairs(x, y)
+        yield batch
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+
+
+class LayerEval(NamedTuple):
+    """One layer's transcoder, spliced in alone."""
+
+    layer: int
+    fvu: float
+    """Fraction of the MLP output's variance the transcoder leaves unexplained."""
+    l0: float
+    """Mean active latents per position."""
+    dead_fraction: float
+    """Latents that never fired on the evaluation text."""
+    ce_clean: float
+    ce_spliced: float
+    """Next-token CE with this MLP's output replaced by the transcoder's prediction (skip included)."""
+    ce_zero: float
+    """... with this MLP's output zeroed."""
+    ce_loss_recovered: float
+
+
+class SetEval(NamedTuple):
+    """Every MLP replaced by its transcoder at once (no error terms)."""
+
+    ce_clean: float
+    ce_replaced: float
+    top1_agreement: float
+    """Fraction of scored positions where the replaced model's top token is the real model's."""
+    kl: float
+    """Mean KL(real || replaced) of the next-token distributions (nats)."""
+    n_tokens: int
+
+
+def _check_set(model: Any, transcoders: Mapping[int, SAE]) -> None:
+    check_layers(model, list(transcoders))
+    for layer, tc in transcoders.items():
+        if not tc.cfg.is_transcoder:
+            raise InputError(f"layer {layer}: this is an SAE (no d_out), not a transcoder")
+        if tc.cfg.d_in != model.cfg.d_model or tc.cfg.out_dim != model.cfg.d_model:
+            raise InputError(f"layer {layer}: the transcoder maps {tc.cfg.d_in} -> {tc.cfg.out_dim}, the model's MLPs "
+                             f"{model.cfg.d_model} -> {model.cfg.d_model}; was it trained for another model?")
+
+
+def _replace_hooks(transcoders: Mapping[int, SAE], zero: bool = False) -> list:
+    """Hooks that put each transcoder's prediction (or zeros) in place of its MLP's output."""
+    seen: dict[int, Tensor] = {}
+    hooks = []
+    for layer, tc in transcoders.items():
+        def keep(x: Tensor, hook, layer=layer) -> None:
+            seen[layer] = x
+
+        def replace(y: Tensor, hook, layer=layer, tc=tc) -> Tensor:
+            if zero:
+                return torch.zeros_like(y)
+            return tc(seen[layer].to(tc.W_enc.dtype)).x_hat.to(y.dtype)
+        hooks += [(input_hook(layer), keep), (output_hook(layer), replace)]
+    return hooks
+
+
+@torch.no_grad()
+def evaluate_transcoders(
+    model: Any,
+    transcoders: Mapping[int, SAE],
+    windows: Int[Tensor, "n_windows pos"],
+    batch_windows: int = 8,
+    first_position: int = 0,
+) -> tuple[list[LayerEval], SetEval]:
+    """Return each layer's spliced evaluation and the whole set's, on held-out token windows."""
+    _check_set(model, transcoders)
+    windows = torch.as_tensor(windows)
+    if windows.ndim != 2 or windows.shape[1] < first_position + 2:
+        raise DataError(f"expected token windows [n, n_ctx] with n_ctx >= first_position + 2, got {tuple(windows.shape)}")
+    layers = sorted(transcoders)
+    ce = {key: 0.0 for key in [("clean",), ("set",)] + [(m, layer) for layer in layers for m in ("tc", "zero")]}
+    stats = {layer: torch.zeros(3, dtype=torch.float64) for layer in layers}  # sq err, total var, l0 sum
+    fired = {layer: torch.zeros(transcoders[layer].cfg.d_sae, dtype=torch.bool) for layer in layers}
+    agree = kl = 0.0
+    n_tok = n_rows = 0
+    for b0 in range(0, windows.shape[0], batch_windows):
+        tokens = windows[b0: b0 + batch_windows].to(model.embed.W_E.device)
+        targets = tokens[:, first_position + 1:]
+        scored = slice(first_position, -1)
+
+        def nll(logits: Tensor) -> tuple[float, Tensor]:
+            logp = F.log_softmax(logits[:, scored].float(), dim=-1)
+            return float(-logp.gather(-1, targets[..., None]).double().sum()), logp
+
+        names = [h for layer in layers for h in (input_hook(layer), output_hook(layer))]
+        logits, cache = model.run_with_cache(tokens, names_filter=names)
+        clean, logp_clean = nll(logits)
+        ce[("clean",)] += clean
+        for layer in layers:
+            tc = transcoders[layer]
+            x = cache[input_hook(layer)][:, first_position:].float()
+            y = cache[output_hook(layer)][:, first_position:].float()
+            out = tc(x)
+            flat_y = y.reshape(-1, y.shape[-1]).double()
+            stats[layer][0] += (out.x_hat.double().reshape_as(flat_y) - flat_y).pow(2).sum()
+            stats[layer][1] += (flat_y - flat_y.mean(0)).pow(2).sum()
+            stats[layer][2] += (out.latents != 0).sum()
+            fired[layer] |= (out.latents != 0).reshape(-1, tc.cfg.d_sae).any(0).cpu()
+            ce[("tc", layer)] += nll(model.run_with_hooks(tokens, fwd_hooks=_replace_hooks({layer: tc})))[0]
+            ce[("zero", layer)] += nll(model.run_with_hooks(tokens, fwd_hooks=_replace_hooks({layer: tc}, zero=True)))[0]
+        replaced, logp_set = nll(model.run_with_hooks(tokens, fwd_hooks=_replace_hooks(transcoders)))
+        ce[("set",)] += replaced
+        agree += float((logp_set.argmax(-1) == logp_clean.argmax(-1)).sum())
+        kl += float((logp_clean.exp() * (logp_clean - logp_set)).sum(-1).double().sum())
+        n_tok += targets.numel()
+        n_rows += tokens.shape[0] * (tokens.shape[1] - first_position)
+    mean = {key: value / n_tok for key, value in ce.items()}
+    for key in (("clean",), ("set",)):
+        if not math.isfinite(mean[key]):
+            raise DataError("the model gives non-finite logits on this text; evaluate on other windows")
+    per_layer = []
+    for layer in layers:
+        sq, var, l0 = stats[layer].tolist()
+        gap = mean[("zero", layer)] - mean[("clean",)]
+        recovered = (mean[("zero", layer)] - mean[("tc", layer)]) / gap if abs(gap) > 1e-9 else float("nan")
+        per_layer.append(LayerEval(layer, sq / max(var, 1e-30), l0 / n_rows, float((~fired[layer]).float().mean()),
+                                   mean[("clean",)], mean[("tc", layer)], mean[("zero", layer)], recovered))
+    whole = SetEval(mean[("clean",)], mean[("set",)], agree / n_tok, kl / n_tok, n_tok)
+    return per_layer, whole
