@@ -402,7 +402,9 @@ def architecture_live_page(sel: Selection) -> None:
     block_params = {name: p.numel() for name, p in model.blocks[layer].named_parameters()}
     total_block = sum(block_params.values())
     parts = {"embedding W_E": model.embed.W_E.numel(),
-             "positions W_pos": sum(p.numel() for p in model.pos_embed.parameters()) if hasattr(model, "pos_embed") else 0,
+             {"learned": "positions W_pos", "sinusoidal": "positions (sinusoidal: a fixed table)",
+              "rotary": "positions (RoPE: rotations, no parameters)"}.get(cfg.positional, "positions (none)"):
+                 sum(p.numel() for p in model.pos_embed.parameters()) if hasattr(model, "pos_embed") else 0,
              f"block {layer}": total_block, f"all {cfg.n_layers} blocks": sum(p.numel() for b in model.blocks
                                                                              for p in b.parameters()),
              "final norm": sum(p.numel() for p in model.ln_final.parameters()),
@@ -417,9 +419,11 @@ def architecture_live_page(sel: Selection) -> None:
     with left:
         st.subheader(f"Block {layer}'s weights")
         st.dataframe(pd.DataFrame([{"weight": n, "shape": str(list(model.blocks[layer].get_parameter(n).shape)),
-                                    "parameters": c} for n, c in block_params.items()]), hide_index=True)
+                                    "parameters": c} for n, c in block_params.items()]).style.format(
+            {"parameters": "{:,}"}), hide_index=True)
     with right:
         st.subheader("The whole model")
-        st.dataframe(pd.DataFrame([{"part": k, "parameters": v} for k, v in parts.items()]), hide_index=True)
+        st.dataframe(pd.DataFrame([{"part": k, "parameters": v} for k, v in parts.items()]).style.format(
+            {"parameters": "{:,}"}), hide_index=True)
     with st.expander("Every hook point of this block"):
         st.dataframe(pd.DataFrame(rows).drop(columns="residual"), hide_index=True)
