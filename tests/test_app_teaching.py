@@ -264,6 +264,10 @@ def test_dynamics_slider_on_attn_only_2l_shows_the_phase_change(app_env, monkeyp
     final = S.load_snapshot(snaps[-1].path).embed.W_E.detach()
     assert len(shown[lo][1]) == final.shape[0]  # the toy vocabulary is shown whole
 
+    at.radio(key="dyn_proj").set_value("tsne").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert len(arr(fig_titled(at, f"Token embeddings at step {hi} (t-SNE")["data"][0]["x"])) == final.shape[0]
+
     lens = fig_titled(at, "Logit lens on the repeated copy across training")
     final = arr([d for d in lens["data"] if d["name"] == "decoded after block 1"][0]["y"])
     repeat = arr([d for d in fig_titled(at, "Loss on repeated random tokens")["data"]

@@ -174,16 +174,17 @@ def block_flow(rows: list[tuple[str, str, int, bool]], title: str) -> go.Figure:
 # ------------------------------------------------------------------------------ training dynamics
 
 
-def embedding_scatter(coords: Tensor, labels: list[str], step: int, bounds: tuple[float, float, float, float]
-                      ) -> go.Figure:
-    """Return token embeddings at one step in the final snapshot's PCA frame (fixed axes across steps)."""
+def embedding_scatter(coords: Tensor, labels: list[str], step: int, bounds: tuple[float, float, float, float],
+                      title: str | None = None, axes: tuple[str, str] = ("PC 1", "PC 2")) -> go.Figure:
+    """Return token embeddings at one step (default: in the final snapshot's PCA frame, fixed axes across steps)."""
     x, y = coords[:, 0].tolist(), coords[:, 1].tolist()
     fig = go.Figure(go.Scatter(x=x, y=y, mode="markers+text", text=labels, textposition="top center",
                                marker=dict(size=7, color=list(range(len(labels))), colorscale="Viridis"),
                                hovertemplate="%{text}<br>(%{x:.2f}, %{y:.2f})<extra></extra>"))
     x0, x1, y0, y1 = bounds
-    fig.update_layout(title=f"Token embeddings at step {step} (axes: the final model's two principal components)",
-                      height=460, margin=dict(l=10, r=10, t=50, b=10), xaxis_title="PC 1", yaxis_title="PC 2")
+    fig.update_layout(title=title or f"Token embeddings at step {step} (axes: the final model's two principal "
+                                     "components)",
+                      height=460, margin=dict(l=10, r=10, t=50, b=10), xaxis_title=axes[0], yaxis_title=axes[1])
     fig.update_xaxes(range=[x0, x1])
     fig.update_yaxes(range=[y0, y1])
     return fig

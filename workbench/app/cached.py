@@ -433,3 +433,10 @@ def snapshot_embeddings(model_dir: str, device: str, dtype: str, ids: tuple[int,
     snaps = list_snapshots(model_dir)
     W_Es = [snapshot_model(str(s.path), device, dtype).embed.W_E.detach().float().cpu() for s in snaps]
     return embedding_frames(W_Es, [s.step for s in snaps], list(ids))
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def snapshot_tsne(snapshot_dir: str, device: str, dtype: str, ids: tuple[int, ...]):
+    """Return a t-SNE map (DataFrame x, y) of the chosen token embeddings of one snapshot."""
+    m = snapshot_model(snapshot_dir, device, dtype)
+    return compute.project_2d(m.embed.W_E[list(ids)].detach().float().cpu(), [str(i) for i in ids], "tsne")

@@ -1,10 +1,11 @@
 """Training dynamics page: one slider over a model's training snapshots drives the embeddings, the
-attention patterns and head scores, and the loss curve with the learning-rate schedule. Models
+attention patterns and head scores, the logit lens, and the loss curve with the learning-rate schedule. Models
 trained here ship their snapshots (attn-only-2l: 26, its induction phase change near step 500)."""
 
 from __future__ import annotations
 
 import streamlit as st
+import torch
 
 from workbench import snapshots as S
 from workbench import teaching_plots as P
@@ -134,6 +135,10 @@ def _lens(cfg, heads: list[S.SnapshotHeads], steps: list[int], i: int) -> None:
                "model's loss. Once the induction head forms, only the stream after the last block knows the repeat.")
 
 
+def _snapshot_path(model_dir, step: int):
+    return next(s.path for s in S.list_snapshots(model_dir) if s.step == step)
+
+
 def _embedding_ids(model) -> tuple[list[int], list[str]]:
     if model.tokenizer is None or model.cfg.d_vocab <= MAX_EMBEDDING_POINTS:
         n = min(model.cfg.d_vocab, MAX_EMBEDDING_POINTS)
@@ -146,6 +151,19 @@ def _embedding_ids(model) -> tuple[list[int], list[str]]:
 
 def _embeddings(sel: Selection, model, model_dir, steps: list[int], i: int) -> None:
     ids, labels = _embedding_ids(model)
+    method = st.radio("Projection", ["pca", "tsne"], horizontal=True, key="dyn_proj",
+                      format_func=lambda m: {"pca": "PCA, one frame for every step", "tsne": "t-SNE of this step"}[m])
+    if method == "tsne":
+        with st.spinner("t-SNE…"):
+            df = cached.snapshot_tsne(str(_snapshot_path(model_dir, steps[i])), sel.device, sel.dtype, tuple(ids))
+        xy = torch.tensor(df[["x", "y"]].values)
+        ui.plot(P.embedding_scatter(xy, [P.visible(s) for s in labels], steps[i],
+                                    (*P.padded_range(xy[:, 0]), *P.padded_range(xy[:, 1])),
+                                    title=f"Token embeddings at step {steps[i]} (t-SNE of this step alone)",
+                                    axes=("t-SNE 1", "t-SNE 2")), key="dyn_embed")
+        st.caption("t-SNE keeps neighbours together but its axes mean nothing and change from step to step: compare "
+                   "clusters, not positions. PCA in the final frame shows the motion.")
+        return
     with st.spinner("Projecting every snapshot's embeddings…"):
         frames = cached.snapshot_embeddings(str(model_dir), sel.device, sel.dtype, tuple(ids))
     coords = frames.coords
