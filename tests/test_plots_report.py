@@ -292,3 +292,21 @@ def test_feature_card_is_one_standalone_html_file():
     assert page.count("Plotly.newPlot") == 2 and not re.search(r"<script[^>]*\bsrc=", page)  # nothing fetched: offline
     assert page.count("* plotly.js v") == 1 and len(page) > 1_000_000  # plotly.js embedded, once
     assert "Feature density" in page and "Logit effects of latent 0" in page and "context <b>x</b>" in page
+
+
+def test_latent_browser_opens_on_a_live_word_latent_and_searches():
+    from workbench.app import figures
+
+    density = torch.tensor([0.0, 0.5, 0.01, 0.01, 1e-6, 0.02])
+    max_act = torch.tensor([0.0, 9.0, 8.0, 3.0, 20.0, 2.0])
+    fires_on = ["", " the", "   ", " Moses", " x", "\n"]
+    raises = ["", "·a ·b", "·c", "·Aaron ·Moses", "·y", "·z"]
+    table = figures.latent_table(density, max_act, fires_on, raises)
+    # 0 dead, 1 too dense, 2 fires on whitespace, 4 too rare: the strongest of the rest
+    assert figures.opening_latent(table) == 3
+    assert list(figures.find_latents(table).latent) == [4, 1, 2, 3, 5]  # dead hidden, strongest first
+    assert list(figures.find_latents(table, hide_dead=False, order="latent").latent) == [0, 1, 2, 3, 4, 5]
+    assert list(figures.find_latents(table, " moses").latent) == [3]  # its top token, case-insensitive
+    assert list(figures.find_latents(table, "aaron").latent) == [3]  # a token it raises
+    assert list(figures.find_latents(table, "2").latent) == [2]  # a number: that latent
+    assert figures.opening_latent(figures.latent_table(torch.zeros(3), torch.zeros(3), [""] * 3, [""] * 3)) == 0

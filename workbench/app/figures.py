@@ -482,3 +482,49 @@ def weak_head_note(best: dict, threshold: float = INDUCTION_THRESHOLD, kind: str
         return None
     return (f"No head reaches a {kind} score of {threshold:g}: L{best['layer']}H{best['head']} is only the "
             f"highest, at {best['score']:.2f}, so this model shows no clear {kind} head on these sequences.")
+
+
+# ------------------------------------------------------------------------------------ SAE latents
+
+#: the opening latent's density range: rarer ones are noise-like, denser ones fire on everything
+OPENING_DENSITY = (1e-4, 0.05)
+LATENT_ORDERS = {"max_act": "strongest activation", "density": "density", "latent": "index"}
+
+
+def latent_table(density: Tensor, max_act: Tensor, fires_on: list[str], raises: list[str]) -> pd.DataFrame:
+    """Return one row per latent: its index, density, max activation, the token of its top activation
+    (``fires_on``) and the tokens its decoder raises most (``raises``), for browsing and search."""
+    return pd.DataFrame({"latent": range(len(fires_on)), "density": density.float().cpu().numpy(),
+                         "max act": max_act.float().cpu().numpy(), "fires most on": [show_token(t) for t in fires_on],
+                         "raises": raises})
+
+
+def opening_latent(table: pd.DataFrame) -> int:
+    """Return the latent a browser opens on: a live one in :data:`OPENING_DENSITY` whose top activation is
+    on a token that is not whitespace, strongest first (else the strongest live latent, else 0)."""
+    live = table[table.density > 0]
+    if live.empty:
+        return 0
+    lo, hi = OPENING_DENSITY
+    blank = live["fires most on"].str.strip("·↵→∅ ").eq("")
+    good = live[(live.density >= lo) & (live.density <= hi) & ~blank]
+    pick = good if not good.empty else live
+    return int(pick.sort_values("max act", ascending=False).latent.iloc[0])
+
+
+def find_latents(table: pd.DataFrame, query: str = "", hide_dead: bool = True, order: str = "max_act") -> pd.DataFrame:
+    """Return the latents to list: live ones only when ``hide_dead``, those whose top token or raised tokens
+    contain ``query`` (case-insensitive; a number finds that latent), sorted by ``order`` (a
+    :data:`LATENT_ORDERS` key)."""
+    shown = table[table.density > 0] if hide_dead else table
+    q = query.strip()
+    if q:
+        if q.isdigit():
+            shown = shown[shown.latent == int(q)]
+        else:
+            needle = show_token(q).lower()
+            hit = shown["fires most on"].str.lower().str.contains(needle, regex=False) | shown["raises"].str.lower(
+            ).str.contains(needle, regex=False)
+            shown = shown[hit]
+    column = {"max_act": "max act", "density": "density", "latent": "latent"}[order]
+    return shown.sort_values(column, ascending=order == "latent", kind="stable")

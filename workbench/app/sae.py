@@ -84,10 +84,12 @@ def _browser(sel: Selection, model, info: compute.SAEInfo, sae) -> int:
     with ui.guard(), st.spinner("Computing feature statistics (one pass over the store, saved for next time)…"):
         stats = cached.feature_stats(sel.key, str(info.path), str(info.store), info.hook)
     live = int((stats.density > 0).sum())
+    table = _latent_table(model, info, stats)
     if st.session_state.get("sae_feature", 0) >= d_sae:  # another SAE was picked: start over
         del st.session_state["sae_feature"]
-    if "sae_feature" not in st.session_state:  # open on the latent with the strongest activation
-        st.session_state["sae_feature"] = int(stats.max_act.argmax())
+    if "sae_feature" not in st.session_state:  # open on a live latent that fires on a word, not on whitespace
+        st.session_state["sae_feature"] = figures.opening_latent(table)
+    _latent_finder(table)
     feature = st.slider("Feature", 0, d_sae - 1, key="sae_feature")
     m1, m2, m3, m4 = st.columns(4)
     m1.metric("density", f"{float(stats.density[feature]):.3%}")
@@ -136,6 +138,39 @@ def _browser(sel: Selection, model, info: compute.SAEInfo, sae) -> int:
         st.dataframe(pd.DataFrame({"latent": ids, "cosine": stats.neighbour_cos[feature].tolist(),
                                    "density": [float(stats.density[i]) for i in ids]}), hide_index=True)
     return feature
+
+
+def _latent_table(model, info: compute.SAEInfo, stats):
+    """Return :func:`figures.latent_table` of an SAE: the token each latent fires on most (read from the
+    store's windows) and the three tokens it raises most."""
+    store = cached.store(str(info.store))
+    rows = stats.top_rows[:, 0].clamp_min(0)
+    tokens = store.windows()[store.window_index()[rows], store.positions()[rows]].tolist()
+    fires_on = [compute.token_label(model, t) if r >= 0 else "" for t, r in zip(tokens, stats.top_rows[:, 0].tolist())]
+    if stats.logit_top_ids is not None:
+        raises = [" ".join(figures.show_token(compute.token_label(model, int(i))) for i in row[:3])
+                  for row in stats.logit_top_ids.tolist()]
+    else:
+        raises = [""] * len(fires_on)
+    return figures.latent_table(stats.density, stats.max_act, fires_on, raises)
+
+
+def _latent_finder(table) -> None:
+    """Search and sort the latents; a row picked in the list opens that latent (set before the slider is drawn)."""
+    with st.expander("Find a latent", expanded=False):
+        c1, c2, c3 = st.columns([3, 1, 1])
+        query = c1.text_input("Search", key="sae_search", placeholder="a token it fires on or raises, or a latent number")
+        hide_dead = c2.checkbox("Hide dead latents", True, key="sae_hide_dead")
+        order = c3.selectbox("Order", list(figures.LATENT_ORDERS), key="sae_order", format_func=figures.LATENT_ORDERS.get)
+        shown = figures.find_latents(table, query, hide_dead, order).head(500)
+        st.caption(f"{figures.count_noun(len(shown), 'latent')} listed" + (" (the first 500)" if len(shown) == 500 else "")
+                   + "; pick a row to open it.")
+        event = st.dataframe(shown.style.format({"density": "{:.3%}", "max act": "{:.3g}"}), hide_index=True,
+                             height=240, on_select="rerun", selection_mode="single-row", key="sae_table")
+    picked = [int(shown.latent.iloc[i]) for i in event.selection.rows if i < len(shown)]
+    if picked and st.session_state.get("sae_table_opened") != picked[0]:  # apply a pick once, then the slider rules
+        st.session_state["sae_table_opened"] = picked[0]
+        st.session_state["sae_feature"] = picked[0]
 
 
 def _contexts(sel: Selection, model, info: compute.SAEInfo, feature: int, rows: tuple[int, ...]) -> str:
