@@ -288,3 +288,21 @@ def test_dynamics_slider_on_attn_only_2l_shows_the_phase_change(app_env, monkeyp
     assert ys[-1] == pytest.approx(cfg.lr * cfg.min_lr_ratio, rel=1e-4)  # the cosine ends at the floor
     logged = [d for d in loss["data"] if d["name"] == "learning rate (logged)"][0]
     assert arr(logged["y"]) == pytest.approx(S.lr_schedule(cfg, arr(logged["x"])))
+
+
+def test_dynamics_page_without_snapshots_still_draws_the_training_log(app_env, monkeypatch):
+    from workbench import snapshots as S
+    from workbench.app import choices
+
+    if "kjv-small" not in choices.zoo_names():
+        pytest.skip("the built-in kjv-small has not landed in data/models")
+    monkeypatch.setenv("WORKBENCH_APP_MODEL", "kjv-small")
+    at = page("dynamics")
+    assert any("no training snapshots" in i.value for i in at.info)
+    loss = fig_titled(at, "Loss and learning-rate schedule")
+    log = S.training_log(choices.model_dir("kjv-small")).dropna(subset=["loss"])
+    train = [d for d in loss["data"] if d["name"] == "training loss"][0]
+    assert arr(train["x"]) == log.step.tolist() and arr(train["y"]) == pytest.approx(log.loss.tolist())
+    cfg = S.recipe_train_config("kjv-small")
+    sched = [d for d in loss["data"] if d["name"].startswith("learning rate (warmup")][0]
+    assert max(arr(sched["y"])) == pytest.approx(cfg.lr)
