@@ -110,3 +110,57 @@ def test_bad_vectors_and_layers_are_clear_errors(tiny_lm):
         S.steered_generation(tiny_lm, "The cat", S.SteeringVector(torch.ones(3), "blocks.1.hook_resid_post", "t"), 1.0)
     mlp = S.SteeringVector(torch.ones(tiny_lm.cfg.d_mlp), "blocks.0.mlp.hook_post", "test").check(tiny_lm)
     assert mlp.vector.shape[0] == tiny_lm.cfg.d_mlp  # a hook of another width is checked against its own width
+
+
+# ------------------------------------------------------------------------------------- CLI and app page
+
+
+def test_cli_probe_and_steer(app_home, tmp_path, capsys):
+    from workbench.cli import main
+
+    model_dir = str(app_home / "models" / "tiny-lm")
+    assert main(["probe", model_dir, "--dataset", "sentiment", "--save", str(tmp_path / "dir"),
+                 "--json", str(tmp_path / "p.json")]) == 0
+    out = capsys.readouterr().out
+    assert "best: layer" in out and "selectivity" in out
+    assert (tmp_path / "dir" / "direction.json").is_file()
+    assert main(["steer", model_dir, "The cat sat", "--direction", str(tmp_path / "dir"), "-m", "2", "-n", "4",
+                 "--kl-windows", "0", "--answer", " Mary", "--wrong", " John"]) == 0
+    out = capsys.readouterr().out
+    assert "x0:" in out and "x2:" in out and "measure" in out
+    assert main(["steer", model_dir, "The cat sat", "--contrast", "sentiment", "--layer", "5"]) == 1
+    assert "layer 5 is out of range" in capsys.readouterr().err
+    bad = tmp_path / "one.csv"
+    bad.write_text("text,label\n" + "\n".join(f"x {i},1" for i in range(20)))
+    assert main(["probe", model_dir, "--dataset", str(bad)]) == 1
+    assert "both" in capsys.readouterr().err
+
+
+def _page_script() -> None:
+    from workbench.app.main import render_page
+
+    render_page("probes")
+
+
+def test_probes_page(app_home, monkeypatch):
+    import json
+
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("WORKBENCH_HOME", str(app_home))
+    monkeypatch.setenv("WORKBENCH_APP_MODEL", "tiny-lm")
+    at = AppTest.from_function(_page_script, default_timeout=60)
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    at.button(key="probe_go").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    specs = [json.loads(el.proto.spec) for el in at.get("plotly_chart")]
+    titles = [s["layout"]["title"]["text"] for s in specs]
+    assert any("Probe accuracy by layer" in t for t in titles) and any("projected" in t for t in titles)
+    at.slider(key="probe_layer").set_value(0).run()  # re-projects the kept activations
+    assert not at.exception
+    at.slider(key="steer_mult").set_value(3.0)
+    at.slider(key="steer_n").set_value(4)
+    at.button(key="steer_gen").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert "steer_text_on" in at.session_state and "steer_text_off" in at.session_state

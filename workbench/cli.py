@@ -18,6 +18,7 @@ COMMAND_MODULES: list[str] = [
     "workbench.commands.sae",
     "workbench.commands.train",
     "workbench.commands.analysis",
+    "workbench.commands.probe",
 ]
 
 

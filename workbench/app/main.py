@@ -47,6 +47,7 @@ PAGES: list[PageSpec] = [
     PageSpec("Interpretability", "SAE features", "sae", "sae:sae_page", ":material/hub:"),
     PageSpec("Interpretability", "Superposition", "superposition", "superposition:superposition_page",
              ":material/blur_on:"),
+    PageSpec("Interpretability", "Probes & steering", "probes", "probes:probes_page", ":material/tune:"),
     PageSpec("Interpretability", "Training dynamics", "dynamics", "dynamics:dynamics_page", ":material/timeline:"),
     PageSpec("From scratch", "BPE step by step", "bpe", "teaching:bpe_page", ":material/merge:"),
     PageSpec("From scratch", "Attention from scratch", "attention-scratch", "teaching:attention_scratch_page",
