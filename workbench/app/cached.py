@@ -383,7 +383,7 @@ def scratch_attention(key: str, text: str, layer: int, head: int):
 
     m = model(key)
     tokens = _tokens(key, text)[0]
-    return attention_from_scratch(m, tokens, layer, head), model_pattern(m, tokens, layer, head)
+    return _quiet(lambda: (attention_from_scratch(m, tokens, layer, head), model_pattern(m, tokens, layer, head)))
 
 
 @st.cache_resource(max_entries=8, show_spinner=False)
@@ -391,20 +391,24 @@ def cached_decode(key: str, text: str, n_new: int):
     """Return the prompt continued greedily by ``n_new`` tokens with a KV cache, and that cache."""
     from workbench.teaching import decode_with_cache
 
-    return decode_with_cache(model(key), _tokens(key, text)[0], n_new)
+    m, tokens = model(key), _tokens(key, text)[0]
+    return _quiet(lambda: decode_with_cache(m, tokens, n_new))
 
 
 @st.cache_data(max_entries=16, show_spinner=False)
 def hook_shapes_on(key: str, text: str) -> dict[str, tuple[int, ...]]:
     """Return every hook's shape on the prompt (one forward pass; nothing is kept but the shapes)."""
-    m = model(key)
+    m, tokens = model(key), _tokens(key, text)
     shapes: dict[str, tuple[int, ...]] = {}
 
     def record(x: Tensor, hook) -> None:
         shapes[hook.name] = tuple(x.shape)
 
-    with torch.inference_mode(), m.hooks([(lambda name: True, record)]):
-        m(_tokens(key, text))
+    def run() -> None:
+        with torch.inference_mode(), m.hooks([(lambda name: True, record)]):
+            m(tokens)
+
+    _quiet(run)
     return shapes
 
 
@@ -422,7 +426,8 @@ def snapshot_heads(snapshot_dir: str, device: str, dtype: str, seq_len: int):
     from workbench.snapshots import snapshot_heads as measure
     from workbench.snapshots import step_of
 
-    return measure(snapshot_model(snapshot_dir, device, dtype), step_of(snapshot_dir), seq_len)
+    m = snapshot_model(snapshot_dir, device, dtype)
+    return _quiet(lambda: measure(m, step_of(snapshot_dir), seq_len))
 
 
 @st.cache_resource(max_entries=8, show_spinner=False)

@@ -99,7 +99,7 @@ def main() -> None:
     sections: dict[str, list] = {}
     for spec in PAGES:
         sections.setdefault(spec.section, []).append(_page(spec))
-    nav = st.navigation(sections)
+    nav = st.navigation(sections, expanded=True)  # every page listed: past 12 Streamlit would hide all but 10
     st.session_state["wb_selection"] = sidebar.render()
     nav.run()
 
