@@ -314,7 +314,12 @@ def activation_histogram(edges, counts, feature: int) -> go.Figure:
     counts = np.asarray(counts)
     keep = counts > 0
     fig = go.Figure(go.Bar(x=centres[keep], y=counts[keep], width=(edges[1:] - edges[:-1])[keep]))
-    fig.update_xaxes(type="log", title_text="activation")
+    # 1-2-5 ticks written out: plotly's log ticks label 0.2 .. 0.9 as bare digits "2 .. 9"
+    shown = centres[keep]
+    lo, hi = (float(shown.min()), float(shown.max())) if shown.size else (1.0, 1.0)
+    ticks = [m * 10.0 ** e for e in range(int(np.floor(np.log10(lo))) - 1, int(np.ceil(np.log10(hi))) + 1)
+             for m in (1, 2, 5) if lo / 2 <= m * 10.0 ** e <= hi * 2]
+    fig.update_xaxes(type="log", title_text="activation", tickvals=ticks, ticktext=[f"{t:g}" for t in ticks])
     fig.update_layout(title=f"Activations of latent {feature} where it fires", yaxis_title="tokens", height=320)
     return fig
 
@@ -480,7 +485,8 @@ def weak_head_note(best: dict, threshold: float = INDUCTION_THRESHOLD, kind: str
     "best" head of a model without one is only the least bad."""
     if best["score"] >= threshold:
         return None
-    return (f"No head reaches a {kind} score of {threshold:g}: L{best['layer']}H{best['head']} is only the "
+    article = "an" if kind[:1] in "aeiou" else "a"
+    return (f"No head reaches {article} {kind} score of {threshold:g}: L{best['layer']}H{best['head']} is only the "
             f"highest, at {best['score']:.2f}, so this model shows no clear {kind} head on these sequences.")
 
 
