@@ -198,6 +198,9 @@ def test_kv_cache_page_contents_memory_and_speed(app_env):
     assert not at.exception
     assert float(metric(at, "with the cache").split()[0].replace(",", "")) > 0
     assert metric(at, "speed-up").endswith("×")
+    per_step = fig_titled(at, "Time of each decoding step")
+    n_time = at.slider(key="kv_time_n").value
+    assert [len(arr(d["y"])) for d in per_step["data"]] == [n_time, n_time]
 
 
 # ----------------------------------------------------------------------------- live architecture

@@ -115,6 +115,9 @@ def test_kv_cache_bytes_and_contents_match_the_model():
     _, cache = model.run_with_cache(out.tokens[None, :10], names_filter=names)
     torch.testing.assert_close(out.cache.keys[1][0].transpose(0, 1)[:10], cache[names[0]][0], atol=1e-5, rtol=0)
     torch.testing.assert_close(out.cache.values[1][0].transpose(0, 1)[:10], cache[names[1]][0], atol=1e-5, rtol=0)
+    for use in (True, False):
+        times = T.step_times(model, prompt, 6, use_cache=use)
+        assert len(times) == 6 and min(times) > 0
     timing = T.time_generation(model, prompt, 4, use_cache=True)
     assert timing.n_new == 4 and timing.seconds > 0 and timing.tokens_per_s > 0
 

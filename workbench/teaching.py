@@ -407,3 +407,33 @@ def time_generation(model, prompt: Int[Tensor, " pos"], n_new: int, use_cache: b
         generate(model, prompt.to(model.embed.W_E.device), n_new, use_cache=use_cache, stop_tokens=[])
         best = min(best, time.perf_counter() - t0)
     return GenerationTiming(use_cache, n_new, best)
+
+
+def step_times(model, prompt: Int[Tensor, " pos"], n_new: int, use_cache: bool) -> list[float]:
+    """Return the wall time of each greedy decoding step (the prompt's pass first), with or without a KV cache.
+
+    Without the cache step ``i`` runs the whole ``prompt + i`` tokens again, so its time grows with the
+    length; with it every step after the first runs one token."""
+    from workbench.model import KVCache
+
+    device = model.embed.W_E.device
+    total = len(prompt) + n_new
+    if total > model.cfg.n_ctx:
+        raise InputError(f"prompt ({len(prompt)}) + {n_new} new tokens exceed the context of {model.cfg.n_ctx}")
+    buf = torch.empty(1, total, dtype=torch.long, device=device)
+    buf[0, : len(prompt)] = prompt.to(device)
+    kv = KVCache.empty(model.cfg, 1, total, device=device, dtype=model.embed.W_E.dtype) if use_cache else None
+    times = []
+    with torch.inference_mode():
+        for i in range(n_new):
+            cur = len(prompt) + i
+            t0 = time.perf_counter()
+            if kv is None:
+                logits = model(buf[:, :cur])
+            else:
+                logits = model(buf[:, :cur] if i == 0 else buf[:, cur - 1: cur], kv_cache=kv)
+            buf[0, cur] = logits[0, -1].argmax()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - t0)
+    return times

@@ -144,6 +144,17 @@ def kv_memory(lengths: list[int], formula: list[float], measured: tuple[int, flo
     return fig
 
 
+def step_timings(with_cache: list[float], without: list[float], prompt_len: int) -> go.Figure:
+    """Return the milliseconds of each decoding step with and without the KV cache."""
+    fig = go.Figure()
+    for name, ts in (("with the KV cache", with_cache), ("without (the whole sequence again)", without)):
+        fig.add_trace(go.Scatter(x=list(range(len(ts))), y=[t * 1e3 for t in ts], name=name, mode="lines+markers"))
+    fig.update_layout(title="Time of each decoding step", height=340, margin=dict(l=10, r=10, t=50, b=10),
+                      xaxis_title=f"step (0 = the {prompt_len}-token prompt's pass)", yaxis_title="ms",
+                      legend=dict(orientation="h", y=-0.3))
+    return fig
+
+
 # -------------------------------------------------------------------------------------- architecture
 
 

@@ -321,6 +321,7 @@ def kv_cache_page(sel: Selection) -> None:
             # best of two runs each: the first run also warms the allocator
             st.session_state["kv_timing"] = (sel.key, text, [T.time_generation(model, prompt, n_time, use, repeats=2)
                                                              for use in (True, False)])
+            st.session_state["kv_steps"] = [T.step_times(model, prompt, n_time, use) for use in (True, False)]
     timing = st.session_state.get("kv_timing")
     if timing and timing[:2] == (sel.key, text):
         with_cache, without = timing[2]
@@ -331,6 +332,9 @@ def kv_cache_page(sel: Selection) -> None:
         st.caption(f"{with_cache.n_new} greedy tokens after a {len(enc.ids)}-token prompt, best of two runs, measured "
                    "just now. Without the cache, step i re-runs all prompt + i tokens, so the cost grows with the "
                    "square of the length; the gap widens with longer generations and bigger models.")
+        steps = st.session_state.get("kv_steps")
+        if steps:
+            ui.plot(P.step_timings(steps[0], steps[1], len(enc.ids)), key="kv_step_times")
     else:
         st.caption("Press Measure to time greedy generation both ways on this prompt.")
 
