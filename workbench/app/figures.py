@@ -462,6 +462,8 @@ def feature_card_html(title: str, facts: dict[str, str], figs: list[go.Figure], 
     embedded once, so the file opens offline) and its top activating contexts."""
     parts = []
     for i, fig in enumerate(figs):
+        # plotly's own look: outside the app, the app's ("streamlit") default template draws bars black
+        fig = go.Figure(fig).update_layout(template="plotly_white")
         parts.append(fig.to_html(full_html=False, include_plotlyjs=i == 0, config={"displaylogo": False}))
     rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in facts.items())
     return (
