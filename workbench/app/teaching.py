@@ -124,6 +124,9 @@ def attention_scratch_page(sel: Selection) -> None:
                "queries and keys, the causal mask and the 1/√d_head scaling — which is exactly what the model computes.")
     default = "The cat sat on the mat. The cat" if model.tokenizer is not None else "0 17 42 5 33 9 17 42 5 33"
     text, enc = ui.prompt(sel.key, model, "scratch_prompt", default=default)
+    if len(enc.ids) < 2:
+        st.info("Attention needs at least two tokens to choose between: type a longer prompt.")
+        return
     if len(enc.ids) > 24:
         st.caption(f"{len(enc.ids)} tokens: the matrices get crowded past about 20.")
     c1, c2 = st.columns(2)
