@@ -269,7 +269,7 @@ def encode_at(sae: SAE, x_c: Tensor, values: Tensor, pattern: SparsePattern) -> 
 
 
 def topk_forward(sae: SAE, x: Float[Tensor, "batch d_in"]) -> SparseForward:
-    """TopK forward pass for training: one dense matmul, everything else k entries a row."""
+    """TopK forward pass for training: one dense matmul, everything else k entries a row (plus a skip term)."""
     x_n = x.to(sae.W_enc.dtype) * sae.norm_scale
     x_c = (x_n - sae.b_dec.detach()) if sae.cfg.apply_b_dec_to_input else x_n
     with torch.no_grad():
@@ -277,6 +277,8 @@ def topk_forward(sae: SAE, x: Float[Tensor, "batch d_in"]) -> SparseForward:
         pre_values, pattern = topk_pattern(pre, sae.cfg.k)
     values = F.relu(encode_at(sae, x_c, pre_values, pattern))
     x_hat_n = _DecodeSparse.apply(values, sae.W_dec, pattern) + sae.b_dec
+    if sae.W_skip is not None:
+        x_hat_n = x_hat_n + sae.skip_out(x_n)
     return SparseForward(x_n, x_c, x_hat_n, pre, values, pattern)
 
 
@@ -373,9 +375,14 @@ class StepLosses(NamedTuple):
 
 
 def compute_losses(
-    sae: SAE, x: Float[Tensor, "batch d_in"], cfg: TrainConfig, step: int, dead: Tensor
+    sae: SAE, x: Float[Tensor, "batch d_in"], cfg: TrainConfig, step: int, dead: Tensor,
+    target: Float[Tensor, "batch d_out"] | None = None,
 ) -> StepLosses:
-    """Return one step's losses for any architecture."""
+    """Return one step's losses for any architecture.
+
+    An SAE reconstructs ``x``; a transcoder predicts ``target`` (e.g. the MLP's output for its input
+    ``x``), and then every reconstruction term below (MSE, AuxK's residual, FVU's variance) is
+    measured against ``target``."""
     arch = sae.cfg.architecture
     aux_k = cfg.aux_k or max(sae.cfg.d_in // 2, 1)
     min_active = torch.tensor(math.inf)
@@ -384,7 +391,8 @@ def compute_losses(
         x_n, x_hat_n = out.x_n, out.x_hat_n
         fired = _scatter_sum(out.pattern, (out.values > 0).to(x_n.dtype))
         l0 = (out.values > 0).sum(-1).to(x_n.dtype).mean()
-        sparsity = auxk_loss(sae, out.x_c, out.pre, x_n - x_hat_n, dead, aux_k)
+        y_n = x_n if target is None else target.to(x_n.dtype)
+        sparsity = auxk_loss(sae, out.x_c, out.pre, y_n - x_hat_n, dead, aux_k)
         coefficient = cfg.aux_k_coefficient
     else:
         x_n = x.to(sae.W_enc.dtype) * sae.norm_scale
@@ -406,15 +414,19 @@ def compute_losses(
                 min_active = kept.min().detach()
             coefficient = cfg.aux_k_coefficient
         x_hat_n = acts @ sae.W_dec + sae.b_dec
+        if sae.W_skip is not None:
+            x_hat_n = x_hat_n + sae.skip_out(x_n)
         if arch == "batchtopk":
             x_c_detached = x_c.detach()
-            sparsity = auxk_loss(sae, x_c_detached, pre.detach(), x_n - x_hat_n, dead, aux_k)
+            y_n = x_n if target is None else target.to(x_n.dtype)
+            sparsity = auxk_loss(sae, x_c_detached, pre.detach(), y_n - x_hat_n, dead, aux_k)
         active = acts > 0
         fired = active.sum(0).to(x_n.dtype)
         l0 = active.sum(-1).to(x_n.dtype).mean()
-    per_row_error = (x_hat_n - x_n).pow(2).sum(-1)
+    y_n = x_n if target is None else target.to(x_n.dtype)  # transcoders take normalize_activations='none'
+    per_row_error = (x_hat_n - y_n).pow(2).sum(-1)
     mse = per_row_error.mean()
-    variance = (x_n - x_n.mean(0)).pow(2).sum(-1).mean().detach()
+    variance = (y_n - y_n.mean(0)).pow(2).sum(-1).mean().detach()
     return StepLosses(
         mse + coefficient * sparsity, mse, sparsity, fired.detach(), l0.detach(), variance,
         per_row_error.detach(), min_active,
@@ -520,12 +532,17 @@ def train_sae(
 
     ``data`` yields this process's ``[batch, d_in]`` slice of each global batch: an iterable, or a
     function from the first step to an iterable (lets a resumed run seek instead of re-reading).
+    A transcoder (``sae.cfg.d_out`` set) is trained on ``(x, y)`` pairs instead: ``x [batch, d_in]``
+    what it reads, ``y [batch, d_out]`` what it predicts.
     With ``out_dir``, metrics go to ``out_dir/metrics.jsonl`` and checkpoints to
     ``out_dir/checkpoint/``; an existing checkpoint there is resumed from when ``resume``.
     """
     info = dist_info()
     out = Path(out_dir) if out_dir is not None else None
     device = sae.device
+    if sae.cfg.is_transcoder and sae.cfg.architecture == "relu" and cfg.resample_every:
+        raise ConfigError("resample_every is for SAEs (it re-aims decoder rows at badly reconstructed inputs); "
+                          "train a transcoder with resample_every=0, or as topk/batchtopk whose AuxK revives dead latents")
     params = [p for p in sae.parameters()]
     optimizer = torch.optim.Adam(params, lr=cfg.lr, betas=cfg.adam_betas, **_fast_adam(device))
     tokens_since_fired = torch.zeros(sae.cfg.d_sae, dtype=torch.float64, device=device)
@@ -559,23 +576,28 @@ def train_sae(
     try:
         while step < cfg.total_steps:
             try:
-                x = next(batches)
+                item = next(batches)
             except StopIteration:
                 raise DataError(
                     f"the activation source ran out after {step} of {cfg.total_steps} steps; cache "
                     f"more activations or lower total_steps"
                 ) from None
             try:
+                x, y = _split_pair(item, sae, step)
                 x = check_batch(x, sae.cfg.d_in, step).to(device, non_blocking=True)
+                if y is not None:
+                    y = check_batch(y, sae.cfg.out_dim, step).to(device, non_blocking=True)
+                    if y.shape[0] != x.shape[0]:
+                        raise DataError(f"batch {step}: {x.shape[0]} input rows but {y.shape[0]} target rows")
             except (InputError, DataError):
                 if out is not None and step > 0:
                     save_checkpoint(out, sae, optimizer, step, tokens, tokens_since_fired, fired_total)
                 raise
             if step == 0 and resumed_from is None:
-                _initialise_from_batch(sae, x, cfg)
+                _initialise_from_batch(sae, x if y is None else y, cfg)
             global_rows = x.shape[0] * info.world_size
             dead = tokens_since_fired >= cfg.dead_tokens
-            losses = compute_losses(sae, x, cfg, step, dead)
+            losses = compute_losses(sae, x, cfg, step, dead, target=y)
 
             optimizer.zero_grad(set_to_none=True)
             losses.loss.backward()
@@ -621,6 +643,18 @@ def train_sae(
     return TrainResult(sae, step, tokens, resumed_from, last, torch.log10(density + 1e-10).float())
 
 
+def _split_pair(item: Any, sae: SAE, step: int) -> tuple[Any, Any]:
+    """Return ``(x, None)`` for an SAE's batch, ``(x, y)`` for a transcoder's pair; refuse a mix-up."""
+    is_pair = isinstance(item, (tuple, list)) and len(item) == 2
+    if sae.cfg.is_transcoder and not is_pair:
+        raise DataError(f"batch {step} is a single tensor, but a transcoder trains on (input, target) pairs; "
+                        "feed pairs (workbench.sae.transcoders.live_pairs, or a store holding both hooks)")
+    if not sae.cfg.is_transcoder and is_pair:
+        raise DataError(f"batch {step} is a pair, but an SAE reconstructs its input: feed single tensors, or set "
+                        "d_out to train a transcoder")
+    return (item[0], item[1]) if is_pair else (item, None)
+
+
 def _fast_adam(device: torch.device) -> dict[str, Any]:
     # The fused kernel exists on CPU and CUDA in recent torch; fall back silently if not.
     try:
@@ -632,7 +666,8 @@ def _fast_adam(device: torch.device) -> dict[str, Any]:
 
 @torch.no_grad()
 def _initialise_from_batch(sae: SAE, x: Tensor, cfg: TrainConfig) -> None:
-    """Estimate the input scale and b_dec from the first (global) batch."""
+    """Estimate the input scale and b_dec from the first (global) batch (for a transcoder, of its targets:
+    b_dec lives in the output space, and transcoders take no input scale)."""
     world = dist_info().world_size
     x = x.to(sae.W_enc.dtype)
     if sae.cfg.normalize_activations == "expected_average_only_in":
