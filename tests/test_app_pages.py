@@ -606,3 +606,21 @@ def test_sae_page_latent_card_and_no_delta_arrow(app_home, tmp_path, monkeypatch
     assert any(b.proto.label.startswith("Download this latent's card") for b in at.get("download_button"))
     effects = fig_titled(at, "Logit effects")
     assert _axis(effects, "yaxis")["type"] == _axis(effects, "yaxis2")["type"] == "category"
+
+
+def test_page_controls_live_in_the_url(app_env):
+    at = AppTest.from_function(_script, args=("attention",), default_timeout=TIMEOUT)
+    at.query_params["attn_layer"] = "1"
+    at.query_params["attn_head"] = "3"
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert "Layer 1, head 3" in titles(at)  # a link opens that head
+    # a stale or edited link is ignored, not an error
+    at = AppTest.from_function(_script, args=("sampling",), default_timeout=TIMEOUT)
+    at.query_params["samp_t"] = "0.5"
+    at.query_params["samp_k"] = "999"  # out of range
+    at.query_params["samp_p"] = "not a number"
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.slider(key="samp_t").value == 0.5 and at.slider(key="samp_k").value == 0
+    assert at.slider(key="samp_p").value == 1.0

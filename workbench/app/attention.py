@@ -44,8 +44,8 @@ def attention_page(sel: Selection) -> None:
         patterns = cached.attention_patterns(sel.key, text)
     _open_clicked_head(cfg.n_layers, cfg.n_heads)
     c1, c2 = st.columns(2)
-    layer = c1.slider("Layer", 0, cfg.n_layers - 1, 0, key="attn_layer") if cfg.n_layers > 1 else 0
-    head = c2.slider("Head", 0, cfg.n_heads - 1, 0, key="attn_head") if cfg.n_heads > 1 else 0
+    layer = c1.slider("Layer", 0, cfg.n_layers - 1, key="attn_layer", bind=share.URL) if cfg.n_layers > 1 else 0
+    head = c2.slider("Head", 0, cfg.n_heads - 1, key="attn_head", bind=share.URL) if cfg.n_heads > 1 else 0
     share.plot(figures.attention_heatmap(patterns[layer, head], enc.str_tokens, f"Layer {layer}, head {head}"),
                key="attn_one")
     tab_grid, tab_scores = st.tabs(["All heads", "Head-type scores"])

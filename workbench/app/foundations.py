@@ -42,8 +42,8 @@ def embeddings_page(sel: Selection) -> None:
     with left:
         st.subheader("Nearest neighbours")
         default_word = " king" if model.tokenizer is not None else "5"
-        word = st.text_input("Token", value=default_word, key="emb_word")
-        k = st.slider("How many", 5, 30, 10, key="emb_k")
+        word = st.text_input("Token", value=default_word, key="emb_word", bind=share.URL)
+        k = st.slider("How many", 5, 30, 10, key="emb_k", bind=share.URL)
         with ui.guard():
             ids, labels = compute.word_token_ids(model, [word]) if word.strip() or word else ([], [])
         if ids:
@@ -56,9 +56,9 @@ def embeddings_page(sel: Selection) -> None:
         st.subheader("Analogy arithmetic")
         st.caption("a is to b as c is to ?  — the tokens nearest E[b] − E[a] + E[c]")
         defaults = (" man", " king", " woman") if model.tokenizer is not None else ("1", "2", "3")
-        a = st.text_input("a", defaults[0], key="emb_a")
-        b = st.text_input("b", defaults[1], key="emb_b")
-        c = st.text_input("c", defaults[2], key="emb_c")
+        a = st.text_input("a", defaults[0], key="emb_a", bind=share.URL)
+        b = st.text_input("b", defaults[1], key="emb_b", bind=share.URL)
+        c = st.text_input("c", defaults[2], key="emb_c", bind=share.URL)
         with ui.guard():
             nb, used = compute.analogy(model, unit, a, b, c, k=10)
         st.caption("Tokens used: " + ", ".join(repr(figures.show_token(s)) for s in used))
@@ -68,12 +68,12 @@ def embeddings_page(sel: Selection) -> None:
     default_words = ("king queen man woman prince princess Paris France London England Berlin Germany one two "
                      "three four five cat dog horse cow red green blue" if model.tokenizer is not None
                      else " ".join(str(i) for i in range(1, min(model.cfg.d_vocab, 25))))
-    words = st.text_area("Words (first token of each)", default_words, key="emb_words")
+    words = st.text_area("Words (first token of each)", default_words, key="emb_words", bind=share.URL)
     c1, c2 = st.columns(2)
-    method = c1.radio("Method", ["pca", "tsne"], horizontal=True, key="emb_method",
+    method = c1.radio("Method", ["pca", "tsne"], horizontal=True, key="emb_method", bind=share.URL,
                       format_func=lambda m: {"pca": "PCA", "tsne": "t-SNE"}[m])
     spaced = model.tokenizer is not None and c2.checkbox(
-        "Each word with a leading space", True, key="emb_space",
+        "Each word with a leading space", True, key="emb_space", bind=share.URL,
         help="Mid-sentence words are tokens that start with a space (· on the plot): ' queen' is one token "
              "where 'queen' may split into pieces")
     with ui.guard(), st.spinner("Projecting…"):
@@ -107,7 +107,7 @@ def positional_page(sel: Selection) -> None:
     st.title("Positional encodings")
     model = cached.model(sel.key)
     cfg = model.cfg
-    n = st.slider("Positions shown", 8, min(cfg.n_ctx, 512), min(cfg.n_ctx, 64), key="pos_n")
+    n = st.slider("Positions shown", 8, min(cfg.n_ctx, 512), min(cfg.n_ctx, 64), key="pos_n", bind=share.URL)
     st.caption(f"This model uses **{cfg.positional}** positions.")
     if cfg.positional == "learned":
         W_pos = model.pos_embed.W_pos[:n].detach().float().cpu()
@@ -137,9 +137,9 @@ def sampling_page(sel: Selection) -> None:
     text, enc = ui.prompt(sel.key, model, "samp_prompt",
                           default="The capital of France is" if model.tokenizer is not None else None)
     c1, c2, c3 = st.columns(3)
-    temperature = c1.slider("Temperature (0 = greedy)", 0.0, 2.0, 1.0, 0.05, key="samp_t")
-    top_k = c2.slider("top-k (0 = off)", 0, 100, 0, key="samp_k")
-    top_p = c3.slider("top-p (1 = off)", 0.05, 1.0, 1.0, 0.05, key="samp_p")
+    temperature = c1.slider("Temperature (0 = greedy)", 0.0, 2.0, 1.0, 0.05, key="samp_t", bind=share.URL)
+    top_k = c2.slider("top-k (0 = off)", 0, 100, 0, key="samp_k", bind=share.URL)
+    top_p = c3.slider("top-p (1 = off)", 0.05, 1.0, 1.0, 0.05, key="samp_p", bind=share.URL)
     logits = cached.next_token_logits(sel.key, text)
     raw = logits.softmax(-1)
     filtered = compute.sampling_probs(logits, temperature, top_k or None, top_p if top_p < 1 else None)
@@ -152,8 +152,8 @@ def sampling_page(sel: Selection) -> None:
     st.caption(f"{figures.count_noun(kept, 'token')} can be sampled; entropy {figures.nats(entropy)} nats.")
     st.subheader("Generate")
     g1, g2 = st.columns(2)
-    n_new = g1.slider("New tokens", 1, 64, 24, key="samp_new")
-    seed = g2.number_input("Seed", 0, 2**31 - 1, 0, key="samp_seed")
+    n_new = g1.slider("New tokens", 1, 64, 24, key="samp_new", bind=share.URL)
+    seed = g2.number_input("Seed", 0, 2**31 - 1, 0, key="samp_seed", bind=share.URL)
     if st.button("Generate", key="samp_go"):
         out = st.empty()
         pieces: list[str] = []
@@ -185,7 +185,7 @@ def architecture_page(sel: Selection) -> None:
             rows.append({"model": name, "component": component, "parameters": count})
     table = pd.DataFrame(rows)
     shown = table[(table.parameters > 0) & ~table.component.isin(["total", "weights"])]
-    scale = st.radio("Scale", ["log", "linear"], horizontal=True, key="arch_scale")
+    scale = st.radio("Scale", ["log", "linear"], horizontal=True, key="arch_scale", bind=share.URL)
     share.plot(figures.parameter_figure(shown, log=scale == "log"), key="arch_params")
     wide = table.pivot(index="component", columns="model", values="parameters").loc[
         lambda t: t.index.isin(parameter_counts(cfg).keys())]

@@ -38,6 +38,7 @@ def lens_page(sel: Selection) -> None:
                "chosen; hover for the top tokens and the target's probability.")
     text, enc = ui.prompt(sel.key, model, "lens_prompt")
     lenses = compute.tuned_lenses(model.cfg)
+    n = len(enc.ids)
     options = [""] + [str(p) for p in lenses]
     c1, c2 = st.columns(2)
     lens_dir = c1.radio("Lens", options, key="lens_kind", horizontal=True,
@@ -48,12 +49,14 @@ def lens_page(sel: Selection) -> None:
                    "this page then shows it beside the logit lens.")
     value = c2.selectbox("Colour", list(VALUES), key="lens_value", format_func=VALUES.get)
     c3, c4 = st.columns(2)
-    target_text = c3.text_input("Target token (empty: the actual next token at each position)", "", key="lens_target")
+    target_text = c3.text_input("Target token (empty: the actual next token at each position)", "", key="lens_target",
+                                bind=share.URL)
     layers = range(n_layers)
     if n_layers > 1:
         lo, hi = c4.slider("Layers shown (the final row always)", 0, n_layers - 1, (0, n_layers - 1),
                            key="lens_layers")
-        stride = c4.select_slider("Every n-th layer", STRIDES, 1, key="lens_stride") if n_layers > 8 else 1
+        stride = (c4.select_slider("Every n-th layer", STRIDES, 1, key="lens_stride", bind=share.URL)
+                  if n_layers > 8 else 1)
         layers = range(lo, hi + 1, stride)
     with ui.guard():
         target = compute.answer_id(model, target_text) if target_text else -1
@@ -82,10 +85,9 @@ def lens_page(sel: Selection) -> None:
         share.plot(figures.lens_kl_on_prompt(logit, result), key="lens_kl")
     else:
         share.plot(grid(result, "Logit"), key="lens_grid")
-    n = len(enc.ids)
     c5, c6 = st.columns(2)
-    pos = c5.slider("Position", 0, n - 1, n - 1, key="lens_pos") if n > 1 else 0
-    k = c6.slider("Top tokens shown", 1, 10, 5, key="lens_k")
+    pos = c5.slider("Position", 0, n - 1, n - 1, key="lens_pos", bind=share.URL) if n > 1 else 0
+    k = c6.slider("Top tokens shown", 1, 10, 5, key="lens_k", bind=share.URL)
     pos_label = f"position {pos} ({shown[pos]!r})"
     if target >= 0:
         target_token = compute.token_label(model, target)

@@ -80,7 +80,7 @@ def _browser(sel: Selection, model, info: compute.SAEInfo, sae) -> int:
         st.warning("The activation store this SAE was trained on is not on this machine (its metadata names "
                    "none, or it was deleted), so there are no activation statistics to browse. The prompt view "
                    "and steering still work.")
-        return int(st.number_input("Feature", 0, d_sae - 1, 0, key="sae_feature"))
+        return int(st.number_input("Feature", 0, d_sae - 1, 0, key="sae_feature", bind=share.URL))
     with ui.guard(), st.spinner("Computing feature statistics (one pass over the store, saved for next time)…"):
         stats = cached.feature_stats(sel.key, str(info.path), str(info.store), info.hook)
     live = int((stats.density > 0).sum())
@@ -90,7 +90,7 @@ def _browser(sel: Selection, model, info: compute.SAEInfo, sae) -> int:
     if "sae_feature" not in st.session_state:  # open on a live latent that fires on a word, not on whitespace
         st.session_state["sae_feature"] = figures.opening_latent(table)
     _latent_finder(table)
-    feature = st.slider("Feature", 0, d_sae - 1, key="sae_feature")
+    feature = st.slider("Feature", 0, d_sae - 1, key="sae_feature", bind=share.URL)
     m1, m2, m3, m4 = st.columns(4)
     m1.metric("density", f"{float(stats.density[feature]):.3%}")
     m2.metric("mean activation (when firing)", f"{float(stats.mean_active[feature]):.3g}")

@@ -1,5 +1,9 @@
-"""Placing a figure so it can be shared: plotly's mode bar (PNG download) and the figure's data as
-CSV and JSON, built only when a download button is pressed."""
+"""Sharing a view: each figure with plotly's mode bar (PNG download) and its data as CSV and JSON
+(built only when a download button is pressed).
+
+A page's controls live in the URL through Streamlit's own ``bind="query-params"`` (:data:`URL`) on
+each widget: a copied link reopens the same view, and a stale or edited value is dropped by Streamlit
+(the model and the prompt are the sidebar's)."""
 
 from __future__ import annotations
 
@@ -9,6 +13,9 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from workbench import plots
+
+#: pass as ``bind=`` to a page's widgets (with a ``key``, which names the URL parameter)
+URL = "query-params"
 
 #: plotly's mode bar always shown, its camera button saving a 2x PNG named after the chart
 _CONFIG = {"displayModeBar": True, "displaylogo": False,
@@ -34,3 +41,4 @@ def plot(fig: go.Figure, key: str, *, on_select: str = "ignore", selection_mode=
     row.download_button("JSON", lambda: plots.figure_json(fig), file_name=f"{stem}.json", mime="application/json",
                        key=f"{key}_json", on_click="ignore", icon=":material/download:", type="tertiary")
     return state
+

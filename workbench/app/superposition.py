@@ -17,12 +17,12 @@ def superposition_page(sel: Selection) -> None:  # noqa: ARG001 - the toy model 
                "decayᶦ. Dense features: the model keeps the m most important ones. Sparse features: it packs more "
                "than m, at angles that interfere little (antipodal pairs, pentagons).")
     c1, c2 = st.columns(2)
-    n_features = c1.slider("Features", 2, 20, 5, key="sup_features")
-    d_hidden = c2.slider("Hidden dimensions", 1, 10, 2, key="sup_dims")
+    n_features = c1.slider("Features", 2, 20, 5, key="sup_features", bind=share.URL)
+    d_hidden = c2.slider("Hidden dimensions", 1, 10, 2, key="sup_dims", bind=share.URL)
     c3, c4, c5 = st.columns(3)
-    sparsity = c3.slider("Sparsity", 0.0, 0.99, 0.9, 0.01, key="sup_sparsity")
-    decay = c4.slider("Importance decay", 0.5, 1.0, 0.9, 0.01, key="sup_decay")
-    steps = c5.slider("Training steps", 200, 5000, 1000, 100, key="sup_steps")
+    sparsity = c3.slider("Sparsity", 0.0, 0.99, 0.9, 0.01, key="sup_sparsity", bind=share.URL)
+    decay = c4.slider("Importance decay", 0.5, 1.0, 0.9, 0.01, key="sup_decay", bind=share.URL)
+    steps = c5.slider("Training steps", 200, 5000, 1000, 100, key="sup_steps", bind=share.URL)
     start = time.perf_counter()
     with ui.guard(), st.spinner(f"Training the toy model ({steps} steps)…"):
         toy, geo = cached.toy_model(n_features, d_hidden, round(sparsity, 4), round(decay, 4), steps)
