@@ -46,7 +46,8 @@ def attention_page(sel: Selection) -> None:
     c1, c2 = st.columns(2)
     layer = c1.slider("Layer", 0, cfg.n_layers - 1, key="attn_layer", bind=share.URL) if cfg.n_layers > 1 else 0
     head = c2.slider("Head", 0, cfg.n_heads - 1, key="attn_head", bind=share.URL) if cfg.n_heads > 1 else 0
-    share.plot(figures.attention_heatmap(patterns[layer, head], enc.str_tokens, f"Layer {layer}, head {head}"),
+    tokens = figures.token_texts(model.tokenizer, enc.ids, enc.str_tokens)  # bytes, not "�", for split characters
+    share.plot(figures.attention_heatmap(patterns[layer, head], tokens, f"Layer {layer}, head {head}"),
                key="attn_one")
     tab_grid, tab_scores = st.tabs(["All heads", "Head-type scores"])
     with tab_grid:
@@ -57,7 +58,7 @@ def attention_page(sel: Selection) -> None:
             shown = range(lo, hi + 1)
         st.caption("Click a head's red marker (or drag a box around it) to open it above. Hover names the head, "
                    "the query and the key.")
-        share.plot(figures.attention_grid(patterns, enc.str_tokens, shown), key="attn_grid", on_select="rerun")
+        share.plot(figures.attention_grid(patterns, tokens, shown), key="attn_grid", on_select="rerun")
     with tab_scores:
         scores = cached.head_scores(sel.key, text)
         st.caption("Mean attention of each head to: the previous token; earlier copies of the current token; the "

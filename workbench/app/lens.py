@@ -66,7 +66,7 @@ def lens_page(sel: Selection) -> None:
         logit = cached.lens(sel.key, text, "", target) if lens_dir else result
     decode = (lambda ids: figures.show_token(model.tokenizer.decode(ids))) if model.tokenizer is not None else (
         lambda ids: str(ids[0]))
-    shown = [figures.show_token(s) for s in enc.str_tokens]
+    shown = [figures.show_token(s) for s in figures.token_texts(model.tokenizer, enc.ids, enc.str_tokens)]
 
     def grid(res, name: str):
         return plots.lens_grid(res, shown, value=value, tokenizer_decode=decode, layers=layers,

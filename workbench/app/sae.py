@@ -194,10 +194,11 @@ def _prompt_view(sel: Selection, model, info: compute.SAEInfo, feature: int) -> 
     text, enc = ui.prompt(sel.key, model, "sae_prompt")
     with ui.guard(), st.spinner("Encoding the prompt…"):
         latents = cached.prompt_latents(sel.key, str(info.path), info.hook, text)
-    active = compute.active_features(latents, [figures.show_token(s) for s in enc.str_tokens])
+    tokens = figures.token_texts(model.tokenizer, enc.ids, enc.str_tokens)
+    active = compute.active_features(latents, [figures.show_token(s) for s in tokens])
     st.markdown(f"**Latent {feature} on this prompt**")
-    st.markdown(figures.highlighted_tokens_html(enc.str_tokens, latents[:, feature].tolist()), unsafe_allow_html=True)
-    share.plot(figures.token_ids_figure(enc.str_tokens, active.table["active"].tolist(), "latents active",
+    st.markdown(figures.highlighted_tokens_html(tokens, latents[:, feature].tolist()), unsafe_allow_html=True)
+    share.plot(figures.token_ids_figure(tokens, active.table["active"].tolist(), "latents active",
                                         "Active latents per token"), key="sae_active")
     st.dataframe(active.table, hide_index=True)
 
