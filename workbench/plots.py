@@ -141,9 +141,9 @@ def figure_frame(fig: go.Figure) -> "pd.DataFrame":
             frames.append(pd.DataFrame(rows))
             continue
         cols = {}
-        for field in ("x", "y", "text"):
+        for field in ("x", "y", "text", "customdata"):  # customdata: e.g. the token ids behind the labels
             value = getattr(tr, field, None)
-            if value is not None and not isinstance(value, str):
+            if value is not None and not isinstance(value, str) and (field != "customdata" or np.ndim(value) == 1):
                 cols[field] = list(value)
         n = max((len(v) for v in cols.values()), default=0)
         if n:
