@@ -22,6 +22,7 @@ import csv
 import json
 import random
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -117,23 +118,40 @@ CAPITALS: tuple[tuple[str, str], ...] = (
     ("Uruguay", "Montevideo"), ("Paraguay", "Asuncion"), ("Bolivia", "La Paz"), ("Ecuador", "Quito"),
     ("Jamaica", "Kingston"),
 )
-_CAPITAL_TEMPLATES = ("The capital of {c} is {x}.", "{x} is the capital of {c}.", "The capital city of {c} is {x}.",
-                      "{c}'s capital is {x}.")
+_CAPITAL_TEMPLATES = ("The capital of {c} is {x}.", "{x} is the capital of {c}.", "The capital city of {c} is {x}.")
 _COMPARE_WORDS = (("larger", "smaller"), ("bigger", "less"), ("greater", "smaller"))
 
 
-def capital_statements(seed: int = 0, templates: int = len(_CAPITAL_TEMPLATES)) -> ProbeDataset:
+def capital_statements(seed: int = 0, templates: int = len(_CAPITAL_TEMPLATES),
+                       pairs: Sequence[tuple[str, str]] = CAPITALS) -> ProbeDataset:
     """Return each country's true capital statement and one with another country's capital, in each template."""
     rng = random.Random(seed)
     texts, labels = [], []
-    cities = [city for _, city in CAPITALS]
+    cities = [city for _, city in pairs]
     for template in _CAPITAL_TEMPLATES[:templates]:
-        for country, city in CAPITALS:
+        for country, city in pairs:
             wrong = rng.choice([c for c in cities if c != city])
             for answer, label in ((city, 1), (wrong, 0)):
                 texts.append(template.format(c=country, x=answer))
                 labels.append(label)
     return ProbeDataset(texts, labels, "last", ("false", "true"), "capitals", ["capitals"] * len(texts))
+
+
+def known_capitals(model, pairs: Sequence[tuple[str, str]] = CAPITALS) -> list[tuple[str, str]]:
+    """Return the (country, capital) pairs the model knows: after "The capital of {country} is", the capital's
+    first token has the highest logit among the first tokens of all the capitals (the "known facts" filter of
+    Meng et al. 2022: a probe cannot read the truth of a fact the model does not hold)."""
+    import torch
+
+    tok = model._require_tokenizer()
+    first = [tok.encode(" " + city, add_bos=False)[0] for _, city in pairs]
+    known = []
+    with torch.inference_mode():
+        for (country, city), answer in zip(pairs, first):
+            logits = model(model.to_tokens(f"The capital of {country} is"))[0, -1]
+            if int(torch.tensor(first)[logits[first].argmax()]) == answer:
+                known.append((country, city))
+    return known
 
 
 def arithmetic_statements(n: int = 150, seed: int = 0, high: int = 20) -> ProbeDataset:
@@ -185,15 +203,17 @@ def sentiment_statements(seed: int = 0) -> ProbeDataset:
     return ProbeDataset(texts, labels, "last", ("negative", "positive"), "sentiment", ["sentiment"] * len(texts))
 
 
-def truth_dataset(families: tuple[Family, ...] = FAMILIES, n_per_family: int = 150, seed: int = 0) -> ProbeDataset:
-    """Return true/false statements of the chosen families, shuffled together (label 1: true)."""
+def truth_dataset(families: tuple[Family, ...] = FAMILIES, n_per_family: int = 150, seed: int = 0,
+                  capitals: Sequence[tuple[str, str]] = CAPITALS) -> ProbeDataset:
+    """Return true/false statements of the chosen families, shuffled together (label 1: true); ``capitals``: the
+    (country, capital) pairs to state (e.g. :func:`known_capitals` of a model)."""
     unknown = [f for f in families if f not in FAMILIES]
     if unknown or not families:
         raise InputError(f"unknown statement families {unknown or 'none given'}; choose from {list(FAMILIES)}")
     parts = []
     for fam in families:
         if fam == "capitals":
-            parts.append(capital_statements(seed))
+            parts.append(capital_statements(seed, pairs=capitals))
         elif fam == "arithmetic":
             parts.append(arithmetic_statements(n_per_family, seed))
         else:

@@ -200,23 +200,32 @@ def _stop_after(model: "HookedGPT", hook: str) -> int | None:
     return None if layer is None else layer + 1
 
 
+def next_token_logprobs(model: "HookedGPT", windows: Int[Tensor, "batch pos"], fwd_hooks: Sequence = (),
+                        batch_size: int = 8) -> Float[Tensor, "batch pos d_vocab"]:
+    """Return the next-token log-probabilities at every position of ``windows`` (float32), with ``fwd_hooks`` on."""
+    device = model.embed.W_E.device
+    out = []
+    with torch.inference_mode(), model.hooks(fwd_hooks):
+        for start in range(0, windows.shape[0], batch_size):
+            out.append(model(windows[start: start + batch_size].to(device)).float().log_softmax(-1))
+    return torch.cat(out)
+
+
 def kl_on_text(model: "HookedGPT", windows: Int[Tensor, "batch pos"], fwd_hooks: Sequence,
-               batch_size: int = 8) -> float:
+               plain: Float[Tensor, "batch pos d_vocab"] | None = None, batch_size: int = 8) -> float:
     """Return the mean KL(plain || steered) of the next-token distributions over every position of ``windows``,
-    in nats per token: what steering does to text it was not meant for."""
+    in nats per token: what steering does to text it was not meant for. ``plain``: the unsteered
+    :func:`next_token_logprobs`, when already computed (a curve reuses them for every multiplier)."""
     if not fwd_hooks:
         return 0.0
-    total, count = 0.0, 0
-    device = model.embed.W_E.device
-    with torch.inference_mode():
-        for start in range(0, windows.shape[0], batch_size):
-            w = windows[start: start + batch_size].to(device)
-            plain = model(w).float().log_softmax(-1)
-            with model.hooks(fwd_hooks):
-                steered = model(w).float().log_softmax(-1)
-            total += float((plain.exp() * (plain - steered)).sum())
-            count += w.numel()
-    return total / count
+    if plain is None:
+        plain = next_token_logprobs(model, windows, (), batch_size)
+    total = 0.0
+    for start in range(0, windows.shape[0], batch_size):
+        p = plain[start: start + batch_size]
+        q = next_token_logprobs(model, windows[start: start + batch_size], fwd_hooks, batch_size)
+        total += float((p.exp() * (p - q.to(p.device))).sum())
+    return total / windows.numel()
 
 
 @dataclass
@@ -269,11 +278,12 @@ def steering_curve(model: "HookedGPT", vector: SteeringVector, multipliers: Sequ
     y = torch.tensor(reference.labels)
     class_means = (float(ref[y == 0].mean()), float(ref[y == 1].mean()))
     base = float(measure(model, steered, target, batch_size=batch_size).mean())
+    plain = next_token_logprobs(model, unrelated)
     values, kls = [], []
     for i, m in enumerate(multipliers):
         hooks = vector.hooks(m)
         values.append(float(measure(model, steered, target, hooks, batch_size).mean()) if hooks else base)
-        kls.append(kl_on_text(model, unrelated, hooks))
+        kls.append(kl_on_text(model, unrelated, hooks, plain))
         if progress is not None:
             progress(i + 1, len(multipliers))
     return SteeringCurve(list(multipliers), torch.tensor(values), torch.tensor(kls), class_means, base)

@@ -86,13 +86,12 @@ def _vector(model, args):
         d.check_width(model.cfg.d_model)
         return S.from_probe(d)
     if args.sae:
-        from workbench.app.compute import find_saes  # noqa: F401  (the SAE metadata names its hook)
         from workbench.sae.io import load_sae
 
         if args.feature is None:
             raise InputError("--sae needs --feature N (the latent whose decoder row steers)")
         sae = load_sae(args.sae)
-        hook = args.hook or (sae.cfg.metadata.get("hook_name") if hasattr(sae.cfg, "metadata") else None)
+        hook = args.hook or getattr(sae, "metadata", {}).get("hook_name")  # saved SAEs name the hook they read
         if not hook:
             raise InputError("say which hook the SAE reads with --hook NAME (e.g. blocks.2.hook_resid_post)")
         return S.from_sae_feature(sae, args.feature, hook)
