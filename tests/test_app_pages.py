@@ -624,3 +624,10 @@ def test_page_controls_live_in_the_url(app_env):
     assert not at.exception, [e.value for e in at.exception]
     assert at.slider(key="samp_t").value == 0.5 and at.slider(key="samp_k").value == 0
     assert at.slider(key="samp_p").value == 1.0
+
+
+def test_quick_sae_caches_the_models_own_corpus():
+    from workbench.app import compute
+
+    assert compute.quick_sae_corpus("kjv-small") == "kjv"  # trained on the KJV: its SAE reads KJV text
+    assert compute.quick_sae_corpus("smollm2-135m") == compute.quick_sae_corpus("tiny-lm") == "pydocs"

@@ -348,6 +348,15 @@ def find_saes(model_name: str, d_model: int) -> list[SAEInfo]:
     return [info for _, info in sorted(found, key=lambda t: -t[0])]
 
 
+def quick_sae_corpus(model_name: str) -> str:
+    """Return the corpus a quick SAE caches for a model: the one a built-in model was trained on (``kjv``
+    for kjv-small), else Python's docs (``pydocs``)."""
+    from workbench.builtin import RECIPES
+
+    recipe = RECIPES.get(model_name)
+    return recipe.corpus.corpus if recipe is not None and recipe.corpus is not None else "pydocs"
+
+
 def sae_windows(model, n_tokens: int, n_ctx: int, corpus: str = "pydocs") -> Tensor:
     """Return token windows to cache for a quick SAE: corpus text in the model's tokenizer, or
     repeated random tokens for a model without one."""
@@ -480,10 +489,12 @@ def train_quick_sae(model, model_name: str, layer: int, n_tokens: int, d_sae: in
     hook = f"blocks.{layer}.hook_resid_post"
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", model_name).strip("-") or "model"
     n_ctx = min(64, model.cfg.n_ctx)
-    windows = sae_windows(model, n_tokens, n_ctx)
+    corpus = quick_sae_corpus(model_name)
+    windows = sae_windows(model, n_tokens, n_ctx, corpus)
     first = 1 if model.tokenizer is None or model.tokenizer.add_bos else 0  # keep the BOS sink out of the SAE
     batch_windows = 8
-    store_dir = paths.stores_dir() / f"app-{safe}-{hook}-{windows.shape[0]}x{windows.shape[1]}"
+    tag = "" if corpus == "pydocs" or model.tokenizer is None else f"-{corpus}"  # pydocs stores keep their names
+    store_dir = paths.stores_dir() / f"app-{safe}{tag}-{hook}-{windows.shape[0]}x{windows.shape[1]}"
     n_batches = -(-windows.shape[0] // batch_windows)
     rows_per_batch = batch_windows * (windows.shape[1] - first)
     shard_batches = max(1, n_batches // 10)  # about ten shards: ten progress updates
@@ -522,7 +533,7 @@ def _cache_and_train(model, model_name, layer, hook, windows, store_dir, run_dir
     result = train_sae(sae, batches, TrainConfig(total_steps=steps, lr=1e-3, checkpoint_every=0, log_every=10,
                                                  progress=False), run_dir, resume=False)
     meta = {"model_name": model_name, "hook_name": hook, "hook_layer": layer, "context_size": n_ctx,
-            "dataset_path": "pydocs" if model.tokenizer is not None else "repeated random tokens",
+            "dataset_path": quick_sae_corpus(model_name) if model.tokenizer is not None else "repeated random tokens",
             "activation_store": str(store_dir.resolve())}
     sae_dir = save_sae(result.sae, run_dir / "sae", metadata=meta, log_feature_density=result.log_feature_density)
     on_progress("done", 1.0)

@@ -45,9 +45,10 @@ def sae_page(sel: Selection) -> None:
 def _train_form(sel: Selection, model) -> None:
     cfg = model.cfg
     with st.expander("Train a quick SAE", expanded=False):
-        st.caption("Caches the residual stream after one block on a small corpus (Python's docs; repeated random "
-                   "tokens for a model without a tokenizer), trains a TopK SAE on it, and saves it in SAELens' "
-                   "layout under the runs directory. A minute or less on a CPU for the defaults.")
+        st.caption(f"Caches the residual stream after one block on a small corpus "
+                   f"({_corpus_name(sel.name, model)}), trains a TopK SAE on it, and saves it in SAELens' layout "
+                   "under the runs directory. It runs in the background: a minute or two for the small built-in "
+                   "models on a CPU, several minutes for SmolLM2.")
         c1, c2, c3 = st.columns(3)
         layer = c1.number_input("Layer", 0, cfg.n_layers - 1, cfg.n_layers // 2, key="sae_layer")
         d_sae = c2.number_input("Latents", 16, 16384, min(4096, 8 * cfg.d_model), key="sae_dsae")
@@ -59,6 +60,14 @@ def _train_form(sel: Selection, model) -> None:
             st.session_state["sae_job"] = cached.quick_sae_job(sel.key, sel.name, int(layer), int(n_tokens),
                                                                int(d_sae), int(k), int(steps)).key
     _quick_sae_status()
+
+
+def _corpus_name(name: str, model) -> str:
+    if model.tokenizer is None:
+        return "repeated random tokens: this model has no tokenizer"
+    corpus = compute.quick_sae_corpus(name)
+    return {"pydocs": "Python's documentation", "kjv": "the King James Bible, this model's training text"}.get(
+        corpus, corpus)
 
 
 def _quick_sae_status() -> None:
