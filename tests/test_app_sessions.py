@@ -63,23 +63,27 @@ def test_cached_results_never_see_the_callers_hooks(app_env):
     torch.testing.assert_close(patterns[1], cache["blocks.1.attn.hook_pattern"][0])
 
 
-def test_each_script_run_starts_without_leftover_run_hooks(app_env, monkeypatch):
-    """A hook a stopped run left in the thread's context (a generator abandoned mid-block) is cleared."""
+def _leftover_script() -> None:
+    import streamlit as st
+
     from workbench.app import cached
     from workbench.app.main import render_page
 
-    model = cached.model("tiny-lm|cpu|float32")
-    hooks = model.hooks([("blocks.0.hook_resid_post", lambda x, hook: x * 0)])
-    hooks.__enter__()  # left behind, as an abandoned run would
-    assert model.hook_point("blocks.0.hook_resid_post").active
-    at = AppTest.from_function(_script, args=("tokenizer",), default_timeout=TIMEOUT)
-    at.run()
-    assert not at.exception
-    from workbench.hooks import clear_run_hooks
+    m = cached.model("tiny-lm|cpu|float32")
+    # what a stopped run could leave in this thread's context: a hooks() block never exited
+    left = m.hooks([("blocks.0.hook_resid_post", lambda x, hook: x * 0)])
+    left.__enter__()
+    st.session_state["left"] = left  # kept alive: a collected generator would remove its hooks itself
+    st.session_state["before"] = m.hook_point("blocks.0.hook_resid_post").active
+    render_page("tokenizer")
+    st.session_state["after"] = m.hook_point("blocks.0.hook_resid_post").active
 
-    clear_run_hooks()  # (render_page does this in the script thread; this test thread cleans up its own)
-    assert not model.hook_point("blocks.0.hook_resid_post").active
-    assert render_page  # imported: the entry point the guard lives in
+
+def test_each_script_run_starts_without_leftover_run_hooks(app_env):
+    at = AppTest.from_function(_leftover_script, default_timeout=TIMEOUT)
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert (at.session_state["before"], at.session_state["after"]) == (True, False)
 
 
 def test_one_torch_thread_restores_the_setting_under_concurrent_use():
