@@ -5,6 +5,14 @@ functions take ``(activation, hook)`` and return ``None`` (observe) or a tensor 
 shape (replace). :class:`HookedModule` gives a model name lookup, a context manager for
 temporary hooks that always removes them, ``run_with_hooks`` and ``run_with_cache``.
 
+Backward hooks take ``(gradient, hook)``: the gradient of whatever is differentiated with respect to
+the hook point's output, and return ``None`` (observe) or a tensor of the same shape that replaces
+the gradient flowing further back. A forward pass registers them on the autograd graph it builds, so
+they fire in the backward passes of *that* graph, also after the ``hooks()`` block has exited (call
+``backward`` inside or outside it), and never in a later forward pass. Where nothing upstream tracks
+gradients (frozen weights), the hooked activation becomes a leaf of the graph so gradients still
+reach it.
+
 Hooks belong to the run that attached them. Temporary hooks live in a :class:`contextvars.ContextVar`,
 not on the module: a forward pass sees the hooks its own thread (or asyncio task) attached and no
 others, so one model can be shared between callers (the app's cached model serves every browser
@@ -30,6 +38,21 @@ from workbench.errors import HookError
 HookFn = Callable[[Tensor, "HookPoint"], Union[Tensor, None]]
 NameFilter = Union[None, str, Sequence[str], Callable[[str], bool]]
 FwdHooks = Sequence[tuple[Union[str, Callable[[str], bool]], HookFn]]
+#: ``(name_or_filter, fn)`` with ``fn(gradient, hook)`` returning None or a replacement gradient
+BwdHooks = FwdHooks
+
+
+class _Backward:
+    """A backward hook's entry in the run's hook table (beside the forward functions of a hook point).
+
+    The forward pass does not call it; it registers ``fn`` on the gradient of the hook's output."""
+
+    __slots__ = ("fn",)
+    #: the fused norm kernel would leave ``hook_scale`` out of the graph, so a gradient there needs the explicit path
+    observe_only = False
+
+    def __init__(self, fn: HookFn):
+        self.fn = fn
 
 # The temporary hooks of the current run: hook point -> its functions in attach order. Each `hooks()`
 # block installs a new mapping (never mutated in place), so a thread sees only what it attached.
@@ -99,6 +122,16 @@ class HookPoint(nn.Module):
         fns = self.fns
         if not fns:
             return x
+        backward = [fn for fn in fns if isinstance(fn, _Backward)]
+        if backward:
+            fns = tuple(fn for fn in fns if not isinstance(fn, _Backward))
+            if torch.is_grad_enabled():
+                # A view gives this hook point its own node in the graph: consecutive hook points that pass
+                # the same tensor along (resid_post, the next resid_pre) then see their gradients in
+                # backward order. With nothing upstream tracking gradients, the activation becomes a leaf.
+                x = x.view_as(x) if x.requires_grad else x.detach().requires_grad_(True)
+            else:
+                backward = []
         for fn in fns:
             out = fn(x, self)
             if out is None:
@@ -119,7 +152,17 @@ class HookPoint(nn.Module):
                     f"{x.dtype} on {x.device} (the activation's); convert it with .to(x.dtype) / .to(x.device)"
                 )
             x = out
+        for entry in backward:
+            x.register_hook(lambda grad, fn=entry.fn: self._backward(fn, grad))
         return x
+
+    def _backward(self, fn: HookFn, grad: Tensor) -> Tensor | None:
+        out = fn(grad, self)
+        if out is not None and (not isinstance(out, Tensor) or out.shape != grad.shape):
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise HookError(f"backward hook on {self.name!r} returned {got}; a backward hook returns None (to "
+                            f"observe) or a tensor of the gradient's shape {tuple(grad.shape)} (to replace it)")
+        return out
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}"
@@ -187,18 +230,20 @@ class HookedModule(nn.Module):
     # -- temporary hooks ---------------------------------------------------------------------
 
     @contextmanager
-    def hooks(self, fwd_hooks: FwdHooks = ()) -> Iterator["HookedModule"]:
-        """Attach ``(name_or_filter, fn)`` hooks for the duration of a ``with`` block.
+    def hooks(self, fwd_hooks: FwdHooks = (), bwd_hooks: BwdHooks = ()) -> Iterator["HookedModule"]:
+        """Attach ``(name_or_filter, fn)`` forward and backward hooks for the duration of a ``with`` block.
 
         Exactly the hooks added here are removed on exit, also when the block raises; hooks
         attached by an enclosing ``with`` stay until that one exits. The hooks belong to this run:
-        a forward pass in another thread does not see them (see the module docstring).
+        a forward pass in another thread does not see them (see the module docstring). Backward
+        hooks fire in the backward passes of graphs built inside the block (see the module docstring).
         """
         added: list[tuple[HookPoint, HookFn]] = []
-        for target, fn in fwd_hooks:  # resolve and check everything before attaching anything
-            for hp in self.resolve(target):
-                _check_callable(fn, hp.name)
-                added.append((hp, fn))
+        for hooks, backward in ((fwd_hooks, False), (bwd_hooks, True)):
+            for target, fn in hooks:  # resolve and check everything before attaching anything
+                for hp in self.resolve(target):
+                    _check_callable(fn, hp.name)
+                    added.append((hp, _Backward(fn) if backward else fn))
         run = dict(_RUN_HOOKS.get())
         for hp, fn in added:
             run[hp] = (*run.get(hp, ()), fn)
@@ -234,9 +279,11 @@ class HookedModule(nn.Module):
             kept = {hp: fns for hp, fns in run.items() if hp not in mine}
             _RUN_HOOKS.set(MappingProxyType(kept) if kept else _EMPTY)
 
-    def run_with_hooks(self, *args, fwd_hooks: FwdHooks = (), **kwargs):
-        """Run ``forward`` with temporary hooks; they are removed afterwards, even on error."""
-        with self.hooks(fwd_hooks):
+    def run_with_hooks(self, *args, fwd_hooks: FwdHooks = (), bwd_hooks: BwdHooks = (), **kwargs):
+        """Run ``forward`` with temporary hooks; they are removed afterwards, even on error.
+
+        Backward hooks stay on the graph of this run's output: they fire when it is differentiated."""
+        with self.hooks(fwd_hooks, bwd_hooks):
             return self(*args, **kwargs)
 
     def caching_hooks(
@@ -263,3 +310,22 @@ class HookedModule(nn.Module):
 
         save.observe_only = True  # type: ignore[attr-defined]  # lets fused kernels run under caching
         return store, [(name, save) for name in self.hook_dict if match(name)]
+
+    def grad_caching_hooks(
+        self,
+        store: dict[str, Tensor],
+        names_filter: NameFilter = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> list[tuple[str, HookFn]]:
+        """Return backward hooks that put the gradient at each selected hook into ``store[name + "_grad"]``
+        (TransformerLens' key), overwritten by each backward pass through the graph."""
+        match = name_matcher(names_filter)
+
+        def save_grad(grad: Tensor, hook: HookPoint) -> None:
+            g = grad.detach()
+            if device is not None or dtype is not None:
+                g = g.to(device=device, dtype=dtype)
+            store[hook.name + "_grad"] = g
+
+        return [(name, save_grad) for name in self.hook_dict if match(name)]
