@@ -16,7 +16,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
 from workbench.errors import ConfigError, InputError
@@ -319,7 +319,10 @@ class Attention(nn.Module):
         rotary: tuple[Tensor, Tensor] | None,
         pos_offset: int,
         kv: tuple[Tensor, Tensor] | None,
+        attn_mask: Bool[Tensor, "batch 1 pos key"] | None = None,
     ) -> Float[Tensor, "batch pos d_model"]:
+        """``attn_mask`` (padded batches only, see workbench.padding) says which keys each query may
+        attend to, causality included; None means plain causal attention."""
         cfg = self.cfg
         batch, n_pos, _ = x.shape
         q = self.hook_q(self._project(x, self.W_Q, self.b_Q))
@@ -342,9 +345,14 @@ class Attention(nn.Module):
             # heads that share a KV head are stacked along the query axis, so K and V are never
             # repeated, and scaling plus the causal mask fold into one baddbmm.
             n_kv = k.shape[1]
-            mask = torch.full((n_pos, n_keys), float("-inf"), dtype=q.dtype, device=x.device).triu_(pos_offset + 1)
+            if attn_mask is None:
+                mask = torch.full((n_pos, n_keys), float("-inf"), dtype=q.dtype, device=x.device).triu_(pos_offset + 1)
+                mask = mask.repeat(group, 1)
+            else:  # one mask per row, the same for every head; heads are laid out (kv_head, group)
+                mask = torch.zeros(attn_mask.shape, dtype=q.dtype, device=x.device).masked_fill_(~attn_mask, float("-inf"))
+                mask = mask.expand(batch, cfg.n_heads, n_pos, n_keys).reshape(batch * n_kv, group * n_pos, n_keys)
             scores = torch.baddbmm(
-                mask.repeat(group, 1),
+                mask,
                 q.reshape(batch * n_kv, group * n_pos, cfg.d_head),
                 k.reshape(batch * n_kv, n_keys, cfg.d_head).transpose(1, 2),
                 alpha=1 / math.sqrt(cfg.d_head),
@@ -355,8 +363,8 @@ class Attention(nn.Module):
                 pattern.reshape(batch * n_kv, group * n_pos, n_keys), v.reshape(batch * n_kv, n_keys, cfg.d_head)
             ).view(batch, cfg.n_heads, n_pos, cfg.d_head)
         else:
-            mask = None
-            if pos_offset and n_pos > 1:
+            mask = attn_mask
+            if mask is None and pos_offset and n_pos > 1:
                 mask = torch.ones(n_pos, n_keys, dtype=torch.bool, device=x.device).tril(pos_offset)
             z = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=mask is None and n_pos > 1, enable_gqa=group > 1
@@ -427,9 +435,9 @@ class Block(nn.Module):
             self.hook_mlp_out = HookPoint()
         self.hook_resid_post = HookPoint()
 
-    def forward(self, resid: Tensor, rotary, pos_offset: int, kv) -> Tensor:
+    def forward(self, resid: Tensor, rotary, pos_offset: int, kv, attn_mask: Tensor | None = None) -> Tensor:
         resid = self.hook_resid_pre(resid)
-        resid = resid + self.hook_attn_out(self.attn(self.ln1(resid), rotary, pos_offset, kv))
+        resid = resid + self.hook_attn_out(self.attn(self.ln1(resid), rotary, pos_offset, kv, attn_mask))
         if not self.attn_only:
             resid = self.hook_resid_mid(resid)
             resid = resid + self.hook_mlp_out(self.mlp(self.ln2(resid)))
@@ -627,12 +635,17 @@ class HookedGPT(HookedModule):
         ``[batch pos head d_model]`` tensor per layer); name it to get it. Stored tensors are
         detached and the pass runs without autograd unless ``incl_grad=True``. ``device`` and
         ``dtype`` say where and how to keep the stored activations.
+
+        With ``incl_grad=True`` the activations keep their graph and every backward pass through the
+        output (``metric(out).backward()``) stores the gradient at each cached hook as
+        ``cache[name + "_grad"]``, as TransformerLens does.
         """
         from workbench.cache import ActivationCache
 
         if names_filter is None:
             names_filter = lambda name: not name.endswith("hook_result")  # noqa: E731
         store, fwd_hooks = self.caching_hooks(names_filter, device, dtype, incl_grad)
+        bwd_hooks = self.grad_caching_hooks(store, names_filter, device, dtype) if incl_grad else []
         if stop_at_layer is not None:
             if not -self.cfg.n_layers <= stop_at_layer <= self.cfg.n_layers:
                 raise InputError(f"stop_at_layer={stop_at_layer} is outside [-{self.cfg.n_layers}, {self.cfg.n_layers}]")
@@ -640,7 +653,8 @@ class HookedGPT(HookedModule):
                 stop_at_layer += self.cfg.n_layers
             # hooks past the stopping layer never fire; keep them out of the cache
             fwd_hooks = [(n, f) for n, f in fwd_hooks if _runs_before(n, stop_at_layer)]
-        with torch.set_grad_enabled(incl_grad and torch.is_grad_enabled()), self.hooks(fwd_hooks):
+            bwd_hooks = [(n, f) for n, f in bwd_hooks if _runs_before(n, stop_at_layer)]
+        with torch.set_grad_enabled(incl_grad and torch.is_grad_enabled()), self.hooks(fwd_hooks, bwd_hooks):
             if stop_at_layer is None:
                 out = self(tokens)
             else:
