@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import runpy
 import signal
@@ -238,3 +239,78 @@ def test_a_fresh_run_does_not_append_to_an_earlier_runs_metrics(tmp_path):
         train_sae(SAE(sae_cfg, seed=0), lambda start: data.batches(64, start), cfg, tmp_path, resume=False)
     lines = (tmp_path / METRICS_FILE).read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [5, 10]
+
+
+# --- issue 13: resume with changed settings, divergence, batches of 0 rows, one writer per --out
+
+
+def _small_run(tmp_path, **overrides):
+    data = SyntheticFeatures(SyntheticConfig(d_in=16, n_features=32, mean_active=2.0, seed=3))
+    sae_cfg = SAEConfig(d_in=16, d_sae=32, architecture="topk", k=4)
+    kw = dict(total_steps=6, lr=3e-3, checkpoint_every=2, log_every=2, progress=False)
+    return data, sae_cfg, kw
+
+
+@pytest.mark.parametrize("change", [{"lr": 1e-3}, {"seed": 5}, {"total_steps": 8}, {"batch": 48}])
+def test_resume_with_changed_settings_is_refused(tmp_path, change):
+    data, sae_cfg, kw = _small_run(tmp_path)
+    with pytest.raises(_Crash):
+        train_sae(SAE(sae_cfg, seed=0), _crashing(lambda s: data.batches(32, s), 3), TrainConfig(**kw), tmp_path)
+    saved_config = (tmp_path / "train_config.json").read_text()
+    batch = change.pop("batch", 32)
+    with pytest.raises(CheckpointError, match="(different training settings|batches of 32 rows).*another output"):
+        train_sae(SAE(sae_cfg, seed=0), lambda s: data.batches(batch, s), TrainConfig(**{**kw, **change}), tmp_path)
+    assert (tmp_path / "train_config.json").read_text() == saved_config  # not overwritten
+    # what only changes the output (log and checkpoint cadence) may change
+    done = train_sae(SAE(sae_cfg, seed=0), lambda s: data.batches(32, s),
+                     TrainConfig(**{**kw, "log_every": 1, "checkpoint_every": 3}), tmp_path)
+    assert done.resumed_from == 2 and done.steps == 6
+
+
+@pytest.mark.parametrize("scale", [1e20, 1e30])
+def test_huge_activations_stop_as_divergence_naming_the_step(tmp_path, scale):
+    from workbench.train import TrainingDivergedError
+
+    data, sae_cfg, kw = _small_run(tmp_path)
+
+    def blowing_up(start: int):
+        for i, batch in enumerate(data.batches(32, start)):
+            yield batch * scale if start + i >= 3 else batch  # finite, but its squares overflow float32
+
+    with pytest.raises(TrainingDivergedError, match=r"at step 4; .*last good checkpoint \(step 2\)"):
+        train_sae(SAE(sae_cfg, seed=0), blowing_up, TrainConfig(**kw), tmp_path)
+    state = torch.load(tmp_path / CHECKPOINT_DIR / "state.pt", weights_only=True)
+    assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["sae"].values())
+    lines = [json.loads(line) for line in (tmp_path / METRICS_FILE).read_text().splitlines()]
+    assert all(math.isfinite(m["loss"]) for m in lines)  # no "loss": Infinity logged
+
+
+def test_api_batch_of_huge_values_or_zero_rows_raises_instead_of_returning_nan_weights():
+    from workbench.train import TrainingDivergedError
+
+    sae = SAE(SAEConfig(d_in=16, d_sae=32, architecture="relu"), seed=0)
+    cfg = TrainConfig(total_steps=1, progress=False)
+    with pytest.raises(TrainingDivergedError, match="at step 1"):
+        train_sae(sae, [torch.randn(8, 16) * 1e30], cfg)
+    with pytest.raises(InputError, match="0 rows"):
+        train_sae(SAE(sae.cfg, seed=0), [torch.randn(0, 16)], cfg)
+
+
+def test_two_train_sae_runs_on_one_out_exclude_each_other(tmp_path):
+    from workbench.locking import OutputLockedError, output_lock
+
+    data, sae_cfg, kw = _small_run(tmp_path)
+    script = "import sys, time\nfrom workbench.locking import output_lock\nwith output_lock(sys.argv[1]):\n" \
+             "    print('held', flush=True); time.sleep(60)\n"
+    holder = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                              cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(OutputLockedError, match=rf"another process is writing .* \(pid {holder.pid}\)"):
+            train_sae(SAE(sae_cfg, seed=0), lambda s: data.batches(32, s), TrainConfig(**kw), tmp_path)
+        assert not (tmp_path / METRICS_FILE).exists() and not (tmp_path / "train_config.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    with output_lock(tmp_path):  # the dead holder does not block
+        pass

@@ -78,7 +78,7 @@ def test_run_stopped_and_resumed_ends_with_the_unbroken_weights(unbroken, tmp_pa
     want, _ = unbroken
     stopped = train(_model(), _batches(), _cfg(), tmp_path, stop_at=5, progress=False)
     assert stopped.step == 5
-    assert torch.load(checkpoint_path(tmp_path), weights_only=False)["step"] == 5
+    assert torch.load(checkpoint_path(tmp_path), weights_only=True)["step"] == 5
     assert not (tmp_path / "model.safetensors").exists()  # the final model is written only at the end
     # a fresh process would build the model from another seed: the checkpoint must overwrite everything
     resumed = _model(seed=99)
@@ -105,7 +105,7 @@ def test_run_killed_mid_interval_resumes_from_its_last_checkpoint(unbroken, tmp_
     crash.calls = 0
     with pytest.raises(_Killed):
         train(_model(), _batches(), _cfg(eval_every=2), tmp_path, evaluate=crash, progress=False)
-    assert torch.load(checkpoint_path(tmp_path), weights_only=False)["step"] == 8
+    assert torch.load(checkpoint_path(tmp_path), weights_only=True)["step"] == 8
     with (tmp_path / METRICS_FILE).open("a") as f:
         f.write('{"step": 10, "lo')  # a kill mid-write also leaves a log line cut short
     resumed = _model(seed=5)
@@ -141,7 +141,7 @@ def test_nan_loss_stops_names_the_step_and_keeps_the_last_good_checkpoint(tmp_pa
     with pytest.raises(TrainingDivergedError, match=r"loss became nan at step 7.*last good checkpoint \(step 4\)"):
         train(_model(), _batches(), _cfg(eval_every=2), tmp_path, evaluate=poison, progress=False)
     assert checkpoint_path(tmp_path).read_bytes() == saved["bytes"]
-    state = torch.load(checkpoint_path(tmp_path), weights_only=False)
+    state = torch.load(checkpoint_path(tmp_path), weights_only=True)
     assert state["step"] == 4 and all(torch.isfinite(v).all() for v in state["model"].values())
     assert (tmp_path / CHECKPOINT_DIR).is_dir() and not (tmp_path / "model.safetensors").exists()
 
@@ -270,3 +270,64 @@ def test_bf16_autocast_trains(tmp_path):
     result = train(model, _batches(), _cfg(steps=4, precision="bf16"), tmp_path, progress=False)
     assert math.isfinite(result.train_loss)
     assert all(p.dtype == torch.float32 for p in model.parameters())  # weights stay fp32
+
+
+# --- issue 13: no unpickling of a checkpoint, one writer per run directory
+
+
+class _RunsCode:
+    """Pickles to a call of ``os.system``: unpickling it with weights_only=False would run the command."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_resume_never_unpickles_a_crafted_checkpoint(tmp_path):
+    marker = tmp_path / "pwned"
+    path = checkpoint_path(tmp_path / "run")
+    path.parent.mkdir(parents=True)
+    torch.save({"step": 1, "payload": _RunsCode(marker)}, path)
+    with pytest.raises(CheckpointError, match="cannot be read as a training checkpoint.*delete it to start over"):
+        train(_model(), _batches(), _cfg(), tmp_path / "run", resume=True, progress=False)
+    assert not marker.exists()
+    # the same file unpickled the unsafe way does run the command: the test can fail
+    torch.load(path, weights_only=False)
+    assert marker.exists()
+
+
+def test_checkpoint_of_plain_containers_but_wrong_layout_is_a_checkpoint_error(tmp_path):
+    path = checkpoint_path(tmp_path)
+    path.parent.mkdir(parents=True)
+    torch.save({"step": "three", "model": [1, 2]}, path)
+    with pytest.raises(CheckpointError, match="not a training checkpoint .*step.*delete it"):
+        train(_model(), _batches(), _cfg(), tmp_path, resume=True, progress=False)
+
+
+def test_second_writer_on_a_run_directory_fails_at_once_and_the_first_finishes(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from workbench.locking import OutputLockedError
+
+    repo = Path(__file__).resolve().parent.parent
+    script = "import sys, time\nfrom workbench.locking import output_lock\nwith output_lock(sys.argv[1]):\n" \
+             "    print('held', flush=True); time.sleep(60)\n"
+    holder = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                              cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(OutputLockedError, match=rf"another process is writing .*pid {holder.pid}"):
+            train(_model(), _batches(), _cfg(), tmp_path, progress=False)
+        assert not (tmp_path / METRICS_FILE).exists()  # failed before writing anything
+    finally:
+        holder.kill()
+        holder.wait()
+    result = train(_model(), _batches(), _cfg(), tmp_path, progress=False)
+    assert result.step == 12 and HookedGPT.load(tmp_path) is not None

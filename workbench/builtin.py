@@ -42,6 +42,7 @@ from workbench.corpora import (
     repeated_tokens,
 )
 from workbench.errors import CheckpointError, ConfigError
+from workbench.locking import output_lock
 from workbench.train import METRICS_FILE, SNAPSHOT_DIR, TrainConfig, TrainResult, next_token_loss, read_metrics, train
 
 CARD_FILE = "card.md"
@@ -266,15 +267,17 @@ def train_builtin(
     threads = torch.get_num_threads()
     torch.set_num_threads(recipe.threads)
     try:
-        data = recipe_data(recipe)
-        model = build_model(recipe, data.tokenizer)
-        t0 = time.perf_counter()
-        result = train(model, data.batches, recipe.train, out_dir, val_windows=data.val_windows,
-                       evaluate=data.evaluate, resume=resume, progress=progress)  # fmt: skip
-        wall_s = time.perf_counter() - t0
-        if result.step == recipe.train.steps:
-            compact_snapshots(out_dir, getattr(torch, recipe.snapshot_dtype))
-            write_card(recipe, model, out_dir, result, wall_s=wall_s, resumed=resume)
+        # held from the first write to the card (train() takes it again, re-entrantly)
+        with output_lock(out_dir):
+            data = recipe_data(recipe)
+            model = build_model(recipe, data.tokenizer)
+            t0 = time.perf_counter()
+            result = train(model, data.batches, recipe.train, out_dir, val_windows=data.val_windows,
+                           evaluate=data.evaluate, resume=resume, progress=progress)  # fmt: skip
+            wall_s = time.perf_counter() - t0
+            if result.step == recipe.train.steps:
+                compact_snapshots(out_dir, getattr(torch, recipe.snapshot_dtype))
+                write_card(recipe, model, out_dir, result, wall_s=wall_s, resumed=resume)
     finally:
         torch.set_num_threads(threads)
     return result

@@ -30,6 +30,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from workbench.errors import CheckpointError, ConfigError, DataError, WorkbenchError
+from workbench.locking import output_lock
 
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -219,7 +220,8 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -249,10 +251,14 @@ def load_checkpoint(out_dir: Path, model, optimizer, cfg: TrainConfig) -> dict:
     path = checkpoint_path(out_dir)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint to resume from at {path}; start without --resume")
-    try:
-        state = torch.load(path, map_location=cfg.device, weights_only=False)
-    except Exception as exc:  # torch raises many types for a truncated or foreign file
-        raise CheckpointError(f"{path} cannot be read ({exc}); delete it to start over") from exc
+    try:  # weights_only: tensors and plain containers only; a crafted pickle cannot run code
+        state = torch.load(path, map_location=cfg.device, weights_only=True)
+    except Exception as exc:  # torch raises many types for a truncated, foreign or malicious file
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"{path} cannot be read as a training checkpoint ({reason[:200]}); delete it to start over"
+        ) from None
+    _check_state(state, path)
     saved_model = state.get("model_config", {})
     diff = {k: (saved_model.get(k), v) for k, v in model.cfg.to_dict().items() if saved_model.get(k) != v}
     if diff:
@@ -273,6 +279,22 @@ def load_checkpoint(out_dir: Path, model, optimizer, cfg: TrainConfig) -> dict:
     optimizer.load_state_dict(state["optimizer"])
     _set_rng_state(state["rng"])
     return state
+
+
+def _check_state(state, path: Path) -> None:
+    """Raise CheckpointError unless ``state`` has the shape :func:`save_checkpoint` writes."""
+    want = {"step": int, "model_config": dict, "train_config": dict, "model": dict, "optimizer": dict, "rng": dict}
+    bad = [k for k, kind in want.items() if not isinstance(state, dict) or not isinstance(state.get(k), kind)]
+    if not bad:
+        rng = state["rng"]
+        python = rng.get("python")
+        if not isinstance(rng.get("torch"), torch.Tensor) or not (isinstance(python, (tuple, list)) and len(python) == 3):
+            bad = ["rng"]
+    if bad:
+        raise CheckpointError(
+            f"{path} is not a training checkpoint of this workbench (missing or malformed: {', '.join(bad)}); "
+            "delete it to start over"
+        )
 
 
 # -------------------------------------------------------------------------------------- metrics
@@ -357,10 +379,17 @@ def train(
     Raises :class:`TrainingDivergedError` on a NaN/inf loss or gradient, leaving the last good
     checkpoint in place.
     """
+    out_dir = Path(out_dir)
+    # One writer per run directory: a second run on it would interleave metrics.jsonl and checkpoints.
+    with output_lock(out_dir):
+        return _train_locked(model, batches, cfg, out_dir, val_windows=val_windows, evaluate=evaluate,
+                             resume=resume, stop_at=stop_at, progress=progress)
+
+
+def _train_locked(model, batches: BatchSource, cfg: TrainConfig, out_dir: Path, *, val_windows, evaluate,
+                  resume: bool, stop_at: int | None, progress: bool) -> TrainResult:
     from tqdm.auto import tqdm
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     model.to(cfg.device)
     model.train()
     optimizer = make_optimizer(model, cfg)

@@ -64,6 +64,7 @@ def cmd_train_sae(args: argparse.Namespace) -> int:
     """Train an SAE as the arguments say; print a JSON summary; return 0."""
     from workbench.distributed import destroy_distributed, init_distributed
     from workbench.errors import ConfigError
+    from workbench.locking import lock_name, output_lock
     from workbench.sae.io import save_sae
     from workbench.sae.model import SAE, SAEConfig
     from workbench.sae.train import TrainConfig, train_sae
@@ -101,9 +102,11 @@ def cmd_train_sae(args: argparse.Namespace) -> int:
     out = args.out or _default_out(name, sae_cfg)
     model = SAE(sae_cfg, seed=args.seed).to(device)
     model.metadata = metadata
-    result = train_sae(model, data, train_cfg, out, resume=not args.no_resume)
+    with output_lock(out, lock_name(info.rank)):  # one run per --out, from training to the saved SAE
+        result = train_sae(model, data, train_cfg, out, resume=not args.no_resume)
+        if info.rank == 0:
+            save_sae(result.sae, out / "sae", log_feature_density=result.log_feature_density)
     if info.rank == 0:
-        save_sae(result.sae, out / "sae", log_feature_density=result.log_feature_density)
         summary: dict[str, Any] = {
             "out": str(out),
             "sae": str(out / "sae"),

@@ -31,13 +31,17 @@ from torch import Tensor
 
 from workbench.distributed import DistInfo, dist_info
 from workbench.errors import CheckpointError, ConfigError, DataError, InputError
+from workbench.locking import lock_name, output_lock
 from workbench.sae.model import SAE, SAEConfig, batch_topk
-from workbench.train import METRICS_FILE, truncate_metrics  # the LM trainer's log format
+from workbench.train import METRICS_FILE, TrainingDivergedError, truncate_metrics  # the LM trainer's log format
 
 #: A source of activation batches: an iterable, or a function from the first step to an iterable.
 Batches = Iterable[Tensor] | Callable[[int], Iterable[Tensor]]
 
 CHECKPOINT_DIR = "checkpoint"
+
+#: TrainConfig fields a resumed run may change: they decide what is written and shown, never the weights.
+RESUMABLE_CHANGES = frozenset({"checkpoint_every", "log_every", "progress"})
 
 
 @dataclass(frozen=True)
@@ -440,7 +444,7 @@ def compute_losses(
 
 def _all_reduce(tensor: Tensor, op: str = "sum") -> Tensor:
     if dist_info().world_size > 1:
-        ops = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN}
+        ops = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
         dist.all_reduce(tensor, op=ops[op])
     return tensor
 
@@ -505,6 +509,8 @@ def check_batch(x: Any, d_in: int, step: int) -> Tensor:
         raise InputError(
             f"activation batch {step} is {shape}; expected a float tensor [batch, d_in={d_in}]"
         )
+    if x.shape[0] == 0:
+        raise InputError(f"activation batch {step} has 0 rows; every batch needs at least one [d_in={d_in}] row")
     if x.shape[-1] != d_in:
         raise InputError(
             f"activation batch {step} has width {x.shape[-1]}, but the SAE has d_in={d_in}; "
@@ -535,10 +541,21 @@ def train_sae(
     A transcoder (``sae.cfg.d_out`` set) is trained on ``(x, y)`` pairs instead: ``x [batch, d_in]``
     what it reads, ``y [batch, d_out]`` what it predicts.
     With ``out_dir``, metrics go to ``out_dir/metrics.jsonl`` and checkpoints to
-    ``out_dir/checkpoint/``; an existing checkpoint there is resumed from when ``resume``.
+    ``out_dir/checkpoint/``; an existing checkpoint there is resumed from when ``resume``, after
+    checking it was written with the same settings (only ``RESUMABLE_CHANGES`` may differ) and batch size.
+    One process writes ``out_dir`` at a time (:func:`workbench.locking.output_lock`).
+
+    Raises :class:`workbench.train.TrainingDivergedError` when the loss or the weights stop being
+    finite, naming the step; the last good checkpoint is kept.
     """
+    if out_dir is None:
+        return _train_sae(sae, data, cfg, None, resume)
+    with output_lock(out_dir, lock_name(dist_info().rank)):
+        return _train_sae(sae, data, cfg, Path(out_dir), resume)
+
+
+def _train_sae(sae: SAE, data: Batches, cfg: TrainConfig, out: Path | None, resume: bool) -> TrainResult:
     info = dist_info()
-    out = Path(out_dir) if out_dir is not None else None
     device = sae.device
     if sae.cfg.is_transcoder and sae.cfg.architecture == "relu" and cfg.resample_every:
         raise ConfigError("resample_every is for SAEs (it re-aims decoder rows at badly reconstructed inputs); "
@@ -550,7 +567,7 @@ def train_sae(
     step = tokens = 0
     resumed_from = None
     if out is not None and resume and (out / CHECKPOINT_DIR / "state.pt").exists():
-        state = load_checkpoint(out, sae, optimizer)
+        state = load_checkpoint(out, sae, optimizer, cfg)
         step, tokens = state["step"], state["tokens"]
         tokens_since_fired.copy_(state["tokens_since_fired"])
         fired_total.copy_(state["fired_total"])
@@ -570,6 +587,16 @@ def train_sae(
 
     batches = _open_batches(data, step)
     progress = _progress(cfg, step, info.rank)
+    saved_rows = tokens // step if resumed_from else None  # the global batch the checkpoint was trained with
+    # first step whose loss was not finite (-1: none yet); kept on the device so a step needs no sync
+    bad_step = torch.full((), -1, dtype=torch.long, device=device)
+    last_good = resumed_from
+
+    def checkpoint() -> None:
+        nonlocal last_good
+        _stop_if_diverged(sae, bad_step, step, last_good, out)
+        save_checkpoint(out, sae, optimizer, step, tokens, tokens_since_fired, fired_total, cfg)
+        last_good = step
     last: dict[str, float] = {}
     sae.train()
     t_last, tokens_last = time.perf_counter(), tokens
@@ -590,14 +617,23 @@ def train_sae(
                     if y.shape[0] != x.shape[0]:
                         raise DataError(f"batch {step}: {x.shape[0]} input rows but {y.shape[0]} target rows")
             except (InputError, DataError):
-                if out is not None and step > 0:
-                    save_checkpoint(out, sae, optimizer, step, tokens, tokens_since_fired, fired_total)
+                if out is not None and step > 0 and step != last_good:
+                    checkpoint()
                 raise
+            if saved_rows is not None:
+                if x.shape[0] * info.world_size != saved_rows:
+                    raise CheckpointError(
+                        f"the checkpoint in {out / CHECKPOINT_DIR} was trained on batches of {saved_rows} rows, "
+                        f"this run gives {x.shape[0] * info.world_size}; resume with the same batch size or "
+                        "choose another output directory"
+                    )
+                saved_rows = None
             if step == 0 and resumed_from is None:
                 _initialise_from_batch(sae, x if y is None else y, cfg)
             global_rows = x.shape[0] * info.world_size
             dead = tokens_since_fired >= cfg.dead_tokens
             losses = compute_losses(sae, x, cfg, step, dead, target=y)
+            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(losses.loss.detach()), step + 1, bad_step)
 
             optimizer.zero_grad(set_to_none=True)
             losses.loss.backward()
@@ -623,6 +659,7 @@ def train_sae(
                 resample_dead_latents(sae, optimizer, x, losses.per_row_error, fired_total, cfg, step)
 
             if step % cfg.log_every == 0 or step == cfg.total_steps:
+                _stop_if_diverged(sae, bad_step, step, last_good, out)
                 now = time.perf_counter()
                 last = _metrics_line(losses, step, tokens, cfg, tokens_since_fired, info)
                 last["tokens_per_s"] = (tokens - tokens_last) / max(now - t_last, 1e-9)
@@ -633,14 +670,36 @@ def train_sae(
                 progress.set_postfix(mse=f"{last['mse']:.4g}", l0=f"{last['l0']:.1f}")
             progress.update(1)
             if out is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                save_checkpoint(out, sae, optimizer, step, tokens, tokens_since_fired, fired_total)
+                checkpoint()
     finally:
         progress.close()
     if out is not None and (not cfg.checkpoint_every or step % cfg.checkpoint_every):
-        save_checkpoint(out, sae, optimizer, step, tokens, tokens_since_fired, fired_total)
+        checkpoint()
+    _stop_if_diverged(sae, bad_step, step, last_good, out)
     sae.eval()
     density = fired_total / max(tokens, 1)
     return TrainResult(sae, step, tokens, resumed_from, last, torch.log10(density + 1e-10).float())
+
+
+def _stop_if_diverged(sae: SAE, bad_step: Tensor, step: int, last_good: int | None, out: Path | None) -> None:
+    """Raise TrainingDivergedError if a loss so far, or a weight now, is NaN/inf (one sync per call)."""
+    first = int(_all_reduce(bad_step.clone(), "max"))
+    if first < 0:
+        finite = torch.stack([torch.isfinite(p).all() for p in sae.parameters()]).all().to(torch.long)
+        if int(_all_reduce(finite, "min")):
+            return
+        first = step
+    if out is None:
+        kept = "no output directory was given, so nothing was saved"
+    elif last_good:
+        kept = f"the last good checkpoint (step {last_good}) is kept in {out / CHECKPOINT_DIR}"
+    else:
+        kept = "no checkpoint had been written yet"
+    raise TrainingDivergedError(
+        f"the SAE's loss or weights became NaN/inf at step {first}; training stopped and {kept}. "
+        "The activations may be too large (normalize_activations='expected_average_only_in' rescales them) "
+        "or the learning rate too high; fix that and start again"
+    )
 
 
 def _split_pair(item: Any, sae: SAE, step: int) -> tuple[Any, Any]:
@@ -769,6 +828,7 @@ def save_checkpoint(
     tokens: int,
     tokens_since_fired: Tensor,
     fired_total: Tensor,
+    cfg: TrainConfig | None = None,
 ) -> None:
     """Write ``out/checkpoint/state.pt`` atomically (rank 0 only; all ranks hold the same state)."""
     if dist_info().rank != 0:
@@ -785,14 +845,20 @@ def save_checkpoint(
         "tokens_since_fired": tokens_since_fired.cpu(),
         "fired_total": fired_total.cpu(),
         "torch_rng": torch.get_rng_state(),
+        "train_cfg": json.dumps(cfg.to_dict() if cfg is not None else None),
     }
     tmp = directory / "state.pt.tmp"
     torch.save(state, tmp)
     os.replace(tmp, directory / "state.pt")
 
 
-def load_checkpoint(out: Path, sae: SAE, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Load ``out/checkpoint/state.pt`` into ``sae`` and ``optimizer``; return the counters."""
+def load_checkpoint(
+    out: Path, sae: SAE, optimizer: torch.optim.Optimizer, cfg: TrainConfig | None = None
+) -> dict[str, Any]:
+    """Load ``out/checkpoint/state.pt`` into ``sae`` and ``optimizer``; return the counters.
+
+    With ``cfg``, refuse a checkpoint written with other training settings (fields outside
+    ``RESUMABLE_CHANGES``), as the LM trainer does: a resumed run must follow the same schedule."""
     path = out / CHECKPOINT_DIR / "state.pt"
     try:
         state = torch.load(path, map_location=sae.device, weights_only=True)
@@ -810,9 +876,28 @@ def load_checkpoint(out: Path, sae: SAE, optimizer: torch.optim.Optimizer) -> di
                 f"checkpoint {path} was trained on {key}={saved[key]!r}, this run reads {sae.metadata[key]!r}; "
                 f"resuming would mix two data sources. Use another output directory, or --no-resume to start over"
             )
+    if cfg is not None:
+        _check_same_settings(out, path, state, cfg)
     sae.load_state_dict(state["sae"])
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["torch_rng"].cpu())
     return state
+
+
+def _check_same_settings(out: Path, path: Path, state: dict[str, Any], cfg: TrainConfig) -> None:
+    saved = json.loads(state.get("train_cfg") or "null")
+    if saved is None:  # a checkpoint from before the settings were kept in it: its run's train_config.json
+        try:
+            saved = json.loads((out / "train_config.json").read_text())["train"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return
+    now = json.loads(json.dumps(cfg.to_dict()))  # tuples as lists, as saved
+    diff = {k: (saved.get(k), v) for k, v in now.items() if k not in RESUMABLE_CHANGES and saved.get(k) != v}
+    if diff:
+        raise CheckpointError(
+            f"the checkpoint in {path.parent} was written with different training settings "
+            f"(field: (checkpoint, now) = {diff}); a resumed run must follow the same schedule, so resume "
+            "with the same settings, or start over (--no-resume) or in another output directory"
+        )
 
 
