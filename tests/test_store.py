@@ -313,3 +313,50 @@ def test_torchrun_launch_without_a_process_group_is_refused(model, windows, tmp_
     with pytest.raises(ConfigError, match=r"WORLD_SIZE=2.*init_distributed"):
         write_store(model, windows, tmp_path / "s", small())
     assert not (tmp_path / "s").exists()
+
+
+# --- issue 13: the store's repair advice works; one writer per store
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate"])
+def test_rerun_rewrites_a_deleted_or_truncated_shard_as_the_open_error_advises(model, windows, tmp_path, damage):
+    write_store(model, windows, tmp_path / "a", small(), model_name="tiny")
+    write_store(model, windows, tmp_path / "b", small(), model_name="tiny")
+    shard = tmp_path / "b" / "shard-r0-00001"
+    f = shard / "blocks.0.hook_resid_post.npy"
+    f.write_bytes(f.read_bytes()[:-100])
+    with pytest.raises(DataError, match="delete that shard directory and rerun `workbench cache`"):
+        ActivationStore.open(tmp_path / "b")
+    if damage == "delete":
+        shutil.rmtree(shard)  # what the message says to do
+    res = write_store(model, windows, tmp_path / "b", small(), model_name="tiny")
+    assert res.shards_written == 1 and res.shards_skipped == len(ActivationStore.open(tmp_path / "a").shards) - 1
+    ActivationStore.open(tmp_path / "b", verify=True)
+    assert same_tree(tmp_path / "a", tmp_path / "b")  # the same bytes as an unbroken run, manifest included
+
+
+def test_a_second_cache_writer_on_one_store_fails_at_once_and_the_first_verifies(model, windows, tmp_path):
+    import threading
+
+    from workbench.locking import OutputLockedError
+
+    out = tmp_path / "s"
+    errors: list[BaseException] = []
+
+    def second_writer():
+        try:
+            write_store(model, windows, out, small(), model_name="tiny")
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            errors.append(exc)
+
+    def after_first_shard(index):  # the first writer holds the store here
+        if index == 0:
+            t = threading.Thread(target=second_writer)
+            t.start()
+            t.join()
+
+    write_store(model, windows, out, small(), model_name="tiny", on_shard=after_first_shard)
+    assert len(errors) == 1 and isinstance(errors[0], OutputLockedError), errors
+    assert f"is writing {out}" in str(errors[0]) and "\n" not in str(errors[0])
+    ActivationStore.open(out, verify=True)
+    assert not (out / ".lock").exists()

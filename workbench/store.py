@@ -49,6 +49,7 @@ from torch import Tensor
 
 from workbench.distributed import barrier, dist_info
 from workbench.errors import ConfigError, DataError
+from workbench.locking import lock_name, output_lock
 from workbench.zoo import sha256_file
 
 FORMAT = "workbench-activation-store"
@@ -338,6 +339,14 @@ def _check_resume(out: Path, header: dict[str, Any], progress_path: Path) -> lis
     return list(old.get("shards", []))
 
 
+def _shard_intact(out: Path, shard: dict[str, Any]) -> bool:
+    """Return whether every file the manifest lists for ``shard`` is there with its listed size."""
+    try:
+        return all((out / shard["name"] / f).stat().st_size == meta["bytes"] for f, meta in shard["files"].items())
+    except (OSError, KeyError, TypeError):
+        return False
+
+
 def _short(value: Any) -> str:
     text = json.dumps(value, sort_keys=True)
     return text if len(text) < 120 else text[:117] + "..."
@@ -460,9 +469,21 @@ def write_store(
     shard_windows = plans[0].n_windows
     header = _header(model, model_name, windows, cfg, shapes, world, shard_windows)
 
-    out.mkdir(parents=True, exist_ok=True)
+    # One writer per store (per rank under torchrun): a second `workbench cache --out SAME` fails at once.
+    with output_lock(out, lock_name(rank)):
+        return _write_store_locked(model, windows, out, cfg, plans, header, stop, device, on_shard, progress, t0)
+
+
+def _write_store_locked(model: Any, windows: Tensor, out: Path, cfg: StoreConfig, plans: list[_ShardPlan],
+                        header: dict[str, Any], stop: int | None, device: torch.device,
+                        on_shard: Callable[[int], None] | None, progress: bool, t0: float) -> WriteResult:
+    rank, world = dist_info()
     progress_path = out / (MANIFEST if world == 1 else f"manifest.r{rank}.json")
-    done = [s for s in _check_resume(out, header, progress_path) if s["rank"] == rank]
+    listed = [s for s in _check_resume(out, header, progress_path) if s["rank"] == rank]
+    # A listed shard whose files are gone or of the wrong size (deleted or truncated since) is written again.
+    done = [s for s in listed if _shard_intact(out, s)]
+    if len(done) < len(listed):  # the manifest no longer tells the truth: say so before repairing
+        _write_json_atomic(progress_path, _manifest(header, done, complete=False))
     done_names = {s["name"] for s in done}
     _clean_unlisted(out, rank, done_names)
     mine = [p for p in plans if p.index % world == rank]
@@ -477,6 +498,7 @@ def write_store(
         )
 
     shards = list(done)
+    order = {p.name(rank): i for i, p in enumerate(mine)}
     written = 0
     bar = None
     if progress and rank == 0:
@@ -529,6 +551,7 @@ def write_store(
                     ) from exc
                 raise
             shards.append(entry)
+            shards.sort(key=lambda s: order.get(s["name"], len(order)))  # a repaired shard goes back in its place
             written += 1
             _write_json_atomic(progress_path, _manifest(header, shards, complete=False))
             if on_shard is not None:
