@@ -91,9 +91,11 @@ def test_zeroing_a_source_moves_each_target_by_its_edge(built):
 
     full = values(acts, errors)
     g = torch.Generator().manual_seed(0)
-    sources = torch.randperm(graph.n_features, generator=g)[:25].tolist()
-    sources += [graph.error_node(layer, pos) for layer in range(graph.n_layers) for pos in (0, 3, 6)]
-    sources += [graph.token_node(p) for p in (0, 4)]
+    # a sample of 100 sources: every error and token node, the rest features
+    sources = [graph.error_node(layer, pos) for layer in range(graph.n_layers) for pos in range(graph.n_pos)]
+    sources += [graph.token_node(p) for p in range(graph.n_pos)]
+    sources += torch.randperm(graph.n_features, generator=g)[: 100 - len(sources)].tolist()
+    assert len(sources) == 100
     for node in sources:
         a, e, tok = [x.clone() for x in acts], [x.clone() for x in errors], None
         kind = graph.node_kind(node)
@@ -179,6 +181,23 @@ def test_bad_inputs_are_clear_errors():
     model, tcs, tokens = _setup("gpt2")
     with pytest.raises(InputError, match="3 layers but 2 transcoders"):
         G.attribute(model, tcs[:2], tokens)
+    with pytest.raises(InputError, match=r"no transcoder for layer\(s\) \[1\]"):
+        G.attribute(model, {0: tcs[0], 2: tcs[2]}, tokens)
+    with pytest.raises(InputError, match=r"layer\(s\) \[3\].*another model"):
+        G.attribute(model, {**dict(enumerate(tcs)), 3: tcs[0]}, tokens)
+    tcs[1].metadata = {"model_name": "smollm2-135m"}
+    try:
+        with pytest.raises(InputError, match="trained on 'smollm2-135m', not 'tiny'"):
+            G.attribute(model, tcs, tokens)
+    finally:
+        tcs[1].metadata = {}
+    with pytest.raises(InputError, match="exceed the model's context"):
+        G.attribute(model, tcs, torch.zeros(1, model.cfg.n_ctx + 1, dtype=torch.long))
+    with pytest.raises(InputError, match="one prompt, got a batch of 2"):
+        G.attribute(model, tcs, tokens.expand(2, -1))
+    for bad in (0, -0.1, 1.01, float("nan")):
+        with pytest.raises(InputError, match="must lie in"):
+            G.attribute(model, tcs, tokens, desired_logit_prob=bad)
     with pytest.raises(InputError, match=r"desired_logit_prob=1.5"):
         G.attribute(model, tcs, tokens, desired_logit_prob=1.5)
     other = SAE(SAEConfig(d_in=16, d_sae=8, architecture="relu", d_out=16, apply_b_dec_to_input=False))
@@ -232,6 +251,9 @@ def test_pruned_scores_count_what_pruning_removes(built):
     assert 0 <= G.graph_scores(graph, pruned).replacement <= 1
     with pytest.raises(InputError, match="node_threshold=0"):
         G.prune(graph, 0, 0.9)
+    for bad in (0.0, 1.5, -1.0, float("nan")):
+        with pytest.raises(InputError, match="edge_threshold"):
+            G.prune(graph, 0.8, bad)
 
 
 def test_circuit_tracer_json_validates_against_its_schema(built):
@@ -259,3 +281,56 @@ def _node_ids(graph):
     data = G.to_circuit_tracer_json(graph, everything)
     assert len(data["nodes"]) == graph.n_nodes
     return data["nodes"]
+
+
+def test_the_graph_predicts_set_scale_and_zero_edits():
+    """An edit's effect in the frozen replacement with other features held is what the graph's edges predict."""
+    model, tcs, tokens = _setup("gpt2", seed=3)
+    graph = G.attribute(model, tcs, tokens, batch_size=32)
+    base = G.intervene_replacement(model, tcs, tokens, [], propagate=False)[-1]
+    base = base - base.mean()
+    g = torch.Generator().manual_seed(1)
+    picks = torch.randperm(graph.n_features, generator=g)[:6].tolist()
+    feats = [graph.features[n].tolist() for n in picks]
+    for edits in ([G.FeatureEdit(*feats[0], 0.0)], [G.FeatureEdit(*f, 2.5, scale=True) for f in feats[:3]],
+                  [G.FeatureEdit(*f, 0.7) for f in feats[3:]]):
+        got = G.intervene_replacement(model, tcs, tokens, edits, propagate=False)[-1]
+        change = (got - got.mean() - base)[graph.logit_tokens]
+        torch.testing.assert_close(change, G.predicted_logit_change(graph, edits), atol=1e-4, rtol=0)
+    # scale by 0 is zeroing; the real model moves too
+    zero, scaled = [G.FeatureEdit(*feats[0], 0.0)], [G.FeatureEdit(*feats[0], 0.0, scale=True)]
+    torch.testing.assert_close(G.intervene(model, tcs, tokens, zero), G.intervene(model, tcs, tokens, scaled))
+    at_0_0 = set(graph.features[(graph.features[:, 0] == 0) & (graph.features[:, 1] == 0), 2].tolist())
+    silent = min(set(range(tcs[0].cfg.d_sae)) - at_0_0)
+    with pytest.raises(InputError, match="not an active node"):
+        G.predicted_logit_change(graph, [G.FeatureEdit(0, 0, silent, 0.0)])
+
+
+@pytest.fixture(scope="module")
+def kjv():
+    from workbench.zoo import load_model
+
+    model = load_model("kjv-small")
+    tcs = []
+    for layer in range(model.cfg.n_layers):
+        tc = SAE(SAEConfig(d_in=128, d_sae=64, architecture="topk", k=4, apply_b_dec_to_input=False, d_out=128),
+                 seed=layer)
+        tc.metadata = {"model_name": "kjv-small"}
+        tcs.append(tc.eval())
+    return model, tcs
+
+
+def test_text_prompts_and_targets(kjv):
+    model, tcs = kjv
+    with pytest.raises(InputError, match="prompt is empty"):
+        G.attribute(model, tcs, "  ")
+    with pytest.raises(InputError, match="exceed the model's context"):
+        G.attribute(model, tcs, "And " * 200)
+    with pytest.raises(InputError, match=r"target ' the Lord' is 2 tokens .*not one"):
+        G.attribute(model, tcs, "And God said", target=" the Lord")
+    graph = G.attribute(model, tcs, "And God said", target=" Jerusalem", max_n_logits=2)
+    want = G.target_token(model, " Jerusalem")
+    assert want in graph.logit_tokens.tolist() and graph.settings["target"] == want
+    assert graph.str_tokens == model.to_str_tokens("And God said")
+    probs = model(model.to_tokens("And God said"))[0, -1].softmax(-1)
+    torch.testing.assert_close(graph.logit_probs, probs[graph.logit_tokens].detach(), atol=1e-5, rtol=0)

@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -140,7 +140,8 @@ class AttributionGraph:
             pos = node - self.n_features - self.n_errors
             return f"tok {self.str_tokens[pos]!r}@{pos}" if self.str_tokens else f"tok @{pos}"
         i = node - self.logit_node(0)
-        return f"logit #{int(self.logit_tokens[i])} (p={float(self.logit_probs[i]):.2f})"
+        name = repr(self.logit_texts[i]) if i < len(self.logit_texts) else f"#{int(self.logit_tokens[i])}"
+        return f"logit {name} (p={float(self.logit_probs[i]):.2f})"
 
     def logit_label(self, i: int) -> str:
         """The text of logit node ``i``'s token (its id when there is no tokenizer)."""
@@ -214,11 +215,27 @@ class _Prompt:
     mlp_out: list[Tensor]
 
 
-def check_transcoders(model: HookedGPT, transcoders: Sequence[SAE]) -> None:
-    """Raise a clear error unless ``transcoders`` holds one MLP transcoder per layer of ``model``."""
+Transcoders = Sequence[SAE] | Mapping[int, SAE]
+"""One transcoder per layer: a list (layer 0 first) or ``{layer: transcoder}`` as ``load_transcoder_set`` gives."""
+
+
+def check_transcoders(model: HookedGPT, transcoders: Transcoders) -> list[SAE]:
+    """Return one MLP transcoder per layer of ``model``, layer 0 first, or raise a clear error."""
     cfg = model.cfg
     if cfg.attn_only:
         raise ConfigError(f"{cfg.name or 'this model'} is attention-only: it has no MLPs to replace with transcoders")
+    if isinstance(transcoders, Mapping):
+        missing = sorted(set(range(cfg.n_layers)) - set(transcoders))
+        if missing:
+            raise InputError(f"the transcoder set has no transcoder for layer(s) {missing} of {cfg.name or 'the model'} "
+                             f"({cfg.n_layers} layers); an attribution graph needs every layer: train the missing ones "
+                             "(workbench train-transcoders)")
+        extra = sorted(set(transcoders) - set(range(cfg.n_layers)))
+        if extra:
+            raise InputError(f"the transcoder set has layer(s) {extra}, but the model has {cfg.n_layers} layers; "
+                             "was it trained for another model?")
+        transcoders = [transcoders[layer] for layer in range(cfg.n_layers)]
+    transcoders = list(transcoders)
     if len(transcoders) != cfg.n_layers:
         raise InputError(f"the model has {cfg.n_layers} layers but {len(transcoders)} transcoders were given; "
                          "train or load one transcoder per layer (workbench train-transcoders)")
@@ -228,7 +245,35 @@ def check_transcoders(model: HookedGPT, transcoders: Sequence[SAE]) -> None:
                              f"d_in={tc.cfg.d_in}, d_out={tc.cfg.d_out}; was it trained for another model?")
         trained_on = tc.metadata.get("model_name")
         if trained_on and cfg.name and trained_on != cfg.name:
-            raise InputError(f"layer {layer}'s transcoder was trained on {trained_on!r}, not {cfg.name!r}")
+            raise InputError(f"layer {layer}'s transcoder was trained on {trained_on!r}, not {cfg.name!r}; "
+                             f"load the set trained for {cfg.name!r}")
+    return transcoders
+
+
+def prompt_tokens(model: HookedGPT, prompt: str | Tensor) -> Int[Tensor, "1 pos"]:
+    """Return one prompt's token ids ``[1 pos]``; an empty, batched or too long prompt is an InputError."""
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise InputError("the prompt is empty; give the text whose next token the graph should explain")
+        prompt = model.to_tokens(prompt)
+    tokens = model.check_tokens(prompt)
+    if tokens.shape[0] != 1:
+        raise InputError(f"an attribution graph explains one prompt, got a batch of {tokens.shape[0]}")
+    return tokens
+
+
+def target_token(model: HookedGPT, target: str | int) -> int:
+    """Return the token id of ``target`` (an id, or text that must be exactly one token)."""
+    if isinstance(target, int):
+        if not 0 <= target < model.cfg.d_vocab:
+            raise InputError(f"target token id {target} is outside the vocabulary [0, {model.cfg.d_vocab})")
+        return target
+    ids = model._require_tokenizer().encode(target, add_bos=False)
+    if len(ids) != 1:
+        pieces = model.to_str_tokens(torch.tensor(ids)) if ids else []
+        raise InputError(f"target {target!r} is {len(ids)} tokens {pieces}, not one; an attribution graph explains "
+                         "one next token: give its first token (e.g. with or without a leading space)")
+    return int(ids[0])
 
 
 def _record(model: HookedGPT, tokens: Tensor) -> _Prompt:
@@ -303,13 +348,14 @@ class _Replacement:
 
 def attribute(
     model: HookedGPT,
-    transcoders: Sequence[SAE],
+    transcoders: Transcoders,
     prompt: str | Tensor,
     *,
     max_n_logits: int = 10,
     desired_logit_prob: float = 0.95,
     max_feature_nodes: int | None = None,
     batch_size: int = 64,
+    target: str | int | None = None,
 ) -> AttributionGraph:
     """Return the attribution graph of ``prompt`` through ``transcoders`` (one per layer, layer 0 first).
 
@@ -317,18 +363,17 @@ def attribute(
     those with the largest influence on the logit nodes are kept (ranked by the logit rows' direct
     effects, then refined through the feature rows computed so far, as circuit-tracer does). The
     dropped features' contributions stay in their targets' ``constant``, so rows still sum exactly.
+    ``target`` (one token, as text or id) joins the logit nodes when it is not among the top ones.
     """
-    check_transcoders(model, transcoders)
+    transcoders = check_transcoders(model, transcoders)
     if not 0 < desired_logit_prob <= 1:
         raise InputError(f"desired_logit_prob={desired_logit_prob} must lie in (0, 1]")
     if max_n_logits < 1 or batch_size < 1:
         raise InputError(f"max_n_logits={max_n_logits} and batch_size={batch_size} must be at least 1")
     if max_feature_nodes is not None and max_feature_nodes < 1:
         raise InputError(f"max_feature_nodes={max_feature_nodes} must be at least 1 (or None for all)")
-    tokens = model.to_tokens(prompt) if isinstance(prompt, str) else model.check_tokens(prompt)
-    if tokens.shape[0] != 1:
-        raise InputError(f"attribute takes one prompt, got a batch of {tokens.shape[0]}")
-    tokens = tokens[:1]
+    tokens = prompt_tokens(model, prompt)
+    wanted = None if target is None else target_token(model, target)
     L, n_pos = model.cfg.n_layers, tokens.shape[1]
     rec = _record(model, tokens)
 
@@ -343,9 +388,14 @@ def attribute(
     top = probs.topk(min(max_n_logits, probs.numel()))
     n_logits = min(int((top.values.cumsum(0) < desired_logit_prob).sum()) + 1, top.values.numel())
     logit_tokens, logit_probs = top.indices[:n_logits], top.values[:n_logits]
+    if wanted is not None and wanted not in logit_tokens.tolist():  # an asked-for answer joins the logit nodes
+        logit_tokens = torch.cat([logit_tokens, torch.tensor([wanted], device=logit_tokens.device)])
+        logit_probs = torch.cat([logit_probs, probs[wanted:wanted + 1]])
+        n_logits += 1
 
     # The replacement model, and a copy with every source zeroed: its targets are the constants.
-    rep = _Replacement(model, transcoders, tokens, rec, acts, errors, batch_size)
+    n_rows = n_logits + (active.shape[0] if max_feature_nodes is None else min(max_feature_nodes, active.shape[0]))
+    rep = _Replacement(model, transcoders, tokens, rec, acts, errors, min(batch_size, n_rows))  # no idle copies
     gap = float((rep.logits[0].detach() - rec.logits).abs().max())
     if gap > 1e-3 * max(1.0, float(rec.logits.abs().max())):
         raise ConfigError(f"the replacement model misses the model's logits by {gap:.2e}; report this as a bug")
@@ -385,6 +435,7 @@ def attribute(
         n_layers=L, logit_texts=logit_texts, model_name=model.cfg.name or "",
         settings={"max_n_logits": max_n_logits, "desired_logit_prob": desired_logit_prob,
                   "max_feature_nodes": max_feature_nodes, "batch_size": batch_size, "n_active_features": n_all,
+                  "target": wanted,
                   "backward_passes": math.ceil(len(targets) / batch_size)},
     )
 
@@ -473,12 +524,18 @@ def _feature_influence(feature_rows: Tensor, logit_rows: Tensor, weights: Tensor
 
 @dataclass(frozen=True)
 class FeatureEdit:
-    """Set feature ``index`` of layer ``layer``'s transcoder to ``value`` at position ``pos``."""
+    """Set feature ``index`` of layer ``layer``'s transcoder to ``value`` at position ``pos``
+    (``scale=True``: multiply its activation by ``value``; ``value=0`` zeroes it either way)."""
 
     layer: int
     pos: int
     index: int
     value: float
+    scale: bool = False
+
+    def new_value(self, activation: Tensor) -> Tensor:
+        """The feature's value after the edit, given its activation before."""
+        return activation * self.value if self.scale else torch.full_like(activation, self.value)
 
 
 def _check_edits(model: HookedGPT, transcoders: Sequence[SAE], n_pos: int, edits: Sequence[FeatureEdit]) -> None:
@@ -491,15 +548,15 @@ def _check_edits(model: HookedGPT, transcoders: Sequence[SAE], n_pos: int, edits
             raise InputError(f"{e}: the value must be a finite number")
 
 
-def intervene(model: HookedGPT, transcoders: Sequence[SAE], prompt: str | Tensor, edits: Sequence[FeatureEdit],
+def intervene(model: HookedGPT, transcoders: Transcoders, prompt: str | Tensor, edits: Sequence[FeatureEdit],
               ) -> Float[Tensor, "pos d_vocab"]:
     """Return the real model's logits with the edited features' decoder differences added to the MLP outputs.
 
     At each edited (layer, position) the feature's activation on this run (its transcoder applied to
     ``mlp.hook_in``) is moved to the new value by adding ``(value - activation) * W_dec[index]`` to
     ``mlp.hook_out``; everything downstream, attention included, is recomputed by the real model."""
-    check_transcoders(model, transcoders)
-    tokens = model.to_tokens(prompt) if isinstance(prompt, str) else model.check_tokens(prompt)
+    transcoders = check_transcoders(model, transcoders)
+    tokens = prompt_tokens(model, prompt)
     _check_edits(model, transcoders, tokens.shape[-1], edits)
     seen: dict[int, Tensor] = {}
     by_layer: dict[int, list[FeatureEdit]] = {}
@@ -518,7 +575,8 @@ def intervene(model: HookedGPT, transcoders: Sequence[SAE], prompt: str | Tensor
             acts = tc.encode(seen[layer])
             y = y.clone()
             for e in by_layer[layer]:
-                y[:, e.pos] += ((e.value - acts[:, e.pos, e.index])[:, None] * tc.W_dec[e.index]).to(y.dtype)
+                a = acts[:, e.pos, e.index]
+                y[:, e.pos] += ((e.new_value(a) - a)[:, None] * tc.W_dec[e.index]).to(y.dtype)
             return y
         return hook
 
@@ -528,7 +586,20 @@ def intervene(model: HookedGPT, transcoders: Sequence[SAE], prompt: str | Tensor
         return model.run_with_hooks(tokens[:1], fwd_hooks=hooks)[0].float()
 
 
-def intervene_replacement(model: HookedGPT, transcoders: Sequence[SAE], prompt: str | Tensor,
+def predicted_logit_change(graph: AttributionGraph, edits: Sequence[FeatureEdit]) -> Float[Tensor, " n_logits"]:
+    """Return what the graph predicts an edit does to each logit node (demeaned): the edited features'
+    direct effects, scaled by how far each feature moves (exact in the frozen replacement with the
+    other features held, ``intervene_replacement(..., propagate=False)``). Features the graph does not
+    hold (inactive, or left out by the budget) are an InputError."""
+    change = torch.zeros(graph.n_logits)
+    for e in edits:
+        node = graph.feature_node(e.layer, e.pos, e.index)
+        act = graph.activations[node]
+        change += graph.adjacency[graph.logit_node(0):, node] * (e.new_value(act) - act) / act
+    return change
+
+
+def intervene_replacement(model: HookedGPT, transcoders: Transcoders, prompt: str | Tensor,
                           edits: Sequence[FeatureEdit], *, propagate: bool = True) -> Float[Tensor, "pos d_vocab"]:
     """Return the local replacement model's logits with features set to new values.
 
@@ -536,9 +607,8 @@ def intervene_replacement(model: HookedGPT, transcoders: Sequence[SAE], prompt: 
     their values. ``propagate=True`` recomputes every later feature through its transcoder (the
     circuit-tracer semantics of an intervention); ``propagate=False`` holds every other feature at its
     recorded activation, the linear model whose direct effects are the graph's edges."""
-    check_transcoders(model, transcoders)
-    tokens = model.to_tokens(prompt) if isinstance(prompt, str) else model.check_tokens(prompt)
-    tokens = tokens[:1]
+    transcoders = check_transcoders(model, transcoders)
+    tokens = prompt_tokens(model, prompt)
     _check_edits(model, transcoders, tokens.shape[-1], edits)
     rec = _record(model, tokens)
     with torch.no_grad():
@@ -559,7 +629,7 @@ def intervene_replacement(model: HookedGPT, transcoders: Sequence[SAE], prompt: 
                 a = tc.encode(mlp_in[layer]) if propagate else acts[layer].clone()
                 for e in edits:
                     if e.layer == layer:
-                        a[e.pos, e.index] = e.value
+                        a[e.pos, e.index] = e.new_value(a[e.pos, e.index])
                 out = a @ tc.W_dec + tc.b_dec + errors[layer]
                 skip = tc.skip_out(mlp_in[layer])
                 return (out if skip is None else out + skip).unsqueeze(0).to(y.dtype)
@@ -741,3 +811,68 @@ def to_circuit_tracer_json(graph: AttributionGraph, pruned: Pruned | None = None
             "schema_version": 1, "info": {"generator": "interp-workbench", "settings": graph.settings}}
     qparams = {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""}
     return {"metadata": meta, "qParams": qparams, "nodes": used, "links": links}
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a graph: influence on one logit, the strongest paths, a transcoder set by name
+
+
+def logit_influence(graph: AttributionGraph, logit: int = 0) -> Float[Tensor, " n_nodes"]:
+    """Return every node's influence on logit node ``logit`` alone (0: the most probable): the sum over
+    all paths to it of the products of the edges' shares of each target's total absolute input."""
+    if not 0 <= logit < graph.n_logits:
+        raise InputError(f"logit node {logit} does not exist; the graph has {graph.n_logits} logit nodes")
+    w = torch.zeros(graph.n_nodes)
+    w[graph.logit_node(logit)] = 1.0
+    return _influence(_normalized(graph.adjacency), w)
+
+
+class GraphPath(NamedTuple):
+    """A path from a source (token or error) to a logit node."""
+
+    nodes: list[int]
+    """Node indices, source first."""
+    strength: float
+    """The product of each edge's signed share of its target's total absolute input."""
+
+
+def top_paths(graph: AttributionGraph, pruned: Pruned | None = None, logit: int = 0, k: int = 10) -> list[GraphPath]:
+    """Return the ``k`` strongest paths (by |strength|) from a token or error node to logit node ``logit``,
+    over the edges ``pruned`` keeps (all edges without it)."""
+    A = graph.adjacency if pruned is None else graph.adjacency * pruned.edge_mask
+    share = A / graph.adjacency.abs().sum(-1, keepdim=True).clamp_min(1e-10)
+    end = graph.logit_node(logit)
+    best: dict[int, list[tuple[float, list[int]]]] = {end: [(1.0, [end])]}
+    # targets in reverse topological order: the logit, then features from the last layer to the first
+    layers = graph.features[:, 0]
+    order = [end] + [int(n) for n in torch.argsort(layers, descending=True, stable=True)]
+    for t in order:
+        paths = best.get(t)
+        if not paths:
+            continue
+        row = share[t]
+        for s in row.nonzero().flatten().tolist():
+            w = float(row[s])
+            merged = best.setdefault(s, []) + [(w * strength, [s, *nodes]) for strength, nodes in paths]
+            best[s] = sorted(merged, key=lambda p: -abs(p[0]))[:k]
+    sources = range(graph.n_features, graph.logit_node(0))
+    found = [p for s in sources for p in best.get(s, [])]
+    return [GraphPath(nodes, strength) for strength, nodes in sorted(found, key=lambda p: -abs(p[0]))[:k]]
+
+
+def load_transcoders(spec: str | os.PathLike) -> dict[int, SAE]:
+    """Return a transcoder set by directory (a ``train_transcoders`` output) or by the name of a shipped set
+    (``data/transcoders/NAME``), as ``{layer: transcoder}``."""
+    from workbench import paths
+
+    path = Path(spec)
+    if not path.is_dir():
+        shipped = paths.DATA_DIR / "transcoders" / str(spec)
+        if not shipped.is_dir():
+            names_ = sorted(p.name for p in (paths.DATA_DIR / "transcoders").glob("*") if p.is_dir())
+            raise InputError(f"transcoders {str(spec)!r}: no such directory and no shipped set of that name "
+                             f"(shipped: {', '.join(names_) or 'none'}); train one with `workbench train-transcoders`")
+        path = shipped
+    from workbench.pipelines import load_transcoder_set
+
+    return load_transcoder_set(path)

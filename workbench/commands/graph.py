@@ -1,0 +1,106 @@
+"""``workbench graph``: an attribution graph of a prompt through a transcoder set (Ameisen et al. 2025).
+
+    workbench graph kjv-small "And God said, Let there be" --transcoders kjv-small
+    workbench graph kjv-small "In the beginning God" --transcoders runs/tc --target " created" --top 5
+    workbench graph kjv-small "And the LORD" --transcoders kjv-small --out g.safetensors --export g.json --report DIR
+
+Prints the graph's size, its replacement and completeness scores before and after pruning, and the
+strongest paths from a token (or error) to the top logit. ``--transcoders`` is a directory written by
+``workbench train-transcoders`` or the name of a shipped set (``data/transcoders/NAME``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+
+def _cmd_graph(args: argparse.Namespace) -> int:
+    from workbench.analysis import graph as G
+    from workbench.commands.analysis import _load, _write_json, _write_report
+
+    for name in ("node_threshold", "edge_threshold"):  # before the slow part, so a typo fails at once
+        value = getattr(args, name)
+        if not 0 < value <= 1:
+            from workbench.errors import InputError
+
+            raise InputError(f"--{name.replace('_', '-')} {value} must lie in (0, 1]")
+    model = _load(args.model)
+    transcoders = G.load_transcoders(args.transcoders)
+    t0 = time.perf_counter()
+    graph = G.attribute(model, transcoders, args.prompt, max_feature_nodes=args.max_features,
+                        target=G.target_token(model, args.target) if args.target is not None else None,
+                        batch_size=args.batch_size)
+    seconds = time.perf_counter() - t0
+    pruned = G.prune(graph, args.node_threshold, args.edge_threshold)
+    full, kept = G.graph_scores(graph), G.graph_scores(graph, pruned)
+    n_kept, n_edges = int(pruned.node_mask.sum()), int(pruned.edge_mask.sum())
+    print(f"{args.model}: {graph.n_pos} tokens, {graph.n_features} active features "
+          f"({graph.settings['n_active_features']} before the budget), {graph.n_logits} logit nodes; "
+          f"built in {seconds:.2f} s ({graph.settings['backward_passes']} batched backward passes)")
+    print("top logits: " + ", ".join(f"{graph.logit_label(i)!r} {float(p):.3f}" for i, p in enumerate(graph.logit_probs)))
+    print(f"pruned at node {args.node_threshold} / edge {args.edge_threshold}: {n_kept} of {graph.n_nodes} nodes, "
+          f"{n_edges} of {int((graph.adjacency != 0).sum())} edges")
+    print(f"replacement score {full.replacement:.3f} (pruned {kept.replacement:.3f}), "
+          f"completeness {full.completeness:.3f} (pruned {kept.completeness:.3f})")
+    logit = 0
+    if args.target is not None:
+        logit = graph.logit_tokens.tolist().index(graph.settings["target"])
+    paths = G.top_paths(graph, pruned, logit=logit, k=args.top)
+    print(f"strongest paths to {graph.logit_label(logit)!r} (strength: product of each edge's share of its target's input)")
+    print(f"  {'strength':>9}  path")
+    rows = []
+    for p in paths:
+        text = " -> ".join(graph.node_label(n) for n in p.nodes)
+        rows.append({"strength": p.strength, "path": text})
+        print(f"  {p.strength:+9.4f}  {text}")
+    if args.out:
+        print(f"graph written to {graph.save(args.out)}")
+    if args.export:
+        import json
+        from pathlib import Path
+
+        data = G.to_circuit_tracer_json(graph, pruned, slug=args.model, node_threshold=args.node_threshold)
+        Path(args.export).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.export).write_text(json.dumps(data))
+        print(f"circuit-tracer graph JSON written to {args.export} ({len(data['nodes'])} nodes, {len(data['links'])} links)")
+    numbers = {"model": args.model, "prompt": args.prompt, "tokens": graph.str_tokens, "seconds": seconds,
+               "n_features": graph.n_features, "n_nodes": graph.n_nodes, "n_nodes_pruned": n_kept,
+               "n_edges_pruned": n_edges, "logits": [graph.logit_label(i) for i in range(graph.n_logits)],
+               "logit_probs": graph.logit_probs, "replacement": full.replacement, "completeness": full.completeness,
+               "replacement_pruned": kept.replacement, "completeness_pruned": kept.completeness,
+               "paths": rows, "settings": graph.settings}
+    _write_json(args.json, numbers)
+    if args.report:
+        from workbench import graph_plots
+        from workbench.report import Report
+
+        report = Report(f"Attribution graph: {args.model}")
+        report.text(f"Prompt {args.prompt!r} through the transcoders {args.transcoders!r}: {graph.n_features} active "
+                    f"features; pruned to {n_kept} of {graph.n_nodes} nodes. Replacement score "
+                    f"{full.replacement:.3f}, completeness {full.completeness:.3f} (pruned: {kept.replacement:.3f}, "
+                    f"{kept.completeness:.3f}).")
+        report.figure(graph_plots.graph_figure(graph, pruned, edge_threshold=0.05,
+                                               title="pruned graph (edges above 5% of the largest)"))
+        report.table(rows, caption=f"strongest paths to {graph.logit_label(logit)!r}")
+        _write_report(report, args.report, numbers)
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("graph", help="attribution graph of a prompt through transcoder features")
+    p.add_argument("model", help="zoo name, checkpoint directory or .gguf file")
+    p.add_argument("prompt")
+    p.add_argument("--transcoders", required=True, metavar="DIR|NAME",
+                   help="a set from `workbench train-transcoders` or a shipped set's name")
+    p.add_argument("--target", help="explain this next token (one token of text) besides the top logits")
+    p.add_argument("--max-features", type=int, help="keep at most this many feature nodes, by influence")
+    p.add_argument("--node-threshold", type=float, default=0.8, help="pruning: influence share of nodes kept (0.8)")
+    p.add_argument("--edge-threshold", type=float, default=0.98, help="pruning: influence share of edges kept (0.98)")
+    p.add_argument("--top", type=int, default=10, help="paths to list (default 10)")
+    p.add_argument("--batch-size", type=int, default=64, help="target rows per backward pass (default 64)")
+    p.add_argument("--out", metavar="FILE", help="save the graph (one .safetensors file)")
+    p.add_argument("--export", metavar="FILE", help="write circuit-tracer's graph JSON (for Neuronpedia-style viewers)")
+    p.add_argument("--json", metavar="FILE", help="also write the numbers to this JSON file")
+    p.add_argument("--report", metavar="DIR", help="also write report.html (the graph) and report.json here")
+    p.set_defaults(func=_cmd_graph)
