@@ -293,6 +293,70 @@ def test_dynamics_slider_on_attn_only_2l_shows_the_phase_change(app_env, monkeyp
     assert arr(logged["y"]) == pytest.approx(S.lr_schedule(cfg, arr(logged["x"])))
 
 
+def test_snapshot_slider_on_the_attention_embeddings_and_lens_pages(app_env, monkeypatch):
+    """The "Across training" section where each view lives: its slider redraws that page's view at a snapshot, and
+    on attn-only-2l the attention page shows the induction score jumping between the snapshots around the phase
+    change."""
+    from workbench import snapshots as S
+    from workbench.app import choices
+    from workbench.app.dynamics import SECTION_SEQ_LEN
+
+    _attn_only_2l(monkeypatch)
+    snaps = S.list_snapshots(choices.model_dir("attn-only-2l"))
+    path = {s.step: s.path for s in snaps}
+
+    at = page("attention")
+    caption = [c.value for c in at.caption if "phase change" in c.value and "between steps" in c.value]
+    assert caption, [c.value for c in at.caption]
+    lo, hi = (int(w) for w in caption[0].split("between steps ")[1].split(" (")[0].split(" and "))
+    assert 200 <= lo < hi <= 1000
+    best = {}
+    for step in (lo, hi):
+        at.select_slider(key="attention_snap_step").set_value(step).run()
+        assert not at.exception, [e.value for e in at.exception]
+        grid = np.array(arr(fig_titled(at, f"Induction score of every head at step {step}")["data"][0]["z"]))
+        want = S.snapshot_heads(S.load_snapshot(path[step]), step, SECTION_SEQ_LEN)
+        np.testing.assert_allclose(grid, want.induction.numpy(), atol=1e-5)
+        assert float(metric(at, "best induction score")) == pytest.approx(float(want.induction.max()), abs=5e-3)
+        layer, head = at.slider(key="attention_snap_layer").value, at.slider(key="attention_snap_head").value
+        pattern = np.array(arr(fig_titled(at, f"Layer {layer}, head {head} at step {step}")["data"][0]["z"]),
+                           dtype=float)
+        np.testing.assert_allclose(np.nan_to_num(pattern), want.pattern[layer, head].numpy(), atol=1e-5)
+        best[step] = grid[1].max()
+    assert best[hi] - best[lo] > 0.1  # the phase change: layer 1's induction head forms between the two snapshots
+    assert at.slider(key="attn_layer") is not None  # the page's own view is still there, above the section
+
+    at = page("embeddings")
+    shown = {}
+    for step in (lo, hi):
+        at.select_slider(key="embeddings_snap_step").set_value(step).run()
+        assert not at.exception, [e.value for e in at.exception]
+        emb = fig_titled(at, f"Token embeddings at step {step}")
+        shown[step] = np.array(arr(emb["data"][0]["x"])), np.array(arr(emb["data"][0]["y"]))
+    final = S.load_snapshot(snaps[-1].path).embed.W_E.detach()
+    frames = S.embedding_frames([S.load_snapshot(path[s]).embed.W_E.detach() for s in sorted(path)], sorted(path),
+                                list(range(final.shape[0])))
+    i = sorted(path).index(hi)
+    np.testing.assert_allclose(shown[hi][0], frames.coords[i, :, 0].numpy(), atol=1e-4)
+    np.testing.assert_allclose(shown[hi][1], frames.coords[i, :, 1].numpy(), atol=1e-4)
+    assert not np.allclose(shown[lo][0], shown[hi][0])  # the embeddings moved between the two snapshots
+
+    at = page("logit-lens")
+    at.select_slider(key="lens_snap_step").set_value(hi).run()
+    assert not at.exception, [e.value for e in at.exception]
+    lens = fig_titled(at, "Logit lens on the repeated copy across training")
+    last = arr([d for d in lens["data"] if d["name"] == "decoded after block 1"][0]["y"])
+    assert last[i] == pytest.approx(S.snapshot_heads(S.load_snapshot(path[hi]), hi, SECTION_SEQ_LEN).loss_repeat,
+                                    abs=1e-4)
+
+
+def test_pages_without_snapshots_draw_no_training_section(app_env):
+    for url in ("attention", "embeddings"):
+        at = page(url)
+        assert not [h for h in at.subheader if h.value == "Across training"]
+        assert "attention_snap_step" not in at.session_state and "embeddings_snap_step" not in at.session_state
+
+
 def test_dynamics_page_without_snapshots_still_draws_the_training_log(app_env, monkeypatch):
     from workbench import snapshots as S
     from workbench.app import choices

@@ -1,8 +1,8 @@
 """The teaching and training-dynamics pages in a real browser: `streamlit run app.py`, headless Debian
 chromium (Playwright), each page visited by its URL, one control used, a plotly figure and no exception
-or error afterwards. The dynamics page runs on attn-only-2l (its snapshots ship in data/models) and its
-step slider is moved across the phase change. Screenshots go to the test's temporary directory, and to
-``$WORKBENCH_SCREENSHOTS`` when that is set."""
+or error afterwards. The dynamics page, and the embeddings and attention pages' "Across training" sections,
+run on attn-only-2l (its snapshots ship in data/models) and their step slider is moved across the phase
+change. Screenshots go to the test's temporary directory, and to ``$WORKBENCH_SCREENSHOTS`` when that is set."""
 
 from __future__ import annotations
 
@@ -122,6 +122,11 @@ PAGES = {
     # from step 2500, twenty snapshots back is step 500: just after the phase change
     "dynamics?model=attn-only-2l": ("Training dynamics", _slider("Training step", "ArrowLeft", 20),
                                     "Layer 1, head 0 at step 500"),
+    # the same slider where each view lives: the embeddings and attention pages' "Across training" sections
+    "embeddings?model=attn-only-2l": ("Embeddings", _slider("Training step", "ArrowLeft", 20),
+                                      "Token embeddings at step 500"),
+    "attention?model=attn-only-2l": ("Attention patterns", _slider("Training step", "ArrowLeft", 20),
+                                     "Induction score of every head at step 500"),
 }
 
 
@@ -134,7 +139,7 @@ def test_teaching_pages_in_a_browser(teaching_url, page, tmp_path):
     problems = []
     for path, (heading, interact, expected) in PAGES.items():
         toy = choices.model_dir("attn-only-2l")
-        if path.startswith("dynamics") and (toy is None or not (toy / "snapshots").is_dir()):
+        if "attn-only-2l" in path and (toy is None or not (toy / "snapshots").is_dir()):
             continue  # the built-in model and its snapshots have not landed in data/models
         page.goto(f"{teaching_url}/{path}")
         page.get_by_role("heading", name=heading).first.wait_for()

@@ -69,3 +69,6 @@ def attention_page(sel: Selection) -> None:
                    key="attn_scores")
         st.dataframe(scores.sort_values("induction", ascending=False).head(12).style.format(precision=3),
                      hide_index=True)
+    from workbench.app.dynamics import across_training
+
+    across_training(sel, "attention")  # a slider over the training snapshots, where the model has them

@@ -83,6 +83,9 @@ def embeddings_page(sel: Selection) -> None:
                    + ", ".join(f"{figures.show_token(w)!r} → {' + '.join(repr(figures.show_token(p)) for p in ps)}"
                                for w, ps in split[:8]) + (" …" if len(split) > 8 else ""))
     share.plot(figures.scatter_2d(points, f"Token embeddings, {method.upper()} (scikit-learn)"), key="emb_projection")
+    from workbench.app.dynamics import across_training
+
+    across_training(sel, "embeddings")  # a slider over the training snapshots, where the model has them
 
 
 def _projection(model, words: str, method: str, spaced: bool):

@@ -111,3 +111,6 @@ def lens_page(sel: Selection) -> None:
         f"#{j + 1}": [f"{decode([row[j]])}  {p[j]:.2f}" for row, p in zip(ids, ps)] for j in range(k)})
     st.markdown(f"**Top {k} next tokens at {pos_label}** ({which})")
     st.dataframe(table, hide_index=True)
+    from workbench.app.dynamics import across_training
+
+    across_training(sel, "lens")  # a slider over the training snapshots, where the model has them
