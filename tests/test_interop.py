@@ -9,7 +9,14 @@ from helpers import LLAMA_TINY, tiny_cfg
 from workbench import HookedGPT
 from workbench.errors import InputError
 
-pytest.importorskip("transformer_lens.model_bridge")
+try:
+    import transformer_lens.model_bridge  # noqa: F401
+
+    HAVE_TL = True
+except ImportError:
+    HAVE_TL = False
+#: every test but the missing-package one needs TransformerLens 4.x (the optional `test` extra)
+needs_tl = pytest.mark.skipif(not HAVE_TL, reason="TransformerLens 4.x is not installed (pip install -e '.[test]')")
 
 # hooks both sides name the same way (TransformerLens' classic names plus the 4.x component hooks)
 BLOCK_HOOKS = ["hook_resid_pre", "ln1.hook_scale", "ln1.hook_normalized", "attn.hook_q", "attn.hook_k", "attn.hook_v",
@@ -44,6 +51,7 @@ def _assert_same_weights(a: HookedGPT, b: HookedGPT) -> None:
         assert torch.equal(sa[k], sb[k]), k
 
 
+@needs_tl
 def test_kjv_small_round_trips_through_transformer_lens():
     from workbench import load_model
 
@@ -57,6 +65,7 @@ def test_kjv_small_round_trips_through_transformer_lens():
     assert (back.tokenizer.bos_token_id, back.tokenizer.add_bos) == (model.tokenizer.bos_token_id, model.tokenizer.add_bos)
 
 
+@needs_tl
 def test_llama_family_round_trips(hf_tokenizer_dir):
     from workbench.tokenize import Tokenizer
 
@@ -67,6 +76,7 @@ def test_llama_family_round_trips(hf_tokenizer_dir):
     _assert_same_weights(model, HookedGPT.from_transformer_lens(bridge))
 
 
+@needs_tl
 @pytest.mark.smollm2
 def test_smollm2_agrees_with_its_bridge(smollm2):
     bridge = smollm2.to_transformer_lens()
@@ -74,11 +84,24 @@ def test_smollm2_agrees_with_its_bridge(smollm2):
     _agree(smollm2, bridge, tokens, atol=1e-4, rtol=1e-4)  # residual norms reach ~1e2 by the middle layers
 
 
+@needs_tl
 def test_bad_inputs_are_clear_errors():
     with pytest.raises(InputError, match="needs the model's tokenizer"):
         HookedGPT(tiny_cfg()).to_transformer_lens()
     with pytest.raises(InputError, match="takes a TransformerLens 4.x TransformerBridge"):
         HookedGPT.from_transformer_lens(object())
+
+
+def test_a_missing_transformer_lens_names_the_package_to_install(monkeypatch, hf_tokenizer_dir):
+    import sys
+
+    from workbench.errors import ConfigError
+    from workbench.tokenize import Tokenizer
+
+    monkeypatch.setitem(sys.modules, "transformer_lens.model_bridge", None)  # import fails as if not installed
+    model = HookedGPT(tiny_cfg(d_vocab=100), tokenizer=Tokenizer.load(hf_tokenizer_dir))
+    with pytest.raises(ConfigError, match=r"TransformerLens 4.x is not installed: `pip install 'transformer-lens>=4"):
+        model.to_transformer_lens()
 
 
 def test_export_hf_writes_the_models_special_tokens_and_tokenizer(tmp_path, hf_tokenizer_dir):

@@ -89,13 +89,24 @@ def cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def sae_dir(path: str | Path) -> Path:
+    """Return the SAE directory a command line names: the SAE itself (``cfg.json`` in it) or a
+    ``workbench train-sae`` run directory, whose SAE is in ``sae/`` (the README passes the run directory)."""
+    from workbench.sae.io import CFG_FILE
+
+    path = Path(path)
+    if not (path / CFG_FILE).is_file() and (path / "sae" / CFG_FILE).is_file():
+        return path / "sae"
+    return path  # load_sae says what is missing
+
+
 def _load_for_eval(args: argparse.Namespace) -> tuple[Any, Any, Any, str]:
     from workbench.sae.io import load_sae
     from workbench.store import ActivationStore
     from workbench.zoo import load_model
 
     store = ActivationStore.open(args.store)
-    sae = load_sae(args.sae, device=args.device or "cpu")
+    sae = load_sae(sae_dir(args.sae), device=args.device or "cpu")
     meta = getattr(sae, "metadata", {}) or {}
     hook = args.hook or meta.get("hook_name") or (store.hooks[0] if len(store.hooks) == 1 else None)
     if hook is None:
@@ -155,7 +166,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ("features", cmd_features, "per-latent dashboard statistics of an SAE over a store"),
     ):
         q = subparsers.add_parser(name, help=help_text)
-        q.add_argument("sae", help="SAE directory (SAELens layout)")
+        q.add_argument("sae", help="SAE directory (SAELens layout), or the train-sae run directory holding it in sae/")
         q.add_argument("--store", required=True, help="activation store directory")
         q.add_argument("--hook", default=None, help="hook (default: the SAE's metadata hook_name)")
         q.add_argument("--model", default=None, help="model (default: the one the store names)")
