@@ -1,0 +1,445 @@
+"""Edge attribution patching (EAP, EAP-IG), circuit discovery and faithfulness.
+
+The graph (Hanna et al. 2024, "Have faith in faithfulness"): upstream nodes are the input
+embeddings, every head's output (``z_h W_O[h]``, written into the residual stream) and every MLP's
+output; downstream nodes are every head's query, key and value inputs (separately), every MLP's
+input and the logits. An edge ``u -> d`` exists when ``u`` writes before ``d`` reads: the input of
+``d`` is the sum of its upstream nodes' outputs (plus biases). In grouped-query models each query
+head gets its own key and value inputs (the K/V heads are split), so SmolLM2 has 123,211 edges.
+
+EAP scores an edge by the first-order effect of corrupting it alone,
+``(a_u(corrupt) - a_u(clean)) . dm/d input_d``, with the gradient taken on the clean run; EAP-IG
+averages the gradient over ``m`` inputs interpolated between the corrupted and the clean
+embeddings (``k/m`` of the way, ``k = 1..m``). A circuit is a set of edges; its faithfulness is
+``(m_circuit - m_corrupt) / (m_clean - m_corrupt)``, where ``m_circuit`` comes from the clean run
+with every edge outside the circuit patched to its corrupt value: each downstream node reads the
+clean-path outputs of the edges kept and the corrupted run's outputs of the others.
+
+Both the gradients and the patched runs need every downstream node to have its own input, which the
+fused model does not have; :func:`split_forward` recomputes the forward pass with one input per
+downstream node from the model's own weights and norm modules (checked against the model's logits
+and its gradients in the tests).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, NamedTuple
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from workbench.analysis.attribution_patching import metric_value
+from workbench.analysis.patching import LogitDiff, Metric, _check_pair
+from workbench.errors import InputError
+from workbench.model import apply_rotary
+
+if TYPE_CHECKING:
+    from workbench.model import HookedGPT
+
+EAPMethod = Literal["eap", "eap-ig"]
+Selection = Literal["topn", "greedy"]
+QKV = ("q", "k", "v")
+
+
+# ---------------------------------------------------------------------------------------------
+# The graph
+
+
+@dataclass(frozen=True)
+class Graph:
+    """Nodes and edges of a model's computational graph, in the layout of EAP's score matrix.
+
+    Upstream order: ``input``, then per layer ``a{l}.h{h}`` for every head and ``m{l}``.
+    Downstream order: per layer ``a{l}.h{h}<q>``, ``<k>``, ``<v>`` for every head, then ``m{l}``;
+    finally ``logits``."""
+
+    n_layers: int
+    n_heads: int
+    has_mlp: bool
+
+    @classmethod
+    def from_model(cls, model: "HookedGPT") -> "Graph":
+        return cls(model.cfg.n_layers, model.cfg.n_heads, not model.cfg.attn_only)
+
+    @property
+    def _m(self) -> int:
+        return int(self.has_mlp)
+
+    def up_start(self, layer: int) -> int:
+        """Index of layer ``layer``'s first head among the upstream nodes."""
+        return 1 + layer * (self.n_heads + self._m)
+
+    def down_start(self, layer: int) -> int:
+        """Index of layer ``layer``'s first head input among the downstream nodes."""
+        return layer * (3 * self.n_heads + self._m)
+
+    @property
+    def n_up(self) -> int:
+        return self.up_start(self.n_layers)
+
+    @property
+    def n_down(self) -> int:
+        return self.down_start(self.n_layers) + 1
+
+    @property
+    def upstream(self) -> list[str]:
+        names = ["input"]
+        for layer in range(self.n_layers):
+            names += [f"a{layer}.h{h}" for h in range(self.n_heads)] + ([f"m{layer}"] if self.has_mlp else [])
+        return names
+
+    @property
+    def downstream(self) -> list[str]:
+        names = []
+        for layer in range(self.n_layers):
+            names += [f"a{layer}.h{h}<{c}>" for h in range(self.n_heads) for c in QKV]
+            names += [f"m{layer}"] if self.has_mlp else []
+        return names + ["logits"]
+
+    def valid(self) -> Bool[Tensor, "up down"]:
+        """Which (upstream, downstream) pairs are edges: the upstream node writes before the downstream one reads."""
+        H, m = self.n_heads, self._m
+        up_layer = torch.tensor([-1] + [layer for layer in range(self.n_layers) for _ in range(H + m)])
+        up_is_mlp = torch.tensor([False] + [i == H for _ in range(self.n_layers) for i in range(H + m)])
+        down_layer = torch.tensor([layer for layer in range(self.n_layers) for _ in range(3 * H + m)] + [self.n_layers])
+        down_is_mlp = torch.tensor([i == 3 * H for _ in range(self.n_layers) for i in range(3 * H + m)] + [False])
+        before = up_layer[:, None] < down_layer[None, :]
+        same_layer_head_to_mlp = (up_layer[:, None] == down_layer[None, :]) & ~up_is_mlp[:, None] & down_is_mlp[None, :]
+        return before | same_layer_head_to_mlp
+
+    @property
+    def n_edges(self) -> int:
+        return int(self.valid().sum())
+
+    def owner(self, down: int) -> int | None:
+        """The upstream node whose input ``down`` is (a head for its q/k/v, an MLP), None for the logits."""
+        if down == self.n_down - 1:
+            return None
+        layer, i = divmod(down, 3 * self.n_heads + self._m)
+        return self.up_start(layer) + (i // 3 if i < 3 * self.n_heads else self.n_heads)
+
+    def edge_name(self, up: int, down: int) -> str:
+        return f"{self.upstream[up]}->{self.downstream[down]}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The forward pass with one input per downstream node
+
+
+class SplitRun(NamedTuple):
+    """What :func:`split_forward` gives back."""
+
+    #: logits at the answer position
+    logits: Float[Tensor, "batch d_vocab"]
+    #: every upstream node's output
+    up: Float[Tensor, "up batch pos d_model"]
+    #: the residual stream each downstream layer reads: per layer (before attention, before the MLP), then the final one
+    resid: list[Tensor]
+    #: each downstream node's input, grouped: per layer the heads' ``[batch pos 3*head d_model]`` and
+    #: the MLP's ``[batch pos d_model]``, then the logits' ``[batch pos d_model]``
+    inputs: list[Tensor]
+
+
+class Patch(NamedTuple):
+    """Edges to keep; every other edge reads the corrupted run's upstream output."""
+
+    keep: Bool[Tensor, "up down"]
+    corrupt: SplitRun
+
+
+def split_forward(
+    model: "HookedGPT",
+    embed: Float[Tensor, "batch pos d_model"],
+    answer_pos: int = -1,
+    patch: Patch | None = None,
+) -> SplitRun:
+    """Return the forward pass from ``embed`` (token plus positional embeddings) with one input per
+    downstream node; with ``patch``, each input sums the kept edges' outputs of this run and the other
+    edges' outputs of the corrupted run (see the module docstring).
+
+    Without ``patch`` the inputs are views of the residual stream, so ``torch.autograd.grad`` with
+    respect to them gives each downstream node's own gradient."""
+    cfg, graph = model.cfg, Graph.from_model(model)
+    B, P, d = embed.shape
+    if patch is None and torch.is_grad_enabled() and not embed.requires_grad:
+        embed = embed.detach().requires_grad_(True)  # frozen weights: the inputs still need a graph
+    H, group = cfg.n_heads, cfg.n_heads // cfg.n_kv
+    up = embed.new_empty(graph.n_up, B, P, d)
+    up[0] = embed.detach()  # no gradient flows through the stored outputs: they are only read for patching
+    resids, inputs = [], []
+    rotary = model.rotary(0, P, embed.dtype) if cfg.positional == "rotary" else None
+    causal = torch.ones(P, P, dtype=torch.bool, device=embed.device).tril()
+    n_up = 1
+
+    def node_inputs(resid: Tensor, index: int, down: slice) -> Tensor:
+        """``[batch pos n d_model]``: the input of each downstream node in ``down``."""
+        n = down.stop - down.start
+        resids.append(resid)
+        if patch is None:
+            return resid[:, :, None, :].expand(B, P, n, d)
+        kept = patch.keep[:n_up, down].to(resid.dtype)
+        rows = kept.any(1).nonzero().squeeze(1)
+        x = patch.corrupt.resid[index][:, :, None, :].expand(B, P, n, d)
+        if len(rows):
+            delta = up[rows] - patch.corrupt.up[rows]
+            x = x + torch.einsum("ubpm,ud->bpdm", delta, kept[rows])
+        return x
+
+    resid = embed
+    for layer, block in enumerate(model.blocks):
+        attn = block.attn
+        start = graph.down_start(layer)
+        x = node_inputs(resid, 2 * layer, slice(start, start + 3 * H))
+        inputs.append(x)
+        n = block.ln1(x).view(B, P, H, 3, d)
+        W_K, W_V = (w.repeat_interleave(group, 0) for w in (attn.W_K, attn.W_V))
+        q = torch.einsum("bphm,hmd->bphd", n[:, :, :, 0], attn.W_Q)
+        k = torch.einsum("bphm,hmd->bphd", n[:, :, :, 1], W_K)
+        v = torch.einsum("bphm,hmd->bphd", n[:, :, :, 2], W_V)
+        if attn.b_Q is not None:
+            q, k, v = q + attn.b_Q, k + attn.b_K.repeat_interleave(group, 0), v + attn.b_V.repeat_interleave(group, 0)
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(cfg.d_head)
+        pattern = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+        z = torch.einsum("bhqk,bkhd->bqhd", pattern, v)
+        result = torch.einsum("bqhd,hdm->hbqm", z, attn.W_O)
+        s = graph.up_start(layer)
+        up[s: s + H] = result.detach()
+        n_up = s + H
+        attn_out = result.sum(0) if attn.b_O is None else result.sum(0) + attn.b_O
+        resid = resid + attn_out
+        if graph.has_mlp:
+            x = node_inputs(resid, 2 * layer + 1, slice(start + 3 * H, start + 3 * H + 1))[:, :, 0]
+            inputs.append(x)
+            out = block.mlp(block.ln2(x))
+            up[n_up] = out.detach()
+            n_up += 1
+            resid = resid + out
+        else:
+            resids.append(resid)  # keeps resid[2 * layer + 1] defined for attention-only models
+    x = node_inputs(resid, 2 * cfg.n_layers, slice(graph.n_down - 1, graph.n_down))[:, :, 0]
+    inputs.append(x)
+    logits = model.unembed_resid(x[:, answer_pos])
+    return SplitRun(logits, up, resids, inputs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Edge scores
+
+
+@dataclass(frozen=True)
+class EAPConfig:
+    """How edges are scored."""
+
+    #: ``eap``: the gradient on the clean run; ``eap-ig``: averaged over ``steps`` interpolated inputs
+    method: EAPMethod = "eap-ig"
+    #: integrated-gradient steps (Hanna et al. 2024 use 5); ignored by ``eap``
+    steps: int = 5
+    #: position whose logits the metric reads
+    answer_pos: int = -1
+    #: prompt pairs per forward/backward pass (memory); None: all at once
+    batch_size: int | None = 8
+
+
+class EAPResult(NamedTuple):
+    """Every edge's score: the estimated change of the (mean) metric when that edge alone is corrupted."""
+
+    graph: Graph
+    config: EAPConfig
+    #: ``[up down]``, zero where there is no edge
+    scores: Float[Tensor, "up down"]
+    clean: float
+    corrupt: float
+
+    def top_edges(self, n: int) -> list[tuple[str, float]]:
+        """The ``n`` edges with the largest absolute scores, as ``("u->d", score)``."""
+        flat = self.scores.abs().flatten()
+        idx = flat.topk(min(n, self.graph.n_edges)).indices
+        D = self.scores.shape[1]
+        return [(self.graph.edge_name(int(i) // D, int(i) % D), float(self.scores.flatten()[i])) for i in idx]
+
+
+def _select(metric: Metric, rows: slice, n: int) -> Metric:
+    """The metric of a slice of the prompts (per-prompt answers sliced with them)."""
+    if rows == slice(0, n):
+        return metric
+    if isinstance(metric, LogitDiff):
+        pick = lambda ids: ids if ids is None or ids.ndim == 0 else ids[rows]  # noqa: E731
+        return LogitDiff(pick(metric.answer), pick(metric.wrong))
+    if hasattr(metric, "select"):
+        return metric.select(rows)
+    raise InputError("this metric cannot be split across batches of prompts; give it a select(rows) method, use "
+                     "LogitDiff, or set batch_size to the number of prompts")
+
+
+def _chunks(n: int, size: int | None) -> list[slice]:
+    size = n if size is None else max(1, size)
+    return [slice(lo, min(lo + size, n)) for lo in range(0, n, size)]
+
+
+def edge_attribution(
+    model: "HookedGPT",
+    clean: Int[Tensor, "batch pos"],
+    corrupt: Int[Tensor, "batch pos"],
+    metric: Metric,
+    config: EAPConfig = EAPConfig(),
+) -> EAPResult:
+    """Return EAP or EAP-IG scores for every edge of the model's graph (see the module docstring)."""
+    if config.method not in ("eap", "eap-ig"):
+        raise InputError(f"method={config.method!r} is not one of 'eap', 'eap-ig'")
+    if config.method == "eap-ig" and (not isinstance(config.steps, int) or config.steps < 1):
+        raise InputError(f"steps={config.steps!r}: integrated gradients need m >= 1 steps (Hanna et al. use 5)")
+    clean, corrupt = _check_pair(model, clean, corrupt)
+    graph = Graph.from_model(model)
+    steps = config.steps if config.method == "eap-ig" else 1
+    N = clean.shape[0]
+    scores = torch.zeros(graph.n_up, graph.n_down)
+    m_clean = m_corrupt = 0.0
+    for rows in _chunks(N, config.batch_size):
+        w = (rows.stop - rows.start) / N
+        chunk_metric = _select(metric, rows, N)
+        with torch.no_grad():
+            e_clean, e_corrupt = model.embed_tokens(clean[rows]), model.embed_tokens(corrupt[rows])
+            run_clean = split_forward(model, e_clean, config.answer_pos)
+            run_corrupt = split_forward(model, e_corrupt, config.answer_pos)
+            m_clean += w * float(metric_value(chunk_metric, run_clean.logits))
+            m_corrupt += w * float(metric_value(chunk_metric, run_corrupt.logits))
+            delta = (run_corrupt.up - run_clean.up).flatten(1)
+            del run_clean, run_corrupt
+        grads = None
+        for k in range(1, steps + 1):
+            # k/m of the way from the corrupted to the clean embeddings (k = m: the clean run, plain EAP)
+            embed = e_corrupt + (k / steps) * (e_clean - e_corrupt)
+            with torch.enable_grad():
+                run = split_forward(model, embed, config.answer_pos)
+                value = metric_value(chunk_metric, run.logits) / steps
+                g = torch.autograd.grad(value, run.inputs)
+            g = _downstream_grads(g, graph)
+            grads = g if grads is None else grads + g
+            del run
+        scores += w * (delta @ grads.flatten(1).T).cpu()
+    scores *= graph.valid()
+    return EAPResult(graph, config, scores, m_clean, m_corrupt)
+
+
+def _downstream_grads(grads: Sequence[Tensor], graph: Graph) -> Float[Tensor, "down batch pos d_model"]:
+    """Stack the per-group input gradients of :func:`split_forward` in the downstream order."""
+    out = []
+    for g in grads:
+        out.append(g.permute(2, 0, 1, 3) if g.ndim == 4 else g[None])
+    return torch.cat(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Circuits and faithfulness
+
+
+def top_n_circuit(result: EAPResult, n: int) -> Bool[Tensor, "up down"]:
+    """The ``n`` edges with the largest absolute scores."""
+    if n < 0:
+        raise InputError(f"n={n}: the number of edges must be >= 0")
+    flat = result.scores.abs().flatten()
+    keep = torch.zeros_like(flat, dtype=torch.bool)
+    valid = result.graph.valid().flatten()
+    order = flat.masked_fill(~valid, -1).argsort(descending=True)[: min(n, int(valid.sum()))]
+    keep[order] = True
+    return keep.view_as(result.scores)
+
+
+def greedy_circuit(result: EAPResult, n: int) -> Bool[Tensor, "up down"]:
+    """``n`` edges grown from the logits: each step adds the edge with the largest absolute score among
+    those whose downstream node already belongs to the circuit (Hanna et al. 2023's greedy search)."""
+    if n < 0:
+        raise InputError(f"n={n}: the number of edges must be >= 0")
+    graph = result.graph
+    scores = result.scores.abs() * graph.valid()
+    # the downstream inputs of each upstream node: a head's q/k/v, an MLP's input
+    reads: dict[int, list[int]] = {}
+    for down in range(graph.n_down):
+        owner = graph.owner(down)
+        if owner is not None:
+            reads.setdefault(owner, []).append(down)
+    valid = graph.valid()
+    keep = torch.zeros_like(valid)
+    heap: list[tuple[float, int, int]] = []
+
+    def open_node(down: int) -> None:
+        col = scores[:, down]
+        for up in valid[:, down].nonzero().squeeze(1).tolist():
+            heapq.heappush(heap, (-float(col[up]), up, down))
+
+    open_node(graph.n_down - 1)
+    in_circuit = set()
+    while heap and int(keep.sum()) < n:
+        _, up, down = heapq.heappop(heap)
+        if keep[up, down]:
+            continue
+        keep[up, down] = True
+        if up not in in_circuit:
+            in_circuit.add(up)
+            for d in reads.get(up, []):
+                open_node(d)
+    return keep
+
+
+def node_circuit(graph: Graph, nodes: Sequence[int]) -> Bool[Tensor, "up down"]:
+    """Every edge between the given upstream nodes (plus the input and the logits): a node-level circuit."""
+    chosen = torch.zeros(graph.n_up, dtype=torch.bool)
+    chosen[0] = True
+    chosen[list(nodes)] = True
+    down_ok = torch.tensor([graph.owner(d) is None or bool(chosen[graph.owner(d)]) for d in range(graph.n_down)])
+    return graph.valid() & chosen[:, None] & down_ok[None, :]
+
+
+class Faithfulness(NamedTuple):
+    """The metric of a circuit's run beside the clean and corrupted runs'."""
+
+    n_edges: int
+    circuit: float
+    clean: float
+    corrupt: float
+
+    @property
+    def faithfulness(self) -> float:
+        """``(m_circuit - m_corrupt) / (m_clean - m_corrupt)``: 1 when the circuit alone restores the clean metric."""
+        return (self.circuit - self.corrupt) / (self.clean - self.corrupt)
+
+
+@torch.no_grad()
+def faithfulness(
+    model: "HookedGPT",
+    clean: Int[Tensor, "batch pos"],
+    corrupt: Int[Tensor, "batch pos"],
+    metric: Metric,
+    circuits: Sequence[Bool[Tensor, "up down"]],
+    answer_pos: int = -1,
+    batch_size: int | None = 8,
+) -> list[Faithfulness]:
+    """Return each circuit's faithfulness: the clean run with every edge outside it patched to its
+    corrupted value (one patched pass per circuit, the corrupted run shared)."""
+    clean, corrupt = _check_pair(model, clean, corrupt)
+    graph = Graph.from_model(model)
+    for keep in circuits:
+        if tuple(keep.shape) != (graph.n_up, graph.n_down):
+            raise InputError(f"a circuit mask of shape {tuple(keep.shape)} does not fit this model's graph "
+                             f"({graph.n_up} upstream x {graph.n_down} downstream nodes)")
+    N = clean.shape[0]
+    m_clean = m_corrupt = 0.0
+    m_circuit = [0.0] * len(circuits)
+    for rows in _chunks(N, batch_size):
+        w = (rows.stop - rows.start) / N
+        chunk_metric = _select(metric, rows, N)
+        e_clean = model.embed_tokens(clean[rows])
+        run_corrupt = split_forward(model, model.embed_tokens(corrupt[rows]), answer_pos)
+        m_clean += w * float(metric_value(chunk_metric, model(clean[rows])[:, answer_pos]))
+        m_corrupt += w * float(metric_value(chunk_metric, run_corrupt.logits))
+        for i, keep in enumerate(circuits):
+            run = split_forward(model, e_clean, answer_pos, Patch(keep.to(e_clean.device), run_corrupt))
+            m_circuit[i] += w * float(metric_value(chunk_metric, run.logits))
+    return [Faithfulness(int(keep.sum()), m, m_clean, m_corrupt) for keep, m in zip(circuits, m_circuit)]
