@@ -20,6 +20,7 @@ from torch import Tensor
 
 from workbench.errors import HookError
 from workbench.names import act_name
+from workbench.padding import gather_last, masked_mean
 
 if TYPE_CHECKING:
     from workbench.model import HookedGPT
@@ -36,9 +37,12 @@ class Stack(NamedTuple):
 class ActivationCache:
     """A mapping from hook names to cached activations, tied to the model that produced them."""
 
-    def __init__(self, store: dict[str, Tensor], model: "HookedGPT"):
+    def __init__(self, store: dict[str, Tensor], model: "HookedGPT", attention_mask: Tensor | None = None):
         self.store = store
         self.model = model
+        #: ``[batch pos]``, True at real tokens, for a padded batch (None: every position is real);
+        #: see :meth:`last_real` and :meth:`mean_over_real`
+        self.attention_mask = attention_mask
 
     # -- mapping behaviour --------------------------------------------------------------------
 
@@ -69,7 +73,18 @@ class ActivationCache:
         return self.store.items()
 
     def to(self, device=None, dtype=None) -> "ActivationCache":
-        return ActivationCache({k: v.to(device=device, dtype=dtype) for k, v in self.store.items()}, self.model)
+        store = {k: v.to(device=device, dtype=dtype) for k, v in self.store.items()}
+        return ActivationCache(store, self.model, self.attention_mask)
+
+    # -- padded batches ---------------------------------------------------------------------------
+
+    def last_real(self, key: str | tuple) -> Tensor:
+        """Return an activation ``[batch pos ...]`` at each row's last real token: ``[batch ...]``."""
+        return gather_last(self[key], self.attention_mask)
+
+    def mean_over_real(self, key: str | tuple) -> Tensor:
+        """Return the mean of an activation ``[batch pos ...]`` over every real token (padding left out)."""
+        return masked_mean(self[key], self.attention_mask)
 
     def __repr__(self) -> str:
         return f"ActivationCache({len(self.store)} activations)"

@@ -19,9 +19,11 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
+from workbench import padding
 from workbench.errors import ConfigError, InputError
 from workbench.hooks import HookedModule, HookPoint, NameFilter
 from workbench.names import layer_of
+from workbench.padding import Batch, PaddingSide
 
 Positional = Literal["learned", "rotary", "sinusoidal", "none"]
 Normalization = Literal["layernorm", "rmsnorm"]
@@ -488,6 +490,8 @@ class KVCache:
     values: list[Tensor]
     #: how many positions are filled
     pos: int = 0
+    #: ``[batch max_pos]``, True at real tokens; None while every position so far is real
+    attention_mask: Tensor | None = None
 
     @classmethod
     def empty(cls, cfg: GPTConfig, batch: int, max_pos: int, device=None, dtype=torch.float32) -> "KVCache":
@@ -572,12 +576,20 @@ class HookedGPT(HookedModule):
             raise InputError(f"token id {bad} is outside the vocabulary [0, {self.cfg.d_vocab})")
         return tokens
 
-    def embed_tokens(self, tokens: Int[Tensor, "batch pos"], pos_offset: int = 0) -> Float[Tensor, "batch pos d_model"]:
-        """Return the residual stream before the first block: token (+ positional) embeddings."""
+    def embed_tokens(
+        self, tokens: Int[Tensor, "batch pos"], pos_offset: int = 0, attention_mask: Bool[Tensor, "batch key"] | None = None
+    ) -> Float[Tensor, "batch pos d_model"]:
+        """Return the residual stream before the first block: token (+ positional) embeddings.
+
+        ``attention_mask`` (padded batches) covers every position from 0 to the end of ``tokens``;
+        positions then count from each row's first real token."""
         resid = self.hook_embed(F.embedding(tokens, self.embed.W_E))
         if self.cfg.positional in ("learned", "sinusoidal"):
-            pos = self.pos_embed.W_pos[pos_offset: pos_offset + tokens.shape[1]].to(resid.dtype)
-            resid = resid + self.hook_pos_embed(pos.expand(tokens.shape[0], -1, -1))
+            if attention_mask is None:
+                pos = self.pos_embed.W_pos[pos_offset: pos_offset + tokens.shape[1]].expand(tokens.shape[0], -1, -1)
+            else:
+                pos = self.pos_embed.W_pos[padding.position_ids(attention_mask, tokens.shape[1])]
+            resid = resid + self.hook_pos_embed(pos.to(resid.dtype))
         return resid
 
     def run_blocks(
@@ -587,12 +599,21 @@ class HookedGPT(HookedModule):
         stop: int | None = None,
         pos_offset: int = 0,
         kv_cache: KVCache | None = None,
+        attention_mask: Bool[Tensor, "batch key"] | None = None,
     ) -> Float[Tensor, "batch pos d_model"]:
-        """Return the residual stream after blocks ``start .. stop-1`` (resid_pre of ``stop``)."""
-        rotary = self.rotary(pos_offset, resid.shape[1], resid.dtype) if self.cfg.positional == "rotary" else None
+        """Return the residual stream after blocks ``start .. stop-1`` (resid_pre of ``stop``).
+
+        ``attention_mask`` as in :meth:`embed_tokens`: padded keys are never attended to."""
+        n_pos, attn_mask = resid.shape[1], None
+        rotary = self.rotary(pos_offset, n_pos, resid.dtype) if self.cfg.positional == "rotary" else None
+        if attention_mask is not None:
+            attn_mask = padding.attention_mask_4d(attention_mask, n_pos)
+            if rotary is not None:  # each row's own positions: [batch pos 1 d_head]
+                at = padding.position_ids(attention_mask, n_pos)
+                rotary = tuple(t[at][:, :, None].to(resid.dtype) for t in (self.rotary_cos, self.rotary_sin))
         for i in range(start, self.cfg.n_layers if stop is None else stop):
             kv = None if kv_cache is None else (kv_cache.keys[i], kv_cache.values[i])
-            resid = self.blocks[i](resid, rotary, pos_offset, kv)
+            resid = self.blocks[i](resid, rotary, pos_offset, kv, attn_mask)
         return resid
 
     def rotary(self, pos_offset: int, n_pos: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -606,27 +627,57 @@ class HookedGPT(HookedModule):
         """Return logits from a final residual stream (final norm, then W_U)."""
         return self.unembed(self.ln_final(resid))
 
-    def forward(self, tokens: Int[Tensor, "batch pos"], kv_cache: KVCache | None = None) -> Float[Tensor, "batch pos d_vocab"]:
-        """Return next-token logits. With ``kv_cache`` the tokens continue the cached positions."""
+    def forward(
+        self,
+        tokens: Int[Tensor, "batch pos"] | Batch,
+        kv_cache: KVCache | None = None,
+        attention_mask: Bool[Tensor, "batch pos"] | None = None,
+    ) -> Float[Tensor, "batch pos d_vocab"]:
+        """Return next-token logits. With ``kv_cache`` the tokens continue the cached positions.
+
+        Prompts of different lengths: pass a :class:`~workbench.padding.Batch` (``model.to_batch(texts)``)
+        or ``attention_mask`` (True at real tokens); each row then computes what it would alone."""
+        tokens, attention_mask = padding.unpack(tokens, attention_mask)
         offset = 0 if kv_cache is None else kv_cache.pos
         tokens = self.check_tokens(tokens, offset)
         if kv_cache is not None and offset + tokens.shape[1] > kv_cache.max_pos:
             raise InputError(f"KV cache holds {kv_cache.max_pos} positions; {offset + tokens.shape[1]} needed")
-        resid = self.run_blocks(self.embed_tokens(tokens, offset), pos_offset=offset, kv_cache=kv_cache)
+        key_mask = self.key_mask(tokens, attention_mask, kv_cache)
+        resid = self.embed_tokens(tokens, offset, key_mask)
+        resid = self.run_blocks(resid, pos_offset=offset, kv_cache=kv_cache, attention_mask=key_mask)
         if kv_cache is not None:
             kv_cache.pos += tokens.shape[1]
         return self.unembed_resid(resid)
+
+    def key_mask(
+        self, tokens: Int[Tensor, "batch pos"], attention_mask: Tensor | None, kv_cache: KVCache | None = None
+    ) -> Bool[Tensor, "batch key"] | None:
+        """Return which positions, from 0 to the end of ``tokens``, hold real tokens (the cached ones
+        first), recording the new ones in ``kv_cache``; None when none is padding (the fast path)."""
+        new = padding.check_attention_mask(attention_mask, tokens)
+        if kv_cache is None or (new is None and kv_cache.attention_mask is None):
+            if new is not None:
+                padding.check_rows_have_tokens(new)
+            return new
+        if kv_cache.attention_mask is None:
+            kv_cache.attention_mask = torch.ones(tokens.shape[0], kv_cache.max_pos, dtype=torch.bool, device=tokens.device)
+        end = kv_cache.pos + tokens.shape[1]
+        kv_cache.attention_mask[:, kv_cache.pos: end] = True if new is None else new
+        key_mask = kv_cache.attention_mask[:, :end]
+        padding.check_rows_have_tokens(key_mask)
+        return key_mask
 
     # -- caching ---------------------------------------------------------------------------------
 
     def run_with_cache(
         self,
-        tokens: Int[Tensor, "batch pos"],
+        tokens: Int[Tensor, "batch pos"] | Batch,
         names_filter: NameFilter = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         stop_at_layer: int | None = None,
         incl_grad: bool = False,
+        attention_mask: Bool[Tensor, "batch pos"] | None = None,
     ):
         """Return ``(output, cache)``: logits (or, with ``stop_at_layer=L``, ``blocks.L.hook_resid_pre``)
         and an :class:`~workbench.cache.ActivationCache` of the hooks ``names_filter`` selects.
@@ -642,6 +693,9 @@ class HookedGPT(HookedModule):
         """
         from workbench.cache import ActivationCache
 
+        tokens, attention_mask = padding.unpack(tokens, attention_mask)
+        tokens = self.check_tokens(tokens)
+        mask = self.key_mask(tokens, attention_mask)  # None unless some position is padding
         if names_filter is None:
             names_filter = lambda name: not name.endswith("hook_result")  # noqa: E731
         store, fwd_hooks = self.caching_hooks(names_filter, device, dtype, incl_grad)
@@ -656,10 +710,11 @@ class HookedGPT(HookedModule):
             bwd_hooks = [(n, f) for n, f in bwd_hooks if _runs_before(n, stop_at_layer)]
         with torch.set_grad_enabled(incl_grad and torch.is_grad_enabled()), self.hooks(fwd_hooks, bwd_hooks):
             if stop_at_layer is None:
-                out = self(tokens)
+                out = self(tokens, attention_mask=mask)
             else:
-                out = self.run_blocks(self.embed_tokens(self.check_tokens(tokens)), stop=stop_at_layer)
-        return out, ActivationCache(store, self)
+                out = self.run_blocks(self.embed_tokens(tokens, 0, mask), stop=stop_at_layer, attention_mask=mask)
+        # the cache remembers where the real tokens are, for analyses that average over positions
+        return out, ActivationCache(store, self, mask)
 
     def hook_shapes(self, batch: int = 1, pos: int = 4) -> dict[str, tuple[int, ...]]:
         """Return every hook name with the shape it sees for a ``[batch, pos]`` input."""
@@ -721,8 +776,23 @@ class HookedGPT(HookedModule):
         if any(len(i) == 0 for i in ids):
             raise InputError("the prompt is empty; give at least one token of text")
         if len({len(i) for i in ids}) > 1:
-            raise InputError(f"prompts tokenize to different lengths {[len(i) for i in ids]}; pass them one at a time")
+            raise InputError(
+                f"prompts tokenize to different lengths {[len(i) for i in ids]}; use model.to_batch(texts), "
+                "which pads them and gives the attention mask every model call takes"
+            )
         return torch.tensor(ids, dtype=torch.long, device=self.embed.W_E.device)
+
+    def to_batch(self, texts: list[str], padding_side: PaddingSide = "left", prepend_bos: bool | None = None) -> Batch:
+        """Return prompts of any lengths as a :class:`~workbench.padding.Batch`: token ids padded with
+        the tokenizer's pad token, and the attention mask (True at real tokens).
+
+        Left padding (the default) puts every row's last real token at position -1 and is what
+        generation needs; right padding keeps every row's first token at position 0."""
+        tok = self._require_tokenizer()
+        if isinstance(texts, str):
+            texts = [texts]
+        ids = [tok.encode(t, add_bos=prepend_bos) for t in texts]
+        return padding.pad(ids, tok.padding_id(), padding_side, device=self.embed.W_E.device)
 
     def to_string(self, tokens: Tensor | list[int]) -> str | list[str]:
         """Return the text of ``[pos]`` ids, or a list of texts for ``[batch pos]``."""

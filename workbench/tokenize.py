@@ -4,11 +4,16 @@ BOS handling: ``Tokenizer.add_bos`` says whether ``encode`` puts the BOS token i
 (``model.to_tokens(text)`` follows it; pass ``prepend_bos=`` to override). SmolLM2 was trained
 without a BOS token in front of plain text, so its tokenizer has ``add_bos=False``; the built-in
 models trained here use a BOS token as a stable first position (an attention sink) and set it True.
+
+Padding (``model.to_batch(texts)``): ``pad_token_id`` when the tokenizer names one; otherwise
+:meth:`Tokenizer.padding_id` stands in EOS (or BOS) and says so once. The choice never changes a
+result: padded positions are masked out of attention, positions and means.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +33,26 @@ class Tokenizer:
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     add_bos: bool = False
+    #: the token padded batches are filled with (None: see :meth:`padding_id`)
+    pad_token_id: int | None = None
+
+    def padding_id(self) -> int:
+        """Return the id that pads batches: the pad token, else EOS, else BOS (saying which is used)."""
+        if self.pad_token_id is not None:
+            return self.pad_token_id
+        for name, i in (("EOS", self.eos_token_id), ("BOS", self.bos_token_id)):
+            if i is not None:
+                warnings.warn(
+                    f"this tokenizer has no pad token; padding with its {name} token {self.tok.id_to_token(i)!r} "
+                    f"(id {i}), which is masked out, so results do not depend on it "
+                    "(set tokenizer.pad_token_id to choose another)",
+                    stacklevel=3,
+                )
+                return i
+        raise InputError(
+            "this tokenizer has no pad, EOS or BOS token to pad batches with; set model.tokenizer.pad_token_id "
+            "to any token id (padded positions are masked out, so which one does not matter)"
+        )
 
     @property
     def vocab_size(self) -> int:
@@ -58,6 +83,8 @@ class Tokenizer:
         directory.mkdir(parents=True, exist_ok=True)
         self.tok.save(str(directory / TOKENIZER_FILE))
         meta = {"bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id, "add_bos": self.add_bos}
+        if self.pad_token_id is not None:
+            meta["pad_token_id"] = self.pad_token_id
         (directory / META_FILE).write_text(json.dumps(meta, indent=2))
 
     @classmethod
@@ -74,7 +101,8 @@ class Tokenizer:
         meta_path = directory / META_FILE
         if meta_path.is_file():
             meta = json.loads(meta_path.read_text())
-            return cls(tok, meta.get("bos_token_id"), meta.get("eos_token_id"), bool(meta.get("add_bos", False)))
+            return cls(tok, meta.get("bos_token_id"), meta.get("eos_token_id"), bool(meta.get("add_bos", False)),
+                       meta.get("pad_token_id"))
         return cls(tok, *_special_ids_from_hf_config(directory, tok))
 
     @classmethod
@@ -86,13 +114,14 @@ class Tokenizer:
         tok = tokenizers.Tokenizer.from_str(backend.to_str())
         tok.no_padding()
         tok.no_truncation()
-        return cls(tok, hf_tokenizer.bos_token_id, hf_tokenizer.eos_token_id, False)
+        return cls(tok, hf_tokenizer.bos_token_id, hf_tokenizer.eos_token_id, False, hf_tokenizer.pad_token_id)
 
 
-def _special_ids_from_hf_config(directory: Path, tok: tokenizers.Tokenizer) -> tuple[int | None, int | None, bool]:
-    """Read BOS/EOS from an HF ``tokenizer_config.json`` when present (no BOS prepended by default)."""
+def _special_ids_from_hf_config(directory: Path, tok: tokenizers.Tokenizer
+                                ) -> tuple[int | None, int | None, bool, int | None]:
+    """Read BOS/EOS/pad from an HF ``tokenizer_config.json`` when present (no BOS prepended by default)."""
     cfg_path = directory / "tokenizer_config.json"
-    bos = eos = None
+    bos = eos = pad = None
     if cfg_path.is_file():
         cfg = json.loads(cfg_path.read_text())
 
@@ -101,5 +130,5 @@ def _special_ids_from_hf_config(directory: Path, tok: tokenizers.Tokenizer) -> t
                 entry = entry.get("content")
             return tok.token_to_id(entry) if isinstance(entry, str) else None
 
-        bos, eos = token_id(cfg.get("bos_token")), token_id(cfg.get("eos_token"))
-    return bos, eos, False
+        bos, eos, pad = token_id(cfg.get("bos_token")), token_id(cfg.get("eos_token")), token_id(cfg.get("pad_token"))
+    return bos, eos, False, pad
