@@ -19,6 +19,7 @@ COMMAND_MODULES: list[str] = [
     "workbench.commands.train",
     "workbench.commands.analysis",
     "workbench.commands.probe",
+    "workbench.commands.transcoders",
     "workbench.commands.graph",
 ]
 

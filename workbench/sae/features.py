@@ -173,9 +173,12 @@ def residual_directions(model: Any, sae: SAE, hook: str) -> Float[Tensor, "d_sae
     linear path to the logits, and get None.
     """
     W_dec = sae.W_dec.detach().float()
+    if sae.cfg.is_transcoder:  # it reads `hook` (an MLP's input) but its decoder writes where the MLP writes
+        hook = (getattr(sae, "metadata", None) or {}).get("hook_name_out") or hook
     parts = hook.split(".")
     d_model = model.cfg.d_model
-    if hook.endswith(("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out", "hook_embed")):
+    if hook.endswith(("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out",
+                      "mlp.hook_out", "hook_embed")):
         return W_dec if W_dec.shape[1] == d_model else None
     if hook.endswith("mlp.hook_post") and parts[0] == "blocks":
         return W_dec @ model.blocks[int(parts[1])].mlp.W_out.detach().float()

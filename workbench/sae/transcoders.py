@@ -14,7 +14,7 @@ place of the MLP's output and measures what the rest of the model makes of it:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -121,6 +121,26 @@ def live_pairs(
         yield batch
 
 
+def store_pairs(store: Any, layer: int, batch_size: int, seed: int = 0) -> Callable[[int], Iterator[tuple[Tensor, Tensor]]]:
+    """Return a batch source for :func:`workbench.sae.train.train_sae`: step -> (x, y) pairs of ``layer`` from a store.
+
+    Both hooks are read with the same shuffle (the store's order depends only on the reader's seed
+    and epoch), so row ``i`` of ``x`` and of ``y`` are the same token."""
+    from workbench.store import ReaderConfig
+
+    missing = [h for h in (input_hook(layer), output_hook(layer)) if h not in store.hooks]
+    if missing:
+        raise DataError(f"the store in {store.path} lacks {missing} (it holds {sorted(store.hooks)}); a transcoder "
+                        f"trains on both hooks of one MLP: cache them with `workbench cache --hooks "
+                        f"{input_hook(layer)},{output_hook(layer)}`")
+    reader = ReaderConfig(batch_size=batch_size, seed=seed)
+
+    def open_from(step: int) -> Iterator[tuple[Tensor, Tensor]]:
+        start = step * batch_size
+        return zip(store.stream(input_hook(layer), reader, start), store.stream(output_hook(layer), reader, start))
+    return open_from
+
+
 # ---------------------------------------------------------------------------------------------
 # Evaluation
 
@@ -155,7 +175,8 @@ class SetEval(NamedTuple):
     n_tokens: int
 
 
-def _check_set(model: Any, transcoders: Mapping[int, SAE]) -> None:
+def check_set(model: Any, transcoders: Mapping[int, SAE]) -> None:
+    """Raise unless every transcoder is one and fits its layer's MLP in ``model`` (widths, layer exists)."""
     check_layers(model, list(transcoders))
     for layer, tc in transcoders.items():
         if not tc.cfg.is_transcoder:
@@ -190,7 +211,7 @@ def evaluate_transcoders(
     first_position: int = 0,
 ) -> tuple[list[LayerEval], SetEval]:
     """Return each layer's spliced evaluation and the whole set's, on held-out token windows."""
-    _check_set(model, transcoders)
+    check_set(model, transcoders)
     windows = torch.as_tensor(windows)
     if windows.ndim != 2 or windows.shape[1] < first_position + 2:
         raise DataError(f"expected token windows [n, n_ctx] with n_ctx >= first_position + 2, got {tuple(windows.shape)}")

@@ -1,0 +1,189 @@
+"""Workflows: a transcoder set trained from live activations (resume, files, bad input), and its command."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from workbench.errors import ConfigError, InputError
+from workbench.pipelines import (
+    TranscoderRecipe,
+    export_circuit_tracer,
+    find_transcoder_set,
+    load_transcoder_set,
+    ship_transcoders,
+    train_transcoders,
+)
+from workbench.sae.circuit_tracer import load_circuit_tracer
+from workbench.zoo import load_model
+
+# 6 steps of 2 windows of 16 tokens, 128 latents a layer: seconds, and every code path of a real run
+TINY = dict(n_ctx=16, batch_windows=2, tokens=180, expansion=1, k=8, eval_windows=2, checkpoint_every=2, dead_tokens=1000)
+
+
+@pytest.fixture(scope="module")
+def kjv():
+    return load_model("kjv-small").eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_set(kjv, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tc") / "set"
+    return train_transcoders(kjv, [0, 1, 2, 3], TranscoderRecipe(**TINY), out, progress=False)
+
+
+def test_a_set_trains_every_layer_from_one_pass_and_saves_what_it_evaluated(kjv, tiny_set):
+    out = tiny_set.out_dir
+    record = json.loads((out / "set.json").read_text())
+    assert record["layers"] == [0, 1, 2, 3] and record["recipe"]["tokens"] == 180
+    assert [ev["layer"] for ev in record["per_layer"]] == [0, 1, 2, 3]
+    for layer in range(4):
+        lines = (out / f"layer_{layer}" / "metrics.jsonl").read_text().splitlines()
+        assert json.loads(lines[-1])["step"] == 6 and json.loads(lines[-1])["tokens"] == 6 * 2 * 15
+    loaded = load_transcoder_set(out, model=kjv)
+    assert sorted(loaded) == [0, 1, 2, 3]
+    for layer, tc in loaded.items():
+        assert tc.metadata["hook_name"] == f"blocks.{layer}.mlp.hook_in"
+        assert tc.metadata["hook_name_out"] == f"blocks.{layer}.mlp.hook_out"
+        assert tc.cfg.skip and tc.cfg.d_out == 128 and tc.cfg.architecture == "batchtopk"
+        x = torch.randn(3, 128)
+        torch.testing.assert_close(tc(x).x_hat, tiny_set.transcoders[layer].eval()(x).x_hat)
+    assert 0 <= tiny_set.whole.top1_agreement <= 1 and tiny_set.whole.n_tokens == 2 * 14
+
+
+def test_running_again_resumes_a_finished_set_without_training(kjv, tiny_set):
+    again = train_transcoders(kjv, [0, 1, 2, 3], TranscoderRecipe(**TINY), tiny_set.out_dir, progress=False)
+    assert again.resumed == {layer: 6 for layer in range(4)}
+    for layer in range(4):
+        torch.testing.assert_close(again.transcoders[layer].W_enc, tiny_set.transcoders[layer].W_enc, atol=0, rtol=0)
+    with pytest.raises(ConfigError, match=r"other settings \(k\)"):
+        train_transcoders(kjv, [0, 1, 2, 3], TranscoderRecipe(**{**TINY, "k": 4}), tiny_set.out_dir, progress=False)
+
+
+def test_export_and_ship(kjv, tiny_set, tmp_path, monkeypatch):
+    ct = export_circuit_tracer(tiny_set.out_dir, tmp_path / "ct")
+    theirs, config = load_circuit_tracer(ct)
+    assert config["model_name"] == "kjv-small" and len(theirs) == 4
+    x = torch.randn(5, 128)
+    for layer, tc in enumerate(theirs):  # batchtopk exported as JumpReLU with its threshold: the same function
+        torch.testing.assert_close(tc(x).x_hat, tiny_set.transcoders[layer](x).x_hat, atol=1e-6, rtol=0)
+    import workbench.pipelines as P
+
+    monkeypatch.setattr(P, "SHIPPED_TRANSCODERS", tmp_path / "data")
+    shipped = ship_transcoders(tiny_set.out_dir, "kjv-small", "workbench train-transcoders kjv-small")
+    assert not list(shipped.rglob("state.pt")) and (shipped / "card.md").exists()
+    assert "workbench train-transcoders kjv-small" in (shipped / "card.md").read_text()
+    assert find_transcoder_set("kjv-small") == shipped and sorted(load_transcoder_set("kjv-small", model=kjv)) == [0, 1, 2, 3]
+    with pytest.raises(InputError, match="neither a directory nor a transcoder set"):
+        load_transcoder_set("no-such-set")
+
+
+def test_bad_sets_and_models_are_refused_before_anything_is_written(kjv, tiny_set, tmp_path):
+    from workbench import HookedGPT
+    from helpers import tiny_cfg
+
+    with pytest.raises(ConfigError, match="attention-only"):
+        train_transcoders(load_model("attn-only-2l"), [0], TranscoderRecipe(**TINY), tmp_path / "a", progress=False)
+    assert not (tmp_path / "a").exists()
+    with pytest.raises(InputError, match=r"layers \[7\] do not exist"):
+        train_transcoders(kjv, [0, 7], TranscoderRecipe(**TINY), tmp_path / "b", progress=False)
+    assert not (tmp_path / "b").exists()
+    other = HookedGPT(tiny_cfg(n_layers=4))  # d_model 32: the set's 128 -> 128 transcoders do not fit
+    with pytest.raises(InputError, match="another model"):
+        load_transcoder_set(tiny_set.out_dir, model=other)
+    with pytest.raises(InputError, match="holds no transcoders"):
+        load_transcoder_set(tmp_path)
+    partial = tmp_path / "partial"
+    for layer in (1, 2):
+        (partial / f"layer_{layer}").mkdir(parents=True)
+        (partial / f"layer_{layer}" / "transcoder").symlink_to(tiny_set.out_dir / f"layer_{layer}" / "transcoder")
+    with pytest.raises(InputError, match=r"every layer from 0; this set has layers \[1, 2\]"):
+        export_circuit_tracer(partial, tmp_path / "ct")
+    assert not (tmp_path / "ct").exists()
+
+
+_RUN = textwrap.dedent("""
+    import sys, time, torch
+    torch.set_num_threads(1)
+    import workbench.pipelines as P
+    from workbench.zoo import load_model
+
+    slow = sys.argv[2] == "slow"
+    real = P.live_pairs
+
+    def paced(*args, **kwargs):  # the same batches, slowly, so the parent can kill the run between checkpoints
+        for batch in real(*args, **kwargs):
+            if slow:
+                time.sleep(0.4)
+            yield batch
+
+    P.live_pairs = paced
+    recipe = P.TranscoderRecipe(**%r)
+    P.train_transcoders(load_model("kjv-small").eval(), [1, 3], recipe, sys.argv[1], progress=False)
+""")
+
+
+@pytest.mark.slow
+def test_a_run_killed_mid_way_resumes_to_the_weights_of_an_unbroken_run(tmp_path):
+    recipe = {**TINY, "tokens": 2 * 15 * 10, "checkpoint_every": 3}  # 10 steps, checkpoints at 3, 6, 9
+    script = tmp_path / "run.py"
+    script.write_text(_RUN % recipe)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+
+    def run(out: Path, mode: str) -> None:
+        subprocess.run([sys.executable, str(script), str(out), mode], check=True, env=env, timeout=600)
+
+    run(tmp_path / "whole", "fast")
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(script), str(killed), "slow"], env=env)
+    try:
+        deadline = time.monotonic() + 300
+        while not (killed / "layer_3" / "checkpoint" / "state.pt").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not (killed / "set.json").exists()  # killed mid-way: nothing final was written
+    run(killed, "fast")
+    record = json.loads((killed / "set.json").read_text())
+    assert set(record["fresh_layers"]) < {1, 3}  # at least one layer resumed from its checkpoint
+    for layer in (1, 3):
+        a = load_file(str(tmp_path / "whole" / f"layer_{layer}" / "transcoder" / "sae_weights.safetensors"))
+        b = load_file(str(killed / f"layer_{layer}" / "transcoder" / "sae_weights.safetensors"))
+        assert a.keys() == b.keys()
+        for name in a:
+            torch.testing.assert_close(b[name], a[name], atol=0, rtol=0)
+
+
+def test_the_command_takes_its_flags_from_the_recipe(kjv, tmp_path, capsys):
+    from workbench.cli import build_parser, main
+    from workbench.commands.transcoders import reproduce_command
+
+    args = build_parser().parse_args(["train-transcoders", "kjv-small", "--k", "16", "--no-skip", "--lr", "0.001"])
+    assert (args.k, args.skip, args.lr, args.tokens) == (16, False, 0.001, TranscoderRecipe.tokens)
+    assert reproduce_command("kjv-small", "all", TranscoderRecipe(k=16, skip=False)) == (
+        "workbench train-transcoders kjv-small --layers all --k 16 --no-skip")
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
+    code = main(["train-transcoders", "kjv-small", "--layers", "0,2", "--out", str(tmp_path / "s"), "--no-progress",
+                 *flags])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert [ev["layer"] for ev in summary["per_layer"]] == [0, 2]
+    assert main(["train-transcoders", "attn-only-1l", "--out", str(tmp_path / "t"), *flags]) == 1
+    assert "attention-only" in capsys.readouterr().err and not (tmp_path / "t").exists()
+    assert main(["train-transcoders", "kjv-small", "--layers", "0,2", "--export-circuit-tracer", str(tmp_path / "c"),
+                 *flags]) == 1
+    assert "--layers all" in capsys.readouterr().err

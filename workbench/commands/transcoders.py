@@ -1,0 +1,114 @@
+"""``workbench train-transcoders``: a transcoder for each chosen MLP of a model, trained together.
+
+    workbench train-transcoders kjv-small --layers all                 # -> $WORKBENCH_HOME/transcoders/kjv-small
+    workbench train-transcoders smollm2-135m --layers 0,3,5 --tokens 2000000 --out DIR
+    workbench train-transcoders kjv-small --export-circuit-tracer DIR   # also write circuit-tracer's layout
+
+One forward pass per step feeds every layer's trainer, so no activation store is written. The run
+directory holds ``layer_L/`` (checkpoint, ``metrics.jsonl``, ``transcoder/`` in SAELens' layout) and
+``set.json`` (recipe and evaluation); running the same command again resumes a killed run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import json
+import shlex
+from pathlib import Path
+
+from workbench.pipelines import TranscoderRecipe
+from workbench.sae.model import ARCHITECTURES
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The attribute docstrings of a dataclass (the string under each field), by field name."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, after in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def add_recipe_flags(parser: argparse.ArgumentParser, cls: type = TranscoderRecipe) -> None:
+    """One ``--flag`` per field of the recipe dataclass, its default and help taken from the field."""
+    docs = field_docs(cls)
+    group = parser.add_argument_group("recipe")
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        kind = type(f.default)
+        if kind is bool:
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
+                               help=docs.get(f.name, ""))
+        else:
+            choices = ARCHITECTURES if f.name == "architecture" else None
+            group.add_argument(flag, dest=f.name, type=kind, default=f.default, choices=choices,
+                               metavar=None if choices else f.name.upper(),
+                               help=f"{docs.get(f.name, '')} (default: {f.default})")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train-transcoders",
+        help="train a transcoder for every chosen MLP of a model (live activations, all layers at once)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model", help="model name (`workbench models`) or checkpoint directory")
+    p.add_argument("--layers", default="all", help="'all' or comma-separated layers such as 0,3,5 (default: all)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="run directory (default: $WORKBENCH_HOME/transcoders/MODEL); resumed from when it holds a run")
+    p.add_argument("--export-circuit-tracer", type=Path, default=None, metavar="DIR",
+                   help="also write the set in circuit-tracer's layout (every layer, jumprelu/batchtopk/relu) to DIR")
+    p.add_argument("--ship", action="store_true",
+                   help="when done, copy the set (without checkpoints) to data/transcoders/MODEL with a card")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_recipe_flags(p)
+    p.set_defaults(func=cmd_train_transcoders)
+
+
+def cmd_train_transcoders(args: argparse.Namespace) -> int:
+    """Train, save and evaluate the set as the arguments say; print a JSON summary; return 0."""
+    from workbench.errors import InputError
+    from workbench.pipelines import export_circuit_tracer, ship_transcoders, train_transcoders, transcoders_home
+    from workbench.sae.transcoders import parse_layers
+    from workbench.zoo import load_model
+
+    recipe = TranscoderRecipe(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TranscoderRecipe)})
+    model = load_model(args.model).eval()
+    layers = parse_layers(args.layers, model.cfg.n_layers)
+    if args.export_circuit_tracer is not None and sorted(layers) != list(range(model.cfg.n_layers)):
+        raise InputError("--export-circuit-tracer needs every layer (circuit-tracer loads one transcoder per layer); "
+                         "use --layers all")
+    out = args.out or transcoders_home(model.cfg.name or Path(args.model).name)
+    result = train_transcoders(model, layers, recipe, out, progress=not args.no_progress)
+    summary = {
+        "out": str(out), "seconds": round(result.seconds, 1), "tokens_per_second": round(result.tokens_per_second, 1),
+        "resumed": {str(k): v for k, v in result.resumed.items()},
+        "per_layer": [{k: round(v, 4) if isinstance(v, float) else v for k, v in ev._asdict().items()}
+                      for ev in result.per_layer],
+        "whole": {k: round(v, 4) if isinstance(v, float) else v for k, v in result.whole._asdict().items()},
+    }
+    if args.export_circuit_tracer is not None:
+        summary["circuit_tracer"] = str(export_circuit_tracer(out, args.export_circuit_tracer))
+    if args.ship:
+        command = reproduce_command(args.model, args.layers, recipe)
+        summary["shipped"] = str(ship_transcoders(out, model.cfg.name or Path(args.model).name, command))
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def reproduce_command(model: str, layers: str, recipe: TranscoderRecipe) -> str:
+    """The ``workbench train-transcoders`` line that trains ``recipe`` (flags only where it leaves a default)."""
+    words = ["workbench", "train-transcoders", model, "--layers", layers]
+    for f in dataclasses.fields(recipe):
+        value = getattr(recipe, f.name)
+        if value != f.default:
+            flag = "--" + f.name.replace("_", "-")
+            words += [flag if value else "--no-" + f.name.replace("_", "-")] if isinstance(value, bool) else [flag, str(value)]
+    return shlex.join(words)

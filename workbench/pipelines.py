@@ -1,0 +1,407 @@
+"""Workflows: corpus -> token windows -> (store ->) SAE / transcoder training -> evaluation.
+
+The CLI commands, the app and the ``analyses/`` scripts call these functions; each returns a typed
+result. (The SAE pipeline still lives in ``workbench.commands.sae``; it moves here next, see the
+library-shape issue.)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import queue
+import shutil
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+from workbench import paths
+from workbench.corpora import load_corpus, make_windows
+from workbench.errors import ConfigError, DataError, InputError
+from workbench.locking import output_lock
+from workbench.sae.circuit_tracer import save_circuit_tracer
+from workbench.sae.io import load_sae, save_sae
+from workbench.sae.model import SAE, SAEConfig
+from workbench.sae.train import TrainConfig, train_sae
+from workbench.sae.transcoders import (LayerEval, SetEval, check_layers, check_set, evaluate_transcoders, input_hook,
+                                       live_pairs, output_hook)
+
+
+def token_windows(model: Any, corpus: str, n_ctx: int, n_windows: int) -> Int[Tensor, "batch pos"]:
+    """Return the first ``n_windows`` windows of ``n_ctx`` tokens of a corpus, in the model's tokenizer.
+
+    Documents are tokenized only until there are enough tokens. Tokenizers that put BOS in front
+    (``add_bos``) get it at the start of every window, as the model saw in training; others get
+    plain consecutive chunks of the document stream (documents separated by EOS when there is one).
+    """
+    tok = getattr(model, "tokenizer", None)
+    if tok is None:
+        raise ConfigError("this model has no tokenizer; pass token windows to workbench.store.write_store directly")
+    if n_ctx > model.cfg.n_ctx or n_ctx < 2:
+        raise ConfigError(f"--n-ctx {n_ctx} must lie in [2, {model.cfg.n_ctx}] (the model's context)")
+    if n_windows < 1:
+        raise InputError(f"{n_windows} windows asked for; ask for at least one (more --tokens)")
+    use_bos = bool(tok.add_bos and tok.bos_token_id is not None)
+    body = n_ctx - 1 if use_bos else n_ctx
+    need = n_windows * body
+    docs = load_corpus(corpus).documents
+    ids: list[int] = []
+    for start in range(0, len(docs), 64):
+        for enc in tok.tok.encode_batch(docs[start : start + 64], add_special_tokens=False):
+            ids.extend(enc.ids)
+            if tok.eos_token_id is not None:
+                ids.append(tok.eos_token_id)
+        if len(ids) >= need:
+            break
+    have = len(ids) // body
+    if have < n_windows:
+        raise DataError(
+            f"corpus {corpus!r} gives {len(ids)} tokens, {have} windows of {n_ctx}; {n_windows} were asked for. "
+            "Lower --tokens or use a bigger corpus"
+        )
+    stream = torch.tensor(ids[:need], dtype=torch.long)
+    return make_windows(stream, n_ctx, tok.bos_token_id) if use_bos else stream.view(n_windows, body)
+
+
+# ---------------------------------------------------------------------------------------------
+# Transcoders: every chosen layer of a model, trained together from live activations
+
+
+@dataclass(frozen=True)
+class TranscoderRecipe:
+    """What a transcoder set is trained on, and its shape. Every field is recorded with the set."""
+
+    corpus: str = "kjv"
+    """Training text (``workbench corpora`` lists the names); the last ``eval_windows`` windows are held out."""
+    n_ctx: int = 128
+    """Tokens per window."""
+    tokens: int = 1_000_000
+    """Training tokens each transcoder sees (positions from ``first_position`` on)."""
+    batch_windows: int = 32
+    """Windows per optimizer step (one forward pass feeds every layer)."""
+    first_position: int = 1
+    """Positions before this one are not trained on (1 leaves out the BOS position)."""
+    expansion: int = 8
+    """Latents per model dimension (d_sae = expansion * d_model)."""
+    architecture: str = "batchtopk"
+    """batchtopk (exported to circuit-tracer as JumpReLU), topk, relu or jumprelu."""
+    k: int = 32
+    """Active latents per row (topk/batchtopk)."""
+    skip: bool = True
+    """A linear skip term W_skip beside the features (Paulo et al. 2025)."""
+    lr: float = 2e-3
+    seed: int = 0
+    eval_windows: int = 32
+    """Held-out windows for the evaluation."""
+    dead_tokens: int = 200_000
+    """A latent silent for this many tokens counts as dead (and AuxK revives it)."""
+    checkpoint_every: int = 200
+
+    def __post_init__(self) -> None:
+        for name in ("n_ctx", "tokens", "batch_windows", "expansion", "k", "eval_windows"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be at least 1")
+        if not 0 <= self.first_position < self.n_ctx - 1:
+            raise ConfigError(f"first_position={self.first_position} must lie in [0, n_ctx - 1)")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"lr={self.lr} must be a positive number")
+
+    def rows_per_step(self) -> int:
+        return self.batch_windows * (self.n_ctx - self.first_position)
+
+    def total_steps(self) -> int:
+        return max(1, math.ceil(self.tokens / self.rows_per_step()))
+
+
+@dataclass
+class TranscoderSet:
+    """A trained set, as :func:`train_transcoders` gives it back."""
+
+    transcoders: dict[int, SAE]
+    """Layer -> transcoder."""
+    per_layer: list[LayerEval]
+    whole: SetEval
+    out_dir: Path
+    seconds: float
+    """Wall time of the training (not the evaluation)."""
+    tokens_per_second: float
+    """Training tokens (per layer) per second of wall time."""
+    resumed: dict[int, int | None] = field(default_factory=dict)
+    """Layer -> the step its training resumed from (None: from scratch)."""
+
+
+_STOP = object()
+
+
+class _Feed:
+    """One producer of (x, y) pairs for many trainer threads, each starting at its own step."""
+
+    def __init__(self, layers: Sequence[int]):
+        self.queues = {layer: queue.Queue(maxsize=2) for layer in layers}
+        self.starts: dict[int, int] = {}
+        self.errors: list[BaseException] = []
+        self.lock = threading.Lock()
+
+    def opener(self, layer: int):
+        def open_from(start: int) -> Iterator[tuple[Tensor, Tensor]]:
+            with self.lock:
+                self.starts[layer] = start
+            return self._drain(layer)
+        return open_from
+
+    def _drain(self, layer: int) -> Iterator[tuple[Tensor, Tensor]]:
+        while True:
+            item = self.queues[layer].get()
+            if item is _STOP:
+                return
+            yield item
+
+    def put(self, layer: int, item: Any) -> None:
+        while True:
+            if self.errors:
+                raise self.errors[0]
+            try:
+                self.queues[layer].put(item, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def stop_all(self) -> None:
+        for q in self.queues.values():
+            while True:
+                try:
+                    q.get_nowait()
+                except queue.Empty:
+                    break
+            q.put(_STOP)
+
+
+def train_transcoders(
+    model: Any,
+    layers: Sequence[int],
+    recipe: TranscoderRecipe,
+    out_dir: str | Path,
+    *,
+    progress: bool = True,
+) -> TranscoderSet:
+    """Train one transcoder per chosen layer from live activations, save them, evaluate them, and return the set.
+
+    One forward pass per step feeds every layer's trainer (each in its own thread, all of them the
+    workbench's SAE trainer), so no activation store is written. Each layer checkpoints under
+    ``out_dir/layer_L/``: a killed run resumes every layer where its checkpoint left it, to the same
+    weights as an unbroken run. ``out_dir/layer_L/transcoder`` holds the result in SAELens' layout;
+    ``out_dir/set.json`` the recipe and the evaluation.
+    """
+    layers = check_layers(model, layers)
+    out = Path(out_dir)
+    steps = recipe.total_steps()
+    n_train = steps * recipe.batch_windows
+    windows = token_windows(model, recipe.corpus, recipe.n_ctx, n_train + recipe.eval_windows)
+    train_windows, held_out = windows[:n_train], windows[n_train:]
+    d = model.cfg.d_model
+    sae_cfg = SAEConfig(d_in=d, d_sae=recipe.expansion * d, architecture=recipe.architecture,  # type: ignore[arg-type]
+                        k=recipe.k, apply_b_dec_to_input=False, d_out=d, skip=recipe.skip)
+    train_cfg = TrainConfig(total_steps=steps, lr=recipe.lr, seed=recipe.seed, dead_tokens=recipe.dead_tokens,
+                            checkpoint_every=recipe.checkpoint_every, progress=False, decay_fraction=0.3)
+    with output_lock(out):
+        _check_recipe(out, recipe, model)
+        feed = _Feed(layers)
+        results: dict[int, Any] = {}
+        transcoders = {layer: SAE(sae_cfg, seed=recipe.seed + layer) for layer in layers}
+        for layer, tc in transcoders.items():  # set before training, so a checkpoint names its data too
+            tc.metadata = transcoder_metadata(model, layer, recipe)
+
+        def run(layer: int) -> None:
+            try:
+                results[layer] = train_sae(transcoders[layer], feed.opener(layer), train_cfg, out / f"layer_{layer}")
+            except BaseException as exc:  # noqa: BLE001 - handed to the producer, which re-raises it
+                feed.errors.append(exc)
+                with feed.lock:
+                    feed.starts.setdefault(layer, steps)  # no longer waiting for data
+
+        threads = [threading.Thread(target=run, args=(layer,), name=f"transcoder-{layer}", daemon=True)
+                   for layer in layers]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        try:
+            while len(feed.starts) < len(layers):  # every trainer has read its checkpoint and asked from where
+                if feed.errors:
+                    raise feed.errors[0]
+                time.sleep(0.01)
+            first = min(feed.starts.values())
+            bar = _bar(progress, steps, first)
+            pairs = live_pairs(model, train_windows, layers, recipe.batch_windows, recipe.first_position,
+                               start_window=first * recipe.batch_windows)
+            for step, batch in zip(range(first, steps), pairs):
+                for layer in layers:
+                    if feed.starts[layer] <= step:
+                        feed.put(layer, (batch[layer].x, batch[layer].y))
+                if bar is not None:
+                    bar.update(1)
+            if bar is not None:
+                bar.close()
+            for t in threads:
+                while t.is_alive():
+                    t.join(timeout=0.5)
+                    if feed.errors:
+                        raise feed.errors[0]
+        except BaseException:
+            feed.stop_all()
+            for t in threads:
+                t.join(timeout=10)
+            raise
+        seconds = time.perf_counter() - t0
+        trained = {layer: results[layer].sae for layer in layers}
+        for layer, tc in trained.items():
+            save_sae(tc, out / f"layer_{layer}" / "transcoder", log_feature_density=results[layer].log_feature_density)
+        per_layer, whole = evaluate_transcoders(model, trained, held_out, first_position=recipe.first_position)
+        fresh = [layer for layer in layers if results[layer].resumed_from is None]
+        done_steps = sum(steps - (results[layer].resumed_from or 0) for layer in layers) / len(layers)
+        rate = done_steps * recipe.rows_per_step() / max(seconds, 1e-9)
+        record = {"model": model.cfg.name, "layers": layers, "recipe": asdict(recipe), "seconds": seconds,
+                  "tokens_per_second": rate, "fresh_layers": fresh,
+                  "per_layer": [ev._asdict() for ev in per_layer], "whole": whole._asdict()}
+        (out / "set.json").write_text(json.dumps(record, indent=2))
+    return TranscoderSet(trained, per_layer, whole, out, seconds, rate,
+                         {layer: results[layer].resumed_from for layer in layers})
+
+
+def transcoder_metadata(model: Any, layer: int, recipe: TranscoderRecipe) -> dict[str, Any]:
+    """The SAELens ``metadata`` of one layer's transcoder: what it reads and predicts, and on what text."""
+    return {"model_name": model.cfg.name, "hook_name": input_hook(layer), "hook_name_out": output_hook(layer),
+            "hook_layer": layer, "context_size": recipe.n_ctx, "dataset_path": recipe.corpus,
+            "prepend_bos": recipe.first_position > 0}
+
+
+def _check_recipe(out: Path, recipe: TranscoderRecipe, model: Any) -> None:
+    """Refuse to resume a set trained with another recipe or model (or record this one for a fresh set)."""
+    path = out / "recipe.json"
+    mine = {"model": model.cfg.name, **asdict(recipe)}
+    if path.exists():
+        try:
+            theirs = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            raise DataError(f"{path} is corrupt; delete {out} or choose another --out") from None
+        changed = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        if changed:
+            raise ConfigError(f"{out} holds a transcoder set trained with other settings ({', '.join(changed)}); "
+                              "resume with the same settings, or choose another --out")
+    else:
+        path.write_text(json.dumps(mine, indent=2))
+
+
+#: Transcoder sets that ship with the project: ``data/transcoders/<model name>/``.
+SHIPPED_TRANSCODERS = paths.DATA_DIR / "transcoders"
+
+
+def transcoders_home(model_name: str) -> Path:
+    """Where ``workbench train-transcoders MODEL`` trains a set by default: ``$WORKBENCH_HOME/transcoders/MODEL``."""
+    return paths.subdir("transcoders") / model_name
+
+
+def find_transcoder_set(name_or_dir: str | Path) -> Path:
+    """Return the directory of a transcoder set: a path, else a shipped set's name, else one trained under the home."""
+    path = Path(name_or_dir)
+    if path.is_dir():
+        return path
+    for candidate in (SHIPPED_TRANSCODERS / str(name_or_dir), paths.home() / "transcoders" / str(name_or_dir)):
+        if candidate.is_dir():
+            return candidate
+    shipped = sorted(p.name for p in SHIPPED_TRANSCODERS.glob("*") if p.is_dir())
+    raise InputError(f"{str(name_or_dir)!r} is neither a directory nor a transcoder set by name (shipped: {shipped}); "
+                     f"train one with `workbench train-transcoders MODEL`")
+
+
+def load_transcoder_set(
+    name_or_dir: str | Path, model: Any = None, device: str | torch.device = "cpu"
+) -> dict[int, SAE]:
+    """Return the transcoders of a set by layer: a directory a :func:`train_transcoders` run wrote, or a
+    set's name (``"kjv-small"``: the shipped one; a model name trained under the home). With ``model``,
+    each is checked to fit that model's MLPs."""
+    directory = find_transcoder_set(name_or_dir)
+    found = sorted(directory.glob("layer_*/transcoder"), key=lambda p: int(p.parent.name.split("_")[1]))
+    if not found:
+        raise InputError(f"{directory} holds no transcoders (layer_L/transcoder); train them with "
+                         "`workbench train-transcoders MODEL --out DIR`")
+    transcoders = {int(p.parent.name.split("_")[1]): load_sae(p, device).eval() for p in found}
+    if model is not None:
+        check_set(model, transcoders)
+        names = {tc.metadata.get("model_name") for tc in transcoders.values()} - {None}
+        if names and model.cfg.name and names != {model.cfg.name}:
+            raise InputError(f"the transcoders in {directory} were trained on {sorted(names)}, not {model.cfg.name!r}; "
+                             "load the set trained for this model")
+    return transcoders
+
+
+def export_circuit_tracer(name_or_dir: str | Path, out_dir: str | Path) -> Path:
+    """Write a set (every layer of its model) in circuit-tracer's layout; return the directory."""
+    transcoders = load_transcoder_set(name_or_dir)
+    layers = sorted(transcoders)
+    if layers != list(range(len(layers))):
+        raise InputError(f"circuit-tracer needs a transcoder for every layer from 0; this set has layers {layers}. "
+                         "Train it with --layers all")
+    model_name = transcoders[0].metadata.get("model_name") or "unknown"
+    return save_circuit_tracer([transcoders[layer] for layer in layers], out_dir, model_name=model_name)
+
+
+def ship_transcoders(run_dir: str | Path, name: str, command: str) -> Path:
+    """Copy a finished set's transcoders and evaluation (not its checkpoints) to ``data/transcoders/<name>/``
+    with a card naming ``command``, the way to reproduce it; replace what was there; return the directory."""
+    run_dir = Path(run_dir)
+    record_path = run_dir / "set.json"
+    if not record_path.exists():
+        raise InputError(f"{run_dir} holds no finished transcoder set (no set.json); let the training finish first")
+    record = json.loads(record_path.read_text())
+    target = SHIPPED_TRANSCODERS / name
+    tmp = SHIPPED_TRANSCODERS / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    for layer in record["layers"]:
+        shutil.copytree(run_dir / f"layer_{layer}" / "transcoder", tmp / f"layer_{layer}" / "transcoder")
+    (tmp / "set.json").write_text(json.dumps(record, indent=2))
+    (tmp / "card.md").write_text(transcoder_card(record, command))
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return target
+
+
+def transcoder_card(record: dict[str, Any], command: str) -> str:
+    """A markdown card for a set: recipe, per-layer and whole-set evaluation, and the command that made it."""
+    r = record["recipe"]
+    whole = record["whole"]
+    lines = [
+        f"# Transcoders for {record['model']} (layers {', '.join(map(str, record['layers']))})", "",
+        f"One transcoder per MLP: reads `blocks.L.mlp.hook_in`, predicts `blocks.L.mlp.hook_out`. "
+        f"{r['architecture']}, {r['expansion']}x d_model latents, k={r['k']}, skip term: {'yes' if r['skip'] else 'no'}. "
+        f"Trained on {r['tokens']:,} tokens per layer of `{r['corpus']}` (windows of {r['n_ctx']}, positions from "
+        f"{r['first_position']}), all layers at once from live activations, in {record['seconds'] / 60:.1f} min "
+        f"({record['tokens_per_second']:,.0f} tokens/s).", "",
+        "Reproduce:", "", "```", command, "```", "",
+        f"Evaluated on the {r['eval_windows']} windows after the training text (held out):", "",
+        "| layer | FVU | L0 | dead | CE clean | CE spliced | CE zero-ablated | CE recovered |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for ev in record["per_layer"]:
+        lines.append(f"| {ev['layer']} | {ev['fvu']:.3f} | {ev['l0']:.1f} | {ev['dead_fraction']:.3f} | {ev['ce_clean']:.4f} "
+                     f"| {ev['ce_spliced']:.4f} | {ev['ce_zero']:.4f} | {ev['ce_loss_recovered']:.3f} |")
+    lines += ["", f"Every MLP replaced at once (no error terms): CE {whole['ce_replaced']:.4f} against {whole['ce_clean']:.4f} "
+              f"clean, top-1 agreement {whole['top1_agreement']:.3f}, KL {whole['kl']:.4f} nats, on {whole['n_tokens']} tokens.",
+              "", "Load: `workbench.pipelines.load_transcoder_set(\"" + record["model"] + "\")` (layer -> SAE with d_out). "
+              "circuit-tracer layout: `workbench train-transcoders ... --export-circuit-tracer DIR`, or "
+              "`workbench.pipelines.export_circuit_tracer(name, DIR)`.", ""]
+    return "\n".join(lines)
+
+
+def _bar(progress: bool, total: int, start: int):
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, unit="step", desc="transcoders")
