@@ -49,8 +49,12 @@ def tiny_hf_llama(vocab: int, tie: bool = False, seed: int = 0):
     return model
 
 
-def write_tiny_gguf(path: Path, arch: str = "llama", quantize: bool = True, tie: bool = False):
-    """Write a tiny llama GGUF as llama.cpp's converter would; return (path, hf_model, tokens)."""
+def write_tiny_gguf(path: Path, arch: str = "llama", quantize: bool = True, tie: bool = False,
+                    metadata: dict | None = None, mangle=None):
+    """Write a tiny llama GGUF as llama.cpp's converter would; return (path, hf_model, tokens).
+
+    ``metadata``: key -> (value, gguf.GGUFValueType) written over the converter's fields (broken files
+    for tests); ``mangle(name, array) -> array`` changes a tensor before it is written."""
     import gguf
 
     from workbench.gguf import permute_qk
@@ -93,10 +97,14 @@ def write_tiny_gguf(path: Path, arch: str = "llama", quantize: bool = True, tie:
         elif hf_name_.endswith("k_proj.weight"):
             t = permute_qk(t, c.num_key_value_heads)
         arr = t.numpy().astype(np.float32)
+        if mangle is not None:
+            arr = mangle(g, arr)
         if quantize and arr.ndim == 2 and ("ffn" in g or "attn_v" in g or "attn_q" in g):
             w.add_tensor(g, gguf.quantize(arr, gguf.GGMLQuantizationType.Q8_0), raw_dtype=gguf.GGMLQuantizationType.Q8_0)
         else:
             w.add_tensor(g, arr)
+    for key, (value, vtype) in (metadata or {}).items():
+        w.add_key_value(key, value, vtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -178,3 +178,58 @@ def test_smollm2_tokenizer_matches_hf(smollm2, hf_smollm2):
         assert tok.decode(ids) == hf_tok.decode(ids) == text
     joined = "\n".join(TOKENIZER_SAMPLE)
     assert tok.encode(joined) == hf_tok(joined).input_ids
+
+
+# --------------------------------------------------------------- issue 13: hostile metadata, one line each
+
+
+def _u32(value):
+    import gguf
+
+    return (value, gguf.GGUFValueType.UINT32)
+
+
+def _f32(value):
+    import gguf
+
+    return (value, gguf.GGUFValueType.FLOAT32)
+
+
+@pytest.mark.parametrize("metadata,message", [
+    ({"llama.block_count": _u32(10**9)}, r"block_count=1000000000 but the file holds tensors of 2 blocks"),
+    ({"llama.attention.head_count": _u32(0)}, r"head_count=0; a model needs at least one head"),
+    ({"llama.attention.head_count_kv": _u32(3)}, r"head_count=4 is not a multiple of head_count_kv=3"),
+    ({"llama.attention.layer_norm_rms_epsilon": _f32(-1.0)}, r"layer_norm_rms_epsilon=-1.0 must be a positive"),
+    ({"llama.embedding_length": _u32(10**9)}, r"tensor shapes disagree with the metadata"),
+    ({"llama.feed_forward_length": _u32(0)}, r"feed_forward_length=0 must be at least 1"),
+])
+def test_gguf_metadata_that_disagrees_with_its_tensors_is_one_line(tmp_path, metadata, message):
+    import resource
+
+    from workbench.gguf import read_gguf
+
+    path, _, _ = write_tiny_gguf(tmp_path / "bad.gguf", quantize=False, metadata=metadata)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(CheckpointError, match=message) as info:
+        read_gguf(path)
+    assert "\n" not in str(info.value)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KiB: nothing huge allocated
+
+
+def test_gguf_with_a_short_attn_q_is_one_line(tmp_path):
+    from workbench.gguf import read_gguf
+
+    path, _, _ = write_tiny_gguf(tmp_path / "short.gguf", quantize=False,
+                                 mangle=lambda name, a: a[:-2] if name == "blk.1.attn_q.weight" else a)
+    with pytest.raises(CheckpointError, match=r"blk.1.attn_q.weight \(62, 64\) \(metadata implies \(64, 64\)\)"):
+        read_gguf(path)
+
+
+def test_gguf_with_a_huge_context_is_refused_before_allocating_its_rope_table(tmp_path):
+    from workbench.errors import ConfigError
+    from workbench.zoo import load_model
+
+    path, _, _ = write_tiny_gguf(tmp_path / "long.gguf", quantize=False,
+                                 metadata={"llama.context_length": _u32(2**32 - 1)})
+    with pytest.raises(ConfigError, match=r"GiB of them position tables for n_ctx=4294967295.*smaller context"):
+        load_model(path)

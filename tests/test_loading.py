@@ -117,3 +117,80 @@ def test_hf_state_dict_with_a_missing_or_an_unused_tensor():
     del sd["transformer.h.0.ln_2.bias"]
     with pytest.raises(CheckpointError, match="lacks tensor 'transformer.h.0.ln_2.bias'"):
         from_hf_state_dict(hf.config, sd)
+
+
+# ------------------------------------------- issue 13: config values that used to be tracebacks or 8+ GB
+
+
+@pytest.mark.parametrize("text,message", [
+    ("", "cannot be read as JSON"), ("{not json", "cannot be read as JSON"), ("[1, 2]", "holds a JSON list"),
+])
+def test_hf_config_json_empty_invalid_or_a_list_is_one_line(tmp_path, text, message):
+    from workbench.loading import export_hf
+
+    export_hf(HookedGPT(tiny_cfg()), tmp_path)
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(CheckpointError, match=message) as info:
+        from_hf(tmp_path)
+    assert "\n" not in str(info.value)
+
+
+def test_native_config_json_that_is_a_list_is_one_line(tmp_path):
+    HookedGPT(tiny_cfg()).save(tmp_path)
+    (tmp_path / "config.json").write_text("[]")
+    assert not is_native_checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match="not a workbench checkpoint"):
+        HookedGPT.load(tmp_path)
+
+
+def test_gpt2_config_without_n_embd_names_the_key(tmp_path):
+    from workbench.errors import ConfigError
+    from workbench.loading import export_hf
+
+    export_hf(HookedGPT(tiny_cfg()), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["n_embd"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="the HF gpt2 config lacks 'n_embd'"):
+        from_hf(tmp_path)
+
+
+def test_llama_config_without_attention_bias_is_read_as_no_bias():
+    """HF Llama configs may leave attention_bias out (its default is False); it was refused as a bias mismatch."""
+    from workbench.loading import config_from_hf
+
+    cfg = config_from_hf({"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
+                          "intermediate_size": 128, "vocab_size": 50, "max_position_embeddings": 32})
+    assert cfg.use_bias is False
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("d_model", 10**9, r"wrong shapes|does not fit"),
+    ("d_model", 1e9, r"d_model must be an integer, got 1000000000.0"),
+    ("n_layers", 10**9, r"n_layers=1000000000 but the weights hold 2 layers"),
+    ("norm_eps", -1, r"norm_eps must be a positive finite number"),
+    ("d_vocab", "50", r"d_vocab must be an integer"),
+])
+def test_native_config_with_sizes_the_weights_do_not_have_allocates_nothing(tmp_path, field, value, message):
+    import resource
+
+    HookedGPT(tiny_cfg()).save(tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    raw["config"][field] = value
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(CheckpointError, match=message) as info:
+        HookedGPT.load(tmp_path)
+    assert "\n" not in str(info.value)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KiB
+
+
+def test_hf_config_with_a_huge_hidden_size_is_refused_before_allocating(tmp_path):
+    from workbench.loading import export_hf
+
+    export_hf(HookedGPT(tiny_cfg()), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["n_embd"] = 10**9
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="does not fit its config|does not fit this model configuration"):
+        from_hf(tmp_path)

@@ -16,6 +16,7 @@ GGUF *means* is done here:
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -158,31 +159,41 @@ def hf_config_from_metadata(meta: dict[str, Any], tensors: list[GGUFTensorInfo],
 
     check_architecture(meta, path)
     a = "llama"
-    n_heads = int(_require(meta, f"{a}.attention.head_count", path))
-    d_model = int(_require(meta, f"{a}.embedding_length", path))
+
+    def number(key: str, default: Any = None, kind: type = int) -> Any:
+        value = _require(meta, key, path) if default is None else meta.get(key, default)
+        try:
+            if isinstance(value, bool) or (kind is int and float(value) != int(value)):
+                raise ValueError
+            value = kind(value)
+        except (TypeError, ValueError, OverflowError):
+            raise CheckpointError(f"{path}: metadata {key}={value!r} is not a{'n integer' if kind is int else ' number'}; "
+                                  "the file is corrupt or not a llama.cpp export") from None
+        return value
+
+    n_heads = number(f"{a}.attention.head_count")
+    d_model = number(f"{a}.embedding_length")
     names = {t.name: t for t in tensors}
     if "token_embd.weight" not in names:
         raise CheckpointError(f"{path}: no token_embd.weight tensor; the file is not a complete Llama checkpoint")
-    vocab = int(meta.get(f"{a}.vocab_size", names["token_embd.weight"].shape[0]))
-    head_dim = int(meta.get(f"{a}.attention.key_length", d_model // n_heads))
-    rope_dims = int(meta.get(f"{a}.rope.dimension_count", head_dim))
-    if rope_dims != head_dim:
-        raise CheckpointError(
-            f"{path}: partial rotary embeddings (rope.dimension_count={rope_dims}, head dim {head_dim}) are not supported"
-        )
+    if n_heads < 1:
+        raise CheckpointError(f"{path}: metadata {a}.attention.head_count={n_heads}; a model needs at least one head")
+    vocab = number(f"{a}.vocab_size", names["token_embd.weight"].shape[0])
+    head_dim = number(f"{a}.attention.key_length", d_model // n_heads)
+    rope_dims = number(f"{a}.rope.dimension_count", head_dim)
     if meta.get(f"{a}.rope.scaling.type", "none") not in ("none", None):
         raise CheckpointError(f"{path}: RoPE scaling {meta[f'{a}.rope.scaling.type']!r} is not supported")
     kwargs = dict(
         vocab_size=vocab,
         hidden_size=d_model,
-        intermediate_size=int(_require(meta, f"{a}.feed_forward_length", path)),
-        num_hidden_layers=int(_require(meta, f"{a}.block_count", path)),
+        intermediate_size=number(f"{a}.feed_forward_length"),
+        num_hidden_layers=number(f"{a}.block_count"),
         num_attention_heads=n_heads,
-        num_key_value_heads=int(meta.get(f"{a}.attention.head_count_kv", n_heads)),
+        num_key_value_heads=number(f"{a}.attention.head_count_kv", n_heads),
         head_dim=head_dim,
-        max_position_embeddings=int(meta.get(f"{a}.context_length", 2048)),
-        rms_norm_eps=float(meta.get(f"{a}.attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(meta.get(f"{a}.rope.freq_base", 10000.0)),
+        max_position_embeddings=number(f"{a}.context_length", 2048),
+        rms_norm_eps=number(f"{a}.attention.layer_norm_rms_epsilon", 1e-5, float),
+        rope_theta=number(f"{a}.rope.freq_base", 10000.0, float),
         tie_word_embeddings="output.weight" not in names,
         hidden_act="silu",
         attention_bias=False,
@@ -190,12 +201,67 @@ def hf_config_from_metadata(meta: dict[str, Any], tensors: list[GGUFTensorInfo],
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
     )
+    _check_sizes(kwargs, names, path)
+    if rope_dims != head_dim:
+        raise CheckpointError(
+            f"{path}: partial rotary embeddings (rope.dimension_count={rope_dims}, head dim {head_dim}) are not supported"
+        )
     config = LlamaConfig(**kwargs)
     # transformers 5 moved rope_theta into rope_parameters; set both spellings so either version reads it.
     if getattr(config, "rope_parameters", None) is not None:
         config.rope_parameters = {"rope_type": "default", "rope_theta": kwargs["rope_theta"]}
     config.rope_theta = kwargs["rope_theta"]
     return config
+
+
+def _check_sizes(c: dict[str, Any], tensors: dict[str, GGUFTensorInfo], path) -> None:
+    """Raise CheckpointError unless the metadata's sizes agree with the tensors the file holds.
+
+    Runs before anything is dequantized or allocated: a header claiming 1e9 blocks or a zero head
+    count is refused here, in one line, instead of exhausting memory or dividing by zero later."""
+    a = "llama"
+    blocks = {int(n.split(".")[1]) for n in tensors if n.startswith("blk.") and n.split(".")[1].isdigit()}
+    if c["num_hidden_layers"] < 1 or len(blocks) != c["num_hidden_layers"] or max(blocks) != len(blocks) - 1:
+        raise CheckpointError(
+            f"{path}: metadata {a}.block_count={c['num_hidden_layers']} but the file holds tensors of "
+            f"{len(blocks)} blocks; the header and the tensors disagree, so the file is corrupt"
+        )
+    positive = {"attention.head_count_kv": c["num_key_value_heads"], "attention.key_length": c["head_dim"],
+                "feed_forward_length": c["intermediate_size"], "context_length": c["max_position_embeddings"],
+                "embedding_length": c["hidden_size"], "vocab_size": c["vocab_size"]}
+    for key, value in positive.items():
+        if value < 1:
+            raise CheckpointError(f"{path}: metadata {a}.{key}={value} must be at least 1; the file is corrupt")
+    for key, value in (("attention.layer_norm_rms_epsilon", c["rms_norm_eps"]), ("rope.freq_base", c["rope_theta"])):
+        if not (math.isfinite(value) and value > 0):
+            raise CheckpointError(f"{path}: metadata {a}.{key}={value} must be a positive finite number; the file is corrupt")
+    if c["num_attention_heads"] % c["num_key_value_heads"]:
+        raise CheckpointError(
+            f"{path}: metadata {a}.attention.head_count={c['num_attention_heads']} is not a multiple of "
+            f"head_count_kv={c['num_key_value_heads']}; the file is corrupt"
+        )
+    d, h, kv, dh, ff = (c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"],
+                        c["intermediate_size"])
+    want = {"token_embd.weight": (c["vocab_size"], d), "output_norm.weight": (d,)}
+    for layer in sorted(blocks):
+        want.update({
+            f"blk.{layer}.attn_q.weight": (h * dh, d), f"blk.{layer}.attn_k.weight": (kv * dh, d),
+            f"blk.{layer}.attn_v.weight": (kv * dh, d), f"blk.{layer}.attn_output.weight": (d, h * dh),
+            f"blk.{layer}.ffn_gate.weight": (ff, d), f"blk.{layer}.ffn_up.weight": (ff, d),
+            f"blk.{layer}.ffn_down.weight": (d, ff), f"blk.{layer}.attn_norm.weight": (d,),
+            f"blk.{layer}.ffn_norm.weight": (d,),
+        })
+    if "output.weight" in tensors:
+        want["output.weight"] = (c["vocab_size"], d)
+    missing = [n for n in want if n not in tensors]
+    if missing:
+        raise CheckpointError(f"{path}: {len(missing)} tensors are missing (first: {missing[:3]}); the file is incomplete")
+    wrong = [f"{n} {tensors[n].shape} (metadata implies {shape})" for n, shape in want.items() if tensors[n].shape != shape]
+    if wrong:
+        raise CheckpointError(
+            f"{path}: tensor shapes disagree with the metadata: {'; '.join(wrong[:3])}"
+            f"{' ...' if len(wrong) > 3 else ''}; the file is corrupt or not a llama.cpp export"
+        )
 
 
 # ------------------------------------------------------------------------------------------- tensors

@@ -34,6 +34,58 @@ WEIGHTS_FILE = "model.safetensors"
 
 def load_weights(model: HookedGPT, state_dict: Mapping[str, Tensor], source: str = "checkpoint") -> None:
     """Copy ``state_dict`` into ``model`` after checking that names and shapes match exactly."""
+    _check_fit(model, state_dict, source)
+    with torch.no_grad():
+        model.load_state_dict(dict(state_dict), strict=True)
+
+
+def model_for_weights(cfg: GPTConfig, state_dict: Mapping[str, Tensor], tokenizer=None,
+                      source: str = "checkpoint") -> HookedGPT:
+    """Return an (uninitialised) HookedGPT for ``cfg``, built only once ``state_dict`` is known to fit it.
+
+    The sizes a config names are checked before anything is allocated: the layer count against the
+    layers the weights hold, then every parameter's shape on a ``meta``-device model (no memory), then
+    the bytes the real model needs (parameters and position tables) against the memory available.
+    A config.json or GGUF header claiming 1e9 layers or a 2^32 context is a one-line error, not a
+    machine out of memory.
+    """
+    layers = {k.split(".")[1] for k in state_dict if k.startswith("blocks.")}
+    if cfg.n_layers != len(layers):
+        raise CheckpointError(
+            f"{source}: the config says n_layers={cfg.n_layers} but the weights hold {len(layers)} layers; "
+            "check that the config and the weights come from the same model"
+        )
+    try:
+        with torch.device("meta"):
+            skeleton = HookedGPT(cfg, init=False)
+    except (RuntimeError, ValueError, TypeError, OverflowError) as exc:
+        raise ConfigError(f"{source}: a model cannot be built from this config ({exc}); fix the config") from None
+    _check_fit(skeleton, state_dict, source)
+    need = sum(t.numel() * t.element_size() for t in (*skeleton.parameters(), *skeleton.buffers()))
+    available = _available_memory()
+    if available is not None and need > available:
+        tables = sum(b.numel() * b.element_size() for b in skeleton.buffers())
+        raise ConfigError(
+            f"{source}: the model needs {need / 2**30:.1f} GiB ({tables / 2**30:.1f} GiB of them position tables for "
+            f"n_ctx={cfg.n_ctx}) but {available / 2**30:.1f} GiB of memory are available; a config with a smaller "
+            "context (n_ctx / context_length) or a machine with more memory is needed"
+        )
+    return HookedGPT(cfg, tokenizer=tokenizer, init=False)
+
+
+def _available_memory() -> int | None:
+    """Return the bytes of memory available now (Linux MemAvailable), or None where it cannot be told."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _check_fit(model: HookedGPT, state_dict: Mapping[str, Tensor], source: str) -> None:
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in state_dict.items()}
     missing = sorted(set(expected) - set(got))
@@ -51,8 +103,6 @@ def load_weights(model: HookedGPT, state_dict: Mapping[str, Tensor], source: str
             f"{source} does not fit this model configuration ({'; '.join(problems)}); "
             "check that the config and the weights come from the same model"
         )
-    with torch.no_grad():
-        model.load_state_dict(dict(state_dict), strict=True)
 
 
 def _contiguous_state_dict(model: HookedGPT) -> dict[str, Tensor]:
@@ -84,9 +134,10 @@ def is_native_checkpoint(path: str | os.PathLike) -> bool:
     if not cfg.is_file():
         return False
     try:
-        return json.loads(cfg.read_text()).get("format") == FORMAT
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        raw = json.loads(cfg.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return False
+    return isinstance(raw, dict) and raw.get("format") == FORMAT
 
 
 def read_native_config(directory: str | os.PathLike) -> GPTConfig:
@@ -97,11 +148,12 @@ def read_native_config(directory: str | os.PathLike) -> GPTConfig:
         raise CheckpointError(f"{path} does not exist; a native checkpoint has {CONFIG_FILE} and {WEIGHTS_FILE}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path} is not valid JSON ({exc}); the checkpoint is corrupt, re-create it") from None
-    if raw.get("format") != FORMAT:
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raw = raw if isinstance(raw, dict) else {}
         raise CheckpointError(f"{path} is not a workbench checkpoint (format={raw.get('format')!r}); for HF directories use from_hf")
     try:
         return GPTConfig.from_dict(raw["config"])
-    except (KeyError, TypeError, ConfigError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise CheckpointError(f"{path} holds an invalid model config: {exc}") from None
 
 
@@ -124,7 +176,7 @@ def load_native(directory: str | os.PathLike, device=None, dtype=None) -> Hooked
     cfg = read_native_config(directory)
     state = read_safetensors(directory / WEIGHTS_FILE)
     tokenizer = Tokenizer.load(directory) if (directory / "tokenizer.json").is_file() else None
-    model = HookedGPT(cfg, tokenizer=tokenizer, init=False)
+    model = model_for_weights(cfg, state, tokenizer, source=str(directory / WEIGHTS_FILE))
     load_weights(model, state, source=str(directory / WEIGHTS_FILE))
     return model.to(device=device, dtype=dtype) if (device or dtype) else model
 
@@ -136,6 +188,15 @@ def load_native(directory: str | os.PathLike, device=None, dtype=None) -> Hooked
 def config_from_hf(hf_config: Mapping | object) -> GPTConfig:
     """Return the GPTConfig of an HF GPT-2 or Llama config (a PretrainedConfig or its dict)."""
     c = dict(hf_config) if isinstance(hf_config, Mapping) else hf_config.to_dict()
+    try:
+        return _config_from_hf(c)
+    except KeyError as exc:
+        raise ConfigError(
+            f"the HF {c.get('model_type')} config lacks {exc.args[0]!r}; it is incomplete: use the model's own config.json"
+        ) from None
+
+
+def _config_from_hf(c: dict) -> GPTConfig:
     kind = c.get("model_type")
     if kind == "gpt2":
         for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
@@ -159,7 +220,7 @@ def config_from_hf(hf_config: Mapping | object) -> GPTConfig:
             raise ConfigError(f"Llama RoPE scaling {rope.get('rope_type')!r} is not supported (only the default RoPE)")
         theta = rope.get("rope_theta", c.get("rope_theta", 10000.0))
         d, H = c["hidden_size"], c["num_attention_heads"]
-        if c.get("attention_bias") != c.get("mlp_bias", False):
+        if c.get("attention_bias", False) != c.get("mlp_bias", False):
             raise ConfigError("Llama variants with attention_bias != mlp_bias are not supported")
         return GPTConfig(
             d_model=d, n_layers=c["num_hidden_layers"], n_heads=H, d_head=c.get("head_dim"),
@@ -249,9 +310,14 @@ def from_hf_state_dict(hf_config, state_dict: Mapping[str, Tensor], tokenizer: T
         weights = convert(cfg, _ReadRecorder(state_dict, reads))
     except KeyError as exc:
         raise CheckpointError(f"HF {family} checkpoint lacks tensor {exc.args[0]!r}; is the file complete?") from None
+    except (RuntimeError, ValueError, IndexError) as exc:  # a reshape to the config's head layout failed
+        raise CheckpointError(
+            f"HF {family} checkpoint does not fit its config ({str(exc).splitlines()[0][:200]}); "
+            "check that config.json and the weights come from the same model"
+        ) from None
     if cfg.tie_embeddings:
         reads.add("lm_head.weight")  # HF keeps the tied copy under this name too
-    model = HookedGPT(cfg, tokenizer=tokenizer, init=False)
+    model = model_for_weights(cfg, weights, tokenizer, source=f"HF {family} checkpoint")
     known = {k for k in state_dict if not k.endswith((".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq"))}
     if known - reads:
         raise CheckpointError(f"HF checkpoint has tensors this config does not use: {sorted(known - reads)[:8]}")
@@ -294,11 +360,24 @@ def from_hf(model_or_path, tokenizer=None, local_files_only: bool = False) -> Ho
     config_path = path / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"{path} has no config.json; an HF model directory holds config.json and *.safetensors")
-    hf_config = json.loads(config_path.read_text())
+    hf_config = _read_json_object(config_path)
     state = read_hf_weights(path)
     if tokenizer is None and (path / "tokenizer.json").is_file():
         tokenizer = Tokenizer.load(path)
     return from_hf_state_dict(hf_config, state, tokenizer)
+
+
+def _read_json_object(path: Path) -> dict:
+    """Return the JSON object in ``path``, or raise CheckpointError saying what is wrong with the file."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path} cannot be read as JSON ({exc}); restore the model's config.json") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(
+            f"{path} holds a JSON {type(value).__name__}, not an object of config fields; restore the model's config.json"
+        )
+    return value
 
 
 def read_hf_weights(directory: Path) -> dict[str, Tensor]:

@@ -11,6 +11,7 @@ Loading, generation and conversion live in ``loading.py`` / ``generate.py``.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass, fields
 from typing import Literal
 
@@ -68,6 +69,14 @@ class GPTConfig:
     name: str = ""
 
     def __post_init__(self) -> None:
+        for f in ("d_model", "n_layers", "n_heads", "d_vocab", "n_ctx", "d_head", "d_mlp", "n_kv_heads"):
+            value = getattr(self, f)  # a config read from JSON may hold 1e9, "64" or true where a size belongs
+            if not (isinstance(value, numbers.Integral) and not isinstance(value, bool)) and not (value is None and f in ("d_head", "n_kv_heads")):
+                raise ConfigError(f"{f} must be an integer, got {value!r}; fix the model config")
+        for f in ("norm_eps", "rope_theta"):
+            value = getattr(self, f)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"{f} must be a positive finite number, got {value!r}; fix the model config")
         if self.d_head is None:
             if self.n_heads <= 0 or self.d_model % self.n_heads:
                 raise ConfigError(
