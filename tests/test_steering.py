@@ -154,13 +154,43 @@ def test_probes_page(app_home, monkeypatch):
     assert not at.exception, [e.value for e in at.exception]
     at.button(key="probe_go").click().run()
     assert not at.exception, [e.value for e in at.exception]
-    specs = [json.loads(el.proto.spec) for el in at.get("plotly_chart")]
-    titles = [s["layout"]["title"]["text"] for s in specs]
-    assert any("Probe accuracy by layer" in t for t in titles) and any("projected" in t for t in titles)
+    specs = {s["layout"]["title"]["text"]: s for s in (json.loads(el.proto.spec) for el in at.get("plotly_chart"))}
+    acc = next(s for t, s in specs.items() if "Probe accuracy by layer" in t)
+    assert any("projected" in t for t in specs)
+    # the page's numbers are the library's: the same probes trained on the same dataset and split
+    from workbench import HookedGPT
+
+    model = HookedGPT.load(app_home / "models" / "tiny-lm").eval()
+    want = P.probe_model(model, sentiment_statements())
+    curves = {d["name"]: _plotly_values(d["y"]) for d in acc["data"]}
+    assert curves["logistic probe"] == pytest.approx(want.accuracy.tolist())
+    assert curves["control task (logistic)"] == pytest.approx(want.control_accuracy.tolist())
+    assert [m.value for m in at.metric if m.label == "held-out accuracy"] == [f"{float(want.accuracy[want.best]):.3f}"]
     at.slider(key="probe_layer").set_value(0).run()  # re-projects the kept activations
     assert not at.exception
+    proj = next(json.loads(el.proto.spec) for el in at.get("plotly_chart")
+                if "layer-0" in json.loads(el.proto.spec)["layout"]["title"]["text"])
+    acts = P.collect_activations(model, read_positions(model, sentiment_statements()), [want.hooks[0]])[0]
+    expected = (acts @ want.direction(0).vector).tolist()
+    shown = sorted(v for d in proj["data"] for v in _plotly_values(d["x"]))
+    assert shown == pytest.approx(sorted(expected), abs=1e-4)
     at.slider(key="steer_mult").set_value(3.0)
     at.slider(key="steer_n").set_value(4)
     at.button(key="steer_gen").click().run()
     assert not at.exception, [e.value for e in at.exception]
-    assert "steer_text_on" in at.session_state and "steer_text_off" in at.session_state
+    vec = S.contrast_vector(model, sentiment_statements(), at.slider(key="steer_layer").value)
+    prompt = at.text_input(key="steer_text").value
+    both = S.steered_generation(model, prompt, vec, 3.0, max_new_tokens=4, stop_tokens=[])
+    assert at.session_state["steer_text_off"] == both.plain.texts[0]
+    assert at.session_state["steer_text_on"] == both.steered.texts[0]
+
+
+def _plotly_values(value) -> list:
+    """Return a plotly data array as a list (plotly ships numeric arrays base64-encoded)."""
+    import base64
+
+    import numpy as np
+
+    if isinstance(value, dict) and "bdata" in value:
+        return np.frombuffer(base64.b64decode(value["bdata"]), dtype=value["dtype"]).tolist()
+    return list(value)
