@@ -99,6 +99,13 @@ def test_sae_feature_vector(tiny_lm):
     torch.testing.assert_close(vec.vector, sae.W_dec[3].detach())
     with pytest.raises(InputError, match="feature 16 is out of range"):
         S.from_sae_feature(sae, 16, "blocks.0.hook_resid_post")
+    with pytest.raises(InputError, match="names no hook"):
+        S.from_sae_feature(sae, 3)
+    # a transcoder's decoder writes the MLP's output: that is where its latent steers by default
+    sae.metadata = {"hook_name": "blocks.0.mlp.hook_in", "hook_name_out": "blocks.0.mlp.hook_out"}
+    assert S.from_sae_feature(sae, 3).check(tiny_lm).hook == "blocks.0.mlp.hook_out"
+    sae.metadata = {"hook_name": "blocks.1.hook_resid_post"}
+    assert S.from_sae_feature(sae, 3).hook == "blocks.1.hook_resid_post"
 
 
 def test_bad_vectors_and_layers_are_clear_errors(tiny_lm):

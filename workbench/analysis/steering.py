@@ -121,8 +121,16 @@ def from_probe(direction: ProbeDirection, scale: float | None = None) -> Steerin
                           {**direction.meta, "scale": scale})
 
 
-def from_sae_feature(sae, feature: int, hook: str) -> SteeringVector:
-    """Return an SAE's (or transcoder's) latent ``feature`` as a steering vector: its decoder row, as stored."""
+def from_sae_feature(sae, feature: int, hook: str | None = None) -> SteeringVector:
+    """Return an SAE's (or transcoder's) latent ``feature`` as a steering vector: its decoder row, as stored.
+
+    ``hook`` defaults to where the decoder writes: a transcoder's output hook (``hook_name_out`` in its
+    metadata), else the SAE's own hook (``hook_name``)."""
+    meta = getattr(sae, "metadata", None) or {}
+    hook = hook or meta.get("hook_name_out") or meta.get("hook_name")
+    if not hook:
+        raise InputError("the SAE's metadata names no hook; say which hook its decoder writes to (e.g. "
+                         "blocks.2.hook_resid_post, or a transcoder's blocks.2.mlp.hook_out)")
     d_sae = sae.W_dec.shape[0]
     if not 0 <= feature < d_sae:
         raise InputError(f"feature {feature} is out of range: the SAE has {d_sae} latents, numbered 0..{d_sae - 1}")

@@ -90,11 +90,10 @@ def _vector(model, args):
 
         if args.feature is None:
             raise InputError("--sae needs --feature N (the latent whose decoder row steers)")
-        sae = load_sae(args.sae)
-        hook = args.hook or getattr(sae, "metadata", {}).get("hook_name")  # saved SAEs name the hook they read
-        if not hook:
-            raise InputError("say which hook the SAE reads with --hook NAME (e.g. blocks.2.hook_resid_post)")
-        return S.from_sae_feature(sae, args.feature, hook)
+        from workbench.commands.store import sae_dir
+
+        # default hook: where the decoder writes (a transcoder's output hook, else the SAE's own), from its metadata
+        return S.from_sae_feature(load_sae(sae_dir(args.sae)), args.feature, args.hook)
     if args.layer is None:
         raise InputError(f"--contrast needs --layer L (0..{model.cfg.n_layers - 1})")
     return S.contrast_vector(model, dataset(args.contrast, args.position), args.layer, args.kind)
@@ -162,9 +161,11 @@ def register(subparsers) -> None:
     src = p.add_argument_group("the vector (one of)")
     src.add_argument("--contrast", metavar="DATASET", help="mean difference of a labelled set (as probe's --dataset)")
     src.add_argument("--direction", metavar="DIR", help="a direction saved by `workbench probe --save`")
-    src.add_argument("--sae", metavar="DIR", help="an SAE (SAELens layout); with --feature N")
+    src.add_argument("--sae", metavar="DIR", help="an SAE or transcoder (SAELens layout, or its train-sae run "
+                                                  "directory); with --feature N")
     p.add_argument("--feature", type=int, help="the SAE latent")
-    p.add_argument("--hook", help="the hook an SAE reads (default: from its metadata)")
+    p.add_argument("--hook", help="the hook the SAE's decoder writes to (default: from its metadata; a transcoder's "
+                                  "output hook)")
     p.add_argument("--layer", type=int, help="layer of the contrast vector")
     p.add_argument("--kind", default="resid_post", help="hook kind of the contrast vector (default resid_post)")
     p.add_argument("--position", default="last", help="read position of a contrast file ('last' or a marker)")
