@@ -224,3 +224,40 @@ def test_cache_knows_where_the_real_tokens_are(family, prompts):
         torch.testing.assert_close(cache.last_real(name), torch.stack([c[name][0, -1] for c in alone]), atol=1e-5, rtol=0)
         pooled = torch.cat([c[name][0] for c in alone]).mean(0)  # every real token counts once
         torch.testing.assert_close(cache.mean_over_real(name), pooled, atol=1e-5, rtol=0)
+
+
+# -- generation ------------------------------------------------------------------------------------------
+
+
+def test_batched_greedy_generation_of_ragged_prompts_equals_one_by_one(family, prompts):
+    from workbench.generate import generate
+
+    _, model = family
+    some = [prompts[i] for i in (0, 3, 17, 39)]
+    batch = pad(some, pad_id=0, padding_side="left")
+    out = generate(model, batch, max_new_tokens=6, stop_tokens=[])
+    no_cache = generate(model, batch, max_new_tokens=6, stop_tokens=[], use_cache=False)
+    assert torch.equal(out.tokens, no_cache.tokens)
+    assert torch.equal(out.attention_mask[:, : out.prompt_len], batch.attention_mask)
+    for row, prompt in enumerate(some):
+        alone = generate(model, torch.tensor(prompt), max_new_tokens=6, stop_tokens=[])
+        assert out.new_tokens[row].tolist() == alone.new_tokens[0].tolist(), f"prompt of length {len(prompt)}"
+
+
+def test_generate_takes_texts_of_different_lengths():
+    model = _tiny_model(_word_tokenizer(pad_token_id=3))
+    texts = ["t10 t11 t12 t13 t14", "t20", "t30 t31"]
+    out = model.generate(texts, max_new_tokens=5, stop_tokens=[])
+    for row, text in enumerate(texts):
+        alone = model.generate(text, max_new_tokens=5, stop_tokens=[])
+        assert out.texts[row] == alone.texts[0]
+        assert out.new_tokens[row].tolist() == alone.new_tokens[0].tolist()
+
+
+def test_right_padding_in_generation_is_refused(family, prompts):
+    from workbench.generate import generate
+
+    _, model = family
+    batch = pad([prompts[0], prompts[4]], pad_id=0, padding_side="right")
+    with pytest.raises(InputError, match="generation needs left padding"):
+        generate(model, batch, max_new_tokens=2)

@@ -6,6 +6,10 @@
     for event in stream_generate(model, prompt, 64):                             # for the app
         print(event.text, end="")
 
+Prompts of different lengths (a list of texts, or a left-padded :class:`~workbench.padding.Batch`)
+are left-padded and generated together: every row continues from its last real token, with its own
+positions, and gives the tokens it would give alone.
+
 ``model.generate(...)`` is the same function. Hooks attached to the model (``with model.hooks(...)``
 or ``fwd_hooks=``) fire on every forward pass of the generation: once over the whole prompt, then
 once per new token (the decode steps see ``pos == 1``).
@@ -19,6 +23,7 @@ incrementally).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -29,10 +34,12 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from workbench import padding
 from workbench.errors import InputError
+from workbench.padding import Batch
 
 FinishReason = Literal["stop_token", "max_new_tokens"]
-Prompt = str | Sequence[int] | Tensor
+Prompt = str | Sequence[int] | Tensor | Batch
 
 
 @dataclass(frozen=True)
@@ -49,8 +56,8 @@ class SamplingConfig:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise InputError(f"temperature must be >= 0 (0 means greedy), got {self.temperature}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise InputError(f"temperature must be a finite number >= 0 (0 means greedy), got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
             raise InputError(f"top_k must be a positive number of tokens, got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
@@ -75,6 +82,8 @@ class GenerationOutput:
     finish_reasons: list[FinishReason]
     #: generated tokens per row, stop token included
     n_generated: list[int]
+    #: ``[batch pos]``, True at real tokens, for prompts of different lengths (left-padded); None otherwise
+    attention_mask: Tensor | None = None
 
     @property
     def new_tokens(self) -> Int[Tensor, "batch new"]:
@@ -107,6 +116,11 @@ def sample_next(
     logits: Float[Tensor, "batch d_vocab"], cfg: SamplingConfig, generator: torch.Generator | None = None
 ) -> Int[Tensor, " batch"]:
     """Return the next token of every row from last-position logits, as ``cfg`` says."""
+    if torch.isnan(logits).any():
+        raise InputError(
+            "the model's next-token logits hold NaN, so there is nothing to sample from; its weights (or a hook) "
+            "produced them: check the checkpoint with a forward pass, or remove the hook"
+        )
     if cfg.greedy:
         return logits.argmax(dim=-1)
     return torch.multinomial(_filtered_logits(logits, cfg).softmax(dim=-1), 1, generator=generator).squeeze(-1)
@@ -114,7 +128,9 @@ def sample_next(
 
 def _filtered_logits(logits: Float[Tensor, "batch d_vocab"], cfg: SamplingConfig) -> Float[Tensor, "batch d_vocab"]:
     """Return logits / temperature with the tokens top-k and top-p exclude set to -inf."""
-    logits = logits.float() / cfg.temperature
+    logits = logits.float()
+    # shifted so the largest is 0 first: a tiny temperature then sends the others to -inf, never inf - inf = NaN
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / cfg.temperature
     if cfg.top_k is not None and cfg.top_k < logits.shape[-1]:
         kth = torch.topk(logits, cfg.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -130,13 +146,17 @@ def _filtered_logits(logits: Float[Tensor, "batch d_vocab"], cfg: SamplingConfig
 # --------------------------------------------------------------------------------------- the loop
 
 
-def _prompt_tokens(model, prompt: Prompt, prepend_bos: bool | None) -> Int[Tensor, "batch pos"]:
+def _prompt_tokens(model, prompt: Prompt, prepend_bos: bool | None
+                   ) -> tuple[Int[Tensor, "batch pos"], Tensor | None]:
+    """Return the prompt's token ids and, for prompts of different lengths, its (left-padded) attention mask."""
     device = model.embed.W_E.device
+    if isinstance(prompt, Batch):
+        return _left_padded(prompt)
     if isinstance(prompt, str) or (isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], str)):
         if isinstance(prompt, str) and not prompt:
             raise InputError("the prompt is empty; give at least one token of text")
-        tokens = model.to_tokens(prompt, prepend_bos=prepend_bos)
-    elif isinstance(prompt, Tensor):
+        return _left_padded(model.to_batch(prompt, padding_side="left", prepend_bos=prepend_bos))
+    if isinstance(prompt, Tensor):
         tokens = prompt.to(device)
     else:
         tokens = torch.tensor(list(prompt), dtype=torch.long, device=device)
@@ -144,7 +164,25 @@ def _prompt_tokens(model, prompt: Prompt, prepend_bos: bool | None) -> Int[Tenso
         tokens = tokens[None]
     if tokens.ndim != 2 or tokens.shape[1] == 0:
         raise InputError(f"the prompt is empty (token shape {tuple(tokens.shape)}); give at least one token")
-    return tokens.long()
+    return tokens.long(), None
+
+
+def _left_padded(batch: Batch) -> tuple[Int[Tensor, "batch pos"], Tensor | None]:
+    """Return a batch's tokens and mask (None without padding), refusing right padding: new tokens are
+    written after the last column, so every row's last real token must be there."""
+    tokens = batch.tokens.long()
+    if tokens.ndim == 1:
+        tokens = tokens[None]
+    mask = padding.check_attention_mask(batch.attention_mask, tokens)
+    if mask is None:
+        return tokens, None
+    padding.check_rows_have_tokens(mask)
+    if not bool((mask[:, 1:] >= mask[:, :-1]).all()):
+        raise InputError(
+            "generation needs left padding (padding before each prompt), got padding after a real token; "
+            "use model.to_batch(texts, padding_side='left')"
+        )
+    return tokens, mask
 
 
 def _stop_ids(model, stop_tokens: Sequence[int | str] | None) -> list[int]:
@@ -183,24 +221,31 @@ def _check_length(model, prompt_len: int, max_new_tokens: int) -> None:
 
 
 def _start(model, prompt: Prompt, max_new_tokens: int, stop_tokens, prepend_bos: bool | None
-           ) -> tuple[Int[Tensor, "batch pos"], int, list[int]]:
-    """Return the preallocated token buffer (prompt in front), the prompt length and the stop ids."""
-    prompt_tokens = _prompt_tokens(model, prompt, prepend_bos)
+           ) -> tuple[Int[Tensor, "batch pos"], int, list[int], Tensor | None]:
+    """Return the preallocated token buffer (prompt in front), the prompt length, the stop ids and the
+    buffer's attention mask (None when no prompt is padded)."""
+    prompt_tokens, prompt_mask = _prompt_tokens(model, prompt, prepend_bos)
     batch, prompt_len = prompt_tokens.shape
     _check_length(model, prompt_len, max_new_tokens)
     stops = _stop_ids(model, stop_tokens)
     buf = torch.empty(batch, prompt_len + max_new_tokens, dtype=torch.long, device=prompt_tokens.device)
     buf[:, :prompt_len] = prompt_tokens
-    return buf, prompt_len, stops
+    mask = None
+    if prompt_mask is not None:  # generated tokens are all real
+        mask = torch.ones(buf.shape, dtype=torch.bool, device=buf.device)
+        mask[:, :prompt_len] = prompt_mask.to(buf.device)
+    return buf, prompt_len, stops, mask
 
 
 def _decode_steps(
-    model, tokens: Int[Tensor, "batch pos"], max_new_tokens: int, cfg: SamplingConfig, use_cache: bool
+    model, tokens: Int[Tensor, "batch pos"], max_new_tokens: int, cfg: SamplingConfig, use_cache: bool,
+    mask: Tensor | None = None,
 ) -> Iterator[Int[Tensor, " batch"]]:
     """Yield the next token of every row, step by step; the caller writes it into ``tokens``' buffer.
 
     ``tokens`` is the whole preallocated buffer ``[batch, prompt_len + max_new_tokens]`` with the
-    prompt in front; step ``i`` may read positions ``< prompt_len + i`` only.
+    prompt in front; step ``i`` may read positions ``< prompt_len + i`` only. ``mask`` (left-padded
+    prompts) covers the whole buffer; the KV cache remembers the prompt's part.
     """
     from workbench.model import KVCache
 
@@ -212,7 +257,8 @@ def _decode_steps(
     if use_cache:
         dtype = model.embed.W_E.dtype
         kv = KVCache.empty(model.cfg, batch, total, device=tokens.device, dtype=dtype)
-        logits = model(tokens[:, :prompt_len], kv_cache=kv)[:, -1]
+        prompt_mask = None if mask is None else mask[:, :prompt_len]
+        logits = model(tokens[:, :prompt_len], kv_cache=kv, attention_mask=prompt_mask)[:, -1]
         for i in range(max_new_tokens):
             nxt = sample_next(logits, cfg, generator)
             yield nxt
@@ -221,7 +267,8 @@ def _decode_steps(
                 logits = model(tokens[:, cur: cur + 1], kv_cache=kv)[:, -1]
     else:
         for i in range(max_new_tokens):
-            logits = model(tokens[:, : prompt_len + i])[:, -1]
+            logits = model(tokens[:, : prompt_len + i], attention_mask=None if mask is None else mask[:, : prompt_len + i])
+            logits = logits[:, -1]
             yield sample_next(logits, cfg, generator)
 
 
@@ -241,8 +288,8 @@ def generate(
 ) -> GenerationOutput:
     """Return the prompt continued by up to ``max_new_tokens`` tokens.
 
-    ``prompt``: text, a list of texts that tokenize to the same length, token ids ``[pos]`` or
-    ``[batch pos]``. BOS: text is tokenized with the tokenizer's ``add_bos`` (SmolLM2: no BOS) unless
+    ``prompt``: text, a list of texts (of any lengths: they are left-padded), a left-padded
+    :class:`~workbench.padding.Batch`, token ids ``[pos]`` or ``[batch pos]``. BOS: text is tokenized with the tokenizer's ``add_bos`` (SmolLM2: no BOS) unless
     ``prepend_bos`` says otherwise; token ids are used as given. ``temperature=0`` (the default) is
     greedy; otherwise sample with ``top_k`` / ``top_p``, reproducibly when ``seed`` is set.
     ``stop_tokens``: ids or token strings that end a row (None: the tokenizer's EOS; ``[]``: none).
@@ -250,7 +297,7 @@ def generate(
     ``fwd_hooks``: ``[(name_or_filter, fn)]`` attached for the whole generation.
     """
     cfg = SamplingConfig(temperature, top_k, top_p, seed)
-    buf, prompt_len, stops = _start(model, prompt, max_new_tokens, stop_tokens, prepend_bos)
+    buf, prompt_len, stops, mask = _start(model, prompt, max_new_tokens, stop_tokens, prepend_bos)
     batch = buf.shape[0]
     stop_t = torch.tensor(stops, dtype=torch.long, device=buf.device) if stops else None
     done = torch.zeros(batch, dtype=torch.bool, device=buf.device)
@@ -258,7 +305,7 @@ def generate(
     hooks = model.hooks(fwd_hooks) if fwd_hooks else nullcontext()
     written = prompt_len
     with torch.inference_mode(), hooks:
-        for i, nxt in enumerate(_decode_steps(model, buf, max_new_tokens, cfg, use_cache)):
+        for i, nxt in enumerate(_decode_steps(model, buf, max_new_tokens, cfg, use_cache, mask)):
             if stop_t is not None:
                 # a finished row keeps repeating the token it stopped on (it is never looked at)
                 nxt = torch.where(done, buf[:, prompt_len + i - 1] if i else nxt, nxt)
@@ -280,7 +327,7 @@ def generate(
             if reason == "stop_token":
                 new = new[:-1]
             texts.append(model.tokenizer.decode(new))
-    return GenerationOutput(tokens, prompt_len, texts, reasons, n_list)
+    return GenerationOutput(tokens, prompt_len, texts, reasons, n_list, None if mask is None else mask[:, :written].clone())
 
 
 def stream_generate(
@@ -302,7 +349,7 @@ def stream_generate(
     reached, is yielded last with empty text and ``finish_reason="stop_token"``.
     """
     cfg = SamplingConfig(temperature, top_k, top_p, seed)
-    buf, prompt_len, stop_list = _start(model, prompt, max_new_tokens, stop_tokens, prepend_bos)
+    buf, prompt_len, stop_list, mask = _start(model, prompt, max_new_tokens, stop_tokens, prepend_bos)
     if buf.shape[0] != 1:
         raise InputError(f"stream_generate takes one prompt, got a batch of {buf.shape[0]}; use generate()")
     stops = set(stop_list)
@@ -311,7 +358,7 @@ def stream_generate(
     emitted = ""
     # inference_mode/hooks are entered per step: a generator may be paused (and abandoned) between
     # events, and must not leave grad mode or hooks changed for the caller meanwhile
-    steps = _decode_steps(model, buf, max_new_tokens, cfg, use_cache=True)
+    steps = _decode_steps(model, buf, max_new_tokens, cfg, use_cache=True, mask=mask)
     for i in range(max_new_tokens):
         with torch.inference_mode(), model.hooks(fwd_hooks) if fwd_hooks else nullcontext():
             nxt = next(steps)

@@ -801,7 +801,8 @@ class HookedGPT(HookedModule):
         if isinstance(texts, str):
             texts = [texts]
         ids = [tok.encode(t, add_bos=prepend_bos) for t in texts]
-        return padding.pad(ids, tok.padding_id(), padding_side, device=self.embed.W_E.device)
+        ragged = len({len(i) for i in ids}) > 1  # prompts of one length need no pad token
+        return padding.pad(ids, tok.padding_id() if ragged else 0, padding_side, device=self.embed.W_E.device)
 
     def to_string(self, tokens: Tensor | list[int]) -> str | list[str]:
         """Return the text of ``[pos]`` ids, or a list of texts for ``[batch pos]``."""
