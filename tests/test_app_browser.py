@@ -100,19 +100,26 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 
 
 @pytest.fixture(scope="module")
-def browser_page(tmp_path_factory):
+def playwright():
+    """The module's one Playwright driver: a second sync_playwright() while the first is open fails ("Sync
+    API inside the asyncio loop"), so every browser fixture below launches from this one."""
     sync_api = pytest.importorskip("playwright.sync_api")
-    profile = tmp_path_factory.mktemp("chromium_profile")
     with sync_api.sync_playwright() as p:
-        # Playwright cannot download its own browser here: drive Debian's chromium, as root, without a sandbox
-        context = p.chromium.launch_persistent_context(
-            str(profile), executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS,
-            viewport={"width": 1400, "height": 1000},
-        )
-        page = context.pages[0] if context.pages else context.new_page()
-        page.set_default_timeout(PAGE_TIMEOUT_S * 1000)
-        yield page
-        context.close()
+        yield p
+
+
+@pytest.fixture(scope="module")
+def browser_page(playwright, tmp_path_factory):
+    profile = tmp_path_factory.mktemp("chromium_profile")
+    # Playwright cannot download its own browser here: drive Debian's chromium, as root, without a sandbox
+    context = playwright.chromium.launch_persistent_context(
+        str(profile), executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS,
+        viewport={"width": 1400, "height": 1000},
+    )
+    page = context.pages[0] if context.pages else context.new_page()
+    page.set_default_timeout(PAGE_TIMEOUT_S * 1000)
+    yield page
+    context.close()
 
 
 def _settle(page) -> None:
@@ -256,14 +263,12 @@ def test_every_page_in_a_browser(app_url, browser_page, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def browser(tmp_path_factory):
+def browser(playwright):
     """One headless chromium; each test opens its own contexts (a context is a session: its own cookies, its
     own websocket to the app)."""
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
+    b = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+    yield b
+    b.close()
 
 
 def _session(browser, url: str):
