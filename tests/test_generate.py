@@ -157,3 +157,18 @@ def test_smollm2_kv_cache_equals_recompute_and_stops_at_eos(smollm2):
     chat = "<|im_start|>user\nSay hi.<|im_end|>\n<|im_start|>assistant\n"
     out = generate(smollm2, chat, 48)
     assert out.finish_reasons == ["stop_token"] and "<|im_end|>" not in out.texts[0]
+
+
+def test_tiny_temperature_samples_the_argmax_and_nan_logits_are_an_input_error():
+    """Issue 13: T=1e-300 used to give inf - inf = NaN probabilities; NaN logits crashed torch.multinomial."""
+    from workbench.errors import InputError
+    from workbench.generate import SamplingConfig, sample_next
+
+    logits = torch.tensor([[1.0, 3.0, 2.0], [0.5, -1.0, 0.25]])
+    picked = sample_next(logits, SamplingConfig(temperature=1e-300, top_p=0.9), torch.Generator().manual_seed(0))
+    assert picked.tolist() == [1, 0]
+    with pytest.raises(InputError, match="logits hold NaN"):
+        sample_next(torch.full((1, 3), float("nan")), SamplingConfig(temperature=1.0))
+    for bad in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(InputError, match="temperature must be a finite number >= 0"):
+            SamplingConfig(temperature=bad)

@@ -130,7 +130,8 @@ def _filtered_logits(logits: Float[Tensor, "batch d_vocab"], cfg: SamplingConfig
     """Return logits / temperature with the tokens top-k and top-p exclude set to -inf."""
     logits = logits.float()
     # shifted so the largest is 0 first: a tiny temperature then sends the others to -inf, never inf - inf = NaN
-    logits = (logits - logits.amax(dim=-1, keepdim=True)) / cfg.temperature
+    # (and a temperature below float32's smallest normal, which would round to 0, is clamped to it)
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / max(cfg.temperature, torch.finfo(torch.float32).tiny)
     if cfg.top_k is not None and cfg.top_k < logits.shape[-1]:
         kth = torch.topk(logits, cfg.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
