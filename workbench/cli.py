@@ -38,22 +38,34 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from workbench.allocator import retain_freed_memory
 
+    from workbench.commands._args import check_args, check_argv, path_error_message
+    from workbench.errors import WorkbenchError
+
     retain_freed_memory()  # repeated large passes reuse memory instead of page-faulting it in (see there)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        check_argv(argv)
+    except WorkbenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
     try:
+        check_args(args)  # one validation layer for every subcommand's values (commands/_args.py)
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - the CLI's job is to turn errors into messages
-        from workbench.errors import WorkbenchError
-
         if isinstance(exc, WorkbenchError):
             print(f"error: {exc}", file=sys.stderr)
+            return 1
+        message = path_error_message(exc) if isinstance(exc, OSError) else None
+        if message is not None:
+            print(f"error: {message}", file=sys.stderr)
             return 1
         raise
 

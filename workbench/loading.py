@@ -62,7 +62,7 @@ def model_for_weights(cfg: GPTConfig, state_dict: Mapping[str, Tensor], tokenize
         raise ConfigError(f"{source}: a model cannot be built from this config ({exc}); fix the config") from None
     _check_fit(skeleton, state_dict, source)
     need = sum(t.numel() * t.element_size() for t in (*skeleton.parameters(), *skeleton.buffers()))
-    available = _available_memory()
+    available = available_memory()
     if available is not None and need > available:
         tables = sum(b.numel() * b.element_size() for b in skeleton.buffers())
         raise ConfigError(
@@ -73,7 +73,7 @@ def model_for_weights(cfg: GPTConfig, state_dict: Mapping[str, Tensor], tokenize
     return HookedGPT(cfg, tokenizer=tokenizer, init=False)
 
 
-def _available_memory() -> int | None:
+def available_memory() -> int | None:
     """Return the bytes of memory available now (Linux MemAvailable), or None where it cannot be told."""
     try:
         with open("/proc/meminfo") as f:

@@ -79,9 +79,11 @@ def cmd_train_sae(args: argparse.Namespace) -> int:
         )
     local_batch = args.batch_size // info.world_size
     data, d_in, metadata, name = _data_source(args, local_batch, info.rank, info.world_size)
+    d_sae = args.d_sae if args.d_sae is not None else args.expansion * d_in
+    _check_memory(d_in, d_sae, device)
     sae_cfg = SAEConfig(
         d_in=d_in,
-        d_sae=args.d_sae or args.expansion * d_in,
+        d_sae=d_sae,
         architecture=args.architecture,
         k=args.k,
         normalize_activations=args.normalize,
@@ -187,6 +189,21 @@ def _data_source(args: argparse.Namespace, local_batch: int, rank: int, world: i
     }
     name = f"{model_info.get('name') or 'model'}-{hook}"
     return _Source(make), store.d_in(hook), metadata, name
+
+
+def _check_memory(d_in: int, d_sae: int, device) -> None:
+    """Refuse an SAE whose training state cannot fit in this machine's memory, before allocating it."""
+    from workbench.errors import ConfigError
+    from workbench.loading import available_memory
+
+    # W_enc and W_dec, each with its gradient and Adam's two moments: 8 float32 copies of d_in x d_sae
+    need = 8 * 4 * d_in * d_sae
+    available = available_memory() if str(device).startswith("cpu") else None
+    if available is not None and need > available:
+        raise ConfigError(
+            f"--d-sae {d_sae} with d_in {d_in} needs about {need / 2**30:.1f} GiB to train but {available / 2**30:.1f} GiB "
+            "are available; choose a smaller --d-sae or --expansion"
+        )
 
 
 def _device(requested: str | None):
