@@ -474,12 +474,13 @@ class QuickSAE(NamedTuple):
 
 def train_quick_sae(model, model_name: str, layer: int, n_tokens: int, d_sae: int, k: int, steps: int,
                     on_progress: Callable[[str, float], None] = lambda what, done: None,
-                    writing: Callable[..., ContextManager] | None = None) -> QuickSAE:
+                    writing: Callable[..., ContextManager] | None = None, dead_tokens: int | None = None) -> QuickSAE:
     """Cache ``n_tokens`` of ``blocks.{layer}.hook_resid_post`` into a store, train a TopK SAE on it and
     save it in SAELens' layout under the runs directory; ``on_progress(stage, fraction)`` reports as it goes
     (and may raise to stop the run; the store stays resumable). ``writing(store_dir, run_dir)``, when
     given, is held around everything that writes those directories (the app passes its per-directory
-    locks, so two jobs on one store take turns instead of breaking it)."""
+    locks, so two jobs on one store take turns instead of breaking it). ``dead_tokens``: how long a latent may go
+    without firing before AuxK trains it back (default :func:`quick_dead_tokens`)."""
     import re
 
     from workbench.store import StoreConfig
@@ -507,11 +508,23 @@ def train_quick_sae(model, model_name: str, layer: int, n_tokens: int, d_sae: in
     run_dir = paths.runs_dir() / f"sae-app-{safe}-L{layer}-{d_sae}x{k}"
     with writing(store_dir, run_dir) if writing is not None else nullcontext():
         return _cache_and_train(model, model_name, layer, hook, windows, store_dir, run_dir, cfg, shard_done,
-                                d_sae, k, steps, n_ctx, on_progress)
+                                d_sae, k, steps, n_ctx, on_progress, dead_tokens)
+
+
+#: a quick SAE's training batch (rows of the store)
+QUICK_BATCH = 512
+
+
+def quick_dead_tokens(n_rows: int) -> int:
+    """Return how many tokens a quick SAE's latent may go without firing before it counts as dead: a quarter of the
+    store (at least 4 batches). The trainer's default (10M tokens, Gao et al.'s scale) is never reached by a few
+    hundred steps on a small store, so AuxK would never revive a latent; on SmolLM2 that left most latents dead
+    (see ``python -m benchmarks.bench_quick_sae``)."""
+    return max(4 * QUICK_BATCH, n_rows // 4)
 
 
 def _cache_and_train(model, model_name, layer, hook, windows, store_dir, run_dir, cfg, shard_done, d_sae, k, steps,
-                     n_ctx, on_progress) -> QuickSAE:
+                     n_ctx, on_progress, dead_tokens=None) -> QuickSAE:
     from workbench.sae.io import save_sae
     from workbench.sae.model import SAE, SAEConfig
     from workbench.sae.train import TrainConfig, train_sae
@@ -520,7 +533,7 @@ def _cache_and_train(model, model_name, layer, hook, windows, store_dir, run_dir
     on_progress("caching activations", 0.0)
     write_store(model, windows, store_dir, cfg, model_name=model_name, on_shard=shard_done)
     store = open_store(store_dir)
-    batch_size = min(512, store.n_rows)
+    batch_size = min(QUICK_BATCH, store.n_rows)
     reader = ReaderConfig(batch_size=batch_size, block_rows=min(1024, batch_size), seed=0)
 
     def batches(start: int):
@@ -530,14 +543,48 @@ def _cache_and_train(model, model_name, layer, hook, windows, store_dir, run_dir
 
     sae = SAE(SAEConfig(d_in=model.cfg.d_model, d_sae=d_sae, architecture="topk", k=min(k, d_sae),
                         normalize_activations="expected_average_only_in"), seed=0).to(model.W_E.device)
+    dead = quick_dead_tokens(store.n_rows) if dead_tokens is None else dead_tokens
     result = train_sae(sae, batches, TrainConfig(total_steps=steps, lr=1e-3, checkpoint_every=0, log_every=10,
-                                                 progress=False), run_dir, resume=False)
+                                                 dead_tokens=dead, progress=False), run_dir, resume=False)
     meta = {"model_name": model_name, "hook_name": hook, "hook_layer": layer, "context_size": n_ctx,
             "dataset_path": quick_sae_corpus(model_name) if model.tokenizer is not None else "repeated random tokens",
             "activation_store": str(store_dir.resolve())}
     sae_dir = save_sae(result.sae, run_dir / "sae", metadata=meta, log_feature_density=result.log_feature_density)
     on_progress("done", 1.0)
     return QuickSAE(sae_dir, store_dir, result.last_metrics)
+
+
+# ------------------------------------------------------------------------------ tuned lens
+
+
+#: the app's tuned lens: windows of 64 tokens, steps, and the vocabulary its training KL keeps for big vocabularies
+#: (the CLI's `tuned-lens train` defaults are 256 windows and 300 steps, the exact KL)
+APP_LENS_WINDOWS, APP_LENS_STEPS, APP_LENS_VOCAB = 128, 150, 4096
+
+
+def train_app_tuned_lens(model, model_name: str, on_progress: Callable[[str, float], None] = lambda what, done: None,
+                         writing: Callable[..., ContextManager] | None = None, steps: int | None = None) -> Path:
+    """Train a tuned lens on the model's own corpus (as the quick SAE reads it) and save it under the runs
+    directory as ``lens-app-MODEL``, where the logit-lens page finds it; return its directory.
+    ``on_progress(stage, fraction)`` reports each step (and may raise to stop the run)."""
+    import re
+
+    from workbench.analysis.logit_lens import TunedLensConfig, train_tuned_lens
+
+    steps = steps or APP_LENS_STEPS
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", model_name).strip("-") or "model"
+    out = paths.runs_dir() / f"lens-app-{safe}"
+    n_ctx = min(64, model.cfg.n_ctx)
+    on_progress("reading the corpus", 0.0)
+    windows = sae_windows(model, APP_LENS_WINDOWS * n_ctx, n_ctx, quick_sae_corpus(model_name))
+    cfg = TunedLensConfig(steps=steps, eval_every=max(1, steps // 3),
+                          vocab=APP_LENS_VOCAB if model.cfg.d_vocab > 2 * APP_LENS_VOCAB else None)
+    with writing(out) if writing is not None else nullcontext():
+        result = train_tuned_lens(model, windows.to(model.W_E.device), cfg,
+                                  on_step=lambda done: on_progress("training the tuned lens", done / steps))
+        result.lens.save(out)
+    on_progress("done", 1.0)
+    return out
 
 
 # ------------------------------------------------------------------------------ superposition
