@@ -496,6 +496,15 @@ def test_sampling_page_bars_are_tokens_in_probability_order(app_env):
     assert json.loads(at.get("plotly_chart")[0].proto.config)["displayModeBar"] is True
 
 
+def test_every_figure_offers_png_csv_and_json(app_env):
+    """Pages drawing through ui.plot (induction: head scores and loss by position) export like share.plot's."""
+    at = run_page("induction")
+    charts = at.get("plotly_chart")
+    labels = [b.proto.label for b in at.get("download_button")]
+    assert len(charts) >= 2 and labels.count("CSV") == labels.count("JSON") == len(charts), (len(charts), labels)
+    assert all(json.loads(c.proto.config)["displayModeBar"] is True for c in charts)
+
+
 def test_generated_text_is_plain_text_not_markdown(app_env, monkeypatch):
     from workbench.generate import StreamEvent
 
@@ -631,3 +640,30 @@ def test_quick_sae_caches_the_models_own_corpus():
 
     assert compute.quick_sae_corpus("kjv-small") == "kjv"  # trained on the KJV: its SAE reads KJV text
     assert compute.quick_sae_corpus("smollm2-135m") == compute.quick_sae_corpus("tiny-lm") == "pydocs"
+
+
+def test_logit_lens_page_trains_a_tuned_lens_in_the_background(app_home, tmp_path, monkeypatch):
+    """No tuned lens yet: a button starts one as a background job; once it is done the page opens it beside the
+    logit lens (a private home, so the shared one's lens tests are unaffected)."""
+    from workbench.app import cached, compute
+
+    import shutil
+
+    shutil.copytree(app_home / "models" / "tiny-lm", tmp_path / "models" / "tiny-lm")
+    monkeypatch.setenv("WORKBENCH_HOME", str(tmp_path))
+    monkeypatch.setenv("WORKBENCH_APP_MODEL", "tiny-lm")
+    monkeypatch.setattr(compute, "APP_LENS_STEPS", 4)
+    monkeypatch.setattr(compute, "APP_LENS_WINDOWS", 6)
+    at = run_page("logit-lens")
+    assert at.radio(key="lens_kind").options == ["logit lens"]
+    at.button(key="lens_train").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    job = cached.jobs().get(at.session_state["lens_job"])
+    assert job is not None and job.wait(120) and job.error is None, job.error
+    for _ in range(3):  # the run that sees the finished job reruns once to open the new lens
+        at.run()
+        if len(at.radio(key="lens_kind").options) == 2:
+            break
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.radio(key="lens_kind").value == str(tmp_path / "runs" / "lens-app-tiny-lm")
+    fig_titled(at, "Tuned lens") and fig_titled(at, "KL(final output")

@@ -5,6 +5,10 @@ norm and the unembedding; the last row (label ``final``) is the final residual s
 model's own output. The tuned lens (Belrose et al. 2023) puts one affine translator per layer in
 front of that decoding, ``h -> h + A h + b`` with ``A = 0, b = 0`` at initialisation (so it starts
 as the logit lens), trained on cached residuals to minimise the KL divergence from the final output.
+
+Prompts of different lengths: :func:`logit_lens` and :func:`tuned_lens` take a padded
+:class:`~workbench.padding.Batch`; padded positions get no target (NaN probability, rank -1), and
+``padding.masked_mean(result.kl_to_final[i], batch.attention_mask)`` averages over real tokens only.
 """
 
 from __future__ import annotations
@@ -13,14 +17,16 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, NamedTuple
+from typing import TYPE_CHECKING, Callable, Iterator, NamedTuple
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
+from workbench import padding
 from workbench.errors import CheckpointError, InputError
 from workbench.names import act_name
+from workbench.padding import Batch
 
 if TYPE_CHECKING:
     from workbench.model import HookedGPT
@@ -37,12 +43,12 @@ def layer_labels(n_layers: int) -> list[str]:
     return [str(i) for i in range(n_layers)] + ["final"]
 
 
-def lens_residuals(model: "HookedGPT", tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "layer batch pos d_model"]:
+def lens_residuals(model: "HookedGPT", tokens: Int[Tensor, "batch pos"] | Batch) -> Float[Tensor, "layer batch pos d_model"]:
     """Return resid_pre of every block and the final residual stream, stacked (``n_layers + 1`` rows)."""
     names = [act_name("resid_pre", i) for i in range(model.cfg.n_layers)]
     names.append(act_name("resid_post", model.cfg.n_layers - 1))
     with torch.no_grad():
-        _, cache = model.run_with_cache(model.check_tokens(tokens), names_filter=names)
+        _, cache = model.run_with_cache(tokens, names_filter=names)
     return torch.stack([cache[n] for n in names])
 
 
@@ -104,17 +110,34 @@ def decode_residuals(
                       entropy, kl)
 
 
-def next_token_targets(tokens: Int[Tensor, "batch pos"]) -> Int[Tensor, "batch pos"]:
-    """Return the next token at each position (``-1`` at the last, which has none)."""
-    return torch.cat([tokens[:, 1:], torch.full_like(tokens[:, :1], -1)], dim=1)
+def next_token_targets(
+    tokens: Int[Tensor, "batch pos"], attention_mask: Bool[Tensor, "batch pos"] | None = None
+) -> Int[Tensor, "batch pos"]:
+    """Return the next token at each position (``-1`` at the last, which has none, and wherever this
+    token or the next is padding)."""
+    targets = torch.cat([tokens[:, 1:], torch.full_like(tokens[:, :1], -1)], dim=1)
+    if attention_mask is not None:
+        real_pair = attention_mask & torch.cat([attention_mask[:, 1:], attention_mask[:, :1] & False], dim=1)
+        targets = targets.masked_fill(~real_pair, -1)
+    return targets
+
+
+def _lens_input(model: "HookedGPT", tokens: Tensor | Batch) -> Tensor | Batch:
+    """Return checked tokens, or the batch itself when it is padded."""
+    tokens, mask = padding.unpack(tokens, None)
+    tokens = model.check_tokens(tokens)
+    mask = padding.check_attention_mask(mask, tokens)
+    return tokens if mask is None else Batch(tokens, mask)
 
 
 def logit_lens(
-    model: "HookedGPT", tokens: Int[Tensor, "batch pos"], targets: Int[Tensor, "batch pos"] | None = None, k: int = 5
+    model: "HookedGPT", tokens: Int[Tensor, "batch pos"] | Batch, targets: Int[Tensor, "batch pos"] | None = None,
+    k: int = 5,
 ) -> LensResult:
     """Return the logit lens of every layer on ``tokens`` (targets default to the next tokens)."""
-    tokens = model.check_tokens(tokens)
-    targets = next_token_targets(tokens) if targets is None else targets
+    tokens = _lens_input(model, tokens)
+    if targets is None:
+        targets = next_token_targets(*tokens) if isinstance(tokens, Batch) else next_token_targets(tokens)
     return decode_residuals(model, lens_residuals(model, tokens), targets, k)
 
 
@@ -205,8 +228,9 @@ def tuned_lens(
     targets: Int[Tensor, "batch pos"] | None = None, k: int = 5,
 ) -> LensResult:
     """Return the tuned lens of every layer on ``tokens`` (same fields as :func:`logit_lens`)."""
-    tokens = model.check_tokens(tokens)
-    targets = next_token_targets(tokens) if targets is None else targets
+    tokens = _lens_input(model, tokens)
+    if targets is None:
+        targets = next_token_targets(*tokens) if isinstance(tokens, Batch) else next_token_targets(tokens)
     with torch.no_grad():
         resid = lens(lens_residuals(model, tokens))
     return decode_residuals(model, resid, targets, k)
@@ -300,6 +324,7 @@ def train_tuned_lens(
     cfg: TunedLensConfig = TunedLensConfig(),
     lens: TunedLens | None = None,
     progress: bool = False,
+    on_step: Callable[[int], None] | None = None,
 ) -> TunedLensTraining:
     """Return a tuned lens trained on ``windows`` to minimise, per layer, KL(final output || lens).
 
@@ -308,6 +333,7 @@ def train_tuned_lens(
     validation windows split off ``windows``, and each layer keeps its best translator so far (the
     identity counts as a candidate), so no layer ends worse than the logit lens on that split. The
     validation residuals are computed once and kept while they fit in :data:`VAL_CACHE_BYTES`.
+    ``on_step(steps_done)``, when given, is called after every step (the app's progress bar; it may raise to stop).
     """
     windows = model.check_tokens(windows)
     if windows.shape[0] < 2:
@@ -366,6 +392,8 @@ def train_tuned_lens(
             losses.append(float(loss))
             if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
                 keep_best()
+            if on_step is not None:
+                on_step(step + 1)
     finally:
         for p, r in zip(model.parameters(), requires):
             p.requires_grad_(r)

@@ -29,6 +29,32 @@ def _where(path: str) -> str:
         return path
 
 
+def tuned_lens_job(key: str, name: str):
+    """Return the background job training the app's tuned lens for a model (started now, or the one already
+    running or done: every session asking for it shares one run)."""
+    m = cached.model(key)
+    registry = cached.jobs()
+
+    def work(report):
+        return compute.train_app_tuned_lens(m, name, lambda stage, done: report(done, stage),
+                                            writing=lambda *dirs: registry.writing(*dirs, report=report))
+    return registry.start(("tuned-lens", key), "tuned lens", work)
+
+
+def _tuned_lens_status(where) -> None:
+    """Show this session's tuned-lens job: progress, time left and a cancel button while it runs; once it is done,
+    open the new lens (the radio above lists it on the next run)."""
+    job = cached.jobs().get(st.session_state.get("lens_job"))
+    if job is None:
+        return
+    with where:
+        out = ui.job_status(job, "lens_job")
+    if out is not None and st.session_state.get("lens_job_seen") != job.key:
+        st.session_state["lens_job_seen"] = job.key
+        st.session_state["lens_open"] = str(out)  # the radio is drawn already: it takes this on the rerun
+        st.rerun()
+
+
 def lens_page(sel: Selection) -> None:
     st.title("Logit lens")
     model = cached.model(sel.key)
@@ -40,13 +66,19 @@ def lens_page(sel: Selection) -> None:
     lenses = compute.tuned_lenses(model.cfg)
     n = len(enc.ids)
     options = [""] + [str(p) for p in lenses]
+    if st.session_state.get("lens_open") in options:  # a tuned lens this session just trained
+        st.session_state["lens_kind"] = st.session_state.pop("lens_open")
     c1, c2 = st.columns(2)
     lens_dir = c1.radio("Lens", options, key="lens_kind", horizontal=True,
                         format_func=lambda p: "logit lens" if not p else f"tuned lens ({_where(p)})")
     if not lenses:
-        c1.caption("No tuned lens for this model in the runs directory; "
-                   "`workbench tuned-lens train MODEL --out $WORKBENCH_HOME/runs/lens-MODEL` makes one, and "
-                   "this page then shows it beside the logit lens.")
+        c1.caption("No tuned lens for this model in the runs directory. The button trains a small one in the "
+                   f"background ({compute.APP_LENS_STEPS} steps on {compute.APP_LENS_WINDOWS} windows of the model's "
+                   "own corpus; minutes on a CPU for SmolLM2); `workbench tuned-lens train MODEL --out "
+                   "$WORKBENCH_HOME/runs/lens-MODEL` trains a bigger one. This page then shows it beside the logit lens.")
+        if c1.button("Train a tuned lens", key="lens_train"):
+            st.session_state["lens_job"] = tuned_lens_job(sel.key, sel.name).key
+    _tuned_lens_status(c1)
     value = c2.selectbox("Colour", list(VALUES), key="lens_value", format_func=VALUES.get)
     c3, c4 = st.columns(2)
     target_text = c3.text_input("Target token (empty: the actual next token at each position)", "", key="lens_target",

@@ -18,8 +18,9 @@ from workbench import plots
 URL = "query-params"
 
 #: plotly's mode bar always shown, its camera button saving a 2x PNG named after the chart
-_CONFIG = {"displayModeBar": True, "displaylogo": False,
-           "toImageButtonOptions": {"format": "png", "scale": 2}}
+MODE_BAR = {"displayModeBar": True, "displaylogo": False,
+            "toImageButtonOptions": {"format": "png", "scale": 2}}
+_CONFIG = MODE_BAR
 
 
 def _file_stem(fig: go.Figure, key: str | None) -> str:

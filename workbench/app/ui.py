@@ -8,7 +8,7 @@ from typing import Any, Iterator
 
 import streamlit as st
 
-from workbench.app import cached, choices
+from workbench.app import cached, choices, share
 from workbench.app.jobs import Job
 from workbench.errors import WorkbenchError
 
@@ -55,8 +55,12 @@ def categorical(fig):
 
 
 def plot(fig, key: str | None = None) -> None:
-    """Place a plotly figure at full width."""
-    st.plotly_chart(fig, width="stretch", key=key)
+    """Place a plotly figure at full width, with its mode bar (PNG) and, when it has a ``key``, CSV and JSON
+    downloads of its data (:func:`workbench.app.share.plot`): every figure of the app can be exported."""
+    if key is None:
+        st.plotly_chart(fig, width="stretch", config=share.MODE_BAR)
+        return
+    share.plot(fig, key)
 
 
 def _eta_text(job: Job) -> str:
