@@ -261,3 +261,111 @@ def test_right_padding_in_generation_is_refused(family, prompts):
     batch = pad([prompts[0], prompts[4]], pad_id=0, padding_side="right")
     with pytest.raises(InputError, match="generation needs left padding"):
         generate(model, batch, max_new_tokens=2)
+
+
+# -- analyses on a ragged IOI-like set ------------------------------------------------------------------------
+
+
+def _ioi_set():
+    """'BOS When A and B went, B gave it to' with names of one to three tokens: clean prompts, their corrupted
+    twins (the second B replaced by a name C of the same length) and the answer (A's first token) and wrong
+    (B's first token) ids. Token ids stand in for words: the model is random, the equalities are exact."""
+    gen = torch.Generator().manual_seed(2)
+    name = lambda n: torch.randint(20, 61, (n,), generator=gen).tolist()  # noqa: E731
+    clean, corrupt, answer, wrong = [], [], [], []
+    for a_len, b_len in [(1, 1), (2, 1), (1, 3), (3, 2), (2, 2), (1, 2)]:
+        a, b, c = name(a_len), name(b_len), name(b_len)
+        head = [1, 4, *a, 5, *b, 6, 7]
+        clean.append(head + [*b, 8, 9, 10])
+        corrupt.append(head + [*c, 8, 9, 10])
+        answer.append(a[0])
+        wrong.append(b[0])
+    return clean, corrupt, torch.tensor(answer), torch.tensor(wrong)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_head_scores_on_a_ragged_set_pool_the_prompts_scores(family, side):
+    from workbench.analysis.induction import SCORE_KINDS, score_heads, score_masks
+
+    _, model = family
+    clean, _, _, _ = _ioi_set()
+    batched = score_heads(model, pad(clean, pad_id=0, padding_side=side))
+    sums = {k: 0.0 for k in SCORE_KINDS}
+    counts = dict.fromkeys(SCORE_KINDS, 0)
+    for prompt in clean:
+        tokens = torch.tensor([prompt])
+        alone = score_heads(model, tokens)
+        for k, m in score_masks(tokens).items():
+            n = int(m.any(-1).sum())  # queries that count for this score
+            sums[k] = sums[k] + alone.get(k) * n
+            counts[k] += n
+    for k in SCORE_KINDS:
+        torch.testing.assert_close(batched.get(k), sums[k] / counts[k], atol=1e-5, rtol=0, msg=k)
+    n_predictions = sum(len(p) - 1 for p in clean)
+    assert int((~batched.loss.isnan()).sum()) == n_predictions  # pad predictions are NaN, real ones are not
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_logit_lens_on_a_ragged_set_equals_each_prompt(family, side):
+    from workbench.analysis.logit_lens import logit_lens
+
+    _, model = family
+    clean, _, _, _ = _ioi_set()
+    batch = pad(clean, pad_id=0, padding_side=side)
+    lens = logit_lens(model, batch)
+    kl_sum, n_tokens = 0.0, 0
+    for row, prompt in enumerate(clean):
+        alone = logit_lens(model, torch.tensor([prompt]))
+        keep = batch.attention_mask[row]
+        for field in ("top_tokens", "target_rank"):
+            assert torch.equal(getattr(lens, field)[:, row][:, keep], getattr(alone, field)[:, 0]), field
+        for field in ("top_probs", "target_prob", "entropy", "kl_to_final"):
+            torch.testing.assert_close(getattr(lens, field)[:, row][:, keep], getattr(alone, field)[:, 0],
+                                       atol=1e-5, rtol=0, equal_nan=True, msg=field)
+        kl_sum = kl_sum + alone.kl_to_final[:, 0].sum(-1)
+        n_tokens += len(prompt)
+    pooled = torch.stack([masked_mean(lens.kl_to_final[i], batch.attention_mask) for i in range(len(lens.labels))])
+    torch.testing.assert_close(pooled, kl_sum / n_tokens, atol=1e-6, rtol=0)
+    assert (lens.target_rank[:, ~batch.attention_mask] == -1).all()  # no target at padding
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_patching_on_a_ragged_set_equals_the_prompts_averaged(family, side):
+    from workbench.analysis.patching import LogitDiff, ablate, patch_heads, patch_outputs
+
+    _, model = family
+    clean, corrupt, answer, wrong = _ioi_set()
+    clean_b, corrupt_b = pad(clean, 0, side), pad(corrupt, 0, side)
+    batched = {
+        "heads": patch_heads(model, clean_b, corrupt_b, LogitDiff(answer, wrong)),
+        "attn_out": patch_outputs(model, clean_b, corrupt_b, LogitDiff(answer, wrong), kind="attn_out", per_position=False),
+        "ablate_zero": ablate(model, clean_b, LogitDiff(answer, wrong), method="zero"),
+        "ablate_mean": ablate(model, clean_b, LogitDiff(answer, wrong), method="mean"),
+    }
+    # the mean ablation's mean is pooled over every real token of the set; each prompt gets that set as its
+    # reference, padded wider and with another pad id, so that a mean which counted padding would differ
+    extra = (5, 0) if side == "left" else (0, 5)
+    wider = Batch(torch.nn.functional.pad(clean_b.tokens, extra, value=9),
+                  torch.nn.functional.pad(clean_b.attention_mask, extra, value=False))
+    per_prompt = {k: [] for k in batched}
+    for i in range(len(clean)):
+        c, x, metric = torch.tensor([clean[i]]), torch.tensor([corrupt[i]]), LogitDiff(answer[i], wrong[i])
+        per_prompt["heads"].append(patch_heads(model, c, x, metric))
+        per_prompt["attn_out"].append(patch_outputs(model, c, x, metric, kind="attn_out", per_position=False))
+        per_prompt["ablate_zero"].append(ablate(model, c, metric, method="zero"))
+        per_prompt["ablate_mean"].append(ablate(model, c, metric, method="mean", reference=wider))
+    for key, result in batched.items():
+        expected = torch.stack([r.scores for r in per_prompt[key]]).mean(0)
+        torch.testing.assert_close(result.scores, expected, atol=1e-5, rtol=0, msg=key)
+    for field in ("clean", "corrupt"):
+        assert getattr(batched["heads"], field) == pytest.approx(
+            sum(getattr(r, field) for r in per_prompt["heads"]) / len(clean), abs=1e-5)
+
+
+def test_patching_refuses_prompts_padded_differently(family):
+    from workbench.analysis.patching import LogitDiff, patch_heads
+
+    _, model = family
+    clean, corrupt, answer, wrong = _ioi_set()
+    with pytest.raises(InputError, match="padded differently"):
+        patch_heads(model, pad(clean, 0, "left"), pad(corrupt[1:] + corrupt[:1], 0, "left"), LogitDiff(answer, wrong))

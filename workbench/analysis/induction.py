@@ -28,8 +28,10 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from workbench import padding
 from workbench.errors import InputError
 from workbench.names import act_name
+from workbench.padding import Batch
 
 if TYPE_CHECKING:
     from workbench.model import HookedGPT
@@ -123,13 +125,20 @@ def induction_mask(tokens: Int[Tensor, "batch pos"]) -> Bool[Tensor, "batch pos 
     return F.pad(dup[:, :, :-1], (1, 0))
 
 
-def score_masks(tokens: Int[Tensor, "batch pos"]) -> dict[ScoreKind, Bool[Tensor, "batch pos pos"]]:
-    """Return the three masks, keyed by score kind."""
-    return {
+def score_masks(
+    tokens: Int[Tensor, "batch pos"], attention_mask: Bool[Tensor, "batch pos"] | None = None
+) -> dict[ScoreKind, Bool[Tensor, "batch pos pos"]]:
+    """Return the three masks, keyed by score kind; in a padded batch, only real queries and real keys
+    count (pad tokens would otherwise be each other's duplicates)."""
+    masks = {
         "previous_token": previous_token_mask(tokens),
         "duplicate_token": duplicate_token_mask(tokens),
         "induction": induction_mask(tokens),
     }
+    if attention_mask is not None:
+        real = attention_mask[:, :, None] & attention_mask[:, None, :]
+        masks = {k: m & real for k, m in masks.items()}
+    return masks
 
 
 def masked_attention_score(
@@ -170,20 +179,26 @@ def next_token_loss(logits: Float[Tensor, "batch pos d_vocab"], tokens: Int[Tens
 
 
 @torch.no_grad()
-def score_heads(model: "HookedGPT", tokens: Int[Tensor, "batch pos"], chunk: int = 64) -> HeadScores:
+def score_heads(model: "HookedGPT", tokens: Int[Tensor, "batch pos"] | Batch, chunk: int = 64) -> HeadScores:
     """Return previous-token, duplicate-token and induction scores of every head, in one pass per chunk.
 
     Hooks on every ``attn.hook_pattern`` reduce the pattern to scores as soon as it is computed, so
     no pattern is kept and every head of every layer is scored by the same forward pass.
+    A padded :class:`~workbench.padding.Batch` is scored on its real tokens only: each score is the
+    mean over every real query that has a marked key, as if the prompts were scored one by one and
+    pooled; ``loss`` is NaN where either token of a prediction is padding.
     """
+    tokens, attention_mask = padding.unpack(tokens, None)
     tokens = model.check_tokens(tokens)
+    attention_mask = padding.check_attention_mask(attention_mask, tokens)
     L, H = model.cfg.n_layers, model.cfg.n_heads
     sums = {k: torch.zeros(L, H, dtype=torch.float64) for k in SCORE_KINDS}
     counts = dict.fromkeys(SCORE_KINDS, 0)
     losses = []
     for lo in range(0, tokens.shape[0], chunk):
         part = tokens[lo: lo + chunk]
-        masks = score_masks(part)
+        part_mask = None if attention_mask is None else attention_mask[lo: lo + chunk]
+        masks = score_masks(part, part_mask)
         n_counted = {k: int(m.any(-1).sum()) for k, m in masks.items()}
 
         def reduce(pattern: Tensor, hook) -> None:
@@ -195,8 +210,11 @@ def score_heads(model: "HookedGPT", tokens: Int[Tensor, "batch pos"], chunk: int
         for k in SCORE_KINDS:
             counts[k] += n_counted[k]
         names = [act_name("pattern", i) for i in range(L)]
-        logits = model.run_with_hooks(part, fwd_hooks=[(n, reduce) for n in names])
-        losses.append(next_token_loss(logits, part).cpu())
+        logits = model.run_with_hooks(part, fwd_hooks=[(n, reduce) for n in names], attention_mask=part_mask)
+        loss = next_token_loss(logits, part)
+        if part_mask is not None:
+            loss = loss.masked_fill(~(part_mask[:, :-1] & part_mask[:, 1:]), float("nan"))
+        losses.append(loss.cpu())
     for k, c in counts.items():
         if c == 0:
             raise InputError(f"the tokens have no query for the {k} score (no repeated tokens?)")

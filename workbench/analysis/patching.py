@@ -8,6 +8,11 @@ Every patched run that differs only from layer ``L`` on starts from the cached r
 before block ``L`` (``model.run_blocks(resid, start=L)``) instead of from the embedding, and all
 the variants of one layer (every position, or every head) are stacked on the batch axis: one batched
 pass per layer instead of one pass per patch location. Only the answer position is unembedded.
+
+Prompts of different lengths: pass :class:`~workbench.padding.Batch` es (``model.to_batch(texts)``)
+for the clean and corrupted prompts, padded alike (the same real positions in both). The answer
+position ``-1`` is then each row's last real token, the mean ablation's mean leaves padding out,
+and per-position columns are the columns of the padded batch.
 """
 
 from __future__ import annotations
@@ -19,8 +24,10 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from workbench import padding
 from workbench.errors import InputError
 from workbench.names import act_name
+from workbench.padding import Batch
 
 if TYPE_CHECKING:
     from workbench.model import HookedGPT
@@ -80,19 +87,48 @@ class AblationResult(NamedTuple):
         return self.scores - self.baseline
 
 
+def _tokens_and_mask(model: "HookedGPT", tokens: Tensor | Batch) -> tuple[Tensor, Tensor | None]:
+    """Return checked token ids and their attention mask (None when nothing is padding)."""
+    tokens, mask = padding.unpack(tokens, None)
+    tokens = model.check_tokens(tokens)
+    return tokens, padding.check_attention_mask(mask, tokens)
+
+
 def _check_pair(model: "HookedGPT", clean: Tensor, corrupt: Tensor) -> tuple[Tensor, Tensor]:
-    clean, corrupt = model.check_tokens(clean), model.check_tokens(corrupt)
-    if clean.shape != corrupt.shape:
-        raise InputError(f"clean tokens {tuple(clean.shape)} and corrupted tokens {tuple(corrupt.shape)} differ in "
-                         "shape; patching pairs positions one to one, so pick prompts of the same token length")
+    clean, corrupt, mask = _check_padded_pair(model, clean, corrupt)
+    if mask is not None:
+        raise InputError("this analysis takes prompts of one length, not a padded batch; run each length group apart")
     return clean, corrupt
 
 
-def _cache(model: "HookedGPT", tokens: Tensor, kinds: tuple[str, ...], answer_pos: int, metric: Metric):
+def _check_padded_pair(model: "HookedGPT", clean: Tensor | Batch, corrupt: Tensor | Batch
+                       ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Return the clean and corrupted token ids and their common attention mask (None: no padding)."""
+    (clean, clean_mask), (corrupt, corrupt_mask) = _tokens_and_mask(model, clean), _tokens_and_mask(model, corrupt)
+    if clean.shape != corrupt.shape:
+        raise InputError(f"clean tokens {tuple(clean.shape)} and corrupted tokens {tuple(corrupt.shape)} differ in "
+                         "shape; patching pairs positions one to one, so pick prompts of the same token length")
+    same = (clean_mask is None and corrupt_mask is None) or (
+        clean_mask is not None and corrupt_mask is not None and torch.equal(clean_mask, corrupt_mask))
+    if not same:
+        raise InputError("the clean and corrupted prompts are padded differently; patching pairs positions one to "
+                         "one, so each clean prompt and its corrupted twin need the same token length")
+    return clean, corrupt, clean_mask
+
+
+def _at_answer(x: Float[Tensor, "batch pos ..."], answer_pos: int, mask: Tensor | None) -> Float[Tensor, "batch ..."]:
+    """``x`` at the answer position; ``-1`` in a padded batch is each row's last real token."""
+    if mask is not None and answer_pos == -1:
+        return padding.gather_last(x, mask)
+    return x[:, answer_pos]
+
+
+def _cache(model: "HookedGPT", tokens: Tensor, kinds: tuple[str, ...], answer_pos: int, metric: Metric,
+           mask: Tensor | None = None):
     names = [act_name(k, i) for i in range(model.cfg.n_layers) for k in kinds]
     with torch.no_grad():
-        logits, cache = model.run_with_cache(tokens, names_filter=names)
-    return cache, float(metric(logits[:, answer_pos]).float().mean())
+        logits, cache = model.run_with_cache(tokens, names_filter=names, attention_mask=mask)
+    return cache, float(metric(_at_answer(logits, answer_pos, mask)).float().mean())
 
 
 def _run_variants(
@@ -105,6 +141,7 @@ def _run_variants(
     edit: Callable[[Tensor, Tensor], Tensor] | None,
     hook: str | None,
     chunk: int,
+    mask: Tensor | None = None,
 ) -> Float[Tensor, " variant"]:
     """Return the mean metric of ``n_variants`` runs from block ``layer``, each with its own edit.
 
@@ -118,14 +155,15 @@ def _run_variants(
     for lo in range(0, n_variants, per_chunk):
         ids = torch.arange(lo, min(lo + per_chunk, n_variants))
         x = resid.repeat(len(ids), 1, 1)
+        x_mask = None if mask is None else mask.repeat(len(ids), 1)
         hooks = []
         if hook is None:
             x = edit(x, ids)
         else:
             hooks = [(hook, lambda act, hook, ids=ids: edit(act, ids))]
         with torch.no_grad(), model.hooks(hooks):
-            final = model.run_blocks(x, start=layer)
-            logits = model.unembed_resid(final[:, answer_pos])
+            final = model.run_blocks(x, start=layer, attention_mask=x_mask)
+            logits = model.unembed_resid(_at_answer(final, answer_pos, x_mask))
         out.append(metric(logits.view(len(ids), B, -1)).float().mean(-1))
     return torch.cat(out)
 
@@ -168,8 +206,8 @@ def _layers(model: "HookedGPT", layers: list[int] | None) -> list[int]:
 @torch.no_grad()
 def patch_residual(
     model: "HookedGPT",
-    clean: Int[Tensor, "batch pos"],
-    corrupt: Int[Tensor, "batch pos"],
+    clean: Int[Tensor, "batch pos"] | Batch,
+    corrupt: Int[Tensor, "batch pos"] | Batch,
     metric: Metric,
     per_position: bool = True,
     answer_pos: int = -1,
@@ -182,24 +220,24 @@ def patch_residual(
     residual stream of each layer (``scores [layer 1]``, which equals the clean metric).
     Rows follow ``layers`` (default: every block).
     """
-    clean, corrupt = _check_pair(model, clean, corrupt)
-    clean_cache, clean_m = _cache(model, clean, ("resid_pre",), answer_pos, metric)
-    corrupt_cache, corrupt_m = _cache(model, corrupt, ("resid_pre",), answer_pos, metric)
+    clean, corrupt, mask = _check_padded_pair(model, clean, corrupt)
+    clean_cache, clean_m = _cache(model, clean, ("resid_pre",), answer_pos, metric, mask)
+    corrupt_cache, corrupt_m = _cache(model, corrupt, ("resid_pre",), answer_pos, metric, mask)
     rows = []
     for layer in _layers(model, layers):
         name = act_name("resid_pre", layer)
         source, base = clean_cache[name], corrupt_cache[name]
         n_var = clean.shape[1] if per_position else 1
         edit = _positions_edit(source) if per_position else _whole_edit(source)
-        rows.append(_run_variants(model, layer, base, n_var, answer_pos, metric, edit, None, chunk))
+        rows.append(_run_variants(model, layer, base, n_var, answer_pos, metric, edit, None, chunk, mask))
     return PatchResult("resid_pre", torch.stack(rows), clean_m, corrupt_m)
 
 
 @torch.no_grad()
 def patch_outputs(
     model: "HookedGPT",
-    clean: Int[Tensor, "batch pos"],
-    corrupt: Int[Tensor, "batch pos"],
+    clean: Int[Tensor, "batch pos"] | Batch,
+    corrupt: Int[Tensor, "batch pos"] | Batch,
     metric: Metric,
     kind: Literal["attn_out", "mlp_out"] = "mlp_out",
     per_position: bool = True,
@@ -212,50 +250,51 @@ def patch_outputs(
         raise InputError("this model is attention-only: it has no MLP outputs to patch; use kind='attn_out'")
     if kind not in ("attn_out", "mlp_out"):
         raise InputError(f"kind={kind!r} is not one of 'attn_out', 'mlp_out'")
-    clean, corrupt = _check_pair(model, clean, corrupt)
-    clean_cache, clean_m = _cache(model, clean, (kind,), answer_pos, metric)
-    corrupt_cache, corrupt_m = _cache(model, corrupt, ("resid_pre",), answer_pos, metric)
+    clean, corrupt, mask = _check_padded_pair(model, clean, corrupt)
+    clean_cache, clean_m = _cache(model, clean, (kind,), answer_pos, metric, mask)
+    corrupt_cache, corrupt_m = _cache(model, corrupt, ("resid_pre",), answer_pos, metric, mask)
     rows = []
     for layer in range(model.cfg.n_layers):
         source = clean_cache[act_name(kind, layer)]
         n_var = clean.shape[1] if per_position else 1
         edit = _positions_edit(source) if per_position else _whole_edit(source)
         base = corrupt_cache[act_name("resid_pre", layer)]
-        rows.append(_run_variants(model, layer, base, n_var, answer_pos, metric, edit, act_name(kind, layer), chunk))
+        rows.append(_run_variants(model, layer, base, n_var, answer_pos, metric, edit, act_name(kind, layer), chunk,
+                                  mask))
     return PatchResult(kind, torch.stack(rows), clean_m, corrupt_m)
 
 
 @torch.no_grad()
 def patch_heads(
     model: "HookedGPT",
-    clean: Int[Tensor, "batch pos"],
-    corrupt: Int[Tensor, "batch pos"],
+    clean: Int[Tensor, "batch pos"] | Batch,
+    corrupt: Int[Tensor, "batch pos"] | Batch,
     metric: Metric,
     answer_pos: int = -1,
     chunk: int = 256,
 ) -> PatchResult:
     """Return the metric after patching each head's clean output (its ``z``, all positions) into the
     corrupted run: ``scores [layer head]``."""
-    clean, corrupt = _check_pair(model, clean, corrupt)
-    clean_cache, clean_m = _cache(model, clean, ("z",), answer_pos, metric)
-    corrupt_cache, corrupt_m = _cache(model, corrupt, ("resid_pre",), answer_pos, metric)
+    clean, corrupt, mask = _check_padded_pair(model, clean, corrupt)
+    clean_cache, clean_m = _cache(model, clean, ("z",), answer_pos, metric, mask)
+    corrupt_cache, corrupt_m = _cache(model, corrupt, ("resid_pre",), answer_pos, metric, mask)
     rows = []
     for layer in range(model.cfg.n_layers):
         edit = _heads_edit(clean_cache[act_name("z", layer)])
         base = corrupt_cache[act_name("resid_pre", layer)]
         rows.append(_run_variants(model, layer, base, model.cfg.n_heads, answer_pos, metric, edit,
-                                  act_name("z", layer), chunk))
+                                  act_name("z", layer), chunk, mask))
     return PatchResult("z", torch.stack(rows), clean_m, corrupt_m)
 
 
 @torch.no_grad()
 def ablate(
     model: "HookedGPT",
-    tokens: Int[Tensor, "batch pos"],
+    tokens: Int[Tensor, "batch pos"] | Batch,
     metric: Metric,
     kind: Literal["z", "attn_out", "mlp_out"] = "z",
     method: AblationMethod = "zero",
-    reference: Int[Tensor, "batch pos"] | None = None,
+    reference: Int[Tensor, "batch pos"] | Batch | None = None,
     answer_pos: int = -1,
     chunk: int = 256,
 ) -> AblationResult:
@@ -269,10 +308,12 @@ def ablate(
         raise InputError(f"method={method!r} is not one of 'zero', 'mean'")
     if kind == "mlp_out" and model.cfg.attn_only:
         raise InputError("this model is attention-only: it has no MLP outputs to ablate")
-    tokens = model.check_tokens(tokens)
-    cache, base_m = _cache(model, tokens, ("resid_pre", kind), answer_pos, metric)
+    tokens, mask = _tokens_and_mask(model, tokens)
+    cache, base_m = _cache(model, tokens, ("resid_pre", kind), answer_pos, metric, mask)
+    ref_mask = mask
     if method == "mean" and reference is not None:
-        ref_cache, _ = _cache(model, model.check_tokens(reference), (kind,), answer_pos, metric)
+        reference, ref_mask = _tokens_and_mask(model, reference)
+        ref_cache, _ = _cache(model, reference, (kind,), answer_pos, metric, ref_mask)
     else:
         ref_cache = cache
     rows = []
@@ -282,13 +323,14 @@ def ablate(
         if method == "zero":
             source = torch.zeros_like(act)
         else:
-            source = ref_cache[name].float().mean(dim=(0, 1)).to(act).expand_as(act)
+            source = padding.masked_mean(ref_cache[name].float(), ref_mask).to(act).expand_as(act)
         base = cache[act_name("resid_pre", layer)]
         if kind == "z":
             rows.append(_run_variants(model, layer, base, model.cfg.n_heads, answer_pos, metric,
-                                      _heads_edit(source), name, chunk))
+                                      _heads_edit(source), name, chunk, mask))
         else:
-            rows.append(_run_variants(model, layer, base, 1, answer_pos, metric, _whole_edit(source), name, chunk))
+            rows.append(_run_variants(model, layer, base, 1, answer_pos, metric, _whole_edit(source), name, chunk,
+                                      mask))
     return AblationResult(kind, method, torch.stack(rows), base_m)
 
 
@@ -302,7 +344,9 @@ def patch_residual_naive(
     """Return the per-position residual patching sweep the way TransformerLens' patching module does
     it: one full forward pass from the embedding per layer and position. The benchmarks' baseline
     and a test oracle."""
-    clean, corrupt = _check_pair(model, clean, corrupt)
+    clean, corrupt, mask = _check_padded_pair(model, clean, corrupt)
+    if mask is not None:
+        raise InputError("patch_residual_naive takes prompts of one length; use patch_residual for a padded batch")
     _, cache = model.run_with_cache(clean, names_filter=lambda n: n.endswith("hook_resid_pre"))
     out = torch.zeros(model.cfg.n_layers, clean.shape[1])
     for layer in range(model.cfg.n_layers):
