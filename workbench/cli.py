@@ -21,6 +21,7 @@ COMMAND_MODULES: list[str] = [
     "workbench.commands.probe",
     "workbench.commands.transcoders",
     "workbench.commands.graph",
+    "workbench.commands.circuit",
 ]
 
 
@@ -38,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from workbench.allocator import retain_freed_memory
 
-    from workbench.commands._args import check_args, check_argv, path_error_message
+    from workbench.commands._args import check_args, check_argv, resource_error_message
     from workbench.errors import WorkbenchError
 
     retain_freed_memory()  # repeated large passes reuse memory instead of page-faulting it in (see there)
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, WorkbenchError):
             print(f"error: {exc}", file=sys.stderr)
             return 1
-        message = path_error_message(exc) if isinstance(exc, OSError) else None
+        message = resource_error_message(exc)
         if message is not None:
             print(f"error: {message}", file=sys.stderr)
             return 1

@@ -419,7 +419,10 @@ def read_tokenizer(path: str | os.PathLike, reader=None) -> Tokenizer:
         raise CheckpointError(f"{path}: tokenizer.ggml.tokens/merges are missing; the tokenizer cannot be rebuilt")
     types = _int_array(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
     vocab = {tok: i for i, tok in enumerate(tokens)}
-    bpe = models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges], fuse_unk=False)
+    try:
+        bpe = models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges], fuse_unk=False)
+    except Exception as exc:  # tokenizers raises a bare Exception for a merge of tokens not in the vocabulary
+        raise CheckpointError(f"{path}: the tokenizer's merges and tokens disagree ({exc}); the file is corrupt") from None
     tok = HFTokenizer(bpe)
     pre = meta.get("tokenizer.ggml.pre", "default")
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=bool(meta.get("tokenizer.ggml.add_space_prefix", False)))

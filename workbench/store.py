@@ -595,6 +595,50 @@ def _check_finite(act: Tensor, hook: str, window0: int, first_position: int) -> 
     )
 
 
+def _check_manifest(m: dict[str, Any], path: Path) -> None:
+    """Raise DataError unless the manifest has the fields and types the reader relies on (a hand-edited or
+    damaged manifest is refused here, in one line, rather than as a TypeError deep in a read)."""
+
+    def count(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    def bad(what: str) -> DataError:
+        return DataError(f"{path} is damaged ({what}); the store cannot be read: delete it and cache it again")
+
+    hooks = m.get("hooks")
+    if not isinstance(hooks, dict) or not hooks:
+        raise bad("'hooks' is not a table of hooks")
+    for hook, info in hooks.items():
+        if not isinstance(info, dict) or not count(info.get("d_in")) or not info["d_in"]:
+            raise bad(f"hook {hook!r} has no positive d_in")
+    if not isinstance(m.get("dtype"), str) or m["dtype"] not in _TORCH_DTYPES:
+        raise bad(f"dtype {m.get('dtype')!r} is not one of {sorted(_TORCH_DTYPES)}")
+    for key in ("n_rows", "n_ctx", "first_position", "rows_per_window"):
+        if not count(m.get(key)):
+            raise bad(f"{key!r} is {m.get(key)!r}, not a count")
+    if not m["n_ctx"] or m["first_position"] >= m["n_ctx"] or m["rows_per_window"] != m["n_ctx"] - m["first_position"]:
+        raise bad("n_ctx, first_position and rows_per_window disagree")
+    corpus = m.get("corpus")
+    if not isinstance(corpus, dict) or not count(corpus.get("n_windows")):
+        raise bad("'corpus' has no n_windows")
+    shards = m.get("shards")
+    if not isinstance(shards, list):
+        raise bad("'shards' is not a list")
+    needed = {f"{h}.npy" for h in hooks} | {"tokens.npy", "positions.npy", "windows.npy", "context.npy"}
+    for shard in shards:
+        if not (isinstance(shard, dict) and isinstance(shard.get("name"), str) and _SHARD_RE.match(shard["name"])
+                and count(shard.get("rows")) and count(shard.get("n_windows")) and isinstance(shard.get("files"), dict)):
+            raise bad(f"a shard entry is malformed: {_short(shard)}")
+        if shard["rows"] != shard["n_windows"] * m["rows_per_window"]:
+            raise bad(f"shard {shard['name']} lists {shard['rows']} rows for {shard['n_windows']} windows")
+        files = shard["files"]
+        if set(files) != needed or not all(isinstance(f, dict) and count(f.get("bytes")) and isinstance(f.get("sha256"), str)
+                                           for f in files.values()):
+            raise bad(f"shard {shard['name']} does not list its files with sizes and checksums")
+    if m["n_rows"] != sum(s["rows"] for s in shards):
+        raise bad(f"n_rows {m['n_rows']} is not the sum of its shards' rows")
+
+
 def _manifest(header: dict[str, Any], shards: list[dict[str, Any]], complete: bool) -> dict[str, Any]:
     shards = sorted(shards, key=lambda s: s["window_start"])
     return {**header, "complete": complete, "n_rows": sum(s["rows"] for s in shards), "shards": shards}
@@ -635,7 +679,8 @@ class ActivationStore:
             manifest = json.loads(mpath.read_text())
         except json.JSONDecodeError as exc:
             raise DataError(f"{mpath} is not valid JSON ({exc}); the store is damaged: cache it again") from exc
-        if manifest.get("format") != FORMAT or manifest.get("version") != FORMAT_VERSION:
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") != FORMAT_VERSION:
+            manifest = manifest if isinstance(manifest, dict) else {}
             raise DataError(
                 f"{path} is not a {FORMAT} v{FORMAT_VERSION} store "
                 f"(format {manifest.get('format')!r}, version {manifest.get('version')!r})"
@@ -645,6 +690,7 @@ class ActivationStore:
                 f"the store in {path} is incomplete ({manifest.get('n_rows')} of {manifest.get('n_tokens')} rows); "
                 "rerun the `workbench cache` command that wrote it to finish it"
             )
+        _check_manifest(manifest, mpath)
         store = cls(path, manifest)
         store._check_files(verify)
         return store
@@ -752,7 +798,24 @@ class ActivationStore:
     def _map(self, shard_idx: int, fname: str) -> np.ndarray:
         key = (shard_idx, fname)
         if key not in self._maps:
-            self._maps[key] = np.load(self.path / self.shards[shard_idx]["name"] / fname, mmap_mode="r")
+            shard = self.shards[shard_idx]
+            p = self.path / shard["name"] / fname
+            try:
+                arr = np.load(p, mmap_mode="r", allow_pickle=False)
+            except (OSError, ValueError, EOFError) as exc:
+                raise DataError(f"store file {p} cannot be read ({exc}); delete that shard directory and rerun "
+                                "`workbench cache` to rewrite it") from None
+            hook = fname[: -len(".npy")]
+            if fname == "context.npy":
+                fits = arr.shape == (shard["n_windows"], self.manifest["n_ctx"])
+            elif hook in self.manifest["hooks"]:
+                fits = arr.shape[:1] == (shard["rows"],) and arr.size == shard["rows"] * self.manifest["hooks"][hook]["d_in"]
+            else:
+                fits = arr.shape == (shard["rows"],)
+            if not fits:
+                raise DataError(f"store file {p} holds an array of shape {arr.shape}, not what the manifest lists; "
+                                "delete that shard directory and rerun `workbench cache` to rewrite it")
+            self._maps[key] = arr
         return self._maps[key]
 
     def _to_tensor(self, arr: np.ndarray, dtype: torch.dtype | None) -> Tensor:

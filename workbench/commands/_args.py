@@ -42,6 +42,9 @@ FRACTIONS = frozenset({"top_p", "edge_threshold", "node_threshold"})
 #: fractions strictly inside (0, 1): a split needs both sides
 OPEN_FRACTIONS = frozenset({"test_fraction"})
 
+#: no count, offset or seed of any command is meaningful above 2**53 (floats stop counting in ones there)
+MAX_INT = 2**53
+
 _DEVICE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
 
 
@@ -80,6 +83,8 @@ def check_args(args: argparse.Namespace) -> None:
                 raise ConfigError(f"{flag(dest)} {v} is not a finite number; give an ordinary number")
             if rule is not None and not rule[0](v):
                 raise ConfigError(f"{flag(dest)} {v} is out of range: expected {rule[1]}")
+            if isinstance(v, int) and abs(v) > MAX_INT:
+                raise ConfigError(f"{flag(dest)} {v} is too large to mean anything here; give at most {MAX_INT}")
 
 
 def check_device(value: str) -> None:
@@ -121,8 +126,13 @@ _PATH_ERRNOS = {
 }
 
 
-def path_error_message(exc: OSError) -> str | None:
-    """Return a one-line message for a file-system error on a path the user chose, or None for other errors."""
+def resource_error_message(exc: BaseException) -> str | None:
+    """Return a one-line message for running out of memory or disk, or a bad path; None for any other error."""
+    if isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)):
+        return ("out of memory: the values given ask for more than this machine has; lower the sizes "
+                "(--batch, --tokens, --n-ctx, --d-sae ...) or use a machine with more memory")
+    if not isinstance(exc, OSError):
+        return None
     reason = _PATH_ERRNOS.get(exc.errno)
     if reason is None:
         return None
