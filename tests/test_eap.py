@@ -132,3 +132,26 @@ def test_eap_bad_input(model):
         E.edge_attribution(model, clean, corrupt[:, :4], LogitDiff(3, 5))
     with pytest.raises(InputError, match="metric returned shape"):
         E.edge_attribution(model, clean, corrupt, lambda logits: logits[:, :2])
+
+
+# -- the CLI ------------------------------------------------------------------------------------
+
+
+def test_circuit_command(tmp_path, capsys):
+    import json
+
+    from workbench.cli import main
+
+    out = tmp_path / "c.json"
+    assert main(["circuit", "kjv-small", "--task", "ioi", "--method", "eap-ig", "--steps", "2", "--edges", "40",
+                 "--prompts", "4", "--json", str(out), "--report", str(tmp_path / "rep")]) == 0
+    numbers = json.loads(out.read_text())
+    assert numbers["n_edges"] == 40 and len(numbers["edges"]) == 40 and "faithfulness" in numbers
+    assert (tmp_path / "rep" / "report.html").is_file()
+    assert main(["circuit", "kjv-small", "--task", "greater-than", "--method", "atp", "--prompts", "3", "--top", "4"]) == 0
+    assert "AtP in" in capsys.readouterr().out
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"clean": "In the beginning God", "corrupt": "In the beginning Moses",
+                                "answer": " Nebuchadnezzarxyz", "wrong": " and"}]))
+    assert main(["circuit", "kjv-small", "--task", str(bad), "--method", "eap"]) == 1
+    assert "not one token" in capsys.readouterr().err
