@@ -209,3 +209,23 @@ def test_attention_project_gives_what_hook_q_k_v_see():
             torch.testing.assert_close(block.attn.project(x, which), cache[f"blocks.1.attn.hook_{which}"])
     with pytest.raises(InputError, match="'q', 'k' or 'v'"):
         block.attn.project(x, "o")
+
+
+def test_a_batch_of_zero_rows_and_unknown_token_ids_are_input_errors():
+    """Issue 13: 0 rows was a RuntimeError from min(); an id past the vocabulary decoded silently to ''."""
+    from helpers import tiny_cfg
+
+    from workbench import HookedGPT
+    from workbench.errors import InputError
+    from workbench.zoo import load_model
+
+    with pytest.raises(InputError, match=r"batch, pos >= 1, got \(0, 3\)"):
+        HookedGPT(tiny_cfg())(torch.zeros(0, 3, dtype=torch.long))
+    tok = load_model("kjv-small").tokenizer
+    n = tok.tok.get_vocab_size(with_added_tokens=True)
+    assert tok.decode([0, n - 1]) is not None
+    for bad in ([n], [-1], [5, 10**6]):
+        with pytest.raises(InputError, match="outside this tokenizer's vocabulary"):
+            tok.decode(bad)
+    with pytest.raises(InputError, match="outside this tokenizer's vocabulary"):
+        tok.str_tokens([n])

@@ -571,8 +571,8 @@ class HookedGPT(HookedModule):
             raise InputError(f"token ids must be integers, got {tokens.dtype}")
         if tokens.ndim == 1:
             tokens = tokens[None]
-        if tokens.ndim != 2 or tokens.shape[1] == 0:
-            raise InputError(f"expected token ids of shape [batch, pos] with pos >= 1, got {tuple(tokens.shape)}")
+        if tokens.ndim != 2 or tokens.shape[1] == 0 or tokens.shape[0] == 0:
+            raise InputError(f"expected token ids of shape [batch, pos] with batch, pos >= 1, got {tuple(tokens.shape)}")
         end = pos_offset + tokens.shape[1]
         if end > self.cfg.n_ctx:
             raise InputError(

@@ -72,11 +72,20 @@ class Tokenizer:
 
     def decode(self, ids: list[int]) -> str:
         """Return the text of ``ids`` (special tokens kept, so nothing is silently dropped)."""
-        return self.tok.decode(list(ids), skip_special_tokens=False)
+        return self.tok.decode(self._checked(ids), skip_special_tokens=False)
 
     def str_tokens(self, ids: list[int]) -> list[str]:
         """Return each token decoded on its own (so the pieces concatenate to the text)."""
-        return [self.tok.decode([int(i)], skip_special_tokens=False) for i in ids]
+        return [self.tok.decode([i], skip_special_tokens=False) for i in self._checked(ids)]
+
+    def _checked(self, ids) -> list[int]:
+        """Return ``ids`` as ints after checking each names a token (the library decodes an unknown id to '')."""
+        ids = [int(i) for i in ids]
+        n = self.tok.get_vocab_size(with_added_tokens=True)
+        bad = [i for i in ids if not 0 <= i < n]
+        if bad:
+            raise InputError(f"token id {bad[0]} is outside this tokenizer's vocabulary [0, {n}); pass ids from 0 to {n - 1}")
+        return ids
 
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
