@@ -80,3 +80,13 @@ def test_smollm2_attribution_sums_to_logit(smollm2):
     res = A.direct_logit_attribution(smollm2, tokens, " Paris", " London", granularity="head")
     torch.testing.assert_close(res.attrs.sum(0) + res.constant, res.logit, atol=2e-3, rtol=1e-4)
     assert res.logit.item() > 0
+
+
+def test_an_empty_answer_is_named_as_the_answer_not_the_prompt():
+    """Issue 13: --answer '' was reported as 'the prompt is empty'."""
+    from workbench.analysis.attribution import token_id
+    from workbench.errors import InputError
+    from workbench.zoo import load_model
+
+    with pytest.raises(InputError, match="the answer is empty"):
+        token_id(load_model("kjv-small"), "")

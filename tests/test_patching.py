@@ -130,3 +130,12 @@ def test_smollm2_patching_restores_clean(smollm2):
     res = P.patch_residual(smollm2, clean, corrupt, metric, per_position=False, layers=[0, 15, 29])
     assert res.clean > 0 > res.corrupt
     torch.testing.assert_close(res.scores[:, 0], torch.full((3,), res.clean), atol=1e-3, rtol=0)
+
+
+def test_identical_clean_and_corrupted_prompts_have_no_normalized_table(model):
+    """Issue 13: the same prompt twice gave a table of +-inf and NaN; now the undefined fraction is an InputError."""
+    clean, _ = _pair()
+    res = P.patch_residual(model, clean, clean.clone(), P.LogitDiff(3, 5))
+    assert res.clean == res.corrupt and torch.isfinite(res.scores).all()
+    with pytest.raises(InputError, match="the clean and corrupted runs give the same metric"):
+        res.normalized

@@ -69,6 +69,8 @@ def token_id(model: "HookedGPT", token: int | str) -> int:
         if not 0 <= token < model.cfg.d_vocab:
             raise InputError(f"token id {token} is outside the vocabulary [0, {model.cfg.d_vocab})")
         return token
+    if not token:
+        raise InputError("the answer is empty; give it as text that is one token (e.g. ' Paris') or as a token id")
     ids = model.to_tokens(token, prepend_bos=False)[0].tolist()
     if len(ids) != 1:
         pieces = model.to_str_tokens(ids)

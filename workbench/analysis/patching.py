@@ -68,7 +68,14 @@ class PatchResult(NamedTuple):
 
     @property
     def normalized(self) -> Float[Tensor, "layer col"]:
-        """``(patched - corrupt) / (clean - corrupt)``: 1 where the patch restores the clean answer, 0 where it does nothing."""
+        """``(patched - corrupt) / (clean - corrupt)``: 1 where the patch restores the clean answer, 0 where it does nothing.
+
+        Undefined (an InputError) when the clean and corrupted runs give the same metric, e.g. identical prompts."""
+        if self.clean == self.corrupt:
+            raise InputError(
+                f"the clean and corrupted runs give the same metric ({self.clean:.4g}), so the fraction a patch restores "
+                "is undefined; give a corrupted prompt that changes the answer (or read the raw scores)"
+            )
         return (self.scores - self.corrupt) / (self.clean - self.corrupt)
 
 
