@@ -330,10 +330,10 @@ class Attention(nn.Module):
         rotary: tuple[Tensor, Tensor] | None,
         pos_offset: int,
         kv: tuple[Tensor, Tensor] | None,
-        attn_mask: Bool[Tensor, "batch 1 pos key"] | None = None,
+        attn_mask: Float[Tensor, "batch 1 pos key"] | None = None,
     ) -> Float[Tensor, "batch pos d_model"]:
-        """``attn_mask`` (padded batches only, see workbench.padding) says which keys each query may
-        attend to, causality included; None means plain causal attention."""
+        """``attn_mask`` (padded batches only, see workbench.padding.attention_bias) is added to the
+        scores: 0 where a query may attend, -inf where not, causality included; None is plain causal."""
         cfg = self.cfg
         batch, n_pos, _ = x.shape
         q = self.hook_q(self._project(x, self.W_Q, self.b_Q))
@@ -356,18 +356,14 @@ class Attention(nn.Module):
             # heads that share a KV head are stacked along the query axis, so K and V are never
             # repeated, and scaling plus the causal mask fold into one baddbmm.
             n_kv = k.shape[1]
+            q_rows = q.reshape(batch * n_kv, group * n_pos, cfg.d_head)
+            k_cols = k.reshape(batch * n_kv, n_keys, cfg.d_head).transpose(1, 2)
             if attn_mask is None:
                 mask = torch.full((n_pos, n_keys), float("-inf"), dtype=q.dtype, device=x.device).triu_(pos_offset + 1)
-                mask = mask.repeat(group, 1)
-            else:  # one mask per row, the same for every head; heads are laid out (kv_head, group)
-                mask = torch.zeros(attn_mask.shape, dtype=q.dtype, device=x.device).masked_fill_(~attn_mask, float("-inf"))
-                mask = mask.expand(batch, cfg.n_heads, n_pos, n_keys).reshape(batch * n_kv, group * n_pos, n_keys)
-            scores = torch.baddbmm(
-                mask,
-                q.reshape(batch * n_kv, group * n_pos, cfg.d_head),
-                k.reshape(batch * n_kv, n_keys, cfg.d_head).transpose(1, 2),
-                alpha=1 / math.sqrt(cfg.d_head),
-            )
+                scores = torch.baddbmm(mask.repeat(group, 1), q_rows, k_cols, alpha=1 / math.sqrt(cfg.d_head))
+            else:  # one mask per row, broadcast over the (kv_head, group) head axes rather than copied per head
+                scores = torch.bmm(q_rows, k_cols).mul_(1 / math.sqrt(cfg.d_head))
+                scores.view(batch, n_kv, group, n_pos, n_keys).add_(attn_mask[:, :, None])
             scores = self.hook_attn_scores(scores.view(batch, cfg.n_heads, n_pos, n_keys))
             pattern = self.hook_pattern(scores.softmax(dim=-1))
             z = torch.bmm(
@@ -616,7 +612,7 @@ class HookedGPT(HookedModule):
         n_pos, attn_mask = resid.shape[1], None
         rotary = self.rotary(pos_offset, n_pos, resid.dtype) if self.cfg.positional == "rotary" else None
         if attention_mask is not None:
-            attn_mask = padding.attention_mask_4d(attention_mask, n_pos)
+            attn_mask = padding.attention_bias(attention_mask, n_pos, resid.dtype)  # once for every layer
             if rotary is not None:  # each row's own positions: [batch pos 1 d_head]
                 at = padding.position_ids(attention_mask, n_pos)
                 rotary = tuple(t[at][:, :, None].to(resid.dtype) for t in (self.rotary_cos, self.rotary_sin))

@@ -118,6 +118,13 @@ def attention_mask_4d(key_mask: Bool[Tensor, "batch key"], n_pos: int) -> Bool[T
     return (causal & key_mask[:, None, None, :]) | (key_at == query_at)
 
 
+def attention_bias(key_mask: Bool[Tensor, "batch key"], n_pos: int, dtype: torch.dtype) -> Float[Tensor, "batch 1 pos key"]:
+    """Return :func:`attention_mask_4d` as the attention layers add it to their scores: 0 where a
+    query may attend, -inf where not (built once per forward pass, shared by every layer)."""
+    allowed = attention_mask_4d(key_mask, n_pos)
+    return torch.zeros(allowed.shape, dtype=dtype, device=key_mask.device).masked_fill_(~allowed, float("-inf"))
+
+
 # -- where the real tokens are: for analyses ----------------------------------------------------------
 
 
