@@ -54,6 +54,8 @@ def output_lock(directory: str | os.PathLike, name: str = LOCK_FILE) -> Iterator
     Raises :class:`OutputLockedError` at once, without waiting, when another writer holds it.
     """
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise ConfigError(f"the output {directory} is a file, not a directory; choose another --out")
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -34,7 +34,12 @@ def _write_json(path: str | None, numbers: dict) -> None:
         from workbench.report import jsonable
 
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(jsonable(numbers), indent=2))
+        tmp = Path(f"{path}.tmp")
+        try:  # a full disk leaves no half-written file under the name asked for
+            tmp.write_text(json.dumps(jsonable(numbers), indent=2))
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)
         print(f"numbers written to {path}")
 
 

@@ -1,0 +1,90 @@
+"""The CLI's one validation layer (workbench/commands/_args.py): every bad value of item 8/9 of issue 13 is one line."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from workbench import cli
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _run(capsys, *argv: str) -> tuple[int, str]:
+    try:
+        rc = cli.main(list(argv))
+    except SystemExit as exc:  # argparse's own usage errors
+        rc = exc.code
+    err = capsys.readouterr().err.strip()
+    return rc, err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["induction", "attn-only-1l", "--batch", "0"], "--batch 0 is out of range: expected a number above 0"),
+    (["lens", "attn-only-1l", "x", "--k", "0"], "--k 0 is out of range"),
+    (["train-sae", "--synthetic", "--lr", "-1"], "--lr -1.0 is out of range"),
+    (["train-sae", "--synthetic", "--lr", "nan"], "--lr nan is not a finite number"),
+    (["train-sae", "--synthetic", "--d-sae", "0"], "--d-sae 0 is out of range"),
+    (["train-sae", "--synthetic", "--d-sae", "100000000"], "--d-sae 100000000 with d_in 64 needs about"),
+    (["cache", "kjv-small", "--hooks", "blocks.0.hook_resid_post", "--tokens", "0"], "--tokens 0 is out of range"),
+    (["cache", "kjv-small", "--hooks", "blocks.0.hook_resid_post", "--tokens", "-10"], "--tokens -10 is out of range"),
+    (["generate", "attn-only-1l", "x", "--device", "banana"], "--device 'banana' is not a device"),
+    (["generate", "attn-only-1l", "x", "-t", "nan"], "--temperature nan is not a finite number"),
+    (["generate", "attn-only-1l", "x", "--top-p", "1.5"], "--top-p 1.5 is out of range: expected a fraction in (0, 1]"),
+    (["induction", "attn-only-1l", "--seed", str(10**30)], "is too large to mean anything here"),
+])
+def test_bad_values_are_one_line_errors_before_anything_runs(capsys, tmp_path, monkeypatch, argv, message):
+    monkeypatch.setenv("WORKBENCH_HOME", str(tmp_path))
+    rc, err = _run(capsys, *argv)
+    assert rc == 1 and err.startswith("error: ") and message in err and "\n" not in err, err
+    assert not any(tmp_path.iterdir())  # nothing written (no run directory, no store)
+
+
+def test_cuda_without_cuda_is_one_line(capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    rc, err = _run(capsys, "generate", "attn-only-1l", "x", "--device", "cuda")
+    assert rc == 1 and err == "error: --device cuda: this machine has no CUDA GPU (or torch was built without CUDA); use --device cpu"
+
+
+def test_non_utf8_argv_is_one_line():
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "workbench.cli", "generate", "attn-only-1l", b"\xff\xfe"],
+                          capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        "error: argument 3 (b'\\xff\\xfe') is not valid UTF-8; pass text in UTF-8 (check the terminal's locale)")
+
+
+def test_an_output_path_naming_a_file_is_one_line(capsys, tmp_path):
+    a_file = tmp_path / "f"
+    a_file.write_text("x")
+    for argv in (["induction", "attn-only-1l", "--batch", "2", "--seq-len", "4", "--report", str(a_file)],
+                 ["induction", "attn-only-1l", "--batch", "2", "--seq-len", "4", "--json", str(a_file / "x.json")]):
+        rc, err = _run(capsys, *argv)
+        assert rc == 1 and "a file stands where a directory is needed" in err and "\n" not in err, err
+    rc, err = _run(capsys, "train-sae", "--synthetic", "--steps", "1", "--out", str(a_file))
+    assert rc == 1 and err == f"error: the output {a_file} is a file, not a directory; choose another --out"
+
+
+@pytest.mark.parametrize("code,reason", [(errno.ENOSPC, "the disk is full"), (errno.EROFS, "the file system is read-only"),
+                                         (errno.EACCES, "permission denied")])
+def test_full_or_read_only_disk_under_json_is_one_line_and_leaves_no_half_file(capsys, tmp_path, monkeypatch, code, reason):
+    real = Path.write_text
+
+    def failing(self, text, *args, **kwargs):
+        if self.name.endswith(".json.tmp"):
+            real(self, text[:10])  # what a full disk leaves: the start of the file
+            raise OSError(code, os.strerror(code), str(self))
+        return real(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", failing)
+    out = tmp_path / "n.json"
+    rc, err = _run(capsys, "induction", "attn-only-1l", "--batch", "2", "--seq-len", "4", "--json", str(out))
+    assert rc == 1 and reason in err and "choose another location" in err and "\n" not in err, err
+    assert list(tmp_path.iterdir()) == []  # neither n.json nor its temporary file
