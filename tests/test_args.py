@@ -88,3 +88,21 @@ def test_full_or_read_only_disk_under_json_is_one_line_and_leaves_no_half_file(c
     rc, err = _run(capsys, "induction", "attn-only-1l", "--batch", "2", "--seq-len", "4", "--json", str(out))
     assert rc == 1 and reason in err and "choose another location" in err and "\n" not in err, err
     assert list(tmp_path.iterdir()) == []  # neither n.json nor its temporary file
+
+
+def test_a_second_tuned_lens_run_on_one_out_fails_at_once(capsys, tmp_path):
+    """One writer per output directory, for `tuned-lens train --out` as for cache/train/train-sae."""
+    from workbench.locking import output_lock
+
+    out = tmp_path / "lens"
+    with output_lock(out):  # the first writer, here in this thread: another job of this process
+        import threading
+
+        result = {}
+        t = threading.Thread(target=lambda: result.update(rc=cli.main(
+            ["tuned-lens", "train", "attn-only-1l", "--out", str(out), "--steps", "1", "--windows", "2"])))
+        t.start()
+        t.join(60)
+    err = capsys.readouterr().err
+    assert result["rc"] == 1 and f"is writing {out}; wait for it to finish or choose another --out" in err
+    assert list(out.iterdir()) == []

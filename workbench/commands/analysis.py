@@ -176,6 +176,13 @@ def _comparison_report(title: str, cmp, numbers: dict, directory: str | None) ->
 
 
 def _cmd_tuned_train(args: argparse.Namespace) -> int:
+    from workbench.locking import output_lock
+
+    with output_lock(args.out):  # one writer per --out: a second run fails at once instead of mixing files
+        return _tuned_train(args)
+
+
+def _tuned_train(args: argparse.Namespace) -> int:
     from workbench.analysis import logit_lens as LL
 
     model = _load(args.model)
