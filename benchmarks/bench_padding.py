@@ -1,10 +1,10 @@
 """Ragged batches: 32 prompts of lengths 8..64 as one padded batch vs. the same prompts one at a time.
 
-    python -m benchmarks.bench_padding [--quick] [--models kjv-small smollm2-135m] [--repeats 5] [--device cpu]
+    python -m benchmarks.bench_padding [--quick] [--models attn-only-2l kjv-small smollm2-135m] [--repeats 5] [--device cpu]
 
 Forward with cache: ``model.run_with_cache`` of the left-padded batch (``model.to_batch``'s shape:
 token ids plus attention mask) against 32 calls of ``run_with_cache`` on each prompt alone, timed in
-rotation (medians). kjv-small caches every hook; SmolLM2-135M caches each block's ``hook_resid_post``
+rotation (medians). attn-only-2l and kjv-small cache every hook; SmolLM2-135M caches each block's ``hook_resid_post``
 (every hook of 32 x 64 positions would be ~4 GB). Before timing, the last real token's logits of
 every row are checked against the prompt run alone (the max difference is printed).
 
@@ -69,7 +69,7 @@ def compare(name: str, repeats: int, device: str) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="kjv-small only, 3 repeats")
-    parser.add_argument("--models", nargs="+", default=["kjv-small", "smollm2-135m"])
+    parser.add_argument("--models", nargs="+", default=["attn-only-2l", "kjv-small", "smollm2-135m"])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)

@@ -369,3 +369,19 @@ def test_patching_refuses_prompts_padded_differently(family):
     clean, corrupt, answer, wrong = _ioi_set()
     with pytest.raises(InputError, match="padded differently"):
         patch_heads(model, pad(clean, 0, "left"), pad(corrupt[1:] + corrupt[:1], 0, "left"), LogitDiff(answer, wrong))
+
+
+def test_run_with_hooks_takes_a_batch(family, prompts):
+    _, model = family
+    batch = pad([prompts[2], prompts[11]], pad_id=0, padding_side="left")
+    seen = {}
+
+    def record(x, hook):
+        seen[hook.name] = x.clone()
+
+    name = "blocks.1.hook_resid_post"
+    with torch.no_grad():
+        logits = model.run_with_hooks(batch, fwd_hooks=[(name, record)])
+        _, alone = model.run_with_cache(torch.tensor([prompts[2]]), names_filter=[name])
+    torch.testing.assert_close(_real(seen[name], 0, batch), alone[name][0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits, model(batch), atol=0, rtol=0)
