@@ -334,3 +334,51 @@ def test_text_prompts_and_targets(kjv):
     assert graph.str_tokens == model.to_str_tokens("And God said")
     probs = model(model.to_tokens("And God said"))[0, -1].softmax(-1)
     torch.testing.assert_close(graph.logit_probs, probs[graph.logit_tokens].detach(), atol=1e-5, rtol=0)
+
+
+def test_batched_real_ablations_equal_single_interventions():
+    model, tcs, tokens = _setup("llama", seed=4)
+    graph = G.attribute(model, tcs, tokens, batch_size=32)
+    nodes = list(range(0, graph.n_features, max(1, graph.n_features // 7)))[:7]
+    got = G.ablation_effects(model, tcs, graph, nodes, batch_size=3)  # batches mixing layers
+    with torch.no_grad():
+        base = model(tokens)[0, -1]
+    tok = int(graph.logit_tokens[0])
+    for node, effect in zip(nodes, got.tolist()):
+        layer, pos, index = graph.features[node].tolist()
+        x = G.intervene(model, tcs, tokens, [G.FeatureEdit(layer, pos, index, 0.0)])[-1]
+        assert effect == pytest.approx(float((x[tok] - x.mean()) - (base[tok] - base.mean())), abs=1e-5)
+    assert got.abs().max() > 1e-4
+    with pytest.raises(InputError, match="feature nodes only"):
+        G.ablation_effects(model, tcs, graph, [graph.token_node(0)])
+
+
+def test_top_paths_follow_kept_edges_to_the_logit(built):
+    *_, graph = built
+    pruned = G.prune(graph)
+    paths = G.top_paths(graph, pruned, k=5)
+    assert 0 < len(paths) <= 5
+    assert [abs(p.strength) for p in paths] == sorted((abs(p.strength) for p in paths), reverse=True)
+    share = graph.adjacency / graph.adjacency.abs().sum(-1, keepdim=True)
+    for p in paths:
+        assert p.nodes[-1] == graph.logit_node(0) and graph.node_kind(p.nodes[0]) in ("token", "error")
+        edges = list(zip(p.nodes[:-1], p.nodes[1:]))
+        assert all(bool(pruned.edge_mask[t, s]) for s, t in edges)
+        assert p.strength == pytest.approx(float(torch.stack([share[t, s] for s, t in edges]).prod()), rel=1e-5)
+
+
+def test_pruned_subgraph_keeps_rows_summing_and_round_trips(built, tmp_path):
+    *_, graph = built
+    pruned = G.prune(graph, 0.5, 0.9)
+    small = G.subgraph(graph, pruned)
+    assert small.n_features == int(pruned.node_mask[: graph.n_features].sum()) < graph.n_features
+    assert small.n_nodes == small.adjacency.shape[0] and small.n_logits == graph.n_logits
+    rows = torch.cat([torch.arange(small.n_features), torch.arange(small.logit_node(0), small.n_nodes)])
+    torch.testing.assert_close(small.adjacency[rows].sum(-1) + small.constant[rows], small.target[rows], atol=1e-4, rtol=0)
+    # a kept edge keeps its weight; the logit rows' error columns are the kept ones of the full graph
+    kept = pruned.node_mask[: graph.n_features].nonzero().flatten()
+    for i, node in enumerate(kept.tolist()[:10]):
+        torch.testing.assert_close(small.adjacency[small.logit_node(0):, i],
+                                   (graph.adjacency * pruned.edge_mask)[graph.logit_node(0):, node])
+    back = G.AttributionGraph.load(small.save(tmp_path / "small.safetensors"))
+    assert torch.equal(back.features, small.features) and back.settings["pruned_from_nodes"] == graph.n_nodes

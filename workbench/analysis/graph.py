@@ -586,6 +586,47 @@ def intervene(model: HookedGPT, transcoders: Transcoders, prompt: str | Tensor, 
         return model.run_with_hooks(tokens[:1], fwd_hooks=hooks)[0].float()
 
 
+def ablation_effects(model: HookedGPT, transcoders: Transcoders, graph: AttributionGraph, nodes: Sequence[int],
+                     logit: int = 0, batch_size: int = 64) -> Float[Tensor, " n"]:
+    """Return, for each feature node, how much zeroing it alone in the real model moves logit node ``logit``
+    (demeaned, last position): ablated minus clean. Each ablation is one row of a batch, done as in
+    :func:`intervene` (the feature's decoder row times its activation taken off ``mlp.hook_out``)."""
+    transcoders = check_transcoders(model, transcoders)
+    if any(graph.node_kind(n) != "feature" for n in nodes):
+        raise InputError("ablation_effects takes feature nodes only")
+    tokens = graph.tokens[None].to(model.embed.W_E.device)
+    token = int(graph.logit_tokens[logit])
+
+    def demeaned(logits: Tensor) -> Tensor:
+        last = logits[:, -1].float()
+        return last[:, token] - last.mean(-1)
+
+    with torch.no_grad():
+        base = demeaned(model(tokens))[0]
+    out = []
+    for start in range(0, len(nodes), batch_size):
+        chunk = graph.features[list(nodes[start: start + batch_size])]  # [n 3]
+        rows = torch.arange(chunk.shape[0])
+        seen: dict[int, Tensor] = {}
+        hooks = []
+        for layer in chunk[:, 0].unique().tolist():
+            sel = chunk[:, 0] == layer
+            b, p, f = rows[sel], chunk[sel, 1], chunk[sel, 2]
+
+            def read(x: Tensor, hook, layer=layer) -> None:
+                seen[layer] = x
+
+            def remove(y: Tensor, hook, layer=layer, b=b, p=p, f=f) -> Tensor:
+                tc = transcoders[layer]
+                a = tc.encode(seen[layer][b, p].float())[torch.arange(b.numel()), f]
+                return y.index_put((b, p), -(a[:, None] * tc.W_dec[f]).to(y.dtype), accumulate=True)
+
+            hooks += [(f"blocks.{layer}.mlp.hook_in", read), (f"blocks.{layer}.mlp.hook_out", remove)]
+        with torch.no_grad():
+            out.append(demeaned(model.run_with_hooks(tokens.expand(chunk.shape[0], -1), fwd_hooks=hooks)) - base)
+    return torch.cat(out) if out else torch.zeros(0)
+
+
 def predicted_logit_change(graph: AttributionGraph, edits: Sequence[FeatureEdit]) -> Float[Tensor, " n_logits"]:
     """Return what the graph predicts an edit does to each logit node (demeaned): the edited features'
     direct effects, scaled by how far each feature moves (exact in the frozen replacement with the
@@ -713,6 +754,24 @@ def prune(graph: AttributionGraph, node_threshold: float = 0.8, edge_threshold: 
     cumulative = torch.zeros_like(influence)
     cumulative[order.indices] = order.values.cumsum(0) / order.values.sum().clamp_min(1e-30)
     return Pruned(node_mask=nodes, edge_mask=edges, influence=influence, cumulative=cumulative)
+
+
+def subgraph(graph: AttributionGraph, pruned: Pruned) -> AttributionGraph:
+    """Return the pruned graph as a graph of its own: the kept features (every error, token and logit node
+    stays, so node bookkeeping holds) and only the kept edges. What the dropped edges and features sent
+    to a row moves into its ``constant``, so every row still sums to its target; a pruned SmolLM2 graph
+    saves to a few MB instead of hundreds."""
+    keep = torch.cat([pruned.node_mask[: graph.n_features].nonzero().flatten(),
+                      torch.arange(graph.n_features, graph.n_nodes)])
+    kept_edges = (graph.adjacency * pruned.edge_mask)[keep][:, keep]
+    constant = graph.constant[keep] + graph.adjacency[keep].sum(-1) - kept_edges.sum(-1)
+    n_f = int(pruned.node_mask[: graph.n_features].sum())
+    return AttributionGraph(
+        tokens=graph.tokens, str_tokens=graph.str_tokens, features=graph.features[keep[:n_f]],
+        activations=graph.activations[keep[:n_f]], logit_tokens=graph.logit_tokens, logit_probs=graph.logit_probs,
+        adjacency=kept_edges.contiguous(), constant=constant, target=graph.target[keep], error_norms=graph.error_norms,
+        n_layers=graph.n_layers, logit_texts=graph.logit_texts, model_name=graph.model_name,
+        settings={**graph.settings, "pruned_from_nodes": graph.n_nodes})
 
 
 class GraphScores(NamedTuple):
@@ -876,3 +935,49 @@ def load_transcoders(spec: str | os.PathLike) -> dict[int, SAE]:
     from workbench.pipelines import load_transcoder_set
 
     return load_transcoder_set(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Feature cards: where a transcoder feature fires most, and what it writes
+
+
+class TopActivations(NamedTuple):
+    """Each feature's ``k`` strongest activations over a set of windows."""
+
+    values: Float[Tensor, "d_sae k"]
+    window: Int[Tensor, "d_sae k"]
+    pos: Int[Tensor, "d_sae k"]
+
+
+def top_activations(model: HookedGPT, transcoder: SAE, layer: int, windows: Int[Tensor, "batch pos"], k: int = 8,
+                    batch_size: int = 16) -> TopActivations:
+    """Return every feature of layer ``layer``'s transcoder at its ``k`` largest activations over ``windows``."""
+    if not 0 <= layer < model.cfg.n_layers:
+        raise InputError(f"layer {layer} must lie in [0, {model.cfg.n_layers})")
+    windows = model.check_tokens(windows)
+    hook = f"blocks.{layer}.mlp.hook_in"
+    n_pos = windows.shape[1]
+    best_v = torch.full((transcoder.cfg.d_sae, k), -1.0)
+    best_i = torch.zeros((transcoder.cfg.d_sae, k), dtype=torch.long)
+    for start in range(0, windows.shape[0], batch_size):
+        chunk = windows[start: start + batch_size]
+        with torch.no_grad():
+            _, cache = model.run_with_cache(chunk, names_filter=[hook], stop_at_layer=layer + 1)
+            acts = transcoder.encode(cache[hook].float().flatten(0, 1)).T.cpu()  # [d_sae rows]
+        top = acts.topk(min(k, acts.shape[1]), dim=1)
+        values = torch.cat([best_v, top.values], 1)
+        index = torch.cat([best_i, top.indices + start * n_pos], 1)
+        keep = values.topk(k, dim=1).indices
+        best_v, best_i = values.gather(1, keep), index.gather(1, keep)
+    return TopActivations(best_v, best_i // n_pos, best_i % n_pos)
+
+
+def promoted_logits(model: HookedGPT, transcoder: SAE, index: int, k: int = 10) -> tuple[Int[Tensor, " k"], Float[Tensor, " k"]]:
+    """Return the ``k`` tokens whose logits the feature's decoder row raises most directly (``W_dec[i] @ W_U``,
+    the final norm's scale left out), and by how much."""
+    if not 0 <= index < transcoder.cfg.d_sae:
+        raise InputError(f"feature {index} must lie in [0, {transcoder.cfg.d_sae})")
+    with torch.no_grad():
+        effect = transcoder.W_dec[index].float() @ model.W_U.float().to(transcoder.W_dec.device)
+        top = effect.topk(min(k, effect.numel()))
+    return top.indices.cpu(), top.values.cpu()

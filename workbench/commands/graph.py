@@ -56,6 +56,9 @@ def _cmd_graph(args: argparse.Namespace) -> int:
         print(f"  {p.strength:+9.4f}  {text}")
     if args.out:
         print(f"graph written to {graph.save(args.out)}")
+    if args.out_pruned:
+        small = G.subgraph(graph, pruned)
+        print(f"pruned graph ({small.n_nodes} nodes) written to {small.save(args.out_pruned)}")
     if args.export:
         import json
         from pathlib import Path
@@ -100,6 +103,7 @@ def register(subparsers) -> None:
     p.add_argument("--top", type=int, default=10, help="paths to list (default 10)")
     p.add_argument("--batch-size", type=int, default=64, help="target rows per backward pass (default 64)")
     p.add_argument("--out", metavar="FILE", help="save the graph (one .safetensors file)")
+    p.add_argument("--out-pruned", metavar="FILE", help="save only the pruned graph (kept features and edges)")
     p.add_argument("--export", metavar="FILE", help="write circuit-tracer's graph JSON (for Neuronpedia-style viewers)")
     p.add_argument("--json", metavar="FILE", help="also write the numbers to this JSON file")
     p.add_argument("--report", metavar="DIR", help="also write report.html (the graph) and report.json here")
