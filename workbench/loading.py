@@ -46,8 +46,8 @@ def model_for_weights(cfg: GPTConfig, state_dict: Mapping[str, Tensor], tokenize
     The sizes a config names are checked before anything is allocated: the layer count against the
     layers the weights hold, then every parameter's shape on a ``meta``-device model (no memory), then
     the bytes the real model needs (parameters and position tables) against the memory available.
-    A config.json or GGUF header claiming 1e9 layers or a 2^32 context is a one-line error, not a
-    machine out of memory.
+    A config.json or GGUF header claiming 1e9 layers is a one-line error, not a machine out of memory
+    (a 2^32-token context costs nothing up front: RoPE tables grow to the positions a pass uses).
     """
     layers = {k.split(".")[1] for k in state_dict if k.startswith("blocks.")}
     if cfg.n_layers != len(layers):

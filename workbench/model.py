@@ -175,6 +175,11 @@ def sinusoidal_table(n_ctx: int, d_model: int) -> Float[Tensor, "pos d_model"]:
     return table.float()
 
 
+#: rows of the RoPE tables built with the model; a longer context grows them on first use (a GGUF may
+#: declare a context of 2^32 - 1 tokens, whose full tables would take 34 GB)
+ROTARY_ROWS = 4096
+
+
 def rotary_tables(n_ctx: int, d_head: int, theta: float) -> tuple[Tensor, Tensor]:
     """Return RoPE's cos and sin tables ``[pos d_head]`` in the rotate-half layout HF Llama uses."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, d_head, 2, dtype=torch.int64).float() / d_head))
@@ -529,7 +534,7 @@ class HookedGPT(HookedModule):
             self.pos_embed = PosEmbed(cfg)
             self.hook_pos_embed = HookPoint()
         if cfg.positional == "rotary":
-            cos, sin = rotary_tables(cfg.n_ctx, cfg.d_head, cfg.rope_theta)
+            cos, sin = rotary_tables(min(cfg.n_ctx, ROTARY_ROWS), cfg.d_head, cfg.rope_theta)
             self.register_buffer("rotary_cos", cos, persistent=False)
             self.register_buffer("rotary_sin", signed_sin(sin), persistent=False)  # see apply_rotary
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layers)])
@@ -626,6 +631,11 @@ class HookedGPT(HookedModule):
         ``pos_offset``, shaped ``[pos 1 d_head]`` to broadcast over heads (sliced once per forward pass)."""
         if self.cfg.positional != "rotary":
             raise ConfigError(f"this model has {self.cfg.positional} positions, not rotary ones")
+        if pos_offset + n_pos > self.rotary_cos.shape[0]:  # grow the tables (doubling) up to what is used
+            rows = min(self.cfg.n_ctx, max(pos_offset + n_pos, 2 * self.rotary_cos.shape[0]))
+            cos, sin = rotary_tables(rows, self.cfg.d_head, self.cfg.rope_theta)
+            self.rotary_cos = cos.to(self.rotary_cos)
+            self.rotary_sin = signed_sin(sin).to(self.rotary_sin)
         return tuple(t[pos_offset: pos_offset + n_pos, None].to(dtype) for t in (self.rotary_cos, self.rotary_sin))
 
     def unembed_resid(self, resid: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_vocab"]:
