@@ -155,3 +155,26 @@ def test_circuit_command(tmp_path, capsys):
                                 "answer": " Nebuchadnezzarxyz", "wrong": " and"}]))
     assert main(["circuit", "kjv-small", "--task", str(bad), "--method", "eap"]) == 1
     assert "not one token" in capsys.readouterr().err
+
+
+@pytest.mark.smollm2
+def test_smollm2_split_forward_and_gradients(smollm2):
+    """On SmolLM2 (grouped K/V heads split per query head, RMSNorm, RoPE): the split pass gives the model's
+    logits, and its per-node gradients add up to the model's own (from backward hooks) at the last layer."""
+    from workbench.analysis import tasks as T
+
+    task = T.ioi_task(smollm2, n=1)
+    model = smollm2
+    with torch.enable_grad():
+        run = E.split_forward(model, model.embed_tokens(task.clean))
+        grads = torch.autograd.grad(task.metric(run.logits).sum(), run.inputs)
+        logits, cache = model.run_with_cache(task.clean, names_filter=lambda n: "resid" in n, incl_grad=True)
+        try:
+            task.metric(logits[:, -1]).sum().backward()
+        finally:
+            model.zero_grad(set_to_none=True)  # the shared fixture's weights track gradients: leave none behind
+    torch.testing.assert_close(run.logits, logits[:, -1].detach(), rtol=1e-3, atol=1e-3)
+    L = model.cfg.n_layers - 1
+    attn_grad = cache[f"blocks.{L}.hook_resid_pre_grad"] - cache[f"blocks.{L}.hook_resid_mid_grad"]
+    torch.testing.assert_close(grads[2 * L].sum(2), attn_grad, rtol=1e-3, atol=1e-5)
+    assert E.Graph.from_model(model).n_edges == 123211
