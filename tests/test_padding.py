@@ -385,3 +385,21 @@ def test_run_with_hooks_takes_a_batch(family, prompts):
         _, alone = model.run_with_cache(torch.tensor([prompts[2]]), names_filter=[name])
     torch.testing.assert_close(_real(seen[name], 0, batch), alone[name][0], atol=1e-5, rtol=0)
     torch.testing.assert_close(logits, model(batch), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_direct_logit_attribution_on_a_ragged_set_equals_each_prompt(family, side):
+    from workbench.analysis.attribution import direct_logit_attribution
+
+    _, model = family
+    clean, _, answer, wrong = _ioi_set()
+    batch = pad(clean, pad_id=0, padding_side=side)
+    for granularity in ("layer", "head"):
+        got = direct_logit_attribution(model, batch, answer, wrong, granularity=granularity)
+        for row, prompt in enumerate(clean):
+            alone = direct_logit_attribution(model, torch.tensor([prompt]), answer[row], wrong[row], granularity=granularity)
+            assert got.labels == alone.labels
+            torch.testing.assert_close(got.attrs[:, row], alone.attrs[:, 0], atol=1e-5, rtol=0)
+            torch.testing.assert_close(got.logit[row], alone.logit[0], atol=1e-5, rtol=0)
+    with pytest.raises(InputError, match="pos=2 in a padded batch"):
+        direct_logit_attribution(model, batch, answer, wrong, pos=2)

@@ -134,6 +134,17 @@ def last_positions(attention_mask: Bool[Tensor, "batch pos"]) -> Int[Tensor, " b
     return torch.where(attention_mask.bool(), at, -1).amax(-1)
 
 
+def left_aligned(batch: Batch) -> Batch:
+    """Return ``batch`` re-padded on the left, so that column ``-k`` is every row's k-th real token
+    from its end (a left-padded batch comes back unchanged)."""
+    mask = batch.attention_mask.bool()
+    if bool((mask[:, 1:] >= mask[:, :-1]).all()):
+        return batch
+    rows = [row[keep].tolist() for row, keep in zip(batch.tokens, mask)]
+    pad_id = int(batch.tokens[~mask][0])
+    return pad(rows, pad_id, "left", device=batch.tokens.device)
+
+
 def gather_last(x: Float[Tensor, "batch pos ..."], attention_mask: Bool[Tensor, "batch pos"] | None) -> Float[Tensor, "batch ..."]:
     """Return ``x`` at each row's last real token (``x[:, -1]`` when there is no mask)."""
     if attention_mask is None:

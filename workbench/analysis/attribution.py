@@ -14,9 +14,11 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from workbench import padding
 from workbench.analysis.patching import LogitDiff
 from workbench.errors import InputError
 from workbench.names import act_name
+from workbench.padding import Batch
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -93,7 +95,7 @@ def _per_row(model: "HookedGPT", token: TokenLike, batch: int) -> Int[Tensor, " 
 @torch.no_grad()
 def direct_logit_attribution(
     model: "HookedGPT",
-    tokens: Int[Tensor, "batch pos"],
+    tokens: Int[Tensor, "batch pos"] | Batch,
     answer: TokenLike,
     wrong: TokenLike | None = None,
     pos: int = -1,
@@ -102,9 +104,18 @@ def direct_logit_attribution(
     """Return each component's direct contribution to ``answer``'s logit (minus ``wrong``'s) at ``pos``.
 
     ``granularity="head"`` splits each attention layer into its heads plus the layer's output bias.
+    A padded :class:`~workbench.padding.Batch` is scored at ``pos`` counted from each row's last real
+    token (``pos`` must then be negative), each row as its prompt alone.
     """
-    tokens = model.check_tokens(tokens)
-    batch = tokens.shape[0]
+    if isinstance(tokens, Batch):
+        if pos >= 0:
+            raise InputError(f"pos={pos} in a padded batch names a column, not a token of every prompt; "
+                             "give pos < 0, counted from each prompt's last token (-1: the last)")
+        tokens = padding.left_aligned(tokens)  # column pos is then each row's own token
+        batch = tokens.tokens.shape[0]
+    else:
+        tokens = model.check_tokens(tokens)
+        batch = tokens.shape[0]
     ans = _per_row(model, answer, batch)
     wr = None if wrong is None else _per_row(model, wrong, batch)
     cfg = model.cfg
