@@ -7,7 +7,7 @@ import torch
 from helpers import LLAMA_TINY, tiny_cfg
 
 from workbench import HookedGPT
-from workbench.errors import ConfigError, HookError, InputError
+from workbench.errors import ConfigError, DataError, HookError, InputError
 from workbench.sae import transcoders as T
 from workbench.sae.model import SAE, SAEConfig
 
@@ -67,3 +67,89 @@ def test_evaluation_of_a_transcoder_that_predicts_nothing_recovers_nothing():
     assert 0 <= whole.top1_agreement <= 1 and whole.n_tokens == 4 * 11
     with pytest.raises(InputError, match="another model"):
         T.evaluate_transcoders(model, {0: _tc(d=16)}, windows)
+
+
+def test_a_transcoder_recovers_planted_features_through_a_linear_map():
+    """x = sparse features along known input directions (an orthonormal basis, so the encoder is identifiable:
+    data spanning only part of the space would leave the rest of each encoder column at its random start);
+    y = a known linear map of x into fewer dimensions, so the features' images are in superposition.
+    The encoder should find the input directions and the decoder their images (no skip term: it could
+    learn the whole map itself)."""
+    from workbench.analysis.superposition import mmcs
+    from workbench.sae.train import TrainConfig, train_sae
+
+    n_features = d_in = 32
+    d_out = 24
+    g = torch.Generator().manual_seed(0)
+    inputs = torch.linalg.qr(torch.randn(d_in, n_features, generator=g)).Q.T  # [n_features, d_in]
+    W = torch.randn(d_out, d_in, generator=g) / d_in**0.5
+    outputs = inputs @ W.T  # each feature's image: what the decoder should learn
+
+    def batches(start: int):
+        step = start
+        while True:
+            gs = torch.Generator().manual_seed(1000 + step)
+            present = torch.rand(512, n_features, generator=gs) < 3 / n_features
+            x = (present * (0.5 + torch.rand(512, n_features, generator=gs))) @ inputs
+            yield x, x @ W.T
+            step += 1
+
+    tc = SAE(SAEConfig(d_in=d_in, d_sae=64, architecture="batchtopk", k=3, apply_b_dec_to_input=False, d_out=d_out), seed=0)
+    train_sae(tc, batches, TrainConfig(total_steps=300, lr=1e-2, dead_tokens=5000, progress=False))
+    assert mmcs(tc.W_dec, outputs) >= 0.95
+    assert mmcs(tc.W_enc.T, inputs) >= 0.95
+    untrained = SAE(tc.cfg, seed=1)
+    assert mmcs(untrained.W_dec, outputs) < 0.8 and mmcs(untrained.W_enc.T, inputs) < 0.8  # the score of no learning
+
+
+def _store(model, tmp_path, hooks):
+    from workbench.store import StoreConfig, open_store, write_store
+
+    windows = torch.randint(0, 50, (6, 9), generator=torch.Generator().manual_seed(0))
+    write_store(model, windows, tmp_path / "store", StoreConfig(hooks=tuple(hooks), batch_windows=2, first_position=1))
+    return open_store(tmp_path / "store")
+
+
+def test_store_pairs_are_one_token_each_and_a_store_missing_a_hook_is_refused(tmp_path):
+    torch.manual_seed(0)
+    model = HookedGPT(tiny_cfg(n_layers=2)).eval()
+    store = _store(model, tmp_path, ["blocks.1.mlp.hook_in", "blocks.1.mlp.hook_out", "blocks.0.mlp.hook_in"])
+    x, y = next(iter(T.store_pairs(store, 1, batch_size=16)(0)))
+    # the MLP applied to each x row gives its y row: the rows are the same tokens
+    torch.testing.assert_close(model.blocks[1].mlp(x[None])[0], y, atol=1e-5, rtol=1e-5)
+    with pytest.raises(DataError, match=r"lacks \['blocks.0.mlp.hook_out'\].*--hooks blocks.0.mlp.hook_in,blocks.0.mlp.hook_out"):
+        T.store_pairs(store, 0, batch_size=16)
+
+
+def test_nan_in_either_stream_stops_training_with_a_clear_error(tmp_path):
+    from workbench.sae.train import TrainConfig, train_sae
+
+    tc = _tc()
+    good = torch.randn(8, 32)
+    for x, y, which in ((good.clone(), good.clone(), "x"), (good.clone(), good.clone(), "y")):
+        (x if which == "x" else y)[3, 5] = float("nan")
+        with pytest.raises(DataError, match="NaN/Inf"):
+            train_sae(tc, [(x, y)], TrainConfig(total_steps=1, progress=False), tmp_path / which)
+        assert not (tmp_path / which / "checkpoint").exists()  # nothing half-written
+
+
+def test_feature_statistics_of_a_transcoder_read_its_input_and_promote_logits_through_its_decoder(tmp_path):
+    from workbench.sae.features import FeatureStatsConfig, feature_contexts, feature_stats
+
+    torch.manual_seed(0)
+    model = HookedGPT(tiny_cfg(n_layers=2)).eval()
+    store = _store(model, tmp_path, ["blocks.1.mlp.hook_in"])
+    tc = _tc()
+    tc.metadata = {"hook_name": "blocks.1.mlp.hook_in", "hook_name_out": "blocks.1.mlp.hook_out"}
+    stats = feature_stats(tc, store, "blocks.1.mlp.hook_in", FeatureStatsConfig(n_logits=3, n_neighbours=2), model=model)
+    x = store.acts("blocks.1.mlp.hook_in")
+    lat = tc.encode(x)
+    torch.testing.assert_close(stats.density, (lat > 0).float().mean(0))
+    torch.testing.assert_close(stats.top_values[:, 0], lat.max(0).values.clamp_min(0))
+    # the logits a latent promotes: its decoder row (in the MLP's output space = the residual) through ln_final and W_U
+    d = tc.W_dec.detach()
+    effects = ((d - d.mean(-1, keepdim=True)) * model.ln_final.w) @ model.unembed.W_U
+    torch.testing.assert_close(stats.logit_top_values, effects.topk(3, dim=-1).values, atol=1e-5, rtol=1e-5)
+    best = int(stats.density.argmax())
+    ctx = feature_contexts(tc, store, "blocks.1.mlp.hook_in", best, [int(stats.top_rows[best, 0])])
+    assert ctx[0].value == pytest.approx(float(stats.top_values[best, 0]), rel=1e-5)
