@@ -150,6 +150,10 @@ def test_teaching_pages_in_a_browser(teaching_url, page, tmp_path):
         except Exception as exc:  # noqa: BLE001 - collect every page's problem, then fail once
             problems.append(f"{path}: could not use its control ({type(exc).__name__}: {str(exc)[:200]})")
         _settle(page)
+        try:  # on a loaded machine the rerun may still be drawing after _settle's quiet spell: wait for the text
+            page.get_by_text(expected).first.wait_for(timeout=TIMEOUT_S * 1000)
+        except Exception:  # noqa: BLE001 - reported below with the page's name
+            pass
         name = path.split("?")[0]
         for d in shots:
             page.screenshot(path=str(d / f"teaching-{name}.png"), full_page=True)

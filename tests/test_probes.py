@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -62,6 +63,23 @@ def test_probe_score_and_direction_round_trip(tmp_path, one_thread):
     assert P.ProbeDirection.load(res.direction(0, "mean_diff").save(tmp_path / "md")).method == "mean_diff"
     with pytest.raises(Exception, match="no saved direction"):
         P.ProbeDirection.load(tmp_path / "nothing")
+
+
+def test_C_chosen_by_cross_validated_selectivity(one_thread):
+    X, y, types, u = _planted(n=200)
+    Xn, yn = X.double().numpy(), np.asarray(y)
+    cfg = P.ProbeConfig(Cs=(1e-3, 1e-2, 1e-1, 1.0), choose_C_by="selectivity")
+    # control labels equal to the task's: every C is exactly as selective (0), so the strongest regularisation wins
+    assert P.selective_C(Xn, yn, yn, cfg) == 1e-3
+    control = P.control_labels(types)
+    C = P.selective_C(Xn, yn, control, cfg)
+    assert C in cfg.Cs
+    res = P.train_probes(X[None], y, ["blocks.0.hook_resid_post"], types, cfg)
+    train, _ = P.split(yn, cfg)
+    assert float(res.C[0]) == pytest.approx(P.selective_C(Xn[train], yn[train], control[train], cfg))
+    assert float(res.accuracy[0]) > 0.8 and float(res.selectivity[0]) > 0.2  # 50 held out: a coarse check
+    with pytest.raises(InputError, match="choose_C_by"):
+        P.ProbeConfig(choose_C_by="luck")
 
 
 def test_control_labels_follow_the_type():

@@ -63,12 +63,18 @@ class ProbeConfig:
     max_iter: int = 1000
     #: also train the control-task probe (one more fit per hook)
     control: bool = True
+    #: how cross-validation on the training split picks C: the best task ``accuracy``, or the best ``selectivity``
+    #: (task minus control-task accuracy; Hewitt & Liang advise the selective probe among capacities that read the
+    #: task: a weaker probe that memorises less). Needs the control task; without one it falls back to accuracy.
+    choose_C_by: Literal["accuracy", "selectivity"] = "accuracy"
 
     def __post_init__(self) -> None:
         if not 0 < self.test_fraction < 1:
             raise InputError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
         if self.folds < 2:
             raise InputError(f"folds must be >= 2 for cross-validation, got {self.folds}")
+        if self.choose_C_by not in ("accuracy", "selectivity"):
+            raise InputError(f"choose_C_by must be 'accuracy' or 'selectivity', got {self.choose_C_by!r}")
 
 
 # ------------------------------------------------------------------------------------ hook names
@@ -178,6 +184,37 @@ def fit_logistic(X_train: np.ndarray, y_train: np.ndarray, X_test: np.ndarray, y
     score_test = X_test @ coef + bias
     return ProbeFit(w / w.norm().clamp_min(1e-12), w, bias, float(((score_test > 0) == y_test).mean()),
                     _auroc(y_test, score_test), float((((X_train @ coef + bias) > 0) == y_train).mean()), float(C))
+
+
+def selective_C(X_train: np.ndarray, y_train: np.ndarray, control_train: np.ndarray, cfg: ProbeConfig = ProbeConfig()
+                ) -> float:
+    """Return the C of ``cfg.Cs`` whose logistic probes have the highest cross-validated selectivity on the training
+    split: mean fold accuracy on the task minus that on the control labels, same folds (the strongest regularisation
+    on ties)."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold
+
+    Z = (X_train - X_train.mean(0)) / (X_train.std(0) + 1e-6)
+    folds = max(2, min(cfg.folds, int(np.bincount(y_train).min())))
+    cv = list(StratifiedKFold(folds, shuffle=True, random_state=cfg.seed).split(Z, y_train))
+
+    def cv_accuracy(C: float, y: np.ndarray) -> float:
+        scores = []
+        for tr, va in cv:
+            if len(set(y[tr].tolist())) < 2:  # a fold whose training part holds one label predicts it
+                scores.append(float((y[va] == y[tr][0]).mean()))
+                continue
+            clf = LogisticRegression(C=C, solver="liblinear", max_iter=cfg.max_iter).fit(Z[tr], y[tr])
+            scores.append(clf.score(Z[va], y[va]))
+        return float(np.mean(scores))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        sel = [cv_accuracy(c, y_train) - cv_accuracy(c, control_train) for c in cfg.Cs]
+    return float(cfg.Cs[int(np.argmax(sel))])
 
 
 def fit_mean_diff(X_train: np.ndarray, y_train: np.ndarray, X_test: np.ndarray, y_test: np.ndarray) -> ProbeFit:
@@ -301,7 +338,9 @@ def train_probes(acts: Float[Tensor, "hook batch d_model"], labels: Sequence[int
     rows = []
     for h in range(len(hooks)):
         X = acts[h].double().numpy()
-        logistic = fit_logistic(X[train], y[train], X[test], y[test], cfg)
+        C = (selective_C(X[train], y[train], control[train], cfg)
+             if cfg.choose_C_by == "selectivity" and control is not None else None)
+        logistic = fit_logistic(X[train], y[train], X[test], y[test], cfg, C=C)
         md = fit_mean_diff(X[train], y[train], X[test], y[test])
         # the control probe has the task probe's capacity (its C), as in Hewitt & Liang: selectivity compares
         # what one probe configuration reads from the representation with what it can memorise
