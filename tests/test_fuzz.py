@@ -35,7 +35,7 @@ from workbench.errors import WorkbenchError  # noqa: E402
 
 SEED = 13
 #: generated cases per target (the whole suite stays well under a minute on one busy core)
-CASES = {"gguf": 120, "checkpoint": 150, "store": 150, "cli": 150}
+CASES = {"gguf": 100, "checkpoint": 120, "store": 120, "cli": 120}
 
 #: every outcome of every case: (target, "ok" or the error message with temporary paths replaced)
 OUTCOMES: list[tuple[str, str]] = []
