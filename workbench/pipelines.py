@@ -83,7 +83,9 @@ class TranscoderRecipe:
     n_ctx: int = 128
     """Tokens per window."""
     tokens: int = 1_000_000
-    """Training tokens each transcoder sees (positions from ``first_position`` on)."""
+    """Training text per layer, in tokens (positions from ``first_position`` on)."""
+    epochs: int = 1
+    """Passes over the training text (after the first, each pass reads its windows in a new seeded order)."""
     batch_windows: int = 32
     """Windows per optimizer step (one forward pass feeds every layer)."""
     first_position: int = 1
@@ -105,7 +107,7 @@ class TranscoderRecipe:
     checkpoint_every: int = 200
 
     def __post_init__(self) -> None:
-        for name in ("n_ctx", "tokens", "batch_windows", "expansion", "k", "eval_windows"):
+        for name in ("n_ctx", "tokens", "epochs", "batch_windows", "expansion", "k", "eval_windows"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be at least 1")
         if not 0 <= self.first_position < self.n_ctx - 1:
@@ -116,8 +118,11 @@ class TranscoderRecipe:
     def rows_per_step(self) -> int:
         return self.batch_windows * (self.n_ctx - self.first_position)
 
-    def total_steps(self) -> int:
+    def steps_per_epoch(self) -> int:
         return max(1, math.ceil(self.tokens / self.rows_per_step()))
+
+    def total_steps(self) -> int:
+        return self.epochs * self.steps_per_epoch()
 
 
 @dataclass
@@ -202,9 +207,12 @@ def train_transcoders(
     layers = check_layers(model, layers)
     out = Path(out_dir)
     steps = recipe.total_steps()
-    n_train = steps * recipe.batch_windows
+    n_train = recipe.steps_per_epoch() * recipe.batch_windows
     windows = token_windows(model, recipe.corpus, recipe.n_ctx, n_train + recipe.eval_windows)
-    train_windows, held_out = windows[:n_train], windows[n_train:]
+    text, held_out = windows[:n_train], windows[n_train:]
+    orders = [torch.arange(n_train)] + [torch.randperm(n_train, generator=torch.Generator().manual_seed(recipe.seed * 1000 + e))
+                                        for e in range(1, recipe.epochs)]
+    train_windows = text[torch.cat(orders)]
     d = model.cfg.d_model
     sae_cfg = SAEConfig(d_in=d, d_sae=recipe.expansion * d, architecture=recipe.architecture,  # type: ignore[arg-type]
                         k=recipe.k, apply_b_dec_to_input=False, d_out=d, skip=recipe.skip)
@@ -380,7 +388,7 @@ def transcoder_card(record: dict[str, Any], command: str) -> str:
         f"# Transcoders for {record['model']} (layers {', '.join(map(str, record['layers']))})", "",
         f"One transcoder per MLP: reads `blocks.L.mlp.hook_in`, predicts `blocks.L.mlp.hook_out`. "
         f"{r['architecture']}, {r['expansion']}x d_model latents, k={r['k']}, skip term: {'yes' if r['skip'] else 'no'}. "
-        f"Trained on {r['tokens']:,} tokens per layer of `{r['corpus']}` (windows of {r['n_ctx']}, positions from "
+        f"Trained on {r['tokens']:,} tokens of `{r['corpus']}`{f' x {e} epochs' if (e := r.get('epochs', 1)) > 1 else ''} per layer (windows of {r['n_ctx']}, positions from "
         f"{r['first_position']}), all layers at once from live activations, in {record['seconds'] / 60:.1f} min "
         f"({record['tokens_per_second']:,.0f} tokens/s).", "",
         "Reproduce:", "", "```", command, "```", "",

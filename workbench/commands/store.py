@@ -14,47 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-from jaxtyping import Int
-from torch import Tensor
-
 from workbench.errors import ConfigError, DataError
-
-
-def token_windows(model: Any, corpus: str, n_ctx: int, n_windows: int) -> Int[Tensor, "batch pos"]:
-    """Return the first ``n_windows`` windows of ``n_ctx`` tokens of a corpus, in the model's tokenizer.
-
-    Documents are tokenized only until there are enough tokens. Tokenizers that put BOS in front
-    (``add_bos``) get it at the start of every window, as the model saw in training; others get
-    plain consecutive chunks of the document stream (documents separated by EOS when there is one).
-    """
-    from workbench.corpora import load_corpus, make_windows
-
-    tok = getattr(model, "tokenizer", None)
-    if tok is None:
-        raise ConfigError("this model has no tokenizer; pass token windows to workbench.store.write_store directly")
-    if n_ctx > model.cfg.n_ctx or n_ctx < 2:
-        raise ConfigError(f"--n-ctx {n_ctx} must lie in [2, {model.cfg.n_ctx}] (the model's context)")
-    use_bos = bool(tok.add_bos and tok.bos_token_id is not None)
-    body = n_ctx - 1 if use_bos else n_ctx
-    need = n_windows * body
-    docs = load_corpus(corpus).documents
-    ids: list[int] = []
-    for start in range(0, len(docs), 64):
-        for enc in tok.tok.encode_batch(docs[start : start + 64], add_special_tokens=False):
-            ids.extend(enc.ids)
-            if tok.eos_token_id is not None:
-                ids.append(tok.eos_token_id)
-        if len(ids) >= need:
-            break
-    have = len(ids) // body
-    if have < n_windows:
-        raise DataError(
-            f"corpus {corpus!r} gives {len(ids)} tokens, {have} windows of {n_ctx}; {n_windows} were asked for. "
-            "Lower --tokens or use a bigger corpus"
-        )
-    stream = torch.tensor(ids[:need], dtype=torch.long)
-    return make_windows(stream, n_ctx, tok.bos_token_id) if use_bos else stream.view(n_windows, body)
+from workbench.pipelines import token_windows  # noqa: F401 - lives in the pipelines layer; re-exported for old callers
 
 
 def cmd_cache(args: argparse.Namespace) -> int:

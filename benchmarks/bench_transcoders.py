@@ -1,0 +1,123 @@
+"""Transcoder training on this machine: pairs vs the SAE trainer, the all-layers live trainer, skip vs plain.
+
+    python -m benchmarks.bench_transcoders [--quick] [--part pairs|live|skip ...]
+
+- ``pairs``: ``train_sae`` on (x, y) pairs (a TopK transcoder, with and without the skip term) beside
+  ``train_sae`` on single tensors (a TopK SAE) at the same shape (d_in 576, width 4608, k 32, batch
+  4096), timed interleaved with the median kept. Target: the transcoder within 1.2x of the SAE.
+- ``live``: SmolLM2-135M, all 30 layers trained at once from live activations
+  (``workbench.pipelines.train_transcoders``, the documented recipe's shape: 32 windows of 128 tokens
+  a step, 8x = 4608 latents, BatchTopK k 32, skip) for a few steps, beside the forward pass that feeds
+  them alone (``live_pairs``) on the same windows: tokens/s of each, the forward pass's share of the
+  trainer's time, and the documented recipe's projected wall time at that rate.
+- ``skip``: kjv-small, every layer, TopK k 32 (so L0 is the same by construction) with and without
+  the skip term on the same tokens; held-out FVU and CE recovered per layer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import torch
+
+from benchmarks import interleaved_medians
+from workbench.sae.model import SAE, SAEConfig
+from workbench.sae.train import TrainConfig, train_sae
+
+#: The documented SmolLM2 recipe (README, "Transcoders"): what ``live`` projects the time of.
+SMOLLM2_RECIPE = dict(corpus="pydocs", tokens=1_000_000, batch_windows=32, n_ctx=128, expansion=8, k=32,
+                      architecture="batchtopk", skip=True)
+
+
+def pairs(quick: bool) -> None:
+    d_in, d_sae, k, batch, steps = 576, 4608, 32, 4096, 3
+    repeats = 2 if quick else 5
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(batch, d_in, generator=g) for _ in range(steps)]
+    ys = [torch.randn(batch, d_in, generator=g) for _ in range(steps)]
+    cfg = TrainConfig(total_steps=steps, lr=1e-4, progress=False, checkpoint_every=0, log_every=steps)
+    sae = SAE(SAEConfig(d_in=d_in, d_sae=d_sae, architecture="topk", k=k), seed=0)
+    plain = SAE(SAEConfig(d_in=d_in, d_sae=d_sae, architecture="topk", k=k, d_out=d_in, apply_b_dec_to_input=False), seed=0)
+    skip = SAE(SAEConfig(d_in=d_in, d_sae=d_sae, architecture="topk", k=k, d_out=d_in, apply_b_dec_to_input=False,
+                         skip=True), seed=0)
+    med = interleaved_medians({
+        "sae": lambda: train_sae(sae, xs, cfg),
+        "transcoder": lambda: train_sae(plain, list(zip(xs, ys)), cfg),
+        "skip": lambda: train_sae(skip, list(zip(xs, ys)), cfg),
+    }, repeats)
+    tps = {name: steps * batch / seconds for name, seconds in med.items()}
+    print(f"TopK training step: d_in {d_in}, width {d_sae}, k {k}, batch {batch}, float32, torch threads "
+          f"{torch.get_num_threads()}, {repeats} interleaved repeats of {steps} steps (median)")
+    print(f"  SAE (x -> x)                {tps['sae']:10.0f} tokens/s")
+    print(f"  transcoder (x -> y)         {tps['transcoder']:10.0f} tokens/s   SAE / transcoder time: "
+          f"{med['transcoder'] / med['sae']:.2f} x (target <= 1.2)")
+    print(f"  skip transcoder             {tps['skip']:10.0f} tokens/s   {med['skip'] / med['sae']:.2f} x")
+
+
+def live(quick: bool) -> None:
+    from workbench.pipelines import TranscoderRecipe, token_windows, train_transcoders
+    from workbench.sae.transcoders import live_pairs
+    from workbench.zoo import load_model
+
+    try:
+        model = load_model("smollm2-135m").eval()
+    except Exception as exc:  # noqa: BLE001 - a machine without the model skips this part, saying why
+        print(f"live: SmolLM2-135M not available ({exc}); run `make fetch`")
+        return
+    steps = 1 if quick else 3
+    layers = list(range(model.cfg.n_layers))
+    recipe = TranscoderRecipe(**{**SMOLLM2_RECIPE, "tokens": steps * 32 * 127, "eval_windows": 1,
+                                 "checkpoint_every": 0})
+    windows = token_windows(model, recipe.corpus, recipe.n_ctx, steps * recipe.batch_windows)
+    t0 = time.perf_counter()
+    for _ in live_pairs(model, windows, layers, recipe.batch_windows, recipe.first_position):
+        pass
+    forward = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory() as tmp:
+        result = train_transcoders(model, layers, recipe, tmp, progress=False)
+    rows = steps * recipe.rows_per_step()
+    full = SMOLLM2_RECIPE["tokens"] / result.tokens_per_second
+    print(f"SmolLM2-135M, all {len(layers)} layers from live activations: {steps} steps of {recipe.batch_windows} x "
+          f"{recipe.n_ctx} tokens, width {recipe.expansion * model.cfg.d_model}, {recipe.architecture} k {recipe.k}, skip")
+    print(f"  forward pass alone (60 hooks)  {rows / forward:10.0f} tokens/s")
+    print(f"  trainer (forward + 30 layers)  {result.tokens_per_second:10.0f} tokens/s (each layer sees them all)")
+    print(f"  forward pass's share of the trainer's time: {forward / result.seconds:.2f}")
+    print(f"  documented recipe ({SMOLLM2_RECIPE['tokens']:,} tokens a layer) projected: {full / 3600:.1f} h (target <= 2 h)")
+
+
+def skip(quick: bool) -> None:
+    from workbench.pipelines import TranscoderRecipe, train_transcoders
+    from workbench.zoo import load_model
+
+    model = load_model("kjv-small").eval()
+    tokens = 100_000 if quick else 400_000
+    results = {}
+    for with_skip in (False, True):
+        recipe = TranscoderRecipe(tokens=tokens, architecture="topk", k=32, skip=with_skip, eval_windows=32)
+        with tempfile.TemporaryDirectory() as tmp:
+            results[with_skip] = train_transcoders(model, list(range(model.cfg.n_layers)), recipe, tmp, progress=False)
+    print(f"kjv-small, every layer, TopK k 32 (L0 32 by construction), {tokens:,} tokens, held-out 32 windows:")
+    print("  layer   FVU plain   FVU skip   CE recovered plain   skip")
+    for a, b in zip(results[False].per_layer, results[True].per_layer):
+        print(f"  {a.layer:5d}   {a.fvu:9.4f}   {b.fvu:8.4f}   {a.ce_loss_recovered:18.3f}   {b.ce_loss_recovered:.3f}")
+    for with_skip, res in results.items():
+        print(f"  every MLP replaced ({'skip' if with_skip else 'plain'}): CE {res.whole.ce_replaced:.4f} vs "
+              f"{res.whole.ce_clean:.4f}, top-1 agreement {res.whole.top1_agreement:.3f}")
+
+
+PARTS = {"pairs": pairs, "live": live, "skip": skip}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and steps")
+    parser.add_argument("--part", action="append", choices=sorted(PARTS), help="run only these parts (default: all)")
+    args = parser.parse_args(argv)
+    for name in args.part or list(PARTS):
+        PARTS[name](args.quick)
+
+
+if __name__ == "__main__":
+    main()
