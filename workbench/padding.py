@@ -66,7 +66,9 @@ def unpack(tokens: Tensor | Batch, attention_mask: Tensor | None) -> tuple[Tenso
     return tokens, attention_mask
 
 
-def check_attention_mask(attention_mask: Tensor | None, tokens: Int[Tensor, "batch pos"]) -> Bool[Tensor, "batch pos"] | None:
+def check_attention_mask(
+    attention_mask: Tensor | None, tokens: Int[Tensor, "batch pos"]
+) -> Bool[Tensor, "batch pos"] | None:
     """Return the mask as booleans shaped like ``tokens``, or None when there is no padding at all
     (so an unpadded batch takes the mask-free path, as fast as before masks existed)."""
     if attention_mask is None:
@@ -118,7 +120,9 @@ def attention_mask_4d(key_mask: Bool[Tensor, "batch key"], n_pos: int) -> Bool[T
     return (causal & key_mask[:, None, None, :]) | (key_at == query_at)
 
 
-def attention_bias(key_mask: Bool[Tensor, "batch key"], n_pos: int, dtype: torch.dtype) -> Float[Tensor, "batch 1 pos key"]:
+def attention_bias(
+    key_mask: Bool[Tensor, "batch key"], n_pos: int, dtype: torch.dtype
+) -> Float[Tensor, "batch 1 pos key"]:
     """Return :func:`attention_mask_4d` as the attention layers add it to their scores: 0 where a
     query may attend, -inf where not (built once per forward pass, shared by every layer)."""
     allowed = attention_mask_4d(key_mask, n_pos)
@@ -145,7 +149,9 @@ def left_aligned(batch: Batch) -> Batch:
     return pad(rows, pad_id, "left", device=batch.tokens.device)
 
 
-def gather_last(x: Float[Tensor, "batch pos ..."], attention_mask: Bool[Tensor, "batch pos"] | None) -> Float[Tensor, "batch ..."]:
+def gather_last(
+    x: Float[Tensor, "batch pos ..."], attention_mask: Bool[Tensor, "batch pos"] | None
+) -> Float[Tensor, "batch ..."]:
     """Return ``x`` at each row's last real token (``x[:, -1]`` when there is no mask)."""
     if attention_mask is None:
         return x[:, -1]
