@@ -65,6 +65,9 @@ class AtPResult(NamedTuple):
     v: Float[Tensor, "layer pos kv_head"]
     #: every MLP neuron (``mlp.hook_post``), per position; ``d_mlp = 0`` for attention-only models
     neurons: Float[Tensor, "layer pos d_mlp"]
+    #: each layer's attention and MLP output (``hook_attn_out``, ``hook_mlp_out``; zeros without MLPs), per position
+    attn_out: Float[Tensor, "layer pos"]
+    mlp_out: Float[Tensor, "layer pos"]
     #: metric of the clean and the corrupted run (batch means)
     clean: float
     corrupt: float
@@ -96,7 +99,7 @@ def _names(model: "HookedGPT", kinds: tuple[str, ...]) -> list[str]:
 
 
 def _kinds(model: "HookedGPT", qk_fix: bool) -> tuple[str, ...]:
-    kinds = ("resid_pre", "q", "k", "v", "z") + (() if model.cfg.attn_only else ("post",))
+    kinds = ("resid_pre", "q", "k", "v", "z", "attn_out") + (() if model.cfg.attn_only else ("post", "mlp_out"))
     if qk_fix:
         rotary = model.cfg.positional == "rotary"
         kinds += ("rot_q", "rot_k") if rotary else ()
@@ -159,8 +162,24 @@ def attribution_patch(
              * grad[act_name("post", i)].float()).sum(0)
             for i in range(L)
         ])
+    attn_out = torch.stack([estimate("attn_out", i) for i in range(L)])
+    mlp_out = (torch.zeros_like(attn_out) if model.cfg.attn_only
+               else torch.stack([estimate("mlp_out", i) for i in range(L)]))
     clean_m, corrupt_m = (src_m, base_m) if config.direction == "denoise" else (base_m, src_m)
-    return AtPResult(config, resid.cpu(), z.cpu(), q.cpu(), k.cpu(), v.cpu(), neurons.cpu(), clean_m, corrupt_m)
+    return AtPResult(config, resid.cpu(), z.cpu(), q.cpu(), k.cpu(), v.cpu(), neurons.cpu(), attn_out.cpu(),
+                     mlp_out.cpu(), clean_m, corrupt_m)
+
+
+def as_patch_result(result: AtPResult, kind: str):
+    """AtP's estimates in the shape of an exact patching sweep (:class:`workbench.analysis.patching.PatchResult`):
+    the base run's metric plus each node's estimated effect, so the same plots and normalisation apply."""
+    from workbench.analysis.patching import PatchResult
+
+    est = {"resid_pre": result.resid, "attn_out": result.attn_out, "mlp_out": result.mlp_out, "z": result.heads}
+    if kind not in est:
+        raise InputError(f"kind={kind!r} is not one of {sorted(est)}")
+    base = result.corrupt if result.config.direction == "denoise" else result.clean
+    return PatchResult(kind, base + est[kind], result.clean, result.corrupt)
 
 
 def _qk_star(model: "HookedGPT", layer: int, src_cache, base_cache, grad) -> tuple[Tensor, Tensor]:

@@ -61,12 +61,19 @@ def attribution_page(sel: Selection) -> None:
     corrupt_text = st.text_input("Corrupted prompt (same number of tokens)", corrupt_default, key="attr_corrupt")
     kinds = [k for k in PATCH_KINDS if not (k == "mlp_out" and cfg.attn_only)]
     kind = st.selectbox("Patch", kinds, key="attr_patch", format_func=PATCH_KINDS.get)
+    method = st.radio("Method", ["Exact patching", "Attribution patching (AtP)"], horizontal=True, key="attr_method",
+                      help="AtP estimates every patch at once from two forward passes and one backward pass "
+                           "(first order: Nanda 2023); exact patching runs each patch.")
     with ui.guard():
         corrupt_enc = cached.encode(sel.key, corrupt_text)
         if len(corrupt_enc.ids) != len(enc.ids):
             st.warning(f"The corrupted prompt has {len(corrupt_enc.ids)} tokens, the clean one {len(enc.ids)}; "
                        "patching pairs positions one to one, so make them the same length.")
             return
+    if method != "Exact patching":
+        _atp_view(model, enc, corrupt_enc, answer, wrong, kind, what)
+        return
+    with ui.guard():
         request = cached.PatchRequest(sel.key, text, corrupt_text, answer, wrong, kind)
     runs, flops = compute.patch_cost(model, len(enc.ids), kind)
     job = cached.jobs().get(("patching", *request))
@@ -95,3 +102,31 @@ def attribution_page(sel: Selection) -> None:
         return
     ui.plot(ui.categorical(plots.patching_heatmap(patched, [figures.show_token(s) for s in enc.str_tokens])),
             key="attr_patching")
+
+
+def _atp_view(model, enc, corrupt_enc, answer: int, wrong: int, kind: str, what: str) -> None:
+    """Attribution patching's estimate of the same sweep: one backward pass, seconds even on SmolLM2."""
+    import torch
+
+    from workbench.analysis import attribution_patching as AP
+    from workbench.analysis.patching import LogitDiff
+
+    device = model.embed.W_E.device
+    clean, corrupt = (torch.tensor([ids], device=device) for ids in (enc.ids, corrupt_enc.ids))
+    metric = LogitDiff(answer, wrong if wrong >= 0 else None)
+    with ui.guard(), st.spinner("Attribution patching…"):
+        # run without this session's run-local hooks, as every cached run is (cached._quiet)
+        result = cached._quiet(lambda: AP.attribution_patch(model, clean, corrupt, metric))
+    patched = AP.as_patch_result(result, kind)
+    st.caption("AtP's first-order estimate of each patch, (clean - corrupted activation) . gradient on the corrupted "
+               "run, drawn like the exact sweep; where attention saturates it can miss (switch to exact patching "
+               "to check a component).")
+    p1, p2 = st.columns(2)
+    p1.metric(f"clean {what}", f"{patched.clean:.3f}")
+    p2.metric(f"corrupted {what}", f"{patched.corrupt:.3f}")
+    if abs(patched.clean - patched.corrupt) < 1e-6:
+        st.warning(f"The clean and corrupted runs give the same {what}, so nothing can be restored; change the "
+                   "corrupted prompt or the answer tokens.")
+        return
+    ui.plot(ui.categorical(plots.patching_heatmap(patched, [figures.show_token(s) for s in enc.str_tokens])),
+            key="attr_atp")
