@@ -21,26 +21,30 @@ from workbench.pipelines import token_windows  # noqa: F401 - lives in the pipel
 def cmd_cache(args: argparse.Namespace) -> int:
     from workbench import paths
     from workbench.distributed import destroy_distributed, init_distributed, local_device
+    from workbench.locking import lock_name, output_lock
     from workbench.store import StoreConfig, write_store
     from workbench.zoo import load_model
 
     # load_model leaves the model on the CPU unless asked; the group's backend follows that device.
     device = local_device(args.device or "cpu")
     info = init_distributed(device)
-    model = load_model(args.model, device=device)
-    n_ctx = args.n_ctx or min(model.cfg.n_ctx, 128)
-    rows_per_window = n_ctx - args.first_position
-    n_windows = max(1, -(-args.tokens // rows_per_window))
-    windows = token_windows(model, args.corpus, n_ctx, n_windows)
     out = Path(args.out) if args.out else paths.stores_dir() / f"{Path(str(args.model)).name}-{args.corpus}"
-    cfg = StoreConfig(
-        hooks=tuple(args.hooks),
-        dtype=args.dtype,
-        batch_windows=args.batch,
-        shard_tokens=args.shard_tokens,
-        first_position=args.first_position,
-    )
-    res = write_store(model, windows, out, cfg, model_name=str(args.model), progress=not args.quiet)
+    # taken before the model and corpus load, so a second writer of this store fails at once
+    # (write_store takes it again, re-entrantly)
+    with output_lock(out, lock_name(info.rank)):
+        model = load_model(args.model, device=device)
+        n_ctx = args.n_ctx or min(model.cfg.n_ctx, 128)
+        rows_per_window = n_ctx - args.first_position
+        n_windows = max(1, -(-args.tokens // rows_per_window))
+        windows = token_windows(model, args.corpus, n_ctx, n_windows)
+        cfg = StoreConfig(
+            hooks=tuple(args.hooks),
+            dtype=args.dtype,
+            batch_windows=args.batch,
+            shard_tokens=args.shard_tokens,
+            first_position=args.first_position,
+        )
+        res = write_store(model, windows, out, cfg, model_name=str(args.model), progress=not args.quiet)
     if info.rank == 0:
         print(
             f"{out}: {res.n_rows} tokens x {len(cfg.hooks)} hook(s) ({cfg.dtype}); wrote {res.shards_written} shard(s), "
