@@ -54,7 +54,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--n-gt", type=int, default=4, help="greater-than pairs")
     p.add_argument("--steps", type=int, default=5, help="EAP-IG steps m")
     p.add_argument("--edges", default="250,1000,2464", help="edge counts of the faithfulness curve")
-    p.add_argument("--nodes", default="10,30,60", help="node counts of the exact node-patching curve")
+    p.add_argument("--nodes", default="10,30,60", help="node counts of the exact node-patching curve ('' skips it)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="report directory (default $WORKBENCH_HOME/runs/reports/ioi-circuit)")
     return p.parse_args(argv)
@@ -170,23 +170,24 @@ def stage_eap(model, args, report: Report) -> dict:
                                   "faithfulness": f.faithfulness} for f in faith]
         out["clean"], out["corrupt"] = faith[0].clean, faith[0].corrupt
         log(f"{method} faithfulness {out['curves'][method]} ({time.perf_counter() - t0:.1f}s)")
-    # exact node patching: the effect of each head's / MLP's corrupted output in the clean run
-    t0 = time.perf_counter()
-    heads = P.patch_heads(model, task.corrupt, task.clean, task.metric)
-    mlps = P.patch_outputs(model, task.corrupt, task.clean, task.metric, kind="mlp_out", per_position=False)
-    node_effect = torch.zeros(graph.n_up)
-    for layer in range(model.cfg.n_layers):
-        s = graph.up_start(layer)
-        node_effect[s: s + model.cfg.n_heads] = heads.scores[layer] - heads.corrupt
-        node_effect[s + model.cfg.n_heads] = float(mlps.scores[layer, 0] - mlps.corrupt)
-    order = node_effect.abs().argsort(descending=True).tolist()
-    circuits = [E.node_circuit(graph, order[:k]) for k in (int(x) for x in args.nodes.split(","))]
-    faith = E.faithfulness(model, task.clean, task.corrupt, task.metric, circuits)
-    out["curves"]["node-patching"] = [{"nodes": int(k), "edges": f.n_edges, "fraction": f.n_edges / graph.n_edges,
-                                       "faithfulness": f.faithfulness}
-                                      for k, f in zip(args.nodes.split(","), faith)]
-    out["seconds"]["node-patching"] = time.perf_counter() - t0
-    log(f"node patching faithfulness {out['curves']['node-patching']}")
+    if args.nodes:
+        # exact node patching: the effect of each head's / MLP's corrupted output in the clean run
+        t0 = time.perf_counter()
+        heads = P.patch_heads(model, task.corrupt, task.clean, task.metric)
+        mlps = P.patch_outputs(model, task.corrupt, task.clean, task.metric, kind="mlp_out", per_position=False)
+        node_effect = torch.zeros(graph.n_up)
+        for layer in range(model.cfg.n_layers):
+            s = graph.up_start(layer)
+            node_effect[s: s + model.cfg.n_heads] = heads.scores[layer] - heads.corrupt
+            node_effect[s + model.cfg.n_heads] = float(mlps.scores[layer, 0] - mlps.corrupt)
+        order = node_effect.abs().argsort(descending=True).tolist()
+        circuits = [E.node_circuit(graph, order[:k]) for k in (int(x) for x in args.nodes.split(","))]
+        faith = E.faithfulness(model, task.clean, task.corrupt, task.metric, circuits)
+        out["curves"]["node-patching"] = [{"nodes": int(k), "edges": f.n_edges, "fraction": f.n_edges / graph.n_edges,
+                                           "faithfulness": f.faithfulness}
+                                          for k, f in zip(args.nodes.split(","), faith)]
+        out["seconds"]["node-patching"] = time.perf_counter() - t0
+        log(f"node patching faithfulness {out['curves']['node-patching']}")
     report.heading("Faithfulness: EAP, EAP-IG and exact node patching (IOI)")
     report.text(f"{args.n_eap} IOI pairs, {graph.n_edges} edges; clean {out['clean']:.3f}, corrupted "
                 f"{out['corrupt']:.3f}. EAP-IG with m={args.steps}.")
