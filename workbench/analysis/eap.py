@@ -42,7 +42,6 @@ if TYPE_CHECKING:
     from workbench.model import HookedGPT
 
 EAPMethod = Literal["eap", "eap-ig"]
-Selection = Literal["topn", "greedy"]
 QKV = ("q", "k", "v")
 
 

@@ -20,7 +20,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Float, Int
@@ -32,7 +32,6 @@ from workbench.errors import DataError, InputError
 if TYPE_CHECKING:
     from workbench.model import HookedGPT
 
-TaskName = Literal["ioi", "greater-than"]
 
 NAMES = (
     "Mary John Alice Bob James Michael David Sarah Emma Tom Anna Paul Mark Lisa Peter Kate Jack Laura "
