@@ -143,7 +143,8 @@ def sampling_page(sel: Selection) -> None:
     temperature = c1.slider("Temperature (0 = greedy)", 0.0, 2.0, 1.0, 0.05, key="samp_t", bind=share.URL)
     top_k = c2.slider("top-k (0 = off)", 0, 100, 0, key="samp_k", bind=share.URL)
     top_p = c3.slider("top-p (1 = off)", 0.05, 1.0, 1.0, 0.05, key="samp_p", bind=share.URL)
-    logits = cached.next_token_logits(sel.key, text)
+    with st.spinner("Running the model…"):  # one pass per prompt (cached); the sliders only re-filter it
+        logits = cached.next_token_logits(sel.key, text)
     raw = logits.softmax(-1)
     filtered = compute.sampling_probs(logits, temperature, top_k or None, top_p if top_p < 1 else None)
     order = raw.topk(min(20, raw.shape[0])).indices.tolist()
@@ -160,7 +161,7 @@ def sampling_page(sel: Selection) -> None:
     if st.button("Generate", key="samp_go"):
         out = st.empty()
         pieces: list[str] = []
-        with ui.guard():
+        with ui.guard(), st.spinner(f"Generating {figures.count_noun(n_new, 'token')}…"):
             for event in stream_generate(model, torch.tensor(enc.ids), n_new, temperature=temperature,
                                          top_k=top_k or None, top_p=top_p if top_p < 1 else None, seed=int(seed),
                                          stop_tokens=[]):

@@ -217,7 +217,7 @@ def _steering(sel: Selection, model, info: compute.SAEInfo, sae, feature: int) -
 
     default = "The" if model.tokenizer is not None else "0 17 42 5"
     text, enc = ui.prompt(sel.key, model, "steer_prompt", default=default)
-    with ui.guard():
+    with ui.guard(), st.spinner("Running the model…"):
         norm = cached.activation_norm(sel.key, info.hook, text)
     st.caption(f"Generate greedily while adding strength × latent {feature}'s decoder direction (unit norm) to "
                f"`{info.hook}` at every position. For scale: that activation's mean norm on this prompt is {norm:.1f}.")
@@ -234,9 +234,10 @@ def _steering(sel: Selection, model, info: compute.SAEInfo, sae, feature: int) -
             st.markdown(f"**{title}**")
             out = st.empty()
             pieces: list[str] = []
-            for event in stream_generate(model, torch.tensor(enc.ids), int(n_new), temperature=0.0,
-                                         stop_tokens=[], fwd_hooks=hooks):
-                pieces.append(event.text if model.tokenizer is not None else f" {event.token}")
-                out.markdown(figures.generated_text_html("".join(enc.str_tokens), "".join(pieces)),
-                             unsafe_allow_html=True)
+            with st.spinner(f"Generating {figures.count_noun(int(n_new), 'token')} {title}…"):
+                for event in stream_generate(model, torch.tensor(enc.ids), int(n_new), temperature=0.0,
+                                             stop_tokens=[], fwd_hooks=hooks):
+                    pieces.append(event.text if model.tokenizer is not None else f" {event.token}")
+                    out.markdown(figures.generated_text_html("".join(enc.str_tokens), "".join(pieces)),
+                                 unsafe_allow_html=True)
             st.session_state[f"steer_out_{'on' if hooks else 'off'}"] = "".join(pieces)
