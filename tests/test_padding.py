@@ -77,7 +77,7 @@ def test_padded_rows_equal_prompts_alone_at_every_hook(family, prompts, side, on
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_padded_logits_equal_hf_with_attention_mask(family, prompts, side):
+def test_padded_logits_equal_hf_with_attention_mask(family, prompts, side, one_thread):
     hf, model = family
     batch = pad(prompts, pad_id=0, padding_side=side)
     # HF's own generate() passes position ids counted from the first real token; its forward
@@ -229,7 +229,7 @@ def test_cache_knows_where_the_real_tokens_are(family, prompts):
 # -- generation ------------------------------------------------------------------------------------------
 
 
-def test_batched_greedy_generation_of_ragged_prompts_equals_one_by_one(family, prompts):
+def test_batched_greedy_generation_of_ragged_prompts_equals_one_by_one(family, prompts, one_thread):
     from workbench.generate import generate
 
     _, model = family
@@ -284,7 +284,7 @@ def _ioi_set():
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_head_scores_on_a_ragged_set_pool_the_prompts_scores(family, side):
+def test_head_scores_on_a_ragged_set_pool_the_prompts_scores(family, side, one_thread):
     from workbench.analysis.induction import SCORE_KINDS, score_heads, score_masks
 
     _, model = family
@@ -306,7 +306,7 @@ def test_head_scores_on_a_ragged_set_pool_the_prompts_scores(family, side):
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_logit_lens_on_a_ragged_set_equals_each_prompt(family, side):
+def test_logit_lens_on_a_ragged_set_equals_each_prompt(family, side, one_thread):
     from workbench.analysis.logit_lens import logit_lens
 
     _, model = family
@@ -330,7 +330,7 @@ def test_logit_lens_on_a_ragged_set_equals_each_prompt(family, side):
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_patching_on_a_ragged_set_equals_the_prompts_averaged(family, side):
+def test_patching_on_a_ragged_set_equals_the_prompts_averaged(family, side, one_thread):
     from workbench.analysis.patching import LogitDiff, ablate, patch_heads, patch_outputs
 
     _, model = family
@@ -388,7 +388,7 @@ def test_run_with_hooks_takes_a_batch(family, prompts):
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_direct_logit_attribution_on_a_ragged_set_equals_each_prompt(family, side):
+def test_direct_logit_attribution_on_a_ragged_set_equals_each_prompt(family, side, one_thread):
     from workbench.analysis.attribution import direct_logit_attribution
 
     _, model = family
