@@ -445,3 +445,50 @@ def snapshot_tsne(snapshot_dir: str, device: str, dtype: str, ids: tuple[int, ..
     """Return a t-SNE map (DataFrame x, y) of the chosen token embeddings of one snapshot."""
     m = snapshot_model(snapshot_dir, device, dtype)
     return compute.project_2d(m.embed.W_E[list(ids)].detach().float().cpu(), [str(i) for i in ids], "tsne")
+
+
+# ------------------------------------------------------------------------------------ circuit tracing
+
+
+@st.cache_resource(max_entries=2, show_spinner=False)
+def transcoder_set(spec: str) -> dict:
+    """Return a transcoder set (a directory, or a shipped set's name) as ``{layer: transcoder}``."""
+    from workbench.analysis.graph import load_transcoders
+
+    return load_transcoders(spec)
+
+
+@st.cache_resource(max_entries=16, show_spinner=False)
+def attribution_graph(key: str, spec: str, text: str, max_features: int = 0):
+    """Return ``(graph, seconds)``: the prompt's attribution graph through the set (``max_features`` 0: every feature)."""
+    import time
+
+    from workbench.analysis import graph as G
+
+    m, tcs, tokens = model(key), transcoder_set(spec), _tokens(key, text)
+
+    def run():
+        t0 = time.perf_counter()
+        g = G.attribute(m, tcs, tokens, max_feature_nodes=max_features or None)
+        return g, time.perf_counter() - t0
+    return _quiet(run)
+
+
+@st.cache_resource(max_entries=8, show_spinner=False)
+def transcoder_contexts(key: str, spec: str, layer: int, n_tokens: int = 4096, n_ctx: int = 64):
+    """Return ``(windows, TopActivations)``: every feature of one layer's transcoder at its strongest on the
+    model's own corpus (as the quick SAE reads it)."""
+    from workbench.analysis import graph as G
+
+    m, tcs = model(key), transcoder_set(spec)
+    windows = compute.sae_windows(m, n_tokens, n_ctx, compute.quick_sae_corpus(ModelKey.parse(key).name))
+    return windows, _quiet(lambda: G.top_activations(m, tcs[layer], layer, windows.to(m.embed.W_E.device)))
+
+
+@st.cache_resource(max_entries=64, show_spinner=False)
+def feature_edit_logits(key: str, spec: str, text: str, edits: tuple[tuple[int, int, int, float, bool], ...]) -> Tensor:
+    """Return the real model's last-position logits with features edited (``(layer, pos, index, value, scale)``)."""
+    from workbench.analysis import graph as G
+
+    m, tcs, tokens = model(key), transcoder_set(spec), _tokens(key, text)
+    return _quiet(lambda: G.intervene(m, tcs, tokens, [G.FeatureEdit(*e) for e in edits])[-1].cpu())

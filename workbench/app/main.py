@@ -48,6 +48,7 @@ PAGES: list[PageSpec] = [
     PageSpec("Interpretability", "Superposition", "superposition", "superposition:superposition_page",
              ":material/blur_on:"),
     PageSpec("Interpretability", "Probes & steering", "probes", "probes:probes_page", ":material/tune:"),
+    PageSpec("Interpretability", "Circuit tracing", "circuits", "circuits:circuits_page", ":material/account_tree:"),
     PageSpec("Interpretability", "Training dynamics", "dynamics", "dynamics:dynamics_page", ":material/timeline:"),
     PageSpec("From scratch", "BPE step by step", "bpe", "teaching:bpe_page", ":material/merge:"),
     PageSpec("From scratch", "Attention from scratch", "attention-scratch", "teaching:attention_scratch_page",
