@@ -1,6 +1,6 @@
 """Ragged batches: 32 prompts of lengths 8..64 as one padded batch vs. the same prompts one at a time.
 
-    python -m benchmarks.bench_padding [--quick] [--models attn-only-2l kjv-small smollm2-135m] [--repeats 5] [--device cpu]
+    python -m benchmarks.bench_padding [--quick] [--models attn-only-2l kjv-small smollm2-135m] [--repeats 5] [--device cpu] [--threads N]
 
 Forward with cache: ``model.run_with_cache`` of the left-padded batch (``model.to_batch``'s shape:
 token ids plus attention mask) against 32 calls of ``run_with_cache`` on each prompt alone, timed in
@@ -10,7 +10,10 @@ every row are checked against the prompt run alone (the max difference is printe
 
 The padded batch computes 32 x 64 = 2048 positions for 1,152 real tokens (56% useful), so its gain
 is the per-call overhead it saves (Python, hooks, kernel launches) minus the padding it computes:
-large for a small model or on a GPU, smaller for a compute-bound model on a few CPU cores.
+large for a small model or on a GPU, smaller for a compute-bound model on a few CPU cores. On a
+busy shared CPU, several torch threads make every small op wait for a descheduled thread, which
+costs the 32 separate passes far more than the one batched pass: ``--threads 1`` is the fairer
+figure there.
 """
 
 from __future__ import annotations
@@ -72,7 +75,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", nargs="+", default=["attn-only-2l", "kjv-small", "smollm2-135m"])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     models, repeats = (["kjv-small"], 3) if args.quick else (args.models, args.repeats)
     for name in models:
         compare(name, repeats, args.device)

@@ -403,3 +403,29 @@ def test_direct_logit_attribution_on_a_ragged_set_equals_each_prompt(family, sid
             torch.testing.assert_close(got.logit[row], alone.logit[0], atol=1e-5, rtol=0)
     with pytest.raises(InputError, match="pos=2 in a padded batch"):
         direct_logit_attribution(model, batch, answer, wrong, pos=2)
+
+
+# -- SmolLM2: a real tokenizer and real prompts ------------------------------------------------------------------
+
+
+IOI_TEXTS = [
+    "When Mary and John went to the store, John gave a drink to",
+    "When Aurelia and Bob went to the park, Bob handed a ball to",
+    "After the meeting, Kwame and Siobhan walked home, and Siobhan gave a book to",
+    "Then Tom and Ann talked, and Ann said goodbye to",
+]
+
+
+@pytest.mark.smollm2
+def test_smollm2_ragged_ioi_prompts_equal_each_prompt_alone(smollm2, one_thread):
+    batch = smollm2.to_batch(IOI_TEXTS)  # SmolLM2's tokenizer names no pad token: EOS stands in, with a warning
+    assert len(set(batch.lengths.tolist())) == len(IOI_TEXTS)  # really ragged
+    with torch.no_grad():
+        logits = smollm2(batch)
+        for row, text in enumerate(IOI_TEXTS):
+            alone = smollm2(smollm2.to_tokens(text))[0]
+            # logits of ~20 in fp32 and matmuls of other shapes: 1e-4 absolute plus relative, as tests/test_interop.py
+            torch.testing.assert_close(_real(logits, row, batch), alone, atol=1e-4, rtol=1e-4)
+    out = smollm2.generate(IOI_TEXTS, max_new_tokens=4, stop_tokens=[])
+    for row, text in enumerate(IOI_TEXTS):
+        assert out.texts[row] == smollm2.generate(text, max_new_tokens=4, stop_tokens=[]).texts[0]
