@@ -16,6 +16,7 @@ _LAZY = {
     "HookedGPT": "workbench.model",
     "parameter_counts": "workbench.model",
     "ActivationCache": "workbench.cache",
+    "Batch": "workbench.padding",
     "Tokenizer": "workbench.tokenize",
     "load_model": "workbench.zoo",
 }
@@ -23,6 +24,7 @@ _LAZY = {
 if TYPE_CHECKING:  # pragma: no cover
     from workbench.cache import ActivationCache
     from workbench.model import GPTConfig, HookedGPT, parameter_counts
+    from workbench.padding import Batch
     from workbench.tokenize import Tokenizer
     from workbench.zoo import load_model
 
