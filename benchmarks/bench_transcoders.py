@@ -27,7 +27,7 @@ from workbench.sae.model import SAE, SAEConfig
 from workbench.sae.train import TrainConfig, train_sae
 
 #: The documented SmolLM2 recipe (README, "Transcoders"): what ``live`` projects the time of.
-SMOLLM2_RECIPE = dict(corpus="pydocs", tokens=1_000_000, batch_windows=32, n_ctx=128, expansion=8, k=32,
+SMOLLM2_RECIPE = dict(corpus="kjv", tokens=1_000_000, batch_windows=32, n_ctx=128, expansion=8, k=32,
                       architecture="batchtopk", skip=True)
 
 
@@ -51,7 +51,7 @@ def pairs(quick: bool) -> None:
     print(f"TopK training step: d_in {d_in}, width {d_sae}, k {k}, batch {batch}, float32, torch threads "
           f"{torch.get_num_threads()}, {repeats} interleaved repeats of {steps} steps (median)")
     print(f"  SAE (x -> x)                {tps['sae']:10.0f} tokens/s")
-    print(f"  transcoder (x -> y)         {tps['transcoder']:10.0f} tokens/s   SAE / transcoder time: "
+    print(f"  transcoder (x -> y)         {tps['transcoder']:10.0f} tokens/s   time / the SAE's: "
           f"{med['transcoder'] / med['sae']:.2f} x (target <= 1.2)")
     print(f"  skip transcoder             {tps['skip']:10.0f} tokens/s   {med['skip'] / med['sae']:.2f} x")
 

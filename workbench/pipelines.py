@@ -14,7 +14,7 @@ import shutil
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -298,7 +298,8 @@ def _check_recipe(out: Path, recipe: TranscoderRecipe, model: Any) -> None:
             theirs = json.loads(path.read_text())
         except json.JSONDecodeError:
             raise DataError(f"{path} is corrupt; delete {out} or choose another --out") from None
-        changed = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        defaults = {f.name: f.default for f in fields(TranscoderRecipe)}  # a field added since keeps its default
+        changed = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k, defaults.get(k)))
         if changed:
             raise ConfigError(f"{out} holds a transcoder set trained with other settings ({', '.join(changed)}); "
                               "resume with the same settings, or choose another --out")
