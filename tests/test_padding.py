@@ -429,3 +429,14 @@ def test_smollm2_ragged_ioi_prompts_equal_each_prompt_alone(smollm2, one_thread)
     out = smollm2.generate(IOI_TEXTS, max_new_tokens=4, stop_tokens=[])
     for row, text in enumerate(IOI_TEXTS):
         assert out.texts[row] == smollm2.generate(text, max_new_tokens=4, stop_tokens=[]).texts[0]
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_lens_kl_of_a_ragged_set_is_the_token_weighted_mean(family, side, one_thread):
+    from workbench.analysis.logit_lens import lens_kl
+
+    _, model = family
+    clean, _, _, _ = _ioi_set()
+    batched = lens_kl(model, pad(clean, 0, side), chunk=4)  # chunks of the batch are weighted by their real tokens
+    per_prompt = torch.stack([lens_kl(model, torch.tensor([p])) * len(p) for p in clean]).sum(0)
+    torch.testing.assert_close(batched, per_prompt / sum(len(p) for p in clean), atol=1e-6, rtol=1e-5)

@@ -236,14 +236,16 @@ def tuned_lens(
     return decode_residuals(model, resid, targets, k)
 
 
-def _layer_kl(model: "HookedGPT", resid: Tensor, lens: TunedLens | None) -> Float[Tensor, " layer"]:
-    """Return the mean KL(final || decoded) of each resid_pre row (no final row in the result)."""
+def _layer_kl(model: "HookedGPT", resid: Tensor, lens: TunedLens | None, attention_mask: Tensor | None = None
+              ) -> Float[Tensor, " layer"]:
+    """Return the mean KL(final || decoded) of each resid_pre row (no final row in the result), over the
+    real tokens when ``attention_mask`` is given."""
     final = model.unembed_resid(resid[-1]).float().log_softmax(-1)
     rows = resid[:-1] if lens is None else lens(resid)[:-1]
     out = []
     for i in range(rows.shape[0]):
         logp = model.unembed_resid(rows[i]).float().log_softmax(-1)
-        out.append(_kl(final, logp).mean())
+        out.append(padding.masked_mean(_kl(final, logp), attention_mask))
     return torch.stack(out)
 
 
@@ -273,10 +275,21 @@ def _lens_kls(
 
 
 def lens_kl(
-    model: "HookedGPT", tokens: Int[Tensor, "batch pos"], lens: TunedLens | None = None, chunk: int = 8
+    model: "HookedGPT", tokens: Int[Tensor, "batch pos"] | Batch, lens: TunedLens | None = None, chunk: int = 8
 ) -> Float[Tensor, " layer"]:
-    """Return the mean KL(final output || lens) per block over ``tokens`` (logit lens when ``lens`` is None)."""
-    return _lens_kls(model, tokens, [lens], chunk)[0]
+    """Return the mean KL(final output || lens) per block over ``tokens`` (logit lens when ``lens`` is None);
+    over the real tokens only for a padded :class:`~workbench.padding.Batch`."""
+    tokens = _lens_input(model, tokens)
+    if not isinstance(tokens, Batch):
+        return _lens_kls(model, tokens, [lens], chunk)[0]
+    total, n_real = torch.zeros(model.cfg.n_layers, dtype=torch.float64), 0
+    with torch.no_grad():
+        for lo in range(0, tokens.tokens.shape[0], chunk):
+            part = Batch(tokens.tokens[lo: lo + chunk], tokens.attention_mask[lo: lo + chunk])
+            n = int(part.attention_mask.sum())
+            total += _layer_kl(model, lens_residuals(model, part), lens, part.attention_mask).double().cpu() * n
+            n_real += n
+    return (total / n_real).float()
 
 
 #: train_tuned_lens keeps the validation windows' residuals in memory up to this many bytes
