@@ -44,8 +44,8 @@ from workbench import probe_plots  # noqa: E402
 from workbench.analysis import probes as P  # noqa: E402
 from workbench.analysis import steering as S  # noqa: E402
 from workbench.analysis.patching import LogitDiff  # noqa: E402
-from workbench.analysis.probe_data import (CAPITALS, FAMILIES, ProbeDataset, known_capitals,  # noqa: E402
-                                           read_positions, sentiment_statements, truth_dataset)
+from workbench.analysis.probe_data import (CAPITALS, FAMILIES, MIN_PER_CLASS, ProbeDataset,  # noqa: E402
+                                           known_capitals, read_positions, sentiment_statements, truth_dataset)
 from workbench.commands.store import token_windows  # noqa: E402
 from workbench.report import Report, report_dir  # noqa: E402
 
@@ -53,6 +53,11 @@ THINGS = ("movie", "restaurant", "holiday", "concert", "novel", "hotel", "match"
           "museum", "game")
 MULTIPLIERS = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0)
 GENERATION_PROMPTS = ("I went to the new restaurant in town yesterday, and", "My week at work was")
+#: the statement sets probed: the capitals the model knows, all capitals, each other family, all together
+SETS = ("known", "capitals", "arithmetic", "comparisons", "all")
+#: the regularisation strengths cross-validation picks from (weaker probes than ProbeConfig's default reach, as
+#: selectivity asks for)
+CS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 1e-1, 1.0)
 TARGETS = {"best_accuracy": 0.80, "selectivity": 0.2, "fraction_of_gap": 0.5, "max_kl": 0.5}
 
 
@@ -62,6 +67,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steer-layer", type=int, default=None, help="layer to steer at (default: 40%% of the depth)")
     p.add_argument("--per-family", type=int, default=100, help="sums and comparisons generated (default 100 each)")
     p.add_argument("--out", default=None, help="report directory (default $WORKBENCH_HOME/runs/reports/probes-steering)")
+    p.add_argument("--choose-C-by", choices=["selectivity", "accuracy"], default="selectivity",
+                   help="how cross-validation picks each probe's C (default selectivity; the other is reported beside)")
+    p.add_argument("--skip-steering", action="store_true", help="truth probes only")
+    p.add_argument("--compare", action="store_true", help="also train every probe with C chosen the other way")
+    p.add_argument("--sets", nargs="+", choices=list(SETS), default=list(SETS),
+                   help="statement sets to probe (default all; 'known' is the capitals the model knows)")
     return p.parse_args(argv)
 
 
@@ -80,24 +91,37 @@ def truth_probes(name: str, model, args, out: Path, report: Report) -> dict:
     hooks = P.probe_hooks(model, "resid_post")
     t0 = time.perf_counter()
     reads = read_positions(model, ds)
-    acts = P.collect_activations(model, reads, hooks)
+    acts = _cached_activations(out / f"truth-activations-{Path(name).name}.safetensors", ds,
+                               lambda: P.collect_activations(model, reads, hooks))
     log(f"{name}: residuals of {len(ds)} statements at {len(hooks)} layers in {time.perf_counter() - t0:.0f}s; "
         f"the model knows {len(known)} of {len(CAPITALS)} capitals")
     sets = {"capitals known to the model": [g == "capitals" and _country(t) in known for t, g in zip(ds.texts, ds.groups)],
             **{f: [g == f for g in ds.groups] for f in FAMILIES}, "all": [True] * len(ds)}
+    chosen = {"known": "capitals known to the model"}
+    sets = {k: v for k, v in sets.items() if k in {chosen.get(x, x) for x in args.sets}}
     results: dict[str, P.LayerProbes] = {}
+    other_choice = "accuracy" if args.choose_C_by == "selectivity" else "selectivity"
+    others: dict[str, P.LayerProbes] = {}  # the same probes with C picked the other way, for comparison
     for key, keep in sets.items():
         t0 = time.perf_counter()
         a, y, types = _subset(acts, ds, reads.types, keep)
-        res = P.train_probes(a, y, hooks, types, P.ProbeConfig(seed=0))
+        if min(y.count(0), y.count(1)) < MIN_PER_CLASS:
+            log(f"{name}: {key}: {y.count(0)} false and {y.count(1)} true statements, too few to probe; skipped")
+            continue
+        res = P.train_probes(a, y, hooks, types, P.ProbeConfig(seed=0, Cs=CS, choose_C_by=args.choose_C_by))
         res.meta = {"model": name, "dataset": f"truth:{key}", "position": "last (the period)",
-                    "label_names": ["false", "true"], "d_model": model.cfg.d_model}
+                    "label_names": ["false", "true"], "d_model": model.cfg.d_model, "C_chosen_by": args.choose_C_by}
         results[key] = res
-        b = res.best
-        log(f"{name}: {key}: {len(y)} statements, best layer {b} held-out accuracy "
-            f"{float(res.accuracy[b]):.3f} (mean-difference {float(res.mean_diff_accuracy[b]):.3f}), control "
-            f"{float(res.control_accuracy[b]):.3f}, selectivity {float(res.selectivity[b]):.3f} "
-            f"({time.perf_counter() - t0:.0f}s)")
+        if args.compare:
+            others[key] = P.train_probes(a, y, hooks, types, P.ProbeConfig(seed=0, Cs=CS, choose_C_by=other_choice))
+        for how, r in ((args.choose_C_by, res), (other_choice, others.get(key))):
+            if r is None:
+                continue
+            b = r.best
+            log(f"{name}: {key}: {len(y)} statements, C by {how}: best layer {b} held-out accuracy "
+                f"{float(r.accuracy[b]):.3f} (mean-difference {float(r.mean_diff_accuracy[b]):.3f}), control "
+                f"{float(r.control_accuracy[b]):.3f}, selectivity {float(r.selectivity[b]):.3f}")
+        log(f"({time.perf_counter() - t0:.0f}s)")
 
     report.heading(f"{name}: truth probes")
     report.text(f"{len(ds)} statements ({', '.join(f'{g}: {ds.groups.count(g)}' for g in FAMILIES)}), half true; "
@@ -106,31 +130,64 @@ def truth_probes(name: str, model, args, out: Path, report: Report) -> dict:
                 "whose capital SmolLM2 ranks first among all the capitals after 'The capital of X is' (the known-facts "
                 "filter of Meng et al. 2022): a probe cannot read the truth of a fact the model does not hold.")
     summary = []
-    for key, res in results.items():
-        b = res.best
-        summary.append({"statements": key, "best layer": b, "accuracy": float(res.accuracy[b]),
-                        "AUROC": float(res.auroc[b]), "mean-diff accuracy": float(res.mean_diff_accuracy[b]),
-                        "control accuracy": float(res.control_accuracy[b]), "selectivity": float(res.selectivity[b]),
-                        "best selectivity (any layer)": float(res.selectivity.max()),
-                        "n test": res.n_test})
+    for key in results:
+        for how, res in ((args.choose_C_by, results[key]), (other_choice, others.get(key))):
+            if res is None:
+                continue
+            b = res.best
+            summary.append({"statements": key, "C chosen by": how, "best layer": b, "accuracy": float(res.accuracy[b]),
+                            "AUROC": float(res.auroc[b]), "mean-diff accuracy": float(res.mean_diff_accuracy[b]),
+                            "control accuracy": float(res.control_accuracy[b]),
+                            "selectivity": float(res.selectivity[b]),
+                            "best selectivity (any layer)": float(res.selectivity.max()), "n test": res.n_test})
+    report.text(f"Each logistic probe's regularisation C is chosen by 3-fold cross-validation on the training split, "
+                f"by {args.choose_C_by} among C = {', '.join(f'{c:g}' for c in CS)} (Hewitt & Liang advise the "
+                "selective probe among capacities that read the task), and the control probe uses the same C."
+                + (f" The rows chosen by {other_choice} show what the other choice gives." if args.compare else ""))
     report.table(summary, caption="best layer (highest held-out logistic accuracy) per statement family")
-    for key in ("capitals known to the model", "capitals", "all"):
+    for key in [k for k in ("capitals known to the model", "capitals", "all") if k in results]:
         report.figure(probe_plots.probe_accuracy_figure(results[key], f"{name}: truth probes on {key} statements, "
                                                                      "held-out accuracy by layer"))
-    head = "capitals known to the model"
+    head = next(k for k in ("capitals known to the model", "capitals", *FAMILIES, "all") if k in results)
     report.table(results[head].frame().drop(columns=["hook"]), caption=f"{head}: every layer")
     best = results[head]
     direction = best.direction(best.best)
     direction.save(out / f"truth-direction-{Path(name).name}")
-    keep = sets["capitals"]
+    keep = [g == "capitals" for g in ds.groups]
     proj = acts[best.best][torch.tensor(keep)] @ direction.vector
     report.figure(probe_plots.projection_figure(proj, [lbl for lbl, k in zip(ds.labels, keep) if k],
                                                 ("false", "true"), f"{name}: all capital statements projected on the "
-                                                f"layer-{best.best} truth direction of the known ones"))
-    return {key: {"accuracy": r.accuracy, "auroc": r.auroc, "mean_diff_accuracy": r.mean_diff_accuracy,
-                  "control_accuracy": r.control_accuracy, "selectivity": r.selectivity, "C": r.C,
-                  "best_layer": r.best, "n_train": r.n_train, "n_test": r.n_test} for key, r in results.items()} | {
-        "known_countries": sorted(known)}
+                                                f"layer-{best.best} truth direction of {head}"))
+
+    def numbers(r: P.LayerProbes) -> dict:
+        return {"accuracy": r.accuracy, "auroc": r.auroc, "mean_diff_accuracy": r.mean_diff_accuracy,
+                "control_accuracy": r.control_accuracy, "selectivity": r.selectivity, "C": r.C,
+                "best_layer": r.best, "n_train": r.n_train, "n_test": r.n_test}
+
+    return {key: numbers(r) for key, r in results.items()} | {
+        f"C by {other_choice}": {key: numbers(r) for key, r in others.items()}, "Cs": CS,
+        "C_chosen_by": args.choose_C_by, "known_countries": sorted(known)}
+
+
+def _cached_activations(path: Path, ds: ProbeDataset, compute) -> torch.Tensor:
+    """Return the activations saved at ``path`` for exactly these texts, else ``compute()`` them and save them (a
+    rerun of the probes then skips the model: reading SmolLM2's residuals is most of the truth-probe time)."""
+    import hashlib
+
+    from safetensors.torch import load_file, save_file
+
+    digest = hashlib.sha256("\n".join(ds.texts).encode()).hexdigest()
+    if path.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            same = (f.metadata() or {}).get("texts_sha256") == digest
+        if same:
+            return load_file(str(path))["acts"]
+    acts = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"acts": acts.contiguous()}, str(path), metadata={"texts_sha256": digest})
+    return acts
 
 
 def steering_study(name: str, model, args, report: Report) -> dict:
@@ -185,17 +242,19 @@ def steering_study(name: str, model, args, report: Report) -> dict:
 
 
 def study(name: str, model, args, out: Path, report: Report) -> dict:
-    numbers = {"truth": truth_probes(name, model, args, out, report), "steering": steering_study(name, model, args, report)}
-    known, caps, pooled = (numbers["truth"][k] for k in ("capitals known to the model", "capitals", "all"))
-    b, bc = known["best_layer"], caps["best_layer"]
-    reach = numbers["steering"]["smallest_multiplier_reaching_half_gap_with_kl_below_0.5"]
-    numbers["acceptance"] = {
-        "known_capitals_best_accuracy": float(known["accuracy"][b]),
-        "known_capitals_selectivity_at_best": float(known["selectivity"][b]),
-        "all_capitals_best_accuracy": float(caps["accuracy"][bc]),
-        "all_capitals_selectivity_at_best": float(caps["selectivity"][bc]),
-        "all_families_best_accuracy": float(pooled["accuracy"][pooled["best_layer"]]),
-        "all_families_selectivity_at_best": float(pooled["selectivity"][pooled["best_layer"]]),
+    numbers = {"truth": truth_probes(name, model, args, out, report)}
+    if not args.skip_steering:
+        numbers["steering"] = steering_study(name, model, args, report)
+    reach = numbers.get("steering", {}).get("smallest_multiplier_reaching_half_gap_with_kl_below_0.5", {})
+    numbers["acceptance"] = {"C_chosen_by": args.choose_C_by}
+    for key, label in (("capitals known to the model", "known_capitals"), ("capitals", "all_capitals"),
+                       ("all", "all_families")):
+        if key in numbers["truth"]:
+            r = numbers["truth"][key]
+            numbers["acceptance"][f"{label}_best_layer"] = r["best_layer"]
+            numbers["acceptance"][f"{label}_best_accuracy"] = float(r["accuracy"][r["best_layer"]])
+            numbers["acceptance"][f"{label}_selectivity_at_best"] = float(r["selectivity"][r["best_layer"]])
+    numbers["acceptance"] |= {
         "steering_reaches_half_gap_with_kl_below_0.5": {k: v is not None for k, v in reach.items()},
         "targets": TARGETS}
     report.heading("Acceptance figures")
