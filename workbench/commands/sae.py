@@ -198,7 +198,12 @@ def _check_memory(d_in: int, d_sae: int, device) -> None:
 
     # W_enc and W_dec, each with its gradient and Adam's two moments: 8 float32 copies of d_in x d_sae
     need = 8 * 4 * d_in * d_sae
-    available = available_memory() if str(device).startswith("cpu") else None
+    import torch
+
+    if torch.device(device).type == "cuda":
+        available = torch.cuda.mem_get_info(torch.device(device))[0]  # free bytes on that GPU
+    else:
+        available = available_memory()
     if available is not None and need > available:
         raise ConfigError(
             f"--d-sae {d_sae} with d_in {d_in} needs about {need / 2**30:.1f} GiB to train but {available / 2**30:.1f} GiB "
