@@ -127,7 +127,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model", default="smollm2-135m", help="another model with a tokenizer, for a smoke run")
     parser.add_argument("--exact-layers", default="ends", help="'ends' (0, L/2, L-1: extrapolated) or 'all'")
     parser.add_argument("--parts", default="atp,eap-ig", help="which comparisons: atp, eap-ig (default both)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads for both contenders (on a loaded machine 1 avoids waiting on descheduled "
+                             "threads in every small op, which AtP's many small ops feel most)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = load_model(args.model).eval().requires_grad_(False)
     n = args.prompts or (8 if args.quick else 100)
