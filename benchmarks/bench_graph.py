@@ -1,0 +1,160 @@
+"""Attribution graph speed: a whole graph, its batched backward passes and one plain forward pass, in one run.
+
+    python -m benchmarks.bench_graph [--quick] [--transcoders DIR] [--smollm2]
+
+kjv-small (target: a graph in <= 5 s, so the app stays interactive): a 10-token prompt through the
+shipped transcoder set (``data/transcoders/kjv-small``), or ``--transcoders DIR``, or, when neither
+exists, a random TopK set of the training recipe's shape (d_sae 1024, k 32: as many active features
+per token as a trained BatchTopK set; said so in the output). Timed interleaved with a plain forward
+pass of the prompt and one batched backward pass of the replacement model (median of the repeats),
+and reported: the graph's seconds, its number of backward passes, seconds per pass and per forward,
+and their ratio.
+
+``--smollm2`` (target: a 10-token graph in <= 2 minutes, <= 2 GB): with no SmolLM2 transcoder set
+in this checkout, a random TopK set of the recipe's shape (d_sae 4608, k 32, 30 layers) fixes the
+number of active features (9,600) and so of backward passes; one batched pass is timed and the
+graph's time *projected* (passes x time per pass, plus the forward passes), and the output says it is
+a projection.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import resource
+import time
+
+import torch
+
+from benchmarks import interleaved_medians
+from workbench.analysis import graph as G
+from workbench.errors import WorkbenchError
+from workbench.sae.model import SAE, SAEConfig
+from workbench.zoo import load_model
+
+KJV_PROMPT = "And God said, Let there be light: and"
+SMOL_PROMPT = "The capital of France is Paris, and the capital of"
+
+
+def random_set(model, expansion: int = 8, k: int = 32) -> list[SAE]:
+    d = model.cfg.d_model
+    cfg = SAEConfig(d_in=d, d_sae=expansion * d, architecture="topk", k=k, apply_b_dec_to_input=False, d_out=d,
+                    skip=True)
+    out = []
+    for layer in range(model.cfg.n_layers):
+        tc = SAE(cfg, seed=layer).eval()
+        tc.metadata = {"model_name": model.cfg.name}
+        out.append(tc)
+    return out
+
+
+def _passes(model, tcs, tokens, batch: int):
+    """Return (one backward pass, one forward pass of the replacement) as callables, on ``batch`` copies."""
+    rec = G._record(model, tokens)
+    with torch.no_grad():
+        acts = [tc.encode(x) for tc, x in zip(tcs, rec.mlp_in)]
+        errors = [y - tc(x).x_hat for tc, x, y in zip(tcs, rec.mlp_in, rec.mlp_out)]
+    rep = G._Replacement(model, tcs, tokens, rec, acts, errors, batch)
+
+    def backward() -> None:
+        total = rep.logits[:, -1, :batch].diagonal().sum()  # one target per copy, as attribute's rows
+        torch.autograd.grad(total, rep.sources(), retain_graph=True, allow_unused=True)
+
+    def replacement_forward() -> None:
+        G._Replacement(model, tcs, tokens, rec, acts, errors, batch)
+    return backward, replacement_forward
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def kjv(args) -> None:
+    model = load_model("kjv-small")
+    spec = args.transcoders or "kjv-small"
+    try:
+        tcs = G.check_transcoders(model, G.load_transcoders(spec))
+        what = f"transcoder set {spec!r}"
+    except WorkbenchError as exc:
+        tcs = random_set(model)
+        what = f"a RANDOM TopK set of the recipe's shape (no trained set: {exc})"
+    tokens = model.to_tokens(KJV_PROMPT)
+    graph = G.attribute(model, tcs, tokens)
+    batch = min(64, graph.settings["n_active_features"] + graph.n_logits)
+    backward, rep_forward = _passes(model, tcs, tokens, batch)
+
+    def forward() -> None:
+        with torch.no_grad():
+            model(tokens)
+
+    t = interleaved_medians({"graph": lambda: G.attribute(model, tcs, tokens), "backward": backward,
+                             "replacement forward": rep_forward, "forward": forward}, repeats=2 if args.quick else 5)
+    passes = graph.settings["backward_passes"]
+    print(f"kjv-small, {tokens.shape[1]}-token prompt {KJV_PROMPT!r}, {what}")
+    print(f"  {graph.n_features} feature nodes, {graph.n_nodes} nodes; {passes} backward passes of {batch} rows")
+    print(f"  graph:               {t['graph']:8.3f} s   (target <= 5 s: {'met' if t['graph'] <= 5 else 'NOT met'})")
+    print(f"  one backward pass:   {t['backward'] * 1e3:8.1f} ms  = {t['backward'] / t['forward']:6.1f} x one forward")
+    print(f"  replacement forward: {t['replacement forward'] * 1e3:8.1f} ms  = "
+          f"{t['replacement forward'] / t['forward']:6.1f} x one forward ({batch} copies)")
+    print(f"  plain forward:       {t['forward'] * 1e3:8.1f} ms  (1 x {tokens.shape[1]} tokens)")
+    print(f"  peak RSS of this process so far: {_rss_mb():.0f} MB")
+
+
+def smollm2(args) -> None:
+    try:
+        model = load_model("smollm2-135m")
+    except WorkbenchError as exc:
+        print(f"smollm2-135m: skipped ({exc})")
+        return
+    tokens = model.to_tokens(SMOL_PROMPT)[:, :10]
+    try:
+        tcs = G.check_transcoders(model, G.load_transcoders("smollm2-135m"))
+        measured = True
+    except WorkbenchError:
+        tcs = random_set(model)
+        measured = False
+    rss0 = _rss_mb()
+    if measured:
+        t0 = time.perf_counter()
+        graph = G.attribute(model, tcs, tokens)
+        print(f"smollm2-135m, 10 tokens, shipped set: graph in {time.perf_counter() - t0:.1f} s "
+              f"(target <= 120 s), {graph.settings['backward_passes']} passes, peak RSS {_rss_mb():.0f} MB")
+        return
+    with torch.no_grad():
+        n_active = sum(int((tc.encode(x) > 0).sum()) for tc, x in zip(tcs, G._record(model, tokens).mlp_in))
+    rows = n_active + 10
+    passes = math.ceil(rows / 64)
+    backward, rep_forward = _passes(model, tcs, tokens, 64)
+
+    def forward() -> None:
+        with torch.no_grad():
+            model(tokens)
+
+    t = interleaved_medians({"backward": backward, "replacement forward": rep_forward, "forward": forward},
+                            repeats=1 if args.quick else 3)
+    projected = passes * t["backward"] + 2 * t["replacement forward"] + t["forward"]
+    print(f"smollm2-135m, 10 tokens: NO SmolLM2 transcoder set exists in this checkout, so this is a PROJECTION "
+          f"from a random TopK set of the recipe's shape ({tcs[0].cfg.d_sae} latents, k {tcs[0].cfg.k}, "
+          f"{len(tcs)} layers): {n_active} active features, {passes} backward passes of 64 rows")
+    print(f"  one backward pass:   {t['backward']:8.3f} s  = {t['backward'] / t['forward']:6.1f} x one forward")
+    print(f"  replacement forward: {t['replacement forward']:8.3f} s")
+    print(f"  plain forward:       {t['forward'] * 1e3:8.1f} ms")
+    print(f"  projected graph:     {projected:8.1f} s  (target <= 120 s: {'met' if projected <= 120 else 'NOT met'}); "
+          f"peak RSS {_rss_mb():.0f} MB (from {rss0:.0f} MB before the passes; the adjacency of "
+          f"{rows + 310} nodes adds {(rows + 310) ** 2 * 4 / 2**20:.0f} MB)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats")
+    parser.add_argument("--transcoders", help="kjv-small transcoder set (default: the shipped one)")
+    parser.add_argument("--smollm2", action="store_true", help="also project a SmolLM2 graph (a minute or more)")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    kjv(args)
+    if args.smollm2:
+        smollm2(args)
+
+
+if __name__ == "__main__":
+    main()
