@@ -226,9 +226,9 @@ def test_other_architectures_train(arch):
 
 def test_lr_schedule_warms_up_and_decays():
     cfg = TrainConfig(total_steps=100, lr=1.0, warmup_steps=10, decay_fraction=0.2)
-    assert lr_at(0, cfg) == pytest.approx(0.1)
-    assert lr_at(50, cfg) == 1.0
-    assert lr_at(80, cfg) == 1.0 and lr_at(90, cfg) == pytest.approx(0.5) and lr_at(99, cfg) == pytest.approx(0.05)
+    assert lr_at(cfg, 0) == pytest.approx(0.1)
+    assert lr_at(cfg, 50) == 1.0
+    assert lr_at(cfg, 80) == 1.0 and lr_at(cfg, 90) == pytest.approx(0.5) and lr_at(cfg, 99) == pytest.approx(0.05)
 
 
 def test_a_fresh_run_does_not_append_to_an_earlier_runs_metrics(tmp_path):

@@ -16,7 +16,6 @@ A run directory holds:
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
@@ -29,12 +28,14 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from workbench.errors import CheckpointError, ConfigError, DataError, WorkbenchError
+from workbench.errors import CheckpointError, ConfigError, WorkbenchError
 from workbench.locking import output_lock
+from workbench.runs import (  # the run scaffold; read_metrics/truncate_metrics/lr_at re-exported for callers
+    CHECKPOINT_DIR, METRICS_FILE, LRSchedule, MetricsLog, check_same_settings, lr_at, read_checkpoint, read_metrics,
+    rng_state, set_rng_state, truncate_metrics, write_checkpoint,
+)
 
-CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_FILE = "checkpoint.pt"
-METRICS_FILE = "metrics.jsonl"
 SNAPSHOT_DIR = "snapshots"
 
 
@@ -43,8 +44,8 @@ class TrainingDivergedError(WorkbenchError, FloatingPointError):
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """How to train: optimiser, schedule, precision and what to write where."""
+class LMTrainConfig:
+    """How to train a language model: optimiser, schedule, precision and what to write where."""
 
     #: total optimiser steps; also fixes the length of the cosine schedule
     steps: int
@@ -93,13 +94,19 @@ class TrainConfig:
         if bad:
             raise ConfigError(f"snapshot steps {bad} lie outside [0, steps={self.steps}]")
 
+    @property
+    def schedule(self) -> LRSchedule:
+        """Linear warmup, then cosine decay to ``lr * min_lr_ratio`` at the last step."""
+        return LRSchedule(lr=self.lr, total_steps=self.steps, warmup_steps=self.warmup_steps, decay="cosine",
+                          min_lr_ratio=self.min_lr_ratio)
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["snapshot_steps"] = list(self.snapshot_steps)
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
+    def from_dict(cls, d: dict) -> "LMTrainConfig":
         known = {f.name for f in fields(cls)}
         d = {k: v for k, v in d.items() if k in known}
         if "snapshot_steps" in d:
@@ -107,7 +114,10 @@ class TrainConfig:
         return cls(**d)
 
 
-#: TrainConfig fields that may differ between a checkpoint and the run resuming it: they change what
+#: The old name, kept for existing callers (``workbench.sae.train.TrainConfig`` is the SAE trainer's).
+TrainConfig = LMTrainConfig
+
+#: LMTrainConfig fields that may differ between a checkpoint and the run resuming it: they change what
 #: is written or how fast, never the trajectory of the weights.
 RESUMABLE_CHANGES = frozenset({"checkpoint_every", "eval_every", "log_every", "snapshot_steps", "max_val_windows", "val_batch_size"})
 
@@ -155,16 +165,6 @@ class TrainResult:
     out_dir: Path
 
 
-def lr_at(cfg: TrainConfig, step: int) -> float:
-    """Return the learning rate for optimiser step ``step`` (0-based): linear warmup, then cosine."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    decay_steps = max(1, cfg.steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
-    floor = cfg.lr * cfg.min_lr_ratio
-    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
 def next_token_loss(
     logits: Float[Tensor, "batch pos d_vocab"], tokens: Int[Tensor, "batch pos"]
 ) -> Float[Tensor, "batch pos_minus_1"]:
@@ -173,7 +173,7 @@ def next_token_loss(
     return F.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction="none")
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+def make_optimizer(model: torch.nn.Module, cfg: LMTrainConfig) -> torch.optim.AdamW:
     """Return AdamW with weight decay on matrices only (decaying norm gains and biases only hurts)."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
@@ -182,7 +182,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
 
 
 @torch.no_grad()
-def evaluate_loss(model, windows: Int[Tensor, "batch pos"], cfg: TrainConfig) -> float:
+def evaluate_loss(model, windows: Int[Tensor, "batch pos"], cfg: LMTrainConfig) -> float:
     """Return the mean next-token loss over (at most ``cfg.max_val_windows`` of) ``windows``."""
     was_training = model.training
     model.eval()
@@ -199,7 +199,7 @@ def evaluate_loss(model, windows: Int[Tensor, "batch pos"], cfg: TrainConfig) ->
     return total / count
 
 
-def _autocast(cfg: TrainConfig):
+def _autocast(cfg: LMTrainConfig):
     device_type = torch.device(cfg.device).type
     return torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
 
@@ -211,25 +211,8 @@ def checkpoint_path(out_dir: str | Path) -> Path:
     return Path(out_dir) / CHECKPOINT_DIR / CHECKPOINT_FILE
 
 
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    version, internal, gauss_next = state["python"]
-    random.setstate((version, tuple(internal), gauss_next))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(out_dir: Path, model, optimizer, cfg: TrainConfig, step: int, val_loss: float | None) -> None:
+def save_checkpoint(out_dir: Path, model, optimizer, cfg: LMTrainConfig, step: int, val_loss: float | None) -> None:
     """Write the training state at ``step`` atomically (a kill mid-write leaves the previous one intact)."""
-    path = checkpoint_path(out_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {
         "step": step,
         # the data position: batch(step) is the next batch to train on
@@ -238,26 +221,18 @@ def save_checkpoint(out_dir: Path, model, optimizer, cfg: TrainConfig, step: int
         "train_config": cfg.to_dict(),
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
-        "rng": _rng_state(),
+        "rng": rng_state(),
         "val_loss": val_loss,
     }
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
+    write_checkpoint(checkpoint_path(out_dir), state)
 
 
-def load_checkpoint(out_dir: Path, model, optimizer, cfg: TrainConfig) -> dict:
+def load_checkpoint(out_dir: Path, model, optimizer, cfg: LMTrainConfig) -> dict:
     """Restore model, optimiser and RNG from ``out_dir``'s checkpoint after checking it fits this run."""
     path = checkpoint_path(out_dir)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint to resume from at {path}; start without --resume")
-    try:  # weights_only: tensors and plain containers only; a crafted pickle cannot run code
-        state = torch.load(path, map_location=cfg.device, weights_only=True)
-    except Exception as exc:  # torch raises many types for a truncated, foreign or malicious file
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(
-            f"{path} cannot be read as a training checkpoint ({reason[:200]}); delete it to start over"
-        ) from None
+    state = read_checkpoint(path, cfg.device)
     _check_state(state, path)
     saved_model = state.get("model_config", {})
     diff = {k: (saved_model.get(k), v) for k, v in model.cfg.to_dict().items() if saved_model.get(k) != v}
@@ -266,18 +241,11 @@ def load_checkpoint(out_dir: Path, model, optimizer, cfg: TrainConfig) -> dict:
             f"the checkpoint in {path.parent} was written for a different model config "
             f"(field: (checkpoint, now) = {diff}); resume with the same config or choose another output directory"
         )
-    saved_train = state.get("train_config", {})
-    now = cfg.to_dict()
-    diff = {k: (saved_train.get(k), now[k]) for k in now if k not in RESUMABLE_CHANGES and saved_train.get(k) != now[k]}
-    if diff:
-        raise CheckpointError(
-            f"the checkpoint in {path.parent} was written with different training settings "
-            f"(field: (checkpoint, now) = {diff}); a resumed run must follow the same schedule, so resume "
-            "with the same settings or choose another output directory"
-        )
+    check_same_settings(state.get("train_config", {}), cfg.to_dict(), RESUMABLE_CHANGES, path,
+                        "resume with the same settings or choose another output directory")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
-    _set_rng_state(state["rng"])
+    set_rng_state(state["rng"])
     return state
 
 
@@ -297,69 +265,13 @@ def _check_state(state, path: Path) -> None:
         )
 
 
-# -------------------------------------------------------------------------------------- metrics
-
-
-class _Metrics:
-    """Appends JSON lines; on resume it first drops records past the checkpoint so the file reads as one run."""
-
-    def __init__(self, path: Path, resume_step: int | None):
-        self.path = path
-        if resume_step is None:
-            path.write_text("")
-        else:
-            truncate_metrics(path, resume_step)
-
-    def write(self, record: dict) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-
-
-def read_metrics(path: str | Path) -> list[dict]:
-    """Return the records of a ``metrics.jsonl`` in file order (training-loss records carry ``loss``).
-
-    A last line that does not parse is skipped: a job killed mid-write leaves one. A bad line
-    anywhere else, or a record that is not an object with a ``step``, raises :class:`DataError`
-    naming the file and line.
-    """
-    path = Path(path)
-    try:
-        lines = path.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"cannot read the training log {path} ({exc}); give the path of a {METRICS_FILE}") from exc
-    numbered = [(i, line) for i, line in enumerate(lines, 1) if line.strip()]
-    records = []
-    for k, (i, line) in enumerate(numbered):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            if k == len(numbered) - 1:
-                break  # a line cut by a killed run
-            raise DataError(
-                f"{path} line {i} is not JSON ({exc.msg}): {line[:80]!r}; the log is corrupt before its "
-                "last line, so fix or delete that line (or the file) and read it again"
-            ) from None
-        if not isinstance(record, dict) or "step" not in record:
-            raise DataError(f"{path} line {i} is not a metrics record (a JSON object with a 'step'): {line[:80]!r}")
-        records.append(record)
-    return records
-
-
-def truncate_metrics(path: Path, step: int) -> None:
-    """Drop the records a run logged after ``step`` (the checkpoint it resumes from), and a line a kill
-    cut short, so the log of a resumed run reads as one run. No file: nothing to do."""
-    if path.is_file():
-        kept = [r for r in read_metrics(path) if r["step"] <= step]
-        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-
-
 # ----------------------------------------------------------------------------------------- loop
 
 
 def train(
     model,
     batches: BatchSource,
-    cfg: TrainConfig,
+    cfg: LMTrainConfig,
     out_dir: str | Path,
     *,
     val_windows: Int[Tensor, "batch pos"] | None = None,
@@ -386,7 +298,7 @@ def train(
                              resume=resume, stop_at=stop_at, progress=progress)
 
 
-def _train_locked(model, batches: BatchSource, cfg: TrainConfig, out_dir: Path, *, val_windows, evaluate,
+def _train_locked(model, batches: BatchSource, cfg: LMTrainConfig, out_dir: Path, *, val_windows, evaluate,
                   resume: bool, stop_at: int | None, progress: bool) -> TrainResult:
     from tqdm.auto import tqdm
 
@@ -404,7 +316,7 @@ def _train_locked(model, batches: BatchSource, cfg: TrainConfig, out_dir: Path, 
             )
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
-    metrics = _Metrics(out_dir / METRICS_FILE, start if resume else None)
+    metrics = MetricsLog(out_dir / METRICS_FILE, start if resume else None)
     end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
 
     first = batches.batch(start)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -33,19 +32,21 @@ from workbench.distributed import DistInfo, dist_info
 from workbench.errors import CheckpointError, ConfigError, DataError, InputError
 from workbench.locking import lock_name, output_lock
 from workbench.sae.model import SAE, SAEConfig, batch_topk
-from workbench.train import METRICS_FILE, TrainingDivergedError, truncate_metrics  # the LM trainer's log format
+from workbench.runs import (  # the run scaffold the LM trainer shares; METRICS_FILE, lr_at re-exported for callers
+    CHECKPOINT_DIR, METRICS_FILE, LRSchedule, MetricsLog, check_same_settings, lr_at, read_checkpoint, write_checkpoint,
+)
+from workbench.train import TrainingDivergedError
 
 #: A source of activation batches: an iterable, or a function from the first step to an iterable.
 Batches = Iterable[Tensor] | Callable[[int], Iterable[Tensor]]
 
-CHECKPOINT_DIR = "checkpoint"
 
-#: TrainConfig fields a resumed run may change: they decide what is written and shown, never the weights.
+#: SAETrainConfig fields a resumed run may change: they decide what is written and shown, never the weights.
 RESUMABLE_CHANGES = frozenset({"checkpoint_every", "log_every", "progress"})
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class SAETrainConfig:
     """How to train an SAE (its shape and kind are in ``SAEConfig``)."""
 
     total_steps: int
@@ -92,16 +93,26 @@ class TrainConfig:
         if not 0 <= self.decay_fraction <= 1:
             raise ConfigError(f"decay_fraction={self.decay_fraction} must lie in [0, 1]")
 
+    @property
+    def schedule(self) -> LRSchedule:
+        """Linear warmup, constant, then linear decay to 0 over the last ``decay_fraction`` of the steps."""
+        return LRSchedule(lr=self.lr, total_steps=self.total_steps, warmup_steps=self.warmup_steps, decay="linear",
+                          decay_fraction=self.decay_fraction)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+    def from_dict(cls, data: dict[str, Any]) -> SAETrainConfig:
         names = cls.__dataclass_fields__.keys()
         values = {key: value for key, value in data.items() if key in names}
         if "adam_betas" in values:
             values["adam_betas"] = tuple(values["adam_betas"])
         return cls(**values)
+
+
+#: The old name, kept for existing callers (``workbench.train.TrainConfig`` is the LM trainer's).
+TrainConfig = SAETrainConfig
 
 
 @dataclass
@@ -379,7 +390,7 @@ class StepLosses(NamedTuple):
 
 
 def compute_losses(
-    sae: SAE, x: Float[Tensor, "batch d_in"], cfg: TrainConfig, step: int, dead: Tensor,
+    sae: SAE, x: Float[Tensor, "batch d_in"], cfg: SAETrainConfig, step: int, dead: Tensor,
     target: Float[Tensor, "batch d_out"] | None = None,
 ) -> StepLosses:
     """Return one step's losses for any architecture.
@@ -474,17 +485,6 @@ def _broadcast_parameters(sae: SAE) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate at ``step``: linear warmup, constant, linear decay to 0 over the tail."""
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    decay_steps = int(cfg.total_steps * cfg.decay_fraction)
-    decay_start = cfg.total_steps - decay_steps
-    if decay_steps and step >= decay_start:
-        return cfg.lr * (cfg.total_steps - step) / decay_steps
-    return cfg.lr
-
-
 def project_decoder_gradient(sae: SAE) -> None:
     """Remove the part of each decoder row's gradient that would change the row's norm."""
     grad = sae.W_dec.grad
@@ -529,7 +529,7 @@ def check_batch(x: Any, d_in: int, step: int) -> Tensor:
 def train_sae(
     sae: SAE,
     data: Batches,
-    cfg: TrainConfig,
+    cfg: SAETrainConfig,
     out_dir: str | Path | None = None,
     *,
     resume: bool = True,
@@ -554,7 +554,7 @@ def train_sae(
         return _train_sae(sae, data, cfg, Path(out_dir), resume)
 
 
-def _train_sae(sae: SAE, data: Batches, cfg: TrainConfig, out: Path | None, resume: bool) -> TrainResult:
+def _train_sae(sae: SAE, data: Batches, cfg: SAETrainConfig, out: Path | None, resume: bool) -> TrainResult:
     info = dist_info()
     device = sae.device
     if sae.cfg.is_transcoder and sae.cfg.architecture == "relu" and cfg.resample_every:
@@ -572,18 +572,17 @@ def _train_sae(sae: SAE, data: Batches, cfg: TrainConfig, out: Path | None, resu
         tokens_since_fired.copy_(state["tokens_since_fired"])
         fired_total.copy_(state["fired_total"])
         resumed_from = step
-        if info.rank == 0:
-            truncate_metrics(out / METRICS_FILE, step)
     else:
         _broadcast_parameters(sae)
-        if out is not None and info.rank == 0:
-            # a fresh run owns its metrics file: lines of an earlier run there would read as this one's
-            (out / METRICS_FILE).unlink(missing_ok=True)
+    metrics = None
     if out is not None and info.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(
             json.dumps({"sae": sae.cfg.to_dict(), "train": cfg.to_dict(), "world_size": info.world_size}, indent=2)
         )
+        # a fresh run owns its metrics file (an earlier run's lines would read as its own); a resumed one drops
+        # the lines logged after its checkpoint
+        metrics = MetricsLog(out / METRICS_FILE, resumed_from)
 
     batches = _open_batches(data, step)
     progress = _progress(cfg, step, info.rank)
@@ -640,7 +639,7 @@ def _train_sae(sae: SAE, data: Batches, cfg: TrainConfig, out: Path | None, resu
             _average_gradients(params, info.world_size)
             project_decoder_gradient(sae)
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, cfg)
+                group["lr"] = lr_at(cfg, step)
             optimizer.step()
             sae.normalize_decoder()
             if sae.cfg.architecture == "jumprelu":
@@ -664,9 +663,8 @@ def _train_sae(sae: SAE, data: Batches, cfg: TrainConfig, out: Path | None, resu
                 last = _metrics_line(losses, step, tokens, cfg, tokens_since_fired, info)
                 last["tokens_per_s"] = (tokens - tokens_last) / max(now - t_last, 1e-9)
                 t_last, tokens_last = now, tokens
-                if out is not None and info.rank == 0:
-                    with open(out / METRICS_FILE, "a") as f:
-                        f.write(json.dumps(last) + "\n")
+                if metrics is not None:
+                    metrics.write(last)
                 progress.set_postfix(mse=f"{last['mse']:.4g}", l0=f"{last['l0']:.1f}")
             progress.update(1)
             if out is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
@@ -724,7 +722,7 @@ def _fast_adam(device: torch.device) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def _initialise_from_batch(sae: SAE, x: Tensor, cfg: TrainConfig) -> None:
+def _initialise_from_batch(sae: SAE, x: Tensor, cfg: SAETrainConfig) -> None:
     """Estimate the input scale and b_dec from the first (global) batch (for a transcoder, of its targets:
     b_dec lives in the output space, and transcoders take no input scale)."""
     world = dist_info().world_size
@@ -740,7 +738,7 @@ def _initialise_from_batch(sae: SAE, x: Tensor, cfg: TrainConfig) -> None:
 
 
 @torch.no_grad()
-def _update_batchtopk_threshold(sae: SAE, min_active: Tensor, cfg: TrainConfig) -> None:
+def _update_batchtopk_threshold(sae: SAE, min_active: Tensor, cfg: SAETrainConfig) -> None:
     value = _all_reduce(min_active.clone().to(sae.threshold.device), op="min")
     if torch.isfinite(value):
         lr = cfg.batchtopk_threshold_lr
@@ -757,7 +755,7 @@ def resample_dead_latents(
     x: Tensor,
     per_row_error: Tensor,
     fired_total: Tensor,
-    cfg: TrainConfig,
+    cfg: SAETrainConfig,
     step: int,
 ) -> int:
     """Re-initialise latents that never fired on inputs the SAE reconstructs worst; return how many.
@@ -790,7 +788,7 @@ def resample_dead_latents(
 
 
 def _metrics_line(
-    losses: StepLosses, step: int, tokens: int, cfg: TrainConfig, tokens_since_fired: Tensor, info: DistInfo
+    losses: StepLosses, step: int, tokens: int, cfg: SAETrainConfig, tokens_since_fired: Tensor, info: DistInfo
 ) -> dict[str, float]:
     stats = _all_reduce(
         torch.stack([losses.loss.detach(), losses.mse.detach(), losses.sparsity.detach(), losses.l0, losses.variance]).double()
@@ -799,7 +797,7 @@ def _metrics_line(
     return {
         "step": step,
         "tokens": tokens,
-        "lr": lr_at(step - 1, cfg),
+        "lr": lr_at(cfg, step - 1),
         "loss": loss,
         "mse": mse,
         "sparsity_loss": sparsity,
@@ -809,7 +807,7 @@ def _metrics_line(
     }
 
 
-def _progress(cfg: TrainConfig, start: int, rank: int):
+def _progress(cfg: SAETrainConfig, start: int, rank: int):
     from tqdm.auto import tqdm
 
     return tqdm(total=cfg.total_steps, initial=start, disable=not cfg.progress or rank != 0, desc="train-sae", unit="step")
@@ -828,13 +826,11 @@ def save_checkpoint(
     tokens: int,
     tokens_since_fired: Tensor,
     fired_total: Tensor,
-    cfg: TrainConfig | None = None,
+    cfg: SAETrainConfig | None = None,
 ) -> None:
     """Write ``out/checkpoint/state.pt`` atomically (rank 0 only; all ranks hold the same state)."""
     if dist_info().rank != 0:
         return
-    directory = out / CHECKPOINT_DIR
-    directory.mkdir(parents=True, exist_ok=True)
     state = {
         "step": step,
         "tokens": tokens,
@@ -847,23 +843,18 @@ def save_checkpoint(
         "torch_rng": torch.get_rng_state(),
         "train_cfg": json.dumps(cfg.to_dict() if cfg is not None else None),
     }
-    tmp = directory / "state.pt.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, directory / "state.pt")
+    write_checkpoint(out / CHECKPOINT_DIR / "state.pt", state)
 
 
 def load_checkpoint(
-    out: Path, sae: SAE, optimizer: torch.optim.Optimizer, cfg: TrainConfig | None = None
+    out: Path, sae: SAE, optimizer: torch.optim.Optimizer, cfg: SAETrainConfig | None = None
 ) -> dict[str, Any]:
     """Load ``out/checkpoint/state.pt`` into ``sae`` and ``optimizer``; return the counters.
 
     With ``cfg``, refuse a checkpoint written with other training settings (fields outside
     ``RESUMABLE_CHANGES``), as the LM trainer does: a resumed run must follow the same schedule."""
     path = out / CHECKPOINT_DIR / "state.pt"
-    try:
-        state = torch.load(path, map_location=sae.device, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same problem for the user
-        raise CheckpointError(f"checkpoint {path} cannot be read ({exc}); delete it to start over") from exc
+    state = read_checkpoint(path, sae.device)
     if SAEConfig.from_dict(state["sae_cfg"]) != sae.cfg:
         raise CheckpointError(
             f"checkpoint {path} is for SAE {state['sae_cfg']}, not {sae.cfg.to_dict()}; use another "
@@ -884,7 +875,7 @@ def load_checkpoint(
     return state
 
 
-def _check_same_settings(out: Path, path: Path, state: dict[str, Any], cfg: TrainConfig) -> None:
+def _check_same_settings(out: Path, path: Path, state: dict[str, Any], cfg: SAETrainConfig) -> None:
     saved = json.loads(state.get("train_cfg") or "null")
     if saved is None:  # a checkpoint from before the settings were kept in it: its run's train_config.json
         try:
@@ -892,12 +883,7 @@ def _check_same_settings(out: Path, path: Path, state: dict[str, Any], cfg: Trai
         except (OSError, ValueError, KeyError, TypeError):
             return
     now = json.loads(json.dumps(cfg.to_dict()))  # tuples as lists, as saved
-    diff = {k: (saved.get(k), v) for k, v in now.items() if k not in RESUMABLE_CHANGES and saved.get(k) != v}
-    if diff:
-        raise CheckpointError(
-            f"the checkpoint in {path.parent} was written with different training settings "
-            f"(field: (checkpoint, now) = {diff}); a resumed run must follow the same schedule, so resume "
-            "with the same settings, or start over (--no-resume) or in another output directory"
-        )
+    check_same_settings(saved, now, RESUMABLE_CHANGES, path,
+                        "resume with the same settings, or start over (--no-resume) or in another output directory")
 
 
