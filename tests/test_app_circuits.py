@@ -53,20 +53,20 @@ def frame(at: AppTest, column: str, nth: int = 0):
     return [d.value for d in at.dataframe if column in d.value.columns][nth]
 
 
-def _reference(transcoder_dir, text):
+def _reference(transcoder_dir, text, budget: int = 0):
     import os
 
     from workbench import HookedGPT
 
     model = HookedGPT.load(os.path.join(os.environ["WORKBENCH_HOME"], "models", "tiny-lm")).eval()
     tcs = G.load_transcoders(transcoder_dir)
-    return model, tcs, G.attribute(model, tcs, text)
+    return model, tcs, G.attribute(model, tcs, text, max_feature_nodes=budget or None)
 
 
 def test_graph_metrics_figure_and_card_match_the_library(page, transcoder_dir):
     at = page
     text = at.text_input(key="circuit_prompt").value
-    model, tcs, graph = _reference(transcoder_dir, text)
+    model, tcs, graph = _reference(transcoder_dir, text, at.number_input(key="circuit_budget").value)
     pruned = G.prune(graph, 0.8, 0.98)
     scores = G.graph_scores(graph, pruned)
     metrics = {m.label: m.value for m in at.metric}
@@ -96,12 +96,15 @@ def test_graph_metrics_figure_and_card_match_the_library(page, transcoder_dir):
     want = (tcs[layer].W_dec[index] @ model.W_U).detach()
     assert promoted["logit"].iloc[0] == pytest.approx(float(want.max()), abs=1e-5)
     assert "<mark>" in "\n".join(m.value for m in at.markdown)  # a top context with its token highlighted
+    assert graph.n_features > 5
+    at.number_input(key="circuit_budget").set_value(5).run()  # the budget keeps the 5 most influential features
+    assert {m.label: m.value for m in at.metric}["Active features"] == "5"
 
 
 def test_steering_from_the_card_changes_the_output_as_the_model_does(page, transcoder_dir):
     at = page
     text = at.text_input(key="circuit_prompt").value
-    model, tcs, graph = _reference(transcoder_dir, text)
+    model, tcs, graph = _reference(transcoder_dir, text, at.number_input(key="circuit_budget").value)
     influence = G.prune(graph).influence
     feature = max(range(graph.n_features), key=lambda n: float(influence[n]))
     at.selectbox(key="circuit_node").set_value(feature).run()
@@ -123,7 +126,8 @@ def test_steering_from_the_card_changes_the_output_as_the_model_does(page, trans
 
 def test_supernodes_label_their_members(page, transcoder_dir):
     at = page
-    _, _, graph = _reference(transcoder_dir, at.text_input(key="circuit_prompt").value)
+    _, _, graph = _reference(transcoder_dir, at.text_input(key="circuit_prompt").value,
+                             at.number_input(key="circuit_budget").value)
     pruned = G.prune(graph)
     kept = [n for n in pruned.node_mask.nonzero().flatten().tolist() if graph.node_kind(n) in ("feature", "error")]
     picked = sorted(kept, key=lambda n: -float(pruned.influence[n]))[:2]
