@@ -10,7 +10,7 @@ from workbench.analysis import probes as P
 from workbench.analysis import steering as S
 from workbench.analysis.patching import LogitDiff
 from workbench.analysis.probe_data import ProbeDataset, read_positions, sentiment_statements
-from workbench.errors import InputError
+from workbench.errors import DataError, InputError
 
 
 @pytest.fixture(scope="module")
@@ -84,9 +84,13 @@ def test_logit_measure_kl_and_curve(tiny_lm):
     assert S.kl_on_text(tiny_lm, windows, vec.hooks(0)) == 0.0
     kl1, kl2 = S.kl_on_text(tiny_lm, windows, vec.hooks(1.0)), S.kl_on_text(tiny_lm, windows, vec.hooks(3.0))
     assert 0 < kl1 < kl2
-    ref = ProbeDataset(texts * 2, [0, 0, 1, 1])
+    with pytest.raises(DataError, match="same mean target measure"):  # both classes the same texts: no gap
+        S.steering_curve(tiny_lm, vec, [1.0], texts, target, ProbeDataset(texts * 2, [0, 0, 1, 1]), windows)
+    ref = ProbeDataset([texts[1], texts[1], texts[0], texts[0]], [0, 0, 1, 1])
+    gap = float(got[0] - got[1])
     curve = S.steering_curve(tiny_lm, vec, [0.0, 1.0, 3.0], texts, target, ref, windows)
-    assert curve.fraction_of_gap[0] == 0 and curve.kl[0] == 0
+    assert curve.gap == pytest.approx(gap, abs=1e-4) and curve.fraction_of_gap[0] == 0 and curve.kl[0] == 0
+    torch.testing.assert_close(curve.fraction_of_gap, (curve.measure - curve.baseline) / gap, atol=1e-4, rtol=1e-4)
     assert float(curve.measure[2]) > float(curve.measure[0])  # pushed towards " Mary"
     assert [r["multiplier"] for r in curve.rows()] == [0.0, 1.0, 3.0]
 

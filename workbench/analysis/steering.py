@@ -32,7 +32,7 @@ from torch import Tensor
 from workbench.analysis.patching import LogitDiff
 from workbench.analysis.probe_data import ProbeDataset, read_positions
 from workbench.analysis.probes import ProbeDirection, collect_activations, probe_hooks
-from workbench.errors import InputError
+from workbench.errors import DataError, InputError
 from workbench.names import layer_of
 
 if TYPE_CHECKING:
@@ -285,6 +285,10 @@ def steering_curve(model: "HookedGPT", vector: SteeringVector, multipliers: Sequ
     ref = measure(model, reference, target, batch_size=batch_size)
     y = torch.tensor(reference.labels)
     class_means = (float(ref[y == 0].mean()), float(ref[y == 1].mean()))
+    if class_means[0] == class_means[1]:
+        raise DataError(f"the two reference classes have the same mean target measure ({class_means[0]:.4g}), so a "
+                        "shift cannot be read as a fraction of their gap; give reference texts of each class that the "
+                        "target tells apart")
     base = float(measure(model, steered, target, batch_size=batch_size).mean())
     plain = next_token_logprobs(model, unrelated)
     values, kls = [], []
