@@ -166,15 +166,29 @@ class SAE(nn.Module):
         if not x.is_floating_point():
             raise InputError(f"SAE input has dtype {x.dtype}; expected a floating-point tensor")
 
+    def encoder_input(
+        self, x: Float[Tensor, "*batch d_in"], *, detach_b_dec: bool = False
+    ) -> tuple[Float[Tensor, "*batch d_in"], Float[Tensor, "*batch d_in"]]:
+        """Return ``(x_n, x_c)``: the input in training units (the SAE's dtype, times ``norm_scale``)
+        and the same with ``b_dec`` removed, what ``W_enc`` multiplies. ``detach_b_dec``: no gradient
+        to ``b_dec`` through the centring (TopK training's sparse kernel gives it one itself)."""
+        x_n = x.to(self.W_enc.dtype) * self.norm_scale
+        if not self.cfg.apply_b_dec_to_input:
+            return x_n, x_n
+        return x_n, x_n - (self.b_dec.detach() if detach_b_dec else self.b_dec)
+
     def centered_input(self, x: Float[Tensor, "*batch d_in"]) -> Float[Tensor, "*batch d_in"]:
         """Return the normalised input with ``b_dec`` removed: what ``W_enc`` multiplies."""
-        x = x.to(self.W_enc.dtype) * self.norm_scale
-        return x - self.b_dec if self.cfg.apply_b_dec_to_input else x
+        return self.encoder_input(x)[1]
+
+    def pre_acts_of_centered(self, x_c: Float[Tensor, "*batch d_in"]) -> Float[Tensor, "*batch d_sae"]:
+        """Return the pre-activations of an input already centred by :meth:`encoder_input`."""
+        return x_c @ self.W_enc + self.b_enc
 
     def pre_acts(self, x: Float[Tensor, "*batch d_in"]) -> Float[Tensor, "*batch d_sae"]:
         """Return the encoder's pre-activations."""
         self.check_input(x)
-        return self.centered_input(x) @ self.W_enc + self.b_enc
+        return self.pre_acts_of_centered(self.centered_input(x))
 
     def activate(self, pre: Float[Tensor, "*batch d_sae"]) -> Float[Tensor, "*batch d_sae"]:
         """Return latents from pre-activations according to the architecture."""

@@ -8,7 +8,7 @@ caller joins the process group first (:func:`workbench.distributed.init_distribu
 
 TopK training never multiplies by the dense latent matrix: only the encoder's forward matmul is
 dense; the decoder, the encoder's gradient and the AuxK loss touch ``k`` latents per row through
-gather/sparse-matrix kernels (``SparsePattern``, ``_EncodeAt``, ``_DecodeSparse``).
+gather/sparse-matrix kernels (:mod:`workbench.sae.kernels`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import time
-import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,16 +24,19 @@ from typing import Any, NamedTuple
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from jaxtyping import Float, Int
+from jaxtyping import Float
 from torch import Tensor
 
 from workbench.distributed import DistInfo, dist_info
 from workbench.errors import CheckpointError, ConfigError, DataError, InputError
 from workbench.locking import lock_name, output_lock
-from workbench.sae.model import SAE, SAEConfig, batch_topk
 from workbench.runs import (  # the run scaffold the LM trainer shares; METRICS_FILE, lr_at re-exported for callers
     CHECKPOINT_DIR, METRICS_FILE, LRSchedule, MetricsLog, check_same_settings, lr_at, read_checkpoint, write_checkpoint,
 )
+from workbench.sae.kernels import (
+    SparsePattern, decode_sparse, encode_at, jumprelu, jumprelu_step, scatter_sum, topk_pattern,
+)
+from workbench.sae.model import SAE, SAEConfig, batch_topk
 from workbench.train import TrainingDivergedError
 
 #: A source of activation batches: an iterable, or a function from the first step to an iterable.
@@ -134,123 +136,8 @@ class TrainResult:
 
 
 # ---------------------------------------------------------------------------------------------
-# Sparse kernels for TopK: only k latents per row are ever touched after the encoder matmul.
+# The TopK training forward pass and AuxK, on the sparse kernels.
 # ---------------------------------------------------------------------------------------------
-
-
-class SparsePattern(NamedTuple):
-    """Which latents each row uses, in the two layouts the sparse products need."""
-
-    indices: Int[Tensor, "batch k"]
-    """Latent index of each active entry, sorted within each row."""
-    crow: Int[Tensor, " batch_plus_1"]
-    """CSR row pointers of the [batch, d_sae] matrix (k entries a row)."""
-    order: Int[Tensor, " entries"]
-    """Permutation sorting the flattened entries by latent: the transposed matrix's order."""
-    crow_t: Int[Tensor, " d_sae_plus_1"]
-    """CSR row pointers of the transposed [d_sae, batch] matrix."""
-    rows_t: Int[Tensor, " entries"]
-    """Batch row of each entry in transposed order."""
-    d_sae: int
-
-
-def make_pattern(indices: Int[Tensor, "batch k"], d_sae: int) -> SparsePattern:
-    """Return the CSR layouts of a [batch, d_sae] matrix with the given k entries a row."""
-    batch, k = indices.shape
-    flat = indices.reshape(-1)
-    # int32 keys: torch's stable CPU argsort of 131k int64 keys takes ~200 ms, of int32 ~1 ms
-    order = torch.argsort(flat.to(torch.int32), stable=True)
-    crow_t = torch.zeros(d_sae + 1, dtype=torch.long, device=indices.device)
-    crow_t[1:] = torch.bincount(flat, minlength=d_sae).cumsum(0)
-    crow = torch.arange(0, batch * k + 1, k, device=indices.device)
-    return SparsePattern(indices, crow, order, crow_t, order // k, d_sae)
-
-
-def _csr(pattern: SparsePattern, values: Float[Tensor, "batch k"]) -> Tensor:
-    batch = pattern.indices.shape[0]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-        return torch.sparse_csr_tensor(
-            pattern.crow, pattern.indices.reshape(-1), values.reshape(-1),
-            size=(batch, pattern.d_sae), check_invariants=False,
-        )
-
-
-def _csr_t(pattern: SparsePattern, values: Float[Tensor, "batch k"]) -> Tensor:
-    batch = pattern.indices.shape[0]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return torch.sparse_csr_tensor(
-            pattern.crow_t, pattern.rows_t, values.reshape(-1)[pattern.order],
-            size=(pattern.d_sae, batch), check_invariants=False,
-        )
-
-
-def _scatter_sum(pattern: SparsePattern, values: Float[Tensor, "batch k"]) -> Float[Tensor, " d_sae"]:
-    out = values.new_zeros(pattern.d_sae)
-    return out.index_add_(0, pattern.indices.reshape(-1), values.reshape(-1))
-
-
-def _gather_rows(x: Float[Tensor, "batch d_in"], pattern: SparsePattern, grad: Tensor) -> Tensor:
-    """Return ``M^T @ x`` for the sparse ``M`` holding ``grad`` at the pattern: [d_sae, d_in]."""
-    if not x.is_cuda:
-        return _csr_t(pattern, grad) @ x
-    # On GPUs index_add over rows is as fast as cuSPARSE and deterministic enough.
-    flat = pattern.indices.reshape(-1)
-    contrib = (grad[..., None] * x[:, None, :]).reshape(-1, x.shape[-1])
-    return x.new_zeros(pattern.d_sae, x.shape[-1]).index_add_(0, flat, contrib)
-
-
-class _EncodeAt(torch.autograd.Function):
-    """Pre-activations at the pattern's entries, with gradients touching only those entries.
-
-    The values come from the dense forward matmul (done once, without autograd); the backward
-    returns gradients for ``b_dec`` (through the centred input), ``W_enc`` and ``b_enc``.
-    """
-
-    @staticmethod
-    def forward(ctx, x_c, b_dec, W_enc, b_enc, values, pattern, apply_b_dec):  # noqa: ARG004
-        ctx.save_for_backward(x_c, W_enc)
-        ctx.pattern = pattern
-        ctx.apply_b_dec = apply_b_dec
-        return values.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        x_c, W_enc = ctx.saved_tensors
-        pattern = ctx.pattern
-        grad = grad.contiguous()
-        grad_b_enc = _scatter_sum(pattern, grad)
-        grad_W_enc = _gather_rows(x_c, pattern, grad).T if ctx.needs_input_grad[2] else None
-        grad_b_dec = -(W_enc @ grad_b_enc) if ctx.apply_b_dec and ctx.needs_input_grad[1] else None
-        return None, grad_b_dec, grad_W_enc, grad_b_enc, None, None, None
-
-
-class _DecodeSparse(torch.autograd.Function):
-    """``sum_j values[b, j] * W_dec[indices[b, j]]``, gradients only for the rows used."""
-
-    @staticmethod
-    def forward(ctx, values, W_dec, pattern):
-        ctx.save_for_backward(values, W_dec)
-        ctx.pattern = pattern
-        return F.embedding_bag(pattern.indices, W_dec, per_sample_weights=values, mode="sum")
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        values, W_dec = ctx.saved_tensors
-        pattern = ctx.pattern
-        grad_out = grad_out.contiguous()
-        grad_values = grad_W_dec = None
-        if ctx.needs_input_grad[0]:
-            if grad_out.is_cuda:
-                rows = W_dec[pattern.indices]  # [batch k d_in]: fine in GPU memory
-                grad_values = torch.einsum("bkd,bd->bk", rows, grad_out)
-            else:
-                sampled = torch.sparse.sampled_addmm(_csr(pattern, values), grad_out, W_dec.T, beta=0.0)
-                grad_values = sampled.values().view_as(values)
-        if ctx.needs_input_grad[1]:
-            grad_W_dec = _gather_rows(grad_out, pattern, values)
-        return grad_values, grad_W_dec, None
 
 
 class SparseForward(NamedTuple):
@@ -269,29 +156,16 @@ class SparseForward(NamedTuple):
     pattern: SparsePattern
 
 
-def topk_pattern(pre: Float[Tensor, "batch d_sae"], k: int) -> tuple[Tensor, SparsePattern]:
-    """Return the top-k pre-activation values per row (sorted by latent index) and their pattern."""
-    top = pre.topk(k, dim=-1, sorted=False)
-    indices, perm = top.indices.sort(dim=-1)
-    return top.values.gather(-1, perm), make_pattern(indices, pre.shape[-1])
-
-
-def encode_at(sae: SAE, x_c: Tensor, values: Tensor, pattern: SparsePattern) -> Tensor:
-    """Differentiable pre-activations at ``pattern`` (values precomputed densely)."""
-    return _EncodeAt.apply(
-        x_c, sae.b_dec, sae.W_enc, sae.b_enc, values, pattern, sae.cfg.apply_b_dec_to_input
-    )
-
-
 def topk_forward(sae: SAE, x: Float[Tensor, "batch d_in"]) -> SparseForward:
     """TopK forward pass for training: one dense matmul, everything else k entries a row (plus a skip term)."""
-    x_n = x.to(sae.W_enc.dtype) * sae.norm_scale
-    x_c = (x_n - sae.b_dec.detach()) if sae.cfg.apply_b_dec_to_input else x_n
+    # b_dec detached: the sparse encoder kernel gives b_dec its gradient through the centring itself
+    x_n, x_c = sae.encoder_input(x, detach_b_dec=True)
     with torch.no_grad():
+        # SAE.pre_acts_of_centered's x_c @ W_enc + b_enc, the bias fused into the GEMM (as trained so far)
         pre = torch.addmm(sae.b_enc, x_c, sae.W_enc)
         pre_values, pattern = topk_pattern(pre, sae.cfg.k)
     values = F.relu(encode_at(sae, x_c, pre_values, pattern))
-    x_hat_n = _DecodeSparse.apply(values, sae.W_dec, pattern) + sae.b_dec
+    x_hat_n = decode_sparse(values, sae.W_dec, pattern) + sae.b_dec
     if sae.W_skip is not None:
         x_hat_n = x_hat_n + sae.skip_out(x_n)
     return SparseForward(x_n, x_c, x_hat_n, pre, values, pattern)
@@ -317,50 +191,9 @@ def auxk_loss(
         masked = pre.masked_fill(~dead, -math.inf)
         aux_values, pattern = topk_pattern(masked, k_aux)
     values = encode_at(sae, x_c, aux_values, pattern)
-    recon = _DecodeSparse.apply(values, sae.W_dec, pattern)
+    recon = decode_sparse(values, sae.W_dec, pattern)
     loss = (recon - residual.detach()).pow(2).sum(-1).mean()
     return loss * min(n_dead / aux_k, 1.0)
-
-
-# ---------------------------------------------------------------------------------------------
-# JumpReLU's straight-through estimators (Rajamanoharan et al. 2024).
-# ---------------------------------------------------------------------------------------------
-
-
-def _rectangle(u: Tensor) -> Tensor:
-    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
-
-
-class _JumpReLU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, pre, threshold, bandwidth):
-        ctx.save_for_backward(pre, threshold)
-        ctx.bandwidth = bandwidth
-        return pre * (pre > threshold)
-
-    @staticmethod
-    def backward(ctx, grad):
-        pre, threshold = ctx.saved_tensors
-        bw = ctx.bandwidth
-        grad_pre = grad * (pre > threshold)
-        pseudo = -(threshold / bw) * _rectangle((pre - threshold) / bw)
-        grad_threshold = (grad * pseudo).reshape(-1, pre.shape[-1]).sum(0)
-        return grad_pre, grad_threshold, None
-
-
-class _Step(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, pre, threshold, bandwidth):
-        ctx.save_for_backward(pre, threshold)
-        ctx.bandwidth = bandwidth
-        return (pre > threshold).to(pre.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        pre, threshold = ctx.saved_tensors
-        bw = ctx.bandwidth
-        pseudo = -(1.0 / bw) * _rectangle((pre - threshold) / bw)
-        return None, (grad * pseudo).reshape(-1, pre.shape[-1]).sum(0), None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -404,23 +237,22 @@ def compute_losses(
     if arch == "topk":
         out = topk_forward(sae, x)
         x_n, x_hat_n = out.x_n, out.x_hat_n
-        fired = _scatter_sum(out.pattern, (out.values > 0).to(x_n.dtype))
+        fired = scatter_sum(out.pattern, (out.values > 0).to(x_n.dtype))
         l0 = (out.values > 0).sum(-1).to(x_n.dtype).mean()
         y_n = x_n if target is None else target.to(x_n.dtype)
         sparsity = auxk_loss(sae, out.x_c, out.pre, y_n - x_hat_n, dead, aux_k)
         coefficient = cfg.aux_k_coefficient
     else:
-        x_n = x.to(sae.W_enc.dtype) * sae.norm_scale
-        x_c = (x_n - sae.b_dec) if sae.cfg.apply_b_dec_to_input else x_n
-        pre = x_c @ sae.W_enc + sae.b_enc
+        x_n, x_c = sae.encoder_input(x)
+        pre = sae.pre_acts_of_centered(x_c)
         if arch == "relu":
             acts = F.relu(pre)
             sparsity = acts.sum(-1).mean()
             ramp = min(1.0, (step + 1) / cfg.l1_warmup_steps) if cfg.l1_warmup_steps else 1.0
             coefficient = cfg.l1_coefficient * ramp
         elif arch == "jumprelu":
-            acts = _JumpReLU.apply(pre, sae.threshold, cfg.jumprelu_bandwidth)
-            sparsity = _Step.apply(pre, sae.threshold, cfg.jumprelu_bandwidth).sum(-1).mean()
+            acts = jumprelu(pre, sae.threshold, cfg.jumprelu_bandwidth)
+            sparsity = jumprelu_step(pre, sae.threshold, cfg.jumprelu_bandwidth).sum(-1).mean()
             coefficient = cfg.l0_coefficient
         else:  # batchtopk
             acts = batch_topk(F.relu(pre), sae.cfg.k)
