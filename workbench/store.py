@@ -446,6 +446,22 @@ def write_store(
     """
     t0 = time.perf_counter()
     out = Path(out)
+    windows = _checked_windows(model, windows, cfg)
+    rank, world = dist_info()
+    device = next(iter(model.parameters())).device if hasattr(model, "parameters") else torch.device("cpu")
+    stop = stop_layer(cfg.hooks)
+    shapes = _probe_shapes(model, windows, cfg, stop, device)
+    plans = _plan_shards(windows.shape[0], windows.shape[1] - cfg.first_position, cfg)
+    shard_windows = plans[0].n_windows
+    header = _header(model, model_name, windows, cfg, shapes, world, shard_windows)
+
+    # One writer per store (per rank under torchrun): a second `workbench cache --out SAME` fails at once.
+    with output_lock(out, lock_name(rank)):
+        return _write_store_locked(model, windows, out, cfg, plans, header, stop, device, on_shard, progress, t0)
+
+
+def _checked_windows(model: Any, windows: Any, cfg: StoreConfig) -> Int[Tensor, "batch pos"]:
+    """Return ``windows`` as int64 on the CPU, or raise naming why they cannot be cached."""
     windows = torch.as_tensor(windows)
     if windows.ndim != 2 or windows.shape[0] == 0 or windows.dtype not in (torch.int64, torch.int32):
         raise DataError(
@@ -461,17 +477,7 @@ def write_store(
             f"token ids range over [{int(windows.min())}, {int(windows.max())}] but the model's vocabulary has "
             f"{d_vocab} entries; tokenize the corpus with this model's tokenizer"
         )
-    rank, world = dist_info()
-    device = next(iter(model.parameters())).device if hasattr(model, "parameters") else torch.device("cpu")
-    stop = stop_layer(cfg.hooks)
-    shapes = _probe_shapes(model, windows, cfg, stop, device)
-    plans = _plan_shards(windows.shape[0], windows.shape[1] - cfg.first_position, cfg)
-    shard_windows = plans[0].n_windows
-    header = _header(model, model_name, windows, cfg, shapes, world, shard_windows)
-
-    # One writer per store (per rank under torchrun): a second `workbench cache --out SAME` fails at once.
-    with output_lock(out, lock_name(rank)):
-        return _write_store_locked(model, windows, out, cfg, plans, header, stop, device, on_shard, progress, t0)
+    return windows
 
 
 def _write_store_locked(model: Any, windows: Tensor, out: Path, cfg: StoreConfig, plans: list[_ShardPlan],
@@ -489,13 +495,7 @@ def _write_store_locked(model: Any, windows: Tensor, out: Path, cfg: StoreConfig
     mine = [p for p in plans if p.index % world == rank]
     todo = [p for p in mine if p.name(rank) not in done_names]
 
-    need = sum(p.n_windows for p in todo) * header["rows_per_window"] * _row_bytes(header)
-    free = shutil.disk_usage(out).free
-    if need > free:
-        raise DataError(
-            f"caching needs about {need / 2**30:.2f} GiB in {out} but only {free / 2**30:.2f} GiB are free; "
-            "free space, pick another --out, lower --tokens, or use --dtype bfloat16/float16"
-        )
+    _check_disk_space(out, todo, header)
 
     shards = list(done)
     order = {p.name(rank): i for i, p in enumerate(mine)}
@@ -506,7 +506,6 @@ def _write_store_locked(model: Any, windows: Tensor, out: Path, cfg: StoreConfig
 
         bar = tqdm(total=sum(p.n_windows for p in mine) * header["rows_per_window"], unit="tok", desc="cache")
         bar.update(sum(s["rows"] for s in done))
-    torch_dtype = _TORCH_DTYPES[cfg.dtype]
     # One writer thread: file writes and hashing release the GIL and overlap the next forward pass.
     pool = ThreadPoolExecutor(max_workers=1)
     pending: Future | None = None
@@ -516,17 +515,7 @@ def _write_store_locked(model: Any, windows: Tensor, out: Path, cfg: StoreConfig
             try:
                 for b0 in range(plan.window_start, plan.window_start + plan.n_windows, cfg.batch_windows):
                     b1 = min(b0 + cfg.batch_windows, plan.window_start + plan.n_windows)
-                    batch = windows[b0:b1].to(device)
-                    with torch.no_grad():
-                        _, cache = model.run_with_cache(batch, names_filter=list(cfg.hooks), stop_at_layer=stop)
-                    arrays = {}
-                    for hook in cfg.hooks:
-                        act = cache[hook][:, cfg.first_position :].to(torch_dtype)
-                        _check_finite(act, hook, b0, cfg.first_position)
-                        act = act.reshape(-1, *act.shape[2:]).cpu()
-                        if cfg.dtype == "bfloat16":
-                            act = act.view(torch.int16)
-                        arrays[hook] = act.numpy().view(_NUMPY_DTYPES[cfg.dtype])
+                    arrays = _batch_activations(model, windows[b0:b1].to(device), b0, cfg, stop)
                     if pending is not None:
                         pending.result()
                     pending = pool.submit(_write_batch, writer, arrays)
@@ -561,22 +550,55 @@ def _write_store_locked(model: Any, windows: Tensor, out: Path, cfg: StoreConfig
         if bar is not None:
             bar.close()
 
-    if world == 1:
-        _write_json_atomic(out / MANIFEST, _manifest(header, shards, complete=True))
-    else:
-        _write_json_atomic(progress_path, _manifest(header, shards, complete=True))
-        barrier()
-        if rank == 0:
-            merged: list[dict[str, Any]] = []
-            for r in range(world):
-                part = json.loads((out / f"manifest.r{r}.json").read_text())
-                if not part.get("complete"):
-                    raise DataError(f"rank {r} did not finish its shards in {out}; rerun the same torchrun command")
-                merged.extend(part["shards"])
-            _write_json_atomic(out / MANIFEST, _manifest(header, merged, complete=len(merged) == len(plans)))
-        barrier()
+    _write_final_manifest(out, header, shards, progress_path, len(plans))
     n_rows = header["n_tokens"]
     return WriteResult(out, n_rows, written, len(done), time.perf_counter() - t0)
+
+
+def _check_disk_space(out: Path, todo: list[_ShardPlan], header: dict[str, Any]) -> None:
+    """Raise DataError, before anything is written, when the shards still to write do not fit on the disk."""
+    need = sum(p.n_windows for p in todo) * header["rows_per_window"] * _row_bytes(header)
+    free = shutil.disk_usage(out).free
+    if need > free:
+        raise DataError(
+            f"caching needs about {need / 2**30:.2f} GiB in {out} but only {free / 2**30:.2f} GiB are free; "
+            "free space, pick another --out, lower --tokens, or use --dtype bfloat16/float16"
+        )
+
+
+def _batch_activations(model: Any, batch: Tensor, b0: int, cfg: StoreConfig, stop: int | None) -> dict[str, np.ndarray]:
+    """Return each hook's activations of ``batch`` (windows from ``b0``) as ``[rows, ...]`` arrays of the store's dtype."""
+    with torch.no_grad():
+        _, cache = model.run_with_cache(batch, names_filter=list(cfg.hooks), stop_at_layer=stop)
+    arrays = {}
+    for hook in cfg.hooks:
+        act = cache[hook][:, cfg.first_position :].to(_TORCH_DTYPES[cfg.dtype])
+        _check_finite(act, hook, b0, cfg.first_position)
+        act = act.reshape(-1, *act.shape[2:]).cpu()
+        if cfg.dtype == "bfloat16":
+            act = act.view(torch.int16)  # numpy has no bfloat16: its bytes travel as int16
+        arrays[hook] = act.numpy().view(_NUMPY_DTYPES[cfg.dtype])
+    return arrays
+
+
+def _write_final_manifest(out: Path, header: dict[str, Any], shards: list[dict[str, Any]], progress_path: Path,
+                          n_plans: int) -> None:
+    """Mark the store complete; under torchrun rank 0 merges every rank's manifest once all have finished."""
+    rank, world = dist_info()
+    if world == 1:
+        _write_json_atomic(out / MANIFEST, _manifest(header, shards, complete=True))
+        return
+    _write_json_atomic(progress_path, _manifest(header, shards, complete=True))
+    barrier()
+    if rank == 0:
+        merged: list[dict[str, Any]] = []
+        for r in range(world):
+            part = json.loads((out / f"manifest.r{r}.json").read_text())
+            if not part.get("complete"):
+                raise DataError(f"rank {r} did not finish its shards in {out}; rerun the same torchrun command")
+            merged.extend(part["shards"])
+        _write_json_atomic(out / MANIFEST, _manifest(header, merged, complete=len(merged) == n_plans))
+    barrier()
 
 
 def _write_batch(writer: _ShardWriter, arrays: dict[str, np.ndarray]) -> None:
