@@ -34,7 +34,9 @@ PAGES: dict[str, tuple[str | None, list[tuple[str, str, object]]]] = {
     "attention": ("attn_prompt", [("slider", "attn_layer", 7), ("slider", "attn_head", 3)]),
     "induction": (None, [("slider", "ind_len", 10)]),
     "logit-lens": ("lens_prompt", [("slider", "lens_pos", 5), ("slider", "lens_k", 8)]),
-    "attribution": ("attr_prompt", [("radio", "attr_granularity", "Heads"), ("button", "attr_patch_go", None)]),
+    "attribution": ("attr_prompt", [("radio", "attr_granularity", "Heads"),
+                                    ("text_input", "attr_corrupt", PROMPT.replace("fox", "dog")),
+                                    ("button", "attr_patch_go", None)]),
     "sae": (None, [("slider", "sae_feature", 1), ("button", "steer_go", None)]),
     "superposition": (None, [("slider", "sup_sparsity", 0.8)]),
     "probes": (None, [("button", "probe_go", None), ("slider", "probe_layer", 3), ("slider", "steer_mult", 2.0)]),
@@ -149,7 +151,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"  {row:44s} {results[row][0]:6.2f} s   passes {results[row][1]:3d}   "
               f"no indicator {results[row][2]:5.2f} s", flush=True)
 
-    print(f"\n{args.model}, a {PROMPT.count(' ') + 1}-word prompt (20 SmolLM2 tokens)", flush=True)
+    print(f"\n{args.model}, a {PROMPT.count(' ') + 1}-word prompt (20 SmolLM2 tokens); {os.cpu_count()} CPUs, load "
+          f"average {os.getloadavg()[0]:.1f} (a shared machine stretches every figure)", flush=True)
     with shown.install():
         try:
             timed("load the model", AppTest.from_function(_script, args=("architecture",), default_timeout=900).run)
@@ -179,7 +182,8 @@ def main(argv: list[str] | None = None) -> dict:
             HookedGPT.embed_tokens = embed
     slow = [(row, r) for row, r in results.items() if r[2] > BLOCK_S]
     problems += [f"{row}: {r[2]:.1f} s of its {r[0]:.1f} s without a progress indicator" for row, r in slow]
-    print(f"\n{len(results)} runs on {args.model}; the slowest: "
+    print(f"\nload average at the end {os.getloadavg()[0]:.1f}")
+    print(f"{len(results)} runs on {args.model}; the slowest: "
           + ", ".join(f"{row} {r[0]:.1f} s" for row, r in sorted(results.items(), key=lambda x: -x[1][0])[:5]))
     for p in problems:
         print(f"  problem: {p}")

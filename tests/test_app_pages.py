@@ -605,8 +605,17 @@ def test_sae_page_latent_card_and_no_delta_arrow(app_home, tmp_path, monkeypatch
     shutil.copytree(app_home, home, ignore=shutil.ignore_patterns("runs", "stores"))
     monkeypatch.setenv("WORKBENCH_HOME", str(home))
     monkeypatch.setenv("WORKBENCH_APP_MODEL", "tiny-lm")
-    compute.train_quick_sae(HookedGPT.load(home / "models" / "tiny-lm"), "tiny-lm", layer=0, n_tokens=2048, d_sae=64,
-                            k=4, steps=20)
+    import dataclasses
+
+    from workbench.store import open_store
+
+    model = HookedGPT.load(home / "models" / "tiny-lm")
+    # every window's first position (the attention sink, whose residual dwarfs the rest) stays out, BOS or not
+    plain = HookedGPT.load(home / "models" / "tiny-lm")
+    plain.tokenizer = dataclasses.replace(plain.tokenizer, add_bos=False)  # windows without BOS, as SmolLM2's
+    run = compute.train_quick_sae(plain, "tiny-lm", layer=0, n_tokens=2048, d_sae=16, k=2, steps=2)
+    assert open_store(run.store_dir).n_rows == (2048 // 64) * 63 and "-from1-" in run.store_dir.name
+    compute.train_quick_sae(model, "tiny-lm", layer=0, n_tokens=2048, d_sae=64, k=4, steps=20)
     at = run_page("sae")
     live = [m for m in at.metric if m.label == "live latents"][0]
     from streamlit.proto.Metric_pb2 import Metric
