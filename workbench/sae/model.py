@@ -43,7 +43,7 @@ NORMALIZATIONS: tuple[str, ...] = ("none", "expected_average_only_in")
 
 @dataclass(frozen=True)
 class SAEConfig:
-    """Shape and kind of a sparse autoencoder (training hyperparameters live in ``TrainConfig``)."""
+    """Shape and kind of a sparse autoencoder (training hyperparameters live in ``SAETrainConfig``)."""
 
     d_in: int
     """Width of the activations it reads (d_model for a residual-stream SAE)."""
