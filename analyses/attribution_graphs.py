@@ -16,6 +16,12 @@ induction/copying, a KJV cliché):
    the node's influence on the top logit and the size of the change in that logit is reported
    pooled over all graphs and as the mean over graphs (target >= 0.6; the paper reports 0.72).
 
+Measured with the shipped kjv-small set (BatchTopK, 1024 latents, k 32, skip; 20 prompts, 865 feature
+nodes on average): replacement 0.837, completeness 0.935; pruning keeps 45.8x fewer feature and
+error nodes (least 20.4x) while completeness falls 14.9% (most 17.9%); Spearman 0.839 pooled, 0.818
+mean per graph (least 0.696). kjv-small's MLPs move its loss little and the skip term is a linear
+path, so these sit well above the paper's SmolLM2-sized figures. SmolLM2: no transcoder set yet.
+
 Output: ``report.html`` and ``report.json`` in ``--out`` (default
 ``$WORKBENCH_HOME/runs/reports/attribution-graphs``). kjv-small takes a minute or two.
 """
