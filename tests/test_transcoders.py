@@ -69,7 +69,7 @@ def test_evaluation_of_a_transcoder_that_predicts_nothing_recovers_nothing():
         T.evaluate_transcoders(model, {0: _tc(d=16)}, windows)
 
 
-def test_a_transcoder_recovers_planted_features_through_a_linear_map():
+def test_a_transcoder_recovers_planted_features_through_a_linear_map(one_thread):
     """x = sparse features along known input directions (an orthonormal basis, so the encoder is identifiable:
     data spanning only part of the space would leave the rest of each encoder column at its random start);
     y = a known linear map of x into fewer dimensions, so the features' images are in superposition.
