@@ -26,11 +26,23 @@ BLOCK_HOOKS = ["hook_resid_pre", "ln1.hook_scale", "ln1.hook_normalized", "attn.
 TOP_HOOKS = ["hook_embed", "ln_final.hook_scale", "ln_final.hook_normalized", "unembed.hook_in", "unembed.hook_out"]
 
 
-def _agree(model: HookedGPT, bridge, tokens: torch.Tensor, atol: float, rtol: float = 0.0) -> int:
+def _agree(model: HookedGPT, bridge, tokens: torch.Tensor, atol: float, rtol: float = 0.0,
+           scaled: bool = False) -> int:
+    """Check every common hook (and the logits) of the model and the bridge; return how many hooks were compared.
+    ``scaled``: tolerances relative to each tensor's largest magnitude (max |diff| <= atol * max |value|), for a
+    model whose activations reach ~1e3, where float32 itself rounds at ~1e-4."""
     with torch.no_grad():
         logits, cache = model.run_with_cache(tokens)
         tl_logits, tl_cache = bridge.run_with_cache(tokens)
-    torch.testing.assert_close(tl_logits, logits, atol=atol, rtol=0)
+
+    def close(theirs: torch.Tensor, ours: torch.Tensor, name: str) -> None:
+        if scaled:
+            diff, scale = float((theirs - ours).abs().max()), float(ours.abs().max())
+            assert diff <= atol * scale, f"{name}: max |diff| {diff:.3g} > {atol:g} x max |value| {scale:.3g}"
+        else:
+            torch.testing.assert_close(theirs, ours, atol=atol, rtol=rtol, msg=name)
+
+    close(tl_logits, logits, "logits")
     names = TOP_HOOKS + (["hook_pos_embed"] if model.cfg.positional == "learned" else [])
     names += [f"blocks.{layer}.{h}" for layer in range(model.cfg.n_layers) for h in BLOCK_HOOKS]
     for name in names:
@@ -40,7 +52,7 @@ def _agree(model: HookedGPT, bridge, tokens: torch.Tensor, atol: float, rtol: fl
             causal = torch.isfinite(ours)
             assert (theirs[~causal] < -1e30).all(), name
             ours, theirs = ours[causal], theirs[causal]
-        torch.testing.assert_close(theirs, ours, atol=atol, rtol=rtol, msg=name)
+        close(theirs, ours, name)
     return len(names)
 
 
@@ -81,7 +93,10 @@ def test_llama_family_round_trips(hf_tokenizer_dir):
 def test_smollm2_agrees_with_its_bridge(smollm2):
     bridge = smollm2.to_transformer_lens()
     tokens = smollm2.to_tokens("The capital of France is")
-    _agree(smollm2, bridge, tokens, atol=1e-4, rtol=1e-4)  # residual norms reach ~1e2 by the middle layers
+    # 545 hooks: worst max |diff| / max |value| 4.3e-6 (blocks.6.attn.hook_z); in absolute terms up to 2e-3 on
+    # mlp.hook_out, whose values reach ~1e3 (float32 rounding there), 372 of 545 within 1e-5 absolute
+    assert _agree(smollm2, bridge, tokens, atol=1e-5, scaled=True) == 5 + 18 * smollm2.cfg.n_layers
+    _assert_same_weights(smollm2, HookedGPT.from_transformer_lens(bridge))
 
 
 @needs_tl
