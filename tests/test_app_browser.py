@@ -403,7 +403,10 @@ BUILTINS = ["attn-only-1l", "attn-only-2l", "kjv-small"]
 #: pages that draw their figure only after a click: url -> the button to press (a short run on these models)
 FIRST_CLICK = {"probes": "Train probes"}
 #: (url, model) pairs whose page has nothing to draw for that model and says so (an info box, checked)
-NOTHING_TO_DRAW = {("probes", "attn-only-1l"): "no tokenizer", ("probes", "attn-only-2l"): "no tokenizer"}
+NOTHING_TO_DRAW = {("probes", "attn-only-1l"): "no tokenizer", ("probes", "attn-only-2l"): "no tokenizer",
+                   ("dynamics", "smollm2-135m"): "no training snapshots"}
+#: how long a FIRST_CLICK page may take to draw after its click (SmolLM2's probes: ~130 s under a load of 40)
+FIRST_CLICK_TIMEOUT_S = 300
 #: pages that draw only with artefacts a model may lack: url -> what their info box names when it is missing
 #: (the circuit tracing page needs a transcoder set; its own tests draw a graph)
 NEEDS_ARTEFACT = {"circuits": "transcoder"}
@@ -458,10 +461,13 @@ def _visit_every_page(page, app_url: str, model: str, shots: list[Path]) -> tupl
             elif url in NEEDS_ARTEFACT and info.filter(has_text=NEEDS_ARTEFACT[url]).count():
                 pass  # says what it needs; nothing to draw on this model
             else:
+                wait_s = PAGE_TIMEOUT_S
                 if url in FIRST_CLICK:
                     _button(FIRST_CLICK[url])(page)
                     _settle(page)
-                page.locator('[data-testid="stPlotlyChart"] .js-plotly-plot').first.wait_for(state="visible")
+                    wait_s = FIRST_CLICK_TIMEOUT_S
+                page.locator('[data-testid="stPlotlyChart"] .js-plotly-plot').first.wait_for(
+                    state="visible", timeout=wait_s * 1000)
                 _drawn(page)
                 axes = page.evaluate(_NON_CATEGORICAL_AXES)
                 problems += [f"{model} {url}: {b}" for b in axes["bad"]]
