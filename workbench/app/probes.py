@@ -10,7 +10,7 @@ import streamlit as st
 import torch
 
 from workbench import probe_plots
-from workbench.app import cached, ui
+from workbench.app import cached, figures, ui
 from workbench.app.sidebar import Selection
 
 DATASETS = {"sentiment": "sentiment verdicts (128, quick)", "capitals": "capitals of countries, true/false (640)",
@@ -126,5 +126,5 @@ def _steering(sel: Selection, model) -> None:
             pieces: list[str] = []
             for event in stream_generate(model, torch.tensor(ids), int(n_new), stop_tokens=[], fwd_hooks=hooks):
                 pieces.append(event.text)
-                out.markdown(f"{text}**{''.join(pieces)}**")
+                out.markdown(figures.generated_text_html(text, "".join(pieces)), unsafe_allow_html=True)
             st.session_state[f"steer_text_{'on' if hooks else 'off'}"] = "".join(pieces)
