@@ -93,15 +93,7 @@ def attribution_page(sel: Selection) -> None:
     patched = ui.job_status(job, "attr_patch")
     if patched is None:
         return
-    p1, p2 = st.columns(2)
-    p1.metric(f"clean {what}", f"{patched.clean:.3f}")
-    p2.metric(f"corrupted {what}", f"{patched.corrupt:.3f}")
-    if abs(patched.clean - patched.corrupt) < 1e-6:
-        st.warning(f"The clean and corrupted runs give the same {what}, so nothing can be restored; change the "
-                   "corrupted prompt or the answer tokens.")
-        return
-    ui.plot(ui.categorical(plots.patching_heatmap(patched, [figures.show_token(s) for s in enc.str_tokens])),
-            key="attr_patching")
+    _draw_sweep(patched, enc, what, "attr_patching")
 
 
 def _atp_view(model, enc, corrupt_enc, answer: int, wrong: int, kind: str, what: str) -> None:
@@ -121,6 +113,11 @@ def _atp_view(model, enc, corrupt_enc, answer: int, wrong: int, kind: str, what:
     st.caption("AtP's first-order estimate of each patch, (clean - corrupted activation) . gradient on the corrupted "
                "run, drawn like the exact sweep; where attention saturates it can miss (switch to exact patching "
                "to check a component).")
+    _draw_sweep(patched, enc, what, "attr_atp")
+
+
+def _draw_sweep(patched, enc, what: str, key: str) -> None:
+    """The clean and corrupted metric, then the sweep's heatmap (exact patching and AtP draw alike)."""
     p1, p2 = st.columns(2)
     p1.metric(f"clean {what}", f"{patched.clean:.3f}")
     p2.metric(f"corrupted {what}", f"{patched.corrupt:.3f}")
@@ -129,4 +126,4 @@ def _atp_view(model, enc, corrupt_enc, answer: int, wrong: int, kind: str, what:
                    "corrupted prompt or the answer tokens.")
         return
     ui.plot(ui.categorical(plots.patching_heatmap(patched, [figures.show_token(s) for s in enc.str_tokens])),
-            key="attr_atp")
+            key=key)
