@@ -14,3 +14,29 @@ def tiny_cfg(**overrides):
 
 LLAMA_TINY = dict(positional="rotary", normalization="rmsnorm", act_fn="silu", gated_mlp=True, use_bias=False,
                   n_kv_heads=2)
+
+
+def hold_output_lock(directory):
+    """Return a context manager: another process holds ``output_lock(directory)`` inside it (yields its pid)."""
+    import contextlib
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    script = ("import sys, time\nfrom workbench.locking import output_lock\nwith output_lock(sys.argv[1]):\n"
+              "    print('held', flush=True); time.sleep(60)\n")
+
+    @contextlib.contextmanager
+    def held():
+        holder = subprocess.Popen([sys.executable, "-c", script, str(directory)], stdout=subprocess.PIPE, text=True,
+                                  cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)})
+        try:
+            assert holder.stdout.readline().strip() == "held"
+            yield holder.pid
+        finally:
+            holder.kill()
+            holder.wait()
+
+    return held()

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import hold_output_lock
 
 from workbench.analysis.superposition import SyntheticConfig, SyntheticFeatures, mmcs, random_dictionary_mmcs
 from workbench.errors import CheckpointError, DataError, InputError
@@ -300,17 +301,9 @@ def test_two_train_sae_runs_on_one_out_exclude_each_other(tmp_path):
     from workbench.locking import OutputLockedError, output_lock
 
     data, sae_cfg, kw = _small_run(tmp_path)
-    script = "import sys, time\nfrom workbench.locking import output_lock\nwith output_lock(sys.argv[1]):\n" \
-             "    print('held', flush=True); time.sleep(60)\n"
-    holder = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True,
-                              cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(OutputLockedError, match=rf"another process is writing .* \(pid {holder.pid}\)"):
+    with hold_output_lock(tmp_path) as pid:
+        with pytest.raises(OutputLockedError, match=rf"another process is writing .* \(pid {pid}\)"):
             train_sae(SAE(sae_cfg, seed=0), lambda s: data.batches(32, s), TrainConfig(**kw), tmp_path)
         assert not (tmp_path / METRICS_FILE).exists() and not (tmp_path / "train_config.json").exists()
-    finally:
-        holder.kill()
-        holder.wait()
     with output_lock(tmp_path):  # the dead holder does not block
         pass

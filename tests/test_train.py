@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from helpers import tiny_cfg
+from helpers import hold_output_lock, tiny_cfg
 
 from workbench import HookedGPT
 from workbench.corpora import RepeatedTokensConfig, SyntheticBatches
@@ -309,25 +309,11 @@ def test_checkpoint_of_plain_containers_but_wrong_layout_is_a_checkpoint_error(t
 
 
 def test_second_writer_on_a_run_directory_fails_at_once_and_the_first_finishes(tmp_path):
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     from workbench.locking import OutputLockedError
 
-    repo = Path(__file__).resolve().parent.parent
-    script = "import sys, time\nfrom workbench.locking import output_lock\nwith output_lock(sys.argv[1]):\n" \
-             "    print('held', flush=True); time.sleep(60)\n"
-    holder = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True,
-                              cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)})
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(OutputLockedError, match=rf"another process is writing .*pid {holder.pid}"):
+    with hold_output_lock(tmp_path) as pid:
+        with pytest.raises(OutputLockedError, match=rf"another process is writing .*pid {pid}"):
             train(_model(), _batches(), _cfg(), tmp_path, progress=False)
         assert not (tmp_path / METRICS_FILE).exists()  # failed before writing anything
-    finally:
-        holder.kill()
-        holder.wait()
     result = train(_model(), _batches(), _cfg(), tmp_path, progress=False)
     assert result.step == 12 and HookedGPT.load(tmp_path) is not None
