@@ -69,14 +69,8 @@ def dynamics_page(sel: Selection) -> None:
 
 def _measure(sel: Selection, snaps: list[S.Snapshot], seq_len: int) -> list[S.SnapshotHeads]:
     """Return every snapshot's head scores on repeated random tokens (cached per snapshot), with a progress bar."""
-    bar = st.progress(0.0, text="Measuring snapshots…")
-    heads = []
-    with ui.guard():
-        for j, snap in enumerate(snaps):
-            heads.append(cached.snapshot_heads(str(snap.path), sel.device, sel.dtype, seq_len))
-            bar.progress((j + 1) / len(snaps), text=f"Measured the snapshot at step {snap.step}")
-    bar.empty()
-    return heads
+    return ui.each_snapshot(
+        snaps, lambda snap: cached.snapshot_heads(str(snap.path), sel.device, sel.dtype, seq_len), "measuring")
 
 
 def _phase_caption(steps: list[int], best: list[float]) -> None:

@@ -57,13 +57,8 @@ def _dynamics(sel: Selection, seq_len: int) -> None:
     if snaps:
         st.caption(f"{len(snaps)} snapshots, steps {snaps[0].step} to {snaps[-1].step}: every head re-scored on "
                    f"the same repeated random tokens (L = {seq_len}).")
-        bar = st.progress(0.0, text="Scoring snapshots…")
-        points = []
-        with ui.guard():
-            for i, snap in enumerate(snaps):
-                points.append(cached.snapshot_point(str(snap.path), sel.device, sel.dtype, seq_len))
-                bar.progress((i + 1) / len(snaps), text=f"Scored snapshot at step {snap.step}")
-        bar.empty()
+        points = ui.each_snapshot(
+            snaps, lambda snap: cached.snapshot_point(str(snap.path), sel.device, sel.dtype, seq_len), "scoring")
         ui.plot(figures.dynamics_figure([p.step for p in points], [p.max_induction for p in points],
                                         [p.max_previous_token for p in points], [p.loss_first for p in points],
                                         [p.loss_repeat for p in points]), key="ind_dynamics")

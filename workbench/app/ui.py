@@ -49,6 +49,18 @@ def prompt(key: str, model, widget_key: str, label: str = "Prompt", default: str
     return text, enc
 
 
+def each_snapshot(snaps: list, measure, verb: str) -> list:
+    """Return ``measure(snap)`` for each snapshot in order, under a progress bar ("Scoring snapshots…")."""
+    bar = st.progress(0.0, text=f"{verb.capitalize()} snapshots…")
+    out = []
+    with guard():
+        for i, snap in enumerate(snaps):
+            out.append(measure(snap))
+            bar.progress((i + 1) / len(snaps), text=f"{verb.capitalize()} snapshots: step {snap.step} done")
+    bar.empty()
+    return out
+
+
 def categorical(fig):
     """Return ``fig`` with both axes categorical: label lists like ``["0", "1", "final"]`` stay rows, not numbers."""
     return fig.update_xaxes(type="category").update_yaxes(type="category")
