@@ -35,7 +35,10 @@ browser:
 app: fetch
 	$(BIN)/streamlit run app.py --server.address localhost --server.headless true
 
+# ruff first (seconds; its configuration is in pyproject.toml), then the tests, whose annotations
+# jaxtyping + beartype check at run time (pytest's addopts in pyproject.toml)
 test: fetch browser
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
 bench: fetch
