@@ -6,11 +6,14 @@ import errno
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
 from workbench import cli
+from workbench.commands._args import ConfigFlags
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -106,3 +109,53 @@ def test_a_second_tuned_lens_run_on_one_out_fails_at_once(capsys, tmp_path):
     err = capsys.readouterr().err
     assert result["rc"] == 1 and f"is writing {out}; wait for it to finish or choose another --out" in err
     assert list(out.iterdir()) == []
+
+
+# --------------------------------------------------------------------------------- flags from config dataclasses
+
+
+@dataclass(frozen=True)
+class _Cfg:
+    """A config with one field of each kind a flag is made for."""
+
+    total_steps: int
+    """Steps to run."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    kind: Literal["a", "b"] = "a"
+    """Which kind."""
+    aux: int | None = None
+    betas: tuple[float, float] = (0.9, 0.99)
+    progress: bool = True
+    """Show a bar."""
+
+
+def test_config_flags_come_from_the_dataclass_and_round_trip():
+    import argparse
+
+    flags = ConfigFlags(_Cfg, names={"total_steps": "steps"}, defaults={"total_steps": 10})
+    parser = argparse.ArgumentParser()
+    flags.add_to(parser, title="training")
+    helptext = " ".join(parser.format_help().split())
+    assert "training: --steps STEPS Steps to run. (default: 10)" in helptext
+    assert "--lr LR Peak learning rate. (default: 0.001)" in helptext and "--kind {a,b} Which kind." in helptext
+    assert flags.build(parser.parse_args([])) == _Cfg(total_steps=10)
+    argv = ["--steps", "5", "--lr", "0.5", "--kind", "b", "--aux", "3", "--betas", "0.8", "0.9", "--no-progress"]
+    cfg = flags.build(parser.parse_args(argv))
+    assert cfg == _Cfg(total_steps=5, lr=0.5, kind="b", aux=3, betas=(0.8, 0.9), progress=False)
+    assert flags.argv(cfg) == argv
+    assert flags.build(parser.parse_args(flags.argv(cfg))) == cfg
+    with pytest.raises(SystemExit):  # a Literal field's choices are checked by argparse
+        parser.parse_args(["--kind", "c"])
+
+
+def test_config_flags_name_unknown_fields_and_keep_required_ones_required():
+    import argparse
+
+    with pytest.raises(TypeError, match=r"_Cfg has no field\(s\) \['step'\]"):
+        ConfigFlags(_Cfg, names={"step": "steps"})
+    parser = argparse.ArgumentParser()
+    ConfigFlags(_Cfg, only=("total_steps", "lr")).add_to(parser)
+    with pytest.raises(SystemExit):  # no default anywhere: the flag is required
+        parser.parse_args(["--lr", "1"])
+    assert vars(parser.parse_args(["--total-steps", "3"])) == {"total_steps": 3, "lr": 1e-3}

@@ -1,4 +1,8 @@
-"""One validation layer for the values the ``workbench`` command is given, applied to every subcommand.
+"""The ``workbench`` command's flags: made from the config dataclasses, and checked in one layer.
+
+:class:`ConfigFlags` gives a config dataclass (``SAETrainConfig``, ``TranscoderRecipe``, ...) one
+``--flag`` per field, its type, default and help taken from the field, and builds the config back
+from the parsed arguments, so the command line never restates a default.
 
 argparse checks that ``--lr`` is a float; this checks that it is a usable one. The rules are keyed by
 an option's destination name, which means the same thing in every subcommand (``--batch`` is always
@@ -14,11 +18,19 @@ as a learning rate, temperature or multiplier.
 from __future__ import annotations
 
 import argparse
+import ast
 import errno
+import inspect
 import math
 import os
 import re
-from collections.abc import Callable, Sequence
+import textwrap
+import types
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import MISSING, Field, dataclass, field, fields
+from pathlib import Path
+from typing import Any
 
 from workbench.errors import ConfigError, InputError
 
@@ -139,3 +151,127 @@ def resource_error_message(exc: BaseException) -> str | None:
     where = f" {exc.filename}" if exc.filename else ""
     way_out = "free space or" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "check the path or"
     return f"cannot use{where}: {reason}; {way_out} choose another location (--out, --json, --report or WORKBENCH_HOME)"
+
+
+# --------------------------------------------------------------------------------------------
+# flags from config dataclasses
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The attribute docstrings of a dataclass (the string under each field), by field name."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, after in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+@dataclass(frozen=True)
+class ConfigFlags:
+    """The ``--flags`` of a config dataclass: one per field, its type, default and help taken from the field.
+
+    A command declares one of these next to its parser and uses it twice: :meth:`add_to` when it
+    registers its flags, :meth:`build` when it turns the parsed arguments into the config. So the
+    defaults live in the dataclass alone; ``defaults`` is only for a field the dataclass leaves
+    required, or where the command deliberately starts elsewhere (say why at the call).
+    """
+
+    cls: type
+    """The config dataclass."""
+    only: tuple[str, ...] | None = None
+    """Fields that get a flag (None: all but ``skip``)."""
+    skip: tuple[str, ...] = ()
+    """Fields that get no flag (the command sets them, or they are not for the command line)."""
+    names: Mapping[str, str] = field(default_factory=dict)
+    """Field -> flag name where they differ (``{"total_steps": "steps"}`` gives ``--steps``)."""
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    """Field -> the command's default where the dataclass has none or the command starts elsewhere."""
+    choices: Mapping[str, Sequence[Any]] = field(default_factory=dict)
+    """Field -> allowed values, for a field typed ``str`` (``Literal`` fields give their own)."""
+
+    def __post_init__(self) -> None:
+        known = {f.name for f in fields(self.cls)}
+        named = set(self.only or ()) | set(self.skip) | set(self.names) | set(self.defaults) | set(self.choices)
+        if named - known:
+            raise TypeError(f"{self.cls.__name__} has no field(s) {sorted(named - known)}; it has {sorted(known)}")
+
+    def fields(self) -> list[Field]:
+        """The dataclass fields that get a flag, in declaration order."""
+        return [f for f in fields(self.cls)
+                if (self.only is None or f.name in self.only) and f.name not in self.skip]
+
+    def dest(self, name: str) -> str:
+        """The argparse destination of field ``name`` (``flag(dest)`` is its option string)."""
+        return self.names.get(name, name)
+
+    def default(self, f: Field) -> Any:
+        if f.name in self.defaults:
+            return self.defaults[f.name]
+        if f.default is not MISSING:
+            return f.default
+        if f.default_factory is not MISSING:
+            return f.default_factory()
+        return MISSING
+
+    def add_to(self, parser: argparse.ArgumentParser | argparse._ArgumentGroup, title: str | None = None) -> None:
+        """Add one flag per field to ``parser`` (in an argument group ``title``, when given)."""
+        group = parser.add_argument_group(title) if title and isinstance(parser, argparse.ArgumentParser) else parser
+        docs = field_docs(self.cls)
+        hints = typing.get_type_hints(self.cls)
+        for f in self.fields():
+            dest = self.dest(f.name)
+            default = self.default(f)
+            doc = docs.get(f.name, "")
+            kind, nargs, choices = _flag_type(self.cls, f.name, hints[f.name])
+            choices = self.choices.get(f.name, choices)
+            required = default is MISSING
+            if kind is bool:
+                group.add_argument(flag(dest), dest=dest, action=argparse.BooleanOptionalAction,
+                                   default=None if required else default, required=required, help=doc)
+                continue
+            shown = "" if required else f" (default: {' '.join(map(str, default)) if nargs else default})"
+            group.add_argument(flag(dest), dest=dest, type=kind, nargs=nargs, choices=choices,
+                               default=None if required else default, required=required,
+                               metavar=None if choices else dest.upper(), help=doc + shown)
+
+    def build(self, args: argparse.Namespace, **values: Any) -> Any:
+        """Return the config the parsed ``args`` describe; ``values`` give the fields without a flag."""
+        for f in self.fields():
+            if f.name not in values:
+                value = getattr(args, self.dest(f.name))
+                values[f.name] = tuple(value) if isinstance(value, list) else value
+        return self.cls(**values)
+
+    def argv(self, config: Any) -> list[str]:
+        """The flags that rebuild ``config`` from the command's defaults (only where it leaves them)."""
+        words: list[str] = []
+        for f in self.fields():
+            value = getattr(config, f.name)
+            if value == self.default(f):
+                continue
+            option = flag(self.dest(f.name))
+            if isinstance(value, bool):
+                words.append(option if value else "--no-" + option[2:])
+            elif isinstance(value, tuple):
+                words += [option, *map(str, value)]
+            else:
+                words += [option, str(value)]
+        return words
+
+
+def _flag_type(cls: type, name: str, hint: Any) -> tuple[Callable[[str], Any], int | None, tuple | None]:
+    """Return (argparse type, nargs, choices) for a field annotated ``hint``."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType) and type(None) in args and len(args) == 2:  # X | None
+        return _flag_type(cls, name, next(a for a in args if a is not type(None)))
+    if origin is typing.Literal:
+        return type(args[0]), None, args
+    if origin is tuple and args and Ellipsis not in args and len(set(args)) == 1:
+        return args[0], len(args), None
+    if hint in (bool, int, float, str, Path):
+        return hint, None, None
+    raise TypeError(f"{cls.__name__}.{name}: no command-line flag for a field of type {hint}; "
+                    "skip it or give it a flag by hand")

@@ -12,44 +12,25 @@ directory holds ``layer_L/`` (checkpoint, ``metrics.jsonl``, ``transcoder/`` in 
 from __future__ import annotations
 
 import argparse
-import ast
-import dataclasses
-import inspect
 import json
 import shlex
 from pathlib import Path
 
-from workbench.pipelines import TranscoderRecipe
+from workbench.commands._args import ConfigFlags
+from workbench.errors import InputError
+from workbench.pipelines import (
+    TranscoderRecipe,
+    export_circuit_tracer,
+    ship_transcoders,
+    train_transcoders,
+    transcoders_home,
+)
 from workbench.sae.model import ARCHITECTURES
+from workbench.sae.transcoders import parse_layers
+from workbench.zoo import load_model
 
-
-def field_docs(cls: type) -> dict[str, str]:
-    """The attribute docstrings of a dataclass (the string under each field), by field name."""
-    tree = ast.parse(inspect.getsource(cls))
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    docs: dict[str, str] = {}
-    for node, after in zip(body, body[1:]):
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
-                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
-            docs[node.target.id] = " ".join(after.value.value.split())
-    return docs
-
-
-def add_recipe_flags(parser: argparse.ArgumentParser, cls: type = TranscoderRecipe) -> None:
-    """One ``--flag`` per field of the recipe dataclass, its default and help taken from the field."""
-    docs = field_docs(cls)
-    group = parser.add_argument_group("recipe")
-    for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        kind = type(f.default)
-        if kind is bool:
-            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
-                               help=docs.get(f.name, ""))
-        else:
-            choices = ARCHITECTURES if f.name == "architecture" else None
-            group.add_argument(flag, dest=f.name, type=kind, default=f.default, choices=choices,
-                               metavar=None if choices else f.name.upper(),
-                               help=f"{docs.get(f.name, '')} (default: {f.default})")
+#: One ``--flag`` per field of the recipe, its default and help taken from the field.
+RECIPE_FLAGS = ConfigFlags(TranscoderRecipe, choices={"architecture": ARCHITECTURES})
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -68,18 +49,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--ship", action="store_true",
                    help="when done, copy the set (without checkpoints) to data/transcoders/MODEL with a card")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_recipe_flags(p)
+    RECIPE_FLAGS.add_to(p, title="recipe")
     p.set_defaults(func=cmd_train_transcoders)
 
 
 def cmd_train_transcoders(args: argparse.Namespace) -> int:
     """Train, save and evaluate the set as the arguments say; print a JSON summary; return 0."""
-    from workbench.errors import InputError
-    from workbench.pipelines import export_circuit_tracer, ship_transcoders, train_transcoders, transcoders_home
-    from workbench.sae.transcoders import parse_layers
-    from workbench.zoo import load_model
-
-    recipe = TranscoderRecipe(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TranscoderRecipe)})
+    recipe = RECIPE_FLAGS.build(args)
     model = load_model(args.model).eval()
     layers = parse_layers(args.layers, model.cfg.n_layers)
     if args.export_circuit_tracer is not None and sorted(layers) != list(range(model.cfg.n_layers)):
@@ -105,10 +81,4 @@ def cmd_train_transcoders(args: argparse.Namespace) -> int:
 
 def reproduce_command(model: str, layers: str, recipe: TranscoderRecipe) -> str:
     """The ``workbench train-transcoders`` line that trains ``recipe`` (flags only where it leaves a default)."""
-    words = ["workbench", "train-transcoders", model, "--layers", layers]
-    for f in dataclasses.fields(recipe):
-        value = getattr(recipe, f.name)
-        if value != f.default:
-            flag = "--" + f.name.replace("_", "-")
-            words += [flag if value else "--no-" + f.name.replace("_", "-")] if isinstance(value, bool) else [flag, str(value)]
-    return shlex.join(words)
+    return shlex.join(["workbench", "train-transcoders", model, "--layers", layers, *RECIPE_FLAGS.argv(recipe)])
