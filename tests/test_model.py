@@ -133,7 +133,7 @@ def two_threads():
 def test_linear_splits_few_rows_and_matches_f_linear(shape, two_threads, monkeypatch):
     import torch.nn.functional as F
 
-    from workbench.model import linear
+    from workbench.fastpath import linear
 
     g = torch.Generator().manual_seed(0)
     W, b = torch.randn(512, 160, generator=g), torch.randn(512, generator=g)
@@ -149,11 +149,11 @@ def test_linear_splits_few_rows_and_matches_f_linear(shape, two_threads, monkeyp
 def test_linear_falls_back_to_f_linear(case, two_threads, monkeypatch):
     import torch.nn.functional as F
 
-    from workbench import model as model_mod
+    from workbench import fastpath
 
     W, x = torch.randn(512, 160), torch.randn(1, 1, 160)
     if case == "many rows":
-        x = torch.randn(1, model_mod.SPLIT_MAX_ROWS + 1, 160)
+        x = torch.randn(1, fastpath.SPLIT_MAX_ROWS + 1, 160)
     elif case == "small weight":
         W = torch.randn(16, 160)
     elif case == "bfloat16":
@@ -167,15 +167,15 @@ def test_linear_falls_back_to_f_linear(case, two_threads, monkeypatch):
     calls = []
     real = F.linear
     monkeypatch.setattr(F, "linear", lambda *a: calls.append(1) or real(*a))
-    out = model_mod.linear(x, W)
+    out = fastpath.linear(x, W)
     assert calls == [1]
     assert torch.equal(out, real(x, W))
 
 
 def test_kv_cache_decode_through_the_split_path_matches_full_forward(two_threads, monkeypatch):
-    from workbench import model as model_mod
+    from workbench import fastpath
 
-    monkeypatch.setattr(model_mod, "SPLIT_MIN_WEIGHTS", 0)  # tiny weights take the decode path too
+    monkeypatch.setattr(fastpath, "SPLIT_MIN_WEIGHTS", 0)  # tiny weights take the decode path too
     model = HookedGPT(tiny_cfg(**LLAMA_TINY)).eval()
     tokens = torch.randint(0, 50, (1, 9))
     kv = KVCache.empty(model.cfg, batch=1, max_pos=9)

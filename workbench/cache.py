@@ -15,14 +15,16 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from workbench.errors import HookError
-from workbench.names import act_name
-from workbench.padding import gather_last, masked_mean
+from workbench import padding
+from workbench.errors import HookError, InputError
+from workbench.hooks import NameFilter
+from workbench.names import act_name, layer_of
+from workbench.padding import Batch, gather_last, masked_mean
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # model.py reaches this module only at call time (HookedGPT.run_with_cache)
     from workbench.model import HookedGPT
 
 
@@ -228,3 +230,56 @@ class ActivationCache:
             if incorrect_tokens is not None:
                 const = const - b_U[torch.as_tensor(incorrect_tokens, device=b_U.device)]
         return const
+
+
+def run_with_cache(
+    model: HookedGPT,
+    tokens: Int[Tensor, "batch pos"] | Batch,
+    names_filter: NameFilter = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    stop_at_layer: int | None = None,
+    incl_grad: bool = False,
+    attention_mask: Bool[Tensor, "batch pos"] | None = None,
+) -> tuple[Tensor, ActivationCache]:
+    """Return ``(output, cache)``: logits (or, with ``stop_at_layer=L``, ``blocks.L.hook_resid_pre``)
+    and an :class:`ActivationCache` of the hooks ``names_filter`` selects. ``model.run_with_cache`` calls it.
+
+    ``names_filter=None`` caches every hook except the opt-in ``attn.hook_result`` (a
+    ``[batch pos head d_model]`` tensor per layer); name it to get it. Stored tensors are
+    detached and the pass runs without autograd unless ``incl_grad=True``. ``device`` and
+    ``dtype`` say where and how to keep the stored activations.
+
+    With ``incl_grad=True`` the activations keep their graph and every backward pass through the
+    output (``metric(out).backward()``) stores the gradient at each cached hook as
+    ``cache[name + "_grad"]``, as TransformerLens does.
+    """
+    tokens, attention_mask = padding.unpack(tokens, attention_mask)
+    tokens = model.check_tokens(tokens)
+    mask = model.key_mask(tokens, attention_mask)  # None unless some position is padding
+    if names_filter is None:
+        names_filter = lambda name: not name.endswith("hook_result")  # noqa: E731
+    store, fwd_hooks = model.caching_hooks(names_filter, device, dtype, incl_grad)
+    bwd_hooks = model.grad_caching_hooks(store, names_filter, device, dtype) if incl_grad else []
+    n_layers = model.cfg.n_layers
+    if stop_at_layer is not None:
+        if not -n_layers <= stop_at_layer <= n_layers:
+            raise InputError(f"stop_at_layer={stop_at_layer} is outside [-{n_layers}, {n_layers}]")
+        if stop_at_layer < 0:  # as in Python slicing: -1 stops before the last block
+            stop_at_layer += n_layers
+        # hooks past the stopping layer never fire; keep them out of the cache
+        fwd_hooks = [(n, f) for n, f in fwd_hooks if _runs_before(n, stop_at_layer)]
+        bwd_hooks = [(n, f) for n, f in bwd_hooks if _runs_before(n, stop_at_layer)]
+    with torch.set_grad_enabled(incl_grad and torch.is_grad_enabled()), model.hooks(fwd_hooks, bwd_hooks):
+        if stop_at_layer is None:
+            out = model(tokens, attention_mask=mask)
+        else:
+            out = model.run_blocks(model.embed_tokens(tokens, 0, mask), stop=stop_at_layer, attention_mask=mask)
+    # the cache remembers where the real tokens are, for analyses that average over positions
+    return out, ActivationCache(store, model, mask)
+
+
+def _runs_before(hook_name: str, stop: int) -> bool:
+    """Return whether a hook fires when the forward pass stops before block ``stop``."""
+    layer = layer_of(hook_name)
+    return layer < stop if layer is not None else hook_name in ("hook_embed", "hook_pos_embed")

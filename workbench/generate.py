@@ -36,6 +36,7 @@ from torch import Tensor
 
 from workbench import padding
 from workbench.errors import InputError
+from workbench.model import KVCache
 from workbench.padding import Batch
 
 FinishReason = Literal["stop_token", "max_new_tokens"]
@@ -248,8 +249,6 @@ def _decode_steps(
     prompt in front; step ``i`` may read positions ``< prompt_len + i`` only. ``mask`` (left-padded
     prompts) covers the whole buffer; the KV cache remembers the prompt's part.
     """
-    from workbench.model import KVCache
-
     batch, total = tokens.shape
     prompt_len = total - max_new_tokens
     generator = None

@@ -1,11 +1,21 @@
 """GPTConfig and HookedGPT: one readable GPT covering the GPT-2 and Llama families.
 
-Pieces in dependency order: config, positional encodings, norm, attention, MLP, block, model.
-Every interesting activation passes through a named :class:`~workbench.hooks.HookPoint`
+The reference, in the order a reader needs it: config, positions, norm, attention, MLP, block,
+model. Every interesting activation passes through a named :class:`~workbench.hooks.HookPoint`
 (TransformerLens' names). Weights are exposed per head as in the literature
 (``W_Q: [head d_model d_head]``) but stored in the memory layout ``F.linear`` wants, so the
 forward pass runs one fused matmul per projection over a view of the same memory.
-Loading, generation and conversion live in ``loading.py`` / ``generate.py``.
+
+Dependencies run one way. This module needs only the hook machinery, hook names, padding and the
+speed paths of :mod:`workbench.fastpath` (``linear`` is ``F.linear``, faster for decoding on the
+CPU). Loading (``loading.py``), generation (``generate.py``), activation caches (``cache.py``) and
+TransformerLens interop (``interop.py``) import this module, never the reverse at import time:
+``import workbench.model`` loads none of them. ``model.run_with_cache``, ``model.generate``,
+``model.save``, ``HookedGPT.load``/``from_hf`` and friends stay as methods for the user's
+convenience (TransformerLens users expect them), but each is a thin forwarder at the end of
+:class:`HookedGPT` that imports its implementation when called. We chose forwarders over having
+those modules attach methods on import: an attached ``model.generate`` would exist or not
+depending on what else the program happened to import.
 """
 
 from __future__ import annotations
@@ -22,8 +32,8 @@ from torch import Tensor, nn
 
 from workbench import padding
 from workbench.errors import ConfigError, InputError
+from workbench.fastpath import linear
 from workbench.hooks import HookedModule, HookPoint, NameFilter
-from workbench.names import layer_of
 from workbench.padding import Batch, PaddingSide
 
 Positional = Literal["learned", "rotary", "sinusoidal", "none"]
@@ -162,7 +172,7 @@ def parameter_counts(cfg: GPTConfig) -> dict[str, int]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Positional encodings
+# Positions and embeddings
 
 
 def sinusoidal_table(n_ctx: int, d_model: int) -> Float[Tensor, "pos d_model"]:
@@ -206,50 +216,40 @@ def apply_rotary(
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
-# ---------------------------------------------------------------------------------------------
-# Matrix products
+class Embed(nn.Module):
+    """The token embedding ``W_E [d_vocab d_model]``."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.W_E = nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model))
 
 
-#: inputs of at most this many rows take :func:`linear`'s split path ...
-SPLIT_MAX_ROWS = 8
-#: ... for weights of at least this many elements (smaller ones sit in cache: splitting costs more than it saves)
-SPLIT_MIN_WEIGHTS = 1 << 16
+class PosEmbed(nn.Module):
+    """The positional table ``W_pos [n_ctx d_model]``: learned, or fixed sinusoids."""
 
-
-def linear(x: Float[Tensor, "... d_in"], W: Float[Tensor, "d_out d_in"], b: Tensor | None = None) -> Tensor:
-    """``F.linear(x, W, b)``, faster when ``x`` has only a few rows on a multi-threaded CPU.
-
-    Decoding multiplies one row by every weight matrix. Torch hands a one-row fp32 product on the CPU to a
-    kernel that runs on one core, and one core streams memory at about half the rate of all. So for up
-    to :data:`SPLIT_MAX_ROWS` rows of fp32 on the CPU, the rows of ``W`` are cut into one block per
-    thread and multiplied as a batched matmul, which the BLAS spreads over the threads
-    (``python -m benchmarks generate`` prints both kernels' SmolLM2 weight-read rates, the
-    ``F.linear_ceiling`` and ``wb.linear_ceiling`` lines). Each output is the same dot product, so the
-    result equals ``F.linear``'s up to the order of summation (bit for bit in SmolLM2's shapes). Other
-    inputs (more rows, small weights, other dtypes, GPUs, one thread) go to ``F.linear`` unchanged.
-    """
-    d_out, d_in = W.shape
-    blocks = torch.get_num_threads()
-    if (
-        blocks < 2 or x.dtype is not torch.float32 or d_out % blocks or d_out * d_in < SPLIT_MIN_WEIGHTS
-        or not 0 < x.numel() <= SPLIT_MAX_ROWS * d_in
-        or not x.is_cpu or W.dtype is not torch.float32 or not W.is_contiguous()
-    ):
-        return F.linear(x, W, b)
-    # every step costs a few µs and this runs ~200 times per decoded token: views only, as few as possible
-    rows, n = x.numel() // d_in, d_out // blocks
-    x3 = x if x.ndim == 3 and x.shape[0] == 1 else x.reshape(1, rows, d_in)
-    y = torch.bmm(x3.expand(blocks, rows, d_in), W.as_strided((blocks, d_in, n), (n * d_in, 1, d_in)))
-    y = y.view(*x.shape[:-1], d_out) if rows == 1 else y.transpose(0, 1).reshape(*x.shape[:-1], d_out)
-    return y if b is None else y + b
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        if cfg.positional == "learned":
+            self.W_pos = nn.Parameter(torch.empty(cfg.n_ctx, cfg.d_model))
+        else:  # sinusoidal: a fixed table, recomputed from the config rather than stored
+            self.register_buffer("W_pos", sinusoidal_table(cfg.n_ctx, cfg.d_model), persistent=False)
 
 
 # ---------------------------------------------------------------------------------------------
-# Layers
+# Norm
 
 
 class Norm(nn.Module):
-    """LayerNorm or RMSNorm, with ``hook_scale`` and ``hook_normalized`` (before the affine part)."""
+    """LayerNorm or RMSNorm, with ``hook_scale`` and ``hook_normalized`` (before the affine part).
+
+    Three paths give the same numbers; which one runs depends on who is looking:
+
+    - *fused*: no hook on this norm (a plain forward pass): torch's ``F.layer_norm`` / ``F.rms_norm``.
+    - *observed*: hooks only read (every default ``run_with_cache``): the scale is computed
+      explicitly for ``hook_scale``, the normalized x still comes from the fused kernel.
+    - *replaced*: a hook on ``hook_scale`` may return another scale (frozen norms in attribution) or
+      wants its gradient: x is divided by the scale the hook returned, so both flow through it.
+    """
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -261,7 +261,7 @@ class Norm(nn.Module):
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
         if not (self.hook_scale.active or self.hook_normalized.active):
-            # fused kernels when nobody is looking inside
+            # fused path: nobody is looking inside, so one kernel does it all
             if self.kind == "layernorm":
                 return F.layer_norm(x, x.shape[-1:], self.w, self.b, self.eps)
             return F.rms_norm(x.float(), x.shape[-1:], None, self.eps).to(x.dtype) * self.w
@@ -276,22 +276,39 @@ class Norm(nn.Module):
             computed = (torch.linalg.vector_norm(x, dim=-1, keepdim=True).square() / d + self.eps).sqrt()
         scale = self.hook_scale(computed)
         if self.hook_scale.observe_only:
-            # the scale was only looked at (cached): the fused kernel gives the same normalized x
+            # observed path: the scale was only looked at, so the fused kernel gives the same normalized x
             normalized = (F.layer_norm(x, (d,), None, None, self.eps) if mean is not None
                           else F.rms_norm(x, (d,), None, self.eps))
-        else:  # a hook may have replaced the scale (e.g. frozen): divide by what it returned
+        else:
+            # replaced path: a hook may have returned another scale; divide by what it returned
             normalized = (x - mean if mean is not None else x) / scale
         x = self.hook_normalized(normalized).to(orig_dtype)
         return torch.addcmul(self.b, x, self.w) if self.b is not None else x * self.w
 
 
+# ---------------------------------------------------------------------------------------------
+# Attention
+
+
 def _per_head(shape_in_memory: tuple[int, ...], perm: tuple[int, ...]) -> nn.Parameter:
-    """A parameter whose logical (per-head) shape is a permutation of its memory layout."""
+    """Return a parameter whose logical (per-head) shape is a permutation of its memory layout."""
     return nn.Parameter(torch.empty(shape_in_memory).permute(perm))
 
 
 class Attention(nn.Module):
-    """Causal multi-head (or grouped-query) attention with optional RoPE."""
+    """Causal multi-head (or grouped-query) attention with optional RoPE.
+
+    Two ways to attend, chosen per call by who is looking (DESIGN: "SDPA unless a hook wants the pattern"):
+
+    - :meth:`attend_sdpa`: ``F.scaled_dot_product_attention``, which never materialises the
+      ``[batch head query key]`` pattern; used whenever no hook wants scores or pattern.
+    - :meth:`attend_explicit`: scores, softmax and the weighted sum written out, so
+      ``hook_attn_scores`` and ``hook_pattern`` can read and replace them.
+
+    And two ways to write the output: one fused matmul with ``W_O`` over all heads, or, when
+    ``hook_result`` is hooked (opt-in: a ``[batch pos head d_model]`` tensor), each head's
+    contribution separately, then summed.
+    """
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -338,9 +355,10 @@ class Attention(nn.Module):
         kv: tuple[Tensor, Tensor] | None,
         attn_mask: Float[Tensor, "batch 1 pos key"] | None = None,
     ) -> Float[Tensor, "batch pos d_model"]:
-        """``attn_mask`` (padded batches only, see workbench.padding.attention_bias) is added to the
+        """Return the attention output written to the residual stream.
+
+        ``attn_mask`` (padded batches only, see workbench.padding.attention_bias) is added to the
         scores: 0 where a query may attend, -inf where not, causality included; None is plain causal."""
-        cfg = self.cfg
         batch, n_pos, _ = x.shape
         q = self.hook_q(self._project(x, self.W_Q, self.b_Q))
         k = self.hook_k(self._project(x, self.W_K, self.b_K))
@@ -355,40 +373,68 @@ class Attention(nn.Module):
             k_cache.narrow(2, pos_offset, n_pos).copy_(k)
             v_cache.narrow(2, pos_offset, n_pos).copy_(v)
             k, v = k_cache.narrow(2, 0, pos_offset + n_pos), v_cache.narrow(2, 0, pos_offset + n_pos)
-        n_keys = k.shape[2]
-        group = cfg.n_heads // cfg.n_kv
         if self.hook_attn_scores.active or self.hook_pattern.active:
-            # The explicit path, only when someone wants to see scores or pattern. The `group` query
-            # heads that share a KV head are stacked along the query axis, so K and V are never
-            # repeated, and scaling plus the causal mask fold into one baddbmm.
-            n_kv = k.shape[1]
-            q_rows = q.reshape(batch * n_kv, group * n_pos, cfg.d_head)
-            k_cols = k.reshape(batch * n_kv, n_keys, cfg.d_head).transpose(1, 2)
-            if attn_mask is None:
-                mask = torch.full((n_pos, n_keys), float("-inf"), dtype=q.dtype, device=x.device).triu_(pos_offset + 1)
-                scores = torch.baddbmm(mask.repeat(group, 1), q_rows, k_cols, alpha=1 / math.sqrt(cfg.d_head))
-            else:  # one mask per row, broadcast over the (kv_head, group) head axes rather than copied per head
-                scores = torch.bmm(q_rows, k_cols).mul_(1 / math.sqrt(cfg.d_head))
-                scores.view(batch, n_kv, group, n_pos, n_keys).add_(attn_mask[:, :, None])
-            scores = self.hook_attn_scores(scores.view(batch, cfg.n_heads, n_pos, n_keys))
-            pattern = self.hook_pattern(scores.softmax(dim=-1))
-            z = torch.bmm(
-                pattern.reshape(batch * n_kv, group * n_pos, n_keys), v.reshape(batch * n_kv, n_keys, cfg.d_head)
-            ).view(batch, cfg.n_heads, n_pos, cfg.d_head)
+            z = self.attend_explicit(q, k, v, pos_offset, attn_mask)
         else:
-            mask = attn_mask
-            if mask is None and pos_offset and n_pos > 1:
-                mask = torch.ones(n_pos, n_keys, dtype=torch.bool, device=x.device).tril(pos_offset)
-            z = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None and n_pos > 1, enable_gqa=group > 1
-            )
+            z = self.attend_sdpa(q, k, v, pos_offset, attn_mask)
         z = self.hook_z(z.transpose(1, 2))  # [batch pos head d_head]
         if self.hook_result.active:
             result = self.hook_result(torch.einsum("bphd,hdm->bphm", z, self.W_O))
             out = result.sum(dim=2)
             return out if self.b_O is None else out + self.b_O
-        W_O = self.W_O.permute(2, 0, 1).reshape(cfg.d_model, -1)
+        W_O = self.W_O.permute(2, 0, 1).reshape(self.cfg.d_model, -1)
         return linear(z.reshape(batch, n_pos, -1), W_O, self.b_O)
+
+    def attend_sdpa(
+        self,
+        q: Float[Tensor, "batch head pos d_head"],
+        k: Float[Tensor, "batch kv_head key d_head"],
+        v: Float[Tensor, "batch kv_head key d_head"],
+        pos_offset: int,
+        attn_mask: Tensor | None,
+    ) -> Float[Tensor, "batch head pos d_head"]:
+        """Return ``softmax(q k^T / sqrt(d_head) + mask) v`` through torch's fused kernel (no pattern kept)."""
+        n_pos, n_keys = q.shape[2], k.shape[2]
+        mask = attn_mask
+        if mask is None and pos_offset and n_pos > 1:  # a chunk after cached positions: causal, shifted
+            mask = torch.ones(n_pos, n_keys, dtype=torch.bool, device=q.device).tril(pos_offset)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and n_pos > 1, enable_gqa=q.shape[1] > k.shape[1]
+        )
+
+    def attend_explicit(
+        self,
+        q: Float[Tensor, "batch head pos d_head"],
+        k: Float[Tensor, "batch kv_head key d_head"],
+        v: Float[Tensor, "batch kv_head key d_head"],
+        pos_offset: int,
+        attn_mask: Tensor | None,
+    ) -> Float[Tensor, "batch head pos d_head"]:
+        """Return the same as :meth:`attend_sdpa`, through ``hook_attn_scores`` and ``hook_pattern``.
+
+        The ``group`` query heads that share a KV head are stacked along the query axis, so K and V
+        are never repeated, and scaling plus the causal mask fold into one baddbmm."""
+        cfg = self.cfg
+        batch, n_heads, n_pos, d_head = q.shape
+        n_kv, n_keys = k.shape[1], k.shape[2]
+        group = n_heads // n_kv
+        q_rows = q.reshape(batch * n_kv, group * n_pos, d_head)
+        k_cols = k.reshape(batch * n_kv, n_keys, d_head).transpose(1, 2)
+        if attn_mask is None:
+            mask = torch.full((n_pos, n_keys), float("-inf"), dtype=q.dtype, device=q.device).triu_(pos_offset + 1)
+            scores = torch.baddbmm(mask.repeat(group, 1), q_rows, k_cols, alpha=1 / math.sqrt(cfg.d_head))
+        else:  # one mask per row, broadcast over the (kv_head, group) head axes rather than copied per head
+            scores = torch.bmm(q_rows, k_cols).mul_(1 / math.sqrt(cfg.d_head))
+            scores.view(batch, n_kv, group, n_pos, n_keys).add_(attn_mask[:, :, None])
+        scores = self.hook_attn_scores(scores.view(batch, n_heads, n_pos, n_keys))
+        pattern = self.hook_pattern(scores.softmax(dim=-1))
+        return torch.bmm(
+            pattern.reshape(batch * n_kv, group * n_pos, n_keys), v.reshape(batch * n_kv, n_keys, d_head)
+        ).view(batch, n_heads, n_pos, d_head)
+
+
+# ---------------------------------------------------------------------------------------------
+# MLP
 
 
 _ACTIVATIONS = {
@@ -431,6 +477,10 @@ class MLP(nn.Module):
         return self.hook_out(linear(post, self.W_out.T, self.b_out))
 
 
+# ---------------------------------------------------------------------------------------------
+# Block
+
+
 class Block(nn.Module):
     """Pre-norm residual block: attention, then (unless attention-only) an MLP."""
 
@@ -457,22 +507,13 @@ class Block(nn.Module):
         return self.hook_resid_post(resid)
 
 
-class Embed(nn.Module):
-    def __init__(self, cfg: GPTConfig):
-        super().__init__()
-        self.W_E = nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model))
-
-
-class PosEmbed(nn.Module):
-    def __init__(self, cfg: GPTConfig):
-        super().__init__()
-        if cfg.positional == "learned":
-            self.W_pos = nn.Parameter(torch.empty(cfg.n_ctx, cfg.d_model))
-        else:  # sinusoidal: a fixed table, recomputed from the config rather than stored
-            self.register_buffer("W_pos", sinusoidal_table(cfg.n_ctx, cfg.d_model), persistent=False)
+# ---------------------------------------------------------------------------------------------
+# The model
 
 
 class Unembed(nn.Module):
+    """The unembedding ``W_U [d_model d_vocab]`` (a view of ``W_E`` when tied) and optional ``b_U``."""
+
     def __init__(self, cfg: GPTConfig, embed: Embed):
         super().__init__()
         # tied: W_U is a view of W_E; kept out of the module tree so it is not a second parameter
@@ -515,10 +556,6 @@ class KVCache:
     @property
     def max_pos(self) -> int:
         return self.keys[0].shape[2]
-
-
-# ---------------------------------------------------------------------------------------------
-# The model
 
 
 class HookedGPT(HookedModule):
@@ -683,54 +720,7 @@ class HookedGPT(HookedModule):
         padding.check_rows_have_tokens(key_mask)
         return key_mask
 
-    # -- caching ---------------------------------------------------------------------------------
-
-    def run_with_cache(
-        self,
-        tokens: Int[Tensor, "batch pos"] | Batch,
-        names_filter: NameFilter = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        stop_at_layer: int | None = None,
-        incl_grad: bool = False,
-        attention_mask: Bool[Tensor, "batch pos"] | None = None,
-    ):
-        """Return ``(output, cache)``: logits (or, with ``stop_at_layer=L``, ``blocks.L.hook_resid_pre``)
-        and an :class:`~workbench.cache.ActivationCache` of the hooks ``names_filter`` selects.
-
-        ``names_filter=None`` caches every hook except the opt-in ``attn.hook_result`` (a
-        ``[batch pos head d_model]`` tensor per layer); name it to get it. Stored tensors are
-        detached and the pass runs without autograd unless ``incl_grad=True``. ``device`` and
-        ``dtype`` say where and how to keep the stored activations.
-
-        With ``incl_grad=True`` the activations keep their graph and every backward pass through the
-        output (``metric(out).backward()``) stores the gradient at each cached hook as
-        ``cache[name + "_grad"]``, as TransformerLens does.
-        """
-        from workbench.cache import ActivationCache
-
-        tokens, attention_mask = padding.unpack(tokens, attention_mask)
-        tokens = self.check_tokens(tokens)
-        mask = self.key_mask(tokens, attention_mask)  # None unless some position is padding
-        if names_filter is None:
-            names_filter = lambda name: not name.endswith("hook_result")  # noqa: E731
-        store, fwd_hooks = self.caching_hooks(names_filter, device, dtype, incl_grad)
-        bwd_hooks = self.grad_caching_hooks(store, names_filter, device, dtype) if incl_grad else []
-        if stop_at_layer is not None:
-            if not -self.cfg.n_layers <= stop_at_layer <= self.cfg.n_layers:
-                raise InputError(f"stop_at_layer={stop_at_layer} is outside [-{self.cfg.n_layers}, {self.cfg.n_layers}]")
-            if stop_at_layer < 0:  # as in Python slicing: -1 stops before the last block
-                stop_at_layer += self.cfg.n_layers
-            # hooks past the stopping layer never fire; keep them out of the cache
-            fwd_hooks = [(n, f) for n, f in fwd_hooks if _runs_before(n, stop_at_layer)]
-            bwd_hooks = [(n, f) for n, f in bwd_hooks if _runs_before(n, stop_at_layer)]
-        with torch.set_grad_enabled(incl_grad and torch.is_grad_enabled()), self.hooks(fwd_hooks, bwd_hooks):
-            if stop_at_layer is None:
-                out = self(tokens, attention_mask=mask)
-            else:
-                out = self.run_blocks(self.embed_tokens(tokens, 0, mask), stop=stop_at_layer, attention_mask=mask)
-        # the cache remembers where the real tokens are, for analyses that average over positions
-        return out, ActivationCache(store, self, mask)
+    # -- hook names and shapes -------------------------------------------------------------------
 
     def hook_shapes(self, batch: int = 1, pos: int = 4) -> dict[str, tuple[int, ...]]:
         """Return every hook name with the shape it sees for a ``[batch, pos]`` input."""
@@ -829,50 +819,70 @@ class HookedGPT(HookedModule):
             ids = list(text_or_tokens)
         return tok.str_tokens(ids)
 
-    # -- delegations to loading.py / generate.py ------------------------------------------------
+    # -- conveniences implemented in the modules that build on this one ------------------------
+    # Each method below is a thin forwarder, kept so that ``model.generate(...)``, ``model.run_with_cache(...)``
+    # and ``HookedGPT.load(...)`` work on any model. The implementation lives in the module that depends on
+    # model.py and imports it at its top; importing that module here, at call time, keeps the import graph
+    # one-way (see this module's docstring).
+
+    def run_with_cache(
+        self,
+        tokens: Int[Tensor, "batch pos"] | Batch,
+        names_filter: NameFilter = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        stop_at_layer: int | None = None,
+        incl_grad: bool = False,
+        attention_mask: Bool[Tensor, "batch pos"] | None = None,
+    ):
+        """Return ``(output, cache)``: logits (or ``blocks.L.hook_resid_pre`` with ``stop_at_layer=L``)
+        and an :class:`~workbench.cache.ActivationCache`; see :func:`workbench.cache.run_with_cache`."""
+        from workbench.cache import run_with_cache  # cache.py imports model.py
+
+        return run_with_cache(self, tokens, names_filter, device=device, dtype=dtype, stop_at_layer=stop_at_layer,
+                              incl_grad=incl_grad, attention_mask=attention_mask)
+
+    def generate(self, *args, **kwargs):
+        """Return sampled continuations; see :func:`workbench.generate.generate` for the arguments."""
+        from workbench.generate import generate  # generate.py imports model.py
+
+        return generate(self, *args, **kwargs)
 
     def save(self, directory) -> None:
         """Write a native checkpoint (config.json + model.safetensors + tokenizer files)."""
-        from workbench.loading import save_native
+        from workbench.loading import save_native  # loading.py imports model.py
 
         save_native(self, directory)
 
     @classmethod
     def load(cls, directory, device=None, dtype=None) -> "HookedGPT":
-        from workbench.loading import load_native
+        """Return the model of a native checkpoint directory (see :func:`workbench.loading.load_native`)."""
+        from workbench.loading import load_native  # loading.py imports model.py
 
         return load_native(directory, device=device, dtype=dtype)
 
     @classmethod
     def from_hf(cls, model_or_path, **kwargs) -> "HookedGPT":
-        from workbench.loading import from_hf
+        """Return a HookedGPT from a transformers model, state dict or directory (see workbench.loading)."""
+        from workbench.loading import from_hf  # loading.py imports model.py
 
         return from_hf(model_or_path, **kwargs)
 
     def to_hf(self):
-        from workbench.loading import to_hf
+        """Return a transformers model with these weights (see :func:`workbench.loading.to_hf`)."""
+        from workbench.loading import to_hf  # loading.py imports model.py
 
         return to_hf(self)
 
     def to_transformer_lens(self):
         """Return a TransformerLens 4.x ``TransformerBridge`` over these weights (see workbench.interop)."""
-        from workbench.interop import to_transformer_lens
+        from workbench.interop import to_transformer_lens  # interop.py imports model.py
 
         return to_transformer_lens(self)
 
     @classmethod
     def from_transformer_lens(cls, bridge) -> "HookedGPT":
-        from workbench.interop import from_transformer_lens
+        """Return a HookedGPT with a TransformerLens bridge's weights (see workbench.interop)."""
+        from workbench.interop import from_transformer_lens  # interop.py imports model.py
 
         return from_transformer_lens(bridge)
-
-    def generate(self, *args, **kwargs):
-        from workbench.generate import generate
-
-        return generate(self, *args, **kwargs)
-
-
-def _runs_before(hook_name: str, stop: int) -> bool:
-    """Whether a hook fires when the forward pass stops before block ``stop``."""
-    layer = layer_of(hook_name)
-    return layer < stop if layer is not None else hook_name in ("hook_embed", "hook_pos_embed")
