@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 
 from workbench.errors import DataError
 from workbench.model import GPTConfig, HookedGPT
+from workbench.pipelines import token_windows
 from workbench.sae.evaluate import EvalConfig, SpliceConfig, evaluate_sae, spliced_metrics
 from workbench.sae.model import SAE, SAEConfig
 from workbench.sae.train import TrainConfig, train_sae
@@ -129,13 +131,13 @@ def test_store_of_another_model_or_width_is_refused(bigram_lm, bigram_store):
     with pytest.raises(DataError, match="trained on hook 'blocks.0.hook_resid_mid', not 'blocks.0.hook_resid_post'"):
         evaluate_sae(bigram_lm.model, sae, bigram_store, HOOK)
     sae.metadata = {"hook_name": HOOK, "model_name": "smollm2-135m", "trained_with": "interp-workbench"}
-    name = bigram_store.manifest["model"]["name"]
-    bigram_store.manifest["model"]["name"] = "bigram"
+    manifest = bigram_store.manifest
+    bigram_store.manifest = replace(manifest, model=replace(manifest.model, name="bigram"))
     try:
         with pytest.raises(DataError, match="activations of 'smollm2-135m'.*holds 'bigram'"):
             evaluate_sae(bigram_lm.model, sae, bigram_store, HOOK)
     finally:
-        bigram_store.manifest["model"]["name"] = name
+        bigram_store.manifest = manifest
     wide = HookedGPT(GPTConfig(**{**bigram_lm.model.cfg.to_dict(), "d_model": 16, "d_head": 4}))
     with pytest.raises(DataError, match="another model"):
         evaluate_sae(wide, perfect_sae(16), bigram_store, HOOK)
@@ -149,7 +151,6 @@ def test_topk_sae_on_the_small_text_lm_recovers_90_percent_of_ce_loss(tmp_path, 
     """The acceptance property on the shipped KJV language model: cache 8k tokens, train a TopK SAE
     (4x expansion, k 32) for 400 steps, splice it in on windows it was not trained on."""
     from workbench import load_model
-    from workbench.commands.store import token_windows
 
     model = load_model("kjv-small")
     windows = token_windows(model, "kjv", 64, 144)

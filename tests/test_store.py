@@ -301,7 +301,7 @@ def test_two_ranks_write_the_same_rows_as_one(model, windows, tmp_path, monkeypa
         monkeypatch.setattr(store_mod, "dist_info", lambda r=rank: DistInfo(r, 2))
         write_store(model, windows, tmp_path / "two", small())
     one, two = ActivationStore.open(tmp_path / "one"), ActivationStore.open(tmp_path / "two", verify=True)
-    assert {s["rank"] for s in two.shards} == {0, 1}
+    assert {s.rank for s in two.shards} == {0, 1}
     for hook in HOOKS:
         assert torch.equal(one.acts(hook), two.acts(hook))
     assert torch.equal(one.tokens(), two.tokens())
@@ -360,3 +360,56 @@ def test_a_second_cache_writer_on_one_store_fails_at_once_and_the_first_verifies
     assert f"is writing {out}" in str(errors[0]) and "\n" not in str(errors[0])
     ActivationStore.open(out, verify=True)
     assert not (out / ".lock").exists()
+
+
+# --- issue 14: the manifest is a dataclass; stores written before it still read
+
+#: A store written by the code before StoreManifest (git d873650: a 1-layer d_model-8 model, 4 windows of 4, first
+#: position 1, two shards); its manifest.json is the dict that code wrote.
+V1_STORE = Path(__file__).parent / "data" / "store_v1"
+
+
+def _keys(obj) -> object:
+    """The key structure of a JSON value (dict keys in order, recursively; values dropped)."""
+    if isinstance(obj, dict):
+        return [(k, _keys(v)) for k, v in obj.items() if k != "config"]  # a model config's keys are GPTConfig's
+    if isinstance(obj, list):
+        return [_keys(v) for v in obj[:1]]
+    return None
+
+
+def test_a_store_written_before_the_manifest_dataclass_reads_and_keeps_its_json(tmp_path):
+    store = ActivationStore.open(V1_STORE, verify=True)
+    m = store.manifest
+    assert isinstance(m, store_mod.StoreManifest) and m.model.name == "tiny" and m.first_position == 1
+    assert m.hooks["blocks.0.hook_resid_post"] == store_mod.HookInfo(shape=(8,), d_in=8)
+    assert store.acts("blocks.0.hook_resid_post").shape == (12, 8) and store.row_of(3, 1) == 9
+    assert m.to_json() == json.loads((V1_STORE / "manifest.json").read_text())  # key for key, value for value
+    # what this code writes has the same layout, key order included
+    torch.manual_seed(0)
+    tiny = HookedGPT(GPTConfig(d_model=8, n_layers=1, n_heads=2, d_mlp=16, d_vocab=20, n_ctx=4)).eval()
+    w = torch.randint(0, 20, (4, 4), generator=torch.Generator().manual_seed(1))
+    write_store(tiny, w, tmp_path / "new", StoreConfig(hooks=("blocks.0.hook_resid_post",), batch_windows=2,
+                                                       shard_tokens=8, first_position=1), model_name="tiny")
+    new = json.loads((tmp_path / "new" / "manifest.json").read_text())
+    assert _keys(new) == _keys(m.to_json())
+    assert torch.equal(ActivationStore.open(tmp_path / "new").windows(), store.windows())
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda m: m.pop("n_ctx"), r"manifest.json is damaged \(the manifest lacks the key\(s\) \['n_ctx'\]\)"),
+    (lambda m: m["shards"][1].pop("rows"), r"manifest.json is damaged \('shards'\[1\] lacks the key\(s\) \['rows'\]\)"),
+    (lambda m: m.update(chunk_size=4), r"manifest.json: the manifest has unknown key\(s\) \['chunk_size'\].*another version"),
+    (lambda m: m["hooks"]["blocks.0.hook_resid_post"].update(d_model=8),
+     r"'hooks'\['blocks.0.hook_resid_post'\] has unknown key\(s\) \['d_model'\]"),
+    (lambda m: m["corpus"].update(n_windows="4"), r"'corpus'.n_windows is \"4\", not a count"),
+    (lambda m: m.update(complete="yes"), r"'complete' is \"yes\", not true or false"),
+])
+def test_a_manifest_with_a_missing_unknown_or_mistyped_key_is_refused_naming_the_file(tmp_path, edit, message):
+    shutil.copytree(V1_STORE, tmp_path / "s")
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    edit(manifest)
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=message) as info:
+        ActivationStore.open(tmp_path / "s")
+    assert str(tmp_path / "s" / "manifest.json") in str(info.value) and "\n" not in str(info.value)

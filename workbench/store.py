@@ -36,9 +36,10 @@ import os
 import re
 import shutil
 import time
+import typing
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -46,10 +47,12 @@ import numpy as np
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from workbench.distributed import barrier, dist_info
 from workbench.errors import ConfigError, DataError
 from workbench.locking import lock_name, output_lock
+from workbench.names import layer_of
 from workbench.zoo import sha256_file
 
 FORMAT = "workbench-activation-store"
@@ -141,22 +144,274 @@ class ReaderConfig:
             )
 
 
-def hook_layer(hook: str) -> int | None:
-    """Return the block index a hook lives in, -1 for the embeddings, None for after the last block."""
-    m = re.match(r"^blocks\.(\d+)\.", hook)
-    if m:
-        return int(m.group(1))
-    if hook in ("hook_embed", "hook_pos_embed", "hook_tokens"):
-        return -1
-    return None
+#: Hooks computed before the first block.
+_EMBED_HOOKS = ("hook_embed", "hook_pos_embed")
 
 
 def stop_layer(hooks: Sequence[str]) -> int | None:
     """Return the ``stop_at_layer`` that computes every hook in ``hooks`` and nothing after them."""
-    layers = [hook_layer(h) for h in hooks]
-    if any(layer is None for layer in layers):
-        return None  # ln_final / unembed hooks need the whole model
-    return max(layers) + 1  # type: ignore[type-var, operator]
+    stop = 0  # the embedding hooks need no block
+    for hook in hooks:
+        layer = layer_of(hook)
+        if layer is None and hook not in _EMBED_HOOKS:
+            return None  # ln_final / unembed hooks need the whole model
+        if layer is not None:
+            stop = max(stop, layer + 1)
+    return stop
+
+
+# --------------------------------------------------------------------------------------------
+# the manifest
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    """One file of a shard, as the manifest lists it."""
+
+    sha256: str
+    """SHA-256 of the file's bytes (compared when a store is opened with ``verify``)."""
+    bytes: int
+    """Its size in bytes (compared at every open)."""
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    """One finished shard: a run of whole windows, written by one rank."""
+
+    name: str
+    """Directory name, ``shard-r{rank}-{index:05d}``."""
+    rank: int
+    """The ``torchrun`` rank that wrote it (0 without torchrun)."""
+    index: int
+    """Its place among the store's shards; shard ``i`` is written by rank ``i % world_size``."""
+    window_start: int
+    """Global index of its first window."""
+    n_windows: int
+    """Windows it holds."""
+    rows: int
+    """Rows it holds: ``n_windows * rows_per_window``."""
+    files: dict[str, StoredFile]
+    """File name -> size and checksum: one ``.npy`` per hook, then tokens, positions, windows and context."""
+
+
+@dataclass(frozen=True)
+class HookInfo:
+    """What a store keeps of one hook."""
+
+    shape: tuple[int, ...]
+    """Shape of one row's activation (``[d_model]``; ``[n_heads, d_head]`` for ``attn.hook_z``)."""
+    d_in: int
+    """Features a row, ``shape`` flattened."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The model a store was written by."""
+
+    name: str
+    """The name it was cached under (a zoo name or a path; may be empty)."""
+    config: dict[str, Any]
+    """Its config as ``cfg.to_dict()`` gives it (empty for a model without one)."""
+    fingerprint: str
+    """Hash of its parameter names, shapes and first values (:func:`model_fingerprint`): two
+    checkpoints of one config differ here."""
+
+
+@dataclass(frozen=True)
+class CorpusInfo:
+    """The token windows a store was written from."""
+
+    n_windows: int
+    """Windows in the whole corpus (over all ranks)."""
+    sha256: str
+    """Short digest of the windows' token ids: a resumed run must be given the same windows."""
+
+
+#: StoreManifest fields that a finished run adds to its header; every other field must agree on resume.
+_PROGRESS_FIELDS = ("complete", "n_rows", "shards")
+
+
+@dataclass(frozen=True)
+class StoreManifest:
+    """``manifest.json`` of an activation store: what it holds and where (kept as this JSON, key for key).
+
+    Frozen; the dict fields are the JSON's own tables and are not copied. :meth:`from_json` refuses
+    a missing or unknown key, a value of the wrong type and numbers that disagree, naming the file.
+    """
+
+    format: str
+    """Always ``workbench-activation-store``."""
+    version: int
+    """Layout version (1)."""
+    model: ModelInfo
+    """The model whose activations these are."""
+    hooks: dict[str, HookInfo]
+    """Hook name -> its row shape, in the order given to :class:`StoreConfig`."""
+    dtype: StoreDtype
+    """Dtype of the stored activations (bfloat16 is kept as its raw 16 bits)."""
+    n_ctx: int
+    """Tokens per window."""
+    first_position: int
+    """Positions before this one were not stored."""
+    rows_per_window: int
+    """Rows each window gives: ``n_ctx - first_position``."""
+    corpus: CorpusInfo
+    """The windows the store was written from."""
+    n_tokens: int
+    """Rows of the finished store: ``corpus.n_windows * rows_per_window``."""
+    batch_windows: int
+    """Windows per forward pass when it was written."""
+    shard_windows: int
+    """Windows per shard (the last shard may hold fewer)."""
+    world_size: int
+    """Processes that wrote it (``torchrun``)."""
+    complete: bool
+    """Whether every shard is written (an interrupted run leaves False; rerunning it finishes the store)."""
+    n_rows: int
+    """Rows listed so far: the sum of ``shards``' rows."""
+    shards: tuple[ShardEntry, ...]
+    """The finished shards, in window order."""
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the manifest as the JSON object ``manifest.json`` holds."""
+        return _to_json(self)
+
+    @classmethod
+    def from_json(cls, data: Any, path: Path) -> StoreManifest:
+        """Return the manifest ``data`` (parsed from ``path``), or raise DataError naming the file and what is wrong."""
+        if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("version") != FORMAT_VERSION:
+            data = data if isinstance(data, dict) else {}
+            raise DataError(
+                f"{path.parent} is not a {FORMAT} v{FORMAT_VERSION} store "
+                f"(format {_short(data.get('format'))}, version {_short(data.get('version'))})"
+            )
+        manifest = _from_json(cls, data, path, "the manifest")
+        manifest._check_consistent(path)
+        return manifest
+
+    @classmethod
+    def read(cls, path: Path) -> StoreManifest:
+        """Return the manifest in the file ``path``."""
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path} is not valid JSON ({exc}); the store is damaged: cache it again") from exc
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path} is not UTF-8 text ({exc}); the store is damaged: cache it again") from exc
+        return cls.from_json(data, path)
+
+    def header(self) -> dict[str, Any]:
+        """The JSON of the fields a resumed run must agree on (all but completion and the shard list)."""
+        return {k: v for k, v in self.to_json().items() if k not in _PROGRESS_FIELDS}
+
+    def with_shards(self, shards: Sequence[ShardEntry], complete: bool) -> StoreManifest:
+        """Return this manifest listing ``shards`` (sorted into window order) and marked ``complete`` or not."""
+        ordered = tuple(sorted(shards, key=lambda s: s.window_start))
+        return replace(self, complete=complete, n_rows=sum(s.rows for s in ordered), shards=ordered)
+
+    def row_bytes(self) -> int:
+        """Bytes one row takes on disk: every hook's activation, its token id, position and window index."""
+        itemsize = _NUMPY_DTYPES[self.dtype].itemsize
+        return sum(h.d_in * itemsize for h in self.hooks.values()) + 4 + 4 + 8
+
+    def _check_consistent(self, path: Path) -> None:
+        """Raise DataError unless the numbers agree with each other (a hand-edited or damaged manifest is refused
+        here, in one line, rather than as a TypeError or a wrong read deep in a reader)."""
+
+        def bad(what: str) -> DataError:
+            return DataError(f"{path} is damaged ({what}); the store cannot be read: delete it and cache it again")
+
+        if not self.hooks:
+            raise bad("'hooks' lists no hook")
+        for hook, info in self.hooks.items():
+            if not info.d_in:
+                raise bad(f"hook {hook!r} has no positive d_in")
+        if self.dtype not in _TORCH_DTYPES:
+            raise bad(f"dtype {self.dtype!r} is not one of {sorted(_TORCH_DTYPES)}")
+        if (not self.n_ctx or self.first_position >= self.n_ctx
+                or self.rows_per_window != self.n_ctx - self.first_position):
+            raise bad("n_ctx, first_position and rows_per_window disagree")
+        needed = {f"{h}.npy" for h in self.hooks} | set(_META_FILES)
+        for shard in self.shards:
+            if not _SHARD_RE.match(shard.name):
+                raise bad(f"a shard is named {_short(shard.name)}, not shard-rR-NNNNN")
+            if shard.rows != shard.n_windows * self.rows_per_window:
+                raise bad(f"shard {shard.name} lists {shard.rows} rows for {shard.n_windows} windows")
+            if set(shard.files) != needed:
+                raise bad(f"shard {shard.name} lists the files {sorted(shard.files)}, not {sorted(needed)}")
+        if self.n_rows != sum(s.rows for s in self.shards):
+            raise bad(f"n_rows {self.n_rows} is not the sum of its shards' rows")
+
+
+def _to_json(value: Any) -> Any:
+    if is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _to_json(getattr(value, f.name)) for f in fields(value)}
+    if isinstance(value, dict):
+        return {k: _to_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_json(v) for v in value]
+    return value
+
+
+def _from_json(cls: type, data: Any, path: Path, where: str) -> Any:
+    """Build the dataclass ``cls`` from the JSON object ``data`` (``where`` it sits in ``path``), checking every key."""
+
+    def bad(what: str) -> DataError:
+        return DataError(f"{path} is damaged ({what}); the store cannot be read: delete it and cache it again")
+
+    if not isinstance(data, dict):
+        raise bad(f"{where} is {_short(data)}, not an object")
+    names = [f.name for f in fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise DataError(
+            f"{path}: {where} has unknown key(s) {unknown} (it holds {names}); the file was written by another "
+            "version of the workbench or edited by hand: cache the store again with this version"
+        )
+    missing = [n for n in names if n not in data]
+    if missing:
+        raise bad(f"{where} lacks the key(s) {missing}")
+    hints = typing.get_type_hints(cls)
+    return cls(**{n: _json_value(hints[n], data[n], path, f"{where}.{n}" if where != "the manifest" else repr(n))
+                  for n in names})
+
+
+def _json_value(hint: Any, value: Any, path: Path, where: str) -> Any:
+    """Return ``value`` as the type ``hint`` asks for, or raise DataError saying what it is instead."""
+
+    def bad(expected: str) -> DataError:
+        return DataError(f"{path} is damaged ({where} is {_short(value)}, not {expected}); the store cannot be read: "
+                         "delete it and cache it again")
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if is_dataclass(hint):
+        return _from_json(hint, value, path, where)
+    if hint is int:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise bad("a count")
+        return value
+    if hint is bool or hint is str or origin is typing.Literal:
+        kind = bool if hint is bool else str
+        if not isinstance(value, kind):
+            raise bad("true or false" if kind is bool else "a string")
+        return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad("an object")
+        if args[1] is Any:
+            return value
+        return {k: _json_value(args[1], v, path, f"{where}[{k!r}]") for k, v in value.items()}
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise bad("a list")
+        return tuple(_json_value(args[0], v, path, f"{where}[{i}]") for i, v in enumerate(value))
+    raise TypeError(f"no JSON reader for {hint}")  # a field type added to the manifest without one
+
+
+# --------------------------------------------------------------------------------------------
+# small helpers
+# --------------------------------------------------------------------------------------------
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
@@ -184,10 +439,11 @@ def _tokens_digest(windows: Tensor) -> str:
     return hashlib.sha256(windows.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
+def _write_manifest(path: Path, manifest: StoreManifest) -> None:
+    """Replace the manifest file ``path`` atomically (written aside, fsynced, renamed)."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
+        json.dump(manifest.to_json(), f, indent=1)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -231,11 +487,11 @@ class _HashingFile:
         self.h.update(data)
         self.n += len(data)
 
-    def close(self) -> dict[str, Any]:
+    def close(self) -> StoredFile:
         self.f.flush()
         os.fsync(self.f.fileno())
         self.f.close()
-        return {"sha256": self.h.hexdigest(), "bytes": self.n}
+        return StoredFile(sha256=self.h.hexdigest(), bytes=self.n)
 
     def abort(self) -> None:
         try:
@@ -282,29 +538,35 @@ def _plan_shards(n_windows: int, rows_per_window: int, cfg: StoreConfig) -> list
     ]
 
 
-def _header(model: Any, model_name: str, windows: Tensor, cfg: StoreConfig, shapes: dict[str, list[int]],
-            world_size: int, shard_windows: int) -> dict[str, Any]:
-    """The part of the manifest that must agree between a run and its resumption."""
+def _header(model: Any, model_name: str, windows: Tensor, cfg: StoreConfig, shapes: dict[str, tuple[int, ...]],
+            world_size: int, shard_windows: int) -> StoreManifest:
+    """The manifest of the store to write, with no shard listed yet (its header must agree on resume)."""
     n_windows, n_ctx = windows.shape
     rows_per_window = n_ctx - cfg.first_position
-    return {
-        "format": FORMAT,
-        "version": FORMAT_VERSION,
-        "model": {"name": model_name, "config": _model_config(model), "fingerprint": model_fingerprint(model)},
-        "hooks": {h: {"shape": shapes[h], "d_in": int(np.prod(shapes[h]))} for h in cfg.hooks},
-        "dtype": cfg.dtype,
-        "n_ctx": int(n_ctx),
-        "first_position": cfg.first_position,
-        "rows_per_window": rows_per_window,
-        "corpus": {"n_windows": int(n_windows), "sha256": _tokens_digest(windows)},
-        "n_tokens": int(n_windows * rows_per_window),
-        "batch_windows": cfg.batch_windows,
-        "shard_windows": shard_windows,
-        "world_size": world_size,
-    }
+    return StoreManifest(
+        format=FORMAT,
+        version=FORMAT_VERSION,
+        # the config as JSON gives it back, so a resumed run compares equal values
+        model=ModelInfo(name=model_name, config=json.loads(json.dumps(_model_config(model))),
+                        fingerprint=model_fingerprint(model)),
+        hooks={h: HookInfo(shape=shapes[h], d_in=int(np.prod(shapes[h]))) for h in cfg.hooks},
+        dtype=cfg.dtype,
+        n_ctx=int(n_ctx),
+        first_position=cfg.first_position,
+        rows_per_window=rows_per_window,
+        corpus=CorpusInfo(n_windows=int(n_windows), sha256=_tokens_digest(windows)),
+        n_tokens=int(n_windows * rows_per_window),
+        batch_windows=cfg.batch_windows,
+        shard_windows=shard_windows,
+        world_size=world_size,
+        complete=False,
+        n_rows=0,
+        shards=(),
+    )
 
 
-def _probe_shapes(model: Any, windows: Tensor, cfg: StoreConfig, stop: int | None, device: torch.device) -> dict[str, list[int]]:
+def _probe_shapes(model: Any, windows: Tensor, cfg: StoreConfig, stop: int | None,
+                  device: torch.device) -> dict[str, tuple[int, ...]]:
     # Two tokens are enough to learn the shapes; a whole window would cost a forward pass.
     probe = windows[:1, : min(2, windows.shape[1])].to(device)
     with torch.no_grad():
@@ -317,33 +579,30 @@ def _probe_shapes(model: Any, windows: Tensor, cfg: StoreConfig, stop: int | Non
                 f"hook {h!r} gives activations of shape {tuple(act.shape)}, not [batch pos ...]; "
                 "a store keeps one row per token: choose a per-position hook"
             )
-        shapes[h] = [int(s) for s in act.shape[2:]]
+        shapes[h] = tuple(int(s) for s in act.shape[2:])
     return shapes
 
 
-def _check_resume(out: Path, header: dict[str, Any], progress_path: Path) -> list[dict[str, Any]]:
+def _check_resume(out: Path, header: StoreManifest, progress_path: Path) -> list[ShardEntry]:
     """Return the shards an earlier run of the same job listed; refuse a store of another job."""
     source = progress_path if progress_path.is_file() else out / MANIFEST
     if not source.is_file():
         return []
-    try:
-        old = json.loads(source.read_text())
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{source} is not valid JSON ({exc}); delete {out} and cache again") from exc
-    for key, value in header.items():
-        if old.get(key) != value:
+    old = StoreManifest.read(source).header()
+    for key, value in header.header().items():
+        if old[key] != value:
             raise DataError(
-                f"{out} already holds a different activation store ({key}: {_short(old.get(key))} there, "
+                f"{out} already holds a different activation store ({key}: {_short(old[key])} there, "
                 f"{_short(value)} requested); choose another --out directory or delete {out}"
             )
-    return list(old.get("shards", []))
+    return list(StoreManifest.read(source).shards)
 
 
-def _shard_intact(out: Path, shard: dict[str, Any]) -> bool:
+def _shard_intact(out: Path, shard: ShardEntry) -> bool:
     """Return whether every file the manifest lists for ``shard`` is there with its listed size."""
     try:
-        return all((out / shard["name"] / f).stat().st_size == meta["bytes"] for f, meta in shard["files"].items())
-    except (OSError, KeyError, TypeError):
+        return all((out / shard.name / f).stat().st_size == meta.bytes for f, meta in shard.files.items())
+    except OSError:
         return False
 
 
@@ -362,30 +621,25 @@ def _clean_unlisted(out: Path, rank: int, listed: set[str]) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def _row_bytes(header: dict[str, Any]) -> int:
-    itemsize = _NUMPY_DTYPES[header["dtype"]].itemsize
-    return sum(h["d_in"] * itemsize for h in header["hooks"].values()) + 4 + 4 + 8
-
-
 class _ShardWriter:
     """Writes one shard's files under a temporary name; ``finish`` fsyncs and renames them."""
 
-    def __init__(self, out: Path, name: str, plan: _ShardPlan, header: dict[str, Any], windows: Tensor) -> None:
+    def __init__(self, out: Path, name: str, plan: _ShardPlan, header: StoreManifest, windows: Tensor) -> None:
         self.out, self.name, self.plan = out, name, plan
         self.tmp = out / (name + ".tmp")
         if self.tmp.exists():
             shutil.rmtree(self.tmp)
         self.tmp.mkdir()
-        rows = plan.n_windows * header["rows_per_window"]
-        np_dtype = _NUMPY_DTYPES[header["dtype"]]
+        rows = plan.n_windows * header.rows_per_window
+        np_dtype = _NUMPY_DTYPES[header.dtype]
         self.files: dict[str, _HashingFile] = {}
-        for hook, meta in header["hooks"].items():
-            shape = (rows, *meta["shape"])
+        for hook, meta in header.hooks.items():
+            shape = (rows, *meta.shape)
             self.files[hook + ".npy"] = _HashingFile(self.tmp / (hook + ".npy"), _npy_header(np_dtype, shape))
         # Token ids, positions and window indices are known up front: write them now.
         ctx = windows[plan.window_start : plan.window_start + plan.n_windows].to(torch.int32).numpy()
-        first = header["first_position"]
-        n_ctx = header["n_ctx"]
+        first = header.first_position
+        n_ctx = header.n_ctx
         meta_arrays = {
             "tokens.npy": np.ascontiguousarray(ctx[:, first:]).reshape(-1),
             "positions.npy": np.tile(np.arange(first, n_ctx, dtype=np.int32), plan.n_windows),
@@ -403,7 +657,7 @@ class _ShardWriter:
     def write(self, hook: str, arr: np.ndarray) -> None:
         self.files[hook + ".npy"].write(memoryview(np.ascontiguousarray(arr)).cast("B"))
 
-    def finish(self) -> dict[str, Any]:
+    def finish(self) -> ShardEntry:
         listing = {fname: f.close() for fname, f in self.files.items()}
         _fsync_dir(self.tmp)
         final = self.out / self.name
@@ -411,15 +665,15 @@ class _ShardWriter:
             shutil.rmtree(final)
         os.rename(self.tmp, final)
         _fsync_dir(self.out)
-        return {
-            "name": self.name,
-            "rank": int(_SHARD_RE.match(self.name).group(1)),  # type: ignore[union-attr]
-            "index": self.plan.index,
-            "window_start": self.plan.window_start,
-            "n_windows": self.plan.n_windows,
-            "rows": self.rows,
-            "files": listing,
-        }
+        return ShardEntry(
+            name=self.name,
+            rank=int(_SHARD_RE.match(self.name).group(1)),  # type: ignore[union-attr]
+            index=self.plan.index,
+            window_start=self.plan.window_start,
+            n_windows=self.plan.n_windows,
+            rows=self.rows,
+            files=listing,
+        )
 
     def abort(self) -> None:
         for f in self.files.values():
@@ -450,14 +704,27 @@ def write_store(
     rank, world = dist_info()
     device = next(iter(model.parameters())).device if hasattr(model, "parameters") else torch.device("cpu")
     stop = stop_layer(cfg.hooks)
-    shapes = _probe_shapes(model, windows, cfg, stop, device)
     plans = _plan_shards(windows.shape[0], windows.shape[1] - cfg.first_position, cfg)
-    shard_windows = plans[0].n_windows
-    header = _header(model, model_name, windows, cfg, shapes, world, shard_windows)
+    header = _header(model, model_name, windows, cfg, _probe_shapes(model, windows, cfg, stop, device), world,
+                     shard_windows=plans[0].n_windows)
 
     # One writer per store (per rank under torchrun): a second `workbench cache --out SAME` fails at once.
     with output_lock(out, lock_name(rank)):
-        return _write_store_locked(model, windows, out, cfg, plans, header, stop, device, on_shard, progress, t0)
+        progress_path = out / (MANIFEST if world == 1 else f"manifest.r{rank}.json")
+        done = _resume(out, header, progress_path, rank)
+        mine = [p for p in plans if p.index % world == rank]
+        todo = [p for p in mine if p.name(rank) not in {s.name for s in done}]
+        _check_disk_space(out, todo, header)
+        bar = _progress_bar(progress and rank == 0, sum(p.n_windows for p in mine) * header.rows_per_window,
+                            sum(s.rows for s in done))
+        try:
+            shards = _write_shards(model, windows, out, cfg, header, todo, done, stop, device, progress_path,
+                                   on_shard, bar)
+        finally:
+            if bar is not None:
+                bar.close()
+        _write_final_manifest(out, header, shards, progress_path, len(plans))
+    return WriteResult(out, header.n_tokens, len(todo), len(done), time.perf_counter() - t0)
 
 
 def _checked_windows(model: Any, windows: Any, cfg: StoreConfig) -> Int[Tensor, "batch pos"]:
@@ -470,7 +737,9 @@ def _checked_windows(model: Any, windows: Any, cfg: StoreConfig) -> Int[Tensor, 
         )
     windows = windows.to(torch.int64).cpu()
     if cfg.first_position >= windows.shape[1]:
-        raise ConfigError(f"first_position {cfg.first_position} leaves no positions of windows of length {windows.shape[1]}")
+        raise ConfigError(
+            f"first_position {cfg.first_position} leaves no positions of windows of length {windows.shape[1]}"
+        )
     d_vocab = _model_config(model).get("d_vocab")
     if d_vocab is not None and (int(windows.max()) >= d_vocab or int(windows.min()) < 0):
         raise DataError(
@@ -480,84 +749,83 @@ def _checked_windows(model: Any, windows: Any, cfg: StoreConfig) -> Int[Tensor, 
     return windows
 
 
-def _write_store_locked(model: Any, windows: Tensor, out: Path, cfg: StoreConfig, plans: list[_ShardPlan],
-                        header: dict[str, Any], stop: int | None, device: torch.device,
-                        on_shard: Callable[[int], None] | None, progress: bool, t0: float) -> WriteResult:
-    rank, world = dist_info()
-    progress_path = out / (MANIFEST if world == 1 else f"manifest.r{rank}.json")
-    listed = [s for s in _check_resume(out, header, progress_path) if s["rank"] == rank]
-    # A listed shard whose files are gone or of the wrong size (deleted or truncated since) is written again.
+def _resume(out: Path, header: StoreManifest, progress_path: Path, rank: int) -> list[ShardEntry]:
+    """Return this rank's shards that an earlier run of this job finished and that are still intact; delete the rest.
+
+    A listed shard whose files are gone or of the wrong size (deleted or truncated since) is unlisted
+    here, so it is written again.
+    """
+    listed = [s for s in _check_resume(out, header, progress_path) if s.rank == rank]
     done = [s for s in listed if _shard_intact(out, s)]
     if len(done) < len(listed):  # the manifest no longer tells the truth: say so before repairing
-        _write_json_atomic(progress_path, _manifest(header, done, complete=False))
-    done_names = {s["name"] for s in done}
-    _clean_unlisted(out, rank, done_names)
-    mine = [p for p in plans if p.index % world == rank]
-    todo = [p for p in mine if p.name(rank) not in done_names]
+        _write_manifest(progress_path, header.with_shards(done, complete=False))
+    _clean_unlisted(out, rank, {s.name for s in done})
+    return done
 
-    _check_disk_space(out, todo, header)
 
+def _write_shards(model: Any, windows: Tensor, out: Path, cfg: StoreConfig, header: StoreManifest,
+                  todo: list[_ShardPlan], done: list[ShardEntry], stop: int | None, device: torch.device,
+                  progress_path: Path, on_shard: Callable[[int], None] | None, bar: Any) -> list[ShardEntry]:
+    """Write the shards ``todo``, listing each in the progress manifest as it is finished; return every shard of
+    this rank (``done`` and the new ones)."""
+    rank, _ = dist_info()
     shards = list(done)
-    order = {p.name(rank): i for i, p in enumerate(mine)}
-    written = 0
-    bar = None
-    if progress and rank == 0:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=sum(p.n_windows for p in mine) * header["rows_per_window"], unit="tok", desc="cache")
-        bar.update(sum(s["rows"] for s in done))
     # One writer thread: file writes and hashing release the GIL and overlap the next forward pass.
-    pool = ThreadPoolExecutor(max_workers=1)
-    pending: Future | None = None
-    try:
+    with ThreadPoolExecutor(max_workers=1) as pool:
         for plan in todo:
-            writer = _ShardWriter(out, plan.name(rank), plan, header, windows)
-            try:
-                for b0 in range(plan.window_start, plan.window_start + plan.n_windows, cfg.batch_windows):
-                    b1 = min(b0 + cfg.batch_windows, plan.window_start + plan.n_windows)
-                    arrays = _batch_activations(model, windows[b0:b1].to(device), b0, cfg, stop)
-                    if pending is not None:
-                        pending.result()
-                    pending = pool.submit(_write_batch, writer, arrays)
-                    if bar is not None:
-                        bar.update(arrays[cfg.hooks[0]].shape[0])
-                if pending is not None:
-                    pending.result()
-                    pending = None
-                entry = writer.finish()
-            except BaseException as exc:
-                if pending is not None:
-                    try:
-                        pending.result()
-                    except BaseException:  # noqa: BLE001 - the first error is the one to report
-                        pass
-                    pending = None
-                writer.abort()
-                if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                    raise DataError(
-                        f"the disk holding {out} is full (while writing {writer.name}); nothing listed was lost: "
-                        "free space and rerun the same command, it resumes at that shard"
-                    ) from exc
-                raise
-            shards.append(entry)
-            shards.sort(key=lambda s: order.get(s["name"], len(order)))  # a repaired shard goes back in its place
-            written += 1
-            _write_json_atomic(progress_path, _manifest(header, shards, complete=False))
+            shards.append(_write_shard(model, windows, out, cfg, header, plan, rank, stop, device, pool, bar))
+            _write_manifest(progress_path, header.with_shards(shards, complete=False))
             if on_shard is not None:
                 on_shard(plan.index)
-    finally:
-        pool.shutdown(wait=True)
-        if bar is not None:
-            bar.close()
-
-    _write_final_manifest(out, header, shards, progress_path, len(plans))
-    n_rows = header["n_tokens"]
-    return WriteResult(out, n_rows, written, len(done), time.perf_counter() - t0)
+    return shards
 
 
-def _check_disk_space(out: Path, todo: list[_ShardPlan], header: dict[str, Any]) -> None:
+def _write_shard(model: Any, windows: Tensor, out: Path, cfg: StoreConfig, header: StoreManifest, plan: _ShardPlan,
+                 rank: int, stop: int | None, device: torch.device, pool: ThreadPoolExecutor, bar: Any) -> ShardEntry:
+    """Run the forward passes of one shard's windows and write their activations; return its manifest entry.
+
+    On any error the half-written shard is deleted (a full disk becomes a DataError saying how to resume).
+    """
+    writer = _ShardWriter(out, plan.name(rank), plan, header, windows)
+    pending: Future | None = None
+    try:
+        for b0 in range(plan.window_start, plan.window_start + plan.n_windows, cfg.batch_windows):
+            b1 = min(b0 + cfg.batch_windows, plan.window_start + plan.n_windows)
+            arrays = _batch_activations(model, windows[b0:b1].to(device), b0, cfg, stop)
+            if pending is not None:
+                pending.result()
+            pending = pool.submit(_write_batch, writer, arrays)
+            if bar is not None:
+                bar.update(arrays[cfg.hooks[0]].shape[0])
+        if pending is not None:
+            pending.result()
+            pending = None
+        return writer.finish()
+    except BaseException as exc:
+        if pending is not None:
+            try:
+                pending.result()
+            except BaseException:  # noqa: BLE001 - the first error is the one to report
+                pass
+        writer.abort()
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DataError(
+                f"the disk holding {out} is full (while writing {writer.name}); nothing listed was lost: "
+                "free space and rerun the same command, it resumes at that shard"
+            ) from exc
+        raise
+
+
+def _progress_bar(show: bool, total: int, initial: int) -> Any:
+    """A tqdm bar over the rows to cache (None when not shown)."""
+    if not show:
+        return None
+    return tqdm(total=total, initial=initial, unit="tok", desc="cache")
+
+
+def _check_disk_space(out: Path, todo: list[_ShardPlan], header: StoreManifest) -> None:
     """Raise DataError, before anything is written, when the shards still to write do not fit on the disk."""
-    need = sum(p.n_windows for p in todo) * header["rows_per_window"] * _row_bytes(header)
+    need = sum(p.n_windows for p in todo) * header.rows_per_window * header.row_bytes()
     free = shutil.disk_usage(out).free
     if need > free:
         raise DataError(
@@ -567,7 +835,7 @@ def _check_disk_space(out: Path, todo: list[_ShardPlan], header: dict[str, Any])
 
 
 def _batch_activations(model: Any, batch: Tensor, b0: int, cfg: StoreConfig, stop: int | None) -> dict[str, np.ndarray]:
-    """Return each hook's activations of ``batch`` (windows from ``b0``) as ``[rows, ...]`` arrays of the store's dtype."""
+    """Return each hook's activations of ``batch`` (windows from ``b0``) as ``[rows, ...]`` store-dtype arrays."""
     with torch.no_grad():
         _, cache = model.run_with_cache(batch, names_filter=list(cfg.hooks), stop_at_layer=stop)
     arrays = {}
@@ -581,23 +849,23 @@ def _batch_activations(model: Any, batch: Tensor, b0: int, cfg: StoreConfig, sto
     return arrays
 
 
-def _write_final_manifest(out: Path, header: dict[str, Any], shards: list[dict[str, Any]], progress_path: Path,
+def _write_final_manifest(out: Path, header: StoreManifest, shards: list[ShardEntry], progress_path: Path,
                           n_plans: int) -> None:
     """Mark the store complete; under torchrun rank 0 merges every rank's manifest once all have finished."""
     rank, world = dist_info()
     if world == 1:
-        _write_json_atomic(out / MANIFEST, _manifest(header, shards, complete=True))
+        _write_manifest(out / MANIFEST, header.with_shards(shards, complete=True))
         return
-    _write_json_atomic(progress_path, _manifest(header, shards, complete=True))
+    _write_manifest(progress_path, header.with_shards(shards, complete=True))
     barrier()
     if rank == 0:
-        merged: list[dict[str, Any]] = []
+        merged: list[ShardEntry] = []
         for r in range(world):
-            part = json.loads((out / f"manifest.r{r}.json").read_text())
-            if not part.get("complete"):
+            part = StoreManifest.read(out / f"manifest.r{r}.json")
+            if not part.complete:
                 raise DataError(f"rank {r} did not finish its shards in {out}; rerun the same torchrun command")
-            merged.extend(part["shards"])
-        _write_json_atomic(out / MANIFEST, _manifest(header, merged, complete=len(merged) == n_plans))
+            merged.extend(part.shards)
+        _write_manifest(out / MANIFEST, header.with_shards(merged, complete=len(merged) == n_plans))
     barrier()
 
 
@@ -615,55 +883,6 @@ def _check_finite(act: Tensor, hook: str, window0: int, first_position: int) -> 
         f"{bad[1] + first_position}; nothing from this shard was kept. Check the model's weights and dtype "
         "(float16 overflows above 65504: use --dtype bfloat16 or float32)"
     )
-
-
-def _check_manifest(m: dict[str, Any], path: Path) -> None:
-    """Raise DataError unless the manifest has the fields and types the reader relies on (a hand-edited or
-    damaged manifest is refused here, in one line, rather than as a TypeError deep in a read)."""
-
-    def count(value: Any) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-    def bad(what: str) -> DataError:
-        return DataError(f"{path} is damaged ({what}); the store cannot be read: delete it and cache it again")
-
-    hooks = m.get("hooks")
-    if not isinstance(hooks, dict) or not hooks:
-        raise bad("'hooks' is not a table of hooks")
-    for hook, info in hooks.items():
-        if not isinstance(info, dict) or not count(info.get("d_in")) or not info["d_in"]:
-            raise bad(f"hook {hook!r} has no positive d_in")
-    if not isinstance(m.get("dtype"), str) or m["dtype"] not in _TORCH_DTYPES:
-        raise bad(f"dtype {m.get('dtype')!r} is not one of {sorted(_TORCH_DTYPES)}")
-    for key in ("n_rows", "n_ctx", "first_position", "rows_per_window"):
-        if not count(m.get(key)):
-            raise bad(f"{key!r} is {m.get(key)!r}, not a count")
-    if not m["n_ctx"] or m["first_position"] >= m["n_ctx"] or m["rows_per_window"] != m["n_ctx"] - m["first_position"]:
-        raise bad("n_ctx, first_position and rows_per_window disagree")
-    corpus = m.get("corpus")
-    if not isinstance(corpus, dict) or not count(corpus.get("n_windows")):
-        raise bad("'corpus' has no n_windows")
-    shards = m.get("shards")
-    if not isinstance(shards, list):
-        raise bad("'shards' is not a list")
-    needed = {f"{h}.npy" for h in hooks} | {"tokens.npy", "positions.npy", "windows.npy", "context.npy"}
-    for shard in shards:
-        if not (isinstance(shard, dict) and isinstance(shard.get("name"), str) and _SHARD_RE.match(shard["name"])
-                and count(shard.get("rows")) and count(shard.get("n_windows")) and isinstance(shard.get("files"), dict)):
-            raise bad(f"a shard entry is malformed: {_short(shard)}")
-        if shard["rows"] != shard["n_windows"] * m["rows_per_window"]:
-            raise bad(f"shard {shard['name']} lists {shard['rows']} rows for {shard['n_windows']} windows")
-        files = shard["files"]
-        if set(files) != needed or not all(isinstance(f, dict) and count(f.get("bytes")) and isinstance(f.get("sha256"), str)
-                                           for f in files.values()):
-            raise bad(f"shard {shard['name']} does not list its files with sizes and checksums")
-    if m["n_rows"] != sum(s["rows"] for s in shards):
-        raise bad(f"n_rows {m['n_rows']} is not the sum of its shards' rows")
-
-
-def _manifest(header: dict[str, Any], shards: list[dict[str, Any]], complete: bool) -> dict[str, Any]:
-    shards = sorted(shards, key=lambda s: s["window_start"])
-    return {**header, "complete": complete, "n_rows": sum(s["rows"] for s in shards), "shards": shards}
 
 
 # --------------------------------------------------------------------------------------------
@@ -685,51 +904,43 @@ class ActivationStore:
     """A finished activation store opened for reading (files are memory-mapped, not loaded)."""
 
     path: Path
-    manifest: dict[str, Any]
+    """The store directory."""
+    manifest: StoreManifest
+    """What it holds (``manifest.json``)."""
     _maps: dict[tuple[int, str], np.ndarray] = field(default_factory=dict, repr=False)
 
     # -- opening and checks ------------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: str | Path, verify: bool = False, allow_incomplete: bool = False) -> "ActivationStore":
+    def open(cls, path: str | Path, verify: bool = False, allow_incomplete: bool = False) -> ActivationStore:
         """Open the store at ``path``; ``verify`` re-hashes every file against the manifest."""
         path = Path(path)
         mpath = path / MANIFEST
         if not mpath.is_file():
             raise DataError(f"{path} holds no {MANIFEST}; write a store there with `workbench cache` first")
-        try:
-            manifest = json.loads(mpath.read_text())
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{mpath} is not valid JSON ({exc}); the store is damaged: cache it again") from exc
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") != FORMAT_VERSION:
-            manifest = manifest if isinstance(manifest, dict) else {}
+        manifest = StoreManifest.read(mpath)
+        if not manifest.complete and not allow_incomplete:
             raise DataError(
-                f"{path} is not a {FORMAT} v{FORMAT_VERSION} store "
-                f"(format {manifest.get('format')!r}, version {manifest.get('version')!r})"
-            )
-        if not manifest.get("complete") and not allow_incomplete:
-            raise DataError(
-                f"the store in {path} is incomplete ({manifest.get('n_rows')} of {manifest.get('n_tokens')} rows); "
+                f"the store in {path} is incomplete ({manifest.n_rows} of {manifest.n_tokens} rows); "
                 "rerun the `workbench cache` command that wrote it to finish it"
             )
-        _check_manifest(manifest, mpath)
         store = cls(path, manifest)
         store._check_files(verify)
         return store
 
     def _check_files(self, verify: bool) -> None:
         for shard in self.shards:
-            for fname, meta in shard["files"].items():
-                p = self.path / shard["name"] / fname
+            for fname, meta in shard.files.items():
+                p = self.path / shard.name / fname
                 if not p.is_file():
                     raise DataError(f"store file {p} is missing; the store is damaged: cache it again")
                 size = p.stat().st_size
-                if size != meta["bytes"]:
+                if size != meta.bytes:
                     raise DataError(
-                        f"store file {p} has {size} bytes, the manifest says {meta['bytes']} (truncated or "
+                        f"store file {p} has {size} bytes, the manifest says {meta.bytes} (truncated or "
                         "overwritten); delete that shard directory and rerun `workbench cache` to rewrite it"
                     )
-                if verify and sha256_file(p, progress=False) != meta["sha256"]:
+                if verify and sha256_file(p, progress=False) != meta.sha256:
                     raise DataError(
                         f"store file {p} does not match its checksum; delete that shard directory and rerun "
                         "`workbench cache` to rewrite it"
@@ -737,27 +948,27 @@ class ActivationStore:
 
     def check_model(self, model: Any, model_name: str | None = None) -> None:
         """Raise unless this store was written by ``model`` (same config and weights)."""
-        m = self.manifest["model"]
+        m = self.manifest.model
         cfg = _model_config(model)
-        if cfg and m.get("config") and cfg != m["config"]:
-            diff = sorted(k for k in set(cfg) | set(m["config"]) if cfg.get(k) != m["config"].get(k))
+        if cfg and m.config and cfg != m.config:
+            diff = sorted(k for k in set(cfg) | set(m.config) if cfg.get(k) != m.config.get(k))
             raise DataError(
-                f"the store in {self.path} was written by another model ({m.get('name') or 'unnamed'}; config differs "
+                f"the store in {self.path} was written by another model ({m.name or 'unnamed'}; config differs "
                 f"in {diff}); cache activations of this model with `workbench cache`"
             )
-        if model_fingerprint(model) != m.get("fingerprint"):
+        if model_fingerprint(model) != m.fingerprint:
             raise DataError(
-                f"the store in {self.path} was written by a model with other weights ({m.get('name') or 'unnamed'}); "
+                f"the store in {self.path} was written by a model with other weights ({m.name or 'unnamed'}); "
                 "cache activations of this model with `workbench cache`"
             )
-        if model_name and m.get("name") and model_name != m["name"]:
-            raise DataError(f"the store in {self.path} is of model {m['name']!r}, not {model_name!r}")
+        if model_name and m.name and model_name != m.name:
+            raise DataError(f"the store in {self.path} is of model {m.name!r}, not {model_name!r}")
 
     def check_hook(self, hook: str, d_in: int | None = None) -> None:
         """Raise unless the store holds ``hook`` (with ``d_in`` features a row, when given)."""
-        if hook not in self.manifest["hooks"]:
+        if hook not in self.manifest.hooks:
             raise DataError(
-                f"the store in {self.path} holds no hook {hook!r}; it holds {sorted(self.manifest['hooks'])}. "
+                f"the store in {self.path} holds no hook {hook!r}; it holds {sorted(self.manifest.hooks)}. "
                 "Cache that hook with `workbench cache --hooks ...`"
             )
         if d_in is not None and self.d_in(hook) != d_in:
@@ -779,7 +990,7 @@ class ActivationStore:
             )
         # Model names are compared only for SAEs the workbench trained: SAELens releases name
         # models their own way ("gpt2-small"), which would refuse good pairs.
-        store_model = self.manifest.get("model", {}).get("name")
+        store_model = self.manifest.model.name
         sae_model = meta.get("model_name")
         if meta.get("trained_with") == "interp-workbench" and store_model and sae_model and store_model != sae_model:
             raise DataError(
@@ -790,30 +1001,30 @@ class ActivationStore:
     # -- facts ---------------------------------------------------------------------------------
 
     @property
-    def shards(self) -> list[dict[str, Any]]:
-        return self.manifest["shards"]
+    def shards(self) -> tuple[ShardEntry, ...]:
+        return self.manifest.shards
 
     @property
     def hooks(self) -> list[str]:
-        return list(self.manifest["hooks"])
+        return list(self.manifest.hooks)
 
     @property
     def n_rows(self) -> int:
-        return int(self.manifest["n_rows"])
+        return self.manifest.n_rows
 
     @property
     def n_ctx(self) -> int:
-        return int(self.manifest["n_ctx"])
+        return self.manifest.n_ctx
 
     @property
     def dtype(self) -> torch.dtype:
-        return _TORCH_DTYPES[self.manifest["dtype"]]
+        return _TORCH_DTYPES[self.manifest.dtype]
 
     def d_in(self, hook: str) -> int:
-        return int(self.manifest["hooks"][hook]["d_in"])
+        return self.manifest.hooks[hook].d_in
 
     def _offsets(self) -> np.ndarray:
-        return np.cumsum([0] + [s["rows"] for s in self.shards])
+        return np.cumsum([0] + [s.rows for s in self.shards])
 
     # -- raw access ----------------------------------------------------------------------------
 
@@ -821,7 +1032,7 @@ class ActivationStore:
         key = (shard_idx, fname)
         if key not in self._maps:
             shard = self.shards[shard_idx]
-            p = self.path / shard["name"] / fname
+            p = self.path / shard.name / fname
             try:
                 arr = np.load(p, mmap_mode="r", allow_pickle=False)
             except (OSError, ValueError, EOFError) as exc:
@@ -829,11 +1040,11 @@ class ActivationStore:
                                 "`workbench cache` to rewrite it") from None
             hook = fname[: -len(".npy")]
             if fname == "context.npy":
-                fits = arr.shape == (shard["n_windows"], self.manifest["n_ctx"])
-            elif hook in self.manifest["hooks"]:
-                fits = arr.shape[:1] == (shard["rows"],) and arr.size == shard["rows"] * self.manifest["hooks"][hook]["d_in"]
+                fits = arr.shape == (shard.n_windows, self.n_ctx)
+            elif hook in self.manifest.hooks:
+                fits = arr.shape[:1] == (shard.rows,) and arr.size == shard.rows * self.d_in(hook)
             else:
-                fits = arr.shape == (shard["rows"],)
+                fits = arr.shape == (shard.rows,)
             if not fits:
                 raise DataError(f"store file {p} holds an array of shape {arr.shape}, not what the manifest lists; "
                                 "delete that shard directory and rerun `workbench cache` to rewrite it")
@@ -842,7 +1053,7 @@ class ActivationStore:
 
     def _to_tensor(self, arr: np.ndarray, dtype: torch.dtype | None) -> Tensor:
         t = torch.from_numpy(np.array(arr))  # a copy: the memory map stays read-only
-        if self.manifest["dtype"] == "bfloat16":
+        if self.manifest.dtype == "bfloat16":
             t = t.view(torch.bfloat16)
         return t if dtype is None else t.to(dtype)
 
@@ -877,14 +1088,18 @@ class ActivationStore:
         return torch.from_numpy(self._meta("windows.npy")).long()
 
     def windows(self) -> Int[Tensor, "batch pos"]:
-        """All token windows of the corpus, in order (row ``r`` is token ``positions[r]`` of window ``window_index[r]``)."""
+        """All token windows of the corpus, in order.
+
+        Row ``r`` of the store is token ``positions[r]`` of window ``window_index[r]``."""
         return torch.from_numpy(self._meta("context.npy")).long()
 
     def row_of(self, window: int, position: int) -> int:
         """Return the row holding token ``position`` of window ``window``."""
-        first, per = self.manifest["first_position"], self.manifest["rows_per_window"]
-        if not (first <= position < self.n_ctx) or not (0 <= window < self.manifest["corpus"]["n_windows"]):
-            raise DataError(f"(window {window}, position {position}) is not stored (positions {first}..{self.n_ctx - 1})")
+        first, per = self.manifest.first_position, self.manifest.rows_per_window
+        if not (first <= position < self.n_ctx) or not (0 <= window < self.manifest.corpus.n_windows):
+            raise DataError(
+                f"(window {window}, position {position}) is not stored (positions {first}..{self.n_ctx - 1})"
+            )
         return window * per + position - first
 
     def verify(self) -> None:
@@ -902,9 +1117,9 @@ class ActivationStore:
 
     def _blocks(self, block_rows: int) -> list[tuple[int, int, int]]:
         return [
-            (i, lo, min(lo + block_rows, s["rows"]))
+            (i, lo, min(lo + block_rows, s.rows))
             for i, s in enumerate(self.shards)
-            for lo in range(0, s["rows"], block_rows)
+            for lo in range(0, s.rows, block_rows)
         ]
 
     def _groups(self, cfg: ReaderConfig, epoch: int) -> list[list[tuple[int, int, int]]]:
@@ -926,7 +1141,8 @@ class ActivationStore:
         """Rows one epoch of :meth:`batches` hands out (all rows, less a dropped partial batch)."""
         return (self.n_rows // cfg.batch_size) * cfg.batch_size if cfg.drop_last else self.n_rows
 
-    def batches(self, hook: str, cfg: ReaderConfig, epoch: int = 0, offset: int = 0) -> Iterator[Float[Tensor, "batch d_in"]]:
+    def batches(self, hook: str, cfg: ReaderConfig, epoch: int = 0,
+                offset: int = 0) -> Iterator[Float[Tensor, "batch d_in"]]:
         """Yield one epoch of shuffled ``[batch_size, d_in]`` batches, starting ``offset`` rows in.
 
         The order is fixed by ``(cfg.seed, epoch)``: blocks of ``cfg.block_rows`` rows from all

@@ -176,18 +176,18 @@ def _data_source(args: argparse.Namespace, local_batch: int, rank: int, world: i
         for batch in store.stream(hook, reader, start_row=start * global_batch):
             yield batch[rank * local_batch : (rank + 1) * local_batch]
 
-    from workbench.store import hook_layer
+    from workbench.names import layer_of
 
-    model_info = store.manifest.get("model", {})
+    model_name = store.manifest.model.name
     metadata = {
-        "model_name": model_info.get("name"),
+        "model_name": model_name,
         "hook_name": hook,
-        "hook_layer": hook_layer(hook),
+        "hook_layer": layer_of(hook),
         "context_size": store.n_ctx,
         "dataset_path": str(args.store),  # the manifest records the corpus by digest, not by name
         "activation_store": str(Path(args.store).resolve()),
     }
-    name = f"{model_info.get('name') or 'model'}-{hook}"
+    name = f"{model_name or 'model'}-{hook}"
     return _Source(make), store.d_in(hook), metadata, name
 
 

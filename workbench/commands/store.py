@@ -76,7 +76,7 @@ def _load_for_eval(args: argparse.Namespace) -> tuple[Any, Any, Any, str]:
     hook = args.hook or meta.get("hook_name") or (store.hooks[0] if len(store.hooks) == 1 else None)
     if hook is None:
         raise ConfigError(f"the store holds several hooks {store.hooks} and the SAE names none; pass --hook")
-    model_name = args.model or store.manifest["model"].get("name")
+    model_name = args.model or store.manifest.model.name
     if not model_name:
         raise ConfigError("the store does not name its model; pass --model")
     model = load_model(model_name, device=args.device)

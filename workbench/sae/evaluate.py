@@ -24,6 +24,7 @@ from torch import Tensor
 from workbench.errors import ConfigError, DataError
 from workbench.sae.metrics import ReconstructionMetrics, evaluate_reconstruction
 from workbench.sae.model import SAE
+from workbench.store import ActivationStore
 
 
 @dataclass(frozen=True)
@@ -167,7 +168,7 @@ class EvalConfig:
     """Spliced-loss settings (``first_position`` is taken from the store when left at 0)."""
 
 
-def evaluate_sae(model: Any, sae: SAE, store: Any, hook: str, cfg: EvalConfig = EvalConfig()) -> SAEEvaluation:
+def evaluate_sae(model: Any, sae: SAE, store: ActivationStore, hook: str, cfg: EvalConfig = EvalConfig()) -> SAEEvaluation:
     """Return reconstruction statistics over ``store``'s rows of ``hook`` and spliced losses on its windows.
 
     The store must come from ``model`` and hold ``hook`` at the SAE's width; anything else is an
@@ -180,10 +181,10 @@ def evaluate_sae(model: Any, sae: SAE, store: Any, hook: str, cfg: EvalConfig = 
         sae, (b.acts for b in store.iter_rows(hook, cfg.batch_size, stop=stop)), dense_threshold=cfg.dense_threshold
     )
     splice_cfg = cfg.splice
-    first = int(store.manifest["first_position"])
+    first = store.manifest.first_position
     if splice_cfg.first_position == 0 and first:
         splice_cfg = SpliceConfig(splice_cfg.batch_windows, splice_cfg.max_windows, first)
     windows = store.windows()
-    n_windows = max(1, math.ceil(stop / store.manifest["rows_per_window"]))
+    n_windows = max(1, math.ceil(stop / store.manifest.rows_per_window))
     splice = spliced_metrics(model, sae, hook, windows[:n_windows], splice_cfg)
     return SAEEvaluation(rec, splice)

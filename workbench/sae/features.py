@@ -32,6 +32,7 @@ from torch import Tensor
 from workbench.errors import ConfigError, DataError
 from workbench.sae import metrics
 from workbench.sae.model import SAE
+from workbench.store import ActivationStore
 
 
 @dataclass(frozen=True)
@@ -227,7 +228,7 @@ def decoder_neighbours(sae: SAE, k: int, chunk: int = 1024) -> tuple[Int[Tensor,
 
 
 @torch.no_grad()
-def feature_stats(sae: SAE, store: Any, hook: str, cfg: FeatureStatsConfig = FeatureStatsConfig(), model: Any = None) -> FeatureStats:
+def feature_stats(sae: SAE, store: ActivationStore, hook: str, cfg: FeatureStatsConfig = FeatureStatsConfig(), model: Any = None) -> FeatureStats:
     """Return per-latent statistics of ``sae`` on ``store``'s rows of ``hook``, in one pass over the store.
 
     ``model`` (optional) adds logit effects; it must be the model the store came from.
@@ -349,7 +350,7 @@ class FeatureContext(NamedTuple):
 
 @torch.no_grad()
 def feature_contexts(
-    sae: SAE, store: Any, hook: str, feature: int, rows: list[int], before: int = 12, after: int = 4
+    sae: SAE, store: ActivationStore, hook: str, feature: int, rows: list[int], before: int = 12, after: int = 4
 ) -> list[FeatureContext]:
     """Return, for each store row in ``rows``, the latent's activation on the tokens around it."""
     if not 0 <= feature < sae.cfg.d_sae:
@@ -360,7 +361,7 @@ def feature_contexts(
         return []
     positions, wins = store.positions(), store.window_index()
     windows = store.windows()
-    first = int(store.manifest["first_position"])
+    first = store.manifest.first_position
     spans = []
     for r in rows:
         w, p = int(wins[r]), int(positions[r])
