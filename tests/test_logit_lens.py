@@ -156,3 +156,102 @@ def test_validation_residuals_are_computed_once(monkeypatch):
     torch.testing.assert_close(cached.val_kl_tuned, recomputed.val_kl_tuned)
     for a, b in zip(cached.lens.parameters(), recomputed.lens.parameters()):
         assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------ tuned lens on the run scaffold
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+def _crash_at(step):
+    def on_step(done):
+        if done == step:
+            raise _Crash(f"killed after step {done}")
+    return on_step
+
+
+def _lens_run_inputs():
+    from workbench import HookedGPT
+
+    torch.manual_seed(0)
+    model = HookedGPT(tiny_cfg(n_layers=3, d_vocab=40)).eval()
+    windows = torch.randint(0, 40, (40, 12))
+    cfg = LL.TunedLensConfig(steps=20, lr=1e-2, batch_size=4, eval_every=4, val_fraction=0.25, checkpoint_every=5)
+    return model, windows, cfg
+
+
+def test_killed_tuned_lens_run_resumes_to_the_same_lens(tmp_path):
+    """A run stopped after step 13 (checkpoint at 10) and run again gives the unbroken run's lens, losses,
+    kept translators and metrics.jsonl; writing checkpoints changes nothing against a run without a directory."""
+    import json
+
+    from workbench.runs import METRICS_FILE, read_metrics
+
+    model, windows, cfg = _lens_run_inputs()
+    plain = LL.train_tuned_lens(model, windows, cfg)
+    unbroken = LL.train_tuned_lens(model, windows, cfg, out_dir=tmp_path / "a")
+    with pytest.raises(_Crash):
+        LL.train_tuned_lens(model, windows, cfg, out_dir=tmp_path / "b", on_step=_crash_at(13))
+    assert [r["step"] for r in read_metrics(tmp_path / "b" / METRICS_FILE) if "loss" in r] == list(range(1, 14))
+    seen = []
+    resumed = LL.train_tuned_lens(model, windows, cfg, out_dir=tmp_path / "b", on_step=seen.append)
+    assert seen == list(range(11, 21))  # from the checkpoint at step 10
+    for other in (plain, resumed):
+        for name, tensor in unbroken.lens.state_dict().items():
+            assert torch.equal(tensor, other.lens.state_dict()[name]), name
+        assert other.losses == unbroken.losses and other.reset_layers == unbroken.reset_layers
+        assert torch.equal(other.val_kl_tuned, unbroken.val_kl_tuned)
+        assert torch.equal(other.val_kl_logit, unbroken.val_kl_logit)
+    a = (tmp_path / "a" / METRICS_FILE).read_text().splitlines()
+    b = (tmp_path / "b" / METRICS_FILE).read_text().splitlines()
+    assert a == b and len(a) == 20 + 5  # a loss record every step, a validation record every 4 steps and at the end
+    assert set(json.loads(a[4])) == {"step", "val_kl", "val_kl_kept"}  # after the loss of step 4
+    # a finished run's directory resumes to the finished lens without a step
+    again = LL.train_tuned_lens(model, windows, cfg, out_dir=tmp_path / "a", on_step=seen.append)
+    assert seen == list(range(11, 21)) and again.losses == unbroken.losses
+
+
+def test_tuned_lens_resume_follows_the_same_settings_model_and_windows(tmp_path):
+    from dataclasses import replace
+
+    from workbench import HookedGPT
+
+    model, windows, cfg = _lens_run_inputs()
+    with pytest.raises(_Crash):
+        LL.train_tuned_lens(model, windows, cfg, out_dir=tmp_path, on_step=_crash_at(6))
+    with pytest.raises(CheckpointError, match=r"'lr': \(0.01, 0.02\)"):
+        LL.train_tuned_lens(model, windows, replace(cfg, lr=2e-2), out_dir=tmp_path)
+    with pytest.raises(CheckpointError, match="'windows'"):
+        LL.train_tuned_lens(model, windows.flip(0), cfg, out_dir=tmp_path)
+    with pytest.raises(CheckpointError, match="'d_model'"):
+        LL.train_tuned_lens(HookedGPT(tiny_cfg(n_layers=3, d_vocab=40, d_model=16, n_heads=2)), windows, cfg,
+                            out_dir=tmp_path)
+    # how often checkpoints are written may change; resume=False starts over
+    assert LL.train_tuned_lens(model, windows, replace(cfg, checkpoint_every=3), out_dir=tmp_path).losses
+    fresh = LL.train_tuned_lens(model, windows, replace(cfg, lr=2e-2), out_dir=tmp_path, resume=False)
+    assert len(fresh.losses) == cfg.steps
+
+
+def test_tuned_lens_checkpoint_that_is_not_one_is_refused(tmp_path):
+    model, windows, cfg = _lens_run_inputs()
+    ckpt = tmp_path / "checkpoint" / LL.LENS_CHECKPOINT_FILE
+    ckpt.parent.mkdir(parents=True)
+    torch.save({"step": 3}, ckpt)
+    with pytest.raises(CheckpointError, match="not a tuned-lens checkpoint.*settings"):
+        LL.train_tuned_lens(model, windows, cfg, out_dir=tmp_path)
+    ckpt.write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="cannot be read as a training checkpoint"):
+        LL.train_tuned_lens(model, windows, cfg, out_dir=tmp_path)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(steps=0), "'steps': 0"), (dict(eval_every=0), "'eval_every': 0"), (dict(lr=0.0), "lr > 0"),
+    (dict(val_fraction=1.0), "val_fraction=1.0"), (dict(vocab=0), "vocab=0"),
+])
+def test_tuned_lens_config_refuses_values_it_cannot_use(bad, match):
+    from workbench.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        LL.TunedLensConfig(**bad)
