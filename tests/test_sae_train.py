@@ -307,3 +307,98 @@ def test_two_train_sae_runs_on_one_out_exclude_each_other(tmp_path):
         assert not (tmp_path / METRICS_FILE).exists() and not (tmp_path / "train_config.json").exists()
     with output_lock(tmp_path):  # the dead holder does not block
         pass
+
+
+@pytest.mark.parametrize("transcoder", [False, True])
+def test_sparse_batchtopk_gives_the_dense_paths_losses_and_gradients(transcoder):
+    """BatchTopK through the sparse kernels (any number of latents a row) against the dense [batch, d_sae] step."""
+    from workbench.sae.train import compute_losses
+
+    torch.set_default_dtype(torch.float64)
+    try:
+        kw = dict(d_out=12, apply_b_dec_to_input=False, skip=True) if transcoder else {}
+        sae = SAE(SAEConfig(d_in=16, d_sae=48, architecture="batchtopk", k=4, **kw), seed=0).train()
+        with torch.no_grad():
+            sae.b_enc.normal_(0, 0.3)  # some rows take many latents, some none
+            if transcoder:
+                sae.W_skip.normal_(0, 0.1)
+        x = torch.randn(32, 16)
+        y = torch.randn(32, 12) if transcoder else None
+        dead = torch.zeros(48, dtype=torch.bool)
+        dead[::3] = True
+        results = {}
+        for sparse in (True, False):
+            sae.zero_grad()
+            cfg = TrainConfig(total_steps=1, sparse_batchtopk=sparse)
+            losses = compute_losses(sae, x, cfg, 0, dead, target=y)
+            losses.loss.backward()
+            results[sparse] = (losses, {n: p.grad.clone() for n, p in sae.named_parameters()})
+        (sparse_losses, sparse_grads), (dense_losses, dense_grads) = results[True], results[False]
+        per_row = (sparse_losses.fired > 0).sum()
+        assert 0 < per_row < 48
+        for field in ("loss", "mse", "sparsity", "fired", "l0", "min_active"):
+            torch.testing.assert_close(getattr(sparse_losses, field).double(), getattr(dense_losses, field).double(),
+                                       rtol=1e-10, atol=1e-10, msg=field)
+        assert sparse_losses.sparsity > 0  # AuxK took part
+        for name in dense_grads:
+            torch.testing.assert_close(sparse_grads[name], dense_grads[name], rtol=1e-10, atol=1e-10, msg=name)
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def _linear_pairs(n=512, d_in=12, d_out=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    A, c = torch.randn(d_out, d_in, generator=g), torch.randn(d_out, generator=g)
+    x = torch.randn(n, d_in, generator=g) * 2 + 1
+    return x, x @ A.T + c, A, c
+
+
+def _skip_tc(d_in=12, d_out=10):
+    return SAE(SAEConfig(d_in=d_in, d_sae=32, architecture="batchtopk", k=4, apply_b_dec_to_input=False, d_out=d_out,
+                         skip=True), seed=0)
+
+
+def test_ridge_skip_init_starts_at_the_linear_fit_and_the_latents_at_a_fraction_of_what_it_leaves():
+    from workbench.sae.train import _initialise_from_batch
+
+    x, y, A, c = _linear_pairs()
+    y = y + 0.3 * torch.randn(y.shape, generator=torch.Generator().manual_seed(1))  # a part no linear map explains
+    tc = _skip_tc()
+    _initialise_from_batch(tc, x, y, TrainConfig(total_steps=1, skip_init="ridge", latent_init_scale=0.1))
+    torch.testing.assert_close(tc.W_skip, A, atol=0.02, rtol=0)
+    torch.testing.assert_close(tc.b_dec, c, atol=0.05, rtol=0)
+    with torch.no_grad():
+        residual = y - tc.b_dec - tc.skip_out(x)
+        latent_out = tc.encode(x) @ tc.W_dec
+    ratio = latent_out.norm(dim=-1).mean() / residual.norm(dim=-1).mean()
+    assert ratio == pytest.approx(0.1, rel=1e-4)
+    zero = _skip_tc()
+    _initialise_from_batch(zero, x, y, TrainConfig(total_steps=1))  # the default: W_skip 0, b_dec the target mean
+    assert zero.W_skip.abs().sum() == 0
+    torch.testing.assert_close(zero.b_dec, y.mean(0))
+
+
+def test_ridge_init_makes_a_linear_map_exact_from_the_first_step_and_skip_lr_scale_sets_w_skips_own_rate():
+    x, y, A, c = _linear_pairs()
+    tc = _skip_tc()
+    cfg = TrainConfig(total_steps=3, lr=1e-3, skip_init="ridge", latent_init_scale=1e-3, progress=False)
+    result = train_sae(tc, [(x, y)] * 3, cfg)
+    assert result.last_metrics["fvu"] < 1e-4  # a linear target is the skip term's alone
+    before = _skip_tc()
+    scaled = _skip_tc()
+    for sae, scale in ((before, 1.0), (scaled, 10.0)):
+        train_sae(sae, [(x, y)], TrainConfig(total_steps=1, lr=1e-3, decay_fraction=0, skip_lr_scale=scale,
+                                             progress=False))
+    # Adam's first step moves each entry by about the learning rate
+    assert float(scaled.W_skip.abs().max()) == pytest.approx(1e-2, rel=1e-3)
+    assert float(before.W_skip.abs().max()) == pytest.approx(1e-3, rel=1e-3)
+
+
+@pytest.mark.parametrize("bad,match", [({"skip_init": "pca"}, "skip_init='pca' is unknown"),
+                                       ({"latent_init_scale": 0.0}, "latent_init_scale=0.0"),
+                                       ({"skip_lr_scale": float("nan")}, "skip_lr_scale=nan")])
+def test_bad_transcoder_init_settings_are_named(bad, match):
+    from workbench.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        TrainConfig(total_steps=1, **bad)

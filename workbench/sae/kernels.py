@@ -1,8 +1,8 @@
 """Autograd kernels of SAE training: the sparse products of TopK and JumpReLU's straight-through estimators.
 
-TopK training never multiplies by the dense ``[batch, d_sae]`` latent matrix: after the encoder's
-one dense forward matmul, the decoder, the encoder's gradient and the AuxK loss touch only the
-``k`` latents of each row, through gather and sparse-matrix (CSR) products over a
+TopK and BatchTopK training never multiply by the dense ``[batch, d_sae]`` latent matrix: after the
+encoder's one dense forward matmul, the decoder, the encoder's gradient and the AuxK loss touch only
+the active latents of each row (``k`` for TopK, any number for BatchTopK), through gather and sparse-matrix (CSR) products over a
 :class:`SparsePattern`. JumpReLU's threshold gets its gradient from a rectangle-kernel
 pseudo-derivative (Rajamanoharan et al. 2024). ``workbench.sae.train`` builds its losses from these.
 """
@@ -26,56 +26,77 @@ from workbench.sae.model import SAE
 
 
 class SparsePattern(NamedTuple):
-    """Which latents each row uses, in the two layouts the sparse products need."""
+    """Which latents each row uses, in the two layouts the sparse products need.
 
-    indices: Int[Tensor, "batch k"]
-    """Latent index of each active entry, sorted within each row."""
+    TopK gives every row ``k`` entries; BatchTopK a different number per row. Values travel as
+    ``[batch, k]`` (TopK) or flat ``[entries]`` (BatchTopK), in this pattern's entry order either way."""
+
+    columns: Int[Tensor, " entries"]
+    """Latent index of each active entry, rows in order and sorted within each row."""
+    rows: Int[Tensor, " entries"]
+    """Batch row of each entry."""
     crow: Int[Tensor, " batch_plus_1"]
-    """CSR row pointers of the [batch, d_sae] matrix (k entries a row)."""
+    """CSR row pointers of the [batch, d_sae] matrix."""
     order: Int[Tensor, " entries"]
-    """Permutation sorting the flattened entries by latent: the transposed matrix's order."""
+    """Permutation sorting the entries by latent: the transposed matrix's order."""
     crow_t: Int[Tensor, " d_sae_plus_1"]
     """CSR row pointers of the transposed [d_sae, batch] matrix."""
     rows_t: Int[Tensor, " entries"]
     """Batch row of each entry in transposed order."""
     d_sae: int
 
+    @property
+    def batch(self) -> int:
+        return self.crow.shape[0] - 1
+
 
 def make_pattern(indices: Int[Tensor, "batch k"], d_sae: int) -> SparsePattern:
-    """Return the CSR layouts of a [batch, d_sae] matrix with the given k entries a row."""
+    """Return the CSR layouts of a [batch, d_sae] matrix with the given k entries a row (sorted within each row)."""
     batch, k = indices.shape
-    flat = indices.reshape(-1)
-    # int32 keys: torch's stable CPU argsort of 131k int64 keys takes ~200 ms, of int32 ~1 ms
-    order = torch.argsort(flat.to(torch.int32), stable=True)
-    crow_t = torch.zeros(d_sae + 1, dtype=torch.long, device=indices.device)
-    crow_t[1:] = torch.bincount(flat, minlength=d_sae).cumsum(0)
+    rows = torch.arange(batch, device=indices.device).repeat_interleave(k)
     crow = torch.arange(0, batch * k + 1, k, device=indices.device)
-    return SparsePattern(indices, crow, order, crow_t, order // k, d_sae)
+    return _pattern(indices.reshape(-1), rows, crow, d_sae)
 
 
-def _csr(pattern: SparsePattern, values: Float[Tensor, "batch k"]) -> Tensor:
-    batch = pattern.indices.shape[0]
+def pattern_of_entries(flat_indices: Int[Tensor, " entries"], batch: int, d_sae: int) -> SparsePattern:
+    """Return the pattern of the entries at ``flat_indices`` (``row * d_sae + latent``, ascending) of a
+    [batch, d_sae] matrix: any number of entries per row."""
+    rows = flat_indices // d_sae
+    crow = torch.zeros(batch + 1, dtype=torch.long, device=flat_indices.device)
+    crow[1:] = torch.bincount(rows, minlength=batch).cumsum(0)
+    return _pattern(flat_indices % d_sae, rows, crow, d_sae)
+
+
+def _pattern(columns: Tensor, rows: Tensor, crow: Tensor, d_sae: int) -> SparsePattern:
+    # int32 keys: torch's stable CPU argsort of 131k int64 keys takes ~200 ms, of int32 ~1 ms
+    order = torch.argsort(columns.to(torch.int32), stable=True)
+    crow_t = torch.zeros(d_sae + 1, dtype=torch.long, device=columns.device)
+    crow_t[1:] = torch.bincount(columns, minlength=d_sae).cumsum(0)
+    return SparsePattern(columns, rows, crow, order, crow_t, rows[order], d_sae)
+
+
+def _csr(pattern: SparsePattern, values: Tensor) -> Tensor:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
         return torch.sparse_csr_tensor(
-            pattern.crow, pattern.indices.reshape(-1), values.reshape(-1),
-            size=(batch, pattern.d_sae), check_invariants=False,
+            pattern.crow, pattern.columns, values.reshape(-1),
+            size=(pattern.batch, pattern.d_sae), check_invariants=False,
         )
 
 
-def _csr_t(pattern: SparsePattern, values: Float[Tensor, "batch k"]) -> Tensor:
-    batch = pattern.indices.shape[0]
+def _csr_t(pattern: SparsePattern, values: Tensor) -> Tensor:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return torch.sparse_csr_tensor(
             pattern.crow_t, pattern.rows_t, values.reshape(-1)[pattern.order],
-            size=(pattern.d_sae, batch), check_invariants=False,
+            size=(pattern.d_sae, pattern.batch), check_invariants=False,
         )
 
 
-def scatter_sum(pattern: SparsePattern, values: Float[Tensor, "batch k"]) -> Float[Tensor, " d_sae"]:
+def scatter_sum(pattern: SparsePattern, values: Tensor) -> Float[Tensor, " d_sae"]:
+    """Return the sum of ``values`` per latent."""
     out = values.new_zeros(pattern.d_sae)
-    return out.index_add_(0, pattern.indices.reshape(-1), values.reshape(-1))
+    return out.index_add_(0, pattern.columns, values.reshape(-1))
 
 
 def _gather_rows(x: Float[Tensor, "batch d_in"], pattern: SparsePattern, grad: Tensor) -> Tensor:
@@ -83,9 +104,8 @@ def _gather_rows(x: Float[Tensor, "batch d_in"], pattern: SparsePattern, grad: T
     if not x.is_cuda:
         return _csr_t(pattern, grad) @ x
     # On GPUs index_add over rows is as fast as cuSPARSE and deterministic enough.
-    flat = pattern.indices.reshape(-1)
-    contrib = (grad[..., None] * x[:, None, :]).reshape(-1, x.shape[-1])
-    return x.new_zeros(pattern.d_sae, x.shape[-1]).index_add_(0, flat, contrib)
+    contrib = grad.reshape(-1, 1) * x[pattern.rows]
+    return x.new_zeros(pattern.d_sae, x.shape[-1]).index_add_(0, pattern.columns, contrib)
 
 
 class _EncodeAt(torch.autograd.Function):
@@ -120,7 +140,8 @@ class _DecodeSparse(torch.autograd.Function):
     def forward(ctx, values, W_dec, pattern):
         ctx.save_for_backward(values, W_dec)
         ctx.pattern = pattern
-        return F.embedding_bag(pattern.indices, W_dec, per_sample_weights=values, mode="sum")
+        return F.embedding_bag(pattern.columns, W_dec, pattern.crow[:-1], per_sample_weights=values.reshape(-1),
+                               mode="sum")
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -129,9 +150,8 @@ class _DecodeSparse(torch.autograd.Function):
         grad_out = grad_out.contiguous()
         grad_values = grad_W_dec = None
         if ctx.needs_input_grad[0]:
-            if grad_out.is_cuda:
-                rows = W_dec[pattern.indices]  # [batch k d_in]: fine in GPU memory
-                grad_values = torch.einsum("bkd,bd->bk", rows, grad_out)
+            if grad_out.is_cuda:  # [entries d_out] gathers: fine in GPU memory
+                grad_values = (W_dec[pattern.columns] * grad_out[pattern.rows]).sum(-1).view_as(values)
             else:
                 sampled = torch.sparse.sampled_addmm(_csr(pattern, values), grad_out, W_dec.T, beta=0.0)
                 grad_values = sampled.values().view_as(values)
@@ -140,7 +160,7 @@ class _DecodeSparse(torch.autograd.Function):
         return grad_values, grad_W_dec, None
 
 
-def decode_sparse(values: Float[Tensor, "batch k"], W_dec: Float[Tensor, "d_sae d_out"], pattern: SparsePattern) -> Tensor:
+def decode_sparse(values: Tensor, W_dec: Float[Tensor, "d_sae d_out"], pattern: SparsePattern) -> Tensor:
     """Return ``sum_j values[b, j] * W_dec[indices[b, j]]`` ``[batch, d_out]``, differentiable in both
     (the decoder's gradient touches only the rows used)."""
     return _DecodeSparse.apply(values, W_dec, pattern)
@@ -151,6 +171,16 @@ def topk_pattern(pre: Float[Tensor, "batch d_sae"], k: int) -> tuple[Tensor, Spa
     top = pre.topk(k, dim=-1, sorted=False)
     indices, perm = top.indices.sort(dim=-1)
     return top.values.gather(-1, perm), make_pattern(indices, pre.shape[-1])
+
+
+def batchtopk_pattern(pre: Float[Tensor, "batch d_sae"], k: int) -> tuple[Float[Tensor, " entries"], SparsePattern]:
+    """Return BatchTopK's active pre-activations (the ``k * batch`` largest over the batch that are positive,
+    flat, in pattern order) and their pattern: :func:`workbench.sae.model.batch_topk`'s selection without a
+    dense result."""
+    flat = pre.reshape(-1)
+    top = flat.topk(min(k * pre.shape[0], flat.numel()), sorted=False)
+    kept = top.indices[top.values > 0].sort().values
+    return flat[kept], pattern_of_entries(kept, pre.shape[0], pre.shape[1])
 
 
 def encode_at(sae: SAE, x_c: Tensor, values: Tensor, pattern: SparsePattern) -> Tensor:

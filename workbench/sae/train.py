@@ -6,9 +6,9 @@ stopped). Under ``torchrun`` each process trains on its own slice of every globa
 gradients are averaged, so N processes with batch b train the same SAE as one with batch N*b; the
 caller joins the process group first (:func:`workbench.distributed.init_distributed`).
 
-TopK training never multiplies by the dense latent matrix: only the encoder's forward matmul is
-dense; the decoder, the encoder's gradient and the AuxK loss touch ``k`` latents per row through
-gather/sparse-matrix kernels (:mod:`workbench.sae.kernels`).
+TopK and BatchTopK training never multiply by the dense latent matrix: only the encoder's forward
+matmul is dense; the decoder, the encoder's gradient and the AuxK loss touch only the active latents
+through gather/sparse-matrix kernels (:mod:`workbench.sae.kernels`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -34,14 +34,25 @@ from workbench.runs import (  # the run scaffold the LM trainer shares; METRICS_
     CHECKPOINT_DIR, METRICS_FILE, LRSchedule, MetricsLog, check_same_settings, lr_at, read_checkpoint, write_checkpoint,
 )
 from workbench.sae.kernels import (
-    SparsePattern, decode_sparse, encode_at, jumprelu, jumprelu_step, scatter_sum, topk_pattern,
+    SparsePattern, batchtopk_pattern, decode_sparse, encode_at, jumprelu, jumprelu_step, scatter_sum, topk_pattern,
 )
 from workbench.sae.model import SAE, SAEConfig, batch_topk
 from workbench.train import TrainingDivergedError
 
-#: A source of activation batches: an iterable, or a function from the first step to an iterable.
-Batches = Iterable[Tensor] | Callable[[int], Iterable[Tensor]]
+#: A source of activation batches (a transcoder's: (input, target) pairs): an iterable, or a function from
+#: the first step to an iterable.
+Batch = Tensor | tuple[Tensor, Tensor]
+Batches = Iterable[Batch] | Callable[[int], Iterable[Batch]]
 
+
+#: SAETrainConfig fields added after checkpoints were first written: missing from one means their default.
+_ADDED_SINCE = frozenset({"sparse_batchtopk", "skip_init", "latent_init_scale", "skip_lr_scale"})
+
+SkipInit = Literal["zero", "ridge"]
+SKIP_INITS: tuple[str, ...] = ("zero", "ridge")
+
+#: Ridge penalty of ``skip_init='ridge'``, relative to the input's mean per-dimension variance.
+RIDGE_PENALTY = 1e-3
 
 #: SAETrainConfig fields a resumed run may change: they decide what is written and shown, never the weights.
 RESUMABLE_CHANGES = frozenset({"checkpoint_every", "log_every", "progress"})
@@ -80,6 +91,19 @@ class SAETrainConfig:
     """batchtopk: EMA rate of the inference threshold (the smallest activation kept)."""
     init_b_dec_mean: bool = True
     """Start b_dec at the mean of the first batch."""
+    sparse_batchtopk: bool = True
+    """batchtopk: train through the sparse kernels as TopK does (only the active entries after the encoder's
+    forward matmul); False takes the dense ``[batch, d_sae]`` path (same gradients, kept as the reference)."""
+    skip_init: SkipInit = "zero"
+    """Skip transcoders: ``zero`` starts ``W_skip`` at 0 (and ``b_dec`` at the target mean); ``ridge`` starts
+    ``W_skip`` and ``b_dec`` at the ridge regression of the target on the input over the first (global)
+    batch, so the latents learn only what a linear map leaves over from the first step."""
+    latent_init_scale: float | None = None
+    """Transcoders: at the start, scale the encoder so that the latents' output on the first batch has this
+    fraction of the norm of what is left to predict (the target minus b_dec and the skip term); None leaves
+    the unit-norm random encoder, whose 64 active latents can swamp a small MLP output (FVU ~6 at first)."""
+    skip_lr_scale: float = 1.0
+    """Skip transcoders: ``W_skip``'s learning rate as a multiple of ``lr``."""
     checkpoint_every: int = 1000
     """Write a resumable checkpoint every this many steps (0: only at the end)."""
     log_every: int = 10
@@ -94,6 +118,12 @@ class SAETrainConfig:
             raise ConfigError(f"total_steps={self.total_steps} must be at least 1")
         if not 0 <= self.decay_fraction <= 1:
             raise ConfigError(f"decay_fraction={self.decay_fraction} must lie in [0, 1]")
+        if self.skip_init not in SKIP_INITS:
+            raise ConfigError(f"skip_init={self.skip_init!r} is unknown; expected one of {SKIP_INITS}")
+        if self.latent_init_scale is not None and not (math.isfinite(self.latent_init_scale) and self.latent_init_scale > 0):
+            raise ConfigError(f"latent_init_scale={self.latent_init_scale} must be a positive number or None")
+        if not (math.isfinite(self.skip_lr_scale) and self.skip_lr_scale > 0):
+            raise ConfigError(f"skip_lr_scale={self.skip_lr_scale} must be a positive number")
 
     @property
     def schedule(self) -> LRSchedule:
@@ -151,19 +181,23 @@ class SparseForward(NamedTuple):
     """Reconstruction in normalised units."""
     pre: Float[Tensor, "batch d_sae"]
     """Dense pre-activations, detached (AuxK picks dead latents from them)."""
-    values: Float[Tensor, "batch k"]
-    """Active latent values."""
+    values: Tensor
+    """Active latent values: [batch, k] (TopK) or flat in pattern order (BatchTopK)."""
     pattern: SparsePattern
 
 
 def topk_forward(sae: SAE, x: Float[Tensor, "batch d_in"]) -> SparseForward:
-    """TopK forward pass for training: one dense matmul, everything else k entries a row (plus a skip term)."""
+    """TopK or BatchTopK forward pass for training: one dense matmul, everything else only the active entries
+    (k a row for TopK, ``values`` [batch, k]; any number a row for BatchTopK, ``values`` flat), plus a skip term."""
     # b_dec detached: the sparse encoder kernel gives b_dec its gradient through the centring itself
     x_n, x_c = sae.encoder_input(x, detach_b_dec=True)
     with torch.no_grad():
         # SAE.pre_acts_of_centered's x_c @ W_enc + b_enc, the bias fused into the GEMM (as trained so far)
         pre = torch.addmm(sae.b_enc, x_c, sae.W_enc)
-        pre_values, pattern = topk_pattern(pre, sae.cfg.k)
+        if sae.cfg.architecture == "batchtopk":
+            pre_values, pattern = batchtopk_pattern(pre, sae.cfg.k)
+        else:
+            pre_values, pattern = topk_pattern(pre, sae.cfg.k)
     values = F.relu(encode_at(sae, x_c, pre_values, pattern))
     x_hat_n = decode_sparse(values, sae.W_dec, pattern) + sae.b_dec
     if sae.W_skip is not None:
@@ -175,7 +209,7 @@ def auxk_loss(
     sae: SAE,
     x_c: Float[Tensor, "batch d_in"],
     pre: Float[Tensor, "batch d_sae"],
-    residual: Float[Tensor, "batch d_in"],
+    residual: Float[Tensor, "batch d_out"],
     dead: Tensor,
     aux_k: int,
 ) -> Tensor:
@@ -234,11 +268,14 @@ def compute_losses(
     arch = sae.cfg.architecture
     aux_k = cfg.aux_k or max(sae.cfg.d_in // 2, 1)
     min_active = torch.tensor(math.inf)
-    if arch == "topk":
+    if arch == "topk" or (arch == "batchtopk" and cfg.sparse_batchtopk):
         out = topk_forward(sae, x)
         x_n, x_hat_n = out.x_n, out.x_hat_n
-        fired = scatter_sum(out.pattern, (out.values > 0).to(x_n.dtype))
-        l0 = (out.values > 0).sum(-1).to(x_n.dtype).mean()
+        active = (out.values > 0).to(x_n.dtype)
+        fired = scatter_sum(out.pattern, active)
+        l0 = active.sum() / x_n.shape[0]
+        if arch == "batchtopk" and out.values.numel():
+            min_active = out.values.min().detach()
         y_n = x_n if target is None else target.to(x_n.dtype)
         sparsity = auxk_loss(sae, out.x_c, out.pre, y_n - x_hat_n, dead, aux_k)
         coefficient = cfg.aux_k_coefficient
@@ -325,7 +362,7 @@ def project_decoder_gradient(sae: SAE) -> None:
         grad.sub_((grad * W).sum(-1, keepdim=True) * W)
 
 
-def _open_batches(data: Batches, start: int) -> Iterator[Tensor]:
+def _open_batches(data: Batches, start: int) -> Iterator[Batch]:
     if callable(data):
         return iter(data(start))
     iterator = iter(data)
@@ -393,7 +430,7 @@ def _train_sae(sae: SAE, data: Batches, cfg: SAETrainConfig, out: Path | None, r
         raise ConfigError("resample_every is for SAEs (it re-aims decoder rows at badly reconstructed inputs); "
                           "train a transcoder with resample_every=0, or as topk/batchtopk whose AuxK revives dead latents")
     params = [p for p in sae.parameters()]
-    optimizer = torch.optim.Adam(params, lr=cfg.lr, betas=cfg.adam_betas, **_fast_adam(device))
+    optimizer = torch.optim.Adam(_param_groups(sae, cfg), lr=cfg.lr, betas=cfg.adam_betas, **_fast_adam(device))
     tokens_since_fired = torch.zeros(sae.cfg.d_sae, dtype=torch.float64, device=device)
     fired_total = torch.zeros(sae.cfg.d_sae, dtype=torch.float64, device=device)
     step = tokens = 0
@@ -460,7 +497,7 @@ def _train_sae(sae: SAE, data: Batches, cfg: SAETrainConfig, out: Path | None, r
                     )
                 saved_rows = None
             if step == 0 and resumed_from is None:
-                _initialise_from_batch(sae, x if y is None else y, cfg)
+                _initialise_from_batch(sae, x, y, cfg)
             global_rows = x.shape[0] * info.world_size
             dead = tokens_since_fired >= cfg.dead_tokens
             losses = compute_losses(sae, x, cfg, step, dead, target=y)
@@ -471,7 +508,7 @@ def _train_sae(sae: SAE, data: Batches, cfg: SAETrainConfig, out: Path | None, r
             _average_gradients(params, info.world_size)
             project_decoder_gradient(sae)
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(cfg, step)
+                group["lr"] = lr_at(cfg, step) * group.get("lr_scale", 1.0)
             optimizer.step()
             sae.normalize_decoder()
             if sae.cfg.architecture == "jumprelu":
@@ -553,20 +590,76 @@ def _fast_adam(device: torch.device) -> dict[str, Any]:
         return {}
 
 
+def _param_groups(sae: SAE, cfg: SAETrainConfig) -> list[dict[str, Any]]:
+    """The optimiser's parameter groups: one, or ``W_skip`` in its own when ``skip_lr_scale`` sets it apart
+    (one group otherwise, so checkpoints written before the option existed still load)."""
+    if sae.W_skip is None or cfg.skip_lr_scale == 1.0:
+        return [{"params": list(sae.parameters())}]
+    rest = [p for p in sae.parameters() if p is not sae.W_skip]
+    return [{"params": rest}, {"params": [sae.W_skip], "lr_scale": cfg.skip_lr_scale}]
+
+
 @torch.no_grad()
-def _initialise_from_batch(sae: SAE, x: Tensor, cfg: SAETrainConfig) -> None:
-    """Estimate the input scale and b_dec from the first (global) batch (for a transcoder, of its targets:
-    b_dec lives in the output space, and transcoders take no input scale)."""
-    world = dist_info().world_size
+def _initialise_from_batch(sae: SAE, x: Tensor, y: Tensor | None, cfg: SAETrainConfig) -> None:
+    """Estimate the input scale and b_dec from the first (global) batch. A transcoder's b_dec lives in the
+    output space (``y``), and transcoders take no input scale; a skip transcoder with ``skip_init='ridge'``
+    starts ``W_skip`` and ``b_dec`` at the ridge fit of ``y`` on ``x``; ``latent_init_scale`` then scales the
+    encoder (:func:`_scale_encoder`)."""
     x = x.to(sae.W_enc.dtype)
+    if y is not None and sae.W_skip is not None and cfg.skip_init == "ridge":
+        _ridge_skip(sae, x, y.to(sae.W_enc.dtype))
+    else:
+        _initialise_scales(sae, x, x if y is None else y.to(sae.W_enc.dtype), cfg)
+    if y is not None and cfg.latent_init_scale is not None:
+        _scale_encoder(sae, x, y.to(sae.W_enc.dtype), cfg.latent_init_scale)
+
+
+def _initialise_scales(sae: SAE, x: Tensor, target: Tensor, cfg: SAETrainConfig) -> None:
+    """Set ``norm_scale`` (``expected_average_only_in``) from ``x`` and b_dec to ``target``'s mean."""
+    world = dist_info().world_size
     if sae.cfg.normalize_activations == "expected_average_only_in":
         stats = _all_reduce(torch.stack([x.norm(dim=-1).sum(), torch.tensor(float(x.shape[0]), device=x.device)]))
         mean_norm = float(stats[0] / stats[1])
         if mean_norm > 0:
             sae.norm_scale.fill_(math.sqrt(sae.cfg.d_in) / mean_norm)
     if cfg.init_b_dec_mean:
-        mean = _all_reduce(x.sum(0)) / (x.shape[0] * world)
+        mean = _all_reduce(target.sum(0)) / (target.shape[0] * world)
         sae.b_dec.copy_(mean * sae.norm_scale)
+
+
+def _scale_encoder(sae: SAE, x: Float[Tensor, "batch d_in"], y: Float[Tensor, "batch d_out"], fraction: float) -> None:
+    """Scale ``W_enc`` and ``b_enc`` so the latents' output (their decoder sum) on this batch has ``fraction``
+    of the mean norm of ``y`` minus ``b_dec`` and the skip term (means over every process's rows)."""
+    sae.train()
+    latents = sae.encode(x)
+    decoded = latents @ sae.W_dec
+    residual = y - sae.b_dec - (sae.skip_out(x) if sae.W_skip is not None else 0.0)
+    norms = _all_reduce(torch.stack([decoded.norm(dim=-1).sum(), residual.norm(dim=-1).sum()]).double())
+    if float(norms[0]) > 0:
+        factor = fraction * float(norms[1]) / float(norms[0])
+        sae.W_enc.mul_(factor)
+        sae.b_enc.mul_(factor)
+
+
+def _ridge_skip(sae: SAE, x: Float[Tensor, "batch d_in"], y: Float[Tensor, "batch d_out"]) -> None:
+    """Set ``W_skip`` and ``b_dec`` to the ridge regression of ``y`` on ``x`` over every process's rows.
+
+    Sums (not the rows) are all-reduced, in float64, so N processes fit what one process with the whole
+    batch would. The penalty is :data:`RIDGE_PENALTY` times the inputs' mean variance per dimension."""
+    xd, yd = x.double(), y.double()
+    d_in = xd.shape[1]
+    sums = _all_reduce(torch.cat([xd.sum(0), yd.sum(0), (xd.T @ xd).reshape(-1), (xd.T @ yd).reshape(-1),
+                                  xd.new_tensor([float(xd.shape[0])])]))
+    n = float(sums[-1])
+    d_out = yd.shape[1]
+    x_mean, y_mean = sums[:d_in] / n, sums[d_in:d_in + d_out] / n
+    offset = d_in + d_out
+    xx = sums[offset:offset + d_in * d_in].view(d_in, d_in) / n - torch.outer(x_mean, x_mean)
+    xy = sums[offset + d_in * d_in:-1].view(d_in, d_out) / n - torch.outer(x_mean, y_mean)
+    penalty = RIDGE_PENALTY * max(float(xx.diagonal().mean()), 1e-12)
+    W = torch.linalg.solve(xx + penalty * torch.eye(d_in, dtype=xx.dtype, device=xx.device), xy)  # [d_in, d_out]
+    sae.W_skip.copy_(W.T.to(sae.W_skip.dtype))
+    sae.b_dec.copy_((y_mean - x_mean @ W).to(sae.b_dec.dtype))
 
 
 @torch.no_grad()
@@ -715,6 +808,8 @@ def _check_same_settings(out: Path, path: Path, state: dict[str, Any], cfg: SAET
         except (OSError, ValueError, KeyError, TypeError):
             return
     now = json.loads(json.dumps(cfg.to_dict()))  # tuples as lists, as saved
+    saved = {**{k: v for k, v in json.loads(json.dumps(SAETrainConfig(total_steps=1).to_dict())).items()
+                if k in _ADDED_SINCE}, **saved}  # a field added since an old checkpoint: its default
     check_same_settings(saved, now, RESUMABLE_CHANGES, path,
                         "resume with the same settings, or start over (--no-resume) or in another output directory")
 
