@@ -29,6 +29,7 @@ from typing import Callable, Literal, NamedTuple
 
 import torch
 from jaxtyping import Float, Int
+from safetensors.torch import save_file
 from torch import Tensor
 
 from workbench import paths
@@ -42,7 +43,10 @@ from workbench.corpora import (
     repeated_tokens,
 )
 from workbench.errors import CheckpointError, ConfigError
+from workbench.loading import is_native_checkpoint, read_safetensors
 from workbench.locking import output_lock
+from workbench.model import GPTConfig, HookedGPT, parameter_counts
+from workbench.names import act_name
 from workbench.train import METRICS_FILE, SNAPSHOT_DIR, TrainConfig, TrainResult, next_token_loss, read_metrics, train
 
 CARD_FILE = "card.md"
@@ -146,7 +150,7 @@ class InductionScores(NamedTuple):
 def induction_scores(model, cfg: RepeatedTokensConfig, batch: int = 256, seed: int = 12345) -> InductionScores:
     """Return per-half losses and previous-token / induction head scores on fresh repeated sequences."""
     data = repeated_tokens(cfg, batch, torch.Generator().manual_seed(seed))
-    pattern_names = [f"blocks.{layer}.attn.hook_pattern" for layer in range(model.cfg.n_layers)]
+    pattern_names = [act_name("pattern", layer) for layer in range(model.cfg.n_layers)]
     was_training = model.training
     model.eval()
     logits, cache = model.run_with_cache(data.tokens, names_filter=pattern_names)
@@ -228,8 +232,6 @@ def recipe_data(recipe: Recipe) -> RecipeData:
 
 def build_model(recipe: Recipe, tokenizer=None):
     """Return the recipe's model with its seeded initial weights (vocabulary from the tokenizer if given)."""
-    from workbench.model import GPTConfig, HookedGPT
-
     kwargs = dict(recipe.model)
     if tokenizer is not None:
         kwargs["d_vocab"] = tokenizer.vocab_size
@@ -293,10 +295,6 @@ def compact_snapshots(run_dir: str | Path, dtype: torch.dtype = torch.float16) -
     ``HookedGPT.load`` reads and the app's training-dynamics page lists); only the stored dtype
     changes. Loading casts back to the model's fp32.
     """
-    from safetensors.torch import save_file
-
-    from workbench.loading import read_safetensors
-
     dirs = snapshot_dirs(Path(run_dir))
     for d in dirs.values():
         weights = d / "model.safetensors"
@@ -336,8 +334,6 @@ def snapshot_steps(name_or_dir: str | Path) -> list[int]:
 
 def load_snapshot(name_or_dir: str | Path, step: int):
     """Return the model (fp32, eval mode) as it was after ``step`` training steps (one of ``snapshot_steps``)."""
-    from workbench.model import HookedGPT
-
     directory = _model_dir(name_or_dir)
     dirs = snapshot_dirs(directory)
     if step not in dirs:
@@ -354,8 +350,6 @@ SHIPPED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenize
 
 def ship(name: str, run_dir: str | Path) -> Path:
     """Copy a finished run of built-in ``name`` into ``data/models/<name>/`` (replacing it); return that path."""
-    from workbench.loading import is_native_checkpoint
-
     run_dir = Path(run_dir)
     get_recipe(name)
     if not (is_native_checkpoint(run_dir) and (run_dir / CARD_FILE).is_file()):
@@ -383,8 +377,6 @@ def compare_with_shipped(name: str, run_dir: str | Path) -> float | None:
 
     0.0 means the run reproduced the shipped weights bit for bit.
     """
-    from workbench.loading import read_safetensors
-
     shipped = BUILTIN_DIR / name / "model.safetensors"
     if not shipped.is_file():
         return None
@@ -454,8 +446,6 @@ def _card_rows(recipe: Recipe, logs: dict[int, dict], evals: dict[int, dict]) ->
 
 def write_card(recipe: Recipe, model, run_dir: str | Path, result: TrainResult, wall_s: float, resumed: bool) -> Path:
     """Write ``card.md`` for a finished run (config, data, training, losses, per-checkpoint table); return its path."""
-    from workbench.model import parameter_counts
-
     run_dir = Path(run_dir)
     model.eval()
     cfg, tc = model.cfg, recipe.train

@@ -240,7 +240,7 @@ def run_with_cache(
     dtype: torch.dtype | None = None,
     stop_at_layer: int | None = None,
     incl_grad: bool = False,
-    attention_mask: Bool[Tensor, "batch pos"] | None = None,
+    attention_mask: Bool[Tensor, "batch pos"] | Int[Tensor, "batch pos"] | None = None,
 ) -> tuple[Tensor, ActivationCache]:
     """Return ``(output, cache)``: logits (or, with ``stop_at_layer=L``, ``blocks.L.hook_resid_pre``)
     and an :class:`ActivationCache` of the hooks ``names_filter`` selects. ``model.run_with_cache`` calls it.

@@ -11,6 +11,10 @@ import argparse
 import importlib
 import sys
 
+from workbench.allocator import retain_freed_memory
+from workbench.commands._args import check_args, check_argv, resource_error_message
+from workbench.errors import WorkbenchError
+
 #: Modules that add subcommands, in the order they appear in ``workbench --help``.
 COMMAND_MODULES: list[str] = [
     "workbench.commands.models",
@@ -37,11 +41,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from workbench.allocator import retain_freed_memory
-
-    from workbench.commands._args import check_args, check_argv, resource_error_message
-    from workbench.errors import WorkbenchError
-
     retain_freed_memory()  # repeated large passes reuse memory instead of page-faulting it in (see there)
     argv = list(sys.argv[1:] if argv is None else argv)
     try:

@@ -27,14 +27,19 @@ import hashlib
 import importlib
 import inspect
 import json
+import pydoc_data.topics
+import shutil
 import sys
 import tarfile
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
 import torch
 from jaxtyping import Bool, Int
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
 from torch import Tensor
 
 from workbench import paths
@@ -134,8 +139,6 @@ def load_corpus(name_or_path: str | Path) -> Corpus:
 
 def pydocs_documents() -> list[str]:
     """Return the pydoc topics, then one document per standard-library module's docstrings."""
-    import pydoc_data.topics
-
     docs = [text.strip() for _, text in sorted(pydoc_data.topics.topics.items()) if text.strip()]
     for module_name in PYDOCS_MODULES:
         try:
@@ -218,9 +221,6 @@ def fetch_kjv(sdist: str | Path | None = None) -> Path:
 
 def _download(url: str, dest: Path) -> None:
     """Save ``url`` to ``dest`` (atomically: a killed download leaves no file under that name)."""
-    import shutil
-    import urllib.request
-
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(dest.name + ".part")
     try:
@@ -305,9 +305,6 @@ def train_bpe(documents: list[str], vocab_size: int, min_frequency: int = 2) -> 
     Byte-level means every string can be encoded (no unknown token), and the decoder restores the
     text exactly. BOS is prepended by default: the models trained here always see it at position 0.
     """
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
     if vocab_size < 256 + 1:
         raise ConfigError(f"vocab_size {vocab_size} is too small: byte-level BPE needs at least 257 (256 bytes + EOT)")
     if not documents:

@@ -40,7 +40,7 @@ from workbench.model import KVCache
 from workbench.padding import Batch
 
 FinishReason = Literal["stop_token", "max_new_tokens"]
-Prompt = str | Sequence[int] | Tensor | Batch
+Prompt = str | Sequence[str] | Sequence[int] | Tensor | Batch
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as HFTokenizer
 
 from workbench.errors import CheckpointError
 from workbench.tokenize import Tokenizer
@@ -83,7 +85,7 @@ class GGUFCheckpoint(NamedTuple):
 
 def _open(path: str | os.PathLike):
     """Return a ``gguf.GGUFReader`` over ``path``, or a CheckpointError saying what is wrong with it."""
-    import gguf
+    import gguf  # ~60 ms to import, paid only when a GGUF file is read
 
     path = Path(path)
     if not path.is_file():
@@ -155,7 +157,7 @@ def check_architecture(meta: dict[str, Any], path) -> str:
 
 def hf_config_from_metadata(meta: dict[str, Any], tensors: list[GGUFTensorInfo], path="GGUF"):
     """Return the ``transformers.LlamaConfig`` that the ``llama.*`` metadata describes."""
-    from transformers import LlamaConfig
+    from transformers import LlamaConfig  # optional dependency (test extra)
 
     check_architecture(meta, path)
     a = "llama"
@@ -304,7 +306,7 @@ def hf_name(gguf_name: str) -> str | None:
 
 def _dequantize(t) -> np.ndarray:
     """Return tensor ``t`` as float32 numpy in PyTorch axis order."""
-    import gguf
+    import gguf  # ~60 ms to import, paid only when a GGUF file is read
 
     shape = tuple(int(d) for d in reversed(t.shape.tolist()))
     qtype = t.tensor_type
@@ -402,8 +404,6 @@ def read_tokenizer(path: str | os.PathLike, reader=None) -> Tokenizer:
     Only ``tokenizer.ggml.model == "gpt2"`` (byte-level BPE, used by SmolLM2, Llama 3, Qwen ...) is
     rebuilt; sentencepiece vocabularies ("llama") are refused with a clear error.
     """
-    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
-    from tokenizers import Tokenizer as HFTokenizer
 
     reader = reader if reader is not None else _open(path)
     meta = read_metadata(path, reader)

@@ -34,7 +34,7 @@ _EXTRA = ("TransformerLens 4.x is not installed: `pip install 'transformer-lens>
 
 def _bridge_class():
     try:
-        from transformer_lens.model_bridge import TransformerBridge
+        from transformer_lens.model_bridge import TransformerBridge  # optional (test extra)
     except ImportError as exc:
         raise ConfigError(_EXTRA) from exc
     return TransformerBridge
@@ -66,7 +66,7 @@ def to_transformer_lens(model: HookedGPT) -> "TransformerBridge":
     if model.tokenizer is None:
         raise InputError("to_transformer_lens needs the model's tokenizer (the bridge is built with one); "
                          "load the model with its tokenizer or set model.tokenizer")
-    import transformers
+    import transformers  # optional dependency (test extra)
 
     hf = to_hf(model)  # a fresh HF model: the bridge wraps its modules in place
     with tempfile.TemporaryDirectory(prefix="workbench-tl-") as directory, _offline():

@@ -404,7 +404,7 @@ def read_hf_weights(directory: Path) -> dict[str, Tensor]:
 def _snapshot(repo_id: str, local_files_only: bool) -> Path:
     """Return a local directory for an HF hub id (the local HF cache first, the network second)."""
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import snapshot_download  # optional: only hub ids need it
     except ImportError:
         raise CheckpointError(
             f"{repo_id!r} is not a local directory and huggingface_hub is not installed to fetch it"
@@ -432,7 +432,7 @@ def _no_network(repo_id: str, exc: Exception | None = None) -> CheckpointError:
 
 def to_hf(model: HookedGPT):
     """Return an HF ``GPT2LMHeadModel`` or ``LlamaForCausalLM`` with the same weights."""
-    import transformers
+    import transformers  # optional dependency (test extra)
 
     cfg = model.cfg
     sd = {k: v.detach() for k, v in model.state_dict().items()}
@@ -477,7 +477,7 @@ def to_hf(model: HookedGPT):
 
 def hf_tokenizer(tokenizer: Tokenizer):
     """Return a ``transformers`` fast tokenizer over the same vocabulary and special tokens."""
-    import transformers
+    import transformers  # optional dependency (test extra)
 
     def token(i: int | None) -> str | None:
         return None if i is None else tokenizer.tok.id_to_token(i)

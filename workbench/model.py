@@ -6,8 +6,8 @@ model. Every interesting activation passes through a named :class:`~workbench.ho
 (``W_Q: [head d_model d_head]``) but stored in the memory layout ``F.linear`` wants, so the
 forward pass runs one fused matmul per projection over a view of the same memory.
 
-Dependencies run one way. This module needs only the hook machinery, hook names, padding and the
-speed paths of :mod:`workbench.fastpath` (``linear`` is ``F.linear``, faster for decoding on the
+Dependencies run one way. This module needs only the hook machinery, padding and the speed
+paths of :mod:`workbench.fastpath` (``linear`` is ``F.linear``, faster for decoding on the
 CPU). Loading (``loading.py``), generation (``generate.py``), activation caches (``cache.py``) and
 TransformerLens interop (``interop.py``) import this module, never the reverse at import time:
 ``import workbench.model`` loads none of them. ``model.run_with_cache``, ``model.generate``,
@@ -205,7 +205,9 @@ def signed_sin(sin: Float[Tensor, "pos d_head"]) -> Float[Tensor, "pos d_head"]:
 
 
 def apply_rotary(
-    x: Float[Tensor, "batch pos head d_head"], cos: Float[Tensor, "pos 1 d_head"], sin: Float[Tensor, "pos 1 d_head"]
+    x: Float[Tensor, "batch pos head d_head"],
+    cos: Float[Tensor, "*rows pos 1 d_head"],
+    sin: Float[Tensor, "*rows pos 1 d_head"],
 ) -> Float[Tensor, "batch pos head d_head"]:
     """Apply RoPE as HF Llama does, ``x * cos + rotate_half(x) * sin`` with ``rotate_half(x) = [-x2, x1]``.
 
@@ -259,7 +261,7 @@ class Norm(nn.Module):
         self.hook_scale = HookPoint()  # [batch pos 1]
         self.hook_normalized = HookPoint()  # [batch pos d_model]
 
-    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+    def forward(self, x: Float[Tensor, "*batch d_model"]) -> Float[Tensor, "*batch d_model"]:
         if not (self.hook_scale.active or self.hook_normalized.active):
             # fused path: nobody is looking inside, so one kernel does it all
             if self.kind == "layernorm":
@@ -676,7 +678,7 @@ class HookedGPT(HookedModule):
             self.rotary_sin = signed_sin(sin).to(self.rotary_sin)
         return tuple(t[pos_offset: pos_offset + n_pos, None].to(dtype) for t in (self.rotary_cos, self.rotary_sin))
 
-    def unembed_resid(self, resid: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_vocab"]:
+    def unembed_resid(self, resid: Float[Tensor, "*batch d_model"]) -> Float[Tensor, "*batch d_vocab"]:
         """Return logits from a final residual stream (final norm, then W_U)."""
         return self.unembed(self.ln_final(resid))
 
@@ -684,7 +686,7 @@ class HookedGPT(HookedModule):
         self,
         tokens: Int[Tensor, "batch pos"] | Batch,
         kv_cache: KVCache | None = None,
-        attention_mask: Bool[Tensor, "batch pos"] | None = None,
+        attention_mask: Bool[Tensor, "batch pos"] | Int[Tensor, "batch pos"] | None = None,
     ) -> Float[Tensor, "batch pos d_vocab"]:
         """Return next-token logits. With ``kv_cache`` the tokens continue the cached positions.
 
@@ -788,7 +790,9 @@ class HookedGPT(HookedModule):
             )
         return torch.tensor(ids, dtype=torch.long, device=self.embed.W_E.device)
 
-    def to_batch(self, texts: list[str], padding_side: PaddingSide = "left", prepend_bos: bool | None = None) -> Batch:
+    def to_batch(
+        self, texts: str | list[str], padding_side: PaddingSide = "left", prepend_bos: bool | None = None
+    ) -> Batch:
         """Return prompts of any lengths as a :class:`~workbench.padding.Batch`: token ids padded with
         the tokenizer's pad token, and the attention mask (True at real tokens).
 
@@ -833,7 +837,7 @@ class HookedGPT(HookedModule):
         dtype: torch.dtype | None = None,
         stop_at_layer: int | None = None,
         incl_grad: bool = False,
-        attention_mask: Bool[Tensor, "batch pos"] | None = None,
+        attention_mask: Bool[Tensor, "batch pos"] | Int[Tensor, "batch pos"] | None = None,
     ):
         """Return ``(output, cache)``: logits (or ``blocks.L.hook_resid_pre`` with ``stop_at_layer=L``)
         and an :class:`~workbench.cache.ActivationCache`; see :func:`workbench.cache.run_with_cache`."""

@@ -6,9 +6,12 @@ a ``plotly.graph_objects.Figure``; nothing here computes an analysis or touches 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal
 
+import numpy as np
+import plotly.colors as pc
 import plotly.graph_objects as go
 import torch
 from torch import Tensor
@@ -76,8 +79,6 @@ def category_axis(fig: go.Figure, axis: Literal["x", "y"], labels: Sequence[str]
 
 def _luminance(rgb: str) -> float:
     """Return the WCAG relative luminance of a ``"rgb(r, g, b)"`` or ``"#rrggbb"`` colour."""
-    import plotly.colors as pc
-
     if rgb.startswith("#"):
         r, g, b = pc.hex_to_rgb(rgb)
     else:
@@ -99,9 +100,6 @@ def contrast_ratio(a: str, b: str) -> float:
 def text_colours(z, colorscale: str, zmin: float, zmax: float) -> list[list[str]]:
     """Return, per cell of ``z``, black or white, whichever contrasts more with the cell's colour (black
     on a NaN cell, which plotly leaves blank: the white plot background shows through)."""
-    import numpy as np
-    import plotly.colors as pc
-
     z = np.asarray(z, dtype=float)
     span = (zmax - zmin) or 1.0
     t = np.clip(np.nan_to_num((z - zmin) / span, nan=0.0), 0.0, 1.0)
@@ -121,8 +119,7 @@ NO_EXPORT = {"export": False}
 def figure_frame(fig: go.Figure) -> "pd.DataFrame":
     """Return the data a figure shows as one long table: a row per point (per cell for heatmaps), with
     the trace's name and its x, y, z and text. Decoration traces (``meta == NO_EXPORT``) are left out."""
-    import numpy as np
-    import pandas as pd
+    import pandas as pd  # here, not at the top: ~0.5 s to import (python -X importtime); only this needs it
 
     frames = []
     for i, tr in enumerate(fig.data):
@@ -154,8 +151,6 @@ def figure_frame(fig: go.Figure) -> "pd.DataFrame":
 
 def figure_json(fig: go.Figure) -> str:
     """Return the figure's title and data (as :func:`figure_frame`) as JSON records."""
-    import json
-
     title = fig.layout.title.text if fig.layout.title is not None else None
     frame = figure_frame(fig)
     return json.dumps({"title": title, "data": json.loads(frame.to_json(orient="records"))}, indent=1)
@@ -203,7 +198,7 @@ def head_heatmap(scores: Tensor, title: str = "head scores", colorbar: str = "sc
 
 def head_scores_figure(scores: dict[str, Tensor], title: str = "attention head scores") -> go.Figure:
     """Return side-by-side ``[layer head]`` heatmaps, one per named score, on a shared 0..1 scale."""
-    from plotly.subplots import make_subplots
+    from plotly.subplots import make_subplots  # ~0.2 s to import (python -X importtime); only this needs it
 
     names = list(scores)
     fig = make_subplots(rows=1, cols=len(names), subplot_titles=names, horizontal_spacing=0.06)
@@ -265,8 +260,6 @@ def lens_grid(result: "LensResult", str_tokens: Sequence[str] | None = None, val
     :data:`NO_EXPORT`); ``trace.text`` keeps each cell's full top token. The hover names the layer
     and position, the value, the target's probability and rank, and the top ``k_hover`` tokens.
     """
-    import numpy as np
-
     n_rows = len(result.labels)
     rows = list(range(n_rows)) if layers is None else sorted({int(i) for i in layers if 0 <= i < n_rows} | {n_rows - 1})
     if value == "top_prob":

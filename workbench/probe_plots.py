@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from workbench.names import layer_of
+
 if TYPE_CHECKING:
     from torch import Tensor
 
@@ -18,8 +20,6 @@ if TYPE_CHECKING:
 def probe_accuracy_figure(result: "LayerProbes", title: str = "probe accuracy by layer (held out)") -> go.Figure:
     """Return held-out accuracy per layer of the logistic and mean-difference probes, the control task and
     the selectivity (task minus control), with chance at 0.5."""
-    from workbench.names import layer_of
-
     x = [layer_of(h) if layer_of(h) is not None else h for h in result.hooks]
     fig = go.Figure()
     for name, values, dash in (("logistic probe", result.accuracy, None),

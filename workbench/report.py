@@ -19,14 +19,14 @@ import math
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from workbench import paths
+
 HTML_FILE = "report.html"
 JSON_FILE = "report.json"
 
 
 def report_dir(name: str) -> Path:
     """Return the default directory of a named report: ``$WORKBENCH_HOME/runs/reports/<name>``."""
-    from workbench import paths
-
     return paths.runs_dir() / "reports" / name
 
 
@@ -101,6 +101,7 @@ class Report:
         return self
 
     def render(self) -> str:
+        # plotly: ~70 ms to import (python -X importtime), and only rendering needs it
         from plotly.offline import get_plotlyjs
 
         style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"

@@ -17,7 +17,19 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from workbench.analysis.induction import (
+    default_spec,
+    next_token_loss,
+    repeat_losses,
+    repeated_random_tokens,
+    score_heads,
+)
+from workbench.analysis.logit_lens import lens_residuals
+from workbench.builtin import RECIPES, snapshot_dirs
 from workbench.errors import CheckpointError
+from workbench.model import HookedGPT
+from workbench.names import act_name
+from workbench.runs import METRICS_FILE, lr_at, read_metrics
 
 
 class Snapshot(NamedTuple):
@@ -30,8 +42,6 @@ class Snapshot(NamedTuple):
 
 def list_snapshots(model_dir: str | Path | None) -> list[Snapshot]:
     """Return the snapshots saved beside a checkpoint directory, by step (empty when it has none)."""
-    from workbench.builtin import snapshot_dirs
-
     if model_dir is None or not Path(model_dir).is_dir():
         return []
     return sorted(Snapshot(s, d) for s, d in snapshot_dirs(Path(model_dir)).items() if (d / "config.json").is_file())
@@ -39,8 +49,6 @@ def list_snapshots(model_dir: str | Path | None) -> list[Snapshot]:
 
 def load_snapshot(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
     """Return the model saved in one snapshot directory, in eval mode (snapshots are stored in fp16)."""
-    from workbench.model import HookedGPT
-
     path = Path(path)
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path} is not a snapshot (no config.json); list them with workbench.snapshots.list_snapshots")
@@ -106,17 +114,11 @@ class SnapshotHeads(NamedTuple):
 
 def repeated_sequence(model, seq_len: int, batch: int = 8, seed: int = 1):
     """Return the fixed repeated random tokens every snapshot is measured on (a ``RepeatedTokens``)."""
-    from workbench.analysis.induction import default_spec, repeated_random_tokens
-
     return repeated_random_tokens(default_spec(model, seq_len=seq_len, batch=batch, seed=seed), model.cfg.d_vocab)
 
 
 def snapshot_heads(model, step: int, seq_len: int, batch: int = 8) -> SnapshotHeads:
     """Return a snapshot's induction / previous-token scores, patterns and per-copy losses."""
-    from workbench.analysis.induction import next_token_loss, repeat_losses, score_heads
-    from workbench.analysis.logit_lens import lens_residuals
-    from workbench.names import act_name
-
     seq = repeated_sequence(model, seq_len, batch)
     tokens = seq.tokens.to(model.embed.W_E.device)
     with torch.inference_mode():
@@ -143,8 +145,6 @@ def phase_change(steps: list[int], best_induction: list[float]) -> tuple[int, in
 
 def training_log(model_dir: str | Path | None) -> pd.DataFrame:
     """Return the run's ``metrics.jsonl`` as a DataFrame (empty when there is none)."""
-    from workbench.train import METRICS_FILE, read_metrics
-
     path = None if model_dir is None else Path(model_dir) / METRICS_FILE
     if path is None or not path.is_file():
         return pd.DataFrame()
@@ -155,14 +155,10 @@ def lr_schedule(train_cfg, steps: Int[Tensor, " n"] | list[int]) -> list[float]:
     """Return the learning rate at each step (warmup + cosine, :func:`workbench.train.lr_at`).
 
     The training loop logs ``lr`` after the step's update, i.e. ``lr_at(step - 1)`` for 1-based steps."""
-    from workbench.train import lr_at
-
     return [lr_at(train_cfg, max(0, int(s) - 1)) for s in steps]
 
 
 def recipe_train_config(model_name: str):
     """Return the TrainConfig of a built-in model's recipe, or None for other models."""
-    from workbench.builtin import RECIPES
-
     recipe = RECIPES.get(model_name)
     return None if recipe is None else recipe.train

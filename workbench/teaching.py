@@ -21,9 +21,13 @@ from typing import NamedTuple
 
 import torch
 from jaxtyping import Float, Int
+from tokenizers import pre_tokenizers
 from torch import Tensor
 
+from workbench.corpora import train_bpe
 from workbench.errors import InputError
+from workbench.generate import generate
+from workbench.model import KVCache, apply_rotary
 from workbench.names import act_name
 
 # ----------------------------------------------------------------------------------- BPE, by hand
@@ -71,8 +75,6 @@ def pre_tokenize(text: str) -> list[str]:
     """Return the byte-level words of ``text`` (GPT-2's split regex, then bytes as characters).
 
     The split is the ``tokenizers`` ByteLevel pre-tokenizer's own, so merges never cross a word."""
-    from tokenizers import pre_tokenizers
-
     return [w for w, _ in pre_tokenizers.ByteLevel(add_prefix_space=False).pre_tokenize_str(text)]
 
 
@@ -201,8 +203,6 @@ def segmentations(text: str, trace: BPETrace) -> list[SegmentationStep]:
 
 def library_segmentation(documents: list[str], vocab_size: int, text: str) -> list[str]:
     """Return ``text``'s byte-level tokens under a ``tokenizers`` BPE trained to ``vocab_size`` (the oracle)."""
-    from workbench.corpora import train_bpe
-
     tok = train_bpe(documents, vocab_size=vocab_size)
     return tok.tok.encode(text, add_special_tokens=False).tokens
 
@@ -266,8 +266,6 @@ def attention_from_scratch(model, tokens: Int[Tensor, " pos"], layer: int, head:
         if attn.b_Q is not None:
             Q, K = Q + attn.b_Q[head].float().cpu(), K + attn.b_K[kv].float().cpu()
         if cfg.positional == "rotary":
-            from workbench.model import apply_rotary
-
             cos, sin = (t.float().cpu() for t in model.rotary(0, len(tokens), torch.float32))  # [pos 1 d_head]
             Q, K = (apply_rotary(t[None, :, None], cos, sin)[0, :, 0] for t in (Q, K))
     XXt = X @ X.T
@@ -365,8 +363,6 @@ def decode_with_cache(model, prompt: Int[Tensor, " pos"], n_new: int) -> CachedD
 
     The cache is preallocated for every position; step ``s`` writes position ``prompt_len + s - 1``
     and reads the rows before it, which never change: the page slices it to show each step."""
-    from workbench.model import KVCache
-
     total = len(prompt) + n_new
     if total > model.cfg.n_ctx:
         raise InputError(f"prompt ({len(prompt)}) + {n_new} new tokens exceed the context of {model.cfg.n_ctx}")
@@ -399,8 +395,6 @@ class GenerationTiming(NamedTuple):
 def time_generation(model, prompt: Int[Tensor, " pos"], n_new: int, use_cache: bool, repeats: int = 1
                     ) -> GenerationTiming:
     """Return the best wall time of ``repeats`` greedy generations of ``n_new`` tokens (with or without the cache)."""
-    from workbench.generate import generate
-
     best = math.inf
     for _ in range(max(1, repeats)):
         t0 = time.perf_counter()
@@ -414,8 +408,6 @@ def step_times(model, prompt: Int[Tensor, " pos"], n_new: int, use_cache: bool) 
 
     Without the cache step ``i`` runs the whole ``prompt + i`` tokens again, so its time grows with the
     length; with it every step after the first runs one token."""
-    from workbench.model import KVCache
-
     device = model.embed.W_E.device
     total = len(prompt) + n_new
     if total > model.cfg.n_ctx:

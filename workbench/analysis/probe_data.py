@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import torch
+
 from workbench.errors import DataError, InputError
 
 #: the fewest examples of each class a probe is trained on (a held-out split of fewer says nothing)
@@ -141,8 +143,6 @@ def known_capitals(model, pairs: Sequence[tuple[str, str]] = CAPITALS) -> list[t
     """Return the (country, capital) pairs the model knows: after "The capital of {country} is", the capital's
     first token has the highest logit among the first tokens of all the capitals (the "known facts" filter of
     Meng et al. 2022: a probe cannot read the truth of a fact the model does not hold)."""
-    import torch
-
     tok = model._require_tokenizer()
     first = [tok.encode(" " + city, add_bos=False)[0] for _, city in pairs]
     known = []

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, NamedTuple, Union
+from typing import NamedTuple, Union
 
 import torch
 from jaxtyping import Float, Int
@@ -33,11 +33,9 @@ from workbench.analysis.patching import LogitDiff
 from workbench.analysis.probe_data import ProbeDataset, read_positions
 from workbench.analysis.probes import ProbeDirection, collect_activations, probe_hooks
 from workbench.errors import DataError, InputError
+from workbench.generate import GenerationOutput, generate
+from workbench.model import HookedGPT
 from workbench.names import layer_of
-
-if TYPE_CHECKING:
-    from workbench.generate import GenerationOutput
-    from workbench.model import HookedGPT
 
 #: what a steering study measures: a logit difference at the last position, or a probe's score at its hook
 Target = Union[LogitDiff, ProbeDirection]
@@ -155,8 +153,6 @@ def steered_generation(model: "HookedGPT", prompt, vector: SteeringVector, multi
 
     ``sampling``: ``temperature``, ``top_k``, ``top_p``, ``seed``, ``stop_tokens``, as :func:`workbench.generate.generate`
     takes them; with a seed both runs draw the same random numbers."""
-    from workbench.generate import generate
-
     vector.check(model)
     plain = generate(model, prompt, max_new_tokens, **sampling)
     steered = generate(model, prompt, max_new_tokens, fwd_hooks=vector.hooks(multiplier), **sampling)

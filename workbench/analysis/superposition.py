@@ -208,7 +208,9 @@ def phase_diagram(
     probability = grid_d.reshape(-1, 1).repeat(restarts, 1)
     model = train_toy_model(cfg, probability, importance, train)
     with torch.no_grad():
-        x = sample_sparse_features(16 * train.batch_size, probability, torch.Generator().manual_seed(train.seed + 2))
+        # every feature of an instance has the cell's density (training broadcasts it the same way)
+        x = sample_sparse_features(16 * train.batch_size, probability.expand(-1, n_features),
+                                   torch.Generator().manual_seed(train.seed + 2))
         loss = (importance * (x - model(x)).pow(2)).mean(0).sum(-1).view(restarts, n)
     best = loss.argmin(0) * n + torch.arange(n)
     norms = toy_geometry(model).norms[best]

@@ -7,6 +7,7 @@ import torch
 
 from workbench import plots
 from workbench.app import cached, figures, share, ui
+from workbench.app.dynamics import across_training
 from workbench.app.sidebar import Selection
 
 SCORES = ["previous token", "duplicate token", "induction", "first token"]
@@ -69,6 +70,5 @@ def attention_page(sel: Selection) -> None:
                    key="attn_scores")
         st.dataframe(scores.sort_values("induction", ascending=False).head(12).style.format(precision=3),
                      hide_index=True)
-    from workbench.app.dynamics import across_training
 
     across_training(sel, "attention")  # a slider over the training snapshots, where the model has them

@@ -17,14 +17,34 @@ fire, whatever that run has attached. Nothing here mutates the model after loadi
 from __future__ import annotations
 
 import contextvars
+import time
+from pathlib import Path
 from typing import Callable, NamedTuple, TypeVar
 
 import streamlit as st
 import torch
 from torch import Tensor
 
-from workbench.app import choices, compute, jobs as jobs_mod
+from workbench import snapshots
+from workbench.analysis import graph as G
+from workbench.analysis import logit_lens
+from workbench.analysis.attribution import direct_logit_attribution
+from workbench.analysis.graph import load_transcoders
+from workbench.analysis.induction import default_spec, repeated_random_tokens, score_heads
+from workbench.analysis.logit_lens import TunedLens, decode_residuals, next_token_targets
+from workbench.analysis.superposition import ToyConfig, ToyTrainConfig, toy_geometry, train_toy_model
+from workbench.app import choices, compute
+from workbench.app import jobs as jobs_mod
 from workbench.app.choices import ModelKey
+from workbench.model import HookedGPT
+from workbench.names import act_name
+from workbench.sae import features as sae_features
+from workbench.sae.features import FeatureStats, FeatureStatsConfig
+from workbench.sae.io import load_sae
+from workbench.snapshots import embedding_frames, list_snapshots, load_snapshot, step_of
+from workbench.store import open_store
+from workbench.teaching import attention_from_scratch, decode_with_cache, model_pattern, train_bpe_steps
+from workbench.zoo import load_model
 
 T = TypeVar("T")
 
@@ -43,14 +63,7 @@ def model(key: str):
     """Return the loaded HookedGPT for a model key (two models stay loaded at most)."""
     spec = ModelKey.parse(key)
     source = choices.model_source(spec.name)
-    try:
-        from workbench.zoo import load_model
-    except ImportError:
-        from workbench.loading import load_native
-
-        m = load_native(source)
-    else:
-        m = load_model(source, progress=False)
+    m = load_model(source, progress=False)
     return m.to(device=spec.device, dtype=spec.torch_dtype).eval()
 
 
@@ -89,7 +102,7 @@ def _tokens(key: str, text: str) -> Tensor:
 def attention_patterns(key: str, text: str) -> Tensor:
     """Return every head's attention pattern on the prompt, ``[layer head query key]`` (CPU, float32)."""
     m = model(key)
-    names = [f"blocks.{layer}.attn.hook_pattern" for layer in range(m.cfg.n_layers)]
+    names = [act_name("pattern", layer) for layer in range(m.cfg.n_layers)]
     tokens = _tokens(key, text)
 
     def run() -> Tensor:
@@ -140,8 +153,6 @@ def projection(key: str, words: str, method: str):
 @st.cache_resource(max_entries=8, show_spinner=False)
 def induction(key: str, seq_len: int, batch: int = 8):
     """Return ``(HeadScores, RepeatedTokens)``: every head scored on twice-shown random tokens, and the losses."""
-    from workbench.analysis.induction import default_spec, repeated_random_tokens, score_heads
-
     m = model(key)
     seq = repeated_random_tokens(default_spec(m, seq_len=seq_len, batch=batch), m.cfg.d_vocab)
 
@@ -154,10 +165,6 @@ def induction(key: str, seq_len: int, batch: int = 8):
 @st.cache_data(max_entries=256, show_spinner=False)
 def snapshot_point(snapshot_dir: str, device: str, dtype: str, seq_len: int) -> compute.DynamicsPoint:
     """Return the induction measurements of one training snapshot (a checkpoint directory)."""
-    from pathlib import Path
-
-    from workbench.model import HookedGPT
-
     m = HookedGPT.load(Path(snapshot_dir)).to(device=device, dtype=choices.DTYPES[dtype]).eval()  # a private copy
     step = int(Path(snapshot_dir).name.removeprefix("step_"))
 
@@ -173,21 +180,18 @@ def snapshot_point(snapshot_dir: str, device: str, dtype: str, seq_len: int) -> 
 @st.cache_resource(max_entries=16, show_spinner=False)
 def lens_residuals(key: str, text: str) -> Tensor:
     """Return resid_pre of every block and the final residual on the prompt, ``[layer 1 pos d_model]``."""
-    from workbench.analysis.logit_lens import lens_residuals as residuals
 
     m, tokens = model(key), _tokens(key, text)
 
     def run() -> Tensor:
         with torch.inference_mode():
-            return residuals(m, tokens)
+            return logit_lens.lens_residuals(m, tokens)
     return _quiet(run)
 
 
 @st.cache_resource(max_entries=4, show_spinner=False)
 def tuned_lens(key: str, lens_dir: str):
     """Return the tuned lens saved in ``lens_dir``, on the model's device and dtype."""
-    from workbench.analysis.logit_lens import TunedLens
-
     return TunedLens.load(lens_dir, model(key)).eval()
 
 
@@ -195,8 +199,6 @@ def tuned_lens(key: str, lens_dir: str):
 def lens(key: str, text: str, lens_dir: str = "", target: int = -1):
     """Return the logit lens (tuned lens when ``lens_dir`` is given) on the prompt: the top 10 tokens,
     and the rank of the next token (or of token id ``target`` at every position)."""
-    from workbench.analysis.logit_lens import decode_residuals, next_token_targets
-
     m = model(key)
     tokens = _tokens(key, text)
     resid = lens_residuals(key, text)
@@ -216,8 +218,6 @@ def lens(key: str, text: str, lens_dir: str = "", target: int = -1):
 @st.cache_resource(max_entries=16, show_spinner=False)
 def attribution(key: str, text: str, answer: int, wrong: int = -1, granularity: str = "layer"):
     """Return the direct logit attribution of the answer's logit (minus the wrong token's) at the last position."""
-    from workbench.analysis.attribution import direct_logit_attribution
-
     m, tokens = model(key), _tokens(key, text)
 
     def run():
@@ -254,16 +254,12 @@ def patching_job(request: PatchRequest) -> jobs_mod.Job:
 @st.cache_resource(max_entries=4, show_spinner=False)
 def sae(key: str, sae_dir: str):
     """Return the SAE saved in ``sae_dir`` on the model's device (float32)."""
-    from workbench.sae.io import load_sae
-
     return load_sae(sae_dir, device=model(key).W_E.device)
 
 
 @st.cache_resource(max_entries=4, show_spinner=False)
 def store(store_dir: str):
     """Return the activation store at ``store_dir``, opened for reading."""
-    from workbench.store import open_store
-
     return open_store(store_dir)
 
 
@@ -273,11 +269,6 @@ STATS_DIR = "feature_stats"
 @st.cache_resource(max_entries=4, show_spinner=False)
 def feature_stats(key: str, sae_dir: str, store_dir: str, hook: str):
     """Return the SAE's per-latent dashboard statistics over its store (saved beside the SAE once computed)."""
-    from pathlib import Path
-
-    from workbench.sae.features import FeatureStats, FeatureStatsConfig
-    from workbench.sae.features import feature_stats as compute_stats
-
     saved = Path(sae_dir) / STATS_DIR
     if (saved / "feature_stats.json").is_file():
         return FeatureStats.load(saved)
@@ -285,7 +276,7 @@ def feature_stats(key: str, sae_dir: str, store_dir: str, hook: str):
 
     def run():
         with torch.inference_mode():
-            return compute_stats(s, st_, hook, FeatureStatsConfig(batch_size=1024), model=m)
+            return sae_features.feature_stats(s, st_, hook, FeatureStatsConfig(batch_size=1024), model=m)
     stats = _quiet(run)
     stats.save(saved)
     return stats
@@ -294,10 +285,9 @@ def feature_stats(key: str, sae_dir: str, store_dir: str, hook: str):
 @st.cache_data(max_entries=64, show_spinner=False)
 def feature_contexts(key: str, sae_dir: str, store_dir: str, hook: str, feature: int, rows: tuple[int, ...]):
     """Return the per-token activations of one latent around the given store rows."""
-    from workbench.sae.features import feature_contexts as contexts
 
     with torch.inference_mode():
-        return contexts(sae(key, sae_dir), store(store_dir), hook, feature, list(rows))
+        return sae_features.feature_contexts(sae(key, sae_dir), store(store_dir), hook, feature, list(rows))
 
 
 @st.cache_data(max_entries=16, show_spinner=False)
@@ -330,8 +320,6 @@ def prompt_latents(key: str, sae_dir: str, hook: str, text: str) -> Tensor:
 @st.cache_resource(max_entries=32, show_spinner=False)
 def toy_model(n_features: int, d_hidden: int, sparsity: float, decay: float, steps: int, seed: int = 0):
     """Return a toy model of superposition trained on CPU, and its geometry."""
-    from workbench.analysis.superposition import ToyConfig, ToyTrainConfig, toy_geometry, train_toy_model
-
     # a few-parameter model: thread hand-offs cost more than the arithmetic (1 thread is ~4x faster here)
     with compute.one_torch_thread():
         toy = train_toy_model(ToyConfig(n_features=n_features, d_hidden=d_hidden), 1.0 - sparsity,
@@ -371,16 +359,12 @@ def quick_sae_job(key: str, name: str, layer: int, n_tokens: int, d_sae: int, k:
 @st.cache_data(max_entries=16, show_spinner=False)
 def bpe_trace(text: str, n_merges: int):
     """Return byte-level BPE trained merge by merge on ``text`` (one document a line)."""
-    from workbench.teaching import train_bpe_steps
-
     return train_bpe_steps([line for line in text.splitlines() if line.strip()], n_merges)
 
 
 @st.cache_resource(max_entries=16, show_spinner=False)
 def scratch_attention(key: str, text: str, layer: int, head: int):
     """Return ``(ScratchAttention, model pattern)`` of one head on the prompt: by hand, and the model's hook_pattern."""
-    from workbench.teaching import attention_from_scratch, model_pattern
-
     m = model(key)
     tokens = _tokens(key, text)[0]
     return _quiet(lambda: (attention_from_scratch(m, tokens, layer, head), model_pattern(m, tokens, layer, head)))
@@ -389,8 +373,6 @@ def scratch_attention(key: str, text: str, layer: int, head: int):
 @st.cache_resource(max_entries=8, show_spinner=False)
 def cached_decode(key: str, text: str, n_new: int):
     """Return the prompt continued greedily by ``n_new`` tokens with a KV cache, and that cache."""
-    from workbench.teaching import decode_with_cache
-
     m, tokens = model(key), _tokens(key, text)[0]
     return _quiet(lambda: decode_with_cache(m, tokens, n_new))
 
@@ -415,26 +397,19 @@ def hook_shapes_on(key: str, text: str) -> dict[str, tuple[int, ...]]:
 @st.cache_resource(max_entries=64, show_spinner=False)
 def snapshot_model(snapshot_dir: str, device: str, dtype: str):
     """Return the model saved in one training snapshot directory, on ``device`` in ``dtype``."""
-    from workbench.snapshots import load_snapshot
-
     return load_snapshot(snapshot_dir, device=device, dtype=choices.DTYPES[dtype])
 
 
 @st.cache_resource(max_entries=256, show_spinner=False)
 def snapshot_heads(snapshot_dir: str, device: str, dtype: str, seq_len: int):
     """Return one snapshot's head scores, patterns and losses on fixed repeated random tokens."""
-    from workbench.snapshots import snapshot_heads as measure
-    from workbench.snapshots import step_of
-
     m = snapshot_model(snapshot_dir, device, dtype)
-    return _quiet(lambda: measure(m, step_of(snapshot_dir), seq_len))
+    return _quiet(lambda: snapshots.snapshot_heads(m, step_of(snapshot_dir), seq_len))
 
 
 @st.cache_resource(max_entries=8, show_spinner=False)
 def snapshot_embeddings(model_dir: str, device: str, dtype: str, ids: tuple[int, ...]):
     """Return the chosen token embeddings of every snapshot, projected on the final snapshot's principal axes."""
-    from workbench.snapshots import embedding_frames, list_snapshots
-
     snaps = list_snapshots(model_dir)
     W_Es = [snapshot_model(str(s.path), device, dtype).embed.W_E.detach().float().cpu() for s in snaps]
     return embedding_frames(W_Es, [s.step for s in snaps], list(ids))
@@ -453,18 +428,12 @@ def snapshot_tsne(snapshot_dir: str, device: str, dtype: str, ids: tuple[int, ..
 @st.cache_resource(max_entries=2, show_spinner=False)
 def transcoder_set(spec: str) -> dict:
     """Return a transcoder set (a directory, or a shipped set's name) as ``{layer: transcoder}``."""
-    from workbench.analysis.graph import load_transcoders
-
     return load_transcoders(spec)
 
 
 @st.cache_resource(max_entries=16, show_spinner=False)
 def attribution_graph(key: str, spec: str, text: str, max_features: int = 0):
     """Return ``(graph, seconds)``: the prompt's attribution graph through the set (``max_features`` 0: every feature)."""
-    import time
-
-    from workbench.analysis import graph as G
-
     m, tcs, tokens = model(key), transcoder_set(spec), _tokens(key, text)
 
     def run():
@@ -478,8 +447,6 @@ def attribution_graph(key: str, spec: str, text: str, max_features: int = 0):
 def transcoder_contexts(key: str, spec: str, layer: int, n_tokens: int = 4096, n_ctx: int = 64):
     """Return ``(windows, TopActivations)``: every feature of one layer's transcoder at its strongest on the
     model's own corpus (as the quick SAE reads it)."""
-    from workbench.analysis import graph as G
-
     m, tcs = model(key), transcoder_set(spec)
     windows = compute.sae_windows(m, n_tokens, n_ctx, compute.quick_sae_corpus(ModelKey.parse(key).name))
     return windows, _quiet(lambda: G.top_activations(m, tcs[layer], layer, windows.to(m.embed.W_E.device)))
@@ -488,7 +455,5 @@ def transcoder_contexts(key: str, spec: str, layer: int, n_tokens: int = 4096, n
 @st.cache_resource(max_entries=64, show_spinner=False)
 def feature_edit_logits(key: str, spec: str, text: str, edits: tuple[tuple[int, int, int, float, bool], ...]) -> Tensor:
     """Return the real model's last-position logits with features edited (``(layer, pos, index, value, scale)``)."""
-    from workbench.analysis import graph as G
-
     m, tcs, tokens = model(key), transcoder_set(spec), _tokens(key, text)
     return _quiet(lambda: G.intervene(m, tcs, tokens, [G.FeatureEdit(*e) for e in edits])[-1].cpu())

@@ -17,8 +17,9 @@ from typing import NamedTuple
 
 import torch
 
-from workbench import paths
-from workbench.errors import InputError
+from workbench import paths, zoo
+from workbench.app.compute import encode, encode_no_bos
+from workbench.errors import InputError, WorkbenchError
 
 #: The model the app opens with when nothing else is asked for.
 DEFAULT_MODEL = "smollm2-135m"
@@ -71,18 +72,9 @@ def dtypes_for(device: str) -> list[str]:
     return ["float32", "bfloat16"] if device == "cpu" else ["float32", "bfloat16", "float16"]
 
 
-def _zoo():
-    try:
-        from workbench import zoo
-    except ImportError:  # the zoo module has not landed; local checkpoints still work
-        return None
-    return zoo
-
-
 def zoo_names() -> list[str]:
     """Return the names the model zoo knows: fetched models (ready or not) and built-in checkpoints."""
-    zoo = _zoo()
-    return list(zoo.zoo()) if zoo is not None else [DEFAULT_MODEL]
+    return list(zoo.zoo())
 
 
 def local_names() -> list[str]:
@@ -104,9 +96,6 @@ def model_names() -> list[str]:
 
 def missing_message(name: str) -> str | None:
     """Return what to run when zoo model ``name`` is not on this machine yet (None when it is ready)."""
-    zoo = _zoo()
-    if zoo is None:
-        return f"The model zoo is not installed in this checkout, so {name!r} cannot be loaded."
     entry = zoo.zoo().get(name)
     if entry is None or entry.kind == "builtin":
         return None
@@ -122,8 +111,7 @@ def missing_message(name: str) -> str | None:
 
 def model_card(name: str) -> str:
     """Return the model's card (markdown): its card.md when it has one, else the zoo's description."""
-    zoo = _zoo()
-    entry = zoo.zoo().get(name) if zoo is not None else None
+    entry = zoo.zoo().get(name)
     dirs = []
     if entry is not None:
         dirs.append(entry.directory if entry.directory is not None else zoo.cache_dir(name))
@@ -175,8 +163,7 @@ def model_source(name: str) -> str | Path:
 
 def model_dir(name: str) -> Path | None:
     """Return the directory holding model ``name``'s checkpoint (and any training snapshots), or None."""
-    zoo = _zoo()
-    entry = zoo.zoo().get(name) if zoo is not None else None
+    entry = zoo.zoo().get(name)
     if entry is not None:
         d = entry.directory if entry.directory is not None else zoo.cache_dir(name)
         return d if d is not None and d.is_dir() else None
@@ -227,9 +214,6 @@ MODEL_DEFAULTS: dict[str, tuple[PromptDefaults, ...]] = {"kjv-small": (KJV,)}
 
 def _fits(model, d: PromptDefaults) -> bool:
     """Whether ``d`` works on ``model``: answers of one token each, clean and corrupted prompts of one length."""
-    from workbench.app.compute import encode, encode_no_bos
-    from workbench.errors import WorkbenchError
-
     try:
         if model.tokenizer is None:
             ids = [int(t) for t in (d.clean + " " + d.corrupt + " " + d.answer + " " + d.wrong).split()]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import html
 
+import numpy as np
 import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
@@ -15,6 +16,7 @@ from plotly.subplots import make_subplots
 from torch import Tensor
 
 from workbench import plots
+from workbench.analysis.logit_lens import LensComparison
 
 #: a qualitative palette for token chips (light, so dark text stays readable)
 TOKEN_COLOURS = ["#fde2e4", "#e2ece9", "#fff1e6", "#dfe7fd", "#e9f5db", "#f0efeb", "#fad2e1", "#cddafd", "#bee1e6"]
@@ -86,8 +88,6 @@ def attention_grid(patterns: Float[Tensor, "layer head q k"], str_tokens: list[s
     Each row and column has its own category label (``"L3 query 4: ·cat"``, ``"H2 key 1: ·The"``), so
     the hover names the head, the query and the key without a per-cell hover table.
     """
-    import numpy as np
-
     n_layers, n_heads, n, _ = patterns.shape
     layers = layers if layers is not None else range(n_layers)
     toks = plots.token_labels(str_tokens) if str_tokens else [str(i) for i in range(n)]
@@ -294,8 +294,6 @@ def rank_across_layers(labels: list[str], rank: list[int], prob: list[float], to
 
 def density_histogram(log10_density, feature: int | None = None) -> go.Figure:
     """Return the histogram of every latent's log10 firing density, with one latent marked."""
-    import numpy as np
-
     values = np.asarray(log10_density, dtype=float)
     fig = go.Figure(go.Histogram(x=values[np.isfinite(values)], nbinsx=50, name="latents"))
     if feature is not None and np.isfinite(values[feature]):
@@ -307,8 +305,6 @@ def density_histogram(log10_density, feature: int | None = None) -> go.Figure:
 
 def activation_histogram(edges, counts, feature: int) -> go.Figure:
     """Return one latent's activation histogram on log-spaced bins."""
-    import numpy as np
-
     edges = np.asarray(edges, dtype=float)
     centres = np.sqrt(edges[:-1] * edges[1:])
     counts = np.asarray(counts)
@@ -447,8 +443,6 @@ def generated_text_html(prompt: str, generated: str) -> str:
 def lens_kl_on_prompt(logit, tuned) -> go.Figure:
     """Return the per-layer KL(final || lens) of the logit and a tuned lens, averaged over the prompt's
     positions (two :class:`~workbench.analysis.logit_lens.LensResult` of the same prompt)."""
-    from workbench.analysis.logit_lens import LensComparison
-
     comparison = LensComparison(list(logit.labels[:-1]), logit.kl_to_final[:-1, 0].mean(-1),
                                 tuned.kl_to_final[:-1, 0].mean(-1))
     return plots.lens_kl_figure(comparison, title="KL(final output ‖ lens) by layer, mean over this prompt")

@@ -6,7 +6,9 @@ import pandas as pd
 import streamlit as st
 import torch
 
+from workbench import generate
 from workbench.app import cached, compute, figures, share, ui
+from workbench.app.dynamics import across_training
 from workbench.app.sidebar import Selection
 from workbench.model import GPTConfig, parameter_counts, rotary_tables, sinusoidal_table
 
@@ -83,7 +85,6 @@ def embeddings_page(sel: Selection) -> None:
                    + ", ".join(f"{figures.show_token(w)!r} → {' + '.join(repr(figures.show_token(p)) for p in ps)}"
                                for w, ps in split[:8]) + (" …" if len(split) > 8 else ""))
     share.plot(figures.scatter_2d(points, f"Token embeddings, {method.upper()} (scikit-learn)"), key="emb_projection")
-    from workbench.app.dynamics import across_training
 
     across_training(sel, "embeddings")  # a slider over the training snapshots, where the model has them
 
@@ -133,8 +134,6 @@ def positional_page(sel: Selection) -> None:
 
 
 def sampling_page(sel: Selection) -> None:
-    from workbench.generate import stream_generate
-
     st.title("Sampling")
     model = cached.model(sel.key)
     text, enc = ui.prompt(sel.key, model, "samp_prompt",
@@ -162,9 +161,9 @@ def sampling_page(sel: Selection) -> None:
         out = st.empty()
         pieces: list[str] = []
         with ui.guard(), st.spinner(f"Generating {figures.count_noun(n_new, 'token')}…"):
-            for event in stream_generate(model, torch.tensor(enc.ids), n_new, temperature=temperature,
-                                         top_k=top_k or None, top_p=top_p if top_p < 1 else None, seed=int(seed),
-                                         stop_tokens=[]):
+            for event in generate.stream_generate(model, torch.tensor(enc.ids), n_new, temperature=temperature,
+                                                  top_k=top_k or None, top_p=top_p if top_p < 1 else None,
+                                                  seed=int(seed), stop_tokens=[]):
                 pieces.append(event.text if model.tokenizer is not None else f" {event.token}")
                 out.markdown(figures.generated_text_html("".join(enc.str_tokens), "".join(pieces)),
                              unsafe_allow_html=True)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 import streamlit as st
 
-from workbench import plots
+from workbench import paths, plots
 from workbench.app import cached, compute, figures, share, ui
+from workbench.app.dynamics import across_training
 from workbench.app.sidebar import Selection
 
 VALUES = {"target_prob": "probability of the target token", "top_prob": "probability of the top token",
@@ -19,10 +22,6 @@ SIDE_BY_SIDE_TOKENS = 10
 
 def _where(path: str) -> str:
     """Return a lens directory relative to the runs directory (where the app looks for them)."""
-    from pathlib import Path
-
-    from workbench import paths
-
     try:
         return Path(path).relative_to(paths.runs_dir()).as_posix()
     except ValueError:
@@ -143,6 +142,5 @@ def lens_page(sel: Selection) -> None:
         f"#{j + 1}": [f"{decode([row[j]])}  {p[j]:.2f}" for row, p in zip(ids, ps)] for j in range(k)})
     st.markdown(f"**Top {k} next tokens at {pos_label}** ({which})")
     st.dataframe(table, hide_index=True)
-    from workbench.app.dynamics import across_training
 
     across_training(sel, "lens")  # a slider over the training snapshots, where the model has them

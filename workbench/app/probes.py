@@ -9,9 +9,13 @@ from __future__ import annotations
 import streamlit as st
 import torch
 
-from workbench import probe_plots
+from workbench import generate, probe_plots
+from workbench.analysis import probes as P
+from workbench.analysis.probe_data import read_positions
+from workbench.analysis.steering import contrast_vector
 from workbench.app import cached, figures, ui
 from workbench.app.sidebar import Selection
+from workbench.commands.probe import dataset
 
 DATASETS = {"sentiment": "sentiment verdicts (128, quick)", "capitals": "capitals of countries, true/false (640)",
             "arithmetic": "sums, true/false (150)", "comparisons": "number comparisons, true/false (150)",
@@ -21,10 +25,6 @@ KINDS = ("resid_post", "resid_pre", "attn_out", "mlp_out")
 
 def _probe_run(sel: Selection, model, name: str, kind: str):
     """Return (dataset, LayerProbes, activations [layer batch d_model]) for a dataset, computed once per session."""
-    from workbench.analysis import probes as P
-    from workbench.analysis.probe_data import read_positions
-    from workbench.commands.probe import dataset
-
     memo = st.session_state.setdefault("probe_runs", {})
     key = (sel.key, name, kind)
     if key not in memo:
@@ -44,9 +44,6 @@ def _probe_run(sel: Selection, model, name: str, kind: str):
 
 
 def _contrast(sel: Selection, model, name: str, layer: int):
-    from workbench.analysis.steering import contrast_vector
-    from workbench.commands.probe import dataset
-
     memo = st.session_state.setdefault("steer_vectors", {})
     key = (sel.key, name, layer)
     if key not in memo:
@@ -97,8 +94,6 @@ def _probes(sel: Selection, model) -> None:
 
 
 def _steering(sel: Selection, model) -> None:
-    from workbench.generate import stream_generate
-
     n_layers = model.cfg.n_layers
     c1, c2 = st.columns(2)
     name = c1.selectbox("Contrast set (label 1 minus label 0)", list(DATASETS), format_func=DATASETS.get,
@@ -124,7 +119,8 @@ def _steering(sel: Selection, model) -> None:
             st.markdown(f"**{title}**")
             out = st.empty()
             pieces: list[str] = []
-            for event in stream_generate(model, torch.tensor(ids), int(n_new), stop_tokens=[], fwd_hooks=hooks):
+            events = generate.stream_generate(model, torch.tensor(ids), int(n_new), stop_tokens=[], fwd_hooks=hooks)
+            for event in events:
                 pieces.append(event.text)
                 out.markdown(figures.generated_text_html(text, "".join(pieces)), unsafe_allow_html=True)
             st.session_state[f"steer_text_{'on' if hooks else 'off'}"] = "".join(pieces)
