@@ -29,7 +29,7 @@ from workbench.locking import output_lock
 from workbench.sae.circuit_tracer import save_circuit_tracer
 from workbench.sae.io import load_sae, save_sae
 from workbench.sae.model import SAE, SAEConfig
-from workbench.sae.train import TrainConfig, train_sae
+from workbench.sae.train import SKIP_INITS, TrainConfig, train_sae
 from workbench.sae.transcoders import (LayerEval, SetEval, check_layers, check_set, evaluate_transcoders, input_hook,
                                        live_pairs, output_hook)
 
@@ -98,6 +98,10 @@ class TranscoderRecipe:
     """Active latents per row (topk/batchtopk)."""
     skip: bool = True
     """A linear skip term W_skip beside the features (Paulo et al. 2025)."""
+    skip_init: str = "ridge"
+    """zero, or ridge: W_skip and b_dec start at the ridge regression of the MLP's output on its input over the first batch."""
+    latent_init_scale: float = 0.1
+    """At the start, the latents' output is scaled to this fraction of what the skip term (or b_dec) leaves to predict."""
     lr: float = 2e-3
     seed: int = 0
     eval_windows: int = 32
@@ -114,6 +118,10 @@ class TranscoderRecipe:
             raise ConfigError(f"first_position={self.first_position} must lie in [0, n_ctx - 1)")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"lr={self.lr} must be a positive number")
+        if not (math.isfinite(self.latent_init_scale) and self.latent_init_scale > 0):
+            raise ConfigError(f"latent_init_scale={self.latent_init_scale} must be a positive number")
+        if self.skip_init not in SKIP_INITS:
+            raise ConfigError(f"skip_init={self.skip_init!r} is unknown; expected one of {SKIP_INITS}")
 
     def rows_per_step(self) -> int:
         return self.batch_windows * (self.n_ctx - self.first_position)
@@ -225,7 +233,8 @@ def train_transcoders(
     sae_cfg = SAEConfig(d_in=d, d_sae=recipe.expansion * d, architecture=recipe.architecture,  # type: ignore[arg-type]
                         k=recipe.k, apply_b_dec_to_input=False, d_out=d, skip=recipe.skip)
     train_cfg = TrainConfig(total_steps=steps, lr=recipe.lr, seed=recipe.seed, dead_tokens=recipe.dead_tokens,
-                            checkpoint_every=recipe.checkpoint_every, progress=False, decay_fraction=0.3)
+                            checkpoint_every=recipe.checkpoint_every, progress=False, decay_fraction=0.3,
+                            skip_init=recipe.skip_init, latent_init_scale=recipe.latent_init_scale)  # type: ignore[arg-type]
     with output_lock(out):
         _check_recipe(out, recipe, model)
         feed = _Feed(layers, parallel)
