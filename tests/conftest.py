@@ -6,7 +6,11 @@ Feature areas may add their own fixtures below; keep each one cheap or session-s
 from __future__ import annotations
 
 import pytest
+import shape_checks
 import torch
+
+# before any test module imports workbench: check every annotation in workbench/ at run time
+shape_checks.install()
 
 
 @pytest.fixture(autouse=True)
@@ -47,7 +51,7 @@ from typing import NamedTuple  # noqa: E402
 
 
 class BigramLM(NamedTuple):
-    model: "object"
+    model: object
     windows: torch.Tensor
 
 

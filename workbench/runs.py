@@ -21,7 +21,7 @@ import random
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 
@@ -49,6 +49,7 @@ class LRSchedule:
     decay_fraction: float = 1.0
 
 
+@runtime_checkable  # so that a runtime type checker (the tests' jaxtyping + beartype) can check it
 class Scheduled(Protocol):
     """A training config that knows its learning-rate schedule."""
 

@@ -21,7 +21,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Callable, Iterable, Literal, Protocol
+from typing import Callable, Iterable, Literal, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -122,6 +122,7 @@ TrainConfig = LMTrainConfig
 RESUMABLE_CHANGES = frozenset({"checkpoint_every", "eval_every", "log_every", "snapshot_steps", "max_val_windows", "val_batch_size"})
 
 
+@runtime_checkable  # so that a runtime type checker (the tests' jaxtyping + beartype) can check it
 class BatchSource(Protocol):
     """Anything whose ``batch(step)`` gives that step's token ids; the same step must give the same batch."""
 
