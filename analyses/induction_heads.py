@@ -37,6 +37,7 @@ from _common import log, study_models  # noqa: E402
 from workbench import plots  # noqa: E402
 from workbench.analysis import induction as I  # noqa: E402
 from workbench.errors import WorkbenchError  # noqa: E402
+from workbench.pipelines import token_windows  # noqa: E402
 from workbench.report import Report, report_dir  # noqa: E402
 
 MODELS = ("attn-only-2l", "attn-only-1l", "smollm2-135m")
@@ -153,8 +154,6 @@ def composition(name: str, model, seq, scores, per: str, report: Report) -> dict
 
 def icl(model, report: Report, name: str, n_ctx: int = 128, windows: int = 8) -> dict | None:
     """In-context learning score on Python documentation text (None when the corpus cannot be read)."""
-    from workbench.commands.store import token_windows
-
     try:
         tokens = token_windows(model, "pydocs", min(n_ctx, model.cfg.n_ctx), windows)
     except WorkbenchError as exc:

@@ -48,7 +48,7 @@ from workbench.analysis import steering as S  # noqa: E402
 from workbench.analysis.patching import LogitDiff  # noqa: E402
 from workbench.analysis.probe_data import (CAPITALS, FAMILIES, MIN_PER_CLASS, ProbeDataset,  # noqa: E402
                                            known_capitals, read_positions, sentiment_statements, truth_dataset)
-from workbench.commands.store import token_windows  # noqa: E402
+from workbench.pipelines import token_windows  # noqa: E402
 from workbench.report import Report, report_dir  # noqa: E402
 
 THINGS = ("movie", "restaurant", "holiday", "concert", "novel", "hotel", "match", "play", "lecture", "album",

@@ -36,13 +36,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # analyses/_common.py
 
 from _common import log  # noqa: E402
 from workbench import paths  # noqa: E402
-from workbench.commands.store import token_windows  # noqa: E402
+from workbench.pipelines import SAERecipe, cache_windows, token_windows, train_sae_on_store  # noqa: E402
 from workbench.sae.evaluate import EvalConfig, SpliceConfig, evaluate_sae, spliced_metrics  # noqa: E402
 from workbench.sae.features import FeatureStats, FeatureStatsConfig, feature_contexts, feature_stats  # noqa: E402
-from workbench.sae.io import load_sae, save_sae  # noqa: E402
-from workbench.sae.model import SAE, SAEConfig  # noqa: E402
-from workbench.sae.train import TrainConfig, train_sae  # noqa: E402
-from workbench.store import ActivationStore, ReaderConfig, StoreConfig, write_store  # noqa: E402
+from workbench.sae.io import load_sae  # noqa: E402
+from workbench.sae.model import SAE  # noqa: E402
+from workbench.sae.train import SAETrainConfig  # noqa: E402
+from workbench.store import ActivationStore, ReaderConfig, StoreConfig  # noqa: E402
 from workbench.zoo import load_model  # noqa: E402
 
 MODEL = "smollm2-135m"
@@ -180,25 +180,21 @@ def main(argv: list[str] | None = None) -> int:
 
     log(f"1/4 caching {hook} for {n_train} windows x {n_ctx - first} tokens")
     t = time.perf_counter()
-    res = write_store(model, train_windows, out / "store",
-                      StoreConfig(hooks=(hook,), batch_windows=16, shard_tokens=8192, first_position=first),
-                      model_name=args.model, progress=True)
+    store, res = cache_windows(model, train_windows, out / "store",
+                               StoreConfig(hooks=(hook,), batch_windows=16, shard_tokens=8192, first_position=first),
+                               model_name=args.model, progress=True)
     cache_s = time.perf_counter() - t
-    store = ActivationStore.open(out / "store")
 
     log(f"2/4 training a TopK SAE d_sae={args.d_sae} k={args.k} for {args.steps} steps")
     t = time.perf_counter()
-    sae = SAE(SAEConfig(d_in=store.d_in(hook), d_sae=args.d_sae, architecture="topk", k=args.k,
-                        normalize_activations="expected_average_only_in"), seed=0)
-    rcfg = ReaderConfig(batch_size=args.batch_size, buffer_rows=16384, block_rows=256, seed=0)
-    result = train_sae(sae, lambda step: store.stream(hook, rcfg, start_row=step * rcfg.batch_size),
-                       TrainConfig(total_steps=args.steps, lr=args.lr, warmup_steps=20, checkpoint_every=200),
-                       out / "train")
+    run = train_sae_on_store(store, hook, SAERecipe(architecture="topk", d_sae=args.d_sae, k=args.k),
+                             SAETrainConfig(total_steps=args.steps, lr=args.lr, warmup_steps=20, checkpoint_every=200),
+                             out / "train", reader=ReaderConfig(batch_size=args.batch_size, buffer_rows=16384,
+                                                                block_rows=256, seed=0),
+                             dataset=args.corpus, sae_dir=out / "sae")
+    result = run.train
     train_s = time.perf_counter() - t
-    sae = result.sae.eval()
-    save_sae(sae, out / "sae", metadata={"model_name": args.model, "hook_name": hook, "context_size": n_ctx,
-                                         "dataset_path": args.corpus}, log_feature_density=result.log_feature_density)
-    sae = load_sae(out / "sae")  # evaluate what was saved, as a user would load it
+    sae = load_sae(run.sae_dir)  # evaluate what was saved, as a user would load it
 
     log("3/4 evaluating (reconstruction over the store, spliced losses on held-out windows)")
     t = time.perf_counter()

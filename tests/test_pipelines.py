@@ -187,3 +187,64 @@ def test_the_command_takes_its_flags_from_the_recipe(kjv, tmp_path, capsys):
     assert main(["train-transcoders", "kjv-small", "--layers", "0,2", "--export-circuit-tracer", str(tmp_path / "c"),
                  *flags]) == 1
     assert "--layers all" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------- the SAE pipeline (issue 14)
+
+
+def test_cache_corpus_then_train_sae_on_store_writes_one_metadata_and_resumes(tmp_path, monkeypatch):
+    """corpus -> store -> SAE through the library: the SAE's metadata comes from sae_metadata alone, and the same
+    call again resumes the finished run instead of training anew."""
+    from workbench.pipelines import SAERecipe, cache_corpus, sae_metadata, train_sae_on_store
+    from workbench.sae.io import load_sae
+    from workbench.sae.train import SAETrainConfig
+    from workbench.store import ReaderConfig, StoreConfig
+
+    monkeypatch.setenv("WORKBENCH_HOME", str(tmp_path / "home"))
+    hook = "blocks.1.hook_resid_post"
+    cached = cache_corpus("kjv-small", "kjv", tmp_path / "store", StoreConfig(hooks=(hook,), first_position=1),
+                          tokens=500, n_ctx=32)
+    assert cached.written.n_rows == cached.store.n_rows == 17 * 31 and cached.store.manifest.model.name == "kjv-small"
+    recipe, train_cfg = SAERecipe(d_sae=64, k=4), SAETrainConfig(total_steps=3, checkpoint_every=3, progress=False)
+    run = train_sae_on_store(cached.store, None, recipe, train_cfg, reader=ReaderConfig(batch_size=64, seed=0))
+    assert run.run_dir == tmp_path / "home" / "runs" / f"sae-kjv-small-{hook}-topk-64" and run.sae_dir == run.run_dir / "sae"
+    sae = load_sae(run.sae_dir)
+    expected = sae_metadata("kjv-small", hook, dataset=str(tmp_path / "store"), context_size=32,
+                            activation_store=tmp_path / "store")
+    assert expected == {"model_name": "kjv-small", "hook_name": hook, "hook_layer": 1, "context_size": 32,
+                        "dataset_path": str(tmp_path / "store"), "activation_store": str((tmp_path / "store").resolve())}
+    assert {k: sae.metadata[k] for k in expected} == expected and sae.metadata["trained_with"] == "interp-workbench"
+    assert sae.cfg.d_sae == 64 and sae.cfg.k == 4 and run.train.steps == 3 and run.train.resumed_from is None
+    cached.store.check_sae(sae, hook)  # what the store compares agrees with what was written
+    again = train_sae_on_store(tmp_path / "store", hook, recipe, train_cfg, run.run_dir,
+                               reader=ReaderConfig(batch_size=64, seed=0))
+    assert again.train.resumed_from == 3 and torch.equal(load_sae(again.sae_dir).W_dec, sae.W_dec)
+
+
+def test_transcoder_metadata_is_an_sae_metadata_plus_its_output_hook(kjv):
+    from workbench.pipelines import sae_metadata, transcoder_metadata
+
+    meta = transcoder_metadata(kjv, 2, TranscoderRecipe(**TINY))
+    assert meta == {**sae_metadata("kjv-small", "blocks.2.mlp.hook_in", dataset="kjv", context_size=16,
+                                   prepend_bos=True), "hook_name_out": "blocks.2.mlp.hook_out"}
+    assert meta["hook_layer"] == 2 and "activation_store" not in meta
+
+
+def test_train_sae_on_store_refuses_an_ambiguous_hook_and_an_sae_too_big_for_memory(tmp_path, monkeypatch):
+    from workbench import pipelines
+    from workbench.model import GPTConfig, HookedGPT
+    from workbench.pipelines import SAERecipe, cache_windows, train_sae_on_store
+    from workbench.sae.train import SAETrainConfig
+    from workbench.store import StoreConfig
+
+    model = HookedGPT(GPTConfig(d_model=8, n_layers=1, n_heads=2, d_mlp=16, d_vocab=20, n_ctx=8)).eval()
+    hooks = ("blocks.0.hook_resid_pre", "blocks.0.hook_resid_post")
+    store = cache_windows(model, torch.randint(0, 20, (4, 8)), tmp_path / "s", StoreConfig(hooks=hooks)).store
+    train_cfg = SAETrainConfig(total_steps=1, progress=False)
+    with pytest.raises(ConfigError, match=r"holds hooks \['blocks.0.hook_resid_pre', 'blocks.0.hook_resid_post'\]; "
+                                          "choose one with --hook"):
+        train_sae_on_store(store, None, SAERecipe(), train_cfg, tmp_path / "run")
+    monkeypatch.setattr(pipelines, "available_memory", lambda: 2**20)
+    with pytest.raises(ConfigError, match="--d-sae 8192 with d_in 8 needs about 0.0 GiB to train but 0.0 GiB"):
+        train_sae_on_store(store, hooks[1], SAERecipe(d_sae=8192), train_cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # refused before anything was written

@@ -172,3 +172,21 @@ def test_bad_sae_directories_are_clear_errors(tmp_path):
     with pytest.raises(CheckpointError, match="NaN/Inf"):
         save_sae(nan, tmp_path / "nan")
     assert not (tmp_path / "nan" / "sae_weights.safetensors").exists()
+
+
+def test_sae_config_from_dict_takes_ours_and_saelens_keys_and_refuses_others(tmp_path):
+    """SAEConfig.from_dict raises on an unknown key, as GPTConfig.from_dict does (it used to drop it silently)."""
+    from workbench.errors import ConfigError
+
+    cfg = SAEConfig(d_in=16, d_sae=64, architecture="topk", k=4)
+    assert SAEConfig.from_dict(cfg.to_dict()) == cfg
+    sae = SAE(cfg, seed=0)
+    save_sae(sae, tmp_path / "sae")
+    saelens_cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())  # our cfg.json, in SAELens' layout
+    assert SAEConfig.from_dict(saelens_cfg) == SAEConfig(d_in=16, d_sae=64, architecture="topk", k=4)
+    with pytest.raises(ConfigError, match=r"unknown SAEConfig fields \['d_sea'\]"):
+        SAEConfig.from_dict({**cfg.to_dict(), "d_sea": 64})
+    # the shipped transcoders still load (their cfg.json carries SAELens' transcoder keys)
+    from workbench.pipelines import load_transcoder_set
+
+    assert sorted(load_transcoder_set("kjv-small")) == [0, 1, 2, 3]

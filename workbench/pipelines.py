@@ -1,8 +1,13 @@
 """Workflows: corpus -> token windows -> (store ->) SAE / transcoder training -> evaluation.
 
 The CLI commands, the app and the ``analyses/`` scripts call these functions; each returns a typed
-result. (The SAE pipeline still lives in ``workbench.commands.sae``; it moves here next, see the
-library-shape issue.)
+result:
+
+- :func:`token_windows`: a corpus cut into windows in a model's tokenizer;
+- :func:`cache_corpus` / :func:`cache_windows` -> :class:`StoreResult`: an activation store;
+- :func:`train_sae_on_store` / :func:`train_sae_on_synthetic` -> :class:`SAERunResult`: a trained,
+  saved SAE (its SAELens metadata from :func:`sae_metadata`, the one writer of those keys);
+- :func:`train_transcoders` -> :class:`TranscoderSet`: a transcoder per MLP, from live activations.
 """
 
 from __future__ import annotations
@@ -13,25 +18,31 @@ import queue
 import shutil
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from jaxtyping import Int
 from torch import Tensor
 
 from workbench import paths
+from workbench.analysis.superposition import SyntheticConfig, SyntheticFeatures, mmcs
 from workbench.corpora import load_corpus, make_windows
+from workbench.distributed import dist_info
 from workbench.errors import ConfigError, DataError, InputError
-from workbench.locking import output_lock
+from workbench.loading import available_memory
+from workbench.locking import lock_name, output_lock
+from workbench.names import layer_of
 from workbench.sae.circuit_tracer import save_circuit_tracer
 from workbench.sae.io import load_sae, save_sae
-from workbench.sae.model import SAE, SAEConfig
-from workbench.sae.train import SKIP_INITS, TrainConfig, train_sae
+from workbench.sae.model import SAE, Architecture, Normalization, SAEConfig
+from workbench.sae.train import SKIP_INITS, SAETrainConfig, TrainConfig, TrainResult, train_sae
 from workbench.sae.transcoders import (LayerEval, SetEval, check_layers, check_set, evaluate_transcoders, input_hook,
                                        live_pairs, output_hook)
+from workbench.store import ActivationStore, ReaderConfig, StoreConfig, WriteResult, open_store, write_store
+from workbench.zoo import load_model
 
 
 def token_windows(model: Any, corpus: str, n_ctx: int, n_windows: int) -> Int[Tensor, "batch pos"]:
@@ -68,6 +79,246 @@ def token_windows(model: Any, corpus: str, n_ctx: int, n_windows: int) -> Int[Te
         )
     stream = torch.tensor(ids[:need], dtype=torch.long)
     return make_windows(stream, n_ctx, tok.bos_token_id) if use_bos else stream.view(n_windows, body)
+
+
+# ---------------------------------------------------------------------------------------------
+# Activation stores and SAEs: corpus -> token windows -> store -> SAE
+
+
+class StoreResult(NamedTuple):
+    """A store that :func:`cache_windows` or :func:`cache_corpus` wrote (or finished), opened for reading."""
+
+    store: ActivationStore
+    """The finished store."""
+    written: WriteResult
+    """What this call did: rows, shards written and kept from an interrupted run, seconds."""
+
+
+def cache_windows(
+    model: Any,
+    windows: Int[Tensor, "batch pos"],
+    out: str | Path,
+    cfg: StoreConfig,
+    *,
+    model_name: str = "",
+    on_shard: Callable[[int], None] | None = None,
+    progress: bool = False,
+) -> StoreResult:
+    """Write (or resume) the activation store ``out`` of ``cfg.hooks`` over ``windows``; return it opened.
+
+    See :func:`workbench.store.write_store` for resuming, ``on_shard`` and ``torchrun``.
+    """
+    written = write_store(model, windows, out, cfg, model_name=model_name, on_shard=on_shard, progress=progress)
+    return StoreResult(open_store(out), written)
+
+
+def cache_corpus(
+    model_ref: str,
+    corpus: str,
+    out: str | Path,
+    cfg: StoreConfig,
+    *,
+    tokens: int,
+    n_ctx: int | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> StoreResult:
+    """Load the model ``model_ref``, cache ``tokens`` rows of ``corpus`` into the store ``out``; return it opened.
+
+    Windows are ``n_ctx`` tokens long (default: the model's context, at most 128). The store's
+    lock is taken before the model loads, so a second writer of the same store fails at once.
+    """
+    with output_lock(out, lock_name(dist_info().rank)):
+        model = load_model(model_ref, device=device)
+        n_ctx = n_ctx or min(model.cfg.n_ctx, 128)
+        if cfg.first_position >= n_ctx:
+            raise ConfigError(f"first_position {cfg.first_position} leaves no positions of windows of {n_ctx} tokens; "
+                              "lower --first-position or raise --n-ctx")
+        n_windows = max(1, -(-tokens // (n_ctx - cfg.first_position)))
+        windows = token_windows(model, corpus, n_ctx, n_windows)
+        return cache_windows(model, windows, out, cfg, model_name=str(model_ref), progress=progress)
+
+
+def sae_metadata(
+    model_name: str | None,
+    hook: str,
+    *,
+    dataset: str,
+    context_size: int | None = None,
+    activation_store: str | Path | None = None,
+    prepend_bos: bool | None = None,
+) -> dict[str, Any]:
+    """The SAELens ``metadata`` of an SAE (or transcoder): what it reads, of which model, on what text.
+
+    The one writer of these keys: ``workbench.sae.train.load_checkpoint`` compares ``model_name``,
+    ``hook_name`` and ``activation_store`` before resuming, ``ActivationStore.check_sae`` compares
+    ``hook_name`` and ``model_name``, the app finds an SAE's store by ``activation_store``. Keys
+    without a value (a hook outside the blocks has no ``hook_layer``) are left out.
+    """
+    store = None if activation_store is None else str(Path(activation_store).resolve())
+    meta: dict[str, Any] = {"model_name": model_name, "hook_name": hook, "hook_layer": layer_of(hook),
+                            "context_size": context_size, "dataset_path": dataset, "prepend_bos": prepend_bos,
+                            "activation_store": store}
+    return {key: value for key, value in meta.items() if value is not None}
+
+
+@dataclass(frozen=True)
+class SAERecipe:
+    """The shape of an SAE to train, before the width of its data is known (:meth:`sae_config` completes it)."""
+
+    architecture: Architecture = SAEConfig.architecture
+    """How latents are chosen: relu (L1), topk, batchtopk or jumprelu."""
+    d_sae: int | None = None
+    """Latents; None: ``expansion`` times the data's width."""
+    expansion: int = 8
+    """Latents per input dimension, when ``d_sae`` is None."""
+    k: int = SAEConfig.k
+    """topk/batchtopk: active latents per row."""
+    normalize_activations: Normalization = "expected_average_only_in"
+    """Scale inputs to a mean norm of sqrt(d_in) while training (folded into the weights on save)."""
+
+    def sae_config(self, d_in: int) -> SAEConfig:
+        """The SAE's config for data ``d_in`` wide."""
+        d_sae = self.d_sae if self.d_sae is not None else self.expansion * d_in
+        return SAEConfig(d_in=d_in, d_sae=d_sae, architecture=self.architecture, k=self.k,
+                         normalize_activations=self.normalize_activations)
+
+
+class SAERunResult(NamedTuple):
+    """An SAE trained by :func:`train_sae_on_store` or :func:`train_sae_on_synthetic`."""
+
+    sae_dir: Path
+    """The trained SAE in SAELens' layout (written by rank 0 under ``torchrun``)."""
+    run_dir: Path
+    """The run directory: ``metrics.jsonl`` and ``checkpoint/`` (a rerun resumes from it)."""
+    train: TrainResult
+    """The trainer's result: the SAE, steps, tokens, the step it resumed from, the last metrics."""
+
+
+class SyntheticSAEResult(NamedTuple):
+    """An SAE trained on synthetic sparse features, and how well it found them."""
+
+    run: SAERunResult
+    mmcs: float
+    """Mean over the true features of the best cosine with a learned decoder direction (1: all found)."""
+
+
+def train_sae_on_store(
+    store: ActivationStore | str | Path,
+    hook: str | None,
+    recipe: SAERecipe,
+    train_cfg: SAETrainConfig,
+    out: str | Path | None = None,
+    *,
+    reader: ReaderConfig | None = None,
+    dataset: str | None = None,
+    sae_dir: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    resume: bool = True,
+    on_step: Callable[[int], None] | None = None,
+) -> SAERunResult:
+    """Train an SAE on ``hook`` of an activation store (shuffled batches streamed from disk); save and return it.
+
+    ``hook`` may be None for a store of one hook. ``reader`` sets the global batch and shuffle (default: batches
+    of 4096 rows, seeded by ``train_cfg.seed``); under ``torchrun`` each process trains on its slice of every
+    global batch. ``out`` is the run directory (default ``$WORKBENCH_HOME/runs/sae-MODEL-HOOK-ARCH-D_SAE``); the
+    SAE goes to ``sae_dir`` (default ``out/sae``). ``dataset`` names the text in the SAE's metadata (default: the
+    store's path). ``on_step(step)`` is called as each batch is handed to the trainer.
+    """
+    store = store if isinstance(store, ActivationStore) else open_store(store)
+    hook = _store_hook(store, hook)
+    reader = reader or ReaderConfig(batch_size=4096, seed=train_cfg.seed)
+    rank, world = dist_info()
+    local = _local_batch(reader.batch_size, world)
+
+    def batches(start: int) -> Iterator[Tensor]:
+        # Every process reads the same shuffled global batch and keeps its slice, so the run is the same
+        # however many processes share it.
+        for i, batch in enumerate(store.stream(hook, reader, start_row=start * reader.batch_size)):
+            if on_step is not None:
+                on_step(start + i)
+            yield batch[rank * local : (rank + 1) * local]
+
+    model_name = store.manifest.model.name
+    metadata = sae_metadata(model_name, hook, dataset=dataset or str(store.path), context_size=store.n_ctx,
+                            activation_store=store.path)
+    return _train_and_save(batches, recipe.sae_config(store.d_in(hook)), train_cfg, out,
+                           f"{model_name or 'model'}-{hook}", metadata, sae_dir, device, resume)
+
+
+def train_sae_on_synthetic(
+    synthetic: SyntheticConfig,
+    recipe: SAERecipe,
+    train_cfg: SAETrainConfig,
+    out: str | Path | None = None,
+    *,
+    batch_size: int = 4096,
+    device: str | torch.device = "cpu",
+    resume: bool = True,
+) -> SyntheticSAEResult:
+    """Train an SAE on known sparse features (the ground-truth benchmark); save it and say how many it found.
+
+    ``batch_size`` is the global batch (split over ``torchrun`` processes); ``out`` as in :func:`train_sae_on_store`.
+    """
+    data = SyntheticFeatures(synthetic)
+    rank, world = dist_info()
+    local = _local_batch(batch_size, world)
+    run = _train_and_save(lambda start: data.batches(local, start, rank=rank, world_size=world),
+                          recipe.sae_config(synthetic.d_in), train_cfg, out, "synthetic",
+                          sae_metadata("synthetic", "synthetic", dataset="synthetic"), None, device, resume)
+    return SyntheticSAEResult(run, mmcs(run.train.sae.W_dec, data.features))
+
+
+def _store_hook(store: ActivationStore, hook: str | None) -> str:
+    """Return the hook to train on: ``hook``, checked, or the store's only hook."""
+    if hook is None:
+        if len(store.hooks) != 1:
+            raise ConfigError(f"the store in {store.path} holds hooks {store.hooks}; choose one with --hook")
+        hook = store.hooks[0]
+    store.check_hook(hook)
+    return hook
+
+
+def _local_batch(batch_size: int, world: int) -> int:
+    """Return each process's share of a global batch."""
+    if batch_size % world:
+        raise ConfigError(f"--batch-size {batch_size} does not split over {world} processes; use a multiple")
+    return batch_size // world
+
+
+def _train_and_save(batches: Callable[[int], Iterable[Tensor]], sae_cfg: SAEConfig, train_cfg: SAETrainConfig,
+                    out: str | Path | None, name: str, metadata: dict[str, Any], sae_dir: str | Path | None,
+                    device: str | torch.device, resume: bool) -> SAERunResult:
+    """Build the SAE, train it under the run directory's lock, save it (rank 0) and return where it all went."""
+    _check_sae_memory(sae_cfg, device)  # before anything is allocated or written
+    if out is None:
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+        out = paths.runs_dir() / f"sae-{safe}-{sae_cfg.architecture}-{sae_cfg.d_sae}"
+    out = Path(out)
+    sae_dir = Path(sae_dir) if sae_dir is not None else out / "sae"
+    rank, _ = dist_info()
+    sae = SAE(sae_cfg, seed=train_cfg.seed).to(device)
+    sae.metadata = metadata  # set before training: a checkpoint names its data too
+    with output_lock(out, lock_name(rank)):  # one run per directory, from training to the saved SAE
+        result = train_sae(sae, batches, train_cfg, out, resume=resume)
+        if rank == 0:
+            save_sae(result.sae, sae_dir, log_feature_density=result.log_feature_density)
+    return SAERunResult(sae_dir, out, result)
+
+
+def _check_sae_memory(cfg: SAEConfig, device: str | torch.device) -> None:
+    """Refuse an SAE whose training state cannot fit in the device's memory, before allocating it."""
+    # W_enc and W_dec, each with its gradient and Adam's two moments: 8 float32 copies of d_in x d_sae
+    need = 8 * 4 * cfg.d_in * cfg.d_sae
+    if torch.device(device).type == "cuda":
+        available = torch.cuda.mem_get_info(torch.device(device))[0]  # free bytes on that GPU
+    else:
+        available = available_memory()
+    if available is not None and need > available:
+        raise ConfigError(
+            f"--d-sae {cfg.d_sae} with d_in {cfg.d_in} needs about {need / 2**30:.1f} GiB to train but "
+            f"{available / 2**30:.1f} GiB are available; choose a smaller --d-sae or --expansion"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,10 +551,10 @@ def train_transcoders(
 
 
 def transcoder_metadata(model: Any, layer: int, recipe: TranscoderRecipe) -> dict[str, Any]:
-    """The SAELens ``metadata`` of one layer's transcoder: what it reads and predicts, and on what text."""
-    return {"model_name": model.cfg.name, "hook_name": input_hook(layer), "hook_name_out": output_hook(layer),
-            "hook_layer": layer, "context_size": recipe.n_ctx, "dataset_path": recipe.corpus,
-            "prepend_bos": recipe.first_position > 0}
+    """The SAELens ``metadata`` of one layer's transcoder: an SAE's (:func:`sae_metadata`) plus what it predicts."""
+    meta = sae_metadata(model.cfg.name, input_hook(layer), dataset=recipe.corpus, context_size=recipe.n_ctx,
+                        prepend_bos=recipe.first_position > 0)
+    return {**meta, "hook_name_out": output_hook(layer)}
 
 
 def _check_recipe(out: Path, recipe: TranscoderRecipe, model: Any) -> None:

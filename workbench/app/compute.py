@@ -9,10 +9,13 @@ unchanged.
 from __future__ import annotations
 
 import json
+import re
 import threading
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager as ContextManager
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Callable, ContextManager, Iterator, NamedTuple
+from typing import NamedTuple
 
 import pandas as pd
 import torch
@@ -20,7 +23,27 @@ from jaxtyping import Float
 from torch import Tensor
 
 from workbench import paths
+from workbench.analysis import patching as P
+from workbench.analysis.attribution import token_id
+from workbench.analysis.induction import (
+    RepeatedTokensSpec,
+    default_spec,
+    masked_attention_score,
+    repeat_losses,
+    repeated_random_tokens,
+    score_heads,
+    score_masks,
+)
+from workbench.analysis.logit_lens import LENS_CONFIG_FILE, TunedLensConfig, train_tuned_lens
+from workbench.builtin import RECIPES, snapshot_dirs
 from workbench.errors import InputError
+from workbench.generate import SamplingConfig, next_token_probs
+from workbench.names import act_name
+from workbench.pipelines import SAERecipe, cache_windows, token_windows, train_sae_on_store
+from workbench.sae.io import CFG_FILE, WEIGHTS_FILE
+from workbench.sae.train import SAETrainConfig
+from workbench.store import ReaderConfig, StoreConfig
+from workbench.train import METRICS_FILE, read_metrics
 
 
 def encode(model, text: str) -> tuple[list[int], list[str]]:
@@ -104,8 +127,6 @@ def head_type_scores(pattern: Float[Tensor, "layer head q k"], ids: list[int]) -
     """Return, per head, the previous-token, duplicate-token and induction scores of
     ``workbench.analysis.induction`` on this one prompt (NaN where the prompt has no query for a
     score, e.g. no repeated token), plus the mean attention to the first token (an attention sink)."""
-    from workbench.analysis.induction import masked_attention_score, score_masks
-
     n_layers, n_heads, n = pattern.shape[:3]
     tokens = torch.tensor([ids])
     columns: dict[str, Tensor] = {}
@@ -209,8 +230,6 @@ def sampling_probs(logits: Float[Tensor, "d_vocab"], temperature: float, top_k: 
                    top_p: float | None) -> Float[Tensor, "d_vocab"]:
     """Return the next-token distribution after temperature, top-k and top-p (nucleus) filtering, as
     generation samples it (temperature 0: all mass on the argmax)."""
-    from workbench.generate import SamplingConfig, next_token_probs
-
     top_k = top_k if top_k is not None and top_k > 0 else None
     top_p = top_p if top_p is not None and 0 < top_p < 1 else None
     return next_token_probs(logits[None], SamplingConfig(max(temperature, 0.0), top_k, top_p))[0]
@@ -221,8 +240,6 @@ def sampling_probs(logits: Float[Tensor, "d_vocab"], temperature: float, top_k: 
 
 def answer_id(model, text: str) -> int:
     """Return the id of one answer token: text that is one token, or an id for a model without a tokenizer."""
-    from workbench.analysis.attribution import token_id
-
     if model.tokenizer is None:
         try:
             return token_id(model, int(text.strip()))
@@ -243,8 +260,6 @@ class Snapshot(NamedTuple):
 
 def snapshots(model_dir: Path | None) -> list[Snapshot]:
     """Return the training snapshots saved beside a checkpoint (``snapshots/step_NNNNNN/``), by step."""
-    from workbench.builtin import snapshot_dirs
-
     if model_dir is None:
         return []
     return sorted(Snapshot(step, d) for step, d in snapshot_dirs(model_dir).items() if (d / "config.json").is_file())
@@ -255,8 +270,6 @@ def training_metrics(model_dir: Path | None) -> pd.DataFrame:
 
     Raises :class:`~workbench.errors.DataError` when the log is corrupt before its last line.
     """
-    from workbench.train import METRICS_FILE, read_metrics
-
     path = None if model_dir is None else model_dir / METRICS_FILE
     if path is None or not path.is_file():
         return pd.DataFrame()
@@ -276,8 +289,6 @@ class DynamicsPoint(NamedTuple):
 
 def snapshot_point(step: int, model, seq_len: int, batch: int = 16) -> DynamicsPoint:
     """Return one snapshot's per-layer best induction / previous-token scores and per-copy losses."""
-    from workbench.analysis.induction import default_spec, repeat_losses, repeated_random_tokens, score_heads
-
     seq = repeated_random_tokens(default_spec(model, seq_len=seq_len, batch=batch, seed=1), model.cfg.d_vocab)
     scores = score_heads(model, seq.tokens.to(model.W_E.device))
     losses = repeat_losses(scores.loss, seq)
@@ -290,8 +301,6 @@ def snapshot_point(step: int, model, seq_len: int, batch: int = 16) -> DynamicsP
 
 def tuned_lenses(cfg) -> list[Path]:
     """Return the tuned lenses under the runs directory that fit a model's shape (its own name first)."""
-    from workbench.analysis.logit_lens import LENS_CONFIG_FILE
-
     found = []
     for path in sorted(paths.runs_dir().glob(f"**/{LENS_CONFIG_FILE}")):
         try:
@@ -327,8 +336,6 @@ class SAEInfo(NamedTuple):
 def find_saes(model_name: str, d_model: int) -> list[SAEInfo]:
     """Return the SAEs under the runs directory made for ``model_name`` (by their metadata) with a
     residual-width input, newest first."""
-    from workbench.sae.io import CFG_FILE, WEIGHTS_FILE
-
     found = []
     for cfg_path in paths.runs_dir().glob(f"**/{CFG_FILE}"):
         d = cfg_path.parent
@@ -351,8 +358,6 @@ def find_saes(model_name: str, d_model: int) -> list[SAEInfo]:
 def quick_sae_corpus(model_name: str) -> str:
     """Return the corpus a quick SAE caches for a model: the one a built-in model was trained on (``kjv``
     for kjv-small), else Python's docs (``pydocs``)."""
-    from workbench.builtin import RECIPES
-
     recipe = RECIPES.get(model_name)
     return recipe.corpus.corpus if recipe is not None and recipe.corpus is not None else "pydocs"
 
@@ -363,13 +368,9 @@ def sae_windows(model, n_tokens: int, n_ctx: int, corpus: str = "pydocs") -> Ten
     n_ctx = min(n_ctx, model.cfg.n_ctx)
     n_windows = max(2, -(-n_tokens // n_ctx))
     if model.tokenizer is None:
-        from workbench.analysis.induction import RepeatedTokensSpec, repeated_random_tokens
-
         half = (n_ctx - 1) // 2
         spec = RepeatedTokensSpec(seq_len=half, batch=n_windows, seed=0, low=1, bos_token_id=0)
         return repeated_random_tokens(spec, model.cfg.d_vocab).tokens
-    from workbench.commands.store import token_windows
-
     return token_windows(model, corpus, n_ctx, n_windows)
 
 
@@ -414,8 +415,6 @@ def patching_sweep(model, clean: Tensor, corrupt: Tensor, answer: int, wrong: in
     """Return the clean -> corrupted patching sweep of one kind (``resid_pre``, ``attn_out``, ``mlp_out``, ``z``),
     reporting progress as it goes: an observing hook on the last block's output counts the passes (two
     caching runs, then one batched run per layer), and ``report`` may raise to stop the sweep there."""
-    from workbench.analysis import patching as P
-
     n = model.cfg.n_layers
     total = n + 2
     passes = [0]
@@ -481,13 +480,9 @@ def train_quick_sae(model, model_name: str, layer: int, n_tokens: int, d_sae: in
     given, is held around everything that writes those directories (the app passes its per-directory
     locks, so two jobs on one store take turns instead of breaking it). ``dead_tokens``: how long a latent may go
     without firing before AuxK trains it back (default :func:`quick_dead_tokens`)."""
-    import re
-
-    from workbench.store import StoreConfig
-
     if not 0 <= layer < model.cfg.n_layers:
         raise InputError(f"layer {layer} is outside [0, {model.cfg.n_layers})")
-    hook = f"blocks.{layer}.hook_resid_post"
+    hook = act_name("resid_post", layer)
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", model_name).strip("-") or "model"
     n_ctx = min(64, model.cfg.n_ctx)
     corpus = quick_sae_corpus(model_name)
@@ -512,8 +507,20 @@ def train_quick_sae(model, model_name: str, layer: int, n_tokens: int, d_sae: in
                       first_position=first)
     run_dir = paths.runs_dir() / f"sae-app-{safe}-L{layer}-{d_sae}x{k}"
     with writing(store_dir, run_dir) if writing is not None else nullcontext():
-        return _cache_and_train(model, model_name, layer, hook, windows, store_dir, run_dir, cfg, shard_done,
-                                d_sae, k, steps, n_ctx, on_progress, dead_tokens)
+        on_progress("caching activations", 0.0)
+        store = cache_windows(model, windows, store_dir, cfg, model_name=model_name, on_shard=shard_done).store
+        batch_size = min(QUICK_BATCH, store.n_rows)
+        train_cfg = SAETrainConfig(total_steps=steps, lr=1e-3, checkpoint_every=0, log_every=10, progress=False,
+                                   dead_tokens=quick_dead_tokens(store.n_rows) if dead_tokens is None else dead_tokens)
+        run = train_sae_on_store(
+            store, hook, SAERecipe(architecture="topk", d_sae=d_sae, k=min(k, d_sae)), train_cfg, run_dir,
+            reader=ReaderConfig(batch_size=batch_size, block_rows=min(1024, batch_size), seed=0),
+            dataset=corpus if model.tokenizer is not None else "repeated random tokens",
+            device=model.W_E.device, resume=False,
+            on_step=lambda step: on_progress("training the SAE", min(1.0, step / steps)),
+        )
+    on_progress("done", 1.0)
+    return QuickSAE(run.sae_dir, store_dir, run.train.last_metrics)
 
 
 #: a quick SAE's training batch (rows of the store)
@@ -526,37 +533,6 @@ def quick_dead_tokens(n_rows: int) -> int:
     hundred steps on a small store, so AuxK would never revive a latent; on SmolLM2 that left most latents dead
     (see ``python -m benchmarks.bench_quick_sae``)."""
     return max(4 * QUICK_BATCH, n_rows // 4)
-
-
-def _cache_and_train(model, model_name, layer, hook, windows, store_dir, run_dir, cfg, shard_done, d_sae, k, steps,
-                     n_ctx, on_progress, dead_tokens=None) -> QuickSAE:
-    from workbench.sae.io import save_sae
-    from workbench.sae.model import SAE, SAEConfig
-    from workbench.sae.train import TrainConfig, train_sae
-    from workbench.store import ReaderConfig, open_store, write_store
-
-    on_progress("caching activations", 0.0)
-    write_store(model, windows, store_dir, cfg, model_name=model_name, on_shard=shard_done)
-    store = open_store(store_dir)
-    batch_size = min(QUICK_BATCH, store.n_rows)
-    reader = ReaderConfig(batch_size=batch_size, block_rows=min(1024, batch_size), seed=0)
-
-    def batches(start: int):
-        for i, x in enumerate(store.stream(hook, reader, start_row=start * batch_size)):
-            on_progress("training the SAE", min(1.0, (start + i) / steps))
-            yield x
-
-    sae = SAE(SAEConfig(d_in=model.cfg.d_model, d_sae=d_sae, architecture="topk", k=min(k, d_sae),
-                        normalize_activations="expected_average_only_in"), seed=0).to(model.W_E.device)
-    dead = quick_dead_tokens(store.n_rows) if dead_tokens is None else dead_tokens
-    result = train_sae(sae, batches, TrainConfig(total_steps=steps, lr=1e-3, checkpoint_every=0, log_every=10,
-                                                 dead_tokens=dead, progress=False), run_dir, resume=False)
-    meta = {"model_name": model_name, "hook_name": hook, "hook_layer": layer, "context_size": n_ctx,
-            "dataset_path": quick_sae_corpus(model_name) if model.tokenizer is not None else "repeated random tokens",
-            "activation_store": str(store_dir.resolve())}
-    sae_dir = save_sae(result.sae, run_dir / "sae", metadata=meta, log_feature_density=result.log_feature_density)
-    on_progress("done", 1.0)
-    return QuickSAE(sae_dir, store_dir, result.last_metrics)
 
 
 # ------------------------------------------------------------------------------ tuned lens
@@ -572,9 +548,6 @@ def train_app_tuned_lens(model, model_name: str, on_progress: Callable[[str, flo
     """Train a tuned lens on the model's own corpus (as the quick SAE reads it) and save it under the runs
     directory as ``lens-app-MODEL``, where the logit-lens page finds it; return its directory.
     ``on_progress(stage, fraction)`` reports each step (and may raise to stop the run)."""
-    import re
-
-    from workbench.analysis.logit_lens import TunedLensConfig, train_tuned_lens
 
     steps = steps or APP_LENS_STEPS
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", model_name).strip("-") or "model"

@@ -20,19 +20,24 @@ from pathlib import Path
 
 import torch
 
+from workbench import plots
+from workbench.analysis import attribution as A
+from workbench.analysis import induction as I
+from workbench.analysis import logit_lens as LL
+from workbench.analysis import patching as P
 from workbench.errors import InputError
+from workbench.locking import output_lock
+from workbench.pipelines import token_windows
+from workbench.report import Report, jsonable
+from workbench.zoo import load_model
 
 
 def _load(name: str):
-    from workbench.zoo import load_model
-
     return load_model(name)
 
 
 def _write_json(path: str | None, numbers: dict) -> None:
     if path:
-        from workbench.report import jsonable
-
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(f"{path}.tmp")
         try:  # a full disk leaves no half-written file under the name asked for
@@ -69,9 +74,6 @@ def _grid(values: torch.Tensor, columns: list[str], row_name: str = "layer", fmt
 
 
 def _cmd_induction(args: argparse.Namespace) -> int:
-    from workbench import plots
-    from workbench.analysis import induction as I
-
     model = _load(args.model)
     spec = I.default_spec(model, seq_len=args.seq_len, batch=args.batch, seed=args.seed)
     seq = I.repeated_random_tokens(spec, model.cfg.d_vocab)
@@ -96,8 +98,6 @@ def _cmd_induction(args: argparse.Namespace) -> int:
     numbers["ov_copying"] = copying
     _write_json(args.json, numbers)
     if args.report:
-        from workbench.report import Report
-
         report = Report(f"Induction heads: {args.model}")
         report.text(f"{spec.batch} sequences of {spec.seq_len} random token ids in [{spec.low}, {spec.high}), each "
                     f"shown twice. Loss on the first copy {losses.first:.3f} nats, on the second {losses.second:.3f}.")
@@ -116,8 +116,6 @@ def _cmd_induction(args: argparse.Namespace) -> int:
 
 
 def _cmd_lens(args: argparse.Namespace) -> int:
-    from workbench.analysis import logit_lens as LL
-
     model = _load(args.model)
     tokens = model.to_tokens(args.prompt)
     if args.tuned:
@@ -141,9 +139,6 @@ def _cmd_lens(args: argparse.Namespace) -> int:
     numbers = {"model": args.model, "prompt": args.prompt, "lens": name, "str_tokens": strs, **frame.to_dict("list")}
     _write_json(args.json, numbers)
     if args.report:
-        from workbench import plots
-        from workbench.report import Report
-
         decode = lambda ids: model.to_string(ids)  # noqa: E731
         report = Report(f"{name.capitalize()} lens: {args.model}")
         report.text(f"Prompt: {args.prompt!r}. Row l decodes the residual stream entering block l through the final "
@@ -157,17 +152,12 @@ def _cmd_lens(args: argparse.Namespace) -> int:
 
 
 def _windows(model, corpus: str, n_ctx: int, n: int) -> torch.Tensor:
-    from workbench.commands.store import token_windows
-
     return token_windows(model, corpus, min(n_ctx, model.cfg.n_ctx), n)
 
 
 def _comparison_report(title: str, cmp, numbers: dict, directory: str | None) -> None:
     if not directory:
         return
-    from workbench import plots
-    from workbench.report import Report
-
     report = Report(title)
     report.figure(plots.lens_kl_figure(cmp))
     report.table([{"layer": lbl, "logit lens KL": a, "tuned lens KL": b}
@@ -176,15 +166,11 @@ def _comparison_report(title: str, cmp, numbers: dict, directory: str | None) ->
 
 
 def _cmd_tuned_train(args: argparse.Namespace) -> int:
-    from workbench.locking import output_lock
-
     with output_lock(args.out):  # one writer per --out: a second run fails at once instead of mixing files
         return _tuned_train(args)
 
 
 def _tuned_train(args: argparse.Namespace) -> int:
-    from workbench.analysis import logit_lens as LL
-
     model = _load(args.model)
     windows = _windows(model, args.corpus, args.n_ctx, args.windows + args.held_out)
     train, held = windows[: args.windows], windows[args.windows:]
@@ -208,8 +194,6 @@ def _print_comparison(cmp) -> None:
 
 
 def _cmd_tuned_eval(args: argparse.Namespace) -> int:
-    from workbench.analysis import logit_lens as LL
-
     model = _load(args.model)
     lens = LL.TunedLens.load(args.lens, model)
     held = _windows(model, args.corpus, args.n_ctx, args.skip + args.held_out)[args.skip:]
@@ -233,8 +217,6 @@ def _token(text: str | None):
 
 
 def _cmd_attribute(args: argparse.Namespace) -> int:
-    from workbench.analysis import attribution as A
-
     model = _load(args.model)
     tokens = model.to_tokens(args.prompt)
     granularity = "head" if args.heads else "layer"
@@ -251,9 +233,6 @@ def _cmd_attribute(args: argparse.Namespace) -> int:
                "labels": res.labels, "attrs": res.attrs[:, 0], "constant": res.constant[0], "logit": res.logit[0]}
     _write_json(args.json, numbers)
     if args.report:
-        from workbench import plots
-        from workbench.report import Report
-
         report = Report(f"Direct logit attribution: {args.model}")
         report.text(f"Prompt {args.prompt!r}; {what} = {float(res.logit[0]):.4f}, of which the final norm's bias and "
                     f"b_U give {float(res.constant[0]):.4f} and the components the rest.")
@@ -267,9 +246,6 @@ def _cmd_attribute(args: argparse.Namespace) -> int:
 
 
 def _cmd_patch(args: argparse.Namespace) -> int:
-    from workbench.analysis import attribution as A
-    from workbench.analysis import patching as P
-
     model = _load(args.model)
     clean, corrupt = model.to_tokens(args.clean), model.to_tokens(args.corrupt)
     metric = P.LogitDiff(A.token_id(model, _token(args.answer)),
@@ -292,9 +268,6 @@ def _cmd_patch(args: argparse.Namespace) -> int:
                "normalized": res.normalized, "columns": cols}
     _write_json(args.json, numbers)
     if args.report:
-        from workbench import plots
-        from workbench.report import Report
-
         report = Report(f"Activation patching: {args.model}")
         report.text(f"Clean {args.clean!r}, corrupted {args.corrupt!r}; metric logit({args.answer!r})"
                     + (f" - logit({args.wrong!r})" if args.wrong is not None else "")

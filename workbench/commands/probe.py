@@ -16,15 +16,25 @@ from __future__ import annotations
 
 import argparse
 
+from workbench import probe_plots
+from workbench.analysis import probe_data as D
+from workbench.analysis.attribution import token_id
+from workbench.analysis.patching import LogitDiff
+from workbench.commands.analysis import _load, _token, _write_json, _write_report
+from workbench.commands.store import sae_dir
 from workbench.errors import InputError
+from workbench.pipelines import token_windows
+from workbench.report import Report
+from workbench.sae.io import load_sae
+
+# workbench.analysis.probes and .steering (which imports it) load pandas and scikit-learn's helpers: ~0.4 s of every
+# `workbench` command's start-up (python -X importtime), so only `probe` and `steer` import them
 
 BUILTIN_SETS = ("truth", "capitals", "arithmetic", "comparisons", "sentiment")
 
 
 def dataset(spec: str, position: str = "last", seed: int = 0):
     """Return the probe dataset a ``--dataset`` argument names: a built-in set or a CSV/JSONL file."""
-    from workbench.analysis import probe_data as D
-
     if spec == "truth":
         return D.truth_dataset(seed=seed)
     if spec in D.FAMILIES:
@@ -38,8 +48,6 @@ def dataset(spec: str, position: str = "last", seed: int = 0):
 
 def _cmd_probe(args: argparse.Namespace) -> int:
     from workbench.analysis import probes as P
-    from workbench.commands.analysis import _load, _write_json, _write_report
-
     model = _load(args.model)
     ds = dataset(args.dataset, args.position, args.seed)
     cfg = P.ProbeConfig(test_fraction=args.test_fraction, seed=args.seed, control=not args.no_control)
@@ -62,9 +70,6 @@ def _cmd_probe(args: argparse.Namespace) -> int:
                "best": b, "n_train": res.n_train, "n_test": res.n_test}
     _write_json(args.json, numbers)
     if args.report:
-        from workbench import probe_plots
-        from workbench.report import Report
-
         report = Report(f"Probes: {ds.name} on {args.model}")
         report.text(f"{len(ds)} examples read at {ds.position!r} of {args.kind}; {res.n_test} held out.")
         report.figure(probe_plots.probe_accuracy_figure(res))
@@ -86,12 +91,8 @@ def _vector(model, args):
         d.check_width(model.cfg.d_model)
         return S.from_probe(d)
     if args.sae:
-        from workbench.sae.io import load_sae
-
         if args.feature is None:
             raise InputError("--sae needs --feature N (the latent whose decoder row steers)")
-        from workbench.commands.store import sae_dir
-
         # default hook: where the decoder writes (a transcoder's output hook, else the SAE's own), from its metadata
         return S.from_sae_feature(load_sae(sae_dir(args.sae)), args.feature, args.hook)
     if args.layer is None:
@@ -101,22 +102,15 @@ def _vector(model, args):
 
 def _cmd_steer(args: argparse.Namespace) -> int:
     from workbench.analysis import steering as S
-    from workbench.commands.analysis import _load, _token, _write_json
-
     model = _load(args.model)
     vec = _vector(model, args).check(model)
     multipliers = args.multiplier or [1.0]
     target = None
     if args.answer is not None:
-        from workbench.analysis.attribution import token_id
-        from workbench.analysis.patching import LogitDiff
-
         target = LogitDiff(token_id(model, _token(args.answer)),
                            None if args.wrong is None else token_id(model, _token(args.wrong)))
     windows = None
     if args.kl_windows:
-        from workbench.commands.store import token_windows
-
         windows = token_windows(model, args.corpus, min(64, model.cfg.n_ctx), args.kl_windows)
     print(f"steering vector: {vec.source} at {vec.hook}, norm {float(vec.vector.norm()):.2f}")
     rows = []

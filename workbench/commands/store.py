@@ -14,42 +14,29 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from workbench.errors import ConfigError, DataError
-from workbench.pipelines import token_windows  # noqa: F401 - lives in the pipelines layer; re-exported for old callers
+from workbench import paths
+from workbench.distributed import destroy_distributed, init_distributed, local_device
+from workbench.errors import ConfigError
+from workbench.pipelines import cache_corpus
+from workbench.sae.evaluate import EvalConfig, SpliceConfig, evaluate_sae
+from workbench.sae.features import FeatureStatsConfig, feature_stats
+from workbench.sae.io import CFG_FILE, load_sae
+from workbench.store import ActivationStore, StoreConfig
+from workbench.zoo import load_model
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    from workbench import paths
-    from workbench.distributed import destroy_distributed, init_distributed, local_device
-    from workbench.locking import lock_name, output_lock
-    from workbench.store import StoreConfig, write_store
-    from workbench.zoo import load_model
-
     # load_model leaves the model on the CPU unless asked; the group's backend follows that device.
     device = local_device(args.device or "cpu")
     info = init_distributed(device)
     out = Path(args.out) if args.out else paths.stores_dir() / f"{Path(str(args.model)).name}-{args.corpus}"
-    # taken before the model and corpus load, so a second writer of this store fails at once
-    # (write_store takes it again, re-entrantly)
-    with output_lock(out, lock_name(info.rank)):
-        model = load_model(args.model, device=device)
-        n_ctx = args.n_ctx or min(model.cfg.n_ctx, 128)
-        rows_per_window = n_ctx - args.first_position
-        n_windows = max(1, -(-args.tokens // rows_per_window))
-        windows = token_windows(model, args.corpus, n_ctx, n_windows)
-        cfg = StoreConfig(
-            hooks=tuple(args.hooks),
-            dtype=args.dtype,
-            batch_windows=args.batch,
-            shard_tokens=args.shard_tokens,
-            first_position=args.first_position,
-        )
-        res = write_store(model, windows, out, cfg, model_name=str(args.model), progress=not args.quiet)
+    cfg = StoreConfig(hooks=tuple(args.hooks), dtype=args.dtype, batch_windows=args.batch,
+                      shard_tokens=args.shard_tokens, first_position=args.first_position)
+    res = cache_corpus(args.model, args.corpus, out, cfg, tokens=args.tokens, n_ctx=args.n_ctx, device=device,
+                       progress=not args.quiet).written
     if info.rank == 0:
-        print(
-            f"{out}: {res.n_rows} tokens x {len(cfg.hooks)} hook(s) ({cfg.dtype}); wrote {res.shards_written} shard(s), "
-            f"kept {res.shards_skipped} from an earlier run, {res.seconds:.1f}s"
-        )
+        print(f"{out}: {res.n_rows} tokens x {len(cfg.hooks)} hook(s) ({cfg.dtype}); wrote {res.shards_written} "
+              f"shard(s), kept {res.shards_skipped} from an earlier run, {res.seconds:.1f}s")
     destroy_distributed()
     return 0
 
@@ -57,8 +44,6 @@ def cmd_cache(args: argparse.Namespace) -> int:
 def sae_dir(path: str | Path) -> Path:
     """Return the SAE directory a command line names: the SAE itself (``cfg.json`` in it) or a
     ``workbench train-sae`` run directory, whose SAE is in ``sae/`` (the README passes the run directory)."""
-    from workbench.sae.io import CFG_FILE
-
     path = Path(path)
     if not (path / CFG_FILE).is_file() and (path / "sae" / CFG_FILE).is_file():
         return path / "sae"
@@ -66,10 +51,6 @@ def sae_dir(path: str | Path) -> Path:
 
 
 def _load_for_eval(args: argparse.Namespace) -> tuple[Any, Any, Any, str]:
-    from workbench.sae.io import load_sae
-    from workbench.store import ActivationStore
-    from workbench.zoo import load_model
-
     store = ActivationStore.open(args.store)
     sae = load_sae(sae_dir(args.sae), device=args.device or "cpu")
     meta = getattr(sae, "metadata", {}) or {}
@@ -84,8 +65,6 @@ def _load_for_eval(args: argparse.Namespace) -> tuple[Any, Any, Any, str]:
 
 
 def cmd_eval_sae(args: argparse.Namespace) -> int:
-    from workbench.sae.evaluate import EvalConfig, SpliceConfig, evaluate_sae
-
     model, sae, store, hook = _load_for_eval(args)
     ev = evaluate_sae(
         model, sae, store, hook,
@@ -100,8 +79,6 @@ def cmd_eval_sae(args: argparse.Namespace) -> int:
 
 
 def cmd_features(args: argparse.Namespace) -> int:
-    from workbench.sae.features import FeatureStatsConfig, feature_stats
-
     model, sae, store, hook = _load_for_eval(args)
     stats = feature_stats(sae, store, hook, FeatureStatsConfig(max_rows=args.max_rows, n_top=args.n_top), model=model)
     stats.save(args.out)

@@ -88,14 +88,14 @@ class FeatureStats:
     sample_values: Float[Tensor, "d_sae n_samples"]
     """A uniform random sample of each latent's firing activations, ascending."""
     sample_rows: Int[Tensor, "d_sae n_samples"]
-    logit_top_ids: Int[Tensor, "d_sae k"] | None
+    logit_top_ids: Int[Tensor, "d_sae n_logits"] | None
     """Tokens whose logits the decoder direction raises most (None if the hook cannot reach the unembedding)."""
-    logit_top_values: Float[Tensor, "d_sae k"] | None
-    logit_bottom_ids: Int[Tensor, "d_sae k"] | None
-    logit_bottom_values: Float[Tensor, "d_sae k"] | None
-    neighbour_ids: Int[Tensor, "d_sae k"] | None
+    logit_top_values: Float[Tensor, "d_sae n_logits"] | None
+    logit_bottom_ids: Int[Tensor, "d_sae n_logits"] | None
+    logit_bottom_values: Float[Tensor, "d_sae n_logits"] | None
+    neighbour_ids: Int[Tensor, "d_sae n_neighbours"] | None
     """Latents with the most similar decoder directions, most similar first."""
-    neighbour_cos: Float[Tensor, "d_sae k"] | None
+    neighbour_cos: Float[Tensor, "d_sae n_neighbours"] | None
     dense_threshold: float = 0.1
 
     @property

@@ -24,7 +24,8 @@ the input). With ``skip=True`` a linear term is added (Paulo et al. 2025), zero 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import typing
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal, NamedTuple
 
 import torch
@@ -37,8 +38,14 @@ from workbench.errors import ConfigError, InputError
 Architecture = Literal["relu", "topk", "batchtopk", "jumprelu"]
 Normalization = Literal["none", "expected_average_only_in"]
 
-ARCHITECTURES: tuple[str, ...] = ("relu", "topk", "batchtopk", "jumprelu")
-NORMALIZATIONS: tuple[str, ...] = ("none", "expected_average_only_in")
+ARCHITECTURES: tuple[str, ...] = typing.get_args(Architecture)
+NORMALIZATIONS: tuple[str, ...] = typing.get_args(Normalization)
+
+#: Keys of SAELens' ``cfg.json`` (6.x, as ``workbench.sae.io`` writes and reads it) that are not SAEConfig fields:
+#: :meth:`SAEConfig.from_dict` accepts and drops them.
+SAELENS_CFG_KEYS = frozenset({
+    "dtype", "device", "metadata", "reshape_activations", "rescale_acts_by_decoder_norm", "hook_name_out",
+})
 
 
 @dataclass(frozen=True)
@@ -106,7 +113,16 @@ class SAEConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SAEConfig:
-        names = cls.__dataclass_fields__.keys()
+        """Return the config ``data`` describes: ours (``to_dict``), or SAELens' ``cfg.json`` keys beside them.
+
+        SAELens keys that are not fields here (``dtype``, ``metadata``, ...) are dropped; any other key is a
+        ConfigError, as in ``GPTConfig.from_dict``: a misspelt field must not silently take its default.
+        """
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names - SAELENS_CFG_KEYS)
+        if unknown:
+            raise ConfigError(f"unknown SAEConfig fields {unknown}; known fields: {sorted(names)} "
+                              f"(and SAELens' cfg.json keys {sorted(SAELENS_CFG_KEYS)})")
         return cls(**{key: value for key, value in data.items() if key in names})
 
 
