@@ -254,17 +254,21 @@ def train_builtin(
     steps: int | None = None,
     resume: bool = False,
     progress: bool = True,
+    train_overrides: dict | None = None,
 ) -> TrainResult:
     """Train built-in model ``name`` from its recipe into ``out_dir`` and return how the run ended.
 
     ``steps`` overrides the recipe's length (the result then differs from the shipped model; the
-    schedule is stretched to the new length). ``resume`` continues a killed run from its checkpoint.
+    schedule is stretched to the new length). ``train_overrides``: other TrainConfig fields to change
+    (``workbench train``'s flags). ``resume`` continues a killed run from its checkpoint.
     When the run completes, the snapshots are stored in fp16 and the model card is written;
     ``ship(name, out_dir)`` then copies the run into ``data/models/<name>/``.
     """
     recipe = get_recipe(name)
     if steps is not None:
         recipe = recipe.with_steps(steps)
+    if train_overrides:
+        recipe = replace(recipe, train=replace(recipe.train, **train_overrides))
     out_dir = Path(out_dir) if out_dir is not None else default_run_dir(name)
     threads = torch.get_num_threads()
     torch.set_num_threads(recipe.threads)

@@ -532,7 +532,7 @@ class Unembed(nn.Module):
             return self.__dict__["_embed"][0].W_E.T
         return super().__getattr__(name)
 
-    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_vocab"]:
+    def forward(self, x: Float[Tensor, "*batch d_model"]) -> Float[Tensor, "*batch d_vocab"]:
         return self.hook_out(linear(self.hook_in(x), self.W_U.T, self.b_U))
 
 
