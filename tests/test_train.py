@@ -317,3 +317,43 @@ def test_second_writer_on_a_run_directory_fails_at_once_and_the_first_finishes(t
         assert not (tmp_path / METRICS_FILE).exists()  # failed before writing anything
     result = train(_model(), _batches(), _cfg(), tmp_path, progress=False)
     assert result.step == 12 and HookedGPT.load(tmp_path) is not None
+
+
+# ------------------------------------------------------------------------ workbench train: flags from LMTrainConfig
+
+
+def test_train_command_has_a_flag_per_training_setting_and_overrides_only_those_given(tmp_path, capsys):
+    """Every LMTrainConfig field but snapshot_steps and device is a flag whose default is the recipe's value;
+    the run's checkpoint holds the recipe's settings with the given ones changed."""
+    from dataclasses import asdict, fields
+
+    from workbench import builtin, cli
+    from workbench.commands.train import RECIPE, TRAIN_FLAGS, train_overrides
+    from workbench.train import LMTrainConfig, checkpoint_path
+
+    parser = cli.build_parser()
+    args = parser.parse_args(["train", "attn-only-1l"])
+    flagged = {f.name for f in TRAIN_FLAGS.fields()}
+    assert flagged == {f.name for f in fields(LMTrainConfig)} - {"snapshot_steps", "device"}
+    assert all(getattr(args, TRAIN_FLAGS.dest(name)) is RECIPE for name in flagged) and train_overrides(args) == {}
+    args = parser.parse_args(["train", "attn-only-1l", "--lr", "2e-3", "--precision", "bf16", "--log-every", "1"])
+    assert train_overrides(args) == {"lr": 2e-3, "precision": "bf16", "log_every": 1}
+
+    out = tmp_path / "run"
+    assert cli.main(["train", "attn-only-1l", "--steps", "2", "--lr", "2e-3", "--log-every", "1", "--out", str(out),
+                     "--no-progress"]) == 0
+    assert "trained attn-only-1l: step 2" in capsys.readouterr().out
+    saved = torch.load(checkpoint_path(out), weights_only=True)["train_config"]
+    recipe = asdict(builtin.get_recipe("attn-only-1l").with_steps(2).train)
+    recipe["snapshot_steps"] = list(recipe["snapshot_steps"])
+    assert saved == {**recipe, "lr": 2e-3, "log_every": 1}
+
+
+def test_train_command_refuses_values_the_config_cannot_use(capsys):
+    from workbench import cli
+
+    assert cli.main(["train", "attn-only-1l", "--lr", "0"]) == 1
+    assert "--lr 0.0 is out of range" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["train", "attn-only-1l", "--precision", "fp8"])
+    assert "invalid choice: 'fp8'" in capsys.readouterr().err

@@ -19,21 +19,33 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Callable, Iterable, Literal, Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from workbench.errors import CheckpointError, ConfigError, WorkbenchError
 from workbench.locking import output_lock
-from workbench.runs import (  # the run scaffold; read_metrics/truncate_metrics/lr_at re-exported for callers
-    CHECKPOINT_DIR, METRICS_FILE, LRSchedule, MetricsLog, check_same_settings, lr_at, read_checkpoint, read_metrics,
-    rng_state, set_rng_state, truncate_metrics, write_checkpoint,
+from workbench.runs import (  # the run scaffold
+    CHECKPOINT_DIR,
+    METRICS_FILE,
+    LRSchedule,
+    MetricsLog,
+    check_same_settings,
+    lr_at,
+    read_checkpoint,
+    rng_state,
+    set_rng_state,
+    write_checkpoint,
 )
+from workbench.runs import read_metrics as read_metrics  # re-exported for callers of workbench.train
+from workbench.runs import truncate_metrics as truncate_metrics
 
 CHECKPOINT_FILE = "checkpoint.pt"
 SNAPSHOT_DIR = "snapshots"
@@ -47,43 +59,48 @@ class TrainingDivergedError(WorkbenchError, FloatingPointError):
 class LMTrainConfig:
     """How to train a language model: optimiser, schedule, precision and what to write where."""
 
-    #: total optimiser steps; also fixes the length of the cosine schedule
     steps: int
-    #: peak learning rate, reached at the end of the warmup
+    """total optimiser steps; also fixes the length of the cosine schedule"""
     lr: float = 1e-3
-    #: linear warmup from lr / warmup_steps to lr over this many steps
+    """peak learning rate, reached at the end of the warmup"""
     warmup_steps: int = 100
-    #: the cosine decays the learning rate to lr * min_lr_ratio at the last step
+    """linear warmup from lr / warmup_steps to lr over this many steps"""
     min_lr_ratio: float = 0.1
-    #: AdamW decoupled weight decay, applied to matrices only (not to biases and norm weights)
+    """the cosine decays the learning rate to lr * min_lr_ratio at the last step"""
     weight_decay: float = 0.01
+    """AdamW decoupled weight decay, applied to matrices only (not to biases and norm weights)"""
     beta1: float = 0.9
+    """AdamW's first-moment decay"""
     beta2: float = 0.95
-    #: clip the global gradient norm to this value; None disables clipping
+    """AdamW's second-moment decay"""
     grad_clip: float | None = 1.0
-    #: "bf16" runs the forward pass under torch.autocast(bfloat16); weights and optimiser stay fp32
+    """clip the global gradient norm to this value; None disables clipping"""
     precision: Literal["fp32", "bf16"] = "fp32"
-    #: write a checkpoint (and evaluate) every this many steps, and always at the end
+    """bf16 runs the forward pass under torch.autocast(bfloat16); weights and optimiser stay fp32"""
     checkpoint_every: int = 500
-    #: evaluate every this many steps (None: at each checkpoint)
+    """write a checkpoint (and evaluate) every this many steps, and always at the end"""
     eval_every: int | None = None
-    #: write the training loss to metrics.jsonl every this many steps
+    """evaluate every this many steps (None: at each checkpoint)"""
     log_every: int = 10
-    #: steps at which to save a full model snapshot (0 = the initialisation)
+    """write the training loss to metrics.jsonl every this many steps"""
     snapshot_steps: tuple[int, ...] = ()
-    #: validation windows per evaluation batch, and the most windows one evaluation reads
+    """steps at which to save a full model snapshot (0 = the initialisation)"""
     val_batch_size: int = 64
+    """validation windows per evaluation batch"""
     max_val_windows: int = 512
-    #: seeds torch/python RNGs at the start (the loop itself draws nothing random; this keeps it so
-    #: for anything that does, e.g. a future dropout)
+    """the most validation windows one evaluation reads"""
     seed: int = 0
+    """seeds torch/python RNGs at the start (the loop itself draws nothing random; this keeps it so for
+    anything that does, e.g. a future dropout)"""
     device: str = "cpu"
+    """where the model trains: cpu, cuda, cuda:N or mps"""
 
     def __post_init__(self):
         if self.steps < 1:
             raise ConfigError(f"steps must be at least 1, got {self.steps}")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
-            raise ConfigError(f"need lr > 0 and 0 <= min_lr_ratio <= 1, got lr={self.lr}, min_lr_ratio={self.min_lr_ratio}")
+            raise ConfigError(
+                f"need lr > 0 and 0 <= min_lr_ratio <= 1, got lr={self.lr}, min_lr_ratio={self.min_lr_ratio}")
         if self.warmup_steps < 0 or self.checkpoint_every < 1 or self.log_every < 1:
             raise ConfigError("warmup_steps must be >= 0 and checkpoint_every, log_every >= 1")
         if self.precision not in ("fp32", "bf16"):
@@ -106,7 +123,7 @@ class LMTrainConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "LMTrainConfig":
+    def from_dict(cls, d: dict) -> LMTrainConfig:
         known = {f.name for f in fields(cls)}
         d = {k: v for k, v in d.items() if k in known}
         if "snapshot_steps" in d:
@@ -119,7 +136,8 @@ TrainConfig = LMTrainConfig
 
 #: LMTrainConfig fields that may differ between a checkpoint and the run resuming it: they change what
 #: is written or how fast, never the trajectory of the weights.
-RESUMABLE_CHANGES = frozenset({"checkpoint_every", "eval_every", "log_every", "snapshot_steps", "max_val_windows", "val_batch_size"})
+RESUMABLE_CHANGES = frozenset(
+    {"checkpoint_every", "eval_every", "log_every", "snapshot_steps", "max_val_windows", "val_batch_size"})
 
 
 @runtime_checkable  # so that a runtime type checker (the tests' jaxtyping + beartype) can check it
@@ -257,7 +275,8 @@ def _check_state(state, path: Path) -> None:
     if not bad:
         rng = state["rng"]
         python = rng.get("python")
-        if not isinstance(rng.get("torch"), torch.Tensor) or not (isinstance(python, (tuple, list)) and len(python) == 3):
+        python_ok = isinstance(python, (tuple, list)) and len(python) == 3
+        if not isinstance(rng.get("torch"), torch.Tensor) or not python_ok:
             bad = ["rng"]
     if bad:
         raise CheckpointError(
@@ -301,8 +320,6 @@ def train(
 
 def _train_locked(model, batches: BatchSource, cfg: LMTrainConfig, out_dir: Path, *, val_windows, evaluate,
                   resume: bool, stop_at: int | None, progress: bool) -> TrainResult:
-    from tqdm.auto import tqdm
-
     model.to(cfg.device)
     model.train()
     optimizer = make_optimizer(model, cfg)
@@ -313,7 +330,8 @@ def _train_locked(model, batches: BatchSource, cfg: LMTrainConfig, out_dir: Path
     else:
         if checkpoint_path(out_dir).is_file():
             raise CheckpointError(
-                f"{out_dir} already holds a training checkpoint; resume it (--resume) or choose another output directory"
+                f"{out_dir} already holds a training checkpoint; resume it (--resume) or choose another output "
+                "directory"
             )
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
@@ -382,7 +400,8 @@ def _check_batch(tokens: Tensor, model, step: int) -> None:
     if tokens.shape[1] > model.cfg.n_ctx:
         raise ConfigError(
             f"the data's windows have {tokens.shape[1]} tokens but the model's context is {model.cfg.n_ctx} "
-            f"(n_ctx); make windows of at most {model.cfg.n_ctx} tokens or build the model with n_ctx >= {tokens.shape[1]}"
+            f"(n_ctx); make windows of at most {model.cfg.n_ctx} tokens or build the model with "
+            f"n_ctx >= {tokens.shape[1]}"
         )
     if tokens.shape[1] < 2:
         raise ConfigError(f"batch {step} has {tokens.shape[1]} position(s); next-token training needs at least 2")
