@@ -1,17 +1,20 @@
 """Transcoder training on this machine: pairs vs the SAE trainer, the all-layers live trainer, skip vs plain.
 
-    python -m benchmarks.bench_transcoders [--quick] [--part pairs|live|skip ...]
+    python -m benchmarks.bench_transcoders [--quick] [--part pairs|batchtopk|live|skip ...]
 
 - ``pairs``: ``train_sae`` on (x, y) pairs (a TopK transcoder, with and without the skip term) beside
   ``train_sae`` on single tensors (a TopK SAE) at the same shape (d_in 576, width 4608, k 32, batch
   4096), timed interleaved with the median kept. Target: the transcoder within 1.2x of the SAE.
+- ``batchtopk``: a BatchTopK skip transcoder's training step at SmolLM2's live shape (d_in 576, width
+  4608, k 32, batch 4064) through the sparse kernels and through the dense ``[batch, d_sae]`` step.
 - ``live``: SmolLM2-135M, all 30 layers trained at once from live activations
   (``workbench.pipelines.train_transcoders``, the documented recipe's shape: 32 windows of 128 tokens
   a step, 8x = 4608 latents, BatchTopK k 32, skip) for a few steps, beside the forward pass that feeds
   them alone (``live_pairs``) on the same windows: tokens/s of each, the forward pass's share of the
   trainer's time, and the documented recipe's projected wall time at that rate.
-- ``skip``: kjv-small, every layer, TopK k 32 (so L0 is the same by construction) with and without
-  the skip term on the same tokens; held-out FVU and CE recovered per layer.
+- ``skip``: kjv-small, every layer, TopK k 32 (so L0 is the same by construction) without the skip
+  term, with it from zero, and with it from the first batch's ridge fit, on the same tokens; held-out
+  FVU and CE recovered per layer.
 """
 
 from __future__ import annotations
@@ -56,6 +59,28 @@ def pairs(quick: bool) -> None:
     print(f"  skip transcoder             {tps['skip']:10.0f} tokens/s   {med['skip'] / med['sae']:.2f} x")
 
 
+def batchtopk(quick: bool) -> None:
+    """BatchTopK skip transcoder steps at SmolLM2's shape: the sparse kernels against the dense [batch, d_sae] step."""
+    d_in, d_sae, k, batch, steps = 576, 4608, 32, 4064, 3
+    repeats = 2 if quick else 5
+    g = torch.Generator().manual_seed(0)
+    pairs_ = [(torch.randn(batch, d_in, generator=g), torch.randn(batch, d_in, generator=g)) for _ in range(steps)]
+    shape = SAEConfig(d_in=d_in, d_sae=d_sae, architecture="batchtopk", k=k, d_out=d_in, apply_b_dec_to_input=False,
+                      skip=True)
+    runs = {}
+    for sparse in (True, False):
+        cfg = TrainConfig(total_steps=steps, lr=1e-4, progress=False, checkpoint_every=0, log_every=steps,
+                          sparse_batchtopk=sparse)
+        tc = SAE(shape, seed=0)
+        runs["sparse" if sparse else "dense"] = lambda tc=tc, cfg=cfg: train_sae(tc, pairs_, cfg)
+    med = interleaved_medians(runs, repeats)
+    print(f"BatchTopK skip transcoder step: d_in {d_in}, width {d_sae}, k {k}, batch {batch} (SmolLM2's live batch), "
+          f"torch threads {torch.get_num_threads()}, {repeats} interleaved repeats of {steps} steps (median)")
+    for name, seconds in med.items():
+        print(f"  {name:6s} {steps * batch / seconds:10.0f} tokens/s   {seconds / steps * 1000:8.1f} ms/step")
+    print(f"  dense / sparse time: {med['dense'] / med['sparse']:.2f} x")
+
+
 def live(quick: bool) -> None:
     from workbench.pipelines import TranscoderRecipe, token_windows, train_transcoders
     from workbench.sae.transcoders import live_pairs
@@ -93,21 +118,25 @@ def skip(quick: bool) -> None:
 
     model = load_model("kjv-small").eval()
     tokens = 100_000 if quick else 400_000
+    variants = {"plain": dict(skip=False), "skip, W_skip from 0": dict(skip=True, skip_init="zero"),
+                "skip, ridge init": dict(skip=True, skip_init="ridge")}
     results = {}
-    for with_skip in (False, True):
-        recipe = TranscoderRecipe(tokens=tokens, architecture="topk", k=32, skip=with_skip, eval_windows=32)
+    for name, kw in variants.items():
+        recipe = TranscoderRecipe(tokens=tokens, architecture="topk", k=32, eval_windows=32, **kw)
         with tempfile.TemporaryDirectory() as tmp:
-            results[with_skip] = train_transcoders(model, list(range(model.cfg.n_layers)), recipe, tmp, progress=False)
-    print(f"kjv-small, every layer, TopK k 32 (L0 32 by construction), {tokens:,} tokens, held-out 32 windows:")
-    print("  layer   FVU plain   FVU skip   CE recovered plain   skip")
-    for a, b in zip(results[False].per_layer, results[True].per_layer):
-        print(f"  {a.layer:5d}   {a.fvu:9.4f}   {b.fvu:8.4f}   {a.ce_loss_recovered:18.3f}   {b.ce_loss_recovered:.3f}")
-    for with_skip, res in results.items():
-        print(f"  every MLP replaced ({'skip' if with_skip else 'plain'}): CE {res.whole.ce_replaced:.4f} vs "
-              f"{res.whole.ce_clean:.4f}, top-1 agreement {res.whole.top1_agreement:.3f}")
+            results[name] = train_transcoders(model, list(range(model.cfg.n_layers)), recipe, tmp, progress=False)
+    print(f"kjv-small, every layer, TopK k 32 (L0 32 by construction), {tokens:,} tokens, the same held-out 32 windows; "
+          f"every variant's encoder starts scaled (latent_init_scale {TranscoderRecipe.latent_init_scale}):")
+    print("  layer   " + "   ".join(f"FVU {name}" for name in variants) + "   |   CE recovered, same order")
+    for evs in zip(*(res.per_layer for res in results.values())):
+        print(f"  {evs[0].layer:5d}   " + "   ".join(f"{ev.fvu:.4f}" for ev in evs) + "   |   "
+              + "   ".join(f"{ev.ce_loss_recovered:.3f}" for ev in evs))
+    for name, res in results.items():
+        print(f"  every MLP replaced ({name}): CE {res.whole.ce_replaced:.4f} vs {res.whole.ce_clean:.4f}, "
+              f"top-1 agreement {res.whole.top1_agreement:.3f}")
 
 
-PARTS = {"pairs": pairs, "live": live, "skip": skip}
+PARTS = {"pairs": pairs, "batchtopk": batchtopk, "live": live, "skip": skip}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -402,3 +402,14 @@ def test_bad_transcoder_init_settings_are_named(bad, match):
 
     with pytest.raises(ConfigError, match=match):
         TrainConfig(total_steps=1, **bad)
+
+
+def test_largest_entries_is_topk_whether_the_sample_threshold_holds_or_not():
+    from workbench.sae.kernels import largest_entries
+
+    g = torch.Generator().manual_seed(0)
+    flat = torch.randn(1 << 20, generator=g)
+    for values in (flat, torch.where(torch.arange(flat.numel()) % 16 == 0, 10 + flat, flat)):  # a misleading sample
+        for n_keep in (1000, 100_000):
+            want = set(values.topk(n_keep).indices.tolist())
+            assert set(largest_entries(values, n_keep).tolist()) == want

@@ -34,7 +34,8 @@ from workbench.runs import (  # the run scaffold the LM trainer shares; METRICS_
     CHECKPOINT_DIR, METRICS_FILE, LRSchedule, MetricsLog, check_same_settings, lr_at, read_checkpoint, write_checkpoint,
 )
 from workbench.sae.kernels import (
-    SparsePattern, batchtopk_pattern, decode_sparse, encode_at, jumprelu, jumprelu_step, scatter_sum, topk_pattern,
+    SparsePattern, batchtopk_pattern, decode_sparse, encode_at, jumprelu, jumprelu_step, make_pattern, scatter_sum,
+    topk_pattern,
 )
 from workbench.sae.model import SAE, SAEConfig, batch_topk
 from workbench.train import TrainingDivergedError
@@ -222,8 +223,10 @@ def auxk_loss(
         return residual.new_zeros(())
     k_aux = min(aux_k, n_dead)
     with torch.no_grad():
-        masked = pre.masked_fill(~dead, -math.inf)
-        aux_values, pattern = topk_pattern(masked, k_aux)
+        # the top dead latents of each row, chosen among the dead columns only (not a masked [batch, d_sae] copy)
+        columns = dead.nonzero().squeeze(1)
+        aux_values, local = topk_pattern(pre[:, columns], k_aux)
+        pattern = make_pattern(columns[local.columns].view(-1, k_aux), pre.shape[-1])
     values = encode_at(sae, x_c, aux_values, pattern)
     recon = decode_sparse(values, sae.W_dec, pattern)
     loss = (recon - residual.detach()).pow(2).sum(-1).mean()
