@@ -102,3 +102,20 @@ def test_circuit_tracer_bad_sets_are_clear_errors(tmp_path):
         load_circuit_tracer(tmp_path / "c")
     with pytest.raises(CheckpointError, match="no config.yaml"):
         load_circuit_tracer(tmp_path)
+
+
+def test_d_in_d_out_mismatches_on_load_name_the_tensor_and_shapes(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    save_sae(_transcoder(skip=True), tmp_path / "tc")
+    cfg_path = tmp_path / "tc" / "cfg.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**cfg, "d_out": 11}))  # the weights map 12 -> 10
+    with pytest.raises(CheckpointError, match=r"W_dec has shape \(24, 10\).*d_out=11"):
+        load_sae(tmp_path / "tc")
+    save_circuit_tracer([_transcoder(d_in=12, d_out=12, seed=s) for s in range(2)], tmp_path / "ct", model_name="m")
+    layer = tmp_path / "ct" / "layer_1.safetensors"
+    state = load_file(str(layer))
+    save_file({**state, "W_skip": torch.zeros(12, 10)}, str(layer))
+    with pytest.raises(CheckpointError, match=r"W_skip has shape \(12, 10\), expected \(12, 12\)"):
+        load_circuit_tracer(tmp_path / "ct")

@@ -153,3 +153,14 @@ def test_feature_statistics_of_a_transcoder_read_its_input_and_promote_logits_th
     best = int(stats.density.argmax())
     ctx = feature_contexts(tc, store, "blocks.1.mlp.hook_in", best, [int(stats.top_rows[best, 0])])
     assert ctx[0].value == pytest.approx(float(stats.top_values[best, 0]), rel=1e-5)
+
+
+def test_nan_in_the_models_mlp_stream_stops_live_pairs_naming_the_layer_and_windows():
+    torch.manual_seed(0)
+    model = HookedGPT(tiny_cfg(n_layers=2)).eval()
+    with torch.no_grad():
+        model.blocks[1].mlp.W_out[0, 0] = float("nan")
+    windows = torch.randint(0, 50, (4, 9))
+    pairs = T.live_pairs(model, windows, [0, 1], batch_windows=2)
+    with pytest.raises(DataError, match=r"layer 1's MLP input or output holds NaN/Inf in windows 0..1"):
+        next(pairs)
