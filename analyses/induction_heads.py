@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # analyses/_common.py
 
 from _common import log, study_models  # noqa: E402
+
 from workbench import plots  # noqa: E402
 from workbench.analysis import induction as I  # noqa: E402
 from workbench.errors import WorkbenchError  # noqa: E402

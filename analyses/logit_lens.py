@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # analyses/_common.py
 
 from _common import log, study_models  # noqa: E402
+
 from workbench import plots  # noqa: E402
 from workbench.analysis import logit_lens as LL  # noqa: E402
 from workbench.pipelines import token_windows  # noqa: E402

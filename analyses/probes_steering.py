@@ -42,12 +42,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # analyses/_common.py
 
 from _common import log, study_models  # noqa: E402
+
 from workbench import probe_plots  # noqa: E402
 from workbench.analysis import probes as P  # noqa: E402
 from workbench.analysis import steering as S  # noqa: E402
 from workbench.analysis.patching import LogitDiff  # noqa: E402
-from workbench.analysis.probe_data import (CAPITALS, FAMILIES, MIN_PER_CLASS, ProbeDataset,  # noqa: E402
-                                           known_capitals, read_positions, sentiment_statements, truth_dataset)
+from workbench.analysis.probe_data import (  # noqa: E402
+    CAPITALS,
+    FAMILIES,
+    MIN_PER_CLASS,
+    ProbeDataset,
+    known_capitals,
+    read_positions,
+    sentiment_statements,
+    truth_dataset,
+)
 from workbench.pipelines import token_windows  # noqa: E402
 from workbench.report import Report, report_dir  # noqa: E402
 

@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # analyses/_common.py
 
 from _common import log  # noqa: E402
+
 from workbench import paths  # noqa: E402
 from workbench.pipelines import SAERecipe, cache_windows, token_windows, train_sae_on_store  # noqa: E402
 from workbench.sae.evaluate import EvalConfig, SpliceConfig, evaluate_sae, spliced_metrics  # noqa: E402

@@ -89,8 +89,9 @@ def test_export_and_ship(kjv, tiny_set, tmp_path, monkeypatch):
 
 
 def test_bad_sets_and_models_are_refused_before_anything_is_written(kjv, tiny_set, tmp_path):
-    from workbench import HookedGPT
     from helpers import tiny_cfg
+
+    from workbench import HookedGPT
 
     with pytest.raises(ConfigError, match="attention-only"):
         train_transcoders(load_model("attn-only-2l"), [0], TranscoderRecipe(**TINY), tmp_path / "a", progress=False)

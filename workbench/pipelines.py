@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 import torch
 from jaxtyping import Int
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from workbench import paths
 from workbench.analysis.superposition import SyntheticConfig, SyntheticFeatures, mmcs
@@ -39,8 +40,16 @@ from workbench.sae.circuit_tracer import save_circuit_tracer
 from workbench.sae.io import load_sae, save_sae
 from workbench.sae.model import SAE, Architecture, Normalization, SAEConfig
 from workbench.sae.train import SKIP_INITS, SAETrainConfig, TrainConfig, TrainResult, train_sae
-from workbench.sae.transcoders import (LayerEval, SetEval, check_layers, check_set, evaluate_transcoders, input_hook,
-                                       live_pairs, output_hook)
+from workbench.sae.transcoders import (
+    LayerEval,
+    SetEval,
+    check_layers,
+    check_set,
+    evaluate_transcoders,
+    input_hook,
+    live_pairs,
+    output_hook,
+)
 from workbench.store import ActivationStore, ReaderConfig, StoreConfig, WriteResult, open_store, write_store
 from workbench.zoo import load_model
 
@@ -94,16 +103,9 @@ class StoreResult(NamedTuple):
     """What this call did: rows, shards written and kept from an interrupted run, seconds."""
 
 
-def cache_windows(
-    model: Any,
-    windows: Int[Tensor, "batch pos"],
-    out: str | Path,
-    cfg: StoreConfig,
-    *,
-    model_name: str = "",
-    on_shard: Callable[[int], None] | None = None,
-    progress: bool = False,
-) -> StoreResult:
+def cache_windows(model: Any, windows: Int[Tensor, "batch pos"], out: str | Path, cfg: StoreConfig, *,
+                  model_name: str = "", on_shard: Callable[[int], None] | None = None,
+                  progress: bool = False) -> StoreResult:
     """Write (or resume) the activation store ``out`` of ``cfg.hooks`` over ``windows``; return it opened.
 
     See :func:`workbench.store.write_store` for resuming, ``on_shard`` and ``torchrun``.
@@ -679,6 +681,4 @@ def transcoder_card(record: dict[str, Any], command: str) -> str:
 def _bar(progress: bool, total: int, start: int):
     if not progress:
         return None
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, initial=start, unit="step", desc="transcoders")

@@ -160,7 +160,7 @@ class Neighbours(NamedTuple):
     cosine: list[float]
 
 
-def nearest(unit: Float[Tensor, "d_vocab d_model"], direction: Float[Tensor, "d_model"], k: int,
+def nearest(unit: Float[Tensor, "d_vocab d_model"], direction: Float[Tensor, " d_model"], k: int,
             exclude: tuple[int, ...] = ()) -> Neighbours:
     """Return the ``k`` tokens whose embeddings point most nearly along ``direction``."""
     sims = unit @ (direction.float().cpu() / direction.float().norm().clamp_min(1e-8))
@@ -191,7 +191,8 @@ def encode_no_bos(model, text: str) -> tuple[list[int], list[str]]:
     return ids, model.tokenizer.str_tokens(ids)
 
 
-def analogy(model, unit: Float[Tensor, "d_vocab d_model"], a: str, b: str, c: str, k: int = 10) -> tuple[Neighbours, list[str]]:
+def analogy(model, unit: Float[Tensor, "d_vocab d_model"], a: str, b: str, c: str,
+            k: int = 10) -> tuple[Neighbours, list[str]]:
     """Return the tokens nearest ``E[b] - E[a] + E[c]`` ("a is to b as c is to ?") and the tokens used."""
     ids, labels = word_token_ids(model, [a, b, c])
     if len(ids) != 3:
@@ -203,9 +204,9 @@ def analogy(model, unit: Float[Tensor, "d_vocab d_model"], a: str, b: str, c: st
 
 def project_2d(vectors: Float[Tensor, "n d_model"], labels: list[str], method: str = "pca") -> pd.DataFrame:
     """Return 2-D coordinates of ``vectors`` by PCA or t-SNE (scikit-learn), with their labels."""
+    # imported here: sklearn.manifold takes ~3.7 s to import (python -X importtime), which every page would pay
     from sklearn.decomposition import PCA
     from sklearn.manifold import TSNE
-
     from threadpoolctl import threadpool_limits
 
     X = vectors.detach().float().cpu().numpy()
@@ -226,8 +227,8 @@ def project_2d(vectors: Float[Tensor, "n d_model"], labels: list[str], method: s
 # ------------------------------------------------------------------------------------ sampling
 
 
-def sampling_probs(logits: Float[Tensor, "d_vocab"], temperature: float, top_k: int | None,
-                   top_p: float | None) -> Float[Tensor, "d_vocab"]:
+def sampling_probs(logits: Float[Tensor, " d_vocab"], temperature: float, top_k: int | None,
+                   top_p: float | None) -> Float[Tensor, " d_vocab"]:
     """Return the next-token distribution after temperature, top-k and top-p (nucleus) filtering, as
     generation samples it (temperature 0: all mass on the argmax)."""
     top_k = top_k if top_k is not None and top_k > 0 else None
@@ -422,7 +423,8 @@ def patching_sweep(model, clean: Tensor, corrupt: Tensor, answer: int, wrong: in
     def tick(x: Tensor, hook) -> None:
         passes[0] += 1
         layer = passes[0] - 2
-        report(passes[0] / total, "caching the clean and corrupted runs" if layer < 1 else f"patched layer {layer - 1} of {n}")
+        stage = "caching the clean and corrupted runs" if layer < 1 else f"patched layer {layer - 1} of {n}"
+        report(passes[0] / total, stage)
 
     tick.observe_only = True  # type: ignore[attr-defined]  # reads nothing: the fused kernels stay on
     metric = P.LogitDiff(answer, wrong)
@@ -434,7 +436,7 @@ def patching_sweep(model, clean: Tensor, corrupt: Tensor, answer: int, wrong: in
         return P.patch_outputs(model, clean, corrupt, metric, kind=kind)
 
 
-def steering_hook(direction: Float[Tensor, "d_model"], scale: float):
+def steering_hook(direction: Float[Tensor, " d_model"], scale: float):
     """Return a hook that adds ``scale * direction`` to an activation at every position."""
     def add(act: Tensor, hook) -> Tensor:
         return act + scale * direction.to(act)

@@ -32,6 +32,8 @@ from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from workbench.errors import ConfigError, InputError
 
 #: a count of things: at least 1
@@ -103,11 +105,10 @@ def check_device(value: str) -> None:
     """Raise ConfigError unless ``value`` names a device this machine has (cpu, cuda, cuda:N, mps)."""
     if not _DEVICE.match(value):
         raise ConfigError(f"--device {value!r} is not a device; use cpu, cuda, cuda:N or mps")
-    import torch
-
     if value.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ConfigError(f"--device {value}: this machine has no CUDA GPU (or torch was built without CUDA); use --device cpu")
+            raise ConfigError(f"--device {value}: this machine has no CUDA GPU (or torch was built without CUDA); "
+                              "use --device cpu")
         index = int(value.split(":")[1]) if ":" in value else 0
         if index >= torch.cuda.device_count():
             raise ConfigError(f"--device {value}: this machine has {torch.cuda.device_count()} CUDA device(s); "

@@ -83,7 +83,8 @@ def _vector(model, args):
 
     given = [x for x in (args.contrast, args.direction, args.sae) if x]
     if len(given) != 1:
-        raise InputError("give exactly one of --contrast DATASET, --direction DIR (a saved probe) or --sae DIR --feature N")
+        raise InputError("give exactly one of --contrast DATASET, --direction DIR (a saved probe) "
+                         "or --sae DIR --feature N")
     if args.direction:
         from workbench.analysis.probes import ProbeDirection
 

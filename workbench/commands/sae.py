@@ -29,8 +29,10 @@ from workbench.store import ReaderConfig
 
 #: --architecture, --d-sae, --expansion, --k, --normalize
 SAE_FLAGS = ConfigFlags(SAERecipe, names={"normalize_activations": "normalize"})
-#: --steps (default 1000: SAETrainConfig leaves total_steps to the caller), --lr, ... --no-progress
-TRAIN_FLAGS = ConfigFlags(SAETrainConfig, names={"total_steps": "steps"}, defaults={"total_steps": 1000})
+#: --steps (default 1000: SAETrainConfig leaves total_steps to the caller), --lr, ... --no-progress; the fields
+#: for skip transcoders only (``workbench train-transcoders``) get no flag here
+TRAIN_FLAGS = ConfigFlags(SAETrainConfig, names={"total_steps": "steps"}, defaults={"total_steps": 1000},
+                          skip=("skip_init", "latent_init_scale", "skip_lr_scale"))
 #: --synthetic-d-in, --synthetic-features, --synthetic-active (the seed is --seed)
 SYNTHETIC_FLAGS = ConfigFlags(SyntheticConfig, only=("d_in", "n_features", "mean_active"),
                               names={"d_in": "synthetic_d_in", "n_features": "synthetic_features",

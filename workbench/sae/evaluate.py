@@ -135,7 +135,8 @@ def spliced_metrics(
             # float32 over the vocabulary (a float64 copy of [batch pos d_vocab] costs more than the
             # model's own unembedding on a big vocabulary); per-token terms are summed in float64
             logp_clean = F.log_softmax(model(tokens)[:, scored].float(), dim=-1)
-            logp_sae = F.log_softmax(model.run_with_hooks(tokens, fwd_hooks=[(hook, splice)])[:, scored].float(), dim=-1)
+            logits_sae = model.run_with_hooks(tokens, fwd_hooks=[(hook, splice)])
+            logp_sae = F.log_softmax(logits_sae[:, scored].float(), dim=-1)
             logp_zero = F.log_softmax(model.run_with_hooks(tokens, fwd_hooks=[(hook, zero)])[:, scored].float(), dim=-1)
             p_clean = logp_clean.exp()
             for i, lp in enumerate((logp_clean, logp_sae, logp_zero)):
@@ -148,7 +149,8 @@ def spliced_metrics(
     ce_clean, ce_sae, ce_zero, kl_sae, kl_zero = (sums / n).tolist()
     for name, value in (("clean", ce_clean), ("spliced", ce_sae)):
         if not math.isfinite(value):
-            raise DataError(f"the {name} cross-entropy at hook {hook!r} is {value}; the model or SAE gives non-finite logits")
+            raise DataError(f"the {name} cross-entropy at hook {hook!r} is {value}; "
+                            "the model or SAE gives non-finite logits")
     gap = ce_zero - ce_clean
     recovered = (ce_zero - ce_sae) / gap if abs(gap) > 1e-9 else float("nan")
     return SpliceMetrics(ce_clean, ce_sae, ce_zero, recovered, ce_sae - ce_clean, kl_sae, kl_zero, n)
@@ -168,7 +170,8 @@ class EvalConfig:
     """Spliced-loss settings (``first_position`` is taken from the store when left at 0)."""
 
 
-def evaluate_sae(model: Any, sae: SAE, store: ActivationStore, hook: str, cfg: EvalConfig = EvalConfig()) -> SAEEvaluation:
+def evaluate_sae(model: Any, sae: SAE, store: ActivationStore, hook: str,
+                 cfg: EvalConfig = EvalConfig()) -> SAEEvaluation:
     """Return reconstruction statistics over ``store``'s rows of ``hook`` and spliced losses on its windows.
 
     The store must come from ``model`` and hold ``hook`` at the SAE's width; anything else is an

@@ -64,7 +64,8 @@ class FeatureStatsConfig:
         if self.batch_size < 1 or self.n_top < 1 or self.n_samples < 1 or self.hist_bins < 1:
             raise ConfigError("FeatureStatsConfig needs batch_size, n_top, n_samples and hist_bins >= 1")
         if self.hist_log10_min >= self.hist_log10_max:
-            raise ConfigError(f"hist_log10_min ({self.hist_log10_min}) must be below hist_log10_max ({self.hist_log10_max})")
+            raise ConfigError(f"hist_log10_min ({self.hist_log10_min}) must be below "
+                              f"hist_log10_max ({self.hist_log10_max})")
 
 
 @dataclass
@@ -132,7 +133,7 @@ class FeatureStats:
             "dead_fraction": self.dead_fraction,
             "dense_fraction": self.dense_fraction,
             "mean_density": float(self.density.mean()),
-            "median_density_of_live": float(self.density[self.density > 0].median()) if (self.density > 0).any() else 0.0,
+            "median_density_of_live": float(live.median()) if (live := self.density[self.density > 0]).numel() else 0.0,
         }
 
     def save(self, directory: str | Path) -> None:
@@ -145,13 +146,14 @@ class FeatureStats:
         (directory / "feature_stats.json").write_text(json.dumps(meta, indent=1))
 
     @classmethod
-    def load(cls, directory: str | Path) -> "FeatureStats":
+    def load(cls, directory: str | Path) -> FeatureStats:
         directory = Path(directory)
         try:
             tensors = load_file(str(directory / "feature_stats.safetensors"))
             meta = json.loads((directory / "feature_stats.json").read_text())
         except (OSError, ValueError) as exc:
-            raise DataError(f"no readable feature statistics in {directory} ({exc}); compute them with feature_stats()") from exc
+            raise DataError(f"no readable feature statistics in {directory} ({exc}); "
+                            "compute them with feature_stats()") from exc
         kwargs = {f.name: tensors.get(f.name) for f in fields(cls) if f.name not in meta}
         return cls(**meta, **kwargs)
 
@@ -191,7 +193,8 @@ def residual_directions(model: Any, sae: SAE, hook: str) -> Float[Tensor, "d_sae
 
 
 @torch.no_grad()
-def logit_effects(model: Any, directions: Float[Tensor, "d_sae d_model"], k: int, chunk: int = 256) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def logit_effects(model: Any, directions: Float[Tensor, "d_sae d_model"], k: int,
+                  chunk: int = 256) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Return ``(top_ids, top_values, bottom_ids, bottom_values)`` of ``directions @ W_U`` per latent.
 
     The final norm's gain is folded in (and a LayerNorm's centering applied), since that is the
@@ -228,7 +231,8 @@ def decoder_neighbours(sae: SAE, k: int, chunk: int = 1024) -> tuple[Int[Tensor,
 
 
 @torch.no_grad()
-def feature_stats(sae: SAE, store: ActivationStore, hook: str, cfg: FeatureStatsConfig = FeatureStatsConfig(), model: Any = None) -> FeatureStats:
+def feature_stats(sae: SAE, store: ActivationStore, hook: str, cfg: FeatureStatsConfig = FeatureStatsConfig(),
+                  model: Any = None) -> FeatureStats:
     """Return per-latent statistics of ``sae`` on ``store``'s rows of ``hook``, in one pass over the store.
 
     ``model`` (optional) adds logit effects; it must be the model the store came from.
@@ -370,7 +374,8 @@ def feature_contexts(
     # read each needed stored row once, encode them together
     need = sorted({store.row_of(w, q) for _, w, _, lo, hi in spans for q in range(max(lo, first), hi)})
     acts = torch.cat([store.acts(hook, r, r + 1) for r in need]) if need else torch.empty(0, sae.cfg.d_in)
-    values = sae.encode(acts.to(sae.W_enc.device, sae.W_enc.dtype))[:, feature].float().cpu() if need else torch.empty(0)
+    values = (sae.encode(acts.to(sae.W_enc.device, sae.W_enc.dtype))[:, feature].float().cpu() if need
+              else torch.empty(0))
     value_of = dict(zip(need, values.tolist()))
     out = []
     for r, w, p, lo, hi in spans:

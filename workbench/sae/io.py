@@ -45,17 +45,14 @@ SAELENS_FORMAT_VERSION = "6.54.0"
 
 _TO_SAELENS = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu"}
 _FROM_SAELENS = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}
-# Transcoders, as SAELens names its classes (Transcoder, SkipTranscoder, JumpReLUTranscoder,
-# JumpReLUSkipTranscoder). SAELens has no TopK transcoder: the workbench writes `topk_transcoder`,
-# which only the workbench reads; train BatchTopK (saved as JumpReLU) for a set SAELens and
-# circuit-tracer can load.
 # Transcoders, named as SAELens names its classes (Transcoder, SkipTranscoder, JumpReLUTranscoder,
 # JumpReLUSkipTranscoder). SAELens has no TopK transcoder: `topk_transcoder` is the workbench's own
 # name, read only here; BatchTopK travels as JumpReLU with its threshold, which SAELens and
 # circuit-tracer load.
 _TRANSCODER_PREFIX = {"relu": "", "topk": "topk_", "batchtopk": "jumprelu_", "jumprelu": "jumprelu_"}
 _TRANSCODER_FROM_SAELENS = {f"{prefix}{skip}transcoder": (arch, bool(skip))
-                            for arch, prefix in _TRANSCODER_PREFIX.items() if arch != "batchtopk" for skip in ("", "skip_")}
+                            for arch, prefix in _TRANSCODER_PREFIX.items() if arch != "batchtopk"
+                            for skip in ("", "skip_")}
 
 
 def saelens_architecture(cfg: SAEConfig) -> str:
