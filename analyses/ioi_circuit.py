@@ -40,7 +40,6 @@ from workbench.analysis import eap as E  # noqa: E402
 from workbench.analysis import induction as I  # noqa: E402
 from workbench.analysis import patching as P  # noqa: E402
 from workbench.analysis import tasks as T  # noqa: E402
-from workbench.names import act_name  # noqa: E402
 from workbench.report import Report, report_dir  # noqa: E402
 from workbench.zoo import load_model  # noqa: E402
 
@@ -67,19 +66,8 @@ def head_label(layer: int, head: int) -> str:
 def exact_qk(model, clean, corrupt, metric, kind: str) -> torch.Tensor:
     """Exact patching of each head's clean query (or each K/V head's clean key) into the corrupted run,
     at every position at once: ``[layer head]`` of metric changes."""
-    names = [act_name(k, i) for i in range(model.cfg.n_layers) for k in (kind, "resid_pre")]
-    with torch.no_grad():
-        _, src = model.run_with_cache(clean, names_filter=[n for n in names if kind in n.split(".")[-1]])
-        logits, base = model.run_with_cache(corrupt, names_filter=[n for n in names if "resid_pre" in n])
-    corrupt_m = float(metric(logits[:, -1]).float().mean())
-    rows = []
-    for layer in range(model.cfg.n_layers):
-        name = act_name(kind, layer)
-        n = src[name].shape[2]
-        # the batched single-layer runs of workbench.analysis.patching (the variants of a layer in one batch)
-        rows.append(P._run_variants(model, layer, base[act_name("resid_pre", layer)], n, -1, metric,
-                                    P._heads_edit(src[name]), name, 256))
-    return torch.stack(rows) - corrupt_m
+    res = P.patch_heads(model, clean, corrupt, metric, kind=kind)
+    return res.scores - res.corrupt
 
 
 def false_negatives(estimate: torch.Tensor, exact: torch.Tensor, scale: float) -> dict:

@@ -130,6 +130,14 @@ def test_eap_bad_input(model):
         E.edge_attribution(model, clean, corrupt, LogitDiff(3, 5), E.EAPConfig(steps=0))
     with pytest.raises(InputError, match="differ in shape"):
         E.edge_attribution(model, clean, corrupt[:, :4], LogitDiff(3, 5))
+    with pytest.raises(InputError, match="3 prompt.s. of 6 tokens.*3 of 4"):
+        E.faithfulness(model, clean, corrupt[:, :4], LogitDiff(3, 5), [E.Graph.from_model(model).valid()])
+    # split_forward itself, given a corrupted run of another length
+    with torch.no_grad():
+        short = E.split_forward(model, model.embed_tokens(corrupt[:, :4]))
+        keep = E.Graph.from_model(model).valid()
+        with pytest.raises(InputError, match="3 prompt.s. of 4 tokens but this run has 3 of 6"):
+            E.split_forward(model, model.embed_tokens(clean), patch=E.Patch(keep, short))
     with pytest.raises(InputError, match="metric returned shape"):
         E.edge_attribution(model, clean, corrupt, lambda logits: logits[:, :2])
 

@@ -80,6 +80,39 @@ def test_head_and_mlp_patching_match_hooked_runs(model):
         assert whole.scores.shape == (2, 1)
 
 
+def test_head_query_key_patching_per_position_matches_hooked_runs(model):
+    """patch_heads patches q/k/v (keys and values per K/V head) and one (position, head) at a time."""
+    clean, corrupt = _pair()
+    metric = P.LogitDiff(3, 5)
+    _, cache = model.run_with_cache(clean)
+    for kind in ("q", "k", "v"):
+        n_heads = model.cfg.n_heads if kind == "q" else model.cfg.n_kv
+        whole = P.patch_heads(model, clean, corrupt, metric, kind=kind, chunk=3, layers=[1])
+        per_pos = P.patch_heads(model, clean, corrupt, metric, kind=kind, per_position=True, chunk=5)
+        assert whole.scores.shape == (1, n_heads) and whole.kind == kind
+        assert per_pos.scores.shape == (model.cfg.n_layers, clean.shape[1], n_heads)
+        name = act_name(kind, 1)
+        head = n_heads - 1
+
+        def every_pos(x, hook, name=name, head=head):
+            x = x.clone()
+            x[:, :, head] = cache[name][:, :, head]
+            return x
+
+        def at_4(x, hook, name=name, head=head):
+            x = x.clone()
+            x[:, 4, head] = cache[name][:, 4, head]
+            return x
+        assert whole.scores[0, head].item() == pytest.approx(_hooked(model, corrupt, name, every_pos, metric), abs=1e-5)
+        assert per_pos.scores[1, 4, head].item() == pytest.approx(_hooked(model, corrupt, name, at_4, metric), abs=1e-5)
+        # positions before the corruption carry nothing
+        torch.testing.assert_close(per_pos.scores[:, :2], torch.full_like(per_pos.scores[:, :2], per_pos.corrupt),
+                                   atol=1e-5, rtol=0)
+    with pytest.raises(InputError, match="kind='resid_pre'"):
+        P.patch_heads(model, clean, corrupt, metric, kind="resid_pre")
+
+
+
 def test_ablations_match_hooked_runs(model):
     tokens = torch.randint(0, 50, (3, 6))
     metric = P.LogitDiff(3)

@@ -165,6 +165,11 @@ def split_forward(
     respect to them gives each downstream node's own gradient."""
     cfg, graph = model.cfg, Graph.from_model(model)
     B, P, d = embed.shape
+    if patch is not None and tuple(patch.corrupt.up.shape[1:3]) != (B, P):
+        cb, cp = patch.corrupt.up.shape[1:3]
+        raise InputError(f"the corrupted run has {cb} prompt(s) of {cp} tokens but this run has {B} of {P}; edges are "
+                         "patched position by position, so give each clean prompt a corrupted twin of the same token "
+                         "length")
     if patch is None and torch.is_grad_enabled() and not embed.requires_grad:
         embed = embed.detach().requires_grad_(True)  # frozen weights: the inputs still need a graph
     H, group = cfg.n_heads, cfg.n_heads // cfg.n_kv
@@ -181,12 +186,18 @@ def split_forward(
         resids.append(resid)
         if patch is None:
             return resid[:, :, None, :].expand(B, P, n, d)
-        kept = patch.keep[:n_up, down].to(resid.dtype)
-        rows = kept.any(1).nonzero().squeeze(1)
-        x = patch.corrupt.resid[index][:, :, None, :].expand(B, P, n, d)
+        kept = patch.keep[:n_up, down]
+        # the corrupted input plus the kept edges' differences, or (the same sum, fewer terms when most edges
+        # are kept) this run's input minus the other edges' differences
+        cut = ~kept
+        rows, base, sign, mask = kept.any(1), patch.corrupt.resid[index], 1.0, kept
+        if int(cut.any(1).sum()) < int(rows.sum()):
+            rows, base, sign, mask = cut.any(1), resid, -1.0, cut
+        rows = rows.nonzero().squeeze(1)
+        x = base[:, :, None, :].expand(B, P, n, d)
         if len(rows):
             delta = up[rows] - patch.corrupt.up[rows]
-            x = x + torch.einsum("ubpm,ud->bpdm", delta, kept[rows])
+            x = x + sign * torch.einsum("ubpm,ud->bpdm", delta, mask[rows].to(resid.dtype))
         return x
 
     resid = embed
@@ -264,8 +275,8 @@ class EAPResult(NamedTuple):
         return [(self.graph.edge_name(int(i) // D, int(i) % D), float(self.scores.flatten()[i])) for i in idx]
 
 
-def _select(metric: Metric, rows: slice, n: int) -> Metric:
-    """The metric of a slice of the prompts (per-prompt answers sliced with them)."""
+def select_metric(metric: Metric, rows: slice, n: int) -> Metric:
+    """Return the metric of the prompts ``rows`` of ``n`` (per-prompt answers sliced with them)."""
     if rows == slice(0, n):
         return metric
     if isinstance(metric, LogitDiff):
@@ -302,7 +313,7 @@ def edge_attribution(
     m_clean = m_corrupt = 0.0
     for rows in _chunks(N, config.batch_size):
         w = (rows.stop - rows.start) / N
-        chunk_metric = _select(metric, rows, N)
+        chunk_metric = select_metric(metric, rows, N)
         with torch.no_grad():
             e_clean, e_corrupt = model.embed_tokens(clean[rows]), model.embed_tokens(corrupt[rows])
             run_clean = split_forward(model, e_clean, config.answer_pos)
@@ -433,7 +444,7 @@ def faithfulness(
     m_circuit = [0.0] * len(circuits)
     for rows in _chunks(N, batch_size):
         w = (rows.stop - rows.start) / N
-        chunk_metric = _select(metric, rows, N)
+        chunk_metric = select_metric(metric, rows, N)
         e_clean = model.embed_tokens(clean[rows])
         run_corrupt = split_forward(model, model.embed_tokens(corrupt[rows]), answer_pos)
         m_clean += w * float(metric_value(chunk_metric, model(clean[rows])[:, answer_pos]))

@@ -34,7 +34,10 @@ if TYPE_CHECKING:
 
 #: A metric maps answer-position logits ``[... batch d_vocab]`` to one number per prompt ``[... batch]``.
 Metric = Callable[[Tensor], Tensor]
-PatchKind = Literal["resid_pre", "attn_out", "mlp_out", "z"]
+PatchKind = Literal["resid_pre", "attn_out", "mlp_out", "z", "q", "k", "v"]
+#: per-head activations :func:`patch_heads` patches: each head's output ``z`` or its query, key or value
+#: (keys and values per K/V head in grouped-query models)
+HeadKind = Literal["z", "q", "k", "v"]
 AblationMethod = Literal["zero", "mean"]
 
 
@@ -61,13 +64,14 @@ class PatchResult(NamedTuple):
 
     kind: PatchKind
     #: metric of each patched run, averaged over the prompts: ``[layer pos]`` (per position),
-    #: ``[layer head]`` (heads) or ``[layer 1]`` (whole activation at each layer)
-    scores: Float[Tensor, "layer col"]
+    #: ``[layer head]`` (heads), ``[layer pos head]`` (heads per position) or ``[layer 1]`` (whole
+    #: activation at each layer)
+    scores: Float[Tensor, "layer ..."]
     clean: float
     corrupt: float
 
     @property
-    def normalized(self) -> Float[Tensor, "layer col"]:
+    def normalized(self) -> Float[Tensor, "layer ..."]:
         """``(patched - corrupt) / (clean - corrupt)``: 1 where the patch restores the clean answer, 0 where it does nothing.
 
         Undefined (an InputError) when the clean and corrupted runs give the same metric, e.g. identical prompts."""
@@ -113,8 +117,10 @@ def _check_padded_pair(model: "HookedGPT", clean: Tensor | Batch, corrupt: Tenso
     """Return the clean and corrupted token ids and their common attention mask (None: no padding)."""
     (clean, clean_mask), (corrupt, corrupt_mask) = _tokens_and_mask(model, clean), _tokens_and_mask(model, corrupt)
     if clean.shape != corrupt.shape:
-        raise InputError(f"clean tokens {tuple(clean.shape)} and corrupted tokens {tuple(corrupt.shape)} differ in "
-                         "shape; patching pairs positions one to one, so pick prompts of the same token length")
+        raise InputError(f"clean tokens {tuple(clean.shape)} ({clean.shape[0]} prompt(s) of {clean.shape[-1]} "
+                         f"tokens) and corrupted tokens {tuple(corrupt.shape)} ({corrupt.shape[0]} of "
+                         f"{corrupt.shape[-1]}) differ in shape; patching pairs positions one to one, so pick prompts "
+                         "of the same token length")
     same = (clean_mask is None and corrupt_mask is None) or (
         clean_mask is not None and corrupt_mask is not None and torch.equal(clean_mask, corrupt_mask))
     if not same:
@@ -201,6 +207,19 @@ def _heads_edit(source: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
     return edit
 
 
+def _positions_heads_edit(source: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
+    """Variant ``i`` takes (position ``i // head``, head ``i % head``) of ``source`` (``[batch pos head d_head]``)."""
+    n_heads = source.shape[2]
+
+    def edit(act: Tensor, ids: Tensor) -> Tensor:
+        act = act.clone(memory_format=torch.contiguous_format)
+        view = act.view(len(ids), source.shape[0], *act.shape[1:])  # [v batch pos head d_head]
+        pos, head = ids // n_heads, ids % n_heads
+        view[torch.arange(len(ids)), :, pos, head] = source[:, pos, head].transpose(0, 1).to(act)
+        return act
+    return edit
+
+
 def _layers(model: "HookedGPT", layers: list[int] | None) -> list[int]:
     n = model.cfg.n_layers
     layers = list(range(n)) if layers is None else list(layers)
@@ -279,19 +298,35 @@ def patch_heads(
     metric: Metric,
     answer_pos: int = -1,
     chunk: int = 256,
+    kind: HeadKind = "z",
+    per_position: bool = False,
+    layers: list[int] | None = None,
 ) -> PatchResult:
-    """Return the metric after patching each head's clean output (its ``z``, all positions) into the
-    corrupted run: ``scores [layer head]``."""
+    """Return the metric after patching each head's clean activation into the corrupted run.
+
+    ``kind``: the head's output ``z`` (default), or its query ``q``, key ``k`` or value ``v`` (keys
+    and values per K/V head in grouped-query models: patching one changes every query head sharing
+    it). Each head is patched at every position at once (``scores [layer head]``), or with
+    ``per_position`` at one position at a time (``scores [layer pos head]``). Rows follow ``layers``
+    (default: every block)."""
+    if kind not in ("z", "q", "k", "v"):
+        raise InputError(f"kind={kind!r} is not one of 'z', 'q', 'k', 'v'")
     clean, corrupt, mask = _check_padded_pair(model, clean, corrupt)
-    clean_cache, clean_m = _cache(model, clean, ("z",), answer_pos, metric, mask)
+    layers = _layers(model, layers)
+    names = [act_name(kind, layer) for layer in layers]
+    logits, clean_cache = model.run_with_cache(clean, names_filter=names, attention_mask=mask)
+    clean_m = float(metric(_at_answer(logits, answer_pos, mask)).float().mean())
     corrupt_cache, corrupt_m = _cache(model, corrupt, ("resid_pre",), answer_pos, metric, mask)
     rows = []
-    for layer in range(model.cfg.n_layers):
-        edit = _heads_edit(clean_cache[act_name("z", layer)])
+    for layer, name in zip(layers, names):
+        source = clean_cache[name]
+        n_heads = source.shape[2]
+        n_var = n_heads * (clean.shape[1] if per_position else 1)
+        edit = _positions_heads_edit(source) if per_position else _heads_edit(source)
         base = corrupt_cache[act_name("resid_pre", layer)]
-        rows.append(_run_variants(model, layer, base, model.cfg.n_heads, answer_pos, metric, edit,
-                                  act_name("z", layer), chunk, mask))
-    return PatchResult("z", torch.stack(rows), clean_m, corrupt_m)
+        row = _run_variants(model, layer, base, n_var, answer_pos, metric, edit, name, chunk, mask)
+        rows.append(row.view(clean.shape[1], n_heads) if per_position else row)
+    return PatchResult(kind, torch.stack(rows), clean_m, corrupt_m)
 
 
 @torch.no_grad()
