@@ -8,11 +8,17 @@ follows PEP 484's numeric tower (an ``int`` is a valid ``float``), as every stat
 
 One refinement, for the tests of the library's own validation: a test that hands a function a value
 its annotations exclude (a float token tensor, a ``precision="fp8"``) is checking the error the
-*function* gives, a :class:`~workbench.errors.WorkbenchError` naming the value and the way out. So
-when a call's arguments fail the check, the call is made again unchecked: if the function rejects
-them with a WorkbenchError, that error stands (annotation and validation agree); if it accepts them,
-or fails some other way, the check's error is raised (the annotation is narrower than what the
-function accepts, or nothing guards the function). Return values are always checked.
+*function* gives, a :class:`~workbench.errors.WorkbenchError` naming the value and the way out. So a
+call whose arguments fail the check is made again, unchecked:
+
+- if it raises, that exception stands: the function refuses the value in its own words, and the
+  test (or the caller that catches it) sees what it sees without the checks;
+- if it returns, the violation is held by the workbench call that made it: when that call, or one
+  further out, ends in a WorkbenchError, some caller validated the value and refused it (a manifest
+  built from JSON, then checked), and the violation is dropped; when the outermost workbench call
+  returns, the violation is raised (the annotation is narrower than what the code accepts).
+
+Return values are always checked.
 
 Loaded by ``tests/conftest.py`` before anything imports ``workbench``; ``WORKBENCH_TYPECHECK=0``
 runs the tests unchecked (to time the difference). Subprocesses the tests start import ``workbench``
@@ -25,6 +31,7 @@ import functools
 import inspect
 import os
 import sys
+import threading
 
 import jaxtyping
 from jaxtyping import TypeCheckError
@@ -66,32 +73,52 @@ def _checked_with_fallback(fn=_MISSING, *, typechecker=_MISSING):
     return _fallback(checked, fn) if inspect.isfunction(fn) and checked is not fn else checked
 
 
+#: per thread, one list per active checked call: the violations its callees accepted, not yet judged
+_calls = threading.local()
+
+
+def _stack() -> list[list[TypeCheckError]]:
+    stack = getattr(_calls, "stack", None)
+    if stack is None:
+        stack = _calls.stack = []
+    return stack
+
+
 def _fallback(checked, fn):
     own_arguments = f"Type-check error whilst checking the parameters of {fn.__module__}.{fn.__qualname__}."
 
     @functools.wraps(fn)
     def call(*args, **kwargs):
         __tracebackhide__ = True
-        try:
-            return checked(*args, **kwargs)
-        except TypeCheckError as error:
-            # a nested call's error, or one this wrapper already judged, passes through unchanged
-            if getattr(error, "judged", False) or not str(error).startswith(own_arguments):
-                raise
-            error.judged = True
-            from workbench.errors import WorkbenchError  # here: this runs while workbench's modules load
+        from workbench.errors import WorkbenchError  # here: this wrapper is made while workbench's modules load
 
+        stack = _stack()
+        held: list[TypeCheckError] = []
+        stack.append(held)
+        try:
             try:
-                result = fn(*args, **kwargs)
+                result = checked(*args, **kwargs)
+            except TypeCheckError as error:
+                if getattr(error, "judged", False) or not str(error).startswith(own_arguments):
+                    raise
+                error.judged = True
+                result = fn(*args, **kwargs)  # an exception here is the function's own refusal: it stands
                 if inspect.isgenerator(result):  # it validates when first resumed (a @contextmanager's enter)
                     try:
                         next(result, None)
                     finally:
                         result.close()
-            except WorkbenchError:
-                raise  # the function rejects what its annotations exclude, in its own words
-            except Exception as other:
-                raise error from other
-            raise error from None
+                    result = fn(*args, **kwargs)
+                held.append(error)
+        except WorkbenchError:
+            held.clear()  # a caller validated what its callee accepted, and refused it
+            raise
+        finally:
+            stack.pop()
+        if held:
+            if not stack:
+                raise held[0]
+            stack[-1].extend(held)
+        return result
 
     return call
