@@ -208,12 +208,14 @@ def test_cache_corpus_then_train_sae_on_store_writes_one_metadata_and_resumes(tm
     assert cached.written.n_rows == cached.store.n_rows == 17 * 31 and cached.store.manifest.model.name == "kjv-small"
     recipe, train_cfg = SAERecipe(d_sae=64, k=4), SAETrainConfig(total_steps=3, checkpoint_every=3, progress=False)
     run = train_sae_on_store(cached.store, None, recipe, train_cfg, reader=ReaderConfig(batch_size=64, seed=0))
-    assert run.run_dir == tmp_path / "home" / "runs" / f"sae-kjv-small-{hook}-topk-64" and run.sae_dir == run.run_dir / "sae"
+    assert run.run_dir == tmp_path / "home" / "runs" / f"sae-kjv-small-{hook}-topk-64"
+    assert run.sae_dir == run.run_dir / "sae"
     sae = load_sae(run.sae_dir)
     expected = sae_metadata("kjv-small", hook, dataset=str(tmp_path / "store"), context_size=32,
                             activation_store=tmp_path / "store")
     assert expected == {"model_name": "kjv-small", "hook_name": hook, "hook_layer": 1, "context_size": 32,
-                        "dataset_path": str(tmp_path / "store"), "activation_store": str((tmp_path / "store").resolve())}
+                        "dataset_path": str(tmp_path / "store"),
+                        "activation_store": str((tmp_path / "store").resolve())}
     assert {k: sae.metadata[k] for k in expected} == expected and sae.metadata["trained_with"] == "interp-workbench"
     assert sae.cfg.d_sae == 64 and sae.cfg.k == 4 and run.train.steps == 3 and run.train.resumed_from is None
     cached.store.check_sae(sae, hook)  # what the store compares agrees with what was written

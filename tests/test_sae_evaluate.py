@@ -155,7 +155,8 @@ def test_topk_sae_on_the_small_text_lm_recovers_90_percent_of_ce_loss(tmp_path, 
     model = load_model("kjv-small")
     windows = token_windows(model, "kjv", 64, 144)
     train_windows, held_out = windows[:128], windows[128:]
-    write_store(model, train_windows, tmp_path / "s", StoreConfig(hooks=(hook,), batch_windows=32), model_name="kjv-small")
+    write_store(model, train_windows, tmp_path / "s", StoreConfig(hooks=(hook,), batch_windows=32),
+                model_name="kjv-small")
     store = ActivationStore.open(tmp_path / "s")
     d_model = model.cfg.d_model
     sae = SAE(SAEConfig(d_in=d_model, d_sae=4 * d_model, architecture="topk", k=32,

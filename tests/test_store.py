@@ -399,7 +399,8 @@ def test_a_store_written_before_the_manifest_dataclass_reads_and_keeps_its_json(
 @pytest.mark.parametrize("edit,message", [
     (lambda m: m.pop("n_ctx"), r"manifest.json is damaged \(the manifest lacks the key\(s\) \['n_ctx'\]\)"),
     (lambda m: m["shards"][1].pop("rows"), r"manifest.json is damaged \('shards'\[1\] lacks the key\(s\) \['rows'\]\)"),
-    (lambda m: m.update(chunk_size=4), r"manifest.json: the manifest has unknown key\(s\) \['chunk_size'\].*another version"),
+    (lambda m: m.update(chunk_size=4),
+     r"manifest.json: the manifest has unknown key\(s\) \['chunk_size'\].*another version"),
     (lambda m: m["hooks"]["blocks.0.hook_resid_post"].update(d_model=8),
      r"'hooks'\['blocks.0.hook_resid_post'\] has unknown key\(s\) \['d_model'\]"),
     (lambda m: m["corpus"].update(n_windows="4"), r"'corpus'.n_windows is \"4\", not a count"),
@@ -413,3 +414,10 @@ def test_a_manifest_with_a_missing_unknown_or_mistyped_key_is_refused_naming_the
     with pytest.raises(DataError, match=message) as info:
         ActivationStore.open(tmp_path / "s")
     assert str(tmp_path / "s" / "manifest.json") in str(info.value) and "\n" not in str(info.value)
+
+
+def test_writing_over_a_damaged_or_foreign_manifest_says_how_to_go_on(model, windows, tmp_path):
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps({"format": "something-else", "version": 3}))
+    with pytest.raises(DataError, match=r"is not a workbench-activation-store v1 store.*choose another --out"):
+        write_store(model, windows, tmp_path / "s", small())

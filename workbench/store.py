@@ -588,14 +588,18 @@ def _check_resume(out: Path, header: StoreManifest, progress_path: Path) -> list
     source = progress_path if progress_path.is_file() else out / MANIFEST
     if not source.is_file():
         return []
-    old = StoreManifest.read(source).header()
+    try:
+        old = StoreManifest.read(source)
+    except DataError as exc:
+        raise DataError(f"{exc}; to write a store here choose another --out directory or delete {out}") from exc
+    theirs = old.header()
     for key, value in header.header().items():
-        if old[key] != value:
+        if theirs[key] != value:
             raise DataError(
-                f"{out} already holds a different activation store ({key}: {_short(old[key])} there, "
+                f"{out} already holds a different activation store ({key}: {_short(theirs[key])} there, "
                 f"{_short(value)} requested); choose another --out directory or delete {out}"
             )
-    return list(StoreManifest.read(source).shards)
+    return list(old.shards)
 
 
 def _shard_intact(out: Path, shard: ShardEntry) -> bool:
