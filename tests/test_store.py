@@ -405,6 +405,7 @@ def test_a_store_written_before_the_manifest_dataclass_reads_and_keeps_its_json(
      r"'hooks'\['blocks.0.hook_resid_post'\] has unknown key\(s\) \['d_model'\]"),
     (lambda m: m["corpus"].update(n_windows="4"), r"'corpus'.n_windows is \"4\", not a count"),
     (lambda m: m.update(complete="yes"), r"'complete' is \"yes\", not true or false"),
+    (lambda m: m.update(dtype="float64"), r"'dtype' is \"float64\", not one of \['float16', 'bfloat16', 'float32'\]"),
 ])
 def test_a_manifest_with_a_missing_unknown_or_mistyped_key_is_refused_naming_the_file(tmp_path, edit, message):
     shutil.copytree(V1_STORE, tmp_path / "s")

@@ -327,8 +327,6 @@ class StoreManifest:
         for hook, info in self.hooks.items():
             if not info.d_in:
                 raise bad(f"hook {hook!r} has no positive d_in")
-        if self.dtype not in _TORCH_DTYPES:
-            raise bad(f"dtype {self.dtype!r} is not one of {sorted(_TORCH_DTYPES)}")
         if (not self.n_ctx or self.first_position >= self.n_ctx
                 or self.rows_per_window != self.n_ctx - self.first_position):
             raise bad("n_ctx, first_position and rows_per_window disagree")
@@ -391,10 +389,13 @@ def _json_value(hint: Any, value: Any, path: Path, where: str) -> Any:
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise bad("a count")
         return value
-    if hint is bool or hint is str or origin is typing.Literal:
-        kind = bool if hint is bool else str
-        if not isinstance(value, kind):
-            raise bad("true or false" if kind is bool else "a string")
+    if origin is typing.Literal:
+        if not isinstance(value, str) or value not in args:
+            raise bad(f"one of {list(args)}")
+        return value
+    if hint is bool or hint is str:
+        if not isinstance(value, hint):
+            raise bad("true or false" if hint is bool else "a string")
         return value
     if origin is dict:
         if not isinstance(value, dict):
