@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -71,3 +77,79 @@ def test_graph_command_bad_inputs(kjv_set, tmp_path, capsys):
     narrow = _save_set(tmp_path / "narrow", "", d=32)
     assert "was it trained for another model" in error(PROMPT, "--transcoders", str(narrow))
     assert not list(tmp_path.glob("*.safetensors"))  # nothing half-written
+
+
+# -- one writer per output file; a killed writer leaves the old file, never half of a new one --
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# holds the lock `workbench graph --out DIR/NAME` takes (DIR/.NAME.lock) until killed
+_HOLDER = textwrap.dedent("""
+    import sys, time
+    from workbench.locking import output_lock
+    with output_lock(sys.argv[1], sys.argv[2]):
+        print("held", flush=True)
+        time.sleep(120)
+""")
+
+# runs `workbench graph` with a writer that dies (SIGKILL) half-way through writing argv[1]'s kind of output
+_KILLED = textwrap.dedent("""
+    import os, pathlib, signal, sys
+    from workbench.analysis import graph as G
+    from workbench.cli import main
+
+    def half_then_die(data: bytes, path) -> None:
+        pathlib.Path(path).write_bytes(data[: len(data) // 2])
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    if sys.argv[1] == "out":
+        G.save_file = lambda tensors, path, metadata=None: half_then_die(b"x" * 4096, path)
+    else:
+        pathlib.Path.write_text = lambda self, text, *a, **k: half_then_die(text.encode(), self)
+    main(["graph", "kjv-small", sys.argv[3], "--transcoders", sys.argv[4], f"--{sys.argv[1]}", sys.argv[2]])
+""")
+
+
+def _env():
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def test_a_second_writer_of_the_same_file_is_refused_at_once(kjv_set, tmp_path, capsys):
+    out = tmp_path / "g.safetensors"
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(tmp_path), ".g.safetensors.lock"],
+                              stdout=subprocess.PIPE, text=True, cwd=ROOT, env=_env())
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for flag in ("--out", "--export"):
+            other = out if flag == "--out" else tmp_path / "g.safetensors"
+            assert main(["graph", "kjv-small", PROMPT, "--transcoders", str(kjv_set), flag, str(other)]) == 1
+            err = capsys.readouterr().err
+            assert f"another process is writing {tmp_path} (pid {holder.pid})" in err, err
+        assert not out.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder died: its lock file does not block, and another file in the same directory never did
+    assert main(["graph", "kjv-small", PROMPT, "--transcoders", str(kjv_set), "--out", str(out),
+                 "--export", str(tmp_path / "g.json")]) == 0
+    assert G.AttributionGraph.load(out).n_nodes > 0 and json.loads((tmp_path / "g.json").read_text())["nodes"]
+    assert not list(tmp_path.glob(".*.lock")) and not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("kind", ["out", "export"])
+def test_a_killed_writer_leaves_the_old_file_whole(kjv_set, tmp_path, kind):
+    path = tmp_path / ("g.safetensors" if kind == "out" else "g.json")
+    assert main(["graph", "kjv-small", PROMPT, "--transcoders", str(kjv_set), f"--{kind}", str(path)]) == 0
+    before = path.read_bytes()
+    done = subprocess.run([sys.executable, "-c", _KILLED, kind, str(path), "And the LORD spake", str(kjv_set)],
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    assert (tmp_path / f"{path.name}.tmp").exists()  # it died half-way through the temporary file ...
+    assert path.read_bytes() == before  # ... and the file under the real name is the old, whole one
+    if kind == "out":
+        assert G.AttributionGraph.load(path, model_name="kjv-small").n_nodes > 0
+    else:
+        json.loads(path.read_text())
+    # the dead writer's lock does not block the next one, which replaces its leftover temporary file
+    assert main(["graph", "kjv-small", "And the LORD spake", "--transcoders", str(kjv_set), f"--{kind}", str(path)]) == 0
+    assert path.read_bytes() != before and not (tmp_path / f"{path.name}.tmp").exists()

@@ -31,18 +31,21 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from jaxtyping import Float, Int
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from workbench import names
+from workbench import paths
 from workbench.errors import CheckpointError, ConfigError, InputError
 from workbench.model import HookedGPT
 from workbench.sae.model import SAE
@@ -156,11 +159,22 @@ class AttributionGraph:
     # -- files --------------------------------------------------------------------------------
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the graph to one safetensors file (tensors + JSON metadata); written under a temporary name."""
+        """Write the graph to one safetensors file (tensors + JSON metadata); written under a temporary name.
+
+        The adjacency matrix is stored as its nonzero entries (``adjacency_index`` ``[2 nnz]`` int32 rows
+        and columns, ``adjacency_values``) when that is smaller than the dense matrix: a pruned graph keeps
+        a few edges per node, so its file holds those, not ``n_nodes``^2 zeros."""
         path = Path(path)
         tensors = {"tokens": self.tokens, "features": self.features, "activations": self.activations,
-                   "logit_tokens": self.logit_tokens, "logit_probs": self.logit_probs, "adjacency": self.adjacency,
+                   "logit_tokens": self.logit_tokens, "logit_probs": self.logit_probs,
                    "constant": self.constant, "target": self.target, "error_norms": self.error_norms}
+        if int(torch.count_nonzero(self.adjacency)) * 12 < self.adjacency.numel() * 4:  # int32 row and column, f32
+            nonzero = self.adjacency.nonzero().T
+            tensors["adjacency_index"] = nonzero.to(torch.int32)
+            tensors["adjacency_values"] = self.adjacency[nonzero[0], nonzero[1]]
+            del nonzero
+        else:
+            tensors["adjacency"] = self.adjacency
         meta = {"format": GRAPH_FORMAT, "version": "1", "n_layers": str(self.n_layers), "model_name": self.model_name,
                 "str_tokens": json.dumps(self.str_tokens), "logit_texts": json.dumps(self.logit_texts),
                 "settings": json.dumps(self.settings)}
@@ -178,8 +192,6 @@ class AttributionGraph:
         """Read a graph written by :meth:`save`; with ``model_name``, refuse a graph built on another model."""
         path = Path(path)
         try:
-            from safetensors import safe_open
-
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
             tensors = load_file(str(path))
@@ -190,6 +202,14 @@ class AttributionGraph:
         if model_name is not None and meta.get("model_name") != model_name:
             raise CheckpointError(f"{path} was built on model {meta.get('model_name')!r}, not {model_name!r}")
         try:
+            if "adjacency" not in tensors:  # stored as its nonzero entries
+                index, values = tensors.pop("adjacency_index").long(), tensors.pop("adjacency_values")
+                n = int(tensors["features"].shape[0] + (int(meta["n_layers"]) + 1) * tensors["tokens"].shape[0]
+                        + tensors["logit_tokens"].shape[0])
+                if index.ndim != 2 or index.shape[0] != 2 or index.shape[1] != values.numel() or (
+                        index.numel() and (int(index.min()) < 0 or int(index.max()) >= n)):
+                    raise ValueError(f"adjacency_index {tuple(index.shape)} does not fit {n} nodes")
+                tensors["adjacency"] = torch.zeros(n, n, dtype=values.dtype).index_put_((index[0], index[1]), values)
             graph = cls(**tensors, str_tokens=json.loads(meta["str_tokens"]), n_layers=int(meta["n_layers"]),
                         logit_texts=json.loads(meta.get("logit_texts", "[]")),
                         model_name=meta.get("model_name", ""), settings=json.loads(meta.get("settings", "{}")))
@@ -298,33 +318,84 @@ def _frozen_hooks(prompt: _Prompt, batch: int) -> list:
     return [(n, hold(v)) for n, v in {**prompt.scales, **prompt.patterns}.items()]
 
 
+_frozen_guard = threading.Lock()
+_frozen_count: dict[int, tuple[int, list[bool]]] = {}  # id(module) -> (holders, its parameters' requires_grad)
+
+
+@contextmanager
+def _weights_frozen(*modules: torch.nn.Module) -> Iterator[None]:
+    """Within the block, no parameter of ``modules`` requires a gradient; restored afterwards.
+
+    With frozen weights and frozen patterns and scales, the replacement model is linear in its sources,
+    so autograd saves no activation for the backward passes (a matmul keeps its input only for the
+    weight's gradient): a SmolLM2 graph's forward of 64 prompt copies then holds ~0 MB instead of
+    ~270 MB. Counted per module, so two graphs built at once on one model (two app sessions) restore
+    the flags only when the last one ends."""
+    with _frozen_guard:
+        for m in modules:
+            holders, flags = _frozen_count.get(id(m), (0, None))
+            if holders == 0:
+                flags = [p.requires_grad for p in m.parameters()]
+                m.requires_grad_(False)
+            _frozen_count[id(m)] = (holders + 1, flags)
+    try:
+        yield
+    finally:
+        with _frozen_guard:
+            for m in modules:
+                holders, flags = _frozen_count[id(m)]
+                if holders == 1:
+                    del _frozen_count[id(m)]
+                    for p, flag in zip(m.parameters(), flags):
+                        p.requires_grad_(flag)
+                else:
+                    _frozen_count[id(m)] = (holders - 1, flags)
+
+
+def _active(acts: Sequence[Tensor]) -> Int[Tensor, "n 3"]:
+    """Every nonzero activation as a ``(layer, pos, index)`` row, layer by layer: the feature nodes' order."""
+    parts = [torch.cat([torch.full_like(idx[:, :1], layer), idx], dim=1) for layer, idx in
+             enumerate(a.nonzero() for a in acts)]
+    return torch.cat(parts) if parts else torch.zeros(0, 3, dtype=torch.long)
+
+
 class _Replacement:
     """One forward pass of the local replacement model on ``batch`` copies of the prompt.
 
-    Sources are leaf tensors (features' activations, errors, token embeddings), so the gradient of any
-    target with respect to them, times their value, is the edge weight.
+    Sources are small leaf tensors, so one backward pass costs no ``d_sae``-wide gradient: each layer's
+    active features' values ``[batch n_active]`` (its decoder output is built from those rows of
+    ``W_dec`` only), one coefficient per error node ``[batch layer pos]`` and per token ``[batch pos]``
+    (1 on the prompt, multiplying the error vector or the token's embedding). A feature's edge is its
+    gradient times its value, an error's or a token's the gradient of its coefficient.
     """
 
     def __init__(self, model: HookedGPT, transcoders: Sequence[SAE], tokens: Tensor, prompt: _Prompt,
                  acts: list[Tensor], errors: list[Tensor], batch: int, zero_sources: bool = False):
-        n_pos = tokens.shape[-1]
+        n_pos, L = tokens.shape[-1], len(transcoders)
         scale = 0.0 if zero_sources else 1.0
-        self.acts = [(a * scale).expand(batch, -1, -1).clone().requires_grad_(True) for a in acts]
-        self.errors = [(e * scale).expand(batch, -1, -1).clone().requires_grad_(True) for e in errors]
-        self.mlp_in: list[Tensor | None] = [None] * len(transcoders)
-        hooks = _frozen_hooks(prompt, batch)
+        self.batch = batch
+        self.active = [a.nonzero() for a in acts]  # per layer: [n_active 2] rows of (pos, index)
+        self.values = [a[i[:, 0], i[:, 1]].detach().float() for a, i in zip(acts, self.active)]
+        self.acts = [(v * scale).expand(batch, -1).clone().requires_grad_(True) for v in self.values]
+        self.error_coef = torch.full((batch, L, n_pos), scale, requires_grad=True)
+        self.token_coef = torch.full((batch, n_pos), scale, requires_grad=True)
+        self.errors = errors
         with torch.no_grad():
-            embed = model.embed_tokens(tokens.expand(batch, n_pos))  # token + position: one source per position
-        self.embed = (embed * scale).clone().requires_grad_(True)
-        pos_name = names.act_name("pos_embed")
-        if pos_name in model.hook_dict:  # the position embedding is folded into the token node
-            hooks.append((pos_name, lambda x, hook: torch.zeros_like(x)))
-        hooks.append((names.act_name("embed"), lambda x, hook: self.embed))
+            self.embed = model.embed_tokens(tokens[:1])  # token + position: one source per position
+            # each layer's decoder restricted to its active rows, and which position each row writes to
+            self._decoders = [(F.one_hot(i[:, 0], n_pos).T.float(), tc.W_dec[i[:, 1]].float())
+                              for tc, i in zip(transcoders, self.active)]
+        self.mlp_in: list[Tensor | None] = [None] * L
+        hooks = _frozen_hooks(prompt, batch)
         for layer, tc in enumerate(transcoders):
             hooks.append((f"blocks.{layer}.mlp.hook_in", self._keep_input(layer)))
             hooks.append((f"blocks.{layer}.mlp.hook_out", self._replace_mlp(layer, tc)))
-        with torch.enable_grad(), model.hooks(hooks):
-            self.logits = model(tokens.expand(batch, n_pos)).float()
+        with torch.enable_grad(), _weights_frozen(model, *transcoders), model.hooks(hooks):
+            resid = (self.token_coef[..., None] * self.embed).to(self.embed.dtype)
+            normed = model.ln_final(model.run_blocks(resid))
+            self.last = model.unembed(normed[:, -1:])[:, 0].float()  # [batch d_vocab]: the logit targets
+        with torch.no_grad():
+            self.logits = model.unembed(normed[:1].detach()).float()  # [1 pos d_vocab], to check exactness
 
     def _keep_input(self, layer: int):
         def keep(x: Tensor, hook) -> None:
@@ -333,13 +404,15 @@ class _Replacement:
 
     def _replace_mlp(self, layer: int, tc: SAE):
         def replace(y: Tensor, hook) -> Tensor:
-            out = self.acts[layer] @ tc.W_dec + tc.b_dec + self.errors[layer]  # b_dec: a constant, never zeroed
-            skip = tc.skip_out(self.mlp_in[layer])
+            at_pos, W_dec = self._decoders[layer]
+            decoded = (self.acts[layer][:, None, :] * at_pos) @ W_dec  # [batch pos d_model]
+            out = (decoded + tc.b_dec) / tc.norm_scale + self.error_coef[:, layer, :, None] * self.errors[layer]
+            skip = tc.skip_out(self.mlp_in[layer])  # b_dec: a constant, never zeroed
             return (out if skip is None else out + skip).to(y.dtype)
         return replace
 
     def sources(self) -> list[Tensor]:
-        return [*self.acts, *self.errors, self.embed]
+        return [*self.acts, self.error_coef, self.token_coef]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,6 +437,9 @@ def attribute(
     effects, then refined through the feature rows computed so far, as circuit-tracer does). The
     dropped features' contributions stay in their targets' ``constant``, so rows still sum exactly.
     ``target`` (one token, as text or id) joins the logit nodes when it is not among the top ones.
+
+    Memory: the adjacency matrix (``n_nodes``^2 floats; a 10-token SmolLM2 prompt has ~9,600 active
+    features, 394 MB) is the one large allocation; backward passes write their rows straight into it.
     """
     transcoders = check_transcoders(model, transcoders)
     if not 0 < desired_logit_prob <= 1:
@@ -378,12 +454,9 @@ def attribute(
     rec = _record(model, tokens)
 
     with torch.no_grad():
-        pre = [tc.pre_acts(x) for tc, x in zip(transcoders, rec.mlp_in)]
-        acts = [tc.activate(p.unsqueeze(0)).squeeze(0) for tc, p in zip(transcoders, pre)]
-        recon = [tc(x).x_hat for tc, x in zip(transcoders, rec.mlp_in)]
-        errors = [y - r for y, r in zip(rec.mlp_out, recon)]
-    active = torch.cat([torch.stack([torch.full_like(idx[:, 0], layer), idx[:, 0], idx[:, 1]], dim=1)
-                        for layer, idx in enumerate(a.nonzero() for a in acts)])
+        acts = [tc.encode(x) for tc, x in zip(transcoders, rec.mlp_in)]
+        errors = [y - tc(x).x_hat for tc, x, y in zip(transcoders, rec.mlp_in, rec.mlp_out)]
+    active = _active(acts)
     probs = rec.logits[-1].softmax(-1)
     top = probs.topk(min(max_n_logits, probs.numel()))
     n_logits = min(int((top.values.cumsum(0) < desired_logit_prob).sum()) + 1, top.values.numel())
@@ -394,37 +467,41 @@ def attribute(
         n_logits += 1
 
     # The replacement model, and a copy with every source zeroed: its targets are the constants.
-    n_rows = n_logits + (active.shape[0] if max_feature_nodes is None else min(max_feature_nodes, active.shape[0]))
-    rep = _Replacement(model, transcoders, tokens, rec, acts, errors, min(batch_size, n_rows))  # no idle copies
-    gap = float((rep.logits[0].detach() - rec.logits).abs().max())
+    n_all = active.shape[0]
+    n_f = n_all if max_feature_nodes is None else min(max_feature_nodes, n_all)
+    rep = _Replacement(model, transcoders, tokens, rec, acts, errors, min(batch_size, n_f + n_logits))  # no idle copies
+    gap = float((rep.logits[0] - rec.logits).abs().max())
     if gap > 1e-3 * max(1.0, float(rec.logits.abs().max())):
         raise ConfigError(f"the replacement model misses the model's logits by {gap:.2e}; report this as a bug")
     zero = _Replacement(model, transcoders, tokens, rec, acts, errors, 1, zero_sources=True)
     logit_targets = [("logit", int(t)) for t in logit_tokens]
-    logit_rows = _rows(rep, logit_targets, transcoders, active)
-    if max_feature_nodes is not None and active.shape[0] > max_feature_nodes:
-        keep, feature_rows = _select_by_influence(rep, transcoders, active, logit_rows, logit_probs, max_feature_nodes)
-    else:
-        keep = torch.arange(active.shape[0])
-        feature_rows = _rows(rep, [("feature", tuple(f.tolist())) for f in active], transcoders, active)
-    features = active[keep]
-    targets = [("feature", tuple(f.tolist())) for f in features] + logit_targets
-    rows = torch.cat([feature_rows, logit_rows])  # [targets, all active features + errors + tokens]
-    with torch.no_grad():
-        value = torch.stack([_target_value(rep, kind, key, transcoders, 0) for kind, key in targets]).float()
-        base = torch.stack([_target_value(zero, kind, key, transcoders, 0) for kind, key in targets]).float()
-    n_f, n_all = features.shape[0], active.shape[0]
-    dropped = torch.ones(n_all, dtype=torch.bool)
-    dropped[keep] = False
-    n_src = n_f + L * n_pos + n_pos
+    n_src = n_f + L * n_pos + n_pos  # sources: kept features, errors, tokens
     n_nodes = n_src + n_logits
     adjacency = torch.zeros(n_nodes, n_nodes)
+    constant = torch.zeros(n_nodes)
     row_idx = torch.cat([torch.arange(n_f), torch.arange(n_src, n_nodes)])
-    adjacency[row_idx, :n_src] = torch.cat([rows[:, keep], rows[:, n_all:]], dim=1)
-    target, constant = torch.zeros(n_nodes), torch.zeros(n_nodes)
-    target[row_idx] = value
-    # the biases' share, plus what features left out by the budget sent to each row
-    constant[row_idx] = base + rows[:, :n_all][:, dropped].sum(-1)
+    if n_f < n_all:
+        logit_rows = torch.zeros(n_logits, n_all + L * n_pos + n_pos)
+        passes = _rows(rep, logit_targets, transcoders, logit_rows)
+        keep, feature_rows, more = _select_by_influence(rep, transcoders, active, logit_rows, logit_probs, n_f)
+        passes += more
+        dropped = torch.ones(n_all, dtype=torch.bool)
+        dropped[keep] = False
+        for rows, at in ((feature_rows, slice(0, n_f)), (logit_rows, slice(n_src, n_nodes))):
+            adjacency[at, :n_f] = rows[:, keep]
+            adjacency[at, n_f:n_src] = rows[:, n_all:]
+            constant[at] = rows[:, :n_all][:, dropped].sum(-1)  # what features left out by the budget send
+        del logit_rows, feature_rows
+    else:  # every feature: rows go straight into the adjacency matrix
+        keep = torch.arange(n_all)
+        passes = _rows(rep, logit_targets, transcoders, adjacency[n_src:, :n_src])
+        passes += _rows(rep, [("feature", tuple(f)) for f in active.tolist()], transcoders, adjacency[:n_f, :n_src])
+    features = active[keep]
+    targets = [("feature", tuple(f)) for f in features.tolist()] + logit_targets
+    with torch.no_grad():
+        target = torch.zeros(n_nodes)
+        target[row_idx] = _target_values(rep, targets, transcoders).float()
+        constant[row_idx] += _target_values(zero, targets, transcoders).float()  # the biases' share
     str_tokens = model.to_str_tokens(tokens[0]) if model.tokenizer is not None else []
     logit_texts = model.to_str_tokens(logit_tokens) if model.tokenizer is not None else []
     return AttributionGraph(
@@ -435,83 +512,107 @@ def attribute(
         n_layers=L, logit_texts=logit_texts, model_name=model.cfg.name or "",
         settings={"max_n_logits": max_n_logits, "desired_logit_prob": desired_logit_prob,
                   "max_feature_nodes": max_feature_nodes, "batch_size": batch_size, "n_active_features": n_all,
-                  "target": wanted,
-                  "backward_passes": math.ceil(len(targets) / batch_size)},
+                  "target": wanted, "backward_passes": passes},
     )
+
+
+def _target_values(rep: _Replacement, targets: Sequence[tuple[str, Any]], transcoders: Sequence[SAE],
+                   rows: Sequence[int] | None = None) -> Float[Tensor, " n"]:
+    """Return each target's value: a feature's pre-activation ``("feature", (layer, pos, index))`` or a
+    demeaned last-position logit ``("logit", token)``; target ``i`` is read in batch row ``rows[i]``
+    (row 0 for every target by default). Vectorised per layer: one call serves a whole batch."""
+    rows_t = torch.zeros(len(targets), dtype=torch.long) if rows is None else torch.as_tensor(list(rows))
+    kinds = [kind for kind, _ in targets]
+    parts, order = [], []
+    feats = [i for i, k in enumerate(kinds) if k == "feature"]
+    if feats:
+        keys = torch.tensor([targets[i][1] for i in feats])  # [m 3]
+        for layer in keys[:, 0].unique().tolist():
+            sel = (keys[:, 0] == layer).nonzero().flatten()
+            tc, pos, index = transcoders[layer], keys[sel, 1], keys[sel, 2]
+            x = tc.centered_input(rep.mlp_in[layer][rows_t[[feats[i] for i in sel.tolist()]], pos])
+            parts.append((x * tc.W_enc.detach()[:, index].T).sum(-1) + tc.b_enc.detach()[index])
+            order += [feats[i] for i in sel.tolist()]
+    logits = [i for i, k in enumerate(kinds) if k == "logit"]
+    if logits:
+        last = rep.last[rows_t[logits]]
+        token = torch.tensor([targets[i][1] for i in logits])
+        parts.append(last[torch.arange(len(logits)), token] - last.mean(-1))
+        order += logits
+    if not parts:
+        return torch.zeros(0)
+    return torch.cat(parts)[torch.tensor(order).argsort()]
 
 
 def _target_value(rep: _Replacement, kind: str, key, transcoders: Sequence[SAE], row: int) -> Tensor:
     """A feature's pre-activation ``(layer, pos, index)`` or a demeaned last-position logit, in one batch row."""
-    if kind == "feature":
-        layer, pos, index = key
-        tc = transcoders[layer]
-        return (rep.mlp_in[layer][row, pos].float() * tc.norm_scale) @ tc.W_enc[:, index] + tc.b_enc[index]
-    last = rep.logits[row, -1]
-    return last[key] - last.mean()
+    return _target_values(rep, [(kind, key)], transcoders, [row])[0]
 
 
-def _rows(rep: _Replacement, targets: list, transcoders: Sequence[SAE], active: Tensor) -> Float[Tensor, "n src"]:
-    """Return the direct effects on each target, columns [every active feature, errors, tokens].
+def _rows(rep: _Replacement, targets: list, transcoders: Sequence[SAE], out: Float[Tensor, "n src"]) -> int:
+    """Write the direct effects on each target into the rows of ``out`` (columns: every active feature,
+    errors, tokens) and return the number of backward passes.
 
     Each backward pass handles as many targets as the replacement has copies of the prompt: copy
     ``b`` carries target ``b``, and the copies do not interact."""
-    B, L = rep.embed.shape[0], len(rep.acts)
-    layer, pos, index = active.unbind(-1) if active.numel() else (active[:, 0],) * 3
-    value = (torch.stack([rep.acts[l][0, p, i] for l, p, i in active.tolist()]).detach() if active.numel()
-             else torch.zeros(0))
-    out = []
+    B, L = rep.batch, len(rep.acts)
+    passes = 0
     for start in range(0, len(targets), B):
         chunk = targets[start: start + B]
         n = len(chunk)
-        total = sum(_target_value(rep, kind, key, transcoders, b) for b, (kind, key) in enumerate(chunk))
+        total = _target_values(rep, chunk, transcoders, range(n)).sum()
         grads = torch.autograd.grad(total, rep.sources(), retain_graph=True, allow_unused=True, materialize_grads=True)
-        g_acts, g_err, g_emb = grads[:L], grads[L: 2 * L], grads[2 * L]
-        if active.numel():
-            stacked = torch.stack([g[:n] for g in g_acts])  # [layer n pos d_sae]
-            feat = stacked[layer, :, pos, index].T * value  # [n active]
-        else:
-            feat = torch.zeros(n, 0)
-        err = torch.stack([(g[:n] * e[:n]).sum(-1) for g, e in zip(g_err, rep.errors)], dim=1).reshape(n, -1)
-        tok = (g_emb[:n] * rep.embed[:n]).sum(-1)
-        out.append(torch.cat([feat, err, tok], dim=1).detach().float())
-    if not out:
-        return torch.zeros(0, active.shape[0] + L * rep.embed.shape[1] + rep.embed.shape[1])
-    return torch.cat(out)
+        block, col = out[start: start + n], 0
+        for g, value in zip(grads[:L], rep.values):
+            block[:, col: col + value.numel()] = g[:n] * value
+            col += value.numel()
+        errors = grads[L][:n].flatten(1)  # [n layer*pos]: error node (layer, pos) is column layer * pos + pos
+        block[:, col: col + errors.shape[1]] = errors
+        block[:, col + errors.shape[1]:] = grads[L + 1][:n]
+        passes += 1
+    return passes
 
 
 def _select_by_influence(rep: _Replacement, transcoders: Sequence[SAE], active: Tensor, logit_rows: Tensor,
-                         logit_probs: Tensor, budget: int) -> tuple[Tensor, Tensor]:
-    """Return the ``budget`` most influential active features and their rows, found batch by batch.
+                         logit_probs: Tensor, budget: int) -> tuple[Tensor, Tensor, int]:
+    """Return the ``budget`` most influential active features (sorted), their rows and the number of
+    backward passes, found batch by batch.
 
     Influence on the logits is first estimated from the logit rows' direct effects; after each batch of
     feature rows it is recomputed through the rows known so far, and the next batch is the most
-    influential of the features not yet visited (circuit-tracer's order)."""
-    n_all, B = active.shape[0], rep.embed.shape[0]
-    n_src = logit_rows.shape[1]
-    known = torch.zeros(n_all, n_src)
+    influential of the features not yet visited (circuit-tracer's order). Only the visited features'
+    rows are held (``budget`` of them, not one per active feature)."""
+    n_all, B = active.shape[0], rep.batch
+    known = torch.zeros(budget, logit_rows.shape[1])
     visited = torch.zeros(n_all, dtype=torch.bool)
     order: list[int] = []
     weights = (logit_probs / logit_probs.sum()).float()
+    direct = weights @ _row_shares(logit_rows)[:, :n_all]
+    passes = 0
     while len(order) < budget:
-        influence = _feature_influence(known, logit_rows, weights, n_all)
+        influence = _feature_influence(known[: len(order)], torch.tensor(order, dtype=torch.long), direct, n_all)
         influence[visited] = -1.0
         take = influence.topk(min(B, budget - len(order))).indices
-        rows = _rows(rep, [("feature", tuple(active[i].tolist())) for i in take], transcoders, active)
-        known[take] = rows
+        passes += _rows(rep, [("feature", tuple(active[i].tolist())) for i in take], transcoders,
+                        known[len(order): len(order) + take.numel()])
         visited[take] = True
         order.extend(take.tolist())
-    keep = torch.tensor(sorted(order))
-    return keep, known[keep]
+    by_index = torch.tensor(order).argsort()
+    return torch.tensor(order)[by_index], known[by_index], passes
 
 
-def _feature_influence(feature_rows: Tensor, logit_rows: Tensor, weights: Tensor, n_features: int) -> Tensor:
-    """Return each source column's total influence on the weighted logits, through the feature rows given."""
-    norm = lambda m: m.abs() / m.abs().sum(-1, keepdim=True).clamp_min(1e-12)  # noqa: E731
-    A = norm(feature_rows)[:, :n_features]  # features -> features
-    direct = weights @ norm(logit_rows)[:, :n_features]
+def _row_shares(rows: Tensor) -> Tensor:
+    """``|rows|`` divided by each row's total absolute input."""
+    return rows.abs() / rows.abs().sum(-1, keepdim=True).clamp_min(1e-12)
+
+
+def _feature_influence(rows: Tensor, order: Tensor, direct: Tensor, n_features: int) -> Tensor:
+    """Return each feature's total influence on the weighted logits: ``direct`` (through the logit rows)
+    plus the paths through the feature rows known so far (``rows[i]`` is feature ``order[i]``'s row)."""
+    A = _row_shares(rows)[:, :n_features]  # known features -> all features
     total, step = direct.clone(), direct
     for _ in range(64):  # the feature graph is layered, so the series ends after n_layers terms
-        step = step @ A
+        step = step[order] @ A
         if float(step.abs().sum()) < 1e-9:
             break
         total += step
@@ -693,7 +794,7 @@ def intervene_replacement(model: HookedGPT, transcoders: Transcoders, prompt: st
 def _normalized(adjacency: Tensor, by: Tensor | None = None) -> Tensor:
     """``|A|`` divided by each row's total absolute input (of ``by``, default ``A`` itself)."""
     total = (adjacency if by is None else by).abs().sum(-1, keepdim=True).clamp_min(1e-10)
-    return adjacency.abs() / total
+    return adjacency.abs().div_(total)  # one [n n] temporary, not two
 
 
 def _influence(A: Tensor, weights: Tensor) -> Tensor:
@@ -709,10 +810,23 @@ def _influence(A: Tensor, weights: Tensor) -> Tensor:
 
 
 def _cutoff(scores: Tensor, fraction: float) -> Tensor:
-    """The smallest score among the top scores that hold ``fraction`` of the total."""
-    ranked = scores.flatten().sort(descending=True).values
-    share = ranked.cumsum(0) / ranked.sum().clamp_min(1e-30)
-    return ranked[min(int(torch.searchsorted(share, torch.tensor(fraction))), ranked.numel() - 1)]
+    """The smallest score among the top scores that hold ``fraction`` of the total.
+
+    Only the positive scores are sorted (zeros add nothing to the running share), in place in NumPy:
+    ``torch.sort`` of a SmolLM2 graph's 98M edge scores would allocate 1.2 GB of values and indices."""
+    flat = scores.flatten()
+    positive = flat[flat > 0]
+    if positive.numel() == 0:
+        return torch.zeros((), dtype=scores.dtype)
+    values = positive.numpy()
+    values.sort()  # ascending, in place
+    ranked = torch.from_numpy(values).flip(0)
+    del positive, values
+    share = ranked.cumsum(0).div_(ranked.sum().clamp_min(1e-30))
+    at = int(torch.searchsorted(share, torch.tensor(fraction)))
+    if at >= ranked.numel():  # the share never reaches the fraction: every score counts, zeros included
+        return ranked[-1] if ranked.numel() == flat.numel() else torch.zeros((), dtype=scores.dtype)
+    return ranked[at]
 
 
 @dataclass
@@ -739,10 +853,14 @@ def prune(graph: AttributionGraph, node_threshold: float = 0.8, edge_threshold: 
     influence = _influence(_normalized(A), w)
     nodes = influence >= _cutoff(influence, node_threshold)
     nodes[n_fe:] = True
-    kept = A * nodes[:, None] * nodes[None, :]
-    Ak = _normalized(kept)
-    edge_scores = Ak * (_influence(Ak, w) + w)[:, None]
-    edges = edge_scores >= _cutoff(edge_scores, edge_threshold)
+    # the kept nodes' normalised edges and their scores, built in one [n n] buffer (a SmolLM2 graph's is 394 MB)
+    scores = A.abs()
+    scores *= nodes[:, None]
+    scores *= nodes[None, :]
+    scores /= scores.sum(-1, keepdim=True).clamp_min(1e-10)
+    scores *= (_influence(scores, w) + w)[:, None]
+    edges = scores >= _cutoff(scores, edge_threshold)
+    del scores
     while True:  # drop features and errors left without outputs, and features left without inputs
         before = nodes.clone()
         edges &= nodes[:, None] & nodes[None, :]
@@ -763,8 +881,10 @@ def subgraph(graph: AttributionGraph, pruned: Pruned) -> AttributionGraph:
     saves to a few MB instead of hundreds."""
     keep = torch.cat([pruned.node_mask[: graph.n_features].nonzero().flatten(),
                       torch.arange(graph.n_features, graph.n_nodes)])
-    kept_edges = (graph.adjacency * pruned.edge_mask)[keep][:, keep]
-    constant = graph.constant[keep] + graph.adjacency[keep].sum(-1) - kept_edges.sum(-1)
+    rows = graph.adjacency[keep]  # [kept nodes, n]: no [n n] temporary
+    kept_edges = rows[:, keep] * pruned.edge_mask[keep][:, keep]
+    constant = graph.constant[keep] + rows.sum(-1) - kept_edges.sum(-1)
+    del rows
     n_f = int(pruned.node_mask[: graph.n_features].sum())
     return AttributionGraph(
         tokens=graph.tokens, str_tokens=graph.str_tokens, features=graph.features[keep[:n_f]],
@@ -793,8 +913,11 @@ def graph_scores(graph: AttributionGraph, pruned: Pruned | None = None) -> Graph
     unexplained, like an error node's, instead of being renormalised away."""
     A = graph.adjacency
     w = graph.logit_weights() * graph.logit_probs.sum()
-    keep = torch.ones_like(A, dtype=torch.bool) if pruned is None else pruned.edge_mask
-    An = _normalized(A * keep, by=A)
+    total = A.abs().sum(-1, keepdim=True).clamp_min(1e-10)
+    An = A.abs()  # the kept edges' shares of each row's full input: one [n n] buffer
+    if pruned is not None:
+        An *= pruned.edge_mask
+    An /= total
     influence = _influence(An, w)
     errors = slice(graph.n_features, graph.n_features + graph.n_errors)
     tokens = slice(graph.n_features + graph.n_errors, graph.n_features + graph.n_errors + graph.n_pos)
@@ -802,7 +925,7 @@ def graph_scores(graph: AttributionGraph, pruned: Pruned | None = None) -> Graph
     # influence that reaches errors or falls on pruned edges: what the graph leaves unexplained
     unexplained = influence[errors].sum()
     if pruned is not None:
-        lost = (_normalized(A, by=A) - An).sum(-1)  # per row, the normalised input pruning removed
+        lost = (A.abs().sum(-1) / total[:, 0]) - An.sum(-1)  # per row, the normalised input pruning removed
         lost[errors] = 0
         unexplained = unexplained + ((influence + w) * lost).sum()
     replacement = float(token_inf / (token_inf + unexplained).clamp_min(1e-30))
@@ -922,8 +1045,6 @@ def top_paths(graph: AttributionGraph, pruned: Pruned | None = None, logit: int 
 def load_transcoders(spec: str | os.PathLike) -> dict[int, SAE]:
     """Return a transcoder set by directory (a ``train_transcoders`` output) or by the name of a shipped set
     (``data/transcoders/NAME``), as ``{layer: transcoder}``."""
-    from workbench import paths
-
     path = Path(spec)
     if not path.is_dir():
         shipped = paths.DATA_DIR / "transcoders" / str(spec)
@@ -932,7 +1053,7 @@ def load_transcoders(spec: str | os.PathLike) -> dict[int, SAE]:
             raise InputError(f"transcoders {str(spec)!r}: no such directory and no shipped set of that name "
                              f"(shipped: {', '.join(names_) or 'none'}); train one with `workbench train-transcoders`")
         path = shipped
-    from workbench.pipelines import load_transcoder_set
+    from workbench.pipelines import load_transcoder_set  # here: it pulls the trainers and the store (~0.9 s)
 
     return load_transcoder_set(path)
 

@@ -12,19 +12,57 @@ strongest paths from a token (or error) to the top logit. ``--transcoders`` is a
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import time
+from contextlib import ExitStack
+from pathlib import Path
+
+from workbench.analysis import graph as G
+from workbench.commands.analysis import _load, _write_json, _write_report
+from workbench.errors import ConfigError, InputError
+from workbench.locking import output_lock
+
+
+def _lock_outputs(stack: ExitStack, args: argparse.Namespace) -> None:
+    """Hold one lock per output file (``DIR/.NAME.lock``) for the whole command, taken before the slow part:
+    a second ``workbench graph`` writing the same file fails at once (OutputLockedError names the holder)
+    instead of racing the first one's rename. Different files in one directory do not exclude each other."""
+    for flag in ("out", "out_pruned", "export", "json"):
+        value = getattr(args, flag)
+        if not value:
+            continue
+        path = Path(value)
+        if path.is_dir():
+            raise ConfigError(f"--{flag.replace('_', '-')} {value} is a directory; give a file name")
+        stack.enter_context(output_lock(path.parent if str(path.parent) else Path("."), f".{path.name}.lock"))
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: a killed writer leaves the old file
+    (or none), never half of the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise ConfigError(f"cannot write {path}: {exc.strerror or exc}; choose a writable path") from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _cmd_graph(args: argparse.Namespace) -> int:
-    from workbench.analysis import graph as G
-    from workbench.commands.analysis import _load, _write_json, _write_report
-
     for name in ("node_threshold", "edge_threshold"):  # before the slow part, so a typo fails at once
         value = getattr(args, name)
         if not 0 < value <= 1:
-            from workbench.errors import InputError
-
             raise InputError(f"--{name.replace('_', '-')} {value} must lie in (0, 1]")
+    with ExitStack() as stack:
+        _lock_outputs(stack, args)
+        return _build_and_write(args)
+
+
+def _build_and_write(args: argparse.Namespace) -> int:
     model = _load(args.model)
     transcoders = G.load_transcoders(args.transcoders)
     t0 = time.perf_counter()
@@ -32,6 +70,7 @@ def _cmd_graph(args: argparse.Namespace) -> int:
                         target=G.target_token(model, args.target) if args.target is not None else None,
                         batch_size=args.batch_size)
     seconds = time.perf_counter() - t0
+    del model, transcoders  # not needed past here: pruning a SmolLM2 graph gets their ~1.2 GB
     pruned = G.prune(graph, args.node_threshold, args.edge_threshold)
     full, kept = G.graph_scores(graph), G.graph_scores(graph, pruned)
     n_kept, n_edges = int(pruned.node_mask.sum()), int(pruned.edge_mask.sum())
@@ -60,12 +99,8 @@ def _cmd_graph(args: argparse.Namespace) -> int:
         small = G.subgraph(graph, pruned)
         print(f"pruned graph ({small.n_nodes} nodes) written to {small.save(args.out_pruned)}")
     if args.export:
-        import json
-        from pathlib import Path
-
         data = G.to_circuit_tracer_json(graph, pruned, slug=args.model, node_threshold=args.node_threshold)
-        Path(args.export).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.export).write_text(json.dumps(data))
+        _write_text_atomic(Path(args.export), json.dumps(data))
         print(f"circuit-tracer graph JSON written to {args.export} ({len(data['nodes'])} nodes, {len(data['links'])} links)")
     numbers = {"model": args.model, "prompt": args.prompt, "tokens": graph.str_tokens, "seconds": seconds,
                "n_features": graph.n_features, "n_nodes": graph.n_nodes, "n_nodes_pruned": n_kept,
