@@ -395,6 +395,47 @@ def test_attribution_page(app_env):
     assert any("same length" in w.value for w in at.warning)
 
 
+
+def test_attribution_page_circuit_view(app_env, monkeypatch):
+    """The circuit view on kjv-small's generated IOI set: EAP-IG after the click, the faithfulness and metrics
+    equal to the library's, one drawn line per kept edge, and the edge count follows the widget."""
+    import torch
+
+    from workbench.analysis import eap as E
+    from workbench.analysis import tasks as T
+    from workbench.zoo import load_model
+
+    monkeypatch.setenv("WORKBENCH_APP_MODEL", "kjv-small")
+    at = run_page("attribution")
+    assert not [t for t in titles(at) if t.startswith("Circuit")]  # nothing runs before the click
+    at.selectbox(key="attr_circuit_task").set_value("ioi").run()
+    at.number_input(key="attr_circuit_prompts").set_value(4)
+    at.number_input(key="attr_circuit_steps").set_value(2)
+    at.number_input(key="attr_circuit_edges").set_value(30).run()
+    at.button(key="attr_circuit_go").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    model = load_model("kjv-small").eval().requires_grad_(False)
+    task = T.ioi_task(model, n=4)
+    with torch.no_grad():
+        want = E.find_circuit(model, task.clean, task.corrupt, task.metric, 30, E.EAPConfig(steps=2)).faithfulness
+    assert float(metric(at, "faithfulness")) == pytest.approx(want.faithfulness, abs=2e-3)
+    assert float(metric(at, "logit difference: clean")) == pytest.approx(want.clean, abs=2e-3)
+    assert float(metric(at, "logit difference: corrupted")) == pytest.approx(want.corrupt, abs=2e-3)
+    assert float(metric(at, "logit difference: circuit")) == pytest.approx(want.circuit, abs=2e-3)
+    fig = fig_titled(at, "Circuit of the top 30 edges")
+    assert sum(1 for trace in fig["data"] if trace.get("mode") == "lines") == 30
+    # fewer edges: the cached scores are reused, the circuit and its faithfulness follow
+    at.number_input(key="attr_circuit_edges").set_value(5).run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert sum(1 for trace in fig_titled(at, "Circuit of the top 5 edges")["data"] if trace.get("mode") == "lines") == 5
+    # the page's own prompt pair works too (on any model): a new search waits for its click
+    at.selectbox(key="attr_circuit_task").set_value("pair").run()
+    assert not [t for t in titles(at) if t.startswith("Circuit")]
+    at.button(key="attr_circuit_go").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert fig_titled(at, "Circuit of the top 5 edges")
+
+
 def test_sae_page_trains_browses_lists_and_steers(app_env):
     at = run_page("sae")
     assert any("No SAE for tiny-lm" in i.value for i in at.info)

@@ -453,3 +453,37 @@ def faithfulness(
             run = split_forward(model, e_clean, answer_pos, Patch(keep.to(e_clean.device), run_corrupt))
             m_circuit[i] += w * float(metric_value(chunk_metric, run.logits))
     return [Faithfulness(int(keep.sum()), m, m_clean, m_corrupt) for keep, m in zip(circuits, m_circuit)]
+
+
+class Circuit(NamedTuple):
+    """What :func:`find_circuit` gives back."""
+
+    #: every edge's score
+    result: EAPResult
+    #: the edges kept, ``[up down]``
+    keep: Bool[Tensor, "up down"]
+    #: the circuit's metric beside the clean and corrupted runs'
+    faithfulness: Faithfulness
+
+    def edges(self) -> list[tuple[str, float]]:
+        """The circuit's edges as ``("u->d", score)``, the largest absolute score first."""
+        graph, scores = self.result.graph, self.result.scores
+        out = [(graph.edge_name(u, d), float(scores[u, d])) for u, d in self.keep.nonzero().tolist()]
+        return sorted(out, key=lambda e: -abs(e[1]))
+
+
+def find_circuit(
+    model: "HookedGPT",
+    clean: Int[Tensor, "batch pos"],
+    corrupt: Int[Tensor, "batch pos"],
+    metric: Metric,
+    n_edges: int,
+    config: EAPConfig = EAPConfig(),
+    greedy: bool = False,
+) -> Circuit:
+    """Return the circuit of ``n_edges`` edges by EAP or EAP-IG scores (top-n by absolute score, or grown
+    greedily from the logits) and its faithfulness on the same prompts."""
+    result = edge_attribution(model, clean, corrupt, metric, config)
+    keep = greedy_circuit(result, n_edges) if greedy else top_n_circuit(result, n_edges)
+    (faith,) = faithfulness(model, clean, corrupt, metric, [keep], config.answer_pos, config.batch_size)
+    return Circuit(result, keep, faith)

@@ -26,13 +26,16 @@ import torch
 from torch import Tensor
 
 from workbench import snapshots
+from workbench.analysis import eap as E
 from workbench.analysis import graph as G
 from workbench.analysis import logit_lens
 from workbench.analysis.attribution import direct_logit_attribution
 from workbench.analysis.graph import load_transcoders
 from workbench.analysis.induction import default_spec, repeated_random_tokens, score_heads
 from workbench.analysis.logit_lens import TunedLens, decode_residuals, next_token_targets
+from workbench.analysis.patching import LogitDiff
 from workbench.analysis.superposition import ToyConfig, ToyTrainConfig, toy_geometry, train_toy_model
+from workbench.analysis.tasks import Task, load_task
 from workbench.app import choices, compute
 from workbench.app import jobs as jobs_mod
 from workbench.app.choices import ModelKey
@@ -246,6 +249,44 @@ def patching_job(request: PatchRequest) -> jobs_mod.Job:
         return compute.patching_sweep(m, a, b, request.answer, None if request.wrong < 0 else request.wrong,
                                       request.kind, report)
     return jobs().start(("patching", *request), f"patching sweep ({request.kind})", work)
+
+
+class CircuitRequest(NamedTuple):
+    """One EAP-IG circuit search, named by plain values: a generated task (``ioi``, ``greater-than``) of
+    ``prompts`` pairs, or (``task="pair"``) one clean/corrupted prompt pair with its answer and wrong token."""
+
+    key: str
+    task: str
+    prompts: int
+    steps: int
+    clean: str = ""
+    corrupt: str = ""
+    answer: int = -1
+    wrong: int = -1
+
+
+@st.cache_resource(max_entries=8, show_spinner=False)
+def edge_scores(request: CircuitRequest) -> tuple[Task, E.EAPResult]:
+    """Return the task's prompt pairs and every edge's EAP-IG score."""
+    m = model(request.key)
+    if request.task == "pair":
+        metric = LogitDiff(request.answer, None if request.wrong < 0 else request.wrong)
+        task = Task("pair", _tokens(request.key, request.clean), _tokens(request.key, request.corrupt), metric,
+                      [request.clean], [request.corrupt])
+    else:
+        task = load_task(m, request.task, n=request.prompts)
+    config = E.EAPConfig(method="eap-ig", steps=request.steps)
+    return task, _quiet(lambda: E.edge_attribution(m, task.clean, task.corrupt, task.metric, config))
+
+
+@st.cache_resource(max_entries=32, show_spinner=False)
+def circuit(request: CircuitRequest, n_edges: int) -> E.Circuit:
+    """Return the top-``n_edges`` circuit of :func:`edge_scores` and its faithfulness (one patched run)."""
+    m = model(request.key)
+    task, result = edge_scores(request)
+    keep = E.top_n_circuit(result, n_edges)
+    (faith,) = _quiet(lambda: E.faithfulness(m, task.clean, task.corrupt, task.metric, [keep]))
+    return E.Circuit(result, keep, faith)
 
 
 # ------------------------------------------------------------------------------------------ SAEs

@@ -88,54 +88,16 @@ def _cmd_circuit(args: argparse.Namespace) -> int:
                    greedy=args.greedy, edges=edges, nodes=nodes)
     _write_json(args.json, numbers)
     if args.report:
+        from workbench import plots
         from workbench.report import Report
 
         report = Report(f"Circuit ({args.method}): {args.model}, {task.name}")
         report.text(f"{faith.n_edges} of {graph.n_edges} edges; faithfulness {faith.faithfulness:.3f} (clean "
                     f"{faith.clean:.4f}, corrupted {faith.corrupt:.4f}, circuit {faith.circuit:.4f}).")
-        report.figure(circuit_figure(graph, keep, res.scores, max_edges=300))
+        report.figure(plots.circuit_diagram(graph, keep, res.scores, max_edges=300))
         report.table([{"edge": e, "score": s} for e, s in edges[:50]], caption="the circuit's strongest edges")
         _write_report(report, args.report, numbers)
     return 0
-
-
-def circuit_figure(graph, keep, scores, max_edges: int = 300):
-    """A circuit diagram: upstream nodes by layer (rows, input at the bottom, logits at the top) and head
-    (columns, the MLP on the right), one line per edge (the strongest ``max_edges``), blue positive, red negative."""
-    import plotly.graph_objects as go
-
-    def up_xy(u: int) -> tuple[float, float]:
-        if u == 0:
-            return (graph.n_heads / 2, -1)
-        layer, i = divmod(u - 1, graph.n_heads + int(graph.has_mlp))
-        return (float(i) + (0.5 if i == graph.n_heads else 0), layer)
-
-    def down_xy(d: int) -> tuple[float, float]:
-        owner = graph.owner(d)
-        if owner is None:
-            return (graph.n_heads / 2, graph.n_layers)
-        x, y = up_xy(owner)
-        return (x, y - 0.15)  # an input sits just below the node it feeds
-
-    pairs = keep.nonzero().tolist()
-    pairs.sort(key=lambda p: -abs(float(scores[p[0], p[1]])))
-    fig = go.Figure()
-    top = max((abs(float(scores[u, d])) for u, d in pairs), default=1.0) or 1.0
-    for u, d in pairs[:max_edges]:
-        s = float(scores[u, d])
-        (x0, y0), (x1, y1) = up_xy(u), down_xy(d)
-        fig.add_trace(go.Scatter(x=[x0, x1], y=[y0, y1], mode="lines", hoverinfo="text",
-                                 text=graph.edge_name(u, d) + f" {s:+.4f}",
-                                 line=dict(width=0.5 + 3 * abs(s) / top, color="royalblue" if s > 0 else "crimson")))
-    used = sorted({u for u, _ in pairs[:max_edges]})
-    xs, ys = zip(*[up_xy(u) for u in used]) if used else ((), ())
-    fig.add_trace(go.Scatter(x=list(xs) + [graph.n_heads / 2], y=list(ys) + [graph.n_layers], mode="markers+text",
-                             text=[graph.upstream[u] for u in used] + ["logits"], textposition="top center",
-                             marker=dict(size=8, color="black"), hoverinfo="text"))
-    fig.update_layout(showlegend=False, title="circuit: edge width by |score|; blue positive, red negative score",
-                      xaxis=dict(title="head (MLP on the right)"), yaxis=dict(title="layer"),
-                      height=max(400, 30 * graph.n_layers), template="plotly_white")
-    return fig
 
 
 def register(subparsers) -> None:
