@@ -382,3 +382,36 @@ def test_pruned_subgraph_keeps_rows_summing_and_round_trips(built, tmp_path):
                                    (graph.adjacency * pruned.edge_mask)[graph.logit_node(0):, node])
     back = G.AttributionGraph.load(small.save(tmp_path / "small.safetensors"))
     assert torch.equal(back.features, small.features) and back.settings["pruned_from_nodes"] == graph.n_nodes
+
+
+def test_a_pruned_kjv_small_graph_file_stays_small(tmp_path):
+    """Issue 16: pruned graphs stay small (a 10-token SmolLM2 graph under 5 MB; here kjv-small's shipped set):
+    the pruned graph's file holds its kept edges, not a dense [n n] matrix of zeros, and loads back equal."""
+    import json
+
+    from safetensors import safe_open
+
+    from workbench.zoo import load_model
+
+    model = load_model("kjv-small")
+    graph = G.attribute(model, G.load_transcoders("kjv-small"), "And God said, Let there be light: and")
+    pruned = G.prune(graph)  # the defaults, 0.8 / 0.98
+    small = G.subgraph(graph, pruned)
+    path = small.save(tmp_path / "pruned.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        keys = set(f.keys())
+    assert "adjacency" not in keys and {"adjacency_index", "adjacency_values"} <= keys
+    nnz = int((small.adjacency != 0).sum())
+    assert path.stat().st_size < 12 * nnz + 4 * 8 * small.n_nodes + 64 * 1024  # edges + per-node vectors + header
+    # smaller than the pruned graph's dense matrix alone, a hundredth of the full graph's, far under 5 MB
+    assert path.stat().st_size < small.n_nodes ** 2 * 4 / 2 and path.stat().st_size < graph.n_nodes ** 2 * 4 / 100
+    assert path.stat().st_size < 512 * 1024
+    back = G.AttributionGraph.load(path, model_name="kjv-small")
+    assert torch.equal(back.adjacency, small.adjacency) and torch.equal(back.constant, small.constant)
+    export = tmp_path / "pruned.json"
+    export.write_text(json.dumps(G.to_circuit_tracer_json(graph, pruned)))
+    assert export.stat().st_size < 1024 * 1024
+    # a truncated sparse file is refused like a dense one
+    (tmp_path / "cut.safetensors").write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        G.AttributionGraph.load(tmp_path / "cut.safetensors")
