@@ -159,3 +159,26 @@ def test_config_flags_name_unknown_fields_and_keep_required_ones_required():
     with pytest.raises(SystemExit):  # no default anywhere: the flag is required
         parser.parse_args(["--lr", "1"])
     assert vars(parser.parse_args(["--total-steps", "3"])) == {"total_steps": 3, "lr": 1e-3}
+
+
+@pytest.mark.parametrize("argv", [
+    ["features", "NO_SAE", "--store", "NO_STORE", "--out", "{out}"],
+    ["probe", "attn-only-1l", "--dataset", "truth", "--save", "{out}"],
+])
+def test_a_second_writer_of_features_out_or_probe_save_fails_at_once(capsys, tmp_path, argv):
+    """`features --out` and `probe --save` write several files into one directory: one writer at a time,
+    refused before any slow work (here the SAE and store do not even exist, so only the lock can answer)."""
+    import threading
+
+    from workbench.locking import output_lock
+
+    out = tmp_path / "out"
+    argv = [a.replace("{out}", str(out)) for a in argv]
+    with output_lock(out):
+        result = {}
+        t = threading.Thread(target=lambda: result.update(rc=cli.main(argv)))
+        t.start()
+        t.join(60)
+    err = capsys.readouterr().err
+    assert result["rc"] == 1 and f"is writing {out}; wait for it to finish or choose another --out" in err, err
+    assert list(out.iterdir()) == []

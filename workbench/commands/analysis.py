@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -38,8 +39,10 @@ def _load(name: str):
 
 def _write_json(path: str | None, numbers: dict) -> None:
     if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(f"{path}.tmp")
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # named by process: two runs writing one --json each rename a whole file (the last one wins)
+        tmp = target.with_name(f".{target.stem}.{os.getpid()}{target.suffix}.tmp")
         try:  # a full disk leaves no half-written file under the name asked for
             tmp.write_text(json.dumps(jsonable(numbers), indent=2))
             tmp.replace(path)

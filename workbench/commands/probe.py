@@ -23,6 +23,7 @@ from workbench.analysis.patching import LogitDiff
 from workbench.commands.analysis import _load, _token, _write_json, _write_report
 from workbench.commands.store import sae_dir
 from workbench.errors import InputError
+from workbench.locking import output_lock
 from workbench.pipelines import token_windows
 from workbench.report import Report
 from workbench.sae.io import load_sae
@@ -47,6 +48,13 @@ def dataset(spec: str, position: str = "last", seed: int = 0):
 
 
 def _cmd_probe(args: argparse.Namespace) -> int:
+    if not args.save:
+        return _probe(args)
+    with output_lock(args.save):  # taken before the slow part: two runs never mix their files in one --save
+        return _probe(args)
+
+
+def _probe(args: argparse.Namespace) -> int:
     from workbench.analysis import probes as P
     model = _load(args.model)
     ds = dataset(args.dataset, args.position, args.seed)

@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from workbench import paths
+from workbench.commands.analysis import _write_json
 from workbench.distributed import destroy_distributed, init_distributed, local_device
 from workbench.errors import ConfigError
+from workbench.locking import output_lock
 from workbench.pipelines import cache_corpus
 from workbench.sae.evaluate import EvalConfig, SpliceConfig, evaluate_sae
 from workbench.sae.features import FeatureStatsConfig, feature_stats
@@ -71,17 +73,17 @@ def cmd_eval_sae(args: argparse.Namespace) -> int:
         EvalConfig(max_rows=args.max_rows, splice=SpliceConfig(batch_windows=args.batch, max_windows=args.max_windows)),
     )
     numbers = ev.to_dict()
-    text = json.dumps(numbers, indent=2)
-    if args.json:
-        Path(args.json).write_text(text)
-    print(text)
+    _write_json(args.json, numbers)
+    print(json.dumps(numbers, indent=2))
     return 0
 
 
 def cmd_features(args: argparse.Namespace) -> int:
-    model, sae, store, hook = _load_for_eval(args)
-    stats = feature_stats(sae, store, hook, FeatureStatsConfig(max_rows=args.max_rows, n_top=args.n_top), model=model)
-    stats.save(args.out)
+    with output_lock(args.out):  # taken before the slow part: a second writer of --out fails at once
+        model, sae, store, hook = _load_for_eval(args)
+        stats = feature_stats(sae, store, hook, FeatureStatsConfig(max_rows=args.max_rows, n_top=args.n_top),
+                              model=model)
+        stats.save(args.out)
     print(json.dumps(stats.summary(), indent=2))
     print(f"feature statistics written to {args.out}", file=sys.stderr)
     return 0
