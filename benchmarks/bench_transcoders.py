@@ -26,8 +26,11 @@ import time
 import torch
 
 from benchmarks import interleaved_medians
+from workbench.pipelines import TranscoderRecipe, token_windows, train_transcoders
 from workbench.sae.model import SAE, SAEConfig
 from workbench.sae.train import TrainConfig, train_sae
+from workbench.sae.transcoders import live_pairs
+from workbench.zoo import load_model
 
 #: The documented SmolLM2 recipe (README, "Transcoders"): what ``live`` projects the time of.
 SMOLLM2_RECIPE = dict(corpus="kjv", tokens=1_000_000, batch_windows=32, n_ctx=128, expansion=8, k=32,
@@ -82,10 +85,6 @@ def batchtopk(quick: bool) -> None:
 
 
 def live(quick: bool) -> None:
-    from workbench.pipelines import TranscoderRecipe, token_windows, train_transcoders
-    from workbench.sae.transcoders import live_pairs
-    from workbench.zoo import load_model
-
     try:
         model = load_model("smollm2-135m").eval()
     except Exception as exc:  # noqa: BLE001 - a machine without the model skips this part, saying why
@@ -113,9 +112,6 @@ def live(quick: bool) -> None:
 
 
 def skip(quick: bool) -> None:
-    from workbench.pipelines import TranscoderRecipe, train_transcoders
-    from workbench.zoo import load_model
-
     model = load_model("kjv-small").eval()
     tokens = 100_000 if quick else 400_000
     variants = {"plain": dict(skip=False), "skip, W_skip from 0": dict(skip=True, skip_init="zero"),
@@ -125,7 +121,8 @@ def skip(quick: bool) -> None:
         recipe = TranscoderRecipe(tokens=tokens, architecture="topk", k=32, eval_windows=32, **kw)
         with tempfile.TemporaryDirectory() as tmp:
             results[name] = train_transcoders(model, list(range(model.cfg.n_layers)), recipe, tmp, progress=False)
-    print(f"kjv-small, every layer, TopK k 32 (L0 32 by construction), {tokens:,} tokens, the same held-out 32 windows; "
+    print(f"kjv-small, every layer, TopK k 32 (L0 32 by construction), {tokens:,} tokens, "
+          "the same held-out 32 windows; "
           f"every variant's encoder starts scaled (latent_init_scale {TranscoderRecipe.latent_init_scale}):")
     print("  layer   " + "   ".join(f"FVU {name}" for name in variants) + "   |   CE recovered, same order")
     for evs in zip(*(res.per_layer for res in results.values())):

@@ -17,10 +17,22 @@ import torch
 from helpers import hold_output_lock
 
 from workbench.analysis.superposition import SyntheticConfig, SyntheticFeatures, mmcs, random_dictionary_mmcs
-from workbench.errors import CheckpointError, DataError, InputError
+from workbench.cli import main
+from workbench.errors import CheckpointError, ConfigError, DataError, InputError
+from workbench.locking import OutputLockedError, output_lock
 from workbench.sae.io import load_sae
+from workbench.sae.kernels import largest_entries
 from workbench.sae.model import SAE, SAEConfig
-from workbench.sae.train import CHECKPOINT_DIR, METRICS_FILE, TrainConfig, lr_at, train_sae
+from workbench.sae.train import (
+    CHECKPOINT_DIR,
+    METRICS_FILE,
+    TrainConfig,
+    _initialise_from_batch,
+    compute_losses,
+    lr_at,
+    train_sae,
+)
+from workbench.train import TrainingDivergedError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -167,8 +179,6 @@ def test_torchrun_two_processes_train_the_same_sae_as_one(tmp_path):
     summary = json.loads(ddp.stdout[ddp.stdout.index("{"):])
     assert summary["world_size"] == 2 and summary["tokens"] == 12 * 64
 
-    from workbench.cli import main
-
     assert main([*args, "--out", str(tmp_path / "single")]) == 0
     one, two = load_sae(tmp_path / "single" / "sae"), load_sae(tmp_path / "ddp" / "sae")
     for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
@@ -270,8 +280,6 @@ def test_resume_with_changed_settings_is_refused(tmp_path, change):
 
 @pytest.mark.parametrize("scale", [1e20, 1e30])
 def test_huge_activations_stop_as_divergence_naming_the_step(tmp_path, scale):
-    from workbench.train import TrainingDivergedError
-
     data, sae_cfg, kw = _small_run(tmp_path)
 
     def blowing_up(start: int):
@@ -287,8 +295,6 @@ def test_huge_activations_stop_as_divergence_naming_the_step(tmp_path, scale):
 
 
 def test_api_batch_of_huge_values_or_zero_rows_raises_instead_of_returning_nan_weights():
-    from workbench.train import TrainingDivergedError
-
     sae = SAE(SAEConfig(d_in=16, d_sae=32, architecture="relu"), seed=0)
     cfg = TrainConfig(total_steps=1, progress=False)
     with pytest.raises(TrainingDivergedError, match="at step 1"):
@@ -298,8 +304,6 @@ def test_api_batch_of_huge_values_or_zero_rows_raises_instead_of_returning_nan_w
 
 
 def test_two_train_sae_runs_on_one_out_exclude_each_other(tmp_path):
-    from workbench.locking import OutputLockedError, output_lock
-
     data, sae_cfg, kw = _small_run(tmp_path)
     with hold_output_lock(tmp_path) as pid:
         with pytest.raises(OutputLockedError, match=rf"another process is writing .* \(pid {pid}\)"):
@@ -312,8 +316,6 @@ def test_two_train_sae_runs_on_one_out_exclude_each_other(tmp_path):
 @pytest.mark.parametrize("transcoder", [False, True])
 def test_sparse_batchtopk_gives_the_dense_paths_losses_and_gradients(transcoder):
     """BatchTopK through the sparse kernels (any number of latents a row) against the dense [batch, d_sae] step."""
-    from workbench.sae.train import compute_losses
-
     torch.set_default_dtype(torch.float64)
     try:
         kw = dict(d_out=12, apply_b_dec_to_input=False, skip=True) if transcoder else {}
@@ -359,8 +361,6 @@ def _skip_tc(d_in=12, d_out=10):
 
 
 def test_ridge_skip_init_starts_at_the_linear_fit_and_the_latents_at_a_fraction_of_what_it_leaves():
-    from workbench.sae.train import _initialise_from_batch
-
     x, y, A, c = _linear_pairs()
     y = y + 0.3 * torch.randn(y.shape, generator=torch.Generator().manual_seed(1))  # a part no linear map explains
     tc = _skip_tc()
@@ -398,15 +398,11 @@ def test_ridge_init_makes_a_linear_map_exact_from_the_first_step_and_skip_lr_sca
                                        ({"latent_init_scale": 0.0}, "latent_init_scale=0.0"),
                                        ({"skip_lr_scale": float("nan")}, "skip_lr_scale=nan")])
 def test_bad_transcoder_init_settings_are_named(bad, match):
-    from workbench.errors import ConfigError
-
     with pytest.raises(ConfigError, match=match):
         TrainConfig(total_steps=1, **bad)
 
 
 def test_largest_entries_is_topk_whether_the_sample_threshold_holds_or_not():
-    from workbench.sae.kernels import largest_entries
-
     g = torch.Generator().manual_seed(0)
     flat = torch.randn(1 << 20, generator=g)
     for values in (flat, torch.where(torch.arange(flat.numel()) % 16 == 0, 10 + flat, flat)):  # a misleading sample

@@ -6,6 +6,8 @@ import json
 
 import pytest
 import torch
+import yaml
+from safetensors.torch import load_file, save_file
 
 from workbench.errors import CheckpointError, ConfigError, InputError
 from workbench.sae.circuit_tracer import load_circuit_tracer, save_circuit_tracer
@@ -66,9 +68,6 @@ def test_saelens_layout_round_trips(tmp_path, architecture, skip, name):
 
 @pytest.mark.parametrize("architecture", ["relu", "jumprelu", "batchtopk"])
 def test_circuit_tracer_layout_round_trips(tmp_path, architecture):
-    import yaml
-    from safetensors.torch import load_file
-
     layers = [_transcoder(architecture, skip=True, d_in=12, d_out=12, seed=s) for s in range(3)]
     save_circuit_tracer(layers, tmp_path / "set", model_name="kjv-small")
     config = yaml.safe_load((tmp_path / "set" / "config.yaml").read_text())
@@ -105,8 +104,6 @@ def test_circuit_tracer_bad_sets_are_clear_errors(tmp_path):
 
 
 def test_d_in_d_out_mismatches_on_load_name_the_tensor_and_shapes(tmp_path):
-    from safetensors.torch import load_file, save_file
-
     save_sae(_transcoder(skip=True), tmp_path / "tc")
     cfg_path = tmp_path / "tc" / "cfg.json"
     cfg = json.loads(cfg_path.read_text())

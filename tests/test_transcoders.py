@@ -7,9 +7,13 @@ import torch
 from helpers import LLAMA_TINY, tiny_cfg
 
 from workbench import HookedGPT
+from workbench.analysis.superposition import mmcs
 from workbench.errors import ConfigError, DataError, HookError, InputError
 from workbench.sae import transcoders as T
+from workbench.sae.features import FeatureStatsConfig, feature_contexts, feature_stats
 from workbench.sae.model import SAE, SAEConfig
+from workbench.sae.train import TrainConfig, train_sae
+from workbench.store import StoreConfig, open_store, write_store
 
 
 def _tc(d=32, seed=0, zero=False):
@@ -75,9 +79,6 @@ def test_a_transcoder_recovers_planted_features_through_a_linear_map(one_thread)
     y = a known linear map of x into fewer dimensions, so the features' images are in superposition.
     The encoder should find the input directions and the decoder their images (no skip term: it could
     learn the whole map itself)."""
-    from workbench.analysis.superposition import mmcs
-    from workbench.sae.train import TrainConfig, train_sae
-
     n_features = d_in = 32
     d_out = 24
     g = torch.Generator().manual_seed(0)
@@ -103,8 +104,6 @@ def test_a_transcoder_recovers_planted_features_through_a_linear_map(one_thread)
 
 
 def _store(model, tmp_path, hooks):
-    from workbench.store import StoreConfig, open_store, write_store
-
     windows = torch.randint(0, 50, (6, 9), generator=torch.Generator().manual_seed(0))
     write_store(model, windows, tmp_path / "store", StoreConfig(hooks=tuple(hooks), batch_windows=2, first_position=1))
     return open_store(tmp_path / "store")
@@ -122,8 +121,6 @@ def test_store_pairs_are_one_token_each_and_a_store_missing_a_hook_is_refused(tm
 
 
 def test_nan_in_either_stream_stops_training_with_a_clear_error(tmp_path):
-    from workbench.sae.train import TrainConfig, train_sae
-
     tc = _tc()
     good = torch.randn(8, 32)
     for x, y, which in ((good.clone(), good.clone(), "x"), (good.clone(), good.clone(), "y")):
@@ -134,8 +131,6 @@ def test_nan_in_either_stream_stops_training_with_a_clear_error(tmp_path):
 
 
 def test_feature_statistics_of_a_transcoder_read_its_input_and_promote_logits_through_its_decoder(tmp_path):
-    from workbench.sae.features import FeatureStatsConfig, feature_contexts, feature_stats
-
     torch.manual_seed(0)
     model = HookedGPT(tiny_cfg(n_layers=2)).eval()
     store = _store(model, tmp_path, ["blocks.1.mlp.hook_in"])

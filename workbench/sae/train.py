@@ -26,15 +26,30 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from workbench.distributed import DistInfo, dist_info
 from workbench.errors import CheckpointError, ConfigError, DataError, InputError
 from workbench.locking import lock_name, output_lock
 from workbench.runs import (  # the run scaffold the LM trainer shares; METRICS_FILE, lr_at re-exported for callers
-    CHECKPOINT_DIR, METRICS_FILE, LRSchedule, MetricsLog, check_same_settings, lr_at, read_checkpoint, write_checkpoint,
+    CHECKPOINT_DIR,
+    METRICS_FILE,
+    LRSchedule,
+    MetricsLog,
+    check_same_settings,
+    lr_at,
+    read_checkpoint,
+    write_checkpoint,
 )
 from workbench.sae.kernels import (
-    SparsePattern, batchtopk_pattern, decode_sparse, encode_at, jumprelu, jumprelu_step, make_pattern, scatter_sum,
+    SparsePattern,
+    batchtopk_pattern,
+    decode_sparse,
+    encode_at,
+    jumprelu,
+    jumprelu_step,
+    make_pattern,
+    scatter_sum,
     topk_pattern,
 )
 from workbench.sae.model import SAE, SAEConfig, batch_topk
@@ -121,7 +136,8 @@ class SAETrainConfig:
             raise ConfigError(f"decay_fraction={self.decay_fraction} must lie in [0, 1]")
         if self.skip_init not in SKIP_INITS:
             raise ConfigError(f"skip_init={self.skip_init!r} is unknown; expected one of {SKIP_INITS}")
-        if self.latent_init_scale is not None and not (math.isfinite(self.latent_init_scale) and self.latent_init_scale > 0):
+        scale = self.latent_init_scale
+        if scale is not None and not (math.isfinite(scale) and scale > 0):
             raise ConfigError(f"latent_init_scale={self.latent_init_scale} must be a positive number or None")
         if not (math.isfinite(self.skip_lr_scale) and self.skip_lr_scale > 0):
             raise ConfigError(f"skip_lr_scale={self.skip_lr_scale} must be a positive number")
@@ -736,8 +752,6 @@ def _metrics_line(
 
 
 def _progress(cfg: SAETrainConfig, start: int, rank: int):
-    from tqdm.auto import tqdm
-
     return tqdm(total=cfg.total_steps, initial=start, disable=not cfg.progress or rank != 0, desc="train-sae", unit="step")
 
 

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from workbench.errors import ConfigError, DataError, HookError, InputError
 from workbench.sae.model import SAE
+from workbench.store import ReaderConfig
 
 
 def input_hook(layer: int) -> str:
@@ -126,8 +127,6 @@ def store_pairs(store: Any, layer: int, batch_size: int, seed: int = 0) -> Calla
 
     Both hooks are read with the same shuffle (the store's order depends only on the reader's seed
     and epoch), so row ``i`` of ``x`` and of ``y`` are the same token."""
-    from workbench.store import ReaderConfig
-
     missing = [h for h in (input_hook(layer), output_hook(layer)) if h not in store.hooks]
     if missing:
         raise DataError(f"the store in {store.path} lacks {missing} (it holds {sorted(store.hooks)}); a transcoder "
