@@ -343,6 +343,23 @@ def activation_norm(key: str, hook: str, text: str) -> float:
     return _quiet(run)
 
 
+@st.cache_resource(max_entries=4, show_spinner=False)
+def live_features(key: str, sae_dir: str, hook: str) -> compute.LiveFeatures:
+    """Return a transcoder's latents read on the fly (no activation store) on :data:`compute.LIVE_TOKENS` tokens of
+    the model's own corpus (as the quick SAE reads it): density, histograms, top activations, logit effects."""
+    m, s = model(key), sae(key, sae_dir)
+    corpus = compute.quick_sae_corpus(ModelKey.parse(key).name)
+    windows = compute.sae_windows(m, compute.LIVE_TOKENS, compute.LIVE_CTX, corpus)
+    return _quiet(lambda: compute.live_features(m, s, hook, windows))
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def live_contexts(key: str, sae_dir: str, hook: str, feature: int) -> list:
+    """Return one latent's strongest examples in :func:`live_features`, with its activation on the tokens around."""
+    m, s, live = model(key), sae(key, sae_dir), live_features(key, sae_dir, hook)
+    return _quiet(lambda: compute.live_contexts(m, s, hook, live, feature))
+
+
 @st.cache_resource(max_entries=16, show_spinner=False)
 def prompt_latents(key: str, sae_dir: str, hook: str, text: str) -> Tensor:
     """Return the SAE's latents on every token of the prompt, ``[pos d_sae]`` (CPU, float32)."""

@@ -19,12 +19,13 @@ from typing import NamedTuple
 
 import pandas as pd
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from workbench import paths
 from workbench.analysis import patching as P
 from workbench.analysis.attribution import token_id
+from workbench.analysis.graph import TopActivations, top_activations
 from workbench.analysis.induction import (
     RepeatedTokensSpec,
     default_spec,
@@ -38,9 +39,24 @@ from workbench.analysis.logit_lens import LENS_CONFIG_FILE, TunedLensConfig, tra
 from workbench.builtin import RECIPES, snapshot_dirs
 from workbench.errors import InputError
 from workbench.generate import SamplingConfig, next_token_probs
-from workbench.names import act_name
-from workbench.pipelines import SAERecipe, cache_windows, token_windows, train_sae_on_store
+from workbench.names import act_name, layer_of
+from workbench.pipelines import (
+    SHIPPED_TRANSCODERS,
+    SAERecipe,
+    cache_windows,
+    token_windows,
+    train_sae_on_store,
+    transcoders_home,
+)
+from workbench.sae.features import (
+    FeatureContext,
+    FeatureStatsConfig,
+    decoder_neighbours,
+    logit_effects,
+    residual_directions,
+)
 from workbench.sae.io import CFG_FILE, WEIGHTS_FILE
+from workbench.sae.model import SAE
 from workbench.sae.train import SAETrainConfig
 from workbench.store import ReaderConfig, StoreConfig
 from workbench.train import METRICS_FILE, read_metrics
@@ -314,46 +330,227 @@ def tuned_lenses(cfg) -> list[Path]:
 
 
 class SAEInfo(NamedTuple):
-    """An SAE found in the runs directory."""
+    """An SAE or transcoder found on disk for a model."""
 
     path: Path
     hook: str
+    """The hook it reads (a transcoder: the MLP's input, ``blocks.L.mlp.hook_in``)."""
     d_in: int
     d_sae: int
     architecture: str
     model_name: str
     #: the activation store it was trained on (None when unknown or gone)
     store: Path | None
+    #: the hook a transcoder's decoder writes to (``hook_name_out`` in its metadata); None for an SAE
+    out_hook: str | None = None
+    #: the transcoder set it belongs to, as shown ("kjv-small (shipped)"); None outside a set
+    set_name: str | None = None
+
+    @property
+    def is_transcoder(self) -> bool:
+        return self.out_hook is not None
+
+    @property
+    def steer_hook(self) -> str:
+        """Where steering adds a latent's decoder direction: what the latent writes to. An SAE writes back
+        where it reads; a transcoder writes the MLP's output (``blocks.L.hook_mlp_out``), not its input."""
+        if self.out_hook is None:
+            return self.hook
+        layer = layer_of(self.out_hook)
+        return act_name("mlp_out", layer) if layer is not None else self.out_hook
 
     @property
     def label(self) -> str:
+        if self.set_name is not None:
+            return (f"transcoder · {self.set_name} · layer {layer_of(self.hook)} · {self.architecture} · "
+                    f"{self.d_sae} latents")
         try:
             where = self.path.relative_to(paths.runs_dir()).as_posix()
         except ValueError:
             where = str(self.path)
-        return f"{where} · {self.hook} · {self.architecture} · {self.d_sae} latents"
+        kind = " · transcoder" if self.is_transcoder else ""
+        return f"{where}{kind} · {self.hook} · {self.architecture} · {self.d_sae} latents"
+
+
+def _sae_info(d: Path, model_name: str, d_model: int, set_name: str | None = None) -> SAEInfo | None:
+    """Return the SAEInfo of an SAE directory made for this model with a residual-width input, else None."""
+    if not (d / WEIGHTS_FILE).is_file():
+        return None
+    try:
+        cfg = json.loads((d / CFG_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    meta = cfg.get("metadata") or {}
+    if meta.get("model_name") != model_name or cfg.get("d_in") != d_model or not meta.get("hook_name"):
+        return None
+    store = meta.get("activation_store")
+    store_path = Path(store) if store and (Path(store) / "manifest.json").is_file() else None
+    out_hook = meta.get("hook_name_out") or cfg.get("hook_name_out")
+    return SAEInfo(d, meta["hook_name"], int(cfg["d_in"]), int(cfg["d_sae"]), str(cfg.get("architecture")),
+                   model_name, store_path, out_hook or None, set_name if out_hook else None)
+
+
+def transcoder_sets(model_name: str) -> list[tuple[str, Path]]:
+    """Return ``(shown name, directory)`` of the transcoder sets for a model: the shipped one
+    (``data/transcoders/MODEL``), then the one trained under the home (:func:`transcoders_home`)."""
+    sets = [(f"{model_name} (shipped)", SHIPPED_TRANSCODERS / model_name),
+            (f"{model_name} (trained here)", transcoders_home(model_name))]
+    return [(name, d) for name, d in sets if d.is_dir()]
 
 
 def find_saes(model_name: str, d_model: int) -> list[SAEInfo]:
-    """Return the SAEs under the runs directory made for ``model_name`` (by their metadata) with a
-    residual-width input, newest first."""
+    """Return the SAEs and transcoders made for ``model_name`` (by their metadata) with a residual-width input:
+    those under the runs directory newest first, then each layer of the model's transcoder sets
+    (:func:`transcoder_sets`). A transcoder is recognised by the ``hook_name_out`` of its metadata."""
     found = []
     for cfg_path in paths.runs_dir().glob(f"**/{CFG_FILE}"):
-        d = cfg_path.parent
-        if not (d / WEIGHTS_FILE).is_file():
-            continue
-        try:
-            cfg = json.loads(cfg_path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        meta = cfg.get("metadata") or {}
-        if meta.get("model_name") != model_name or cfg.get("d_in") != d_model or not meta.get("hook_name"):
-            continue
-        store = meta.get("activation_store")
-        store_path = Path(store) if store and (Path(store) / "manifest.json").is_file() else None
-        found.append((cfg_path.stat().st_mtime, SAEInfo(d, meta["hook_name"], int(cfg["d_in"]), int(cfg["d_sae"]),
-                                                        str(cfg.get("architecture")), model_name, store_path)))
-    return [info for _, info in sorted(found, key=lambda t: -t[0])]
+        info = _sae_info(cfg_path.parent, model_name, d_model)
+        if info is not None:
+            found.append((cfg_path.stat().st_mtime, info))
+    out = [info for _, info in sorted(found, key=lambda t: -t[0])]
+    seen = {info.path.resolve() for info in out}
+    for set_name, directory in transcoder_sets(model_name):
+        layers = sorted(directory.glob("layer_*/transcoder"), key=lambda p: int(p.parent.name.split("_")[1]))
+        for d in layers:
+            info = _sae_info(d, model_name, d_model, set_name)
+            if info is not None and info.is_transcoder and d.resolve() not in seen:
+                seen.add(d.resolve())
+                out.append(info)
+    return out
+
+
+# ------------------------------------------------------------------------ features read live (no store)
+
+
+#: a transcoder without an activation store is read on this many tokens of the model's own corpus, in windows of
+#: LIVE_CTX (kjv-small: about a second on a CPU)
+LIVE_TOKENS, LIVE_CTX = 8192, 64
+
+
+class LiveFeatures(NamedTuple):
+    """Every latent of a transcoder read on token windows of the model's corpus, computed on the fly (no
+    activation store). Field names follow :class:`workbench.sae.features.FeatureStats` so one card shows either."""
+
+    windows: Int[Tensor, "n_windows pos"]
+    #: each latent's strongest activations and where they are (window, position)
+    top: TopActivations
+    n_rows: int
+    """Tokens read."""
+    density: Float[Tensor, " d_sae"]
+    mean_active: Float[Tensor, " d_sae"]
+    max_act: Float[Tensor, " d_sae"]
+    hist_edges: Float[Tensor, " bins_plus_one"]
+    hist_counts: Int[Tensor, "d_sae bins"]
+    #: logit effects of what each latent writes (``W_dec @ W_U`` at the output side, the final norm's gain folded in);
+    #: None when its output hook has no linear path to the logits
+    logit_top_ids: Int[Tensor, "d_sae n_logits"] | None
+    logit_top_values: Float[Tensor, "d_sae n_logits"] | None
+    logit_bottom_ids: Int[Tensor, "d_sae n_logits"] | None
+    logit_bottom_values: Float[Tensor, "d_sae n_logits"] | None
+    neighbour_ids: Int[Tensor, "d_sae n_neighbours"] | None
+    neighbour_cos: Float[Tensor, "d_sae n_neighbours"] | None
+
+    @property
+    def dead_fraction(self) -> float:
+        return float((self.density == 0).float().mean())
+
+
+def _check_transcoder(model, sae: SAE, hook: str) -> int:
+    """Return the layer of the transcoder reading ``hook``; refuse an SAE or a hook that is not an MLP's input."""
+    layer = layer_of(hook)
+    if not sae.cfg.is_transcoder or layer is None or hook != f"blocks.{layer}.mlp.hook_in":
+        raise InputError(f"features are read live only for transcoders (reading blocks.L.mlp.hook_in), not for "
+                         f"{hook!r}; an SAE needs its activation store")
+    if not 0 <= layer < model.cfg.n_layers:
+        raise InputError(f"{hook!r} names layer {layer}; the model has layers 0..{model.cfg.n_layers - 1}")
+    return layer
+
+
+@torch.no_grad()
+def _latents(model, sae: SAE, layer: int, hook: str, tokens: Tensor) -> Float[Tensor, "batch pos d_sae"]:
+    """Return the transcoder's latents on every position of ``tokens`` (the model run up to its layer)."""
+    _, cache = model.run_with_cache(tokens.to(model.embed.W_E.device), names_filter=[hook], stop_at_layer=layer + 1)
+    return sae.encode(cache[hook].to(sae.W_enc)).float().cpu()
+
+
+@torch.no_grad()
+def live_features(model, sae: SAE, hook: str, windows: Int[Tensor, "n_windows pos"], n_top: int = 8,
+                  cfg: FeatureStatsConfig = FeatureStatsConfig(), batch_windows: int = 16) -> LiveFeatures:
+    """Return every latent's density, activation histogram (``cfg``'s log-spaced bins), top activations
+    (:func:`workbench.analysis.graph.top_activations`) and logit effects (:func:`workbench.sae.features.residual_directions`,
+    which follows a transcoder to its output hook) on ``windows``, read through the model on the fly."""
+    layer = _check_transcoder(model, sae, hook)
+    windows = model.check_tokens(windows).cpu()
+    top = top_activations(model, sae, layer, windows.to(model.embed.W_E.device), k=n_top, batch_size=batch_windows)
+    d_sae = sae.cfg.d_sae
+    fires = torch.zeros(d_sae, dtype=torch.float64)
+    act_sum = torch.zeros(d_sae, dtype=torch.float64)
+    max_act = torch.zeros(d_sae)
+    edges = torch.logspace(cfg.hist_log10_min, cfg.hist_log10_max, cfg.hist_bins + 1)
+    inner_log_edges = torch.linspace(cfg.hist_log10_min, cfg.hist_log10_max, cfg.hist_bins + 1)[1:-1]
+    hist = torch.zeros(d_sae * cfg.hist_bins, dtype=torch.long)
+    for chunk in windows.split(batch_windows):
+        lat = _latents(model, sae, layer, hook, chunk).flatten(0, 1)
+        active = lat > 0
+        fires += active.sum(0).double()
+        act_sum += lat.clamp_min(0).sum(0).double()
+        max_act = torch.maximum(max_act, lat.max(0).values)
+        nz = active.nonzero()
+        bins = torch.bucketize(lat[nz[:, 0], nz[:, 1]].log10(), inner_log_edges)
+        hist.index_add_(0, nz[:, 1] * cfg.hist_bins + bins, torch.ones_like(bins))
+    logits: tuple = (None, None, None, None)
+    directions = residual_directions(model, sae, hook)
+    if directions is not None and cfg.n_logits > 0:
+        logits = tuple(t.cpu() for t in logit_effects(model, directions.to(model.unembed.W_U.device),
+                                                      min(cfg.n_logits, model.cfg.d_vocab)))
+    nb_ids, nb_cos = decoder_neighbours(sae, cfg.n_neighbours) if cfg.n_neighbours > 0 and d_sae > 1 else (None, None)
+    n = windows.numel()
+    return LiveFeatures(windows, top, n, (fires / n).float(), (act_sum / fires.clamp_min(1)).float(),
+                        max_act.clamp_min(0), edges, hist.view(d_sae, cfg.hist_bins), *logits,
+                        None if nb_ids is None else nb_ids.cpu(), None if nb_cos is None else nb_cos.cpu())
+
+
+@torch.no_grad()
+def live_contexts(model, sae: SAE, hook: str, live: LiveFeatures, feature: int, n: int = 8, before: int = 12,
+                  after: int = 4) -> list[FeatureContext]:
+    """Return a latent's strongest examples in ``live`` with its activation on the tokens around each (the windows
+    holding them run through the model again). ``row`` is the example's index in the flattened windows."""
+    layer = _check_transcoder(model, sae, hook)
+    if not 0 <= feature < sae.cfg.d_sae:
+        raise InputError(f"feature {feature} does not exist; the transcoder has {sae.cfg.d_sae} latents")
+    fired = live.top.values[feature] > 0
+    wins, poss = live.top.window[feature][fired][:n].tolist(), live.top.pos[feature][fired][:n].tolist()
+    if not wins:
+        return []
+    need = sorted(set(wins))
+    acts = _latents(model, sae, layer, hook, live.windows[need])[..., feature]
+    n_ctx = live.windows.shape[1]
+    out = []
+    for w, p in zip(wins, poss):
+        lo, hi = max(0, p - before), min(n_ctx, p + after + 1)
+        per_token = acts[need.index(w), lo:hi].tolist()
+        out.append(FeatureContext(w * n_ctx + p, w, p, per_token[p - lo], live.windows[w, lo:hi].tolist(),
+                                  list(range(lo, hi)), per_token, p - lo))
+    return out
+
+
+class LatentLabels(NamedTuple):
+    """Text for each latent's row in the latent finder."""
+
+    #: the token of each latent's strongest activation ("" for a latent that never fired)
+    fires_on: list[str]
+    #: the three tokens each latent raises most (empty when there are no logit effects)
+    raises: list[list[str]]
+
+
+def live_latent_labels(model, live: LiveFeatures) -> LatentLabels:
+    """Return the token each latent of ``live`` fires on most and the three tokens it raises most."""
+    tokens = live.windows[live.top.window[:, 0], live.top.pos[:, 0]].tolist()
+    fired = (live.top.values[:, 0] > 0).tolist()
+    fires_on = [token_label(model, t) if f else "" for t, f in zip(tokens, fired)]
+    if live.logit_top_ids is None:
+        return LatentLabels(fires_on, [[] for _ in fires_on])
+    return LatentLabels(fires_on, [[token_label(model, int(i)) for i in row[:3]] for row in live.logit_top_ids.tolist()])
 
 
 def quick_sae_corpus(model_name: str) -> str:

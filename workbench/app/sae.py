@@ -1,5 +1,10 @@
-"""SAE features page: pick an SAE (or train a quick one), browse its features, list the features active
-on a prompt, and steer generation along a feature's direction."""
+"""SAE features page: pick an SAE or a transcoder (or train a quick SAE), browse its features, list the features
+active on a prompt, and steer generation along a feature's direction.
+
+A transcoder (a layer of a shipped or home transcoder set, or one in the runs directory) reads the MLP's input and
+writes its output: its features are read at ``blocks.L.mlp.hook_in``, their logit effects and steering are taken
+where they write (``blocks.L.hook_mlp_out``). Without an activation store its features are read on the fly from the
+model's own corpus."""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ import pandas as pd
 import streamlit as st
 import torch
 
-from workbench import paths
+from workbench import generate, paths
 from workbench.app import cached, compute, figures, share, ui
 from workbench.app.sidebar import Selection
 
@@ -28,11 +33,16 @@ def sae_page(sel: Selection) -> None:
     if st.session_state.get("sae_pick") not in by_path:
         st.session_state["sae_pick"] = str(saes[0].path)
     picked = st.sidebar.selectbox("SAE", list(by_path), key="sae_pick", format_func=lambda p: by_path[p].label,
-                                  help="SAEs under the runs directory made for this model")
+                                  help="SAEs under the runs directory made for this model, and the layers of its "
+                                       "transcoder sets (shipped, or trained under the workbench home)")
     info = by_path[picked]
     with ui.guard():
         sae = cached.sae(sel.key, picked)
-    st.caption(f"{info.label}; reads `{info.hook}`.")
+    if info.is_transcoder:
+        st.caption(f"{info.label}; a transcoder: reads `{info.hook}` (what the MLP reads) and writes "
+                   f"`{info.steer_hook}` (what the MLP writes).")
+    else:
+        st.caption(f"{info.label}; reads `{info.hook}`.")
     browser, prompt_view, steering = st.tabs(["Feature browser", "Prompt view", "Steering"])
     with browser:
         feature = _browser(sel, model, info, sae)
@@ -86,15 +96,25 @@ def _quick_sae_status() -> None:
 
 def _browser(sel: Selection, model, info: compute.SAEInfo, sae) -> int:
     d_sae = sae.cfg.d_sae
-    if info.store is None:
+    if info.store is not None:
+        with ui.guard(), st.spinner("Computing feature statistics (one pass over the store, saved for next time)…"):
+            stats = cached.feature_stats(sel.key, str(info.path), str(info.store), info.hook)
+        table = _latent_table(model, info, stats)
+        read_on = f"the {stats.n_rows:,} tokens of the store"
+    elif info.is_transcoder:  # no store (a shipped set has none): read the model's own corpus on the fly
+        corpus = _corpus_name(sel.name, model)
+        with ui.guard(), st.spinner(f"Reading {compute.LIVE_TOKENS:,} tokens of {corpus} through the transcoder…"):
+            stats = cached.live_features(sel.key, str(info.path), info.hook)
+        labels = compute.live_latent_labels(model, stats)
+        table = figures.latent_table(stats.density, stats.max_act, labels.fires_on,
+                                     [" ".join(figures.show_token(t) for t in row) for row in labels.raises])
+        read_on = f"the {stats.n_rows:,} tokens of {corpus} read for it"
+    else:
         st.warning("The activation store this SAE was trained on is not on this machine (its metadata names "
                    "none, or it was deleted), so there are no activation statistics to browse. The prompt view "
                    "and steering still work.")
         return int(st.number_input("Feature", 0, d_sae - 1, 0, key="sae_feature", bind=share.URL))
-    with ui.guard(), st.spinner("Computing feature statistics (one pass over the store, saved for next time)…"):
-        stats = cached.feature_stats(sel.key, str(info.path), str(info.store), info.hook)
     live = int((stats.density > 0).sum())
-    table = _latent_table(model, info, stats)
     if st.session_state.get("sae_feature", 0) >= d_sae:  # another SAE was picked: start over
         del st.session_state["sae_feature"]
     if "sae_feature" not in st.session_state:  # open on a live latent that fires on a word, not on whitespace
@@ -118,15 +138,23 @@ def _browser(sel: Selection, model, info: compute.SAEInfo, sae) -> int:
                                                           stats.hist_counts[feature].tolist(), feature))
             share.plot(card_figs[-1], key="sae_hist")
         else:
-            st.info(f"Latent {feature} never fired on the {stats.n_rows:,} tokens of the store (a dead latent).")
+            st.info(f"Latent {feature} never fired on {read_on} (a dead latent).")
     st.markdown("**Top activating contexts** (orange: the latent's activation on each token)")
-    rows = tuple(int(r) for r in stats.top_rows[feature][:8] if r >= 0)
-    contexts_html = _contexts(sel, model, info, feature, rows)
-    quantiles = stats.quantile_rows(feature, 5)
-    if quantiles:
-        with st.expander("Samples across the activation range (quantiles)"):
-            _contexts(sel, model, info, feature, tuple(r for _, r, _ in quantiles))
+    if info.store is not None:
+        rows = tuple(int(r) for r in stats.top_rows[feature][:8] if r >= 0)
+        contexts_html = _contexts(sel, model, info, feature, rows)
+        quantiles = stats.quantile_rows(feature, 5)
+        if quantiles:
+            with st.expander("Samples across the activation range (quantiles)"):
+                _contexts(sel, model, info, feature, tuple(r for _, r, _ in quantiles))
+    else:
+        with ui.guard():
+            contexts = cached.live_contexts(sel.key, str(info.path), info.hook, feature)
+        contexts_html = _show_contexts(model, contexts)
     if stats.logit_top_ids is not None:
+        if info.is_transcoder:
+            st.caption(f"Logit effects of what the latent writes: its decoder row at `{info.steer_hook}` through the "
+                       "final norm's gain and the unembedding (`W_dec @ W_U`).")
         top = [compute.token_label(model, int(i)) for i in stats.logit_top_ids[feature]]
         bottom = [compute.token_label(model, int(i)) for i in stats.logit_bottom_ids[feature]]
         card_figs.append(figures.logit_effects_figure(top, stats.logit_top_values[feature].tolist(), bottom,
@@ -136,7 +164,10 @@ def _browser(sel: Selection, model, info: compute.SAEInfo, sae) -> int:
              "density": f"{float(stats.density[feature]):.3%}",
              "mean activation (when firing)": f"{float(stats.mean_active[feature]):.3g}",
              "max activation": f"{float(stats.max_act[feature]):.3g}",
-             "live latents in this SAE": f"{live} of {d_sae}", "store tokens": f"{stats.n_rows:,}"}
+             "live latents in this SAE": f"{live} of {d_sae}",
+             "store tokens" if info.store is not None else "corpus tokens read": f"{stats.n_rows:,}"}
+    if info.is_transcoder:
+        facts["writes to"] = info.steer_hook
     title = f"{sel.name} · {info.hook} · latent {feature}"
     st.download_button("Download this latent's card (standalone HTML, works offline)",
                        lambda: figures.feature_card_html(title, facts, card_figs, contexts_html),
@@ -184,12 +215,20 @@ def _latent_finder(table) -> None:
 
 
 def _contexts(sel: Selection, model, info: compute.SAEInfo, feature: int, rows: tuple[int, ...]) -> str:
-    """Show the contexts of ``rows`` with the latent's activations highlighted; return their HTML."""
+    """Show the contexts of store ``rows`` with the latent's activations highlighted; return their HTML."""
     if not rows:
-        st.caption("No examples: the latent never fired.")
-        return "<p>No examples: the latent never fired.</p>"
+        return _show_contexts(model, [])
     with ui.guard():
         contexts = cached.feature_contexts(sel.key, str(info.path), str(info.store), info.hook, feature, rows)
+    return _show_contexts(model, contexts)
+
+
+def _show_contexts(model, contexts: list) -> str:
+    """Show contexts (:class:`workbench.sae.features.FeatureContext`) with the latent's activations highlighted;
+    return their HTML."""
+    if not contexts:
+        st.caption("No examples: the latent never fired.")
+        return "<p>No examples: the latent never fired.</p>"
     vmax = max([c.value for c in contexts] + [1e-9])
     lines = []
     for c in contexts:
@@ -214,14 +253,15 @@ def _prompt_view(sel: Selection, model, info: compute.SAEInfo, feature: int) -> 
 
 
 def _steering(sel: Selection, model, info: compute.SAEInfo, sae, feature: int) -> None:
-    from workbench.generate import stream_generate
-
     default = "The" if model.tokenizer is not None else "0 17 42 5"
     text, enc = ui.prompt(sel.key, model, "steer_prompt", default=default)
+    point = info.steer_hook  # where the latent writes: a transcoder's is the MLP's output, not the input it reads
     with ui.guard(), st.spinner("Running the model…"):
-        norm = cached.activation_norm(sel.key, info.hook, text)
+        norm = cached.activation_norm(sel.key, point, text)
+    what = " (what the transcoder writes: the MLP's output)" if info.is_transcoder else ""
     st.caption(f"Generate greedily while adding strength × latent {feature}'s decoder direction (unit norm) to "
-               f"`{info.hook}` at every position. For scale: that activation's mean norm on this prompt is {norm:.1f}.")
+               f"`{point}`{what} at every position. For scale: that activation's mean norm on this prompt is "
+               f"{norm:.1f}.")
     c1, c2 = st.columns(2)
     strength = c1.slider("Steering strength", -100.0, 100.0, 20.0, 1.0, key="steer_strength")
     n_new = c2.slider("New tokens", 1, 48, 20, key="steer_new")
@@ -230,13 +270,13 @@ def _steering(sel: Selection, model, info: compute.SAEInfo, sae, feature: int) -
     direction = sae.W_dec[feature].detach()
     hook = compute.steering_hook(direction, strength)
     cols = st.columns(2)
-    for col, hooks, title in ((cols[0], [], "without steering"), (cols[1], [(info.hook, hook)], f"strength {strength:g}")):
+    for col, hooks, title in ((cols[0], [], "without steering"), (cols[1], [(point, hook)], f"strength {strength:g}")):
         with col, ui.guard():
             st.markdown(f"**{title}**")
             out = st.empty()
             pieces: list[str] = []
             with st.spinner(f"Generating {figures.count_noun(int(n_new), 'token')} {title}…"):
-                for event in stream_generate(model, torch.tensor(enc.ids), int(n_new), temperature=0.0,
+                for event in generate.stream_generate(model, torch.tensor(enc.ids), int(n_new), temperature=0.0,
                                              stop_tokens=[], fwd_hooks=hooks):
                     pieces.append(event.text if model.tokenizer is not None else f" {event.token}")
                     out.markdown(figures.generated_text_html("".join(enc.str_tokens), "".join(pieces)),
