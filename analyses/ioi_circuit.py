@@ -53,6 +53,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--n-gt", type=int, default=4, help="greater-than pairs")
     p.add_argument("--steps", type=int, default=5, help="EAP-IG steps m")
     p.add_argument("--edges", default="250,1000,2464", help="edge counts of the faithfulness curve")
+    p.add_argument("--check-edges", type=int, default=12,
+                   help="top EAP-IG edges whose single-edge effect is patched exactly (0 skips it)")
     p.add_argument("--nodes", default="10,30,60", help="node counts of the exact node-patching curve ('' skips it)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="report directory (default $WORKBENCH_HOME/runs/reports/ioi-circuit)")
@@ -138,6 +140,38 @@ def stage_atp(model, args, report: Report) -> dict:
     return out
 
 
+def _signed_top(result, n: int) -> torch.Tensor:
+    """The ``n`` edges whose corruption moves the metric furthest towards the corrupted run's (those that help)."""
+    toward = result.scores * (1.0 if result.corrupt > result.clean else -1.0)
+    flat = toward.flatten().masked_fill(~result.graph.valid().flatten(), float("-inf"))
+    keep = torch.zeros_like(flat, dtype=torch.bool)
+    keep[flat.argsort(descending=True)[:n]] = True
+    return keep.view_as(result.scores) & (toward > 0)
+
+
+def single_edge_check(model, task, results: dict, k: int) -> dict:
+    """Exact effect of corrupting each of the ``k`` top EAP-IG edges alone (every other edge clean) beside its EAP
+    and EAP-IG scores: the check that the scores mean what they say, sign and size."""
+    ig = results["eap-ig"]
+    graph = ig.graph
+    order = ig.scores.abs().flatten().argsort(descending=True)[:k]
+    circuits = []
+    for i in order:
+        keep = graph.valid().clone()
+        keep.view(-1)[i] = False
+        circuits.append(keep)
+    faith = E.faithfulness(model, task.clean, task.corrupt, task.metric, circuits)
+    D = graph.n_down
+    rows = [{"edge": graph.edge_name(int(i) // D, int(i) % D), "exact": f.circuit - f.clean,
+             "eap-ig": float(ig.scores.flatten()[i]), "eap": float(results["eap"].scores.flatten()[i])}
+            for i, f in zip(order, faith)]
+    exact = torch.tensor([r["exact"] for r in rows])
+    corr = {m: float(torch.corrcoef(torch.stack([exact, torch.tensor([r[m] for r in rows])]))[0, 1])
+            for m in ("eap-ig", "eap")}
+    log(f"single edges: Pearson with exact {corr}")
+    return {"rows": rows, "pearson": corr}
+
+
 def stage_eap(model, args, report: Report) -> dict:
     task = T.ioi_task(model, n=args.n_eap, seed=args.seed + 1)
     graph = E.Graph.from_model(model)
@@ -151,13 +185,37 @@ def stage_eap(model, args, report: Report) -> dict:
         out["seconds"][method] = time.perf_counter() - t0
         log(f"{method}: {out['seconds'][method]:.1f}s; top edges {results[method].top_edges(5)}")
         out[f"top_edges_{method}"] = results[method].top_edges(25)
-    for method, res in results.items():
+    ig = results["eap-ig"]
+    selections = {
+        "eap": lambda n: E.top_n_circuit(results["eap"], n),
+        "eap-ig": lambda n: E.top_n_circuit(ig, n),
+        # dangling edges dropped and their places filled from further down the ranking
+        "eap-ig pruned": lambda n: E.top_n_circuit(ig, n, prune=True),
+        # a diagnostic, not a circuit finder: only the edges that help the answer (it overshoots)
+        "eap-ig helping only": lambda n: _signed_top(ig, n),
+    }
+    held = T.ioi_task(model, n=args.n_eap, seed=args.seed + 100)
+    for name, select in selections.items():
         t0 = time.perf_counter()
-        faith = E.faithfulness(model, task.clean, task.corrupt, task.metric, [E.top_n_circuit(res, n) for n in edges])
-        out["curves"][method] = [{"edges": f.n_edges, "fraction": f.n_edges / graph.n_edges,
-                                  "faithfulness": f.faithfulness} for f in faith]
+        circuits = [select(n) for n in edges]
+        faith = E.faithfulness(model, task.clean, task.corrupt, task.metric, circuits)
+        out["curves"][name] = [{"edges": f.n_edges, "fraction": f.n_edges / graph.n_edges,
+                                "faithfulness": f.faithfulness} for f in faith]
+        if name == "eap-ig":  # the same circuits on prompts the scores never saw
+            out["curves"]["eap-ig held-out"] = [
+                {"edges": f.n_edges, "fraction": f.n_edges / graph.n_edges, "faithfulness": f.faithfulness}
+                for f in E.faithfulness(model, held.clean, held.corrupt, held.metric, circuits)]
         out["clean"], out["corrupt"] = faith[0].clean, faith[0].corrupt
-        log(f"{method} faithfulness {out['curves'][method]} ({time.perf_counter() - t0:.1f}s)")
+        log(f"{name} faithfulness {out['curves'][name]} ({time.perf_counter() - t0:.1f}s)")
+        if name == "eap-ig":
+            top = circuits[edges.index(max(edges))] if edges else None
+            if top is not None:
+                kept, gap = ig.scores[top], faith[0].clean - faith[0].corrupt
+                out["sign_balance"] = {"edges": int(top.sum()), "raising_metric": int((kept > 0).sum()),
+                                       "sum_lowering": float(kept[kept < 0].sum()) / gap,
+                                       "sum_raising": float(kept[kept > 0].sum()) / gap}
+    if args.check_edges:
+        out["single_edges"] = single_edge_check(model, task, results, args.check_edges)
     if args.nodes:
         # exact node patching: the effect of each head's / MLP's corrupted output in the clean run
         t0 = time.perf_counter()
@@ -181,6 +239,14 @@ def stage_eap(model, args, report: Report) -> dict:
                 f"{out['corrupt']:.3f}. EAP-IG with m={args.steps}.")
     report.table([{"method": m, **row} for m, rows in out["curves"].items() for row in rows], caption="edges vs faithfulness")
     report.table([{"edge": e, "score": s} for e, s in out["top_edges_eap-ig"][:15]], caption="top EAP-IG edges")
+    if "sign_balance" in out:
+        report.text(f"Of the top {out['sign_balance']['edges']} EAP-IG edges, {out['sign_balance']['raising_metric']} "
+                    "have positive scores (corrupting them raises the metric: they work against the answer); the "
+                    f"kept scores sum to {out['sign_balance']['sum_lowering']:.2f} (lowering) and "
+                    f"{out['sign_balance']['sum_raising']:.2f} (raising) clean-corrupted gaps.")
+    if "single_edges" in out:
+        report.table(out["single_edges"]["rows"], caption="exact effect of corrupting one edge alone vs its scores "
+                     f"(Pearson {out['single_edges']['pearson']})")
     return out
 
 

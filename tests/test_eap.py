@@ -124,6 +124,38 @@ def test_circuits(model):
     assert len(res.top_edges(3)) == 3 and "->" in res.top_edges(3)[0][0]
 
 
+
+def test_pruning_dangling_edges_changes_nothing(model):
+    """Edges no kept path connects to both the input and the logits carry nothing: the pruned circuit's patched
+    run is the same; top_n_circuit(prune=True) fills their places and stays within n."""
+    clean, corrupt = _pair(model)
+    metric = LogitDiff(3, 5)
+    graph = E.Graph.from_model(model)
+    gen = torch.Generator().manual_seed(1)
+    circuits = [graph.valid() & (torch.rand(graph.n_up, graph.n_down, generator=gen) < p) for p in (0.05, 0.2)]
+    pruned = [E.prune_circuit(graph, keep) for keep in circuits]
+    for keep, small in zip(circuits, pruned):
+        assert not (small & ~keep).any() and int(small.sum()) < int(keep.sum())
+        assert torch.equal(E.prune_circuit(graph, small), small)
+    full = E.faithfulness(model, clean, corrupt, metric, circuits)
+    cut = E.faithfulness(model, clean, corrupt, metric, pruned)
+    for a, b in zip(full, cut):
+        assert a.circuit == pytest.approx(b.circuit, abs=1e-5)
+    # an edge into a head whose output nothing kept reads is dangling, as is one out of a head nothing feeds
+    keep = torch.zeros(graph.n_up, graph.n_down, dtype=torch.bool)
+    h0, h1 = graph.up_start(0), graph.up_start(1)
+    keep[0, graph.downstream.index("a0.h0<q>")] = True  # input -> a0.h0: dangling without a0.h0 -> ...
+    keep[h1, graph.n_down - 1] = True  # a1.h0 -> logits: dangling, nothing feeds a1.h0
+    assert not E.prune_circuit(graph, keep).any()
+    keep[h0, graph.downstream.index("a1.h0<v>")] = True  # now a path input -> a0.h0 -> a1.h0 -> logits
+    assert int(E.prune_circuit(graph, keep).sum()) == 3
+    res = E.edge_attribution(model, clean, corrupt, metric, E.EAPConfig(steps=2))
+    for n in (5, 20):
+        filled = E.top_n_circuit(res, n, prune=True)
+        assert int(filled.sum()) <= n and torch.equal(E.prune_circuit(graph, filled), filled)
+        assert int(filled.sum()) >= int(E.prune_circuit(graph, E.top_n_circuit(res, n)).sum())
+
+
 def test_eap_bad_input(model):
     clean, corrupt = _pair(model)
     with pytest.raises(InputError, match="m >= 1"):

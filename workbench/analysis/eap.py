@@ -350,16 +350,52 @@ def _downstream_grads(grads: Sequence[Tensor], graph: Graph) -> Float[Tensor, "d
 # Circuits and faithfulness
 
 
-def top_n_circuit(result: EAPResult, n: int) -> Bool[Tensor, "up down"]:
-    """The ``n`` edges with the largest absolute scores."""
+def top_n_circuit(result: EAPResult, n: int, prune: bool = False) -> Bool[Tensor, "up down"]:
+    """The ``n`` edges with the largest absolute scores.
+
+    ``prune``: drop the edges that cannot carry anything from the input to the logits (:func:`prune_circuit`)
+    and fill their places from further down the ranking: the longest prefix of the ranking whose pruned circuit
+    has at most ``n`` edges (so it may have a few fewer)."""
     if n < 0:
         raise InputError(f"n={n}: the number of edges must be >= 0")
-    flat = result.scores.abs().flatten()
-    keep = torch.zeros_like(flat, dtype=torch.bool)
-    valid = result.graph.valid().flatten()
-    order = flat.masked_fill(~valid, -1).argsort(descending=True)[: min(n, int(valid.sum()))]
-    keep[order] = True
-    return keep.view_as(result.scores)
+    graph = result.graph
+    valid = graph.valid().flatten()
+    order = result.scores.abs().flatten().masked_fill(~valid, -1).argsort(descending=True)[: int(valid.sum())]
+
+    def first(k: int) -> Tensor:
+        keep = torch.zeros_like(valid)
+        keep[order[:k]] = True
+        return keep.view_as(result.scores)
+
+    if not prune:
+        return first(min(n, len(order)))
+    lo, hi = min(n, len(order)), len(order)  # pruning only removes edges: a prefix of n never has more than n
+    while lo < hi:  # the pruned size grows with the prefix, so bisect for the longest that fits
+        mid = (lo + hi + 1) // 2
+        if int(prune_circuit(graph, first(mid)).sum()) <= n:
+            lo = mid
+        else:
+            hi = mid - 1
+    return prune_circuit(graph, first(lo))
+
+
+def prune_circuit(graph: Graph, keep: Bool[Tensor, "up down"]) -> Bool[Tensor, "up down"]:
+    """Return ``keep`` without its dangling edges: those whose upstream node no kept path reaches from the input
+    (its output is then its corrupted output, so the edge carries nothing) or whose downstream node feeds no kept
+    path to the logits. The patched run, and so the faithfulness, is the same with or without them."""
+    reads: dict[int, list[int]] = {}
+    for down in range(graph.n_down - 1):
+        reads.setdefault(graph.owner(down), []).append(down)
+    keep = keep & graph.valid()
+    reached = torch.zeros(graph.n_up, dtype=torch.bool)
+    reached[0] = True
+    for up in range(1, graph.n_up):  # upstream order is topological: a node's inputs read earlier nodes
+        reached[up] = bool(keep[reached][:, reads[up]].any())
+    alive = torch.zeros(graph.n_down, dtype=torch.bool)
+    alive[-1] = True
+    for down in range(graph.n_down - 2, -1, -1):  # a node's input is alive when the node feeds a live input
+        alive[down] = bool(keep[graph.owner(down)][alive].any())
+    return keep & reached[:, None] & alive[None, :]
 
 
 def greedy_circuit(result: EAPResult, n: int) -> Bool[Tensor, "up down"]:
