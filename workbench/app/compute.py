@@ -475,11 +475,13 @@ def _latents(model, sae: SAE, layer: int, hook: str, tokens: Tensor) -> Float[Te
 
 @torch.no_grad()
 def live_features(model, sae: SAE, hook: str, windows: Int[Tensor, "n_windows pos"], n_top: int = 8,
-                  cfg: FeatureStatsConfig = FeatureStatsConfig(), batch_windows: int = 16) -> LiveFeatures:
-    """Return every latent's density, activation histogram (``cfg``'s log-spaced bins), top activations
-    (:func:`workbench.analysis.graph.top_activations`) and logit effects (:func:`workbench.sae.features.residual_directions`,
-    which follows a transcoder to its output hook) on ``windows``, read through the model on the fly."""
+                  cfg: FeatureStatsConfig | None = None, batch_windows: int = 16) -> LiveFeatures:
+    """Return every latent's density, activation histogram (``cfg``'s log-spaced bins; default
+    :class:`FeatureStatsConfig`), top activations (:func:`workbench.analysis.graph.top_activations`) and logit
+    effects (:func:`workbench.sae.features.residual_directions`, which follows a transcoder to its output hook) on
+    ``windows``, read through the model on the fly."""
     layer = _check_transcoder(model, sae, hook)
+    cfg = cfg or FeatureStatsConfig()
     windows = model.check_tokens(windows).cpu()
     top = top_activations(model, sae, layer, windows.to(model.embed.W_E.device), k=n_top, batch_size=batch_windows)
     d_sae = sae.cfg.d_sae
@@ -550,7 +552,8 @@ def live_latent_labels(model, live: LiveFeatures) -> LatentLabels:
     fires_on = [token_label(model, t) if f else "" for t, f in zip(tokens, fired)]
     if live.logit_top_ids is None:
         return LatentLabels(fires_on, [[] for _ in fires_on])
-    return LatentLabels(fires_on, [[token_label(model, int(i)) for i in row[:3]] for row in live.logit_top_ids.tolist()])
+    raises = [[token_label(model, int(i)) for i in row[:3]] for row in live.logit_top_ids.tolist()]
+    return LatentLabels(fires_on, raises)
 
 
 def quick_sae_corpus(model_name: str) -> str:

@@ -200,12 +200,14 @@ def _latent_finder(table) -> None:
     """Search and sort the latents; a row picked in the list opens that latent (set before the slider is drawn)."""
     with st.expander("Find a latent", expanded=False):
         c1, c2, c3 = st.columns([3, 1, 1])
-        query = c1.text_input("Search", key="sae_search", placeholder="a token it fires on or raises, or a latent number")
+        query = c1.text_input("Search", key="sae_search",
+                              placeholder="a token it fires on or raises, or a latent number")
         hide_dead = c2.checkbox("Hide dead latents", True, key="sae_hide_dead")
-        order = c3.selectbox("Order", list(figures.LATENT_ORDERS), key="sae_order", format_func=figures.LATENT_ORDERS.get)
+        order = c3.selectbox("Order", list(figures.LATENT_ORDERS), key="sae_order",
+                             format_func=figures.LATENT_ORDERS.get)
         shown = figures.find_latents(table, query, hide_dead, order).head(500)
-        st.caption(f"{figures.count_noun(len(shown), 'latent')} listed" + (" (the first 500)" if len(shown) == 500 else "")
-                   + "; pick a row to open it.")
+        first = " (the first 500)" if len(shown) == 500 else ""
+        st.caption(f"{figures.count_noun(len(shown), 'latent')} listed{first}; pick a row to open it.")
         event = st.dataframe(shown.style.format({"density": "{:.3%}", "max act": "{:.3g}"}), hide_index=True,
                              height=240, on_select="rerun", selection_mode="single-row", key="sae_table")
     picked = [int(shown.latent.iloc[i]) for i in event.selection.rows if i < len(shown)]
