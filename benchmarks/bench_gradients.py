@@ -31,6 +31,7 @@ from workbench.analysis import attribution_patching as AP
 from workbench.analysis import eap as E
 from workbench.analysis import patching as P
 from workbench.analysis import tasks as T
+from workbench.zoo import load_model
 
 
 def exact_z_sweep(model, clean, corrupt, metric, layers: list[int]) -> tuple[torch.Tensor, list[float]]:
@@ -105,8 +106,6 @@ def bench_eap_ig(model, task, steps: int = 5) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from workbench.zoo import load_model
-
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="8 pairs for EAP-IG (a smoke run)")
     parser.add_argument("--prompts", type=int, default=None, help="IOI pairs for EAP-IG (default 100; --quick 8)")

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from helpers import LLAMA_TINY, tiny_cfg
 
 from workbench import HookedGPT
 from workbench.analysis import eap as E
+from workbench.analysis import tasks as T
 from workbench.analysis.patching import LogitDiff
+from workbench.cli import main
 from workbench.errors import InputError
 
 FAMILIES = {"gpt2": {}, "llama": LLAMA_TINY, "attn-only": {"attn_only": True}}
@@ -178,17 +182,14 @@ def test_eap_bad_input(model):
 
 
 def test_circuit_command(tmp_path, capsys):
-    import json
-
-    from workbench.cli import main
-
     out = tmp_path / "c.json"
     assert main(["circuit", "kjv-small", "--task", "ioi", "--method", "eap-ig", "--steps", "2", "--edges", "40",
                  "--prompts", "4", "--json", str(out), "--report", str(tmp_path / "rep")]) == 0
     numbers = json.loads(out.read_text())
     assert numbers["n_edges"] == 40 and len(numbers["edges"]) == 40 and "faithfulness" in numbers
     assert (tmp_path / "rep" / "report.html").is_file()
-    assert main(["circuit", "kjv-small", "--task", "greater-than", "--method", "atp", "--prompts", "3", "--top", "4"]) == 0
+    assert main(["circuit", "kjv-small", "--task", "greater-than", "--method", "atp", "--prompts", "3",
+                 "--top", "4"]) == 0
     assert "AtP in" in capsys.readouterr().out
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"clean": "In the beginning God", "corrupt": "In the beginning Moses",
@@ -201,8 +202,6 @@ def test_circuit_command(tmp_path, capsys):
 def test_smollm2_split_forward_and_gradients(smollm2):
     """On SmolLM2 (grouped K/V heads split per query head, RMSNorm, RoPE): the split pass gives the model's
     logits, and its per-node gradients add up to the model's own (from backward hooks) at the last layer."""
-    from workbench.analysis import tasks as T
-
     task = T.ioi_task(smollm2, n=1)
     model = smollm2
     with torch.enable_grad():

@@ -6,15 +6,15 @@ import pytest
 import torch
 from helpers import LLAMA_TINY, tiny_cfg
 
+from workbench import HookedGPT
 from workbench.analysis import patching as P
+from workbench.analysis.attribution import token_id
 from workbench.errors import InputError
 from workbench.names import act_name
 
 
 @pytest.fixture(params=[{}, LLAMA_TINY], ids=["gpt2", "llama"])
 def model(request):
-    from workbench import HookedGPT
-
     return HookedGPT(tiny_cfg(**request.param)).eval()
 
 
@@ -140,8 +140,6 @@ def test_ablations_match_hooked_runs(model):
 
 
 def test_errors():
-    from workbench import HookedGPT
-
     model = HookedGPT(tiny_cfg(attn_only=True, d_mlp=0)).eval()
     with pytest.raises(InputError, match="same token length"):
         P.patch_residual(model, torch.zeros(1, 5, dtype=torch.long), torch.zeros(1, 6, dtype=torch.long), P.LogitDiff(1))
@@ -153,8 +151,6 @@ def test_errors():
 
 @pytest.mark.smollm2
 def test_smollm2_patching_restores_clean(smollm2):
-    from workbench.analysis.attribution import token_id
-
     clean = smollm2.to_tokens("The Eiffel Tower is in the city of")
     corrupt = smollm2.to_tokens("The Colosseum is in the city of")
     if clean.shape != corrupt.shape:

@@ -7,14 +7,13 @@ import json
 import pytest
 import torch
 
+from workbench import load_model
 from workbench.analysis import tasks as T
 from workbench.errors import InputError
 
 
 @pytest.fixture(scope="module")
 def kjv():
-    from workbench import load_model
-
     return load_model("kjv-small").eval()
 
 

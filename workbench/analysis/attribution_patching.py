@@ -26,7 +26,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from workbench.analysis.patching import Metric, _check_pair
+from workbench.analysis.patching import Metric, PatchResult, _check_pair
 from workbench.errors import InputError
 from workbench.names import act_name
 
@@ -173,8 +173,6 @@ def attribution_patch(
 def as_patch_result(result: AtPResult, kind: str):
     """AtP's estimates in the shape of an exact patching sweep (:class:`workbench.analysis.patching.PatchResult`):
     the base run's metric plus each node's estimated effect, so the same plots and normalisation apply."""
-    from workbench.analysis.patching import PatchResult
-
     est = {"resid_pre": result.resid, "attn_out": result.attn_out, "mlp_out": result.mlp_out, "z": result.heads}
     if kind not in est:
         raise InputError(f"kind={kind!r} is not one of {sorted(est)}")

@@ -17,14 +17,16 @@ from __future__ import annotations
 import argparse
 import time
 
+from workbench import plots
+from workbench.analysis import attribution_patching as AP
+from workbench.analysis import eap as E
+from workbench.analysis import tasks as T
+from workbench.commands.analysis import _load, _write_json, _write_report
+from workbench.errors import InputError
+from workbench.report import Report
+
 
 def _cmd_circuit(args: argparse.Namespace) -> int:
-    from workbench.analysis import attribution_patching as AP
-    from workbench.analysis import eap as E
-    from workbench.analysis import tasks as T
-    from workbench.commands.analysis import _load, _write_json, _write_report
-    from workbench.errors import InputError
-
     if args.edges < 0:
         raise InputError(f"--edges {args.edges} must be >= 0")
     if args.prompts < 1:
@@ -54,9 +56,6 @@ def _cmd_circuit(args: argparse.Namespace) -> int:
                        resid=res.resid.tolist(), qk_fix=args.qk_fix)
         _write_json(args.json, numbers)
         if args.report:
-            from workbench import plots
-            from workbench.report import Report
-
             report = Report(f"Attribution patching: {args.model}, {task.name}")
             report.figure(plots.head_heatmap(res.heads / gap, "AtP estimate of each head (fraction of the gap)",
                                              "fraction", diverging=True))
@@ -88,9 +87,6 @@ def _cmd_circuit(args: argparse.Namespace) -> int:
                    greedy=args.greedy, edges=edges, nodes=nodes)
     _write_json(args.json, numbers)
     if args.report:
-        from workbench import plots
-        from workbench.report import Report
-
         report = Report(f"Circuit ({args.method}): {args.model}, {task.name}")
         report.text(f"{faith.n_edges} of {graph.n_edges} edges; faithfulness {faith.faithfulness:.3f} (clean "
                     f"{faith.clean:.4f}, corrupted {faith.corrupt:.4f}, circuit {faith.circuit:.4f}).")
