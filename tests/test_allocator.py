@@ -54,3 +54,28 @@ def test_turned_off_by_environment(monkeypatch):
 def test_thresholds_must_fit_a_c_int(kwargs):
     with pytest.raises(ValueError, match="positive C int"):
         retain_freed_memory(**kwargs)
+
+
+RELEASE_PROBE = r"""
+import ctypes, json
+from workbench.allocator import release_freed_memory, retain_freed_memory
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+resident = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096 >> 20  # MiB
+N = 256 << 20
+kept = retain_freed_memory()
+p = libc.malloc(N)
+ctypes.memset(p, 1, N)
+libc.free(p)
+before = resident()
+print(json.dumps({"kept": kept, "released": release_freed_memory(), "before": before, "after": resident()}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc only")
+def test_release_gives_the_kept_memory_back():
+    out = subprocess.run([sys.executable, "-c", RELEASE_PROBE], capture_output=True, text=True, check=True, timeout=60)
+    r = json.loads(out.stdout)
+    assert r["kept"] is True and r["released"] is True, r
+    assert r["before"] - r["after"] > 200, r  # the freed 256 MB block left the resident set

@@ -13,7 +13,8 @@ The ``workbench`` command, the app and the benchmarks call it at start. It is a 
 whole process, so the library never applies it on import; call it in your own scripts if you run
 many large passes. The cost is memory: up to ``trim_threshold`` bytes of freed heap stay with the
 process instead of going back to the system. ``WORKBENCH_KEEP_FREED_MEMORY=0`` turns it off.
-Outside glibc (macOS, Windows, musl) it does nothing.
+Outside glibc (macOS, Windows, musl) it does nothing. :func:`release_freed_memory` hands what is kept
+back (``malloc_trim``) where a step's peak matters more than its page faults (attribution graphs).
 """
 
 from __future__ import annotations
@@ -33,6 +34,32 @@ MMAP_THRESHOLD = 1 << 30
 TRIM_THRESHOLD = (1 << 31) - 1
 
 
+def _libc() -> ctypes.CDLL | None:
+    """glibc, or None off Linux or where it cannot be loaded."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+def release_freed_memory() -> bool:
+    """Return whether glibc's ``malloc_trim(0)`` gave free heap memory back to the system.
+
+    The counterpart of :func:`retain_freed_memory` for a step whose *peak* matters more than its
+    page faults: freed blocks inside the heap (not only at its top) are returned to the kernel, so
+    the resident set shrinks to what is in use. An attribution graph calls it after its large
+    temporary forward pass, before allocating its adjacency matrix (a SmolLM2 graph: ~120 MB).
+    False off glibc (macOS, Windows, musl), where there is nothing to do."""
+    libc = _libc()
+    trim = getattr(libc, "malloc_trim", None)
+    if trim is None:
+        return False
+    trim.argtypes, trim.restype = (ctypes.c_size_t,), ctypes.c_int
+    return bool(trim(0))
+
+
 def retain_freed_memory(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int = TRIM_THRESHOLD) -> bool:
     """Return whether glibc's malloc now keeps freed memory (False off glibc, or when turned off).
 
@@ -42,12 +69,8 @@ def retain_freed_memory(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: in
             raise ValueError(f"{name}={value} must be a positive C int (at most {TRIM_THRESHOLD})")
     if os.environ.get("WORKBENCH_KEEP_FREED_MEMORY", "1").strip().lower() in ("0", "false", "no", "off"):
         return False
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # musl and others have no mallopt
+    mallopt = getattr(_libc(), "mallopt", None)
+    if mallopt is None:  # off Linux; musl and others have no mallopt
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     # mallopt returns 1 on success; setting either threshold also stops glibc from adapting them on its own

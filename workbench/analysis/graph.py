@@ -46,6 +46,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from workbench import paths
+from workbench.allocator import release_freed_memory
 from workbench.errors import CheckpointError, ConfigError, InputError
 from workbench.model import HookedGPT
 from workbench.sae.model import SAE
@@ -393,9 +394,16 @@ class _Replacement:
         with torch.enable_grad(), _weights_frozen(model, *transcoders), model.hooks(hooks):
             resid = (self.token_coef[..., None] * self.embed).to(self.embed.dtype)
             normed = model.ln_final(model.run_blocks(resid))
-            self.last = model.unembed(normed[:, -1:])[:, 0].float()  # [batch d_vocab]: the logit targets
+            self.final = normed[:, -1].float()  # [batch d_model]: what the logit targets read
         with torch.no_grad():
             self.logits = model.unembed(normed[:1].detach()).float()  # [1 pos d_vocab], to check exactness
+            # A demeaned logit is linear in the final residual: its W_U column minus W_U's mean column. So the
+            # logit targets need no [batch d_vocab] logits (12 MB for 64 copies, and as much again in each
+            # backward pass), only the few columns of the logit nodes.
+            self.W_U = model.W_U.detach()
+            self.mean_W_U = self.W_U.float().mean(1)
+            b_U = model.unembed.b_U
+            self.b_U = None if b_U is None else b_U.detach().float()
 
     def _keep_input(self, layer: int):
         def keep(x: Tensor, hook) -> None:
@@ -413,6 +421,12 @@ class _Replacement:
 
     def sources(self) -> list[Tensor]:
         return [*self.acts, self.error_coef, self.token_coef]
+
+    def demeaned_logits(self, rows: Int[Tensor, " n"], tokens: Int[Tensor, " n"]) -> Float[Tensor, " n"]:
+        """Return logit ``tokens[i]`` minus the mean logit at the last position of batch row ``rows[i]``."""
+        direction = self.W_U[:, tokens].float().T - self.mean_W_U  # [n d_model]
+        out = (self.final[rows] * direction).sum(-1)
+        return out if self.b_U is None else out + (self.b_U[tokens] - self.b_U.mean())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -439,7 +453,10 @@ def attribute(
     ``target`` (one token, as text or id) joins the logit nodes when it is not among the top ones.
 
     Memory: the adjacency matrix (``n_nodes``^2 floats; a 10-token SmolLM2 prompt has ~9,600 active
-    features, 394 MB) is the one large allocation; backward passes write their rows straight into it.
+    features, 394 MB) is the one large allocation; backward passes write their rows straight into it. The
+    temporaries of the forward and backward passes are handed back to the system as they go
+    (:func:`workbench.allocator.release_freed_memory`), so the peak is the model, the transcoders, the
+    adjacency and one pass (a SmolLM2 graph with 9,600 features: ~2,020 MiB, ~1,490 before it starts).
     """
     transcoders = check_transcoders(model, transcoders)
     if not 0 < desired_logit_prob <= 1:
@@ -473,8 +490,14 @@ def attribute(
     gap = float((rep.logits[0] - rec.logits).abs().max())
     if gap > 1e-3 * max(1.0, float(rec.logits.abs().max())):
         raise ConfigError(f"the replacement model misses the model's logits by {gap:.2e}; report this as a bug")
-    zero = _Replacement(model, transcoders, tokens, rec, acts, errors, 1, zero_sources=True)
     logit_targets = [("logit", int(t)) for t in logit_tokens]
+    zero = _Replacement(model, transcoders, tokens, rec, acts, errors, 1, zero_sources=True)
+    with torch.no_grad():  # every candidate row's bias share, read now so that the zeroed copy can go
+        biases = _target_values(zero, [("feature", tuple(f)) for f in active.tolist()] + logit_targets, transcoders)
+    del zero
+    # The forward passes freed ~2x what they keep (a SmolLM2 graph's: ~120 MB in holes of the heap, kept there
+    # by retain_freed_memory()); give it back before the adjacency matrix, the one large allocation, is made.
+    release_freed_memory()
     n_src = n_f + L * n_pos + n_pos  # sources: kept features, errors, tokens
     n_nodes = n_src + n_logits
     adjacency = torch.zeros(n_nodes, n_nodes)
@@ -501,7 +524,7 @@ def attribute(
     with torch.no_grad():
         target = torch.zeros(n_nodes)
         target[row_idx] = _target_values(rep, targets, transcoders).float()
-        constant[row_idx] += _target_values(zero, targets, transcoders).float()  # the biases' share
+        constant[row_idx] += biases[torch.cat([keep, torch.arange(n_all, n_all + n_logits)])].float()
     str_tokens = model.to_str_tokens(tokens[0]) if model.tokenizer is not None else []
     logit_texts = model.to_str_tokens(logit_tokens) if model.tokenizer is not None else []
     return AttributionGraph(
@@ -535,9 +558,7 @@ def _target_values(rep: _Replacement, targets: Sequence[tuple[str, Any]], transc
             order += [feats[i] for i in sel.tolist()]
     logits = [i for i, k in enumerate(kinds) if k == "logit"]
     if logits:
-        last = rep.last[rows_t[logits]]
-        token = torch.tensor([targets[i][1] for i in logits])
-        parts.append(last[torch.arange(len(logits)), token] - last.mean(-1))
+        parts.append(rep.demeaned_logits(rows_t[logits], torch.tensor([targets[i][1] for i in logits])))
         order += logits
     if not parts:
         return torch.zeros(0)
@@ -569,7 +590,11 @@ def _rows(rep: _Replacement, targets: list, transcoders: Sequence[SAE], out: Flo
         errors = grads[L][:n].flatten(1)  # [n layer*pos]: error node (layer, pos) is column layer * pos + pos
         block[:, col: col + errors.shape[1]] = errors
         block[:, col + errors.shape[1]:] = grads[L + 1][:n]
+        del grads, total
         passes += 1
+        # each pass frees ~50 MB of small temporaries (a SmolLM2 graph's); retained, their holes in the heap
+        # grow by ~1 MB a pass, so the peak would rise with the number of passes
+        release_freed_memory()
     return passes
 
 
