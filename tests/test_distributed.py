@@ -1,10 +1,19 @@
-"""Process-group set-up: no-ops alone, backend by device, reuse of a joined group, clear errors."""
+"""Process-group set-up: no-ops alone, backend by device, reuse of a joined group, clear errors; the live
+transcoder trainer under torchrun."""
 
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file
 
 from workbench import distributed
 from workbench.distributed import (
@@ -16,6 +25,8 @@ from workbench.distributed import (
     local_device,
 )
 from workbench.errors import ConfigError
+from workbench.pipelines import TranscoderRecipe, train_transcoders
+from workbench.zoo import load_model
 
 TORCHRUN_ENV = {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"}
 
@@ -125,3 +136,43 @@ def test_a_malformed_world_size_is_named(monkeypatch, bad):
     monkeypatch.setenv("WORLD_SIZE", bad)
     with pytest.raises(ConfigError, match=f"WORLD_SIZE={bad!r} is not a positive integer"):
         init_distributed("cpu")
+
+
+def test_torchrun_two_processes_train_the_transcoder_set_one_process_trains(tmp_path):
+    """The live all-layers trainer under `torchrun --nproc_per_node 2` (gloo, kjv-small, two layers, TopK so
+    the selection is per row): each process reads half of every step's windows, each layer averages its
+    gradients over its own group, and the weights equal a one-process run's."""
+    repo = Path(__file__).resolve().parent.parent
+    recipe = dict(n_ctx=32, tokens=4 * 4 * 31, batch_windows=4, expansion=2, architecture="topk", k=8, eval_windows=2,
+                  checkpoint_every=0)
+    script = tmp_path / "ddp.py"
+    script.write_text(textwrap.dedent(f"""
+        import json, sys
+        from workbench.distributed import init_distributed, dist_info
+        from workbench.pipelines import TranscoderRecipe, train_transcoders
+        from workbench.zoo import load_model
+        init_distributed("cpu")
+        model = load_model("kjv-small").eval()
+        result = train_transcoders(model, [0, 1], TranscoderRecipe(**{recipe!r}), sys.argv[1], progress=False)
+        print(json.dumps({{"rank": dist_info().rank, "world": dist_info().world_size,
+                          "ce": [ev.ce_loss_recovered for ev in result.per_layer]}}))
+    """))
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script), str(tmp_path / "ddp")], cwd=repo, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    ranks = [json.loads(line) for line in ddp.stdout.splitlines() if line.startswith("{")]
+    assert sorted((r["rank"], r["world"]) for r in ranks) == [(0, 2), (1, 2)]
+    assert ranks[0]["ce"] == ranks[1]["ce"]  # every rank evaluates the same weights
+
+    one = train_transcoders(load_model("kjv-small").eval(), [0, 1], TranscoderRecipe(**recipe), tmp_path / "one",
+                            progress=False)
+    for layer in (0, 1):
+        theirs = load_file(str(tmp_path / "ddp" / f"layer_{layer}" / "transcoder" / "sae_weights.safetensors"))
+        for name, tensor in one.transcoders[layer].state_dict().items():
+            if name in theirs:
+                torch.testing.assert_close(theirs[name], tensor.detach(), atol=1e-4, rtol=1e-4, msg=f"{layer} {name}")
+    saved = json.loads((tmp_path / "ddp" / "set.json").read_text())
+    assert [ev["ce_loss_recovered"] for ev in saved["per_layer"]] == pytest.approx(ranks[0]["ce"])
+    assert not list((tmp_path / "ddp").glob("layer_*/transcoder.r*"))  # rank 1 wrote no files of its own

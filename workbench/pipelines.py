@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+import torch.distributed as dist
 from jaxtyping import Int
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -39,7 +40,7 @@ from workbench.names import layer_of
 from workbench.sae.circuit_tracer import save_circuit_tracer
 from workbench.sae.io import load_sae, save_sae
 from workbench.sae.model import SAE, Architecture, Normalization, SAEConfig
-from workbench.sae.train import SKIP_INITS, SAETrainConfig, TrainConfig, TrainResult, train_sae
+from workbench.sae.train import SKIP_INITS, SAETrainConfig, TrainConfig, TrainResult, collective_group, train_sae
 from workbench.sae.transcoders import (
     LayerEval,
     SetEval,
@@ -477,9 +478,20 @@ def train_transcoders(
     weights as an unbroken run. ``out_dir/layer_L/transcoder`` holds the result in SAELens' layout;
     ``out_dir/set.json`` the recipe and the evaluation. At most ``parallel`` layers train a batch at
     once (memory; on a 2-core CPU more would not be faster); the results do not depend on it.
+
+    Under ``torchrun`` (the caller joins the group first: :func:`workbench.distributed.init_distributed`)
+    each process runs the forward pass on its share of every step's ``batch_windows`` and each layer's
+    gradients are averaged over one process group per layer, so N processes train what one would
+    (TopK exactly; BatchTopK's batch-wide selection is per process). Every layer then steps at once
+    (``parallel`` is not applied: processes holding different layers' slots would wait on each other).
+    Rank 0 writes the files; every rank evaluates and returns the set.
     """
     if parallel < 1:
         raise ConfigError(f"parallel={parallel} must be at least 1")
+    info = dist_info()
+    if recipe.batch_windows % info.world_size:
+        raise ConfigError(f"batch_windows={recipe.batch_windows} does not split evenly among {info.world_size} "
+                          "processes; choose a multiple of the process count")
     layers = check_layers(model, layers)
     out = Path(out_dir)
     steps = recipe.total_steps()
@@ -489,15 +501,22 @@ def train_transcoders(
     orders = [torch.arange(n_train)] + [torch.randperm(n_train, generator=torch.Generator().manual_seed(recipe.seed * 1000 + e))
                                         for e in range(1, recipe.epochs)]
     train_windows = text[torch.cat(orders)]
+    batch_windows = recipe.batch_windows // info.world_size
+    if info.world_size > 1:  # this rank's share of every step's windows
+        share = slice(info.rank * batch_windows, (info.rank + 1) * batch_windows)
+        train_windows = train_windows.view(-1, recipe.batch_windows, recipe.n_ctx)[:, share].reshape(-1, recipe.n_ctx)
+        parallel = len(layers)
     d = model.cfg.d_model
     sae_cfg = SAEConfig(d_in=d, d_sae=recipe.expansion * d, architecture=recipe.architecture,  # type: ignore[arg-type]
                         k=recipe.k, apply_b_dec_to_input=False, d_out=d, skip=recipe.skip)
     train_cfg = TrainConfig(total_steps=steps, lr=recipe.lr, seed=recipe.seed, dead_tokens=recipe.dead_tokens,
                             checkpoint_every=recipe.checkpoint_every, progress=False, decay_fraction=0.3,
                             skip_init=recipe.skip_init, latent_init_scale=recipe.latent_init_scale)  # type: ignore[arg-type]
-    with output_lock(out):
-        _check_recipe(out, recipe, model)
+    with output_lock(out, lock_name(info.rank)):
+        _check_recipe(out, recipe, model, write=info.rank == 0)
         feed = _Feed(layers, parallel)
+        # one process group per layer, made in the same order on every rank (see collective_group)
+        groups = {layer: dist.new_group() if info.world_size > 1 else None for layer in layers}
         results: dict[int, Any] = {}
         transcoders = {layer: SAE(sae_cfg, seed=recipe.seed + layer) for layer in layers}
         for layer, tc in transcoders.items():  # set before training, so a checkpoint names its data too
@@ -505,7 +524,8 @@ def train_transcoders(
 
         def run(layer: int) -> None:
             try:
-                results[layer] = train_sae(transcoders[layer], feed.opener(layer), train_cfg, out / f"layer_{layer}")
+                with collective_group(groups[layer]):
+                    results[layer] = train_sae(transcoders[layer], feed.opener(layer), train_cfg, out / f"layer_{layer}")
             except BaseException as exc:  # noqa: BLE001 - handed to the producer, which re-raises it
                 feed.errors.append(exc)
                 with feed.lock:
@@ -523,8 +543,8 @@ def train_transcoders(
                 time.sleep(0.01)
             first = min(feed.starts.values())
             bar = _bar(progress, steps, first)
-            pairs = live_pairs(model, train_windows, layers, recipe.batch_windows, recipe.first_position,
-                               start_window=first * recipe.batch_windows)
+            pairs = live_pairs(model, train_windows, layers, batch_windows, recipe.first_position,
+                               start_window=first * batch_windows)
             for step, batch in zip(range(first, steps), pairs):
                 for layer in layers:
                     if feed.starts[layer] <= step:
@@ -546,7 +566,8 @@ def train_transcoders(
         seconds = time.perf_counter() - t0
         trained = {layer: results[layer].sae for layer in layers}
         for layer, tc in trained.items():
-            save_sae(tc, out / f"layer_{layer}" / "transcoder", log_feature_density=results[layer].log_feature_density)
+            if info.rank == 0:
+                save_sae(tc, out / f"layer_{layer}" / "transcoder", log_feature_density=results[layer].log_feature_density)
         per_layer, whole = evaluate_transcoders(model, trained, held_out, first_position=recipe.first_position)
         fresh = [layer for layer in layers if results[layer].resumed_from is None]
         done_steps = sum(steps - (results[layer].resumed_from or 0) for layer in layers) / len(layers)
@@ -554,7 +575,8 @@ def train_transcoders(
         record = {"model": model.cfg.name, "layers": layers, "recipe": asdict(recipe), "seconds": seconds,
                   "tokens_per_second": rate, "fresh_layers": fresh,
                   "per_layer": [ev._asdict() for ev in per_layer], "whole": whole._asdict()}
-        (out / "set.json").write_text(json.dumps(record, indent=2))
+        if info.rank == 0:
+            (out / "set.json").write_text(json.dumps(record, indent=2))
     return TranscoderSet(trained, per_layer, whole, out, seconds, rate,
                          {layer: results[layer].resumed_from for layer in layers})
 
@@ -566,7 +588,7 @@ def transcoder_metadata(model: Any, layer: int, recipe: TranscoderRecipe) -> dic
     return {**meta, "hook_name_out": output_hook(layer)}
 
 
-def _check_recipe(out: Path, recipe: TranscoderRecipe, model: Any) -> None:
+def _check_recipe(out: Path, recipe: TranscoderRecipe, model: Any, write: bool = True) -> None:
     """Refuse to resume a set trained with another recipe or model (or record this one for a fresh set)."""
     path = out / "recipe.json"
     mine = {"model": model.cfg.name, **asdict(recipe)}
@@ -580,7 +602,8 @@ def _check_recipe(out: Path, recipe: TranscoderRecipe, model: Any) -> None:
         if changed:
             raise ConfigError(f"{out} holds a transcoder set trained with other settings ({', '.join(changed)}); "
                               "resume with the same settings, or choose another --out")
-    else:
+    elif write:
+        out.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(mine, indent=2))
 
 

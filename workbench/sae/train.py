@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -341,10 +343,31 @@ def compute_losses(
 # ---------------------------------------------------------------------------------------------
 
 
+_collectives = threading.local()
+
+
+@contextmanager
+def collective_group(group: Any) -> Iterator[None]:
+    """Run this thread's trainer collectives over ``group`` (a ``dist.new_group`` of every rank) instead of
+    the default group. Several trainers in one process (a transcoder per layer, each in its thread)
+    need one group each: gloo matches collectives by their order within a group, and threads on
+    different ranks do not call theirs in the same order."""
+    previous = getattr(_collectives, "group", None)
+    _collectives.group = group
+    try:
+        yield
+    finally:
+        _collectives.group = previous
+
+
+def _group() -> Any:
+    return getattr(_collectives, "group", None)
+
+
 def _all_reduce(tensor: Tensor, op: str = "sum") -> Tensor:
     if dist_info().world_size > 1:
         ops = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
-        dist.all_reduce(tensor, op=ops[op])
+        dist.all_reduce(tensor, op=ops[op], group=_group())
     return tensor
 
 
@@ -353,7 +376,7 @@ def _average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
         return
     grads = [p.grad for p in params if p.grad is not None]
     flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
+    dist.all_reduce(flat, group=_group())
     flat /= world
     offset = 0
     for g in grads:
@@ -365,7 +388,7 @@ def _average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
 def _broadcast_parameters(sae: SAE) -> None:
     if dist_info().world_size > 1:
         for tensor in list(sae.parameters()) + list(sae.buffers()):
-            dist.broadcast(tensor.data, src=0)
+            dist.broadcast(tensor.data, src=0, group=_group())
 
 
 # ---------------------------------------------------------------------------------------------
