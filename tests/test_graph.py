@@ -126,6 +126,30 @@ class _ReplacementWithoutToken(G._Replacement):
         super().__setattr__(name, value)
 
 
+def test_compact_row_blocks_assemble_to_the_full_rows():
+    """Feature rows are computed as blocks holding only earlier layers' feature columns; assembled, they
+    equal the full rows one backward pass writes, with far fewer floats held while the passes run."""
+    model, tcs, tokens = _setup("llama", n_layers=4, seed=2)
+    rec = G._record(model, tokens)
+    with torch.no_grad():
+        acts = [tc.encode(x) for tc, x in zip(tcs, rec.mlp_in)]
+        errors = [y - tc(x).x_hat for tc, x, y in zip(tcs, rec.mlp_in, rec.mlp_out)]
+    active = G._active(acts)
+    rep = G._Replacement(model, tcs, tokens, rec, acts, errors, batch=8)
+    n_f, n_src = active.shape[0], active.shape[0] + 5 * tokens.shape[1]
+    full = torch.zeros(n_f, n_src)
+    G._rows(rep, [("feature", tuple(f)) for f in active.tolist()], tcs, full)
+    blocks, passes = G._feature_row_blocks(rep, active, tcs)
+    assert passes == -(-n_f // 8) and len(blocks) == passes
+    assert sum(b.numel() for _, _, b in blocks) < 0.75 * full.numel()
+    logit_rows = torch.randn(2, n_src)
+    A = G._assemble(blocks, logit_rows, n_f, n_src + 2)
+    assert blocks == []  # each block handed over as it was copied
+    torch.testing.assert_close(A[:n_f, :n_src], full, atol=0, rtol=0)
+    assert (A[:, n_src:] == 0).all() and (A[n_f:n_src] == 0).all()
+    torch.testing.assert_close(A[n_src:, :n_src], logit_rows, atol=0, rtol=0)
+
+
 def test_feature_budget_keeps_the_most_influential_and_rows_still_sum():
     model, tcs, tokens = _setup("gpt2", seed=1)
     full = G.attribute(model, tcs, tokens, batch_size=16)

@@ -453,10 +453,12 @@ def attribute(
     ``target`` (one token, as text or id) joins the logit nodes when it is not among the top ones.
 
     Memory: the adjacency matrix (``n_nodes``^2 floats; a 10-token SmolLM2 prompt has ~9,600 active
-    features, 394 MB) is the one large allocation; backward passes write their rows straight into it. The
-    temporaries of the forward and backward passes are handed back to the system as they go
-    (:func:`workbench.allocator.release_freed_memory`), so the peak is the model, the transcoders, the
-    adjacency and one pass (a SmolLM2 graph with 9,600 features: ~2,020 MiB, ~1,490 before it starts).
+    features, 394 MB) is the one large allocation. Backward passes write compact row blocks (only the columns
+    of earlier layers' features, errors and tokens: about half); the dense matrix is filled from them after
+    the replacement model is freed, each block freed as it is copied. The passes' temporaries go back to
+    the system as they go (:func:`workbench.allocator.release_freed_memory`), so the peak is the model, the
+    transcoders and the adjacency (a SmolLM2 graph with 9,600 features: ~1,890 MiB, ~1,490 before it starts).
+    With ``max_feature_nodes`` below the number of active features, the visited rows are held in full.
     """
     transcoders = check_transcoders(model, transcoders)
     if not 0 < desired_logit_prob <= 1:
@@ -500,10 +502,10 @@ def attribute(
     release_freed_memory()
     n_src = n_f + L * n_pos + n_pos  # sources: kept features, errors, tokens
     n_nodes = n_src + n_logits
-    adjacency = torch.zeros(n_nodes, n_nodes)
     constant = torch.zeros(n_nodes)
     row_idx = torch.cat([torch.arange(n_f), torch.arange(n_src, n_nodes)])
     if n_f < n_all:
+        adjacency = torch.zeros(n_nodes, n_nodes)
         logit_rows = torch.zeros(n_logits, n_all + L * n_pos + n_pos)
         passes = _rows(rep, logit_targets, transcoders, logit_rows)
         keep, feature_rows, more = _select_by_influence(rep, transcoders, active, logit_rows, logit_probs, n_f)
@@ -515,16 +517,23 @@ def attribute(
             adjacency[at, n_f:n_src] = rows[:, n_all:]
             constant[at] = rows[:, :n_all][:, dropped].sum(-1)  # what features left out by the budget send
         del logit_rows, feature_rows
-    else:  # every feature: rows go straight into the adjacency matrix
+    else:  # every feature: compact row blocks now, the dense matrix once the replacement model is gone
         keep = torch.arange(n_all)
-        passes = _rows(rep, logit_targets, transcoders, adjacency[n_src:, :n_src])
-        passes += _rows(rep, [("feature", tuple(f)) for f in active.tolist()], transcoders, adjacency[:n_f, :n_src])
+        logit_rows = torch.empty(n_logits, n_src)
+        passes = _rows(rep, logit_targets, transcoders, logit_rows)
+        blocks, more = _feature_row_blocks(rep, active, transcoders)
+        passes += more
     features = active[keep]
     targets = [("feature", tuple(f)) for f in features.tolist()] + logit_targets
     with torch.no_grad():
         target = torch.zeros(n_nodes)
         target[row_idx] = _target_values(rep, targets, transcoders).float()
         constant[row_idx] += biases[torch.cat([keep, torch.arange(n_all, n_all + n_logits)])].float()
+    del rep
+    if n_f == n_all:
+        release_freed_memory()  # the replacement's activations and the passes' temporaries, before n_nodes^2 floats
+        adjacency = _assemble(blocks, logit_rows, n_f, n_nodes)
+        del blocks, logit_rows
     str_tokens = model.to_str_tokens(tokens[0]) if model.tokenizer is not None else []
     logit_texts = model.to_str_tokens(logit_tokens) if model.tokenizer is not None else []
     return AttributionGraph(
@@ -570,13 +579,19 @@ def _target_value(rep: _Replacement, kind: str, key, transcoders: Sequence[SAE],
     return _target_values(rep, [(kind, key)], transcoders, [row])[0]
 
 
-def _rows(rep: _Replacement, targets: list, transcoders: Sequence[SAE], out: Float[Tensor, "n src"]) -> int:
+def _rows(rep: _Replacement, targets: list, transcoders: Sequence[SAE], out: Float[Tensor, "n src"],
+          n_feature_cols: int | None = None) -> int:
     """Write the direct effects on each target into the rows of ``out`` (columns: every active feature,
     errors, tokens) and return the number of backward passes.
+
+    ``n_feature_cols`` (a layer boundary) keeps only the first features' columns, those of the layers
+    before every target's own: later features cannot reach them, so their columns would be zeros.
 
     Each backward pass handles as many targets as the replacement has copies of the prompt: copy
     ``b`` carries target ``b``, and the copies do not interact."""
     B, L = rep.batch, len(rep.acts)
+    if n_feature_cols is None:
+        n_feature_cols = sum(v.numel() for v in rep.values)
     passes = 0
     for start in range(0, len(targets), B):
         chunk = targets[start: start + B]
@@ -585,6 +600,8 @@ def _rows(rep: _Replacement, targets: list, transcoders: Sequence[SAE], out: Flo
         grads = torch.autograd.grad(total, rep.sources(), retain_graph=True, allow_unused=True, materialize_grads=True)
         block, col = out[start: start + n], 0
         for g, value in zip(grads[:L], rep.values):
+            if col + value.numel() > n_feature_cols:
+                break
             block[:, col: col + value.numel()] = g[:n] * value
             col += value.numel()
         errors = grads[L][:n].flatten(1)  # [n layer*pos]: error node (layer, pos) is column layer * pos + pos
@@ -596,6 +613,49 @@ def _rows(rep: _Replacement, targets: list, transcoders: Sequence[SAE], out: Flo
         # grow by ~1 MB a pass, so the peak would rise with the number of passes
         release_freed_memory()
     return passes
+
+
+def _feature_row_blocks(rep: _Replacement, active: Tensor, transcoders: Sequence[SAE]
+                        ) -> tuple[list[tuple[int, int, Tensor]], int]:
+    """Return every active feature's row, one backward pass at a time, as ``(first row, n_feature_cols, block)``
+    blocks, and the number of passes. A block keeps the columns of the features of earlier layers than its
+    last row's (a prefix of the feature columns: nodes are ordered by layer), then the errors and tokens:
+    about half of the dense rows, the rest being edges no feature can have."""
+    n_all, B = active.shape[0], rep.batch
+    layer_start = torch.searchsorted(active[:, 0].contiguous(), torch.arange(len(rep.acts) + 1))
+    n_other = rep.error_coef[0].numel() + rep.token_coef.shape[1]
+    blocks, passes = [], 0
+    for start in range(0, n_all, B):
+        stop = min(start + B, n_all)
+        width = int(layer_start[int(active[stop - 1, 0])])
+        block = torch.empty(stop - start, width + n_other)
+        passes += _rows(rep, [("feature", tuple(f)) for f in active[start:stop].tolist()], transcoders, block, width)
+        blocks.append((start, width, block))
+    return blocks, passes
+
+
+def _assemble(blocks: list[tuple[int, int, Tensor]], logit_rows: Tensor, n_features: int, n_nodes: int
+              ) -> Float[Tensor, "n_nodes n_nodes"]:
+    """Return the dense adjacency matrix from the compact feature row blocks (emptying ``blocks``) and the logit rows.
+
+    The matrix is allocated empty and each block's rows are written, zeros included, as that block is
+    freed: its pages become resident as the blocks' go back, so the two never coexist whole."""
+    n_src = n_nodes - logit_rows.shape[0]
+    A = torch.empty(n_nodes, n_nodes)
+    A[n_features:n_src].zero_()  # errors and tokens: sources only
+    blocks.reverse()
+    while blocks:
+        start, width, block = blocks.pop()
+        rows = A[start: start + block.shape[0]]
+        rows[:, :width] = block[:, :width]
+        rows[:, width:n_features].zero_()
+        rows[:, n_features:n_src] = block[:, width:]
+        rows[:, n_src:].zero_()
+        del block, rows
+        release_freed_memory()
+    A[n_src:, :n_src] = logit_rows
+    A[n_src:, n_src:].zero_()
+    return A
 
 
 def _select_by_influence(rep: _Replacement, transcoders: Sequence[SAE], active: Tensor, logit_rows: Tensor,
