@@ -36,7 +36,7 @@ app: fetch
 	$(BIN)/streamlit run app.py --server.address localhost --server.headless true
 
 # ruff first (seconds; its configuration is in pyproject.toml), then the tests, whose annotations
-# jaxtyping + beartype check at run time (pytest's addopts in pyproject.toml)
+# jaxtyping + beartype check at run time (tests/conftest.py installs the checks: tests/shape_checks.py)
 test: fetch browser
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
