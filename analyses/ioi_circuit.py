@@ -9,10 +9,14 @@
    most are listed with the workbench's detector scores (duplicate-token, previous-token, induction
    on repeated random tokens) and their layer, to compare with Wang et al.'s name movers (late),
    S-inhibition (middle) and induction / duplicate-token heads (early-middle).
-2. **Faithfulness curves** (``eap``): circuits of the top-n edges by EAP and by EAP-IG (m steps), and
-   node circuits from exact node patching (every edge among the top-k heads and MLPs by the effect of
-   patching their corrupted output into the clean run), each evaluated by running the clean prompts
-   with every edge outside the circuit patched to its corrupted value.
+2. **Faithfulness curves** (``eap``): circuits of the top-n edges by EAP and by EAP-IG (m steps), EAP-IG
+   with dangling edges pruned and their places refilled, and node circuits from exact node patching
+   (every edge among the top-k heads and MLPs by the effect of patching their corrupted output into the
+   clean run), each evaluated by running the clean prompts with every edge outside the circuit patched
+   to its corrupted value; the EAP-IG circuits again on held-out pairs. Diagnostics: the exact effect
+   of corrupting each of the top ``--check-edges`` edges alone beside its scores, the sign balance of
+   the kept edges, and a "helping only" curve (edges whose corruption moves the metric towards the
+   corrupted run's; it overshoots 1, which is why top-n keeps both signs).
 3. **Greater-than** (``gt``): the EAP-IG circuit's probability difference against the full model's.
 
 Output: ``report.html`` and ``report.json`` in ``--out`` (default
