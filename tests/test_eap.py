@@ -188,6 +188,10 @@ def test_circuit_command(tmp_path, capsys):
     numbers = json.loads(out.read_text())
     assert numbers["n_edges"] == 40 and len(numbers["edges"]) == 40 and "faithfulness" in numbers
     assert (tmp_path / "rep" / "report.html").is_file()
+    assert main(["circuit", "kjv-small", "--task", "ioi", "--edges", "40", "--prompts", "4", "--steps", "2", "--prune",
+                 "--json", str(out)]) == 0
+    pruned = json.loads(out.read_text())
+    assert pruned["prune"] and pruned["n_edges"] <= 40 and len(pruned["edges"]) == pruned["n_edges"]
     assert main(["circuit", "kjv-small", "--task", "greater-than", "--method", "atp", "--prompts", "3",
                  "--top", "4"]) == 0
     assert "AtP in" in capsys.readouterr().out

@@ -66,7 +66,7 @@ def _cmd_circuit(args: argparse.Namespace) -> int:
     config = E.EAPConfig(method=args.method, steps=args.steps, batch_size=args.batch_size)
     res = E.edge_attribution(model, task.clean, task.corrupt, task.metric, config)
     score_s = time.perf_counter() - t0
-    keep = E.greedy_circuit(res, args.edges) if args.greedy else E.top_n_circuit(res, args.edges)
+    keep = E.greedy_circuit(res, args.edges) if args.greedy else E.top_n_circuit(res, args.edges, prune=args.prune)
     t1 = time.perf_counter()
     (faith,) = E.faithfulness(model, task.clean, task.corrupt, task.metric, [keep], batch_size=args.batch_size)
     faith_s = time.perf_counter() - t1
@@ -84,7 +84,7 @@ def _cmd_circuit(args: argparse.Namespace) -> int:
     numbers.update(clean=faith.clean, corrupt=faith.corrupt, circuit=faith.circuit, faithfulness=faith.faithfulness,
                    n_edges=faith.n_edges, n_edges_total=graph.n_edges, seconds_scores=score_s,
                    seconds_faithfulness=faith_s, steps=args.steps if args.method == "eap-ig" else None,
-                   greedy=args.greedy, edges=edges, nodes=nodes)
+                   greedy=args.greedy, prune=args.prune, edges=edges, nodes=nodes)
     _write_json(args.json, numbers)
     if args.report:
         report = Report(f"Circuit ({args.method}): {args.model}, {task.name}")
@@ -103,6 +103,9 @@ def register(subparsers) -> None:
     p.add_argument("--method", choices=("atp", "eap", "eap-ig"), default="eap-ig")
     p.add_argument("--edges", type=int, default=1000, help="edges in the circuit (default 1000)")
     p.add_argument("--greedy", action="store_true", help="grow the circuit from the logits instead of top-n")
+    p.add_argument("--prune", action="store_true",
+                   help="top-n: drop dangling edges (no kept path from the input or to the logits) and fill their "
+                        "places from further down the ranking (the circuit may end a few edges short of --edges)")
     p.add_argument("--prompts", type=int, default=20, help="pairs generated for ioi / greater-than (default 20)")
     p.add_argument("--steps", type=int, default=5, help="EAP-IG interpolation steps m (default 5)")
     p.add_argument("--qk-fix", action="store_true", help="atp: AtP*'s recomputed softmax for queries and keys")
