@@ -101,7 +101,7 @@ def kjv(args) -> None:
     print(f"  replacement forward: {t['replacement forward'] * 1e3:8.1f} ms  = "
           f"{t['replacement forward'] / t['forward']:6.1f} x one forward ({batch} copies)")
     print(f"  plain forward:       {t['forward'] * 1e3:8.1f} ms  (1 x {tokens.shape[1]} tokens)")
-    print(f"  peak RSS of this process so far: {_rss_mb():.0f} MB")
+    print(f"  peak RSS of this process so far: {_rss_mb():.0f} MiB")
 
 
 def smollm2(args) -> None:
@@ -127,8 +127,8 @@ def smollm2(args) -> None:
     print(f"smollm2-135m, 10 tokens, {what}")
     print(f"  graph: {seconds:.1f} s (target <= 120 s), {graph.n_features} feature nodes, {graph.n_nodes} nodes, "
           f"{graph.settings['backward_passes']} backward passes of {args.batch_size} rows")
-    print(f"  peak RSS {rss_graph:.0f} MB (target <= 2048: {'met' if rss_graph <= 2048 else 'NOT met'}); "
-          f"{rss0:.0f} MB before (model + transcoders); the adjacency is {graph.n_nodes ** 2 * 4 / 2**20:.0f} MB")
+    print(f"  peak RSS {rss_graph:.0f} MiB (target <= 2 GiB = 2048 MiB: {'met' if rss_graph <= 2048 else 'NOT met'}); "
+          f"{rss0:.0f} MiB before (model + transcoders); the adjacency is {graph.n_nodes ** 2 * 4 / 2**20:.0f} MiB")
     del model, tcs  # as `workbench graph` does before pruning
     t0 = time.perf_counter()
     pruned = G.prune(graph)
@@ -140,8 +140,11 @@ def smollm2(args) -> None:
         export.write_text(json.dumps(G.to_circuit_tracer_json(graph, pruned)))
         json_size = export.stat().st_size
     print(f"  pruned at 0.8/0.98 in {time.perf_counter() - t0:.1f} s: {small.n_features} features, {small.n_nodes} "
-          f"nodes; file {size / 2**20:.2f} MB, circuit-tracer JSON {json_size / 2**20:.2f} MB (target < 5 MB: "
-          f"{'met' if max(size, json_size) < 5 * 2**20 else 'NOT met'}); peak RSS so far {_rss_mb():.0f} MB")
+          f"nodes; file {size / 2**20:.2f} MiB, circuit-tracer JSON {json_size / 2**20:.2f} MiB (target < 5 MiB: "
+          f"{'met' if max(size, json_size) < 5 * 2**20 else 'NOT met'}); peak RSS so far {_rss_mb():.0f} MiB")
+    if small.n_features == 0:
+        print("  (no feature survives pruning: random transcoders explain nothing, so the errors carry the influence; "
+              "the pruned-size target needs a trained set to mean anything)")
 
 
 def main(argv: list[str] | None = None) -> None:
