@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # analyses/_common.py
 
 from _common import log  # noqa: E402
+
 from workbench.analysis.superposition import (  # noqa: E402
     PHASE_NAMES,
     ToyConfig,

@@ -17,7 +17,7 @@ def model(request):
 
     m = HookedGPT(tiny_cfg(**request.param)).eval()
     with torch.no_grad():  # nonzero biases and norm parameters, so the constant term is really tested
-        for name, p in m.named_parameters():
+        for p in m.parameters():
             if p.ndim == 1:
                 p.add_(torch.randn_like(p) * 0.1)
     return m
@@ -60,9 +60,10 @@ def test_heads_plus_bias_equal_the_layer(model):
 
 
 def test_answers_must_be_one_token():
+    import tokenizers
+
     from workbench import HookedGPT
     from workbench.tokenize import Tokenizer
-    import tokenizers
 
     tk = tokenizers.Tokenizer(tokenizers.models.WordLevel({f"w{i}": i for i in range(50)}, unk_token="w0"))
     tk.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()

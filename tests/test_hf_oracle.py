@@ -32,7 +32,7 @@ def _hf_model(kind: str, kwargs: dict):
     else:
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kwargs))
     with torch.no_grad():  # HF initialises norms to exactly 1 and biases to 0; perturb so they matter
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.ndim == 1:
                 p.add_(0.1 * torch.randn_like(p))
     return model.eval()

@@ -10,8 +10,13 @@ import pytest
 import torch
 
 from workbench.analysis import probes as P
-from workbench.analysis.probe_data import (ProbeDataset, load_probe_dataset, read_positions, sentiment_statements,
-                                           truth_dataset)
+from workbench.analysis.probe_data import (
+    ProbeDataset,
+    load_probe_dataset,
+    read_positions,
+    sentiment_statements,
+    truth_dataset,
+)
 from workbench.errors import DataError, HookError, InputError
 
 

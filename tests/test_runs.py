@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from workbench.errors import CheckpointError
-from workbench.runs import LRSchedule, MetricsLog, check_same_settings, lr_at, read_checkpoint, read_metrics, write_checkpoint
+from workbench.runs import (
+    LRSchedule,
+    MetricsLog,
+    check_same_settings,
+    lr_at,
+    read_checkpoint,
+    read_metrics,
+    write_checkpoint,
+)
 
 
 class _Cfg:

@@ -21,12 +21,14 @@ _LAZY = {
     "load_model": "workbench.zoo",
 }
 
+# For type checkers only; at run time __getattr__ serves these. ruff cannot see `__all__ = sorted(_LAZY)`,
+# hence the noqa (F401: re-exported, not unused).
 if TYPE_CHECKING:  # pragma: no cover
-    from workbench.cache import ActivationCache
-    from workbench.model import GPTConfig, HookedGPT, parameter_counts
-    from workbench.padding import Batch
-    from workbench.tokenize import Tokenizer
-    from workbench.zoo import load_model
+    from workbench.cache import ActivationCache  # noqa: F401
+    from workbench.model import GPTConfig, HookedGPT, parameter_counts  # noqa: F401
+    from workbench.padding import Batch  # noqa: F401
+    from workbench.tokenize import Tokenizer  # noqa: F401
+    from workbench.zoo import load_model  # noqa: F401
 
 
 def __getattr__(name: str):

@@ -23,9 +23,10 @@ import math
 import platform
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Literal, NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 from jaxtyping import Float, Int
@@ -80,7 +81,7 @@ class Recipe:
     #: reproduction needs the same count (and one keeps the run polite on a shared machine)
     threads: int = 1
 
-    def with_steps(self, steps: int) -> "Recipe":
+    def with_steps(self, steps: int) -> Recipe:
         """Return this recipe shortened (or lengthened) to ``steps`` steps; snapshots past the end are dropped."""
         snaps = tuple(s for s in self.train.snapshot_steps if s <= steps)
         return replace(self, train=replace(self.train, steps=steps, snapshot_steps=snaps))

@@ -39,7 +39,7 @@ class Stack(NamedTuple):
 class ActivationCache:
     """A mapping from hook names to cached activations, tied to the model that produced them."""
 
-    def __init__(self, store: dict[str, Tensor], model: "HookedGPT", attention_mask: Tensor | None = None):
+    def __init__(self, store: dict[str, Tensor], model: HookedGPT, attention_mask: Tensor | None = None):
         self.store = store
         self.model = model
         #: ``[batch pos]``, True at real tokens, for a padded batch (None: every position is real);
@@ -74,7 +74,7 @@ class ActivationCache:
     def items(self):
         return self.store.items()
 
-    def to(self, device=None, dtype=None) -> "ActivationCache":
+    def to(self, device=None, dtype=None) -> ActivationCache:
         store = {k: v.to(device=device, dtype=dtype) for k, v in self.store.items()}
         return ActivationCache(store, self.model, self.attention_mask)
 
@@ -218,7 +218,7 @@ class ActivationCache:
 
     def logit_constant(
         self, tokens: int | Tensor, incorrect_tokens: int | Tensor | None = None
-    ) -> Float[Tensor, "batch"] | Tensor:
+    ) -> Float[Tensor, " batch"] | Tensor:
         """Return what no component owns: the final norm's bias through W_U, plus b_U."""
         directions = self._token_directions(tokens, incorrect_tokens)
         const = torch.zeros(directions.shape[1:], dtype=directions.dtype, device=directions.device)

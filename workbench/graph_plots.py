@@ -24,7 +24,7 @@ class Layout(NamedTuple):
     y: list[int]
 
 
-def layout(graph: "AttributionGraph", shown: Sequence[int], influence: Sequence[float] | None = None) -> Layout:
+def layout(graph: AttributionGraph, shown: Sequence[int], influence: Sequence[float] | None = None) -> Layout:
     """Return positions for the ``shown`` nodes: x = position (spread within a cell), y = row
     (0 tokens, 1..L the layers' features and errors, L + 1 the logits)."""
     cells: dict[tuple[int, int], list[int]] = {}
@@ -57,7 +57,7 @@ def layout(graph: "AttributionGraph", shown: Sequence[int], influence: Sequence[
 _COLOURS = {"feature": "#4c78a8", "error": "#9d9d9d", "token": "#54a24b", "logit": "#f58518"}
 
 
-def graph_figure(graph: "AttributionGraph", pruned: "Pruned", edge_threshold: float = 0.0,
+def graph_figure(graph: AttributionGraph, pruned: Pruned, edge_threshold: float = 0.0,
                  labels: Mapping[int, str] | None = None, selected: int | None = None,
                  title: str = "attribution graph") -> go.Figure:
     """Return the pruned graph: kept nodes, and kept edges whose |weight| is at least ``edge_threshold``

@@ -27,7 +27,6 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from types import MappingProxyType
-from typing import Union
 
 import torch
 from torch import Tensor, nn
@@ -35,9 +34,9 @@ from torch.nn.modules import module as module_hooks
 
 from workbench.errors import HookError
 
-HookFn = Callable[[Tensor, "HookPoint"], Union[Tensor, None]]
-NameFilter = Union[None, str, Sequence[str], Callable[[str], bool]]
-FwdHooks = Sequence[tuple[Union[str, Callable[[str], bool]], HookFn]]
+HookFn = Callable[[Tensor, "HookPoint"], Tensor | None]
+NameFilter = str | Sequence[str] | Callable[[str], bool] | None
+FwdHooks = Sequence[tuple[str | Callable[[str], bool], HookFn]]
 #: ``(name_or_filter, fn)`` with ``fn(gradient, hook)`` returning None or a replacement gradient
 BwdHooks = FwdHooks
 
@@ -57,8 +56,8 @@ class _Backward:
 # The temporary hooks of the current run: hook point -> its functions in attach order. Each `hooks()`
 # block installs a new mapping (never mutated in place), so a thread sees only what it attached.
 # Threads start from the empty default: Python does not copy a context into a new thread.
-_EMPTY: "MappingProxyType[HookPoint, tuple[HookFn, ...]]" = MappingProxyType({})
-_RUN_HOOKS: ContextVar["MappingProxyType[HookPoint, tuple[HookFn, ...]]"] = ContextVar("workbench_run_hooks", default=_EMPTY)
+_EMPTY: MappingProxyType[HookPoint, tuple[HookFn, ...]] = MappingProxyType({})
+_RUN_HOOKS: ContextVar[MappingProxyType[HookPoint, tuple[HookFn, ...]]] = ContextVar("workbench_run_hooks", default=_EMPTY)
 
 
 def clear_run_hooks() -> None:
@@ -230,7 +229,7 @@ class HookedModule(nn.Module):
     # -- temporary hooks ---------------------------------------------------------------------
 
     @contextmanager
-    def hooks(self, fwd_hooks: FwdHooks = (), bwd_hooks: BwdHooks = ()) -> Iterator["HookedModule"]:
+    def hooks(self, fwd_hooks: FwdHooks = (), bwd_hooks: BwdHooks = ()) -> Iterator[HookedModule]:
         """Attach ``(name_or_filter, fn)`` forward and backward hooks for the duration of a ``with`` block.
 
         Exactly the hooks added here are removed on exit, also when the block raises; hooks

@@ -55,7 +55,7 @@ def _offline():
                 os.environ[k] = v
 
 
-def to_transformer_lens(model: HookedGPT) -> "TransformerBridge":
+def to_transformer_lens(model: HookedGPT) -> TransformerBridge:
     """Return a TransformerLens 4.x ``TransformerBridge`` over a copy of ``model``'s weights and tokenizer.
 
     The model is exported to HF (``to_hf``) in a temporary directory, which the bridge reads its

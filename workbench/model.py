@@ -121,7 +121,7 @@ class GPTConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "GPTConfig":
+    def from_dict(cls, d: dict) -> GPTConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -129,12 +129,12 @@ class GPTConfig:
         return cls(**d)
 
     @classmethod
-    def gpt2_small(cls) -> "GPTConfig":
+    def gpt2_small(cls) -> GPTConfig:
         return cls(d_model=768, n_layers=12, n_heads=12, d_head=64, d_mlp=3072, d_vocab=50257, n_ctx=1024,
                    tie_embeddings=True, name="gpt2-small")
 
     @classmethod
-    def gpt3_175b(cls) -> "GPTConfig":
+    def gpt3_175b(cls) -> GPTConfig:
         return cls(d_model=12288, n_layers=96, n_heads=96, d_head=128, d_mlp=49152, d_vocab=50257, n_ctx=2048,
                    name="gpt3-175b")
 
@@ -548,7 +548,7 @@ class KVCache:
     attention_mask: Tensor | None = None
 
     @classmethod
-    def empty(cls, cfg: GPTConfig, batch: int, max_pos: int, device=None, dtype=torch.float32) -> "KVCache":
+    def empty(cls, cfg: GPTConfig, batch: int, max_pos: int, device=None, dtype=torch.float32) -> KVCache:
         if max_pos > cfg.n_ctx:
             raise InputError(f"a KV cache of {max_pos} positions exceeds the model's context of {cfg.n_ctx}")
         shape = (batch, cfg.n_kv, max_pos, cfg.d_head)
@@ -859,14 +859,14 @@ class HookedGPT(HookedModule):
         save_native(self, directory)
 
     @classmethod
-    def load(cls, directory, device=None, dtype=None) -> "HookedGPT":
+    def load(cls, directory, device=None, dtype=None) -> HookedGPT:
         """Return the model of a native checkpoint directory (see :func:`workbench.loading.load_native`)."""
         from workbench.loading import load_native  # loading.py imports model.py
 
         return load_native(directory, device=device, dtype=dtype)
 
     @classmethod
-    def from_hf(cls, model_or_path, **kwargs) -> "HookedGPT":
+    def from_hf(cls, model_or_path, **kwargs) -> HookedGPT:
         """Return a HookedGPT from a transformers model, state dict or directory (see workbench.loading)."""
         from workbench.loading import from_hf  # loading.py imports model.py
 
@@ -885,7 +885,7 @@ class HookedGPT(HookedModule):
         return to_transformer_lens(self)
 
     @classmethod
-    def from_transformer_lens(cls, bridge) -> "HookedGPT":
+    def from_transformer_lens(cls, bridge) -> HookedGPT:
         """Return a HookedGPT with a TransformerLens bridge's weights (see workbench.interop)."""
         from workbench.interop import from_transformer_lens  # interop.py imports model.py
 

@@ -116,7 +116,7 @@ def text_colours(z, colorscale: str, zmin: float, zmax: float) -> list[list[str]
 NO_EXPORT = {"export": False}
 
 
-def figure_frame(fig: go.Figure) -> "pd.DataFrame":
+def figure_frame(fig: go.Figure) -> pd.DataFrame:
     """Return the data a figure shows as one long table: a row per point (per cell for heatmaps), with
     the trace's name and its x, y, z and text. Decoration traces (``meta == NO_EXPORT``) are left out."""
     import pandas as pd  # here, not at the top: ~0.5 s to import (python -X importtime); only this needs it
@@ -224,7 +224,7 @@ def composition_figure(scores: Tensor, later_layer: int, title: str = "") -> go.
                    xlabel="later head", ylabel="earlier head", colorbar="score")
 
 
-def causal_composition_figure(result: "CausalComposition", later_layer: int, normalized: bool = True) -> go.Figure:
+def causal_composition_figure(result: CausalComposition, later_layer: int, normalized: bool = True) -> go.Figure:
     """Return the drop of each later head's score per removed source, as a (source) x (head) heatmap."""
     keep = [i for i, sl in enumerate(result.source_layers) if sl < later_layer]
     drop = result.drop[keep, later_layer]
@@ -248,7 +248,7 @@ def loss_by_position_figure(loss: Tensor, split: int | None = None, title: str =
     return fig
 
 
-def lens_grid(result: "LensResult", str_tokens: Sequence[str] | None = None, value: str = "target_prob",
+def lens_grid(result: LensResult, str_tokens: Sequence[str] | None = None, value: str = "target_prob",
               batch_index: int = 0, tokenizer_decode=None, title: str | None = None, *,
               layers: Sequence[int] | None = None, k_hover: int = 5, cell_chars: int = 8) -> go.Figure:
     """Return a layer x position heatmap of one lens field (``target_prob``, ``entropy``,
@@ -309,7 +309,7 @@ def lens_grid(result: "LensResult", str_tokens: Sequence[str] | None = None, val
     return fig
 
 
-def lens_kl_figure(comparison: "LensComparison", title: str = "KL(final || lens) by layer, held out") -> go.Figure:
+def lens_kl_figure(comparison: LensComparison, title: str = "KL(final || lens) by layer, held out") -> go.Figure:
     """Return the per-layer KL of the logit lens and the tuned lens as two lines (log scale)."""
     fig = go.Figure()
     fig.add_trace(go.Scatter(x=comparison.labels, y=_np(comparison.logit_kl), mode="lines+markers", name="logit lens"))
@@ -320,7 +320,7 @@ def lens_kl_figure(comparison: "LensComparison", title: str = "KL(final || lens)
     return category_axis(fig, "x", comparison.labels, every_label=len(comparison.labels) <= 40)
 
 
-def attribution_bars(result: "LogitAttribution | pd.DataFrame", batch_index: int = 0, top: int | None = None,
+def attribution_bars(result: LogitAttribution | pd.DataFrame, batch_index: int = 0, top: int | None = None,
                      title: str = "direct logit attribution") -> go.Figure:
     """Return one bar per component (largest ``top`` by magnitude if given, else in model order)."""
     frame = result if hasattr(result, "columns") else result.frame(batch_index)
@@ -333,7 +333,7 @@ def attribution_bars(result: "LogitAttribution | pd.DataFrame", batch_index: int
     return fig
 
 
-def patching_heatmap(result: "PatchResult", str_tokens: Sequence[str] | None = None, normalized: bool = True,
+def patching_heatmap(result: PatchResult, str_tokens: Sequence[str] | None = None, normalized: bool = True,
                      title: str | None = None) -> go.Figure:
     """Return a patching result as a heatmap: layer x position, layer x head, or a single column per layer."""
     z = result.normalized if normalized else result.scores
@@ -352,7 +352,7 @@ def patching_heatmap(result: "PatchResult", str_tokens: Sequence[str] | None = N
                    colorbar="restored" if normalized else "metric")
 
 
-def ablation_heatmap(result: "AblationResult", title: str | None = None) -> go.Figure:
+def ablation_heatmap(result: AblationResult, title: str | None = None) -> go.Figure:
     """Return the metric change of each ablated component as a layer x head (or layer) heatmap."""
     z = result.effect
     x = [str(h) for h in range(z.shape[1])] if result.kind == "z" else [result.kind]
@@ -369,7 +369,7 @@ def top_heads_table(scores: Tensor, n: int = 10) -> list[dict]:
     return [{"layer": int(i) // H, "head": int(i) % H, "score": float(v)} for v, i in zip(top.values, top.indices)]
 
 
-def composition_drop_figure(results: Sequence["CausalComposition"], layer: int, head: int,
+def composition_drop_figure(results: Sequence[CausalComposition], layer: int, head: int,
                             normalized: bool = True) -> go.Figure:
     """Return, for one later head, the drop of its score per removed source, one bar group per kind
     (the K- against Q-composition comparison of an induction head)."""

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from workbench.analysis.steering import SteeringCurve
 
 
-def probe_accuracy_figure(result: "LayerProbes", title: str = "probe accuracy by layer (held out)") -> go.Figure:
+def probe_accuracy_figure(result: LayerProbes, title: str = "probe accuracy by layer (held out)") -> go.Figure:
     """Return held-out accuracy per layer of the logistic and mean-difference probes, the control task and
     the selectivity (task minus control), with chance at 0.5."""
     x = [layer_of(h) if layer_of(h) is not None else h for h in result.hooks]
@@ -32,7 +32,7 @@ def probe_accuracy_figure(result: "LayerProbes", title: str = "probe accuracy by
                              yaxis=dict(range=[min(-0.1, float(result.selectivity.min()) - 0.05), 1.02]))
 
 
-def projection_figure(projections: "Tensor", labels: Sequence[int], label_names: Sequence[str] = ("0", "1"),
+def projection_figure(projections: Tensor, labels: Sequence[int], label_names: Sequence[str] = ("0", "1"),
                       title: str = "examples projected on the direction") -> go.Figure:
     """Return overlaid histograms of each class's projections on a direction."""
     fig = go.Figure()
@@ -44,7 +44,7 @@ def projection_figure(projections: "Tensor", labels: Sequence[int], label_names:
                              height=360)
 
 
-def steering_curve_figure(curves: Mapping[str, "SteeringCurve"], title: str = "steering strength vs side effect",
+def steering_curve_figure(curves: Mapping[str, SteeringCurve], title: str = "steering strength vs side effect",
                           fraction: float = 0.5, max_kl: float = 0.5) -> go.Figure:
     """Return, per multiplier, the shift of the target measure as a fraction of the class gap and the KL per token
     on unrelated text, one line per steering vector, with the acceptance thresholds drawn."""

@@ -59,17 +59,17 @@ class Report:
         self.numbers: dict[str, Any] = {}
         self._sections: list[str] = []
 
-    def heading(self, text: str) -> "Report":
+    def heading(self, text: str) -> Report:
         self._sections.append(f"<h2>{html.escape(text)}</h2>")
         return self
 
-    def text(self, text: str) -> "Report":
+    def text(self, text: str) -> Report:
         """Add a paragraph (plain text; blank lines start new paragraphs)."""
         for para in text.strip().split("\n\n"):
             self._sections.append(f"<p>{html.escape(para.strip())}</p>")
         return self
 
-    def figure(self, fig, caption: str = "") -> "Report":
+    def figure(self, fig, caption: str = "") -> Report:
         """Add a plotly figure (its JSON spec; rendered by the one inlined plotly.js)."""
         div_id = f"fig{len(self._sections)}"
         # "</" inside a string (a token like "</script>") would end the script element early
@@ -82,7 +82,7 @@ class Report:
         self._sections.append(block)
         return self
 
-    def table(self, rows: list[dict] | Any, caption: str = "", max_rows: int = 50) -> "Report":
+    def table(self, rows: list[dict] | Any, caption: str = "", max_rows: int = 50) -> Report:
         """Add a table from a list of dicts or a DataFrame."""
         if hasattr(rows, "to_dict"):
             rows = rows.to_dict("records")

@@ -97,7 +97,7 @@ class Tokenizer:
         (directory / META_FILE).write_text(json.dumps(meta, indent=2))
 
     @classmethod
-    def load(cls, directory: str | Path) -> "Tokenizer":
+    def load(cls, directory: str | Path) -> Tokenizer:
         """Load a tokenizer saved by :meth:`save`, or an HF directory's ``tokenizer.json``."""
         directory = Path(directory)
         path = directory / TOKENIZER_FILE
@@ -115,7 +115,7 @@ class Tokenizer:
         return cls(tok, *_special_ids_from_hf_config(directory, tok))
 
     @classmethod
-    def from_hf(cls, hf_tokenizer) -> "Tokenizer":
+    def from_hf(cls, hf_tokenizer) -> Tokenizer:
         """Wrap a ``transformers`` fast tokenizer (its backend is a ``tokenizers.Tokenizer``)."""
         backend = getattr(hf_tokenizer, "backend_tokenizer", None)
         if backend is None:

@@ -44,7 +44,7 @@ class LogitAttribution(NamedTuple):
     answer: Int[Tensor, " batch"]
     wrong: Int[Tensor, " batch"] | None
 
-    def frame(self, batch_index: int = 0) -> "pd.DataFrame":
+    def frame(self, batch_index: int = 0) -> pd.DataFrame:
         """Return one row per component: label, layer, kind, head and attribution."""
         import pandas as pd  # ~0.5 s to import (python -X importtime); only this table needs it
 
@@ -65,7 +65,7 @@ def _parse_label(label: str) -> tuple[int | None, str, int | None]:
     return int(layer), {"attn_out": "attn", "mlp_out": "mlp", "attn_bias": "attn_bias"}[kind], None
 
 
-def token_id(model: "HookedGPT", token: int | str) -> int:
+def token_id(model: HookedGPT, token: int | str) -> int:
     """Return the id of one token given as an id or as text that must tokenize to exactly one token."""
     if isinstance(token, int):
         if not 0 <= token < model.cfg.d_vocab:
@@ -81,7 +81,7 @@ def token_id(model: "HookedGPT", token: int | str) -> int:
     return ids[0]
 
 
-def _per_row(model: "HookedGPT", token: TokenLike, batch: int) -> Int[Tensor, " batch"]:
+def _per_row(model: HookedGPT, token: TokenLike, batch: int) -> Int[Tensor, " batch"]:
     if isinstance(token, Tensor):
         t = token.reshape(-1).long()
         if t.numel() == 1:
@@ -94,7 +94,7 @@ def _per_row(model: "HookedGPT", token: TokenLike, batch: int) -> Int[Tensor, " 
 
 @torch.no_grad()
 def direct_logit_attribution(
-    model: "HookedGPT",
+    model: HookedGPT,
     tokens: Int[Tensor, "batch pos"] | Batch,
     answer: TokenLike,
     wrong: TokenLike | None = None,

@@ -84,7 +84,7 @@ def repeated_random_tokens(spec: RepeatedTokensSpec, d_vocab: int) -> RepeatedTo
     return RepeatedTokens(torch.cat(parts, dim=1), spec.seq_len, int(spec.bos_token_id is not None))
 
 
-def default_spec(model: "HookedGPT", seq_len: int = 20, batch: int = 8, seed: int = 0) -> RepeatedTokensSpec:
+def default_spec(model: HookedGPT, seq_len: int = 20, batch: int = 8, seed: int = 0) -> RepeatedTokensSpec:
     """Return a spec that suits ``model``: its tokenizer's BOS in front, special ids kept out of the draw."""
     tok = model.tokenizer
     bos = tok.bos_token_id if tok is not None and tok.add_bos else None
@@ -177,7 +177,7 @@ def next_token_loss(logits: Float[Tensor, "batch pos d_vocab"], tokens: Int[Tens
 
 
 @torch.no_grad()
-def score_heads(model: "HookedGPT", tokens: Int[Tensor, "batch pos"] | Batch, chunk: int = 64) -> HeadScores:
+def score_heads(model: HookedGPT, tokens: Int[Tensor, "batch pos"] | Batch, chunk: int = 64) -> HeadScores:
     """Return previous-token, duplicate-token and induction scores of every head, in one pass per chunk.
 
     Hooks on every ``attn.hook_pattern`` reduce the pattern to scores as soon as it is computed, so
@@ -253,7 +253,7 @@ class ICLScore(NamedTuple):
 
 @torch.no_grad()
 def in_context_learning_score(
-    model: "HookedGPT", tokens: Int[Tensor, "batch pos"], early: int | None = None, late: int | None = None,
+    model: HookedGPT, tokens: Int[Tensor, "batch pos"], early: int | None = None, late: int | None = None,
     chunk: int = 16,
 ) -> ICLScore:
     """Return the mean loss at prediction position ``late`` minus that at ``early``.
@@ -276,7 +276,7 @@ def in_context_learning_score(
 # --------------------------------------------------------------------------------------- OV circuit
 
 
-def copying_score(ov: Float[Tensor, "... n n"]) -> Float[Tensor, "..."]:
+def copying_score(ov: Float[Tensor, "... n n"]) -> Float[Tensor, " ..."]:
     """Return ``sum(eigenvalues) / sum(|eigenvalues|)`` of square matrices: +1 copies, -1 suppresses."""
     eig = torch.linalg.eigvals(ov.double())
     return (eig.real.sum(-1) / eig.abs().sum(-1).clamp_min(1e-30)).to(ov.dtype)
@@ -286,7 +286,7 @@ def _norm_weight(norm, d_model: int, like: Tensor) -> Tensor:
     return norm.w.detach().to(like) if norm is not None else torch.ones(d_model).to(like)
 
 
-def reading_weights(model: "HookedGPT", which: Literal["Q", "K", "V"]) -> Float[Tensor, "layer head d_model d_head"]:
+def reading_weights(model: HookedGPT, which: Literal["Q", "K", "V"]) -> Float[Tensor, "layer head d_model d_head"]:
     """Return every head's W_Q, W_K or W_V with its layer's ln1 weight folded in (kv heads repeated
     over their query groups). The norm's centring and scale are left out, as in TransformerLens."""
     W = getattr(model, f"W_{which}").detach()
@@ -298,7 +298,7 @@ def reading_weights(model: "HookedGPT", which: Literal["Q", "K", "V"]) -> Float[
 
 
 @torch.no_grad()
-def ov_copying_scores(model: "HookedGPT") -> Float[Tensor, "layer head"]:
+def ov_copying_scores(model: HookedGPT) -> Float[Tensor, "layer head"]:
     """Return the copying score of each head's full OV circuit ``W_E ln1 W_V W_O ln_final W_U``.
 
     The ``d_vocab x d_vocab`` circuit ``A B`` (``A = W_E ln1 W_V``, ``B = W_O ln_final W_U``) has the
@@ -314,7 +314,7 @@ def ov_copying_scores(model: "HookedGPT") -> Float[Tensor, "layer head"]:
     return copying_score(small)
 
 
-def full_ov_circuit(model: "HookedGPT", layer: int, head: int) -> Float[Tensor, "d_vocab d_vocab"]:
+def full_ov_circuit(model: HookedGPT, layer: int, head: int) -> Float[Tensor, "d_vocab d_vocab"]:
     """Return one head's full OV circuit (for small vocabularies; the scores never build it)."""
     W_V = reading_weights(model, "V")[layer, head]
     wf = _norm_weight(model.ln_final, model.cfg.d_model, W_V)
@@ -324,7 +324,7 @@ def full_ov_circuit(model: "HookedGPT", layer: int, head: int) -> Float[Tensor, 
 # -------------------------------------------------------------------------------------- composition
 
 
-def _factors(model: "HookedGPT", kind: CompositionKind) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _factors(model: HookedGPT, kind: CompositionKind) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Return (U1, V1, U2, V2): the earlier head's OV = U1 V1, the later head's matrix = U2 V2."""
     W_Q, W_K, W_V = (reading_weights(model, w).float() for w in ("Q", "K", "V"))
     W_O = model.W_O.detach().float()
@@ -340,7 +340,7 @@ def _factors(model: "HookedGPT", kind: CompositionKind) -> tuple[Tensor, Tensor,
 
 
 @torch.no_grad()
-def composition_scores(model: "HookedGPT", kind: CompositionKind) -> Float[Tensor, "layer head layer head"]:
+def composition_scores(model: HookedGPT, kind: CompositionKind) -> Float[Tensor, "layer head layer head"]:
     """Return ``scores[l1, h1, l2, h2] = |A B|_F / (|A|_F |B|_F)`` with ``A`` the OV circuit of the
     earlier head (l1, h1) and ``B`` the later head's QK (kind q), QK transposed (k) or OV (v)
     circuit (Elhage et al. 2021); NaN where ``l1 >= l2``.
@@ -386,7 +386,7 @@ class CausalComposition(NamedTuple):
         return self.clean[None] - self.ablated
 
 
-def _layer_pattern(model: "HookedGPT", layer: int, x_q: Tensor, x_k: Tensor) -> Float[Tensor, "batch head pos pos"]:
+def _layer_pattern(model: HookedGPT, layer: int, x_q: Tensor, x_k: Tensor) -> Float[Tensor, "batch head pos pos"]:
     """Return layer ``layer``'s attention pattern with queries read from ``x_q`` and keys from ``x_k``."""
     block, cfg = model.blocks[layer], model.cfg
     attn = block.attn
@@ -404,7 +404,7 @@ def _layer_pattern(model: "HookedGPT", layer: int, x_q: Tensor, x_k: Tensor) -> 
 
 
 def _head_logit_effect(
-    model: "HookedGPT", layer: int, pattern: Tensor, x_v: Tensor, final_scale: Tensor, tokens: Tensor
+    model: HookedGPT, layer: int, pattern: Tensor, x_v: Tensor, final_scale: Tensor, tokens: Tensor
 ) -> Float[Tensor, "batch head pos"]:
     """Return each head's direct effect on the logit of the next token at every query position."""
     block, cfg = model.blocks[layer], model.cfg
@@ -424,7 +424,7 @@ def _head_logit_effect(
 
 @torch.no_grad()
 def causal_composition(
-    model: "HookedGPT",
+    model: HookedGPT,
     tokens: Int[Tensor, "batch pos"],
     kind: CompositionKind = "k",
     per: Literal["layer", "head"] = "layer",
@@ -505,7 +505,7 @@ def causal_composition(
 
 
 @torch.no_grad()
-def score_heads_naive(model: "HookedGPT", tokens: Int[Tensor, "batch pos"], kind: ScoreKind = "induction") -> Tensor:
+def score_heads_naive(model: HookedGPT, tokens: Int[Tensor, "batch pos"], kind: ScoreKind = "induction") -> Tensor:
     """Return one score per head the way TransformerLens' ``detect_head`` does: one forward pass
     with a cache per prompt and per head. Kept as the benchmarks' baseline and a test oracle."""
     L, H = model.cfg.n_layers, model.cfg.n_heads

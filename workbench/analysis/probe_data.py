@@ -64,13 +64,13 @@ class ProbeDataset:
         c = Counter(self.labels)
         return c.get(0, 0), c.get(1, 0)
 
-    def subset(self, index: list[int]) -> "ProbeDataset":
+    def subset(self, index: list[int]) -> ProbeDataset:
         """Return the texts at ``index`` (same position, names and group labels)."""
         groups = [self.groups[i] for i in index] if self.groups else []
         return ProbeDataset([self.texts[i] for i in index], [self.labels[i] for i in index], self.position,
                             self.label_names, self.name, groups)
 
-    def check(self, min_per_class: int = MIN_PER_CLASS) -> "ProbeDataset":
+    def check(self, min_per_class: int = MIN_PER_CLASS) -> ProbeDataset:
         """Return the dataset after checking that it can train a probe: both classes, enough of each."""
         if len(self.texts) != len(self.labels):
             raise DataError(f"{self.name}: {len(self.texts)} texts but {len(self.labels)} labels")

@@ -83,7 +83,7 @@ class ProbeConfig:
 # ------------------------------------------------------------------------------------ hook names
 
 
-def probe_hooks(model: "HookedGPT", kind: str = "resid_post", layers: Sequence[int] | None = None) -> list[str]:
+def probe_hooks(model: HookedGPT, kind: str = "resid_post", layers: Sequence[int] | None = None) -> list[str]:
     """Return the hook names of ``kind`` at ``layers`` (default: every layer); a layer out of range is an error."""
     n = model.cfg.n_layers
     layers = list(range(n)) if layers is None else list(layers)
@@ -100,7 +100,7 @@ def probe_hooks(model: "HookedGPT", kind: str = "resid_post", layers: Sequence[i
 # ----------------------------------------------------------------------------------- activations
 
 
-def collect_activations(model: "HookedGPT", reads: ReadPositions, hooks: Sequence[str], batch_size: int = 32,
+def collect_activations(model: HookedGPT, reads: ReadPositions, hooks: Sequence[str], batch_size: int = 32,
                         ) -> Float[Tensor, "hook batch d_model"]:
     """Return the activation at each text's read position for every hook (CPU, float32).
 
@@ -303,7 +303,7 @@ class LayerProbes:
             "control_accuracy": self.control_accuracy.tolist(), "selectivity": self.selectivity.tolist(),
             "train_accuracy": self.train_accuracy.tolist(), "C": self.C.tolist()})
 
-    def direction(self, i: int, method: ProbeMethod = "logistic") -> "ProbeDirection":
+    def direction(self, i: int, method: ProbeMethod = "logistic") -> ProbeDirection:
         """Return hook ``i``'s probe direction with its metadata, ready to save or to steer with."""
         if not -len(self.hooks) <= i < len(self.hooks):
             raise InputError(f"probe index {i} is out of range; {len(self.hooks)} hooks were probed")
@@ -365,7 +365,7 @@ def train_probes(acts: Float[Tensor, "hook batch d_model"], labels: Sequence[int
         torch.stack([r[4] for r in rows]), len(train), len(test))
 
 
-def probe_model(model: "HookedGPT", dataset: ProbeDataset, kind: str = "resid_post",
+def probe_model(model: HookedGPT, dataset: ProbeDataset, kind: str = "resid_post",
                 layers: Sequence[int] | None = None, cfg: ProbeConfig = ProbeConfig(), batch_size: int = 32,
                 progress=None) -> LayerProbes:
     """Return probes of ``dataset``'s labels on hook ``kind`` at each of ``layers`` (default: all) of ``model``."""
@@ -379,7 +379,7 @@ def probe_model(model: "HookedGPT", dataset: ProbeDataset, kind: str = "resid_po
     return result
 
 
-def project(model: "HookedGPT", dataset: ProbeDataset, direction: "ProbeDirection", batch_size: int = 32
+def project(model: HookedGPT, dataset: ProbeDataset, direction: ProbeDirection, batch_size: int = 32
             ) -> Float[Tensor, " batch"]:
     """Return every example's activation at ``direction.hook`` projected on the (unit) direction."""
     direction.check_width(model.cfg.d_model)
@@ -423,7 +423,7 @@ class ProbeDirection:
         return directory
 
     @classmethod
-    def load(cls, directory: str | Path) -> "ProbeDirection":
+    def load(cls, directory: str | Path) -> ProbeDirection:
         """Read a direction written by :meth:`save`."""
         directory = Path(directory)
         if not (directory / DIRECTION_FILE).is_file() or not (directory / META_FILE).is_file():

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple, Union
+from typing import NamedTuple
 
 import torch
 from jaxtyping import Float, Int
@@ -38,7 +38,7 @@ from workbench.model import HookedGPT
 from workbench.names import layer_of
 
 #: what a steering study measures: a logit difference at the last position, or a probe's score at its hook
-Target = Union[LogitDiff, ProbeDirection]
+Target = LogitDiff | ProbeDirection
 
 
 @dataclass
@@ -54,7 +54,7 @@ class SteeringVector:
     #: what it was built from (dataset, feature index, norms, ...)
     meta: dict = field(default_factory=dict)
 
-    def check(self, model: "HookedGPT") -> "SteeringVector":
+    def check(self, model: HookedGPT) -> SteeringVector:
         """Return self after checking that the hook exists in ``model`` and the vector has the hook's width."""
         model.hook_point(self.hook)
         layer = layer_of(self.hook)
@@ -73,7 +73,7 @@ class SteeringVector:
         return [(self.hook, add_vector_hook(self.vector, multiplier))]
 
 
-def _hook_width(model: "HookedGPT", hook: str) -> int:
+def _hook_width(model: HookedGPT, hook: str) -> int:
     if hook.endswith(("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out",
                       "hook_embed", "hook_pos_embed", "hook_normalized")):
         return model.cfg.d_model
@@ -96,7 +96,7 @@ def add_vector_hook(vector: Float[Tensor, " d_model"], multiplier: float):
 # ------------------------------------------------------------------------------------ building vectors
 
 
-def contrast_vector(model: "HookedGPT", contrast: ProbeDataset, layer: int, kind: str = "resid_post",
+def contrast_vector(model: HookedGPT, contrast: ProbeDataset, layer: int, kind: str = "resid_post",
                     batch_size: int = 32) -> SteeringVector:
     """Return the mean activation of label-1 texts minus that of label-0 texts at ``kind``/``layer``, read at the
     dataset's position (a marked token or the last one): multiplier 1 moves a text by the class difference."""
@@ -142,12 +142,12 @@ def from_sae_feature(sae, feature: int, hook: str | None = None) -> SteeringVect
 class SteeredGeneration(NamedTuple):
     """The same prompt continued without and with steering."""
 
-    plain: "GenerationOutput"
-    steered: "GenerationOutput"
+    plain: GenerationOutput
+    steered: GenerationOutput
     multiplier: float
 
 
-def steered_generation(model: "HookedGPT", prompt, vector: SteeringVector, multiplier: float,
+def steered_generation(model: HookedGPT, prompt, vector: SteeringVector, multiplier: float,
                        max_new_tokens: int = 32, **sampling) -> SteeredGeneration:
     """Return the prompt continued without and with ``multiplier * vector`` (hooks on for every token).
 
@@ -170,7 +170,7 @@ def _padded(tokens: Sequence[Sequence[int]], device) -> Int[Tensor, "batch pos"]
     return out.to(device)
 
 
-def measure(model: "HookedGPT", texts: ProbeDataset | Sequence[str], target: Target,
+def measure(model: HookedGPT, texts: ProbeDataset | Sequence[str], target: Target,
             fwd_hooks: Sequence = (), batch_size: int = 32) -> Float[Tensor, " batch"]:
     """Return the target measure of every text at its read position (a dataset's position, else the last token)
     with ``fwd_hooks`` attached: a logit difference of the next token, or a probe's score ``x @ weight + bias``."""
@@ -199,12 +199,12 @@ def measure(model: "HookedGPT", texts: ProbeDataset | Sequence[str], target: Tar
     return torch.cat(out)
 
 
-def _stop_after(model: "HookedGPT", hook: str) -> int | None:
+def _stop_after(model: HookedGPT, hook: str) -> int | None:
     layer = layer_of(hook)
     return None if layer is None else layer + 1
 
 
-def next_token_logprobs(model: "HookedGPT", windows: Int[Tensor, "batch pos"], fwd_hooks: Sequence = (),
+def next_token_logprobs(model: HookedGPT, windows: Int[Tensor, "batch pos"], fwd_hooks: Sequence = (),
                         batch_size: int = 8) -> Float[Tensor, "batch pos d_vocab"]:
     """Return the next-token log-probabilities at every position of ``windows`` (float32), with ``fwd_hooks`` on."""
     device = model.embed.W_E.device
@@ -215,7 +215,7 @@ def next_token_logprobs(model: "HookedGPT", windows: Int[Tensor, "batch pos"], f
     return torch.cat(out)
 
 
-def kl_on_text(model: "HookedGPT", windows: Int[Tensor, "batch pos"], fwd_hooks: Sequence,
+def kl_on_text(model: HookedGPT, windows: Int[Tensor, "batch pos"], fwd_hooks: Sequence,
                plain: Float[Tensor, "batch pos d_vocab"] | None = None, batch_size: int = 8) -> float:
     """Return the mean KL(plain || steered) of the next-token distributions over every position of ``windows``,
     in nats per token: what steering does to text it was not meant for. ``plain``: the unsteered
@@ -269,7 +269,7 @@ class SteeringCurve:
                 for m, v, f, k in zip(self.multipliers, self.measure, self.fraction_of_gap, self.kl)]
 
 
-def steering_curve(model: "HookedGPT", vector: SteeringVector, multipliers: Sequence[float],
+def steering_curve(model: HookedGPT, vector: SteeringVector, multipliers: Sequence[float],
                    steered: ProbeDataset | Sequence[str], target: Target, reference: ProbeDataset,
                    unrelated: Int[Tensor, "batch pos"], batch_size: int = 32, progress=None) -> SteeringCurve:
     """Return the target measure on ``steered`` texts and the KL on ``unrelated`` windows at each multiplier.

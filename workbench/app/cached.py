@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import contextvars
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, NamedTuple, TypeVar
+from typing import NamedTuple, TypeVar
 
 import streamlit as st
 import torch

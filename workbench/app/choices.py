@@ -43,7 +43,7 @@ class ModelKey:
         return f"{self.name}|{self.device}|{self.dtype}"
 
     @classmethod
-    def parse(cls, key: str) -> "ModelKey":
+    def parse(cls, key: str) -> ModelKey:
         parts = key.split("|")
         if len(parts) != 3 or not all(parts):
             raise InputError(f"model key {key!r} is not of the form 'name|device|dtype'")

@@ -21,7 +21,6 @@ from workbench import graph_plots, paths
 from workbench.app import cached, ui
 from workbench.app.sidebar import Selection
 
-
 #: features kept by default (by influence): a kjv-small prompt has ~1,000 active ones, ~15 backward passes;
 #: 256 takes ~5, which keeps the page interactive on two cores
 DEFAULT_BUDGET = 256

@@ -161,7 +161,7 @@ def matrix_heatmap(z: Float[Tensor, "a b"], title: str, x_title: str, y_title: s
                          height=420, margin=None)
 
 
-def rope_frequencies(inv_freq: Float[Tensor, "pair"], theta: float) -> go.Figure:
+def rope_frequencies(inv_freq: Float[Tensor, " pair"], theta: float) -> go.Figure:
     """Return RoPE's rotation frequency and wavelength per dimension pair (log scale)."""
     wavelength = 2 * 3.141592653589793 / inv_freq
     fig = make_subplots(rows=1, cols=2, subplot_titles=["frequency (radians per position)", "wavelength (positions)"])

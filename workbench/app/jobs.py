@@ -48,7 +48,7 @@ class Job:
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"workbench-job {title}", daemon=True)
 
-    def start(self) -> "Job":
+    def start(self) -> Job:
         self._thread.start()
         return self
 
@@ -109,7 +109,7 @@ class Jobs:
     """The app's jobs by key: asking twice for the same work joins the running (or finished) job."""
 
     def __init__(self, keep_finished: int = 32):
-        self._jobs: "OrderedDict[Hashable, Job]" = OrderedDict()
+        self._jobs: OrderedDict[Hashable, Job] = OrderedDict()
         self._lock = threading.Lock()
         self._keep = keep_finished
         self._path_locks: dict[str, threading.Lock] = {}

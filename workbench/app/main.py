@@ -6,9 +6,9 @@ navigation), so each page can be checked on its own.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import import_module
-from typing import Callable
 
 import streamlit as st
 
