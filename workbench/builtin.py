@@ -197,7 +197,9 @@ def _induction_metrics(cfg: RepeatedTokensConfig) -> Callable[[object], dict[str
 def get_recipe(name: str) -> Recipe:
     """Return the recipe of built-in model ``name`` or raise an error listing the built-in models."""
     if name not in RECIPES:
-        raise ConfigError(f"no built-in model named {name!r}; the recipes are {sorted(RECIPES)} (`workbench train --list`)")
+        raise ConfigError(
+            f"no built-in model named {name!r}; the recipes are {sorted(RECIPES)} (`workbench train --list`)"
+        )
     return RECIPES[name]
 
 
@@ -328,7 +330,8 @@ def _model_dir(name_or_dir: str | Path) -> Path:
     if (BUILTIN_DIR / str(name_or_dir)).is_dir():
         return BUILTIN_DIR / str(name_or_dir)
     raise CheckpointError(
-        f"{name_or_dir!r} is neither a directory nor a shipped built-in model ({sorted(p.name for p in BUILTIN_DIR.glob('*'))})"
+        f"{name_or_dir!r} is neither a directory nor a shipped built-in model "
+        f"({sorted(p.name for p in BUILTIN_DIR.glob('*'))})"
     )
 
 
@@ -418,7 +421,8 @@ def _cpu_name() -> str:
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
     # first column left-aligned (labels), the rest right-aligned (numbers)
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(":---" if i == 0 else "---:" for i in range(len(header))) + "|"]
+    rule = "|" + "|".join(":---" if i == 0 else "---:" for i in range(len(header))) + "|"
+    lines = ["| " + " | ".join(header) + " |", rule]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
 
@@ -518,11 +522,13 @@ def write_card(recipe: Recipe, model, run_dir: str | Path, result: TrainResult, 
         out += ["## Snapshots", "",
                 f"`{SNAPSHOT_DIR}/step_NNNNNN/` hold the model after steps {_steps_text(steps)} "
                 f"({len(steps)} snapshots, weights stored in {recipe.snapshot_dtype}). "
-                f"`workbench.builtin.load_snapshot(\"{recipe.name}\", step)` rebuilds the model at a step.", ""]  # fmt: skip
+                f"`workbench.builtin.load_snapshot(\"{recipe.name}\", step)` rebuilds the model at a step.",
+                ""]  # fmt: skip
     out += [
         "## Reproduce", "",
         "```bash",
-        f"workbench train {recipe.name}          # into $WORKBENCH_HOME/runs/{recipe.name}; compares with the shipped weights",
+        f"workbench train {recipe.name}          # into $WORKBENCH_HOME/runs/{recipe.name}; "
+        "compares with the shipped weights",
         f"workbench train {recipe.name} --ship   # and replace data/models/{recipe.name}",
         "```", "",
         f"The same seed and thread count ({recipe.threads}) give the same weights bit for bit on the same machine and "

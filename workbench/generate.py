@@ -267,7 +267,8 @@ def _decode_steps(
                 logits = model(tokens[:, cur: cur + 1], kv_cache=kv)[:, -1]
     else:
         for i in range(max_new_tokens):
-            logits = model(tokens[:, : prompt_len + i], attention_mask=None if mask is None else mask[:, : prompt_len + i])
+            seen = prompt_len + i
+            logits = model(tokens[:, :seen], attention_mask=None if mask is None else mask[:, :seen])
             logits = logits[:, -1]
             yield sample_next(logits, cfg, generator)
 
@@ -289,9 +290,10 @@ def generate(
     """Return the prompt continued by up to ``max_new_tokens`` tokens.
 
     ``prompt``: text, a list of texts (of any lengths: they are left-padded), a left-padded
-    :class:`~workbench.padding.Batch`, token ids ``[pos]`` or ``[batch pos]``. BOS: text is tokenized with the tokenizer's ``add_bos`` (SmolLM2: no BOS) unless
-    ``prepend_bos`` says otherwise; token ids are used as given. ``temperature=0`` (the default) is
-    greedy; otherwise sample with ``top_k`` / ``top_p``, reproducibly when ``seed`` is set.
+    :class:`~workbench.padding.Batch`, token ids ``[pos]`` or ``[batch pos]``. BOS: text is tokenized
+    with the tokenizer's ``add_bos`` (SmolLM2: no BOS) unless ``prepend_bos`` says otherwise; token ids
+    are used as given. ``temperature=0`` (the default) is greedy; otherwise sample with ``top_k`` /
+    ``top_p``, reproducibly when ``seed`` is set.
     ``stop_tokens``: ids or token strings that end a row (None: the tokenizer's EOS; ``[]``: none).
     ``use_cache=False`` recomputes the whole sequence every step (slow; for checking the cache).
     ``fwd_hooks``: ``[(name_or_filter, fn)]`` attached for the whole generation.
@@ -327,7 +329,8 @@ def generate(
             if reason == "stop_token":
                 new = new[:-1]
             texts.append(model.tokenizer.decode(new))
-    return GenerationOutput(tokens, prompt_len, texts, reasons, n_list, None if mask is None else mask[:, :written].clone())
+    out_mask = None if mask is None else mask[:, :written].clone()
+    return GenerationOutput(tokens, prompt_len, texts, reasons, n_list, out_mask)
 
 
 def stream_generate(

@@ -125,7 +125,9 @@ def read_metadata(path: str | os.PathLike, reader=None) -> dict[str, Any]:
         try:
             meta[key] = field.contents()
         except Exception as exc:  # a field the gguf package cannot decode: a corrupt header
-            raise CheckpointError(f"{path}: metadata field {key!r} cannot be read ({exc}); the file is corrupt") from exc
+            raise CheckpointError(
+                f"{path}: metadata field {key!r} cannot be read ({exc}); the file is corrupt"
+            ) from exc
     return meta
 
 
@@ -150,7 +152,8 @@ def check_architecture(meta: dict[str, Any], path) -> str:
     if arch not in SUPPORTED_ARCHITECTURES:
         raise CheckpointError(
             f"{path}: GGUF architecture {arch!r} is not supported; this reader handles {list(SUPPORTED_ARCHITECTURES)} "
-            "(Llama-family files such as SmolLM2, TinyLlama, Llama 2/3). Convert other models from their HF directory instead"
+            "(Llama-family files such as SmolLM2, TinyLlama, Llama 2/3). "
+            "Convert other models from their HF directory instead"
         )
     return arch
 
@@ -169,8 +172,10 @@ def hf_config_from_metadata(meta: dict[str, Any], tensors: list[GGUFTensorInfo],
                 raise ValueError
             value = kind(value)
         except (TypeError, ValueError, OverflowError):
-            raise CheckpointError(f"{path}: metadata {key}={value!r} is not a{'n integer' if kind is int else ' number'}; "
-                                  "the file is corrupt or not a llama.cpp export") from None
+            what = "an integer" if kind is int else "a number"
+            raise CheckpointError(
+                f"{path}: metadata {key}={value!r} is not {what}; the file is corrupt or not a llama.cpp export"
+            ) from None
         return value
 
     n_heads = number(f"{a}.attention.head_count")
@@ -206,7 +211,8 @@ def hf_config_from_metadata(meta: dict[str, Any], tensors: list[GGUFTensorInfo],
     _check_sizes(kwargs, names, path)
     if rope_dims != head_dim:
         raise CheckpointError(
-            f"{path}: partial rotary embeddings (rope.dimension_count={rope_dims}, head dim {head_dim}) are not supported"
+            f"{path}: partial rotary embeddings (rope.dimension_count={rope_dims}, head dim {head_dim}) "
+            "are not supported"
         )
     config = LlamaConfig(**kwargs)
     # transformers 5 moved rope_theta into rope_parameters; set both spellings so either version reads it.
@@ -236,7 +242,9 @@ def _check_sizes(c: dict[str, Any], tensors: dict[str, GGUFTensorInfo], path) ->
             raise CheckpointError(f"{path}: metadata {a}.{key}={value} must be at least 1; the file is corrupt")
     for key, value in (("attention.layer_norm_rms_epsilon", c["rms_norm_eps"]), ("rope.freq_base", c["rope_theta"])):
         if not (math.isfinite(value) and value > 0):
-            raise CheckpointError(f"{path}: metadata {a}.{key}={value} must be a positive finite number; the file is corrupt")
+            raise CheckpointError(
+                f"{path}: metadata {a}.{key}={value} must be a positive finite number; the file is corrupt"
+            )
     if c["num_attention_heads"] % c["num_key_value_heads"]:
         raise CheckpointError(
             f"{path}: metadata {a}.attention.head_count={c['num_attention_heads']} is not a multiple of "
@@ -257,8 +265,12 @@ def _check_sizes(c: dict[str, Any], tensors: dict[str, GGUFTensorInfo], path) ->
         want["output.weight"] = (c["vocab_size"], d)
     missing = [n for n in want if n not in tensors]
     if missing:
-        raise CheckpointError(f"{path}: {len(missing)} tensors are missing (first: {missing[:3]}); the file is incomplete")
-    wrong = [f"{n} {tensors[n].shape} (metadata implies {shape})" for n, shape in want.items() if tensors[n].shape != shape]
+        raise CheckpointError(
+            f"{path}: {len(missing)} tensors are missing (first: {missing[:3]}); the file is incomplete"
+        )
+    wrong = [
+        f"{n} {tensors[n].shape} (metadata implies {shape})" for n, shape in want.items() if tensors[n].shape != shape
+    ]
     if wrong:
         raise CheckpointError(
             f"{path}: tensor shapes disagree with the metadata: {'; '.join(wrong[:3])}"
@@ -318,7 +330,9 @@ def _dequantize(t) -> np.ndarray:
         try:
             arr = gguf.dequantize(t.data, qtype)
         except NotImplementedError as exc:
-            raise CheckpointError(f"tensor {t.name!r} uses ggml type {qtype.name}, which gguf cannot dequantize") from exc
+            raise CheckpointError(
+                f"tensor {t.name!r} uses ggml type {qtype.name}, which gguf cannot dequantize"
+            ) from exc
     arr = arr.reshape(shape).astype(np.float32, copy=False)
     # F32 tensors come back as read-only views of the memory-mapped file; torch wants its own memory
     return arr if arr.flags.writeable and arr.flags.c_contiguous else np.array(arr, dtype=np.float32, order="C")
@@ -362,7 +376,9 @@ def _check_complete(state: dict[str, torch.Tensor], cfg, path) -> None:
         expected.add("lm_head.weight")
     missing = sorted(expected - set(state))
     if missing:
-        raise CheckpointError(f"{path}: {len(missing)} tensors are missing (first: {missing[:3]}); the file is incomplete")
+        raise CheckpointError(
+            f"{path}: {len(missing)} tensors are missing (first: {missing[:3]}); the file is incomplete"
+        )
     emb = state["model.embed_tokens.weight"]
     if tuple(emb.shape) != (cfg.vocab_size, cfg.hidden_size):
         raise CheckpointError(
@@ -422,7 +438,9 @@ def read_tokenizer(path: str | os.PathLike, reader=None) -> Tokenizer:
     try:
         bpe = models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges], fuse_unk=False)
     except Exception as exc:  # tokenizers raises a bare Exception for a merge of tokens not in the vocabulary
-        raise CheckpointError(f"{path}: the tokenizer's merges and tokens disagree ({exc}); the file is corrupt") from None
+        raise CheckpointError(
+            f"{path}: the tokenizer's merges and tokens disagree ({exc}); the file is corrupt"
+        ) from None
     tok = HFTokenizer(bpe)
     pre = meta.get("tokenizer.ggml.pre", "default")
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=bool(meta.get("tokenizer.ggml.add_space_prefix", False)))
@@ -439,14 +457,20 @@ def read_tokenizer(path: str | os.PathLike, reader=None) -> Tokenizer:
         tok.pre_tokenizer = byte_level
     tok.decoder = decoders.ByteLevel()
     # Control tokens (<|im_start|> ...) must match whole in text, never be cut into byte pieces.
-    special = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == _TOKEN_TYPE_CONTROL]
-    user = [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == _TOKEN_TYPE_USER_DEFINED]
+    special = [
+        AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == _TOKEN_TYPE_CONTROL
+    ]
+    user = [
+        AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == _TOKEN_TYPE_USER_DEFINED
+    ]
     if special:
         tok.add_special_tokens(special)
     if user:
         tok.add_tokens(user)
     if tok.get_vocab_size(with_added_tokens=True) != len(tokens):
-        raise CheckpointError(f"{path}: rebuilt tokenizer has {tok.get_vocab_size()} tokens, the file lists {len(tokens)}")
+        raise CheckpointError(
+            f"{path}: rebuilt tokenizer has {tok.get_vocab_size()} tokens, the file lists {len(tokens)}"
+        )
     bos = meta.get("tokenizer.ggml.bos_token_id")
     eos = meta.get("tokenizer.ggml.eos_token_id")
     add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False))

@@ -57,7 +57,9 @@ class _Backward:
 # block installs a new mapping (never mutated in place), so a thread sees only what it attached.
 # Threads start from the empty default: Python does not copy a context into a new thread.
 _EMPTY: MappingProxyType[HookPoint, tuple[HookFn, ...]] = MappingProxyType({})
-_RUN_HOOKS: ContextVar[MappingProxyType[HookPoint, tuple[HookFn, ...]]] = ContextVar("workbench_run_hooks", default=_EMPTY)
+_RUN_HOOKS: ContextVar[MappingProxyType[HookPoint, tuple[HookFn, ...]]] = ContextVar(
+    "workbench_run_hooks", default=_EMPTY
+)
 
 
 def clear_run_hooks() -> None:

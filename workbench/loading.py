@@ -145,12 +145,16 @@ def read_native_config(directory: str | os.PathLike) -> GPTConfig:
     try:
         raw = json.loads(path.read_text())
     except FileNotFoundError:
-        raise CheckpointError(f"{path} does not exist; a native checkpoint has {CONFIG_FILE} and {WEIGHTS_FILE}") from None
+        raise CheckpointError(
+            f"{path} does not exist; a native checkpoint has {CONFIG_FILE} and {WEIGHTS_FILE}"
+        ) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path} is not valid JSON ({exc}); the checkpoint is corrupt, re-create it") from None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raw = raw if isinstance(raw, dict) else {}
-        raise CheckpointError(f"{path} is not a workbench checkpoint (format={raw.get('format')!r}); for HF directories use from_hf")
+        raise CheckpointError(
+            f"{path} is not a workbench checkpoint (format={raw.get('format')!r}); for HF directories use from_hf"
+        )
     try:
         return GPTConfig.from_dict(raw["config"])
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -192,7 +196,8 @@ def config_from_hf(hf_config: Mapping | object) -> GPTConfig:
         return _config_from_hf(c)
     except KeyError as exc:
         raise ConfigError(
-            f"the HF {c.get('model_type')} config lacks {exc.args[0]!r}; it is incomplete: use the model's own config.json"
+            f"the HF {c.get('model_type')} config lacks {exc.args[0]!r}; it is incomplete: "
+            "use the model's own config.json"
         ) from None
 
 
@@ -375,7 +380,8 @@ def _read_json_object(path: Path) -> dict:
         raise CheckpointError(f"{path} cannot be read as JSON ({exc}); restore the model's config.json") from None
     if not isinstance(value, dict):
         raise CheckpointError(
-            f"{path} holds a JSON {type(value).__name__}, not an object of config fields; restore the model's config.json"
+            f"{path} holds a JSON {type(value).__name__}, not an object of config fields; "
+            "restore the model's config.json"
         )
     return value
 
@@ -397,7 +403,9 @@ def read_hf_weights(directory: Path) -> dict[str, Tensor]:
         try:  # weights_only: tensors and plain containers, never arbitrary objects
             return torch.load(bin_path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - torch raises many kinds here
-            raise CheckpointError(f"{bin_path} could not be read as weights ({exc}); convert it to safetensors") from None
+            raise CheckpointError(
+                f"{bin_path} could not be read as weights ({exc}); convert it to safetensors"
+            ) from None
     raise CheckpointError(f"{directory} has no model.safetensors, sharded safetensors index or pytorch_model.bin")
 
 
@@ -409,7 +417,9 @@ def _snapshot(repo_id: str, local_files_only: bool) -> Path:
         raise CheckpointError(
             f"{repo_id!r} is not a local directory and huggingface_hub is not installed to fetch it"
         ) from None
-    patterns = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json"]
+    patterns = [
+        "config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json"
+    ]
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
     except Exception:  # noqa: BLE001 - not in the local cache: try the network below
@@ -442,7 +452,8 @@ def to_hf(model: HookedGPT):
     special = {"bos_token_id": tok.bos_token_id if tok else None, "eos_token_id": tok.eos_token_id if tok else None,
                "pad_token_id": None}
     if cfg.positional == "learned" and cfg.normalization == "layernorm" and not cfg.gated_mlp and cfg.use_bias \
-            and not cfg.attn_only and not cfg.unembed_bias and cfg.n_kv == cfg.n_heads and cfg.d_head * cfg.n_heads == cfg.d_model:
+            and not cfg.attn_only and not cfg.unembed_bias and cfg.n_kv == cfg.n_heads \
+            and cfg.d_head * cfg.n_heads == cfg.d_model:
         hf_cfg = transformers.GPT2Config(
             n_embd=cfg.d_model, n_layer=cfg.n_layers, n_head=cfg.n_heads, n_inner=cfg.d_mlp,
             vocab_size=cfg.d_vocab, n_positions=cfg.n_ctx, layer_norm_epsilon=cfg.norm_eps,
@@ -483,7 +494,8 @@ def hf_tokenizer(tokenizer: Tokenizer):
         return None if i is None else tokenizer.tok.id_to_token(i)
 
     hf = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer.tok, bos_token=token(tokenizer.bos_token_id), eos_token=token(tokenizer.eos_token_id))
+        tokenizer_object=tokenizer.tok, bos_token=token(tokenizer.bos_token_id),
+        eos_token=token(tokenizer.eos_token_id))
     # transformers' fast tokenizers prepend nothing unless their post-processor says so; record the
     # workbench's BOS convention in tokenizer_config.json (interop.from_transformer_lens reads it back)
     hf.init_kwargs["add_bos_token"] = tokenizer.add_bos

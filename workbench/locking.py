@@ -59,7 +59,9 @@ def output_lock(directory: str | os.PathLike, name: str = LOCK_FILE) -> Iterator
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ConfigError(f"cannot create the output directory {directory} ({exc.strerror}); choose another --out") from exc
+        raise ConfigError(
+            f"cannot create the output directory {directory} ({exc.strerror}); choose another --out"
+        ) from exc
     if not directory.is_dir():
         raise ConfigError(f"the output {directory} is a file, not a directory; choose another --out")
     path = directory / name
@@ -98,7 +100,9 @@ def _acquire(path: Path, directory: Path) -> int:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
-            raise ConfigError(f"cannot write in the output directory {directory} ({exc.strerror}); choose another --out") from exc
+            raise ConfigError(
+                f"cannot write in the output directory {directory} ({exc.strerror}); choose another --out"
+            ) from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:

@@ -81,11 +81,13 @@ class GPTConfig:
     def __post_init__(self) -> None:
         for f in ("d_model", "n_layers", "n_heads", "d_vocab", "n_ctx", "d_head", "d_mlp", "n_kv_heads"):
             value = getattr(self, f)  # a config read from JSON may hold 1e9, "64" or true where a size belongs
-            if not (isinstance(value, numbers.Integral) and not isinstance(value, bool)) and not (value is None and f in ("d_head", "n_kv_heads")):
+            is_int = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+            if not is_int and not (value is None and f in ("d_head", "n_kv_heads")):
                 raise ConfigError(f"{f} must be an integer, got {value!r}; fix the model config")
         for f in ("norm_eps", "rope_theta"):
             value = getattr(self, f)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"{f} must be a positive finite number, got {value!r}; fix the model config")
         if self.d_head is None:
             if self.n_heads <= 0 or self.d_model % self.n_heads:
@@ -331,7 +333,8 @@ class Attention(nn.Module):
             self.b_Q = self.b_K = self.b_V = self.b_O = None
         rotary = ("hook_rot_q", "hook_rot_k") if cfg.positional == "rotary" else ()
         # registered in the order they fire, so model.hook_names() reads like the forward pass
-        for name in ("hook_q", "hook_k", "hook_v", *rotary, "hook_attn_scores", "hook_pattern", "hook_z", "hook_result"):
+        for name in ("hook_q", "hook_k", "hook_v", *rotary,
+                     "hook_attn_scores", "hook_pattern", "hook_z", "hook_result"):
             setattr(self, name, HookPoint())
 
     def project(self, x: Float[Tensor, "batch pos d_model"], which: Literal["q", "k", "v"]
@@ -613,7 +616,9 @@ class HookedGPT(HookedModule):
         if tokens.ndim == 1:
             tokens = tokens[None]
         if tokens.ndim != 2 or tokens.shape[1] == 0 or tokens.shape[0] == 0:
-            raise InputError(f"expected token ids of shape [batch, pos] with batch, pos >= 1, got {tuple(tokens.shape)}")
+            raise InputError(
+                f"expected token ids of shape [batch, pos] with batch, pos >= 1, got {tuple(tokens.shape)}"
+            )
         end = pos_offset + tokens.shape[1]
         if end > self.cfg.n_ctx:
             raise InputError(
@@ -627,7 +632,8 @@ class HookedGPT(HookedModule):
         return tokens
 
     def embed_tokens(
-        self, tokens: Int[Tensor, "batch pos"], pos_offset: int = 0, attention_mask: Bool[Tensor, "batch key"] | None = None
+        self, tokens: Int[Tensor, "batch pos"], pos_offset: int = 0,
+        attention_mask: Bool[Tensor, "batch key"] | None = None,
     ) -> Float[Tensor, "batch pos d_model"]:
         """Return the residual stream before the first block: token (+ positional) embeddings.
 
@@ -715,7 +721,9 @@ class HookedGPT(HookedModule):
                 padding.check_rows_have_tokens(new)
             return new
         if kv_cache.attention_mask is None:
-            kv_cache.attention_mask = torch.ones(tokens.shape[0], kv_cache.max_pos, dtype=torch.bool, device=tokens.device)
+            kv_cache.attention_mask = torch.ones(
+                tokens.shape[0], kv_cache.max_pos, dtype=torch.bool, device=tokens.device
+            )
         end = kv_cache.pos + tokens.shape[1]
         kv_cache.attention_mask[:, kv_cache.pos: end] = True if new is None else new
         key_mask = kv_cache.attention_mask[:, :end]

@@ -204,8 +204,9 @@ def head_scores_figure(scores: dict[str, Tensor], title: str = "attention head s
     fig = make_subplots(rows=1, cols=len(names), subplot_titles=names, horizontal_spacing=0.06)
     for i, name in enumerate(names):
         z = scores[name]
-        fig.add_trace(go.Heatmap(z=_np(z), x=[str(h) for h in range(z.shape[1])], y=[str(li) for li in range(z.shape[0])],
-                                 colorscale=_SEQUENTIAL, zmin=0, zmax=1, showscale=i == len(names) - 1,
+        fig.add_trace(go.Heatmap(z=_np(z), x=[str(h) for h in range(z.shape[1])],
+                                 y=[str(li) for li in range(z.shape[0])], colorscale=_SEQUENTIAL, zmin=0, zmax=1,
+                                 showscale=i == len(names) - 1,
                                  hovertemplate="layer %{y} head %{x}: %{z:.3f}<extra></extra>"), 1, i + 1)
         fig.update_yaxes(autorange="reversed", title_text="layer" if i == 0 else None, row=1, col=i + 1)
         fig.update_xaxes(title_text="head", row=1, col=i + 1)
@@ -382,7 +383,8 @@ def composition_drop_figure(results: Sequence[CausalComposition], layer: int, he
             drop = drop / max(abs(float(res.clean[layer, head])), 1e-9)
         fig.add_trace(go.Bar(x=[res.sources[i] for i in keep], y=_np(drop), name=f"removed from the {what[res.kind]}",
                              hovertemplate="%{x}: %{y:.3f}<extra></extra>"))
-    fig.update_layout(title=f"L{layer}H{head}: score drop when a source is removed" + (" (fraction)" if normalized else ""),
+    title = f"L{layer}H{head}: score drop when a source is removed" + (" (fraction)" if normalized else "")
+    fig.update_layout(title=title,
                       xaxis_title="removed source", yaxis_title="drop", barmode="group")
     return fig
 

@@ -51,7 +51,9 @@ def load_snapshot(path: str | Path, device: str = "cpu", dtype: torch.dtype = to
     """Return the model saved in one snapshot directory, in eval mode (snapshots are stored in fp16)."""
     path = Path(path)
     if not (path / "config.json").is_file():
-        raise CheckpointError(f"{path} is not a snapshot (no config.json); list them with workbench.snapshots.list_snapshots")
+        raise CheckpointError(
+            f"{path} is not a snapshot (no config.json); list them with workbench.snapshots.list_snapshots"
+        )
     return HookedGPT.load(path, dtype=torch.float32).to(device=device, dtype=dtype).eval()
 
 

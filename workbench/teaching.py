@@ -39,7 +39,8 @@ def byte_to_char() -> dict[int, str]:
 
     Printable Latin-1 bytes stand for themselves; the others (space, control bytes, ...) are moved
     to code points from 256 up, so every byte is one visible character: a space is ``Ġ``."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    keep = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+            + list(range(ord("®"), ord("ÿ") + 1)))
     table, extra = {}, 0
     for b in range(256):
         if b in keep:

@@ -82,7 +82,8 @@ def bpe_chips_html(pieces: list[tuple[str, str]]) -> str:
         chips.append(
             f'<span style="display:inline-block;margin:2px;padding:2px 5px;border-radius:4px;'
             f'background:{PALETTE[i % len(PALETTE)]};color:#222;font-family:monospace;text-align:center">'
-            f'{html.escape(visible(text))}<br><span style="font-size:65%;color:#555">{html.escape(hexes)}</span></span>')
+            f'{html.escape(visible(text))}<br>'
+            f'<span style="font-size:65%;color:#555">{html.escape(hexes)}</span></span>')
     return "<div>" + "".join(chips) + "</div>"
 
 
@@ -168,8 +169,10 @@ def block_flow(rows: list[tuple[str, str, int, bool]], title: str) -> go.Figure:
         y = n - i
         colour = "#fde2e4" if resid else "#dfe7fd"
         fig.add_shape(type="rect", x0=0, x1=6, y0=y - 0.38, y1=y + 0.38, fillcolor=colour, line=dict(color="#888"))
-        fig.add_annotation(x=3, y=y, text=f"<b>{html.escape(label)}</b>", showarrow=False, font=dict(size=12, color="#222"))
-        fig.add_annotation(x=6.3, y=y, text=shape, showarrow=False, xanchor="left", font=dict(size=12, family="monospace"))
+        fig.add_annotation(x=3, y=y, text=f"<b>{html.escape(label)}</b>", showarrow=False,
+                           font=dict(size=12, color="#222"))
+        fig.add_annotation(x=6.3, y=y, text=shape, showarrow=False, xanchor="left",
+                           font=dict(size=12, family="monospace"))
         if params:
             fig.add_annotation(x=-0.3, y=y, text=f"{params:,} params", showarrow=False, xanchor="right",
                                font=dict(size=11, color="#555"))

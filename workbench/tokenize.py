@@ -84,7 +84,9 @@ class Tokenizer:
         n = self.tok.get_vocab_size(with_added_tokens=True)
         bad = [i for i in ids if not 0 <= i < n]
         if bad:
-            raise InputError(f"token id {bad[0]} is outside this tokenizer's vocabulary [0, {n}); pass ids from 0 to {n - 1}")
+            raise InputError(
+                f"token id {bad[0]} is outside this tokenizer's vocabulary [0, {n}); pass ids from 0 to {n - 1}"
+            )
         return ids
 
     def save(self, directory: str | Path) -> None:

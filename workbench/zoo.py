@@ -134,7 +134,8 @@ def _builtin_entries() -> dict[str, ZooEntry]:
             cfg = json.loads((d / "config.json").read_text()).get("config", {})
         except (json.JSONDecodeError, OSError):
             cfg = {}
-        family = "llama" if cfg.get("positional") == "rotary" else "gpt2" if cfg.get("positional") == "learned" else "other"
+        positional = cfg.get("positional")
+        family = "llama" if positional == "rotary" else "gpt2" if positional == "learned" else "other"
         found[d.name] = ZooEntry(d.name, description, family, "Apache-2.0", "builtin", directory=d)
     return found
 
@@ -556,13 +557,14 @@ def _load_hub(repo_id: str):
     local = hub_dir(repo_id)
     if (local / "config.json").is_file():
         return loading.from_hf(local)
-    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or os.environ.get("WORKBENCH_OFFLINE", "") not in ("", "0")
+    offline = any(os.environ.get(v, "") not in ("", "0") for v in ("HF_HUB_OFFLINE", "WORKBENCH_OFFLINE"))
     try:
         return loading.from_hf(repo_id, local_files_only=offline)
     except CheckpointError as exc:
         raise CheckpointError(
             f"{repo_id!r} is not in the zoo, not a local path, and could not be read from the HF hub or its cache "
-            f"({str(exc).split('. ')[0].split(';')[0]}). Bring its files: from https://huggingface.co/{repo_id} copy config.json, "
+            f"({str(exc).split('. ')[0].split(';')[0]}). "
+            f"Bring its files: from https://huggingface.co/{repo_id} copy config.json, "
             f"model.safetensors (or the model-*.safetensors shards with model.safetensors.index.json) and "
             f"tokenizer.json into {local}/ and load it again with the same id (or pass that directory). "
             f"The zoo has {sorted(zoo())}"

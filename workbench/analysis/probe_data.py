@@ -261,7 +261,8 @@ def load_probe_dataset(path: str | Path, position: str = "last", text_column: st
     elif path.suffix.lower() == ".csv":
         with path.open(newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
-            if reader.fieldnames is None or text_column not in reader.fieldnames or label_column not in reader.fieldnames:
+            columns = reader.fieldnames or []
+            if text_column not in columns or label_column not in columns:
                 raise DataError(f"{path}: the header must name columns {text_column!r} and {label_column!r}, "
                                 f"found {reader.fieldnames}")
             for i, row in enumerate(reader, 2):

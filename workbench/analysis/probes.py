@@ -330,7 +330,9 @@ def train_probes(acts: Float[Tensor, "hook batch d_model"], labels: Sequence[int
     ``progress(done, total)`` is called after each hook when given."""
     y = np.asarray(labels, dtype=np.int64)
     if acts.ndim != 3 or acts.shape[1] != len(y) or acts.shape[0] != len(hooks):
-        raise InputError(f"activations of shape {tuple(acts.shape)} do not match {len(hooks)} hooks and {len(y)} labels")
+        raise InputError(
+            f"activations of shape {tuple(acts.shape)} do not match {len(hooks)} hooks and {len(y)} labels"
+        )
     n0, n1 = int((y == 0).sum()), int((y == 1).sum())
     if min(n0, n1) < MIN_PER_CLASS:
         raise DataError(f"{n0} examples of label 0 and {n1} of label 1; a probe needs at least {MIN_PER_CLASS} of each")
@@ -413,7 +415,9 @@ class ProbeDirection:
                              f"width {d_model}; use a direction found on the same model and hook")
 
     def save(self, directory: str | Path) -> Path:
-        """Write ``direction.safetensors`` (vector, weight) and ``direction.json`` (hook, method, meta); return the directory."""
+        """Write ``direction.safetensors`` (vector, weight) and ``direction.json`` (hook, method, meta).
+
+        Return the directory."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         save_file({"vector": self.vector.float().contiguous(), "weight": self.weight.float().contiguous()},

@@ -151,8 +151,8 @@ def steered_generation(model: HookedGPT, prompt, vector: SteeringVector, multipl
                        max_new_tokens: int = 32, **sampling) -> SteeredGeneration:
     """Return the prompt continued without and with ``multiplier * vector`` (hooks on for every token).
 
-    ``sampling``: ``temperature``, ``top_k``, ``top_p``, ``seed``, ``stop_tokens``, as :func:`workbench.generate.generate`
-    takes them; with a seed both runs draw the same random numbers."""
+    ``sampling``: ``temperature``, ``top_k``, ``top_p``, ``seed``, ``stop_tokens``, as
+    :func:`workbench.generate.generate` takes them; with a seed both runs draw the same random numbers."""
     vector.check(model)
     plain = generate(model, prompt, max_new_tokens, **sampling)
     steered = generate(model, prompt, max_new_tokens, fwd_hooks=vector.hooks(multiplier), **sampling)
@@ -257,7 +257,9 @@ class SteeringCurve:
         return (self.measure - self.baseline) / self.gap
 
     def reaching(self, fraction: float = 0.5, max_kl: float = 0.5) -> float | None:
-        """Return the smallest multiplier moving the measure by ``fraction`` of the gap with KL < ``max_kl``, or None."""
+        """Return the smallest multiplier moving the measure by ``fraction`` of the gap with KL < ``max_kl``.
+
+        None when no multiplier does."""
         ok = [m for m, f, k in zip(self.multipliers, self.fraction_of_gap.tolist(), self.kl.tolist())
               if f >= fraction and k < max_kl]
         return min(ok, key=abs) if ok else None

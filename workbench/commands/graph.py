@@ -77,7 +77,8 @@ def _build_and_write(args: argparse.Namespace) -> int:
     print(f"{args.model}: {graph.n_pos} tokens, {graph.n_features} active features "
           f"({graph.settings['n_active_features']} before the budget), {graph.n_logits} logit nodes; "
           f"built in {seconds:.2f} s ({graph.settings['backward_passes']} batched backward passes)")
-    print("top logits: " + ", ".join(f"{graph.logit_label(i)!r} {float(p):.3f}" for i, p in enumerate(graph.logit_probs)))
+    top = ", ".join(f"{graph.logit_label(i)!r} {float(p):.3f}" for i, p in enumerate(graph.logit_probs))
+    print(f"top logits: {top}")
     print(f"pruned at node {args.node_threshold} / edge {args.edge_threshold}: {n_kept} of {graph.n_nodes} nodes, "
           f"{n_edges} of {int((graph.adjacency != 0).sum())} edges")
     print(f"replacement score {full.replacement:.3f} (pruned {kept.replacement:.3f}), "
@@ -86,7 +87,8 @@ def _build_and_write(args: argparse.Namespace) -> int:
     if args.target is not None:
         logit = graph.logit_tokens.tolist().index(graph.settings["target"])
     paths = G.top_paths(graph, pruned, logit=logit, k=args.top)
-    print(f"strongest paths to {graph.logit_label(logit)!r} (strength: product of each edge's share of its target's input)")
+    print(f"strongest paths to {graph.logit_label(logit)!r} "
+          "(strength: product of each edge's share of its target's input)")
     print(f"  {'strength':>9}  path")
     rows = []
     for p in paths:
@@ -101,7 +103,8 @@ def _build_and_write(args: argparse.Namespace) -> int:
     if args.export:
         data = G.to_circuit_tracer_json(graph, pruned, slug=args.model, node_threshold=args.node_threshold)
         _write_text_atomic(Path(args.export), json.dumps(data))
-        print(f"circuit-tracer graph JSON written to {args.export} ({len(data['nodes'])} nodes, {len(data['links'])} links)")
+        print(f"circuit-tracer graph JSON written to {args.export} "
+              f"({len(data['nodes'])} nodes, {len(data['links'])} links)")
     numbers = {"model": args.model, "prompt": args.prompt, "tokens": graph.str_tokens, "seconds": seconds,
                "n_features": graph.n_features, "n_nodes": graph.n_nodes, "n_nodes_pruned": n_kept,
                "n_edges_pruned": n_edges, "logits": [graph.logit_label(i) for i in range(graph.n_logits)],

@@ -10,7 +10,7 @@
 ``--dataset``: ``truth`` (capitals, sums and comparisons together), one family (``capitals``,
 ``arithmetic``, ``comparisons``), ``sentiment`` (short verdicts), or a ``.csv``/``.jsonl`` file of
 ``text,label`` rows read at ``--position`` (``last`` or a marker placed right after the token to read).
-"""
+"""  # noqa: E501 (the example commands stay whole for copy-paste)
 
 from __future__ import annotations
 

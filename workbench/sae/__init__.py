@@ -11,4 +11,6 @@ from workbench.sae.io import load_sae, save_sae
 from workbench.sae.model import SAE, SAEConfig, SAEOutput
 from workbench.sae.train import SAETrainConfig, TrainConfig, TrainResult, train_sae
 
-__all__ = ["SAE", "SAEConfig", "SAEOutput", "SAETrainConfig", "TrainConfig", "TrainResult", "load_sae", "save_sae", "train_sae"]
+__all__ = [
+    "SAE", "SAEConfig", "SAEOutput", "SAETrainConfig", "TrainConfig", "TrainResult", "load_sae", "save_sae", "train_sae"
+]
