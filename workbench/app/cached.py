@@ -492,7 +492,9 @@ def transcoder_set(spec: str) -> dict:
 
 @st.cache_resource(max_entries=16, show_spinner=False)
 def attribution_graph(key: str, spec: str, text: str, max_features: int = 0):
-    """Return ``(graph, seconds)``: the prompt's attribution graph through the set (``max_features`` 0: every feature)."""
+    """Return ``(graph, seconds)``: the prompt's attribution graph through the set.
+
+    ``max_features`` 0 keeps every feature."""
     m, tcs, tokens = model(key), transcoder_set(spec), _tokens(key, text)
 
     def run():

@@ -147,7 +147,9 @@ def resolve_local(relative: str) -> Path:
         )
     target = (root / relative).resolve()
     if target != root and root not in target.parents:
-        raise InputError(f"model path {relative!r} points outside the model directory {root}; choose a folder inside it")
+        raise InputError(
+            f"model path {relative!r} points outside the model directory {root}; choose a folder inside it"
+        )
     if not target.is_dir():
         raise InputError(f"no model folder {relative!r} under {root}; `workbench models` lists what is there")
     return target

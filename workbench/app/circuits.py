@@ -127,7 +127,8 @@ def _card(sel, spec, text, model, graph, pruned, node: int) -> None:
                     continue
                 toks = model.to_str_tokens(windows[w, max(0, p - 10): p + 3]) if model.tokenizer else []
                 at = min(p, 10)
-                snippet = "".join(html.escape(t) if i != at else f"<mark>{html.escape(t)}</mark>" for i, t in enumerate(toks))
+                snippet = "".join(html.escape(t) if i != at else f"<mark>{html.escape(t)}</mark>"
+                                  for i, t in enumerate(toks))
                 rows.append(f"`{v:.2f}` {snippet}")
             st.markdown("<br>".join(rows) if rows else "_silent on the corpus sample_", unsafe_allow_html=True)
         with logit_col:
@@ -137,7 +138,8 @@ def _card(sel, spec, text, model, graph, pruned, node: int) -> None:
                                        "logit": values.tolist()}), hide_index=True, key="circuit_promoted")
     elif kind == "error":
         layer, pos = divmod(node - graph.n_features, graph.n_pos)
-        st.caption(f"What layer {layer}'s transcoder misses at position {pos}: norm {float(graph.error_norms[layer, pos]):.3f}.")
+        norm = float(graph.error_norms[layer, pos])
+        st.caption(f"What layer {layer}'s transcoder misses at position {pos}: norm {norm:.3f}.")
     else:
         i = node - graph.logit_node(0)
         st.caption(f"Logit {graph.logit_label(i)!r}: probability {float(graph.logit_probs[i]):.3f}.")

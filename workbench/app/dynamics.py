@@ -142,7 +142,8 @@ def _attention(model, heads: list[S.SnapshotHeads], steps: list[int], i: int, se
     labels = P.token_axis([str(t) for t in seq.tokens[0].tolist()])
     left, right = st.columns([3, 2])
     with left:
-        ui.plot(P.matrix(now.pattern[layer, head], f"Layer {layer}, head {head} at step {step} on repeated random tokens",
+        ui.plot(P.matrix(now.pattern[layer, head],
+                         f"Layer {layer}, head {head} at step {step} on repeated random tokens",
                          labels, labels, "key", "query", colorscale="Blues", zmid=None, height=460),
                 key=f"{prefix}_pattern")
     with right:

@@ -199,8 +199,8 @@ def parameter_figure(table: pd.DataFrame, log: bool = True) -> go.Figure:
 def architecture_diagram(cfg) -> go.Figure:
     """Return a block diagram of a GPTConfig: embeddings, the residual stream through the blocks, unembedding."""
     boxes: list[tuple[str, str]] = [("tokens", "#eeeeee")]
-    pos = {"learned": "+ learned positions", "sinusoidal": "+ sinusoidal positions", "rotary": "(RoPE inside attention)",
-           "none": "(no positions)"}[cfg.positional]
+    pos = {"learned": "+ learned positions", "sinusoidal": "+ sinusoidal positions",
+           "rotary": "(RoPE inside attention)", "none": "(no positions)"}[cfg.positional]
     boxes.append((f"embed W_E [{cfg.d_vocab}, {cfg.d_model}] {pos}", "#dfe7fd"))
     norm = "LayerNorm" if cfg.normalization == "layernorm" else "RMSNorm"
     attn = f"{norm} → attention: {cfg.n_heads} heads × d_head {cfg.d_head}"
@@ -348,8 +348,9 @@ def toy_geometry_figure(W: Float[Tensor, "d_hidden feature"], importance: list[f
             x, y = float(W[0, i]), float(W[1, i])
             shade = 0.25 + 0.75 * importance[i] / top
             fig.add_trace(go.Scatter(x=[0, x], y=[0, y], mode="lines+markers+text", text=["", f"f{i}"],
-                                     textposition="top center", line=dict(width=3, color=f"rgba(60,60,200,{shade:.2f})"),
-                                     name=f"feature {i}", hovertemplate=f"feature {i}<br>(%{{x:.2f}}, %{{y:.2f}})<extra></extra>"))
+                                     textposition="top center",
+                                     line=dict(width=3, color=f"rgba(60,60,200,{shade:.2f})"), name=f"feature {i}",
+                                     hovertemplate=f"feature {i}<br>(%{{x:.2f}}, %{{y:.2f}})<extra></extra>"))
         lim = max(1.1, float(W.abs().max()) * 1.15)
         fig.update_xaxes(range=[-lim, lim], zeroline=True)
         fig.update_yaxes(range=[-lim, lim], scaleanchor="x", scaleratio=1, zeroline=True)

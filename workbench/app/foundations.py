@@ -115,7 +115,8 @@ def positional_page(sel: Selection) -> None:
     st.caption(f"This model uses **{cfg.positional}** positions.")
     if cfg.positional == "learned":
         W_pos = model.pos_embed.W_pos[:n].detach().float().cpu()
-        share.plot(figures.matrix_heatmap(W_pos, "Learned W_pos (this model)", "d_model", "position"), key="pos_learned")
+        share.plot(figures.matrix_heatmap(W_pos, "Learned W_pos (this model)", "d_model", "position"),
+                   key="pos_learned")
         unit = compute.unit_rows(W_pos)
         share.plot(figures.matrix_heatmap(unit @ unit.T, "Cosine similarity between learned positions", "position",
                                           "position"), key="pos_cos")

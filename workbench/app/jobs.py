@@ -68,7 +68,9 @@ class Job:
             self._done.set()
 
     def report(self, fraction: float, stage: str) -> None:
-        """Record progress (``fraction`` of the work done, what is being done); raise :class:`Cancelled` if asked to stop."""
+        """Record progress (``fraction`` of the work done, what is being done).
+
+        Raise :class:`Cancelled` if asked to stop."""
         if self._cancel.is_set():
             raise Cancelled(f"{self.title}: cancelled")
         fraction = min(1.0, max(0.0, float(fraction)))

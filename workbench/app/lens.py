@@ -74,7 +74,8 @@ def lens_page(sel: Selection) -> None:
         c1.caption("No tuned lens for this model in the runs directory. The button trains a small one in the "
                    f"background ({compute.APP_LENS_STEPS} steps on {compute.APP_LENS_WINDOWS} windows of the model's "
                    "own corpus, with progress and the time left); `workbench tuned-lens train MODEL --out "
-                   "$WORKBENCH_HOME/runs/lens-MODEL` trains a bigger one. This page then shows it beside the logit lens.")
+                   "$WORKBENCH_HOME/runs/lens-MODEL` trains a bigger one. "
+                   "This page then shows it beside the logit lens.")
         if c1.button("Train a tuned lens", key="lens_train"):
             st.session_state["lens_job"] = tuned_lens_job(sel.key, sel.name).key
     _tuned_lens_status(c1)

@@ -35,8 +35,8 @@ def _probe_run(sel: Selection, model, name: str, kind: str):
         acts = P.collect_activations(model, reads, hooks)
         bar.progress(0.05, text="Training probes…")
         res = P.train_probes(acts, ds.labels, hooks, reads.types, P.ProbeConfig(),
-                             progress=lambda done, total: bar.progress(0.05 + 0.95 * done / total,
-                                                                       text=f"Training probes: layer {done} of {total}"))
+                             progress=lambda done, total: bar.progress(
+                                 0.05 + 0.95 * done / total, text=f"Training probes: layer {done} of {total}"))
         bar.empty()
         memo.clear()  # one run per session: activations of a large model are big
         memo[key] = (ds, res, acts)
@@ -55,7 +55,8 @@ def probes_page(sel: Selection) -> None:
     st.title("Probes & steering")
     model = cached.model(sel.key)
     if model.tokenizer is None:
-        st.info("Probes read labelled texts; this model has no tokenizer. Pick a model with one (kjv-small, smollm2-135m).")
+        st.info("Probes read labelled texts; this model has no tokenizer. "
+                "Pick a model with one (kjv-small, smollm2-135m).")
         return
     st.caption("A linear probe per layer reads a label from the residual stream at each text's last token: logistic "
                "regression (cross-validated) and the class mean difference, scored on a held-out quarter. The "
@@ -89,7 +90,8 @@ def _probes(sel: Selection, model) -> None:
     direction = res.direction(layer, method)
     proj = acts[layer] @ direction.vector
     ui.plot(probe_plots.projection_figure(proj, ds.labels, ds.label_names,
-                                          f"Examples projected on the layer-{layer} {method} direction"), key="probe_proj")
+                                          f"Examples projected on the layer-{layer} {method} direction"),
+            key="probe_proj")
     st.dataframe(res.frame().drop(columns=["hook"]), hide_index=True)
 
 

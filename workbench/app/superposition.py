@@ -33,7 +33,8 @@ def superposition_page(sel: Selection) -> None:  # noqa: ARG001 - the toy model 
     m3.metric("hidden dimensions", d_hidden)
     importance = compute.importance_profile(n_features, decay).tolist()
     share.plot(figures.toy_geometry_figure(toy.W[0], importance), key="sup_geometry")
-    share.plot(figures.toy_norms_figure(geo.norms[0].tolist(), geo.fractional_dimensionality[0].tolist()), key="sup_norms")
+    share.plot(figures.toy_norms_figure(geo.norms[0].tolist(), geo.fractional_dimensionality[0].tolist()),
+               key="sup_norms")
     if d_hidden == 2:
         share.plot(figures.matrix_heatmap(toy.W[0].T @ toy.W[0], "WᵀW: each feature's overlap with every other",
                                        "feature", "feature"), key="sup_gram")

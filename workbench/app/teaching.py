@@ -44,8 +44,8 @@ def bpe_page(sel: Selection) -> None:
     n_merges = c1.slider("Merges to learn", 1, 300, 50, key="bpe_merges")
     sentence = c2.text_input("Sentence to segment", DEFAULT_SENTENCE, key="bpe_sentence")
     if len(text) > MAX_BPE_CHARS:
-        st.caption(f"The text has {len(text):,} characters; the first {MAX_BPE_CHARS:,} are used (this trainer recounts "
-                   "every pair at every merge, which is plain but slow).")
+        st.caption(f"The text has {len(text):,} characters; the first {MAX_BPE_CHARS:,} are used "
+                   "(this trainer recounts every pair at every merge, which is plain but slow).")
         text = text[:MAX_BPE_CHARS]
     docs = [line for line in text.splitlines() if line.strip()]
     if not docs:
@@ -54,7 +54,8 @@ def bpe_page(sel: Selection) -> None:
     with st.spinner("Learning merges…"):
         trace = cached.bpe_trace(text, n_merges)
     if not trace.merges:
-        st.warning("No pair occurs twice in this text, so BPE learns nothing: give it a longer or more repetitive text.")
+        st.warning("No pair occurs twice in this text, so BPE learns nothing: "
+                   "give it a longer or more repetitive text.")
         return
     if len(trace.merges) < n_merges:
         st.caption(f"Only {len(trace.merges)} merges: after that no pair occurs twice (the trainer's min_frequency).")
@@ -82,9 +83,9 @@ def bpe_page(sel: Selection) -> None:
     left, right = st.columns(2)
     with left:
         st.subheader("Merges learned so far")
-        rows = [{"step": m.step, "left": P.visible(T.piece_text(m.pair[0])), "right": P.visible(T.piece_text(m.pair[1])),
-                 "new token": P.visible(T.piece_text(m.token)), "id": m.token_id, "count": m.count,
-                 "vocabulary": m.vocab_size} for m in reversed(trace.merges[:k])]
+        rows = [{"step": m.step, "left": P.visible(T.piece_text(m.pair[0])),
+                 "right": P.visible(T.piece_text(m.pair[1])), "new token": P.visible(T.piece_text(m.token)),
+                 "id": m.token_id, "count": m.count, "vocabulary": m.vocab_size} for m in reversed(trace.merges[:k])]
         st.dataframe(pd.DataFrame(rows), hide_index=True, height=320)
     with right:
         st.subheader("Characters of several bytes")
@@ -121,7 +122,8 @@ def attention_scratch_page(sel: Selection) -> None:
     cfg = model.cfg
     st.caption("The worked example: every token scores every other with a dot product, the scores become weights "
                "with a softmax, and each token's output is the weighted sum. Then the same with a real head's learned "
-               "queries and keys, the causal mask and the 1/√d_head scaling — which is exactly what the model computes.")
+               "queries and keys, the causal mask and the 1/√d_head scaling — "
+               "which is exactly what the model computes.")
     default = "The cat sat on the mat. The cat" if model.tokenizer is not None else "0 17 42 5 33 9 17 42 5 33"
     text, enc = ui.prompt(sel.key, model, "scratch_prompt", default=default)
     if len(enc.ids) < 2:
@@ -177,7 +179,8 @@ def attention_scratch_page(sel: Selection) -> None:
     raw_std, scaled_std = float(a.QKt[seen].std()), float(a.scaled[seen].std())
     st.markdown(f"A dot product of two d_head-dimensional vectors with unit-variance entries has variance d_head, so "
                 f"scores grow with the head size, and a softmax of large scores puts almost all weight on one key "
-                f"(its gradient vanishes). Dividing by √d_head = {math.sqrt(cfg.d_head):.2f} keeps them near unit scale.")
+                f"(its gradient vanishes). Dividing by √d_head = {math.sqrt(cfg.d_head):.2f} "
+                "keeps them near unit scale.")
     ui.plot(P.pair(P.matrix(a.pattern_unscaled, "softmax(mask(Q·Kᵀ)): unscaled", labels, labels, colorscale="Blues",
                             zmid=None),
                    P.matrix(a.pattern, "softmax(mask(Q·Kᵀ / √d_head)): scaled", labels, labels, colorscale="Blues",
@@ -185,14 +188,16 @@ def attention_scratch_page(sel: Selection) -> None:
     e1, e2, e3 = st.columns(3)
     e1.metric("score spread (std), unscaled", f"{raw_std:.3g}")
     e2.metric("score spread (std), scaled", f"{scaled_std:.3g}")
-    e3.metric("mean row entropy, unscaled → scaled",
-              f"{float(T.row_entropy(a.pattern_unscaled).mean()):.2f} → {float(T.row_entropy(a.pattern).mean()):.2f} nats")
+    entropy_unscaled = float(T.row_entropy(a.pattern_unscaled).mean())
+    entropy_scaled = float(T.row_entropy(a.pattern).mean())
+    e3.metric("mean row entropy, unscaled → scaled", f"{entropy_unscaled:.2f} → {entropy_scaled:.2f} nats")
 
     st.header("5 · The same head in the model")
     diff = float((a.pattern - real).abs().max())
     ui.plot(P.pair(P.matrix(a.pattern, "from scratch (this page)", labels, labels, colorscale="Blues", zmid=None),
                    P.matrix(real, f"the model's blocks.{layer}.attn.hook_pattern", labels, labels, colorscale="Blues",
-                            zmid=None), f"Layer {layer}, head {head}: by hand and in the model", shared_scale=True), key="scratch_real")
+                            zmid=None), f"Layer {layer}, head {head}: by hand and in the model", shared_scale=True),
+            key="scratch_real")
     st.metric("largest difference from the model's pattern", f"{diff:.1e}")
     if diff < 1e-4:
         st.success("The hand computation reproduces the model's attention pattern.")
@@ -223,7 +228,8 @@ def orthogonal_page(sel: Selection) -> None:
     angles = {d: T.pairwise_angles(n, d, seed=0) for d in dims}
     stats = [T.angle_stats(angles[d], d) for d in dims]
     ui.plot(P.angle_histograms(angles), key="orth_hist")
-    table = pd.DataFrame({"d": [s.d for s in stats], "mean (°)": [s.mean for s in stats], "std (°)": [s.std for s in stats],
+    table = pd.DataFrame({"d": [s.d for s in stats], "mean (°)": [s.mean for s in stats],
+                          "std (°)": [s.std for s in stats],
                           "(180/π)/√d (°)": [s.predicted_std for s in stats],
                           "within 90° ± 5°": [s.within_5 for s in stats],
                           "farthest from 90° (°)": [s.worst for s in stats]})
@@ -284,7 +290,8 @@ def kv_cache_page(sel: Selection) -> None:
     kv_head = c3.slider("KV head", 0, cfg.n_kv - 1, 0, key="kv_head") if cfg.n_kv > 1 else 0
     filled = dec.prompt_len + step
     fed = labels[:filled] if step == 0 else [labels[filled - 1]]
-    st.caption(f"Step {step}: the model is fed {'the prompt, ' + str(dec.prompt_len) + ' tokens' if step == 0 else fed[0]}, "
+    fed_text = f"the prompt, {dec.prompt_len} tokens" if step == 0 else fed[0]
+    st.caption(f"Step {step}: the model is fed {fed_text}, "
                f"writes {dec.prompt_len if step == 0 else 1} new row(s) into every layer's K and V, and reads all "
                f"{filled} rows to predict {labels[filled]}. Rows written at earlier steps stay as they were.")
     K = dec.cache.keys[layer][0, kv_head, :filled].float().cpu()
@@ -304,17 +311,19 @@ def kv_cache_page(sel: Selection) -> None:
     lengths = [int(x) for x in torch.linspace(1, cfg.n_ctx, 64).round().unique().tolist()]
     measured = T.measured_cache_bytes(dec.cache)
     ui.plot(P.kv_memory(lengths, [T.kv_cache_bytes(cfg, n, bytes_per_value=el) / 2**20 for n in lengths],
-                        (dec.cache.max_pos, measured / 2**20), f"KV cache of {cfg.name or sel.name} ({sel.dtype}, batch 1)"),
+                        (dec.cache.max_pos, measured / 2**20),
+                        f"KV cache of {cfg.name or sel.name} ({sel.dtype}, batch 1)"),
             key="kv_memory")
     m1, m2, m3 = st.columns(3)
     m1.metric("per token", P.fmt_bytes(per_token))
     m2.metric(f"measured ({dec.cache.max_pos} positions)", P.fmt_bytes(measured))
     m3.metric(f"full context ({cfg.n_ctx})", P.fmt_bytes(T.kv_cache_bytes(cfg, cfg.n_ctx, bytes_per_value=el)))
+    gqa = (f"; grouped-query attention shares each KV head among {cfg.n_heads // cfg.n_kv} query heads"
+           if cfg.n_kv < cfg.n_heads else "")
+    agree = measured == T.kv_cache_bytes(cfg, dec.cache.max_pos, bytes_per_value=el)
     st.caption(f"2 (K and V) × {cfg.n_layers} layers × {cfg.n_kv} KV heads × d_head {cfg.d_head} × {el} bytes = "
-               f"{per_token:,} bytes per token" + (f"; grouped-query attention shares each KV head among "
-                                                     f"{cfg.n_heads // cfg.n_kv} query heads" if cfg.n_kv < cfg.n_heads else "")
-               + ". The formula and the measured tensors agree" + (" exactly." if measured == T.kv_cache_bytes(
-                   cfg, dec.cache.max_pos, bytes_per_value=el) else " — no: they differ."))
+               f"{per_token:,} bytes per token" + gqa
+               + ". The formula and the measured tensors agree" + (" exactly." if agree else " — no: they differ."))
 
     st.subheader("Speed, with and without the cache")
     n_time = st.slider("Tokens to generate for the timing", 4, min(64, room), min(24, room), key="kv_time_n")
@@ -360,9 +369,10 @@ _MAKERS = {
     "hook_mlp_out": ("mlp.W_out", "mlp.b_out"),
 }
 _AXES = {
-    "hook_resid_pre": "batch pos d_model", "hook_resid_mid": "batch pos d_model", "hook_resid_post": "batch pos d_model",
-    "hook_attn_out": "batch pos d_model", "hook_mlp_out": "batch pos d_model", "ln1.hook_scale": "batch pos 1",
-    "ln2.hook_scale": "batch pos 1", "ln1.hook_normalized": "batch pos d_model", "ln2.hook_normalized": "batch pos d_model",
+    "hook_resid_pre": "batch pos d_model", "hook_resid_mid": "batch pos d_model",
+    "hook_resid_post": "batch pos d_model", "hook_attn_out": "batch pos d_model", "hook_mlp_out": "batch pos d_model",
+    "ln1.hook_scale": "batch pos 1", "ln2.hook_scale": "batch pos 1",
+    "ln1.hook_normalized": "batch pos d_model", "ln2.hook_normalized": "batch pos d_model",
     "attn.hook_q": "batch pos head d_head", "attn.hook_k": "batch pos kv_head d_head",
     "attn.hook_v": "batch pos kv_head d_head", "attn.hook_rot_q": "batch pos head d_head",
     "attn.hook_rot_k": "batch pos kv_head d_head", "attn.hook_attn_scores": "batch head query key",

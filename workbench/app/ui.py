@@ -37,16 +37,20 @@ def guard() -> Iterator[None]:
         st.stop()
 
 
-def prompt(key: str, model, widget_key: str, label: str = "Prompt", default: str | None = None) -> tuple[str, cached.Encoded]:
+def prompt(
+    key: str, model, widget_key: str, label: str = "Prompt", default: str | None = None
+) -> tuple[str, cached.Encoded]:
     """Return the prompt text and its tokens; a prompt over the cap is cut, with a message."""
     hint = None if model.tokenizer is not None else f"token ids 0..{model.cfg.d_vocab - 1}, separated by spaces"
-    text = st.text_input(label, value=default if default is not None else default_prompt(model), key=widget_key, help=hint)
+    value = default if default is not None else default_prompt(model)
+    text = st.text_input(label, value=value, key=widget_key, help=hint)
     with guard():
         enc = cached.encode(key, text)
     cap = min(choices.MAX_PROMPT_TOKENS, model.cfg.n_ctx)
     if enc.n_full > len(enc.ids):
         st.warning(f"The prompt has {'' if enc.exact else 'more than '}{enc.n_full} tokens; only the first {cap} are "
-                   f"used (the app's limit is {choices.MAX_PROMPT_TOKENS} tokens, the model's context {model.cfg.n_ctx}).")
+                   f"used (the app's limit is {choices.MAX_PROMPT_TOKENS} tokens, "
+                   f"the model's context {model.cfg.n_ctx}).")
     return text, enc
 
 
@@ -78,7 +82,10 @@ def plot(fig, key: str | None = None) -> None:
 
 def _eta_text(job: Job) -> str:
     eta = job.eta()
-    left = "estimating time left" if eta is None else (f"about {eta:.0f} s left" if eta < 90 else f"about {eta / 60:.1f} min left")
+    if eta is None:
+        left = "estimating time left"
+    else:
+        left = f"about {eta:.0f} s left" if eta < 90 else f"about {eta / 60:.1f} min left"
     return f"{job.title}: {job.stage} · {job.fraction:.0%} · {job.elapsed:.0f} s so far, {left}"
 
 
