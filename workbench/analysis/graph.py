@@ -915,15 +915,16 @@ def _cutoff(scores: Tensor, fraction: float) -> Tensor:
     positive = flat[flat > 0]
     if positive.numel() == 0:
         return torch.zeros((), dtype=scores.dtype)
-    values = positive.numpy()
-    values.sort()  # ascending, in place
-    ranked = torch.from_numpy(values).flip(0)
-    del positive, values
+    # descending, in place: negation is exact, so this is the ascending sort reversed, without a flipped copy
+    ranked = positive.neg_()
+    ranked.numpy().sort()
+    ranked.neg_()
+    del positive
     share = ranked.cumsum(0).div_(ranked.sum().clamp_min(1e-30))
     at = int(torch.searchsorted(share, torch.tensor(fraction)))
     if at >= ranked.numel():  # the share never reaches the fraction: every score counts, zeros included
-        return ranked[-1] if ranked.numel() == flat.numel() else torch.zeros((), dtype=scores.dtype)
-    return ranked[at]
+        return ranked[-1].clone() if ranked.numel() == flat.numel() else torch.zeros((), dtype=scores.dtype)
+    return ranked[at].clone()  # not a view that would hold every sorted score
 
 
 @dataclass
@@ -947,6 +948,7 @@ def prune(graph: AttributionGraph, node_threshold: float = 0.8, edge_threshold: 
             raise InputError(f"{name}={value} must lie in (0, 1]")
     A, w = graph.adjacency, graph.logit_weights() * graph.logit_probs.sum()  # circuit-tracer weighs by raw probability
     n_fe = graph.n_features + graph.n_errors
+    release_freed_memory()  # [n n] buffers follow: give back what earlier steps left in the heap first
     influence = _influence(_normalized(A), w)
     nodes = influence >= _cutoff(influence, node_threshold)
     nodes[n_fe:] = True
@@ -960,7 +962,8 @@ def prune(graph: AttributionGraph, node_threshold: float = 0.8, edge_threshold: 
     del scores
     while True:  # drop features and errors left without outputs, and features left without inputs
         before = nodes.clone()
-        edges &= nodes[:, None] & nodes[None, :]
+        edges &= nodes[:, None]  # two in-place steps: no [n n] temporary
+        edges &= nodes[None, :]
         nodes[:n_fe] &= edges[:, :n_fe].any(0)
         nodes[: graph.n_features] &= edges[: graph.n_features].any(1)
         if torch.equal(nodes, before):
@@ -1010,10 +1013,12 @@ def graph_scores(graph: AttributionGraph, pruned: Pruned | None = None) -> Graph
     unexplained, like an error node's, instead of being renormalised away."""
     A = graph.adjacency
     w = graph.logit_weights() * graph.logit_probs.sum()
-    total = A.abs().sum(-1, keepdim=True).clamp_min(1e-10)
+    release_freed_memory()  # as in prune
+    raw_total = A.abs().sum(-1)  # each row's total absolute input, once: its [n n] temporary goes before An's
+    total = raw_total.clamp_min(1e-10)[:, None]
     An = A.abs()  # the kept edges' shares of each row's full input: one [n n] buffer
     if pruned is not None:
-        An *= pruned.edge_mask
+        An.masked_fill_(~pruned.edge_mask, 0)  # not *= a bool mask: that casts it to an [n n] float temporary
     An /= total
     influence = _influence(An, w)
     errors = slice(graph.n_features, graph.n_features + graph.n_errors)
@@ -1022,7 +1027,7 @@ def graph_scores(graph: AttributionGraph, pruned: Pruned | None = None) -> Graph
     # influence that reaches errors or falls on pruned edges: what the graph leaves unexplained
     unexplained = influence[errors].sum()
     if pruned is not None:
-        lost = (A.abs().sum(-1) / total[:, 0]) - An.sum(-1)  # per row, the normalised input pruning removed
+        lost = (raw_total / total[:, 0]) - An.sum(-1)  # per row, the normalised input pruning removed
         lost[errors] = 0
         unexplained = unexplained + ((influence + w) * lost).sum()
     replacement = float(token_inf / (token_inf + unexplained).clamp_min(1e-30))
@@ -1118,7 +1123,7 @@ class GraphPath(NamedTuple):
 def top_paths(graph: AttributionGraph, pruned: Pruned | None = None, logit: int = 0, k: int = 10) -> list[GraphPath]:
     """Return the ``k`` strongest paths (by |strength|) from a token or error node to logit node ``logit``,
     over the edges ``pruned`` keeps (all edges without it)."""
-    A = graph.adjacency if pruned is None else graph.adjacency * pruned.edge_mask
+    A = graph.adjacency if pruned is None else graph.adjacency.masked_fill(~pruned.edge_mask, 0)
     share = A / graph.adjacency.abs().sum(-1, keepdim=True).clamp_min(1e-10)
     end = graph.logit_node(logit)
     best: dict[int, list[tuple[float, list[int]]]] = {end: [(1.0, [end])]}
