@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import json
+from types import SimpleNamespace
+
 import pytest
 import torch
 from helpers import LLAMA_TINY, tiny_cfg
+from safetensors import safe_open
 
 from workbench import HookedGPT
 from workbench.analysis import graph as G
 from workbench.errors import CheckpointError, ConfigError, InputError
 from workbench.sae.model import SAE, SAEConfig
+from workbench.zoo import load_model
 
 FAMILIES = {"gpt2": {}, "llama": LLAMA_TINY}
 
@@ -240,8 +245,6 @@ class _AsCircuitTracer:
     """The attributes circuit-tracer's prune_graph / compute_graph_scores read from its Graph."""
 
     def __init__(self, graph: G.AttributionGraph):
-        from types import SimpleNamespace
-
         self.input_tokens = graph.tokens
         self.logit_targets = list(graph.logit_tokens)
         self.selected_features = torch.arange(graph.n_features)
@@ -332,8 +335,6 @@ def test_the_graph_predicts_set_scale_and_zero_edits():
 
 @pytest.fixture(scope="module")
 def kjv():
-    from workbench.zoo import load_model
-
     model = load_model("kjv-small")
     tcs = []
     for layer in range(model.cfg.n_layers):
@@ -411,12 +412,6 @@ def test_pruned_subgraph_keeps_rows_summing_and_round_trips(built, tmp_path):
 def test_a_pruned_kjv_small_graph_file_stays_small(tmp_path):
     """Issue 16: pruned graphs stay small (a 10-token SmolLM2 graph under 5 MB; here kjv-small's shipped set):
     the pruned graph's file holds its kept edges, not a dense [n n] matrix of zeros, and loads back equal."""
-    import json
-
-    from safetensors import safe_open
-
-    from workbench.zoo import load_model
-
     model = load_model("kjv-small")
     graph = G.attribute(model, G.load_transcoders("kjv-small"), "And God said, Let there be light: and")
     pruned = G.prune(graph)  # the defaults, 0.8 / 0.98
