@@ -52,7 +52,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--big-batch", type=int, default=8, help="sequences for models with > 4 layers (default 8)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--top", type=int, default=10, help="induction heads listed per model (default 10)")
-    p.add_argument("--out", default=None, help="report directory (default $WORKBENCH_HOME/runs/reports/induction-heads)")
+    p.add_argument("--out", default=None,
+                   help="report directory (default $WORKBENCH_HOME/runs/reports/induction-heads)")
     return p.parse_args(argv)
 
 
@@ -97,7 +98,8 @@ def study(name: str, model, args: argparse.Namespace, report: Report) -> dict:
                                                 title=f"{name}: loss by position"))
     report.table(top, caption=f"{name}: top induction heads (score, previous-token score, OV copying score)")
     report.figure(plots.head_heatmap(copying, f"{name}: OV copying score", diverging=True),
-                  caption="+1: the head's OV circuit copies the token it attends to into the output; -1: it suppresses it")
+                  caption="+1: the head's OV circuit copies the token it attends to into the output; "
+                          "-1: it suppresses it")
 
     if cfg.n_layers >= 2:
         numbers.update(composition(name, model, seq, scores, per="head" if not big else "layer", report=report))
@@ -134,11 +136,12 @@ def composition(name: str, model, seq, scores, per: str, report: Report) -> dict
         q_layer = I.causal_composition(model, seq.tokens, kind="q", per="layer", layers=[layer])
         out["layer0_removed_from_keys_drop"] = float(k_layer.drop[0, layer, head])
         out["layer0_removed_from_queries_drop"] = float(q_layer.drop[0, layer, head])
+        layer0_k, layer0_q = out["layer0_removed_from_keys_drop"], out["layer0_removed_from_queries_drop"]
         log(f"{name}: removing layer 0 from L{layer}H{head}'s keys drops its induction score {clean:.3f} by "
-            f"{out['layer0_removed_from_keys_drop']:.3f}; from its queries by {out['layer0_removed_from_queries_drop']:.3f}")
+            f"{layer0_k:.3f}; from its queries by {layer0_q:.3f}")
         report.text(f"Causal composition into {_head(layer, head)} (induction score {clean:.3f}): removing all of "
-                    f"layer 0's output from its key input drops the score by {out['layer0_removed_from_keys_drop']:.3f}, "
-                    f"from its query input by {out['layer0_removed_from_queries_drop']:.3f}. The largest single-head "
+                    f"layer 0's output from its key input drops the score by {layer0_k:.3f}, "
+                    f"from its query input by {layer0_q:.3f}. The largest single-head "
                     f"drop through the keys is {out['max_k_drop']:.3f} ({out['max_k_drop_source']}), through the "
                     f"queries {out['max_q_drop']:.3f} ({out['max_q_drop_source']}).")
     else:

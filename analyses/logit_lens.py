@@ -97,7 +97,8 @@ def study(name: str, model, plan: Plan, args: argparse.Namespace, out: Path, rep
     lens_dir = trained.lens.save(out / f"tuned-lens-{Path(name).name}")
     t0 = time.perf_counter()
     cmp = LL.compare_lenses(model, trained.lens, held)
-    log(f"{name}: trained in {train_s:.0f}s, evaluated {len(held)} held-out windows in {time.perf_counter() - t0:.0f}s; "
+    eval_s = time.perf_counter() - t0
+    log(f"{name}: trained in {train_s:.0f}s, evaluated {len(held)} held-out windows in {eval_s:.0f}s; "
         f"mean KL logit lens {float(cmp.logit_kl.mean()):.3f}, tuned lens {float(cmp.tuned_kl.mean()):.3f}")
     tuned = LL.tuned_lens(model, trained.lens, tokens)
     better = (cmp.tuned_kl <= cmp.logit_kl + 1e-6)

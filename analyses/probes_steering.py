@@ -77,7 +77,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--models", nargs="+", default=["smollm2-135m"], help="zoo names or checkpoint paths")
     p.add_argument("--steer-layer", type=int, default=None, help="layer to steer at (default: 40%% of the depth)")
     p.add_argument("--per-family", type=int, default=100, help="sums and comparisons generated (default 100 each)")
-    p.add_argument("--out", default=None, help="report directory (default $WORKBENCH_HOME/runs/reports/probes-steering)")
+    p.add_argument("--out", default=None,
+                   help="report directory (default $WORKBENCH_HOME/runs/reports/probes-steering)")
     p.add_argument("--choose-C-by", choices=["selectivity", "accuracy"], default="selectivity",
                    help="how cross-validation picks each probe's C (default selectivity; the other is reported beside)")
     p.add_argument("--skip-steering", action="store_true", help="truth probes only")
@@ -106,7 +107,8 @@ def truth_probes(name: str, model, args, out: Path, report: Report) -> dict:
                                lambda: P.collect_activations(model, reads, hooks))
     log(f"{name}: residuals of {len(ds)} statements at {len(hooks)} layers in {time.perf_counter() - t0:.0f}s; "
         f"the model knows {len(known)} of {len(CAPITALS)} capitals")
-    sets = {"capitals known to the model": [g == "capitals" and _country(t) in known for t, g in zip(ds.texts, ds.groups)],
+    sets = {"capitals known to the model": [g == "capitals" and _country(t) in known
+                                            for t, g in zip(ds.texts, ds.groups)],
             **{f: [g == f for g in ds.groups] for f in FAMILIES}, "all": [True] * len(ds)}
     chosen = {"known": "capitals known to the model"}
     sets = {k: v for k, v in sets.items() if k in {chosen.get(x, x) for x in args.sets}}
@@ -231,15 +233,18 @@ def steering_study(name: str, model, args, report: Report) -> dict:
         generations.append(row)
 
     report.heading(f"{name}: steering along sentiment, layer {layer}")
-    report.text(f"Contrast set: {len(contrast)} verdicts, half positive, read at the period of blocks.{layer}.hook_resid_post. "
+    md = curves["mean difference"]
+    report.text(f"Contrast set: {len(contrast)} verdicts, half positive, read at the period of "
+                f"blocks.{layer}.hook_resid_post. "
                 f"Mean-difference vector norm {mean_diff.meta['norm']:.1f} (the residual there has mean norm "
                 f"{mean_diff.meta['resid_norm']:.1f}); the logistic probe there reads sentiment with held-out accuracy "
                 f"{float(probes.accuracy[0]):.3f} (mean-difference probe {float(probes.mean_diff_accuracy[0]):.3f}); "
                 f"cosine between the two directions {cosine:.3f}. Target measure logit(' great') - logit(' terrible') "
-                f"on {len(neg)} held-out negative prompts: unsteered {curves['mean difference'].baseline:.2f}; positive "
-                f"prompts {curves['mean difference'].class_means[1]:.2f}, negative {curves['mean difference'].class_means[0]:.2f} "
-                f"(gap {curves['mean difference'].gap:.2f}). KL over {unrelated.numel()} tokens of Python documentation.")
-    report.figure(probe_plots.steering_curve_figure(curves, f"{name}: steering strength vs side effect (layer {layer})"))
+                f"on {len(neg)} held-out negative prompts: unsteered {md.baseline:.2f}; positive "
+                f"prompts {md.class_means[1]:.2f}, negative {md.class_means[0]:.2f} "
+                f"(gap {md.gap:.2f}). KL over {unrelated.numel()} tokens of Python documentation.")
+    report.figure(probe_plots.steering_curve_figure(curves,
+                                                    f"{name}: steering strength vs side effect (layer {layer})"))
     for key, c in curves.items():
         report.table(c.rows(), caption=f"{key}: per multiplier")
     report.table(generations, caption="greedy continuations, steered along the mean difference at multiplier 0, 1, 2")
@@ -270,8 +275,9 @@ def study(name: str, model, args, out: Path, report: Report) -> dict:
         "targets": TARGETS}
     report.heading("Acceptance figures")
     report.table([{"figure": k, "value": v} for k, v in numbers["acceptance"].items() if k != "targets"],
-                 caption=f"targets: best accuracy >= {TARGETS['best_accuracy']}, selectivity >= {TARGETS['selectivity']}, "
-                         f"steering >= {TARGETS['fraction_of_gap']} of the gap with KL < {TARGETS['max_kl']} nats/token")
+                 caption=f"targets: best accuracy >= {TARGETS['best_accuracy']}, "
+                         f"selectivity >= {TARGETS['selectivity']}, steering >= {TARGETS['fraction_of_gap']} "
+                         f"of the gap with KL < {TARGETS['max_kl']} nats/token")
     return numbers
 
 

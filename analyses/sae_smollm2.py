@@ -77,13 +77,15 @@ def _token_html(model, ids: list[int], acts: list[float], focus: int, scale: flo
         alpha = 0.0 if scale <= 0 else min(1.0, max(0.0, a / scale))
         border = "border-bottom:2px solid #c00;" if i == focus else ""
         pieces.append(
-            f'<span title="{a:.3f}" style="background:rgba(255,120,0,{alpha:.2f});{border}white-space:pre">{text}</span>'
+            f'<span title="{a:.3f}" style="background:rgba(255,120,0,{alpha:.2f});{border}white-space:pre">'
+            f'{text}</span>'
         )
     return "".join(pieces)
 
 
 def _tok_list(model, ids, values) -> str:
-    return ", ".join(f"<code>{html.escape(repr(model.tokenizer.decode([int(i)])))}</code> {float(v):+.2f}" for i, v in zip(ids, values))
+    return ", ".join(f"<code>{html.escape(repr(model.tokenizer.decode([int(i)])))}</code> {float(v):+.2f}"
+                     for i, v in zip(ids, values))
 
 
 def pick_features(stats: FeatureStats, n: int, seed: int = 0) -> list[int]:
@@ -113,11 +115,13 @@ def write_report(out: Path, model, sae: SAE, store: ActivationStore, hook: str, 
     parts = [
         "<html><head><meta charset='utf-8'><title>SAE report</title>",
         "<style>body{font-family:sans-serif;max-width:1100px;margin:auto} td,th{padding:2px 8px} "
-        ".ctx{font-family:monospace;font-size:12px;margin:2px 0} .feat{border-top:1px solid #ccc;margin-top:16px}</style>",
+        ".ctx{font-family:monospace;font-size:12px;margin:2px 0} "
+        ".feat{border-top:1px solid #ccc;margin-top:16px}</style>",
         "</head><body>",
         f"<h1>TopK SAE on {numbers['model']} <code>{hook}</code></h1>",
         "<table>" + "".join(f"<tr><th align=left>{k}</th><td>{v:.4g}</td></tr>" if isinstance(v, float)
-                            else f"<tr><th align=left>{k}</th><td>{v}</td></tr>" for k, v in numbers["evaluation"].items()) + "</table>",
+                            else f"<tr><th align=left>{k}</th><td>{v}</td></tr>"
+                            for k, v in numbers["evaluation"].items()) + "</table>",
     ]
     for i, fig in enumerate(figs):
         parts.append(fig.to_html(full_html=False, include_plotlyjs=(i == 0)))
@@ -138,8 +142,10 @@ def write_report(out: Path, model, sae: SAE, store: ActivationStore, hook: str, 
                               margin=dict(t=40, b=30))
             parts.append(fig.to_html(full_html=False, include_plotlyjs=False))
         if stats.logit_top_ids is not None:
-            parts.append("<p><b>promotes</b> " + _tok_list(model, stats.logit_top_ids[f], stats.logit_top_values[f]) + "</p>")
-            parts.append("<p><b>suppresses</b> " + _tok_list(model, stats.logit_bottom_ids[f], stats.logit_bottom_values[f]) + "</p>")
+            promotes = _tok_list(model, stats.logit_top_ids[f], stats.logit_top_values[f])
+            suppresses = _tok_list(model, stats.logit_bottom_ids[f], stats.logit_bottom_values[f])
+            parts.append(f"<p><b>promotes</b> {promotes}</p>")
+            parts.append(f"<p><b>suppresses</b> {suppresses}</p>")
         if stats.neighbour_ids is not None:
             nb = ", ".join(f"{int(i)} ({float(c):.2f})" for i, c in zip(stats.neighbour_ids[f], stats.neighbour_cos[f]))
             parts.append(f"<p><b>nearest features</b> (decoder cosine): {nb}</p>")
@@ -147,7 +153,8 @@ def write_report(out: Path, model, sae: SAE, store: ActivationStore, hook: str, 
         top_rows = [int(r) for r in stats.top_rows[f] if r >= 0][:6]
         parts.append("<h3>Top activations</h3>")
         for ctx in feature_contexts(sae, store, hook, f, top_rows, before=16, after=4):
-            parts.append(f"<div class='ctx'>{ctx.value:6.2f} | {_token_html(model, ctx.tokens, ctx.acts, ctx.focus, scale)}</div>")
+            tokens_html = _token_html(model, ctx.tokens, ctx.acts, ctx.focus, scale)
+            parts.append(f"<div class='ctx'>{ctx.value:6.2f} | {tokens_html}</div>")
         qrows = stats.quantile_rows(f, n_quantiles=4)
         if qrows:
             parts.append("<h3>Quantile samples</h3>")
@@ -223,8 +230,10 @@ def main(argv: list[str] | None = None) -> int:
             str(f): {
                 "density": float(stats.density[f]),
                 "max_act": float(stats.max_act[f]),
-                "top_tokens": [model.tokenizer.decode([int(store.tokens()[r])]) for r in stats.top_rows[f] if r >= 0][:8],
-                "promotes": None if stats.logit_top_ids is None else [model.tokenizer.decode([int(i)]) for i in stats.logit_top_ids[f]],
+                "top_tokens": [model.tokenizer.decode([int(store.tokens()[r])])
+                               for r in stats.top_rows[f] if r >= 0][:8],
+                "promotes": None if stats.logit_top_ids is None
+                else [model.tokenizer.decode([int(i)]) for i in stats.logit_top_ids[f]],
                 "neighbours": None if stats.neighbour_ids is None else stats.neighbour_ids[f].tolist(),
             }
             for f in feats

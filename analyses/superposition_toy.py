@@ -83,14 +83,16 @@ def geometry_study(report: Report, train: ToyTrainConfig) -> None:
             "adjacent angles": " ".join(f"{g:.0f}" for g in gaps),
             "bias": " ".join(f"{v:+.2f}" for v in model.b.detach()[j].tolist()),
         })
-    fig.update_layout(height=330, title="Columns of W (feature directions in the 2-d hidden space); darker = more important")
+    fig.update_layout(height=330,
+                      title="Columns of W (feature directions in the 2-d hidden space); darker = more important")
     report.heading("1. Five features in two dimensions")
     report.text(
         "Each panel is one model, trained with every feature present with probability p (importance 0.9^i). "
         "Dense: two features on orthogonal axes, the others dropped. Sparse: all five, in superposition."
     )
     report.figure(fig)
-    report.table(rows, caption="Geometry per sparsity (fractional dimensionality: 1 a whole dimension, 1/2 an antipodal pair, 2/5 a pentagon corner)")
+    report.table(rows, caption="Geometry per sparsity (fractional dimensionality: 1 a whole dimension, "
+                               "1/2 an antipodal pair, 2/5 a pentagon corner)")
     report.numbers["five_in_two"] = rows
 
 

@@ -19,7 +19,8 @@ from pathlib import Path
 def available() -> list[str]:
     """Return the benchmark names (``bench_forward.py`` -> ``forward``), sorted."""
     here = Path(__file__).parent
-    return sorted(m.name.removeprefix("bench_") for m in pkgutil.iter_modules([str(here)]) if m.name.startswith("bench_"))
+    return sorted(m.name.removeprefix("bench_") for m in pkgutil.iter_modules([str(here)])
+                  if m.name.startswith("bench_"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -68,7 +68,8 @@ def bench_heads(model, batch: int, seq_len: int, repeats: int) -> dict[str, floa
     print(f"\nscoring all {L}x{H} heads, {tokens.shape[0]} prompts x {tokens.shape[1]} tokens, "
           f"{torch.get_num_threads()} threads, median of {repeats}")
     print(f"  batched (one pass)            {med['batched'] * 1000:9.1f} ms")
-    print(f"  per prompt (detect_head)      {med['per_prompt'] * 1000:9.1f} ms   {med['per_prompt'] / med['batched']:6.1f}x")
+    print(f"  per prompt (detect_head)      {med['per_prompt'] * 1000:9.1f} ms   "
+          f"{med['per_prompt'] / med['batched']:6.1f}x")
     print(f"  per head and prompt (extrap.) {per_head * 1000:9.1f} ms   {per_head / med['batched']:6.1f}x   "
           f"({L * H * tokens.shape[0]} forwards of {med['one_head_forward'] * 1000:.1f} ms)")
     return {"per_prompt_over_batched": med["per_prompt"] / med["batched"],

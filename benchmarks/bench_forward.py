@@ -30,7 +30,8 @@ def _tokenizer_dir(vocab: int) -> str:
     tk = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     tk.save(f"{d}/tokenizer.json")
-    transformers.PreTrainedTokenizerFast(tokenizer_file=f"{d}/tokenizer.json", bos_token="t1", eos_token="t2").save_pretrained(d)
+    hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_file=f"{d}/tokenizer.json", bos_token="t1", eos_token="t2")
+    hf_tok.save_pretrained(d)
     return d
 
 

@@ -1,6 +1,7 @@
 """Ragged batches: 32 prompts of lengths 8..64 as one padded batch vs. the same prompts one at a time.
 
-    python -m benchmarks.bench_padding [--quick] [--models attn-only-2l kjv-small smollm2-135m] [--repeats 5] [--device cpu] [--threads N]
+    python -m benchmarks.bench_padding [--quick] [--models attn-only-2l kjv-small smollm2-135m] [--repeats 5]
+        [--device cpu] [--threads N]
 
 Forward with cache: ``model.run_with_cache`` of the left-padded batch (``model.to_batch``'s shape:
 token ids plus attention mask) against 32 calls of ``run_with_cache`` on each prompt alone, timed in

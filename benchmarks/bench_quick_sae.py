@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> dict:
             sae = load_sae(out.sae_dir)
             store = open_store(out.store_dir)
             with torch.inference_mode():
-                stats = feature_stats(sae, store, f"blocks.{layer}.hook_resid_post", FeatureStatsConfig(batch_size=1024))
+                stats = feature_stats(sae, store, f"blocks.{layer}.hook_resid_post",
+                                      FeatureStatsConfig(batch_size=1024))
             window = compute.quick_dead_tokens(store.n_rows) if dead is None else dead
             results[(d_sae, label)] = (seconds, stats.dead_fraction, out.metrics)
             fvu = out.metrics.get("fvu", out.metrics.get("explained_variance"))
