@@ -100,7 +100,8 @@ def write_tiny_gguf(path: Path, arch: str = "llama", quantize: bool = True, tie:
         if mangle is not None:
             arr = mangle(g, arr)
         if quantize and arr.ndim == 2 and ("ffn" in g or "attn_v" in g or "attn_q" in g):
-            w.add_tensor(g, gguf.quantize(arr, gguf.GGMLQuantizationType.Q8_0), raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            q8 = gguf.GGMLQuantizationType.Q8_0
+            w.add_tensor(g, gguf.quantize(arr, q8), raw_dtype=q8)
         else:
             w.add_tensor(g, arr)
     for key, (value, vtype) in (metadata or {}).items():

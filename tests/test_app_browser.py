@@ -289,7 +289,8 @@ _CHART_DATA = """() => {
 
 def _errors(page) -> list[str]:
     out = []
-    for what, selector in (("exception", '[data-testid="stException"]'), ("error", '[data-testid="stAlertContentError"]')):
+    for what, selector in (("exception", '[data-testid="stException"]'),
+                           ("error", '[data-testid="stAlertContentError"]')):
         found = page.locator(selector)
         if found.count():
             out.append(f"{what}: {found.first.inner_text()[:500]}")

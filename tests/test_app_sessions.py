@@ -59,7 +59,8 @@ def test_cached_results_never_see_the_callers_hooks(app_env):
         patterns = cached.attention_patterns(key, text)
     torch.testing.assert_close(got, quiet.float())
     torch.testing.assert_close(cached.next_token_logits(key, text), quiet.float())  # and the cache holds that
-    _, cache = model.run_with_cache(torch.tensor([cached.encode(key, text).ids]), names_filter="blocks.1.attn.hook_pattern")
+    _, cache = model.run_with_cache(torch.tensor([cached.encode(key, text).ids]),
+                                    names_filter="blocks.1.attn.hook_pattern")
     torch.testing.assert_close(patterns[1], cache["blocks.1.attn.hook_pattern"][0])
 
 

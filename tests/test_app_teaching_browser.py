@@ -133,7 +133,8 @@ PAGES = {
 def test_teaching_pages_in_a_browser(teaching_url, page, tmp_path):
     from workbench.app import choices
 
-    shots = [tmp_path] + ([Path(os.environ["WORKBENCH_SCREENSHOTS"])] if os.environ.get("WORKBENCH_SCREENSHOTS") else [])
+    extra = os.environ.get("WORKBENCH_SCREENSHOTS")
+    shots = [tmp_path] + ([Path(extra)] if extra else [])
     for d in shots:
         d.mkdir(parents=True, exist_ok=True)
     problems = []

@@ -53,7 +53,8 @@ def test_cuda_without_cuda_is_one_line(capsys, monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     rc, err = _run(capsys, "generate", "attn-only-1l", "x", "--device", "cuda")
-    assert rc == 1 and err == "error: --device cuda: this machine has no CUDA GPU (or torch was built without CUDA); use --device cpu"
+    assert rc == 1 and err == ("error: --device cuda: this machine has no CUDA GPU (or torch was built without CUDA); "
+                               "use --device cpu")
 
 
 def test_non_utf8_argv_is_one_line():
@@ -75,9 +76,12 @@ def test_an_output_path_naming_a_file_is_one_line(capsys, tmp_path):
     assert rc == 1 and err == f"error: the output {a_file} is a file, not a directory; choose another --out"
 
 
-@pytest.mark.parametrize("code,reason", [(errno.ENOSPC, "the disk is full"), (errno.EROFS, "the file system is read-only"),
+@pytest.mark.parametrize("code,reason", [(errno.ENOSPC, "the disk is full"),
+                                         (errno.EROFS, "the file system is read-only"),
                                          (errno.EACCES, "permission denied")])
-def test_full_or_read_only_disk_under_json_is_one_line_and_leaves_no_half_file(capsys, tmp_path, monkeypatch, code, reason):
+def test_full_or_read_only_disk_under_json_is_one_line_and_leaves_no_half_file(
+    capsys, tmp_path, monkeypatch, code, reason
+):
     real = Path.write_text
 
     def failing(self, text, *args, **kwargs):

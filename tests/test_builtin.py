@@ -123,7 +123,8 @@ def test_train_builtin_reproduces_bitwise_and_writes_a_card(tmp_path):
     a = builtin.train_builtin("attn-only-2l", out_dir=tmp_path / "a", steps=20, progress=False)
     b = builtin.train_builtin("attn-only-2l", out_dir=tmp_path / "b", steps=20, progress=False)
     assert a.step == b.step == 20 and a.train_loss == b.train_loss
-    wa, wb = read_safetensors(tmp_path / "a" / "model.safetensors"), read_safetensors(tmp_path / "b" / "model.safetensors")
+    wa = read_safetensors(tmp_path / "a" / "model.safetensors")
+    wb = read_safetensors(tmp_path / "b" / "model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     # 20 steps are not the shipped 2,500: the comparison says how far apart they are
     assert builtin.compare_with_shipped("attn-only-2l", tmp_path / "a") > 0.01

@@ -161,7 +161,8 @@ def test_gguf_reader_on_mutated_files(tiny_gguf_bytes, tmp_path):
         if ckpt is not None:  # a file that reads gives tensors of the shapes its config names
             c = ckpt.hf_config
             assert tuple(ckpt.state_dict["model.embed_tokens.weight"].shape) == (c.vocab_size, c.hidden_size), case
-            assert len({k.split(".")[2] for k in ckpt.state_dict if k.startswith("model.layers.")}) == c.num_hidden_layers
+            layers = {k.split(".")[2] for k in ckpt.state_dict if k.startswith("model.layers.")}
+            assert len(layers) == c.num_hidden_layers
         path.unlink()
 
 
@@ -184,7 +185,10 @@ def _mutate_json(rng: random.Random, obj):
     obj = json.loads(json.dumps(obj))
     target = obj
     while True:
-        keys = list(target) if isinstance(target, dict) else list(range(len(target))) if isinstance(target, list) else []
+        if isinstance(target, dict):
+            keys = list(target)
+        else:
+            keys = list(range(len(target))) if isinstance(target, list) else []
         if not keys:
             return rng.choice(_NASTY_JSON)
         key = rng.choice(keys)
@@ -355,7 +359,8 @@ def summary() -> str:
     ok = Counter(t for t, m in OUTCOMES if m == "ok")
     messages = Counter(m for _, m in OUTCOMES if m != "ok")
     lines = [f"{sum(targets.values())} generated cases; {len(messages)} distinct error messages"]
-    lines += [f"  {t}: {n} cases, {ok[t]} correct results, {n - ok[t]} one-line errors" for t, n in sorted(targets.items())]
+    lines += [f"  {t}: {n} cases, {ok[t]} correct results, {n - ok[t]} one-line errors"
+              for t, n in sorted(targets.items())]
     lines += [f"  [{n:3d}x] {m}" for m, n in messages.most_common()]
     return "\n".join(lines)
 

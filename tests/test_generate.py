@@ -58,7 +58,8 @@ def test_sampling_is_reproducible_with_a_seed(model):
     assert not torch.equal(a.tokens, c.tokens)
     assert not torch.equal(a.tokens, greedy.tokens)
     # top_k=1 and a tiny top_p leave only the most likely token: greedy again, whatever the temperature
-    assert torch.equal(generate(model, prompt, 12, temperature=2.0, top_k=1, seed=3, stop_tokens=[]).tokens, greedy.tokens)
+    assert torch.equal(generate(model, prompt, 12, temperature=2.0, top_k=1, seed=3, stop_tokens=[]).tokens,
+                       greedy.tokens)
     assert torch.equal(generate(model, prompt, 12, temperature=2.0, top_p=1e-6, seed=3, stop_tokens=[]).tokens,
                        greedy.tokens)
 

@@ -151,5 +151,6 @@ def test_a_killed_writer_leaves_the_old_file_whole(kjv_set, tmp_path, kind):
     else:
         json.loads(path.read_text())
     # the dead writer's lock does not block the next one, which replaces its leftover temporary file
-    assert main(["graph", "kjv-small", "And the LORD spake", "--transcoders", str(kjv_set), f"--{kind}", str(path)]) == 0
+    argv = ["graph", "kjv-small", "And the LORD spake", "--transcoders", str(kjv_set), f"--{kind}", str(path)]
+    assert main(argv) == 0
     assert path.read_bytes() != before and not (tmp_path / f"{path.name}.tmp").exists()

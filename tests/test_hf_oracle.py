@@ -16,7 +16,8 @@ GPT2_CONFIGS = {
 }
 LLAMA_CONFIGS = {
     "llama-gqa-untied": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                             intermediate_size=96, vocab_size=97, max_position_embeddings=64, tie_word_embeddings=False),
+                             intermediate_size=96, vocab_size=97, max_position_embeddings=64,
+                             tie_word_embeddings=False),
     "llama-gqa-tied": dict(hidden_size=48, num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=2,
                            intermediate_size=64, vocab_size=61, max_position_embeddings=32, tie_word_embeddings=True,
                            rope_parameters={"rope_type": "default", "rope_theta": 100000.0}),

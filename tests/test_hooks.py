@@ -36,7 +36,9 @@ def test_every_hook_fires_once_with_its_declared_shape(model):
     calls: dict[str, list[tuple]] = {}
     tokens = torch.randint(0, model.cfg.d_vocab, (3, 7))
     with torch.no_grad():
-        model.run_with_hooks(tokens, fwd_hooks=[(lambda n: True, lambda x, hook: calls.setdefault(hook.name, []).append(tuple(x.shape)))])
+        model.run_with_hooks(tokens, fwd_hooks=[
+            (lambda n: True, lambda x, hook: calls.setdefault(hook.name, []).append(tuple(x.shape)))
+        ])
     declared = model.hook_shapes(batch=3, pos=7)
     assert set(calls) == set(model.hook_names()) == set(declared)
     cfg = model.cfg
@@ -75,7 +77,8 @@ def test_nested_contexts_remove_only_their_own_hooks(model):
 
 def test_unknown_hook_name_lists_nearest(model):
     with pytest.raises(HookError, match=r"blocks\.0\.hook_resid_pre"):
-        model.run_with_hooks(torch.zeros(1, 3, dtype=torch.long), fwd_hooks=[("blocks.0.hook_resid_pr", lambda x, h: None)])
+        model.run_with_hooks(torch.zeros(1, 3, dtype=torch.long),
+                             fwd_hooks=[("blocks.0.hook_resid_pr", lambda x, h: None)])
     with pytest.raises(HookError, match="nearest"):
         model.run_with_cache(torch.zeros(1, 3, dtype=torch.long), names_filter=["blocks.0.attn.hook_patern"])
 
@@ -182,7 +185,8 @@ def test_torch_module_hooks_on_a_hook_point_still_fire(model):
     assert seen == [("local", "blocks.0.hook_resid_pre", (1, 6, model.cfg.d_model))]
     seen.clear()
     handle = torch.nn.modules.module.register_module_forward_hook(
-        lambda mod, args, out: seen.append(mod.name) if getattr(mod, "name", "") == "blocks.0.hook_resid_post" else None)
+        lambda mod, args, out: (seen.append(mod.name)
+                                if getattr(mod, "name", "") == "blocks.0.hook_resid_post" else None))
     try:
         with torch.no_grad():
             model(tokens)

@@ -74,7 +74,8 @@ def test_kjv_small_round_trips_through_transformer_lens():
     back = HookedGPT.from_transformer_lens(bridge)
     _assert_same_weights(model, back)
     assert back.tokenizer.encode("And God said") == model.tokenizer.encode("And God said")
-    assert (back.tokenizer.bos_token_id, back.tokenizer.add_bos) == (model.tokenizer.bos_token_id, model.tokenizer.add_bos)
+    assert back.tokenizer.bos_token_id == model.tokenizer.bos_token_id
+    assert back.tokenizer.add_bos == model.tokenizer.add_bos
 
 
 @needs_tl

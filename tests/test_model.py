@@ -191,7 +191,8 @@ def test_rotary_is_hf_rotate_half_bit_for_bit():
     model = HookedGPT(tiny_cfg(**LLAMA_TINY))
     d_head = model.cfg.d_head
     x = torch.randn(2, 5, 3, d_head)
-    cos, sin = model.rotary_cos[4:9], torch.cat([-model.rotary_sin[4:9, : d_head // 2], model.rotary_sin[4:9, d_head // 2:]], -1)
+    cos = model.rotary_cos[4:9]
+    sin = torch.cat([-model.rotary_sin[4:9, : d_head // 2], model.rotary_sin[4:9, d_head // 2:]], -1)
     # HF Llama's formula with the plain sin table (rotary_sin keeps rotate-half's sign folded in)
     rotate_half = torch.cat([-x[..., d_head // 2:], x[..., : d_head // 2]], dim=-1)
     expected = x * cos[:, None] + rotate_half * sin[:, None]

@@ -218,10 +218,12 @@ def test_cache_knows_where_the_real_tokens_are(family, prompts):
         batch = pad(some, pad_id=0, padding_side=side)
         with torch.no_grad():
             _, cache = model.run_with_cache(batch, names_filter=["blocks.1.hook_resid_post"])
-            alone = [model.run_with_cache(torch.tensor([p]), names_filter=["blocks.1.hook_resid_post"])[1] for p in some]
+            alone = [model.run_with_cache(torch.tensor([p]), names_filter=["blocks.1.hook_resid_post"])[1]
+                     for p in some]
         assert torch.equal(cache.attention_mask, batch.attention_mask)
         name = "blocks.1.hook_resid_post"
-        torch.testing.assert_close(cache.last_real(name), torch.stack([c[name][0, -1] for c in alone]), atol=1e-5, rtol=0)
+        torch.testing.assert_close(cache.last_real(name), torch.stack([c[name][0, -1] for c in alone]),
+                                   atol=1e-5, rtol=0)
         pooled = torch.cat([c[name][0] for c in alone]).mean(0)  # every real token counts once
         torch.testing.assert_close(cache.mean_over_real(name), pooled, atol=1e-5, rtol=0)
 
@@ -338,7 +340,8 @@ def test_patching_on_a_ragged_set_equals_the_prompts_averaged(family, side, one_
     clean_b, corrupt_b = pad(clean, 0, side), pad(corrupt, 0, side)
     batched = {
         "heads": patch_heads(model, clean_b, corrupt_b, LogitDiff(answer, wrong)),
-        "attn_out": patch_outputs(model, clean_b, corrupt_b, LogitDiff(answer, wrong), kind="attn_out", per_position=False),
+        "attn_out": patch_outputs(model, clean_b, corrupt_b, LogitDiff(answer, wrong), kind="attn_out",
+                                  per_position=False),
         "ablate_zero": ablate(model, clean_b, LogitDiff(answer, wrong), method="zero"),
         "ablate_mean": ablate(model, clean_b, LogitDiff(answer, wrong), method="mean"),
     }
@@ -397,7 +400,8 @@ def test_direct_logit_attribution_on_a_ragged_set_equals_each_prompt(family, sid
     for granularity in ("layer", "head"):
         got = direct_logit_attribution(model, batch, answer, wrong, granularity=granularity)
         for row, prompt in enumerate(clean):
-            alone = direct_logit_attribution(model, torch.tensor([prompt]), answer[row], wrong[row], granularity=granularity)
+            alone = direct_logit_attribution(model, torch.tensor([prompt]), answer[row], wrong[row],
+                                             granularity=granularity)
             assert got.labels == alone.labels
             torch.testing.assert_close(got.attrs[:, row], alone.attrs[:, 0], atol=1e-5, rtol=0)
             torch.testing.assert_close(got.logit[row], alone.logit[0], atol=1e-5, rtol=0)

@@ -28,7 +28,8 @@ from workbench.sae.circuit_tracer import load_circuit_tracer
 from workbench.zoo import load_model
 
 # 6 steps of 2 windows of 16 tokens, 128 latents a layer: seconds, and every code path of a real run
-TINY = dict(n_ctx=16, batch_windows=2, tokens=180, expansion=1, k=8, eval_windows=2, checkpoint_every=2, dead_tokens=1000)
+TINY = dict(n_ctx=16, batch_windows=2, tokens=180, expansion=1, k=8, eval_windows=2, checkpoint_every=2,
+            dead_tokens=1000)
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +84,8 @@ def test_export_and_ship(kjv, tiny_set, tmp_path, monkeypatch):
     shipped = ship_transcoders(tiny_set.out_dir, "kjv-small", "workbench train-transcoders kjv-small")
     assert not list(shipped.rglob("state.pt")) and (shipped / "card.md").exists()
     assert "workbench train-transcoders kjv-small" in (shipped / "card.md").read_text()
-    assert find_transcoder_set("kjv-small") == shipped and sorted(load_transcoder_set("kjv-small", model=kjv)) == [0, 1, 2, 3]
+    assert find_transcoder_set("kjv-small") == shipped
+    assert sorted(load_transcoder_set("kjv-small", model=kjv)) == [0, 1, 2, 3]
     with pytest.raises(InputError, match="neither a directory nor a transcoder set"):
         load_transcoder_set("no-such-set")
 

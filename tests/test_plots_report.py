@@ -127,7 +127,8 @@ def test_one_heatmap_builder_serves_the_library_and_the_app():
     assert trace.hovertemplate == "Layer 0, head 1<br>query %{y}<br>key %{x}<br>attention %{z:.3f}<extra></extra>"
     assert (fig.layout.title.text, fig.layout.xaxis.title.text, fig.layout.yaxis.title.text) == ("Layer 0, head 1",
                                                                                                  "key", "query")
-    assert fig.layout.height == 360 and fig.layout.margin.l is None and fig.layout.xaxis.type == "category" and fig.layout.yaxis.autorange == "reversed"
+    assert fig.layout.height == 360 and fig.layout.margin.l is None
+    assert fig.layout.xaxis.type == "category" and fig.layout.yaxis.autorange == "reversed"
     # a plain matrix: symmetric scale around 0 by default, plotly's own hover
     fig = figures.matrix_heatmap(z, "W", "d_model", "position")
     trace = fig.data[0]
@@ -197,7 +198,8 @@ def test_lens_grid_is_readable(model):
     assert list(fig.layout.yaxis.categoryarray) == ["0", "1", "2", "final"]
     # each cell's text: black or white, whichever contrasts more with the cell's colour (WCAG >= 4.5)
     z = np.asarray(heat.z, dtype=float)
-    fills = __import__("plotly.colors", fromlist=["x"]).sample_colorscale("Viridis", np.nan_to_num(z).flatten().tolist())
+    fills = __import__("plotly.colors", fromlist=["x"]).sample_colorscale("Viridis",
+                                                                         np.nan_to_num(z).flatten().tolist())
     colours = list(cells.textfont.color)
     assert len(colours) == z.size and set(colours) <= {"#000000", "#ffffff"}
     for fill, colour, v in zip(fills, colours, z.flatten()):
@@ -240,7 +242,8 @@ def test_attention_figures_label_every_token_and_open_a_head():
     heat, targets = grid.data
     assert len(set(heat.x)) == len(heat.x) and len(set(heat.y)) == len(heat.y)
     assert heat.y[0] == "L1 query 0: t0" and heat.x[n + 1 + 2] == "H1 key 2: t2"
-    np.testing.assert_allclose(np.asarray(heat.z, dtype=float)[0, n + 1:2 * n + 1], patterns[1, 1, 0].numpy(), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(heat.z, dtype=float)[0, n + 1:2 * n + 1], patterns[1, 1, 0].numpy(),
+                               rtol=1e-6)
     assert [list(c) for c in targets.customdata] == [[layer, h] for layer in (1, 2) for h in range(4)]
     assert targets.meta == plots.NO_EXPORT and "click to open" in targets.hovertemplate
 
@@ -272,7 +275,8 @@ def test_text_helpers_tell_no_small_lies():
     assert figures.count_noun(1, "token") == "1 token" and figures.count_noun(49152, "token") == "49,152 tokens"
     assert figures.nats(-1e-9) == "0.00" and figures.nats(-0.5) == "-0.50" and figures.nats(1.234) == "1.23"
     html = figures.generated_text_html("Prompt *", "**bold** _x_\n\n# not a heading")
-    assert "**" not in html and "&#42;&#42;bold&#42;&#42;" in html and "\n" not in html and "<b>Prompt &#42;</b>" in html
+    assert "**" not in html and "&#42;&#42;bold&#42;&#42;" in html
+    assert "\n" not in html and "<b>Prompt &#42;</b>" in html
     # a byte-level token that holds part of a character: its bytes, not the replacement glyph
     vocab = {1: "Ġæ", 2: "Ĺ", 3: "æľ¬"}
     tok = SimpleNamespace(tok=SimpleNamespace(id_to_token=vocab.get))
@@ -284,7 +288,8 @@ def test_text_helpers_tell_no_small_lies():
 def test_feature_card_is_one_standalone_html_file():
     from workbench.app import figures
 
-    figs = [figures.density_histogram([-2.0, -3.0, -1.5], 0), figures.logit_effects_figure(["a"], [1.0], ["b"], [-1.0], 0)]
+    figs = [figures.density_histogram([-2.0, -3.0, -1.5], 0),
+            figures.logit_effects_figure(["a"], [1.0], ["b"], [-1.0], 0)]
     page = figures.feature_card_html("tiny · latent 0", {"density": "1.0%"}, figs, "<div>context <b>x</b></div>")
     assert page.startswith("<!DOCTYPE html>") and "<title>tiny · latent 0</title>" in page
     import re

@@ -26,7 +26,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors on shared cor
 def store(bigram_lm, tmp_path_factory) -> ActivationStore:
     path = tmp_path_factory.mktemp("features") / "store"
     windows = bigram_lm.windows[:160]
-    write_store(bigram_lm.model, windows, path, StoreConfig(hooks=HOOKS, batch_windows=32, shard_tokens=700, first_position=1))
+    write_store(bigram_lm.model, windows, path,
+                StoreConfig(hooks=HOOKS, batch_windows=32, shard_tokens=700, first_position=1))
     return ActivationStore.open(path)
 
 
@@ -104,7 +105,8 @@ def test_uniform_sample_is_not_biased_to_early_rows(sae, store):
 def test_one_pass_over_the_store(sae, store, monkeypatch):
     reads = []
     real = ActivationStore.acts
-    monkeypatch.setattr(ActivationStore, "acts", lambda self, hook, a=0, b=None, **kw: reads.append((a, b)) or real(self, hook, a, b, **kw))
+    monkeypatch.setattr(ActivationStore, "acts",
+                        lambda self, hook, a=0, b=None, **kw: reads.append((a, b)) or real(self, hook, a, b, **kw))
     feature_stats(sae, store, HOOKS[0], CFG)
     covered = sorted(reads)
     assert covered[0][0] == 0 and covered[-1][1] == store.n_rows

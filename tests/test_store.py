@@ -68,7 +68,8 @@ def test_round_trip_equals_run_with_cache_and_rows_trace_back(model, windows, tm
     assert pos.min() == 1 and store.row_of(5, 3) == int(((win == 5) & (pos == 3)).nonzero())
     assert store.d_in("blocks.0.attn.hook_z") == CFG.n_heads * CFG.d_head
     man = json.loads((tmp_path / "s" / "manifest.json").read_text())
-    assert man["model"]["name"] == "tiny" and man["complete"] and man["hooks"]["blocks.0.mlp.hook_post"]["shape"] == [64]
+    assert man["model"]["name"] == "tiny" and man["complete"]
+    assert man["hooks"]["blocks.0.mlp.hook_post"]["shape"] == [64]
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
