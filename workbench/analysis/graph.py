@@ -457,7 +457,7 @@ def attribute(
     of earlier layers' features, errors and tokens: about half); the dense matrix is filled from them after
     the replacement model is freed, each block freed as it is copied. The passes' temporaries go back to
     the system as they go (:func:`workbench.allocator.release_freed_memory`), so the peak is the model, the
-    transcoders and the adjacency (a SmolLM2 graph with 9,600 features: ~1,910 MiB, ~1,490 before it starts).
+    transcoders and the adjacency (a SmolLM2 graph with 9,600 features: ~1,885 MiB, ~1,490 before it starts).
     With ``max_feature_nodes`` below the number of active features, the visited rows are held in full.
     """
     transcoders = check_transcoders(model, transcoders)
@@ -529,7 +529,10 @@ def attribute(
         target = torch.zeros(n_nodes)
         target[row_idx] = _target_values(rep, targets, transcoders).float()
         constant[row_idx] += biases[torch.cat([keep, torch.arange(n_all, n_all + n_logits)])].float()
-    del rep
+        activations = (torch.stack([acts[layer][pos, index] for layer, pos, index in features.tolist()]).float().cpu()
+                       if n_f else torch.zeros(0))
+        error_norms = torch.stack([e.norm(dim=-1) for e in errors]).float().cpu()
+    del rep, rec, acts, errors, targets
     if n_f == n_all:
         release_freed_memory()  # the replacement's activations and the passes' temporaries, before n_nodes^2 floats
         adjacency = _assemble(blocks, logit_rows, n_f, n_nodes)
@@ -537,10 +540,9 @@ def attribute(
     str_tokens = model.to_str_tokens(tokens[0]) if model.tokenizer is not None else []
     logit_texts = model.to_str_tokens(logit_tokens) if model.tokenizer is not None else []
     return AttributionGraph(
-        tokens=tokens[0].cpu(), str_tokens=str_tokens, features=features.cpu(),
-        activations=torch.stack([acts[l][p, i] for l, p, i in features.tolist()]).float().cpu() if n_f else torch.zeros(0),
+        tokens=tokens[0].cpu(), str_tokens=str_tokens, features=features.cpu(), activations=activations,
         logit_tokens=logit_tokens.cpu(), logit_probs=logit_probs.float().cpu(), adjacency=adjacency,
-        constant=constant, target=target, error_norms=torch.stack([e.norm(dim=-1) for e in errors]).float().cpu(),
+        constant=constant, target=target, error_norms=error_norms,
         n_layers=L, logit_texts=logit_texts, model_name=model.cfg.name or "",
         settings={"max_n_logits": max_n_logits, "desired_logit_prob": desired_logit_prob,
                   "max_feature_nodes": max_feature_nodes, "batch_size": batch_size, "n_active_features": n_all,
@@ -653,7 +655,7 @@ def _assemble(blocks: list[tuple[int, int, Tensor]], logit_rows: Tensor, n_featu
     A = torch.empty(n_nodes, n_nodes)
     A[n_features:n_src].zero_()  # errors and tokens: sources only
     blocks.reverse()
-    copied = 0
+    freed = 0
     while blocks:
         start, width, block = blocks.pop()
         rows = A[start: start + block.shape[0]]
@@ -661,10 +663,11 @@ def _assemble(blocks: list[tuple[int, int, Tensor]], logit_rows: Tensor, n_featu
         rows[:, width:n_features].zero_()
         rows[:, n_features:n_src] = block[:, width:]
         rows[:, n_src:].zero_()
+        freed += block.numel() * block.element_size()
         del block, rows
-        copied += 1
-        if copied % _RELEASE_EVERY == 0:  # the freed blocks' pages leave as the matrix's come in
+        if freed >= 4 << 20:  # the freed blocks' pages leave as the matrix's come in (at most 4 MiB behind)
             release_freed_memory()
+            freed = 0
     A[n_src:, :n_src] = logit_rows
     A[n_src:, n_src:].zero_()
     return A
