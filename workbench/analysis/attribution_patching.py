@@ -94,11 +94,11 @@ def metric_value(metric: Metric, logits: Float[Tensor, "batch d_vocab"]) -> Floa
     return values.float().mean()
 
 
-def _names(model: "HookedGPT", kinds: tuple[str, ...]) -> list[str]:
+def _names(model: HookedGPT, kinds: tuple[str, ...]) -> list[str]:
     return [act_name(kind, layer) for layer in range(model.cfg.n_layers) for kind in kinds]
 
 
-def _kinds(model: "HookedGPT", qk_fix: bool) -> tuple[str, ...]:
+def _kinds(model: HookedGPT, qk_fix: bool) -> tuple[str, ...]:
     kinds = ("resid_pre", "q", "k", "v", "z", "attn_out") + (() if model.cfg.attn_only else ("post", "mlp_out"))
     if qk_fix:
         rotary = model.cfg.positional == "rotary"
@@ -108,7 +108,7 @@ def _kinds(model: "HookedGPT", qk_fix: bool) -> tuple[str, ...]:
 
 
 def attribution_patch(
-    model: "HookedGPT",
+    model: HookedGPT,
     clean: Int[Tensor, "batch pos"],
     corrupt: Int[Tensor, "batch pos"],
     metric: Metric,
@@ -180,7 +180,7 @@ def as_patch_result(result: AtPResult, kind: str):
     return PatchResult(kind, base + est[kind], result.clean, result.corrupt)
 
 
-def _qk_star(model: "HookedGPT", layer: int, src_cache, base_cache, grad) -> tuple[Tensor, Tensor]:
+def _qk_star(model: HookedGPT, layer: int, src_cache, base_cache, grad) -> tuple[Tensor, Tensor]:
     """AtP*'s query and key estimates for one layer: ``[pos head]`` and ``[pos kv_head]``.
 
     For a query at position t the row t of the scores is recomputed with the source query; for a key

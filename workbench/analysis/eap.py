@@ -62,7 +62,7 @@ class Graph:
     has_mlp: bool
 
     @classmethod
-    def from_model(cls, model: "HookedGPT") -> "Graph":
+    def from_model(cls, model: HookedGPT) -> Graph:
         return cls(model.cfg.n_layers, model.cfg.n_heads, not model.cfg.attn_only)
 
     @property
@@ -152,7 +152,7 @@ class Patch(NamedTuple):
 
 
 def split_forward(
-    model: "HookedGPT",
+    model: HookedGPT,
     embed: Float[Tensor, "batch pos d_model"],
     answer_pos: int = -1,
     patch: Patch | None = None,
@@ -294,7 +294,7 @@ def _chunks(n: int, size: int | None) -> list[slice]:
 
 
 def edge_attribution(
-    model: "HookedGPT",
+    model: HookedGPT,
     clean: Int[Tensor, "batch pos"],
     corrupt: Int[Tensor, "batch pos"],
     metric: Metric,
@@ -459,7 +459,7 @@ class Faithfulness(NamedTuple):
 
 @torch.no_grad()
 def faithfulness(
-    model: "HookedGPT",
+    model: HookedGPT,
     clean: Int[Tensor, "batch pos"],
     corrupt: Int[Tensor, "batch pos"],
     metric: Metric,
@@ -509,7 +509,7 @@ class Circuit(NamedTuple):
 
 
 def find_circuit(
-    model: "HookedGPT",
+    model: HookedGPT,
     clean: Int[Tensor, "batch pos"],
     corrupt: Int[Tensor, "batch pos"],
     metric: Metric,

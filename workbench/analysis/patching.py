@@ -72,13 +72,14 @@ class PatchResult(NamedTuple):
 
     @property
     def normalized(self) -> Float[Tensor, "layer ..."]:
-        """``(patched - corrupt) / (clean - corrupt)``: 1 where the patch restores the clean answer, 0 where it does nothing.
+        """``(patched - corrupt) / (clean - corrupt)``: 1 where the patch restores the clean answer, 0 where it does
+        nothing.
 
         Undefined (an InputError) when the clean and corrupted runs give the same metric, e.g. identical prompts."""
         if self.clean == self.corrupt:
             raise InputError(
-                f"the clean and corrupted runs give the same metric ({self.clean:.4g}), so the fraction a patch restores "
-                "is undefined; give a corrupted prompt that changes the answer (or read the raw scores)"
+                f"the clean and corrupted runs give the same metric ({self.clean:.4g}), so the fraction a patch "
+                "restores is undefined; give a corrupted prompt that changes the answer (or read the raw scores)"
             )
         return (self.scores - self.corrupt) / (self.clean - self.corrupt)
 
@@ -98,21 +99,21 @@ class AblationResult(NamedTuple):
         return self.scores - self.baseline
 
 
-def _tokens_and_mask(model: "HookedGPT", tokens: Tensor | Batch) -> tuple[Tensor, Tensor | None]:
+def _tokens_and_mask(model: HookedGPT, tokens: Tensor | Batch) -> tuple[Tensor, Tensor | None]:
     """Return checked token ids and their attention mask (None when nothing is padding)."""
     tokens, mask = padding.unpack(tokens, None)
     tokens = model.check_tokens(tokens)
     return tokens, padding.check_attention_mask(mask, tokens)
 
 
-def _check_pair(model: "HookedGPT", clean: Tensor, corrupt: Tensor) -> tuple[Tensor, Tensor]:
+def _check_pair(model: HookedGPT, clean: Tensor, corrupt: Tensor) -> tuple[Tensor, Tensor]:
     clean, corrupt, mask = _check_padded_pair(model, clean, corrupt)
     if mask is not None:
         raise InputError("this analysis takes prompts of one length, not a padded batch; run each length group apart")
     return clean, corrupt
 
 
-def _check_padded_pair(model: "HookedGPT", clean: Tensor | Batch, corrupt: Tensor | Batch
+def _check_padded_pair(model: HookedGPT, clean: Tensor | Batch, corrupt: Tensor | Batch
                        ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Return the clean and corrupted token ids and their common attention mask (None: no padding)."""
     (clean, clean_mask), (corrupt, corrupt_mask) = _tokens_and_mask(model, clean), _tokens_and_mask(model, corrupt)
@@ -136,7 +137,7 @@ def _at_answer(x: Float[Tensor, "batch pos ..."], answer_pos: int, mask: Tensor 
     return x[:, answer_pos]
 
 
-def _cache(model: "HookedGPT", tokens: Tensor, kinds: tuple[str, ...], answer_pos: int, metric: Metric,
+def _cache(model: HookedGPT, tokens: Tensor, kinds: tuple[str, ...], answer_pos: int, metric: Metric,
            mask: Tensor | None = None):
     names = [act_name(k, i) for i in range(model.cfg.n_layers) for k in kinds]
     with torch.no_grad():
@@ -145,7 +146,7 @@ def _cache(model: "HookedGPT", tokens: Tensor, kinds: tuple[str, ...], answer_po
 
 
 def _run_variants(
-    model: "HookedGPT",
+    model: HookedGPT,
     layer: int,
     resid: Float[Tensor, "batch pos d_model"],
     n_variants: int,
@@ -220,7 +221,7 @@ def _positions_heads_edit(source: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
     return edit
 
 
-def _layers(model: "HookedGPT", layers: list[int] | None) -> list[int]:
+def _layers(model: HookedGPT, layers: list[int] | None) -> list[int]:
     n = model.cfg.n_layers
     layers = list(range(n)) if layers is None else list(layers)
     bad = [i for i in layers if not 0 <= i < n]
@@ -231,7 +232,7 @@ def _layers(model: "HookedGPT", layers: list[int] | None) -> list[int]:
 
 @torch.no_grad()
 def patch_residual(
-    model: "HookedGPT",
+    model: HookedGPT,
     clean: Int[Tensor, "batch pos"] | Batch,
     corrupt: Int[Tensor, "batch pos"] | Batch,
     metric: Metric,
@@ -261,7 +262,7 @@ def patch_residual(
 
 @torch.no_grad()
 def patch_outputs(
-    model: "HookedGPT",
+    model: HookedGPT,
     clean: Int[Tensor, "batch pos"] | Batch,
     corrupt: Int[Tensor, "batch pos"] | Batch,
     metric: Metric,
@@ -292,7 +293,7 @@ def patch_outputs(
 
 @torch.no_grad()
 def patch_heads(
-    model: "HookedGPT",
+    model: HookedGPT,
     clean: Int[Tensor, "batch pos"] | Batch,
     corrupt: Int[Tensor, "batch pos"] | Batch,
     metric: Metric,
@@ -331,7 +332,7 @@ def patch_heads(
 
 @torch.no_grad()
 def ablate(
-    model: "HookedGPT",
+    model: HookedGPT,
     tokens: Int[Tensor, "batch pos"] | Batch,
     metric: Metric,
     kind: Literal["z", "attn_out", "mlp_out"] = "z",
@@ -381,7 +382,7 @@ def ablate(
 
 @torch.no_grad()
 def patch_residual_naive(
-    model: "HookedGPT", clean: Tensor, corrupt: Tensor, metric: Metric, answer_pos: int = -1
+    model: HookedGPT, clean: Tensor, corrupt: Tensor, metric: Metric, answer_pos: int = -1
 ) -> Float[Tensor, "layer pos"]:
     """Return the per-position residual patching sweep the way TransformerLens' patching module does
     it: one full forward pass from the embedding per layer and position. The benchmarks' baseline

@@ -79,21 +79,22 @@ class ProbDiff:
         sign = (vals > thr).float() - (vals < thr).float()
         return (probs * sign).sum(-1)
 
-    def select(self, rows: slice) -> "ProbDiff":
+    def select(self, rows: slice) -> ProbDiff:
         return ProbDiff(self.candidates, self.values, self.thresholds[rows])
 
 
-def single_token(model: "HookedGPT", text: str) -> int | None:
+def single_token(model: HookedGPT, text: str) -> int | None:
     """The id of ``text`` if it is exactly one token (without BOS), else None."""
     ids = model.tokenizer.encode(text, add_bos=False)
     return ids[0] if len(ids) == 1 else None
 
 
-def pair_tokens(model: "HookedGPT", clean: list[str], corrupt: list[str]) -> tuple[Tensor, Tensor]:
+def pair_tokens(model: HookedGPT, clean: list[str], corrupt: list[str]) -> tuple[Tensor, Tensor]:
     """Tokenize prompt pairs into two ``[batch pos]`` tensors; pairs of unequal length, or pairs of
     different lengths from the others, are errors naming them."""
     if len(clean) != len(corrupt) or not clean:
-        raise InputError(f"{len(clean)} clean and {len(corrupt)} corrupted prompts; give one corrupted prompt per clean one")
+        raise InputError(f"{len(clean)} clean and {len(corrupt)} corrupted prompts; give one corrupted prompt per "
+                         "clean one")
     tok = model.tokenizer
     a = [tok.encode(t, add_bos=None) for t in clean]
     b = [tok.encode(t, add_bos=None) for t in corrupt]
@@ -112,7 +113,7 @@ def pair_tokens(model: "HookedGPT", clean: list[str], corrupt: list[str]) -> tup
     return torch.tensor(a), torch.tensor(b)
 
 
-def _uniform(model: "HookedGPT", clean: list[str], corrupt: list[str], n: int) -> list[int]:
+def _uniform(model: HookedGPT, clean: list[str], corrupt: list[str], n: int) -> list[int]:
     """Indices of up to ``n`` generated pairs of equal token length, all of the most common length
     (a tokenizer may merge some names or digits: those pairs are dropped rather than padded)."""
     tok = model.tokenizer
@@ -125,11 +126,11 @@ def _uniform(model: "HookedGPT", clean: list[str], corrupt: list[str], n: int) -
     return [i for i, (la, lb) in enumerate(lengths) if la == lb == mode][:n]
 
 
-def _single(model: "HookedGPT", words: list[str], prefix: str = " ") -> list[str]:
+def _single(model: HookedGPT, words: list[str], prefix: str = " ") -> list[str]:
     return [w for w in words if single_token(model, prefix + w) is not None]
 
 
-def ioi_task(model: "HookedGPT", n: int = 100, seed: int = 0, templates: tuple[str, ...] = IOI_TEMPLATES[:1]) -> Task:
+def ioi_task(model: HookedGPT, n: int = 100, seed: int = 0, templates: tuple[str, ...] = IOI_TEMPLATES[:1]) -> Task:
     """``n`` IOI pairs (half ABBA, half BABA) whose names, places and objects are one token each."""
     names, places, objects = _single(model, NAMES), _single(model, PLACES), _single(model, OBJECTS)
     if len(names) < 3 or not places or not objects:
@@ -152,7 +153,7 @@ def ioi_task(model: "HookedGPT", n: int = 100, seed: int = 0, templates: tuple[s
     return Task("ioi", ct, rt, LogitDiff(torch.tensor(io), torch.tensor(s)), clean, corrupt)
 
 
-def greater_than_task(model: "HookedGPT", n: int = 100, seed: int = 0) -> Task:
+def greater_than_task(model: HookedGPT, n: int = 100, seed: int = 0) -> Task:
     """``n`` greater-than pairs; two-digit years where they are one token, else the tens digit."""
     two_digit = all(single_token(model, f"{y:02d}") is not None for y in range(100))
     rng = random.Random(seed)
@@ -180,7 +181,7 @@ def greater_than_task(model: "HookedGPT", n: int = 100, seed: int = 0) -> Task:
     return Task("greater-than", ct, rt, ProbDiff(cands, values, torch.tensor(thresholds)), clean, corrupt)
 
 
-def file_task(model: "HookedGPT", path: str | Path) -> Task:
+def file_task(model: HookedGPT, path: str | Path) -> Task:
     """Pairs from a JSON list or JSONL file of ``{"clean", "corrupt", "answer", "wrong"}``; logit difference."""
     path = Path(path)
     try:
@@ -188,17 +189,23 @@ def file_task(model: "HookedGPT", path: str | Path) -> Task:
     except OSError as e:
         raise DataError(f"cannot read the task file {path}: {e.strerror}") from None
     try:
-        rows = json.loads(text) if path.suffix == ".json" else [json.loads(line) for line in text.splitlines() if line.strip()]
+        if path.suffix == ".json":
+            rows = json.loads(text)
+        else:
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
     except json.JSONDecodeError as e:
         raise DataError(f"{path} is not valid JSON{'L' if path.suffix != '.json' else ''}: {e}") from None
     keys = ("clean", "corrupt", "answer", "wrong")
-    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) and all(k in r for k in keys) for r in rows):
+    well_formed = isinstance(rows, list) and bool(rows) and all(
+        isinstance(r, dict) and all(k in r for k in keys) for r in rows)
+    if not well_formed:
         raise DataError(f"{path} must hold a non-empty list of objects with keys {list(keys)}")
     answers = {r[k] for r in rows for k in ("answer", "wrong")}
     ids = {a: single_token(model, a) for a in sorted(answers)}
     bad = [a for a, i in ids.items() if i is None]
     if bad:
-        shown = ", ".join(f"{a!r} -> {model.tokenizer.str_tokens(model.tokenizer.encode(a, add_bos=False))}" for a in bad[:10])
+        tok = model.tokenizer
+        shown = ", ".join(f"{a!r} -> {tok.str_tokens(tok.encode(a, add_bos=False))}" for a in bad[:10])
         raise InputError(f"{len(bad)} answer(s) are not one token in this tokenizer: {shown}; pick answers that are "
                          "(often with a leading space)")
     clean, corrupt = [r["clean"] for r in rows], [r["corrupt"] for r in rows]
@@ -207,7 +214,7 @@ def file_task(model: "HookedGPT", path: str | Path) -> Task:
     return Task(path.stem, ct, rt, metric, clean, corrupt)
 
 
-def load_task(model: "HookedGPT", task: str, n: int = 100, seed: int = 0) -> Task:
+def load_task(model: HookedGPT, task: str, n: int = 100, seed: int = 0) -> Task:
     """``ioi``, ``greater-than`` or a path to a task file."""
     if model.tokenizer is None:
         raise InputError("this model has no tokenizer; tasks are text: load it with load_model(...)")
