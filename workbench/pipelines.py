@@ -359,9 +359,11 @@ class TranscoderRecipe:
     skip: bool = True
     """A linear skip term W_skip beside the features (Paulo et al. 2025)."""
     skip_init: str = "ridge"
-    """zero, or ridge: W_skip and b_dec start at the ridge regression of the MLP's output on its input over the first batch."""
+    """zero, or ridge: W_skip and b_dec start at the ridge regression of the MLP's output on its input over the first
+    batch."""
     latent_init_scale: float = 0.1
-    """At the start, the latents' output is scaled to this fraction of what the skip term (or b_dec) leaves to predict."""
+    """At the start, the latents' output is scaled to this fraction of what the skip term (or b_dec) leaves to
+    predict."""
     lr: float = 2e-3
     seed: int = 0
     eval_windows: int = 32
@@ -498,8 +500,10 @@ def train_transcoders(
     n_train = recipe.steps_per_epoch() * recipe.batch_windows
     windows = token_windows(model, recipe.corpus, recipe.n_ctx, n_train + recipe.eval_windows)
     text, held_out = windows[:n_train], windows[n_train:]
-    orders = [torch.arange(n_train)] + [torch.randperm(n_train, generator=torch.Generator().manual_seed(recipe.seed * 1000 + e))
-                                        for e in range(1, recipe.epochs)]
+    orders = [torch.arange(n_train)] + [
+        torch.randperm(n_train, generator=torch.Generator().manual_seed(recipe.seed * 1000 + e))
+        for e in range(1, recipe.epochs)
+    ]
     train_windows = text[torch.cat(orders)]
     batch_windows = recipe.batch_windows // info.world_size
     if info.world_size > 1:  # this rank's share of every step's windows
@@ -525,7 +529,8 @@ def train_transcoders(
         def run(layer: int) -> None:
             try:
                 with collective_group(groups[layer]):
-                    results[layer] = train_sae(transcoders[layer], feed.opener(layer), train_cfg, out / f"layer_{layer}")
+                    results[layer] = train_sae(
+                        transcoders[layer], feed.opener(layer), train_cfg, out / f"layer_{layer}")
             except BaseException as exc:  # noqa: BLE001 - handed to the producer, which re-raises it
                 feed.errors.append(exc)
                 with feed.lock:
@@ -567,7 +572,8 @@ def train_transcoders(
         trained = {layer: results[layer].sae for layer in layers}
         for layer, tc in trained.items():
             if info.rank == 0:
-                save_sae(tc, out / f"layer_{layer}" / "transcoder", log_feature_density=results[layer].log_feature_density)
+                save_sae(tc, out / f"layer_{layer}" / "transcoder",
+                         log_feature_density=results[layer].log_feature_density)
         per_layer, whole = evaluate_transcoders(model, trained, held_out, first_position=recipe.first_position)
         fresh = [layer for layer in layers if results[layer].resumed_from is None]
         done_steps = sum(steps - (results[layer].resumed_from or 0) for layer in layers) / len(layers)
@@ -685,12 +691,15 @@ def transcoder_card(record: dict[str, Any], command: str) -> str:
     """A markdown card for a set: recipe, per-layer and whole-set evaluation, and the command that made it."""
     r = record["recipe"]
     whole = record["whole"]
+    epochs = f" x {e} epochs" if (e := r.get("epochs", 1)) > 1 else ""
     lines = [
         f"# Transcoders for {record['model']} (layers {', '.join(map(str, record['layers']))})", "",
         f"One transcoder per MLP: reads `blocks.L.mlp.hook_in`, predicts `blocks.L.mlp.hook_out`. "
-        f"{r['architecture']}, {r['expansion']}x d_model latents, k={r['k']}, skip term: {'yes' if r['skip'] else 'no'}. "
-        f"Trained on {r['tokens']:,} tokens of `{r['corpus']}`{f' x {e} epochs' if (e := r.get('epochs', 1)) > 1 else ''} per layer (windows of {r['n_ctx']}, positions from "
-        f"{r['first_position']}), all layers at once from live activations, in {record['seconds'] / 60:.1f} min "
+        f"{r['architecture']}, {r['expansion']}x d_model latents, k={r['k']}, "
+        f"skip term: {'yes' if r['skip'] else 'no'}. "
+        f"Trained on {r['tokens']:,} tokens of `{r['corpus']}`{epochs} per layer (windows of {r['n_ctx']}, "
+        f"positions from {r['first_position']}), all layers at once from live activations, "
+        f"in {record['seconds'] / 60:.1f} min "
         f"({record['tokens_per_second']:,.0f} tokens/s).", "",
         "Reproduce:", "", "```", command, "```", "",
         f"Evaluated on the {r['eval_windows']} windows after the training text (held out):", "",
@@ -698,11 +707,14 @@ def transcoder_card(record: dict[str, Any], command: str) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for ev in record["per_layer"]:
-        lines.append(f"| {ev['layer']} | {ev['fvu']:.3f} | {ev['l0']:.1f} | {ev['dead_fraction']:.3f} | {ev['ce_clean']:.4f} "
-                     f"| {ev['ce_spliced']:.4f} | {ev['ce_zero']:.4f} | {ev['ce_loss_recovered']:.3f} |")
-    lines += ["", f"Every MLP replaced at once (no error terms): CE {whole['ce_replaced']:.4f} against {whole['ce_clean']:.4f} "
-              f"clean, top-1 agreement {whole['top1_agreement']:.3f}, KL {whole['kl']:.4f} nats, on {whole['n_tokens']} tokens.",
-              "", "Load: `workbench.pipelines.load_transcoder_set(\"" + record["model"] + "\")` (layer -> SAE with d_out). "
+        lines.append(f"| {ev['layer']} | {ev['fvu']:.3f} | {ev['l0']:.1f} | {ev['dead_fraction']:.3f} "
+                     f"| {ev['ce_clean']:.4f} | {ev['ce_spliced']:.4f} | {ev['ce_zero']:.4f} "
+                     f"| {ev['ce_loss_recovered']:.3f} |")
+    lines += ["", f"Every MLP replaced at once (no error terms): CE {whole['ce_replaced']:.4f} "
+              f"against {whole['ce_clean']:.4f} clean, top-1 agreement {whole['top1_agreement']:.3f}, "
+              f"KL {whole['kl']:.4f} nats, on {whole['n_tokens']} tokens.",
+              "", "Load: `workbench.pipelines.load_transcoder_set(\"" + record["model"] + "\")` "
+              "(layer -> SAE with d_out). "
               "circuit-tracer layout: `workbench train-transcoders ... --export-circuit-tracer DIR`, or "
               "`workbench.pipelines.export_circuit_tracer(name, DIR)`.", ""]
     return "\n".join(lines)

@@ -66,14 +66,17 @@ def save_circuit_tracer(transcoders: Sequence[SAE], directory: str | os.PathLike
         if "threshold" in state:
             out[THRESHOLD] = state["threshold"]
         _atomic(directory / layer_file(layer), lambda tmp, out=out: save_file(out, str(tmp)))
-        entries.append({"id": f"layer_{layer}", "layer": layer, "filepath": str((directory / layer_file(layer)).resolve())})
+        filepath = str((directory / layer_file(layer)).resolve())
+        entries.append({"id": f"layer_{layer}", "layer": layer, "filepath": filepath})
     config = {"model_name": model_name, "model_kind": "transcoder_set", "feature_input_hook": INPUT_HOOK,
               "feature_output_hook": OUTPUT_HOOK, "transcoders": entries}
     _atomic(directory / CONFIG_FILE, lambda tmp: tmp.write_text(yaml.safe_dump(config, sort_keys=False)))
     return directory
 
 
-def load_circuit_tracer(directory: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[list[SAE], dict[str, Any]]:
+def load_circuit_tracer(
+    directory: str | os.PathLike, device: str | torch.device = "cpu"
+) -> tuple[list[SAE], dict[str, Any]]:
     """Return the transcoders of a circuit-tracer set (layer 0 first) and its ``config.yaml``."""
     directory = Path(directory)
     config_path = directory / CONFIG_FILE

@@ -4,7 +4,8 @@ TopK and BatchTopK training never multiply by the dense ``[batch, d_sae]`` laten
 encoder's one dense forward matmul, the decoder, the encoder's gradient and the AuxK loss touch only
 the active latents of each row (``k`` for TopK, any number for BatchTopK), through gather and
 sparse-matrix (CSR) products over a :class:`SparsePattern`. JumpReLU's threshold gets its gradient
-from a rectangle-kernel pseudo-derivative (Rajamanoharan et al. 2024). ``workbench.sae.train`` builds its losses from these.
+from a rectangle-kernel pseudo-derivative (Rajamanoharan et al. 2024). ``workbench.sae.train`` builds its losses
+from these.
 """
 
 from __future__ import annotations

@@ -470,7 +470,8 @@ def _train_sae(sae: SAE, data: Batches, cfg: SAETrainConfig, out: Path | None, r
     device = sae.device
     if sae.cfg.is_transcoder and sae.cfg.architecture == "relu" and cfg.resample_every:
         raise ConfigError("resample_every is for SAEs (it re-aims decoder rows at badly reconstructed inputs); "
-                          "train a transcoder with resample_every=0, or as topk/batchtopk whose AuxK revives dead latents")
+                          "train a transcoder with resample_every=0, or as topk/batchtopk whose AuxK revives dead "
+                          "latents")
     params = [p for p in sae.parameters()]
     optimizer = torch.optim.Adam(_param_groups(sae, cfg), lr=cfg.lr, betas=cfg.adam_betas, **_fast_adam(device))
     tokens_since_fired = torch.zeros(sae.cfg.d_sae, dtype=torch.float64, device=device)
@@ -757,9 +758,8 @@ def resample_dead_latents(
 def _metrics_line(
     losses: StepLosses, step: int, tokens: int, cfg: SAETrainConfig, tokens_since_fired: Tensor, info: DistInfo
 ) -> dict[str, float]:
-    stats = _all_reduce(
-        torch.stack([losses.loss.detach(), losses.mse.detach(), losses.sparsity.detach(), losses.l0, losses.variance]).double()
-    ) / info.world_size
+    local = [losses.loss.detach(), losses.mse.detach(), losses.sparsity.detach(), losses.l0, losses.variance]
+    stats = _all_reduce(torch.stack(local).double()) / info.world_size
     loss, mse, sparsity, l0, variance = (float(v) for v in stats)
     return {
         "step": step,
@@ -775,7 +775,8 @@ def _metrics_line(
 
 
 def _progress(cfg: SAETrainConfig, start: int, rank: int):
-    return tqdm(total=cfg.total_steps, initial=start, disable=not cfg.progress or rank != 0, desc="train-sae", unit="step")
+    return tqdm(total=cfg.total_steps, initial=start, disable=not cfg.progress or rank != 0,
+                desc="train-sae", unit="step")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -116,13 +116,16 @@ def live_pairs(
             x = cache[input_hook(layer)][:, first_position:].reshape(-1, model.cfg.d_model).float()
             y = cache[output_hook(layer)][:, first_position:].reshape(-1, model.cfg.d_model).float()
             if not (torch.isfinite(x).all() and torch.isfinite(y).all()):
-                raise DataError(f"layer {layer}'s MLP input or output holds NaN/Inf in windows {b0}..{b0 + len(tokens) - 1}; "
+                raise DataError(f"layer {layer}'s MLP input or output holds NaN/Inf in windows "
+                                f"{b0}..{b0 + len(tokens) - 1}; "
                                 "the model produces non-finite activations on this text")
             batch[layer] = Pairs(x, y)
         yield batch
 
 
-def store_pairs(store: Any, layer: int, batch_size: int, seed: int = 0) -> Callable[[int], Iterator[tuple[Tensor, Tensor]]]:
+def store_pairs(
+    store: Any, layer: int, batch_size: int, seed: int = 0
+) -> Callable[[int], Iterator[tuple[Tensor, Tensor]]]:
     """Return a batch source for :func:`workbench.sae.train.train_sae`: step -> (x, y) pairs of ``layer`` from a store.
 
     Both hooks are read with the same shuffle (the store's order depends only on the reader's seed
@@ -213,7 +216,8 @@ def evaluate_transcoders(
     check_set(model, transcoders)
     windows = torch.as_tensor(windows)
     if windows.ndim != 2 or windows.shape[1] < first_position + 2:
-        raise DataError(f"expected token windows [n, n_ctx] with n_ctx >= first_position + 2, got {tuple(windows.shape)}")
+        raise DataError("expected token windows [n, n_ctx] with n_ctx >= first_position + 2, "
+                        f"got {tuple(windows.shape)}")
     layers = sorted(transcoders)
     ce = {key: 0.0 for key in [("clean",), ("set",)] + [(m, layer) for layer in layers for m in ("tc", "zero")]}
     stats = {layer: torch.zeros(3, dtype=torch.float64) for layer in layers}  # sq err, total var, l0 sum
@@ -244,7 +248,8 @@ def evaluate_transcoders(
             stats[layer][2] += (out.latents != 0).sum()
             fired[layer] |= (out.latents != 0).reshape(-1, tc.cfg.d_sae).any(0).cpu()
             ce[("tc", layer)] += nll(model.run_with_hooks(tokens, fwd_hooks=_replace_hooks({layer: tc})))[0]
-            ce[("zero", layer)] += nll(model.run_with_hooks(tokens, fwd_hooks=_replace_hooks({layer: tc}, zero=True)))[0]
+            zeroed = model.run_with_hooks(tokens, fwd_hooks=_replace_hooks({layer: tc}, zero=True))
+            ce[("zero", layer)] += nll(zeroed)[0]
         replaced, logp_set = nll(model.run_with_hooks(tokens, fwd_hooks=_replace_hooks(transcoders)))
         ce[("set",)] += replaced
         agree += float((logp_set.argmax(-1) == logp_clean.argmax(-1)).sum())
