@@ -68,8 +68,8 @@ def test_every_row_sums_to_its_target(built):
         torch.testing.assert_close(graph.target[node], pre.detach(), atol=1e-4, rtol=0)
         assert graph.activations[node] > 0
     logits = model(tokens)[0, -1]
-    torch.testing.assert_close(graph.target[graph.logit_node(0):], (logits - logits.mean())[graph.logit_tokens].detach(),
-                               atol=1e-4, rtol=0)
+    centred = (logits - logits.mean())[graph.logit_tokens].detach()
+    torch.testing.assert_close(graph.target[graph.logit_node(0):], centred, atol=1e-4, rtol=0)
     # sources only feed later layers: no edge from a feature to one in the same or an earlier layer
     f_layers = graph.features[:, 0]
     same_or_later = f_layers[:, None] <= f_layers[None, :]
@@ -161,7 +161,8 @@ def test_feature_budget_keeps_the_most_influential_and_rows_still_sum():
     small = G.attribute(model, tcs, tokens, batch_size=16, max_feature_nodes=15)
     assert small.n_features == 15 < full.n_features
     rows = torch.cat([torch.arange(15), torch.arange(small.logit_node(0), small.n_nodes)])
-    torch.testing.assert_close(small.adjacency[rows].sum(-1) + small.constant[rows], small.target[rows], atol=1e-4, rtol=0)
+    incoming = small.adjacency[rows].sum(-1) + small.constant[rows]
+    torch.testing.assert_close(incoming, small.target[rows], atol=1e-4, rtol=0)
     # the logit rows' error and token columns do not depend on which features were kept
     torch.testing.assert_close(small.adjacency[small.logit_node(0):, 15:small.logit_node(0)],
                                full.adjacency[full.logit_node(0):, full.n_features:full.logit_node(0)])
@@ -399,7 +400,8 @@ def test_pruned_subgraph_keeps_rows_summing_and_round_trips(built, tmp_path):
     assert small.n_features == int(pruned.node_mask[: graph.n_features].sum()) < graph.n_features
     assert small.n_nodes == small.adjacency.shape[0] and small.n_logits == graph.n_logits
     rows = torch.cat([torch.arange(small.n_features), torch.arange(small.logit_node(0), small.n_nodes)])
-    torch.testing.assert_close(small.adjacency[rows].sum(-1) + small.constant[rows], small.target[rows], atol=1e-4, rtol=0)
+    incoming = small.adjacency[rows].sum(-1) + small.constant[rows]
+    torch.testing.assert_close(incoming, small.target[rows], atol=1e-4, rtol=0)
     # a kept edge keeps its weight; the logit rows' error columns are the kept ones of the full graph
     kept = pruned.node_mask[: graph.n_features].nonzero().flatten()
     for i, node in enumerate(kept.tolist()[:10]):

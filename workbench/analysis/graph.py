@@ -185,11 +185,13 @@ class AttributionGraph:
             os.replace(tmp, path)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
-            raise CheckpointError(f"cannot write the graph to {path}: {exc.strerror or exc}; choose a writable path") from None
+            raise CheckpointError(
+                f"cannot write the graph to {path}: {exc.strerror or exc}; choose a writable path"
+            ) from None
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike, model_name: str | None = None) -> "AttributionGraph":
+    def load(cls, path: str | os.PathLike, model_name: str | None = None) -> AttributionGraph:
         """Read a graph written by :meth:`save`; with ``model_name``, refuse a graph built on another model."""
         path = Path(path)
         try:
@@ -197,7 +199,9 @@ class AttributionGraph:
                 meta = f.metadata() or {}
             tensors = load_file(str(path))
         except (SafetensorError, OSError) as exc:
-            raise CheckpointError(f"cannot read the graph {path} ({exc}); the file is truncated or not a graph") from None
+            raise CheckpointError(
+                f"cannot read the graph {path} ({exc}); the file is truncated or not a graph"
+            ) from None
         if meta.get("format") != GRAPH_FORMAT:
             raise CheckpointError(f"{path} is not an attribution graph written by the workbench")
         if model_name is not None and meta.get("model_name") != model_name:
@@ -217,7 +221,8 @@ class AttributionGraph:
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{path} is an incomplete graph file ({exc}); rebuild it") from None
         if graph.adjacency.shape != (graph.n_nodes, graph.n_nodes):
-            raise CheckpointError(f"{path}: adjacency {tuple(graph.adjacency.shape)} does not fit {graph.n_nodes} nodes")
+            shape = tuple(graph.adjacency.shape)
+            raise CheckpointError(f"{path}: adjacency {shape} does not fit {graph.n_nodes} nodes")
         return graph
 
 
@@ -248,7 +253,8 @@ def check_transcoders(model: HookedGPT, transcoders: Transcoders) -> list[SAE]:
     if isinstance(transcoders, Mapping):
         missing = sorted(set(range(cfg.n_layers)) - set(transcoders))
         if missing:
-            raise InputError(f"the transcoder set has no transcoder for layer(s) {missing} of {cfg.name or 'the model'} "
+            raise InputError(f"the transcoder set has no transcoder for layer(s) {missing} of "
+                             f"{cfg.name or 'the model'} "
                              f"({cfg.n_layers} layers); an attribution graph needs every layer: train the missing ones "
                              "(workbench train-transcoders)")
         extra = sorted(set(transcoders) - set(range(cfg.n_layers)))
@@ -941,7 +947,8 @@ class Pruned:
     influence: Tensor
     """Each node's influence on the logits in the full graph."""
     cumulative: Tensor
-    """Each node's cumulative influence share when nodes are ranked by influence (circuit-tracer's ``influence`` field)."""
+    """Each node's cumulative influence share when nodes are ranked by influence
+    (circuit-tracer's ``influence`` field)."""
 
 
 def prune(graph: AttributionGraph, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> Pruned:
@@ -1198,7 +1205,9 @@ def top_activations(model: HookedGPT, transcoder: SAE, layer: int, windows: Int[
     return TopActivations(best_v, best_i // n_pos, best_i % n_pos)
 
 
-def promoted_logits(model: HookedGPT, transcoder: SAE, index: int, k: int = 10) -> tuple[Int[Tensor, " k"], Float[Tensor, " k"]]:
+def promoted_logits(
+    model: HookedGPT, transcoder: SAE, index: int, k: int = 10
+) -> tuple[Int[Tensor, " k"], Float[Tensor, " k"]]:
     """Return the ``k`` tokens whose logits the feature's decoder row raises most directly (``W_dec[i] @ W_U``,
     the final norm's scale left out), and by how much."""
     if not 0 <= index < transcoder.cfg.d_sae:
