@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # analyses/_common.py
 
 from _common import log  # noqa: E402
+
 from workbench.analysis import graph as G  # noqa: E402
 from workbench.errors import WorkbenchError  # noqa: E402
 from workbench.report import Report, report_dir  # noqa: E402
@@ -150,7 +151,8 @@ def study(name: str, model, transcoders, n_ablate: int, seed: int) -> dict:
         "prompts": len(rows), "replacement": mean("replacement"), "completeness": mean("completeness"),
         "replacement_pruned": mean("replacement pruned"), "completeness_pruned": mean("completeness pruned"),
         "reduction": mean("reduction"), "min_reduction": min(r["reduction"] for r in rows),
-        "completeness_drop": mean("completeness drop"), "max_completeness_drop": max(r["completeness drop"] for r in rows),
+        "completeness_drop": mean("completeness drop"),
+        "max_completeness_drop": max(r["completeness drop"] for r in rows),
         "spearman_pooled": spearman(torch.cat(pooled_influence), torch.cat(pooled_effect)),
         "spearman_mean": statistics.fmean(finite) if finite else float("nan"),
         "mean_seconds": mean("seconds"), "mean_features": mean("features"),
@@ -163,12 +165,14 @@ def verdicts(s: dict) -> list[str]:
         return "met" if ok else "NOT met"
 
     return [
-        f"mean replacement score {s['replacement']:.3f} (target >= 0.3, paper 0.37): {check(s['replacement'] >= 0.3)}",
-        f"mean completeness score {s['completeness']:.3f} (target >= 0.7, paper 0.78): {check(s['completeness'] >= 0.7)}",
-        f"pruning keeps {s['reduction']:.1f}x fewer feature and error nodes on average (least {s['min_reduction']:.1f}x; "
-        f"target >= 10x): {check(s['min_reduction'] >= 10)}",
-        f"completeness falls by {100 * s['completeness_drop']:.1f}% on average (most {100 * s['max_completeness_drop']:.1f}%; "
-        f"target <= 20%): {check(s['max_completeness_drop'] <= 0.2)}",
+        f"mean replacement score {s['replacement']:.3f} (target >= 0.3, paper 0.37): "
+        f"{check(s['replacement'] >= 0.3)}",
+        f"mean completeness score {s['completeness']:.3f} (target >= 0.7, paper 0.78): "
+        f"{check(s['completeness'] >= 0.7)}",
+        f"pruning keeps {s['reduction']:.1f}x fewer feature and error nodes on average "
+        f"(least {s['min_reduction']:.1f}x; target >= 10x): {check(s['min_reduction'] >= 10)}",
+        f"completeness falls by {100 * s['completeness_drop']:.1f}% on average "
+        f"(most {100 * s['max_completeness_drop']:.1f}%; target <= 20%): {check(s['max_completeness_drop'] <= 0.2)}",
         f"Spearman(influence on the top logit, |real ablation effect|) pooled {s['spearman_pooled']:.3f}, mean per "
         f"graph {s['spearman_mean']:.3f} (target >= 0.6, paper 0.72): {check(s['spearman_pooled'] >= 0.6)}",
     ]

@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # analyses/_common.py
 
 from _common import log  # noqa: E402
+
 from workbench import plots  # noqa: E402
 from workbench.analysis import attribution as A  # noqa: E402
 from workbench.analysis import patching as P  # noqa: E402
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
     report.text(f"Metric: clean {whole.clean:.4f}, corrupted {whole.corrupt:.4f}. {n_runs} patched runs took "
                 f"{patch_s:.1f} s. Patching the whole clean residual stream at any layer gives back the clean metric "
                 f"(largest difference over the {cfg.n_layers} layers: {restore_err:.1e}).")
-    for kind, res in results.items():
+    for res in results.values():
         report.figure(plots.patching_heatmap(res, strs))
     numbers["patching"] = {
         "clean_metric": whole.clean, "corrupt_metric": whole.corrupt, "seconds": patch_s, "patched_runs": n_runs,

@@ -241,7 +241,8 @@ def stage_eap(model, args, report: Report) -> dict:
     report.heading("Faithfulness: EAP, EAP-IG and exact node patching (IOI)")
     report.text(f"{args.n_eap} IOI pairs, {graph.n_edges} edges; clean {out['clean']:.3f}, corrupted "
                 f"{out['corrupt']:.3f}. EAP-IG with m={args.steps}.")
-    report.table([{"method": m, **row} for m, rows in out["curves"].items() for row in rows], caption="edges vs faithfulness")
+    curves = [{"method": m, **row} for m, rows in out["curves"].items() for row in rows]
+    report.table(curves, caption="edges vs faithfulness")
     report.table([{"edge": e, "score": s} for e, s in out["top_edges_eap-ig"][:15]], caption="top EAP-IG edges")
     if "sign_balance" in out:
         report.text(f"Of the top {out['sign_balance']['edges']} EAP-IG edges, {out['sign_balance']['raising_metric']} "

@@ -95,12 +95,14 @@ def bench_eap_ig(model, task, steps: int = 5) -> dict:
     forward_backward()  # warm-up
     fb_s = sorted(forward_backward() for _ in range(3))[1]
     projected = eap_s * 100 / n
-    print(f"\nEAP-IG (m={steps}) over {n} IOI pairs of {task.clean.shape[1]} tokens, {E.Graph.from_model(model).n_edges} "
+    n_edges = E.Graph.from_model(model).n_edges
+    print(f"\nEAP-IG (m={steps}) over {n} IOI pairs of {task.clean.shape[1]} tokens, {n_edges} "
           f"edges, {torch.get_num_threads()} threads")
     print(f"  one forward+backward of the batch   {fb_s:8.2f} s")
     print(f"  EAP-IG                              {eap_s:8.2f} s   {eap_s / fb_s:6.1f}x")
     if n != 100:
-        print(f"  projected for 100 pairs (linear)    {projected:8.1f} s   (target <= 600 s; a projection, not a measurement)")
+        print(f"  projected for 100 pairs (linear)    {projected:8.1f} s   "
+              "(target <= 600 s; a projection, not a measurement)")
     return {"pairs": n, "eap_ig_seconds": eap_s, "forward_backward_seconds": fb_s, "ratio": eap_s / fb_s,
             "projected_100_seconds": projected}
 

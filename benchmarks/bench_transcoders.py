@@ -45,7 +45,8 @@ def pairs(quick: bool) -> None:
     ys = [torch.randn(batch, d_in, generator=g) for _ in range(steps)]
     cfg = TrainConfig(total_steps=steps, lr=1e-4, progress=False, checkpoint_every=0, log_every=steps)
     sae = SAE(SAEConfig(d_in=d_in, d_sae=d_sae, architecture="topk", k=k), seed=0)
-    plain = SAE(SAEConfig(d_in=d_in, d_sae=d_sae, architecture="topk", k=k, d_out=d_in, apply_b_dec_to_input=False), seed=0)
+    plain = SAE(SAEConfig(d_in=d_in, d_sae=d_sae, architecture="topk", k=k, d_out=d_in, apply_b_dec_to_input=False),
+                seed=0)
     skip = SAE(SAEConfig(d_in=d_in, d_sae=d_sae, architecture="topk", k=k, d_out=d_in, apply_b_dec_to_input=False,
                          skip=True), seed=0)
     med = interleaved_medians({
@@ -104,11 +105,13 @@ def live(quick: bool) -> None:
     rows = steps * recipe.rows_per_step()
     full = SMOLLM2_RECIPE["tokens"] / result.tokens_per_second
     print(f"SmolLM2-135M, all {len(layers)} layers from live activations: {steps} steps of {recipe.batch_windows} x "
-          f"{recipe.n_ctx} tokens, width {recipe.expansion * model.cfg.d_model}, {recipe.architecture} k {recipe.k}, skip")
+          f"{recipe.n_ctx} tokens, width {recipe.expansion * model.cfg.d_model}, "
+          f"{recipe.architecture} k {recipe.k}, skip")
     print(f"  forward pass alone (60 hooks)  {rows / forward:10.0f} tokens/s")
     print(f"  trainer (forward + 30 layers)  {result.tokens_per_second:10.0f} tokens/s (each layer sees them all)")
     print(f"  forward pass's share of the trainer's time: {forward / result.seconds:.2f}")
-    print(f"  documented recipe ({SMOLLM2_RECIPE['tokens']:,} tokens a layer) projected: {full / 3600:.1f} h (target <= 2 h)")
+    print(f"  documented recipe ({SMOLLM2_RECIPE['tokens']:,} tokens a layer) projected: "
+          f"{full / 3600:.1f} h (target <= 2 h)")
 
 
 def skip(quick: bool) -> None:
