@@ -2,13 +2,35 @@
 
 from __future__ import annotations
 
+import base64
+import dataclasses
 import json
+import shutil
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+
+from workbench import HookedGPT, paths
+from workbench.analysis import eap as E
+from workbench.analysis import tasks as T
+from workbench.analysis.induction import default_spec, repeat_losses, repeated_random_tokens, score_heads
+from workbench.analysis.logit_lens import TunedLens
+from workbench.errors import InputError
+from workbench.generate import StreamEvent
+from workbench.store import open_store
+from workbench.zoo import load_model
 
 pytest.importorskip("streamlit")
+# the app's modules import streamlit
+from streamlit.proto.Metric_pb2 import Metric  # noqa: E402
 from streamlit.testing.v1 import AppTest  # noqa: E402
+
+from workbench.app import cached, choices, compute  # noqa: E402
+from workbench.app.choices import MAX_PROMPT_TOKENS, ModelKey  # noqa: E402
+from workbench.app.figures import show_token  # noqa: E402
 
 TIMEOUT = 60
 
@@ -40,10 +62,6 @@ def figures(at: AppTest) -> list[dict]:
 
 def arr(value):
     """Return a plotly data array as nested lists (plotly ships numeric arrays base64-encoded)."""
-    import base64
-
-    import numpy as np
-
     if isinstance(value, dict) and "bdata" in value:
         a = np.frombuffer(base64.b64decode(value["bdata"]), dtype=value["dtype"])
         if "shape" in value:
@@ -67,8 +85,6 @@ def markdown(at: AppTest) -> str:
 
 def run_until(at: AppTest, done, timeout: float = TIMEOUT) -> None:
     """Rerun the page until ``done()`` (a background job has finished and its result is drawn)."""
-    import time
-
     deadline = time.monotonic() + timeout
     while not done() and not at.exception and time.monotonic() < deadline:
         time.sleep(0.3)
@@ -96,9 +112,6 @@ def test_missing_default_model_says_what_to_run(app_env, monkeypatch):
 
 
 def test_model_paths_cannot_escape_the_model_directory(app_env):
-    from workbench.app import choices
-    from workbench.errors import InputError
-
     assert choices.resolve_local("tiny-lm") == (app_env / "models" / "tiny-lm").resolve()
     for bad in ("../", "../../etc", "/etc", "tiny-lm/../../x", "~/x"):
         with pytest.raises(InputError):
@@ -112,8 +125,6 @@ def test_model_paths_cannot_escape_the_model_directory(app_env):
 
 
 def test_long_prompts_are_cut_with_a_message(app_env):
-    from workbench.app.choices import MAX_PROMPT_TOKENS
-
     at = run_page("tokenizer")
     at.text_input(key="tok_prompt").set_value("one two three " * 40).run()
     assert not at.exception
@@ -123,8 +134,6 @@ def test_long_prompts_are_cut_with_a_message(app_env):
 
 
 def test_model_key_names_device_and_dtype():
-    from workbench.app.choices import ModelKey
-
     key = ModelKey("tiny-lm", "cpu", "bfloat16")
     assert str(key) == "tiny-lm|cpu|bfloat16"
     assert ModelKey.parse(str(key)) == key
@@ -136,8 +145,6 @@ def test_model_key_names_device_and_dtype():
 def test_tokenizer_page(app_env):
     at = run_page("tokenizer")
     at.text_input(key="tok_prompt").set_value("The cat sat").run()
-    from workbench import HookedGPT
-
     model = HookedGPT.load(app_env / "models" / "tiny-lm")
     ids = model.tokenizer.encode("The cat sat")
     assert int([m for m in at.metric if m.label == "tokens"][0].value) == len(ids)
@@ -210,8 +217,6 @@ def test_attention_page(app_env):
 @pytest.fixture
 def model_passes(monkeypatch):
     """Count forward passes of any HookedGPT (every pass embeds its tokens exactly once)."""
-    from workbench.model import HookedGPT
-
     calls = {"n": 0}
     embed = HookedGPT.embed_tokens
 
@@ -245,9 +250,6 @@ def test_switching_layer_or_head_does_not_rerun_the_model(app_env, model_passes)
 
 
 def test_induction_page(app_env):
-    from workbench import HookedGPT
-    from workbench.analysis.induction import default_spec, repeat_losses, repeated_random_tokens, score_heads
-
     at = AppTest.from_function(_script, args=("induction",), default_timeout=TIMEOUT)
     at.session_state["ind_len"] = 10
     at.run()
@@ -264,10 +266,6 @@ def test_induction_page(app_env):
 
 
 def test_induction_page_shows_training_dynamics_across_snapshots(app_env, monkeypatch):
-    import shutil
-
-    from workbench import HookedGPT
-
     src = app_env / "models" / "tiny-lm"
     run = app_env / "models" / "tiny-snapshots"
     if not run.exists():
@@ -277,8 +275,8 @@ def test_induction_page_shows_training_dynamics_across_snapshots(app_env, monkey
             m.init_weights(seed)
             m.save(run / "snapshots" / f"step_{step:06d}")
         # ends in half a record, as a job killed mid-write leaves it: the page reads the complete ones
-        (run / "metrics.jsonl").write_text("\n".join(json.dumps({"step": s, "loss": 5 - s / 50, "loss_repeat": 4 - s / 40})
-                                                     for s in (25, 50, 75, 100)) + '\n{"step": 125, "lo')
+        records = [{"step": s, "loss": 5 - s / 50, "loss_repeat": 4 - s / 40} for s in (25, 50, 75, 100)]
+        (run / "metrics.jsonl").write_text("\n".join(map(json.dumps, records)) + '\n{"step": 125, "lo')
     monkeypatch.setenv("WORKBENCH_APP_MODEL", "tiny-snapshots")
     at = AppTest.from_function(_script, args=("induction",), default_timeout=TIMEOUT)
     at.session_state["ind_len"] = 6
@@ -296,8 +294,6 @@ def test_induction_page_shows_training_dynamics_across_snapshots(app_env, monkey
 
 
 def test_induction_page_on_attn_only_2l(app_env, monkeypatch):
-    from workbench.app import choices
-
     if "attn-only-2l" not in choices.zoo_names():
         pytest.skip("the built-in attn-only-2l has not landed in data/models yet")
     monkeypatch.setenv("WORKBENCH_APP_MODEL", "attn-only-2l")
@@ -318,8 +314,6 @@ def test_induction_page_on_attn_only_2l(app_env, monkeypatch):
 
 
 def test_logit_lens_page(app_env, model_passes):
-    from workbench import HookedGPT
-
     at = run_page("logit-lens")
     text = "The cat sat on the mat"
     at.text_input(key="lens_prompt").set_value(text).run()
@@ -328,8 +322,6 @@ def test_logit_lens_page(app_env, model_passes):
     grid = fig_titled(at, "Logit lens")
     z = arr(grid["data"][0]["z"])
     assert len(z) == model.cfg.n_layers + 1 and len(z[0]) == len(ids)
-    import torch
-
     with torch.no_grad():
         logits = model(torch.tensor([ids]))[0]
     probs = logits.softmax(-1)
@@ -337,8 +329,6 @@ def test_logit_lens_page(app_env, model_passes):
     want = [float(probs[p, ids[p + 1]]) for p in range(len(ids) - 1)]
     assert z[-1][:-1] == pytest.approx(want, abs=1e-4)
     top_text = grid["data"][0]["text"][-1]
-    from workbench.app.figures import show_token
-
     assert top_text == [show_token(model.tokenizer.decode([int(i)])) for i in logits.argmax(-1)]
     before = model_passes["n"]
     at.slider(key="lens_pos").set_value(1).run()
@@ -355,9 +345,6 @@ def test_logit_lens_page(app_env, model_passes):
 
 
 def test_logit_lens_page_offers_a_saved_tuned_lens(app_env):
-    from workbench import HookedGPT, paths
-    from workbench.analysis.logit_lens import TunedLens
-
     model = HookedGPT.load(app_env / "models" / "tiny-lm")
     lens_dir = paths.runs_dir() / "lens-tiny-lm"
     TunedLens.for_model(model).save(lens_dir)  # the identity: the tuned lens must equal the logit lens
@@ -399,12 +386,6 @@ def test_attribution_page(app_env):
 def test_attribution_page_circuit_view(app_env, monkeypatch):
     """The circuit view on kjv-small's generated IOI set: EAP-IG after the click, the faithfulness and metrics
     equal to the library's, one drawn line per kept edge, and the edge count follows the widget."""
-    import torch
-
-    from workbench.analysis import eap as E
-    from workbench.analysis import tasks as T
-    from workbench.zoo import load_model
-
     monkeypatch.setenv("WORKBENCH_APP_MODEL", "kjv-small")
     at = run_page("attribution")
     assert not [t for t in titles(at) if t.startswith("Circuit")]  # nothing runs before the click
@@ -484,8 +465,6 @@ def test_superposition_page(app_env):
 
 def test_app_binds_to_localhost_by_default():
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
-    from pathlib import Path
-
     config = tomllib.loads((Path(__file__).resolve().parent.parent / ".streamlit" / "config.toml").read_text())
     assert config["server"]["address"] == "localhost"
     assert config["server"]["headless"] is True
@@ -547,8 +526,6 @@ def test_every_figure_offers_png_csv_and_json(app_env):
 
 
 def test_generated_text_is_plain_text_not_markdown(app_env, monkeypatch):
-    from workbench.generate import StreamEvent
-
     def fake_stream(*args, **kwargs):
         for piece in ("**not", " bold**", " _x_"):
             yield StreamEvent(0, piece, None)
@@ -613,9 +590,6 @@ def test_attention_page_labels_every_token_and_names_head_query_key(app_env):
 
 
 def test_logit_lens_page_rank_chart_keeps_final_and_tuned_lens_sits_beside(app_env):
-    from workbench import HookedGPT, paths
-    from workbench.analysis.logit_lens import TunedLens
-
     at = run_page("logit-lens")
     at.slider(key="lens_pos").set_value(2).run()
     rank = fig_titled(at, "across layers")
@@ -637,19 +611,10 @@ def test_logit_lens_page_rank_chart_keeps_final_and_tuned_lens_sits_beside(app_e
 
 
 def test_sae_page_latent_card_and_no_delta_arrow(app_home, tmp_path, monkeypatch):
-    import shutil
-
-    from workbench import HookedGPT
-    from workbench.app import compute
-
     home = tmp_path / "home"  # a private home: the SAE trained here must not show up in other tests' pages
     shutil.copytree(app_home, home, ignore=shutil.ignore_patterns("runs", "stores"))
     monkeypatch.setenv("WORKBENCH_HOME", str(home))
     monkeypatch.setenv("WORKBENCH_APP_MODEL", "tiny-lm")
-    import dataclasses
-
-    from workbench.store import open_store
-
     model = HookedGPT.load(home / "models" / "tiny-lm")
     # every window's first position (the attention sink, whose residual dwarfs the rest) stays out, BOS or not
     plain = HookedGPT.load(home / "models" / "tiny-lm")
@@ -659,8 +624,6 @@ def test_sae_page_latent_card_and_no_delta_arrow(app_home, tmp_path, monkeypatch
     compute.train_quick_sae(model, "tiny-lm", layer=0, n_tokens=2048, d_sae=64, k=4, steps=20)
     at = run_page("sae")
     live = [m for m in at.metric if m.label == "live latents"][0]
-    from streamlit.proto.Metric_pb2 import Metric
-
     assert "dead" in live.proto.delta and live.proto.direction == Metric.MetricDirection.NONE  # no arrow on a share
     assert any(b.proto.label.startswith("Download this latent's card") for b in at.get("download_button"))
     effects = fig_titled(at, "Logit effects")
@@ -686,8 +649,6 @@ def test_page_controls_live_in_the_url(app_env):
 
 
 def test_quick_sae_caches_the_models_own_corpus():
-    from workbench.app import compute
-
     assert compute.quick_sae_corpus("kjv-small") == "kjv"  # trained on the KJV: its SAE reads KJV text
     assert compute.quick_sae_corpus("smollm2-135m") == compute.quick_sae_corpus("tiny-lm") == "pydocs"
 
@@ -695,10 +656,6 @@ def test_quick_sae_caches_the_models_own_corpus():
 def test_logit_lens_page_trains_a_tuned_lens_in_the_background(app_home, tmp_path, monkeypatch):
     """No tuned lens yet: a button starts one as a background job; once it is done the page opens it beside the
     logit lens (a private home, so the shared one's lens tests are unaffected)."""
-    from workbench.app import cached, compute
-
-    import shutil
-
     shutil.copytree(app_home / "models" / "tiny-lm", tmp_path / "models" / "tiny-lm")
     monkeypatch.setenv("WORKBENCH_HOME", str(tmp_path))
     monkeypatch.setenv("WORKBENCH_APP_MODEL", "tiny-lm")

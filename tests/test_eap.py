@@ -122,7 +122,7 @@ def test_circuits(model):
     assert int(greedy.sum()) == 10
     # every greedy edge's downstream node is the logits or the input of a node already in the circuit
     ups = set(greedy.nonzero()[:, 0].tolist())
-    for up, down in greedy.nonzero().tolist():
+    for _up, down in greedy.nonzero().tolist():
         owner = res.graph.owner(down)
         assert owner is None or owner in ups
     assert len(res.top_edges(3)) == 3 and "->" in res.top_edges(3)[0][0]

@@ -142,7 +142,8 @@ def test_ablations_match_hooked_runs(model):
 def test_errors():
     model = HookedGPT(tiny_cfg(attn_only=True, d_mlp=0)).eval()
     with pytest.raises(InputError, match="same token length"):
-        P.patch_residual(model, torch.zeros(1, 5, dtype=torch.long), torch.zeros(1, 6, dtype=torch.long), P.LogitDiff(1))
+        P.patch_residual(model, torch.zeros(1, 5, dtype=torch.long), torch.zeros(1, 6, dtype=torch.long),
+                         P.LogitDiff(1))
     with pytest.raises(InputError, match="attention-only"):
         P.patch_outputs(model, *_pair(), P.LogitDiff(1), kind="mlp_out")
     with pytest.raises(InputError, match="outside"):

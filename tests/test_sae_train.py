@@ -95,7 +95,7 @@ def test_killed_run_resumes_to_the_same_sae(tmp_path, arch):
         assert torch.equal(tensor, resumed.sae.state_dict()[name]), name
     lines_a = (tmp_path / "a" / METRICS_FILE).read_text().splitlines()
     lines_b = (tmp_path / "b" / METRICS_FILE).read_text().splitlines()
-    assert [json.loads(l)["step"] for l in lines_b] == [5, 10, 15, 20, 25, 30]
+    assert [json.loads(line)["step"] for line in lines_b] == [5, 10, 15, 20, 25, 30]
     drop_timing = lambda line: {k: v for k, v in json.loads(line).items() if k != "tokens_per_s"}  # noqa: E731
     assert list(map(drop_timing, lines_a)) == list(map(drop_timing, lines_b))
 
@@ -155,7 +155,8 @@ def test_checkpoint_of_another_hook_is_not_resumed(tmp_path):
     cfg = TrainConfig(total_steps=4, checkpoint_every=2, progress=False)
     sae = SAE(SAEConfig(d_in=16, d_sae=32, architecture="topk", k=4), seed=0)
     sae.metadata = {"model_name": "m", "hook_name": "blocks.0.hook_resid_post"}
-    train_sae(sae, lambda s: data.batches(32, s), TrainConfig(total_steps=2, checkpoint_every=2, progress=False), tmp_path)
+    train_sae(sae, lambda s: data.batches(32, s), TrainConfig(total_steps=2, checkpoint_every=2, progress=False),
+              tmp_path)
     other = SAE(SAEConfig(d_in=16, d_sae=32, architecture="topk", k=4), seed=0)
     other.metadata = {"model_name": "m", "hook_name": "blocks.1.hook_resid_post"}
     with pytest.raises(CheckpointError, match="hook_name='blocks.0.hook_resid_post'.*--no-resume"):

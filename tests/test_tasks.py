@@ -28,7 +28,8 @@ def _check_ioi(model, task):
         io_name, s_name = tok.decode([int(io[i])]).strip(), tok.decode([int(s[i])]).strip()
         assert words.count(io_name) == 1 and words.count(s_name) == 2
         assert io_name not in task.corrupt_text[i].split(".")[1]  # the third name is neither
-    orders = {t.split(" and ")[0].split()[-1] == tok.decode([int(io[i])]).strip() for i, t in enumerate(task.clean_text)}
+    orders = {t.split(" and ")[0].split()[-1] == tok.decode([int(io[i])]).strip()
+              for i, t in enumerate(task.clean_text)}
     assert orders == {True, False}  # ABBA and BABA
 
 

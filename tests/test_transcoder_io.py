@@ -47,7 +47,8 @@ def test_forward_is_decoder_plus_skip():
     torch.testing.assert_close(out.latents, latents)
     torch.testing.assert_close(out.x_hat, latents @ tc.W_dec + tc.b_dec + x @ tc.W_skip.T)
     assert out.x_hat.shape == (5, 10)
-    assert SAE(SAEConfig(d_in=12, d_sae=8, architecture="relu", d_out=10, apply_b_dec_to_input=False, skip=True)).W_skip.abs().sum() == 0
+    fresh = SAE(SAEConfig(d_in=12, d_sae=8, architecture="relu", d_out=10, apply_b_dec_to_input=False, skip=True))
+    assert fresh.W_skip.abs().sum() == 0
 
 
 @pytest.mark.parametrize("architecture,skip,name", [("relu", False, "transcoder"), ("relu", True, "skip_transcoder"),

@@ -17,7 +17,8 @@ from workbench.store import StoreConfig, open_store, write_store
 
 
 def _tc(d=32, seed=0, zero=False):
-    tc = SAE(SAEConfig(d_in=d, d_sae=64, architecture="relu", d_out=d, apply_b_dec_to_input=False, skip=True), seed=seed)
+    cfg = SAEConfig(d_in=d, d_sae=64, architecture="relu", d_out=d, apply_b_dec_to_input=False, skip=True)
+    tc = SAE(cfg, seed=seed)
     if zero:
         with torch.no_grad():
             tc.W_dec.zero_()
@@ -95,7 +96,8 @@ def test_a_transcoder_recovers_planted_features_through_a_linear_map(one_thread)
             yield x, x @ W.T
             step += 1
 
-    tc = SAE(SAEConfig(d_in=d_in, d_sae=64, architecture="batchtopk", k=3, apply_b_dec_to_input=False, d_out=d_out), seed=0)
+    tc = SAE(SAEConfig(d_in=d_in, d_sae=64, architecture="batchtopk", k=3, apply_b_dec_to_input=False, d_out=d_out),
+             seed=0)
     train_sae(tc, batches, TrainConfig(total_steps=300, lr=1e-2, dead_tokens=5000, progress=False))
     assert mmcs(tc.W_dec, outputs) >= 0.95
     assert mmcs(tc.W_enc.T, inputs) >= 0.95
@@ -116,7 +118,8 @@ def test_store_pairs_are_one_token_each_and_a_store_missing_a_hook_is_refused(tm
     x, y = next(iter(T.store_pairs(store, 1, batch_size=16)(0)))
     # the MLP applied to each x row gives its y row: the rows are the same tokens
     torch.testing.assert_close(model.blocks[1].mlp(x[None])[0], y, atol=1e-5, rtol=1e-5)
-    with pytest.raises(DataError, match=r"lacks \['blocks.0.mlp.hook_out'\].*--hooks blocks.0.mlp.hook_in,blocks.0.mlp.hook_out"):
+    with pytest.raises(DataError, match=r"lacks \['blocks.0.mlp.hook_out'\]"
+                                        r".*--hooks blocks.0.mlp.hook_in,blocks.0.mlp.hook_out"):
         T.store_pairs(store, 0, batch_size=16)
 
 
@@ -136,7 +139,8 @@ def test_feature_statistics_of_a_transcoder_read_its_input_and_promote_logits_th
     store = _store(model, tmp_path, ["blocks.1.mlp.hook_in"])
     tc = _tc()
     tc.metadata = {"hook_name": "blocks.1.mlp.hook_in", "hook_name_out": "blocks.1.mlp.hook_out"}
-    stats = feature_stats(tc, store, "blocks.1.mlp.hook_in", FeatureStatsConfig(n_logits=3, n_neighbours=2), model=model)
+    stats = feature_stats(tc, store, "blocks.1.mlp.hook_in", FeatureStatsConfig(n_logits=3, n_neighbours=2),
+                          model=model)
     x = store.acts("blocks.1.mlp.hook_in")
     lat = tc.encode(x)
     torch.testing.assert_close(stats.density, (lat > 0).float().mean(0))
