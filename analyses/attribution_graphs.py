@@ -39,7 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # analyses/_common.py
 
-from _common import log  # noqa: E402
+from _common import load, log  # noqa: E402
 
 from workbench.analysis import graph as G  # noqa: E402
 from workbench.errors import WorkbenchError  # noqa: E402
@@ -188,7 +188,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     given = dict(s.split("=", 1) for s in args.transcoders)
-    from _common import load
 
     report = Report("Attribution graphs: scores, pruning and interventions")
     report.text("Each prompt's graph through every layer's transcoder (nodes: active features, error nodes, token "
