@@ -176,3 +176,23 @@ def test_torchrun_two_processes_train_the_transcoder_set_one_process_trains(tmp_
     saved = json.loads((tmp_path / "ddp" / "set.json").read_text())
     assert [ev["ce_loss_recovered"] for ev in saved["per_layer"]] == pytest.approx(ranks[0]["ce"])
     assert not list((tmp_path / "ddp").glob("layer_*/transcoder.r*"))  # rank 1 wrote no files of its own
+
+
+def test_torchrun_runs_the_train_transcoders_command(tmp_path):
+    """`torchrun --nproc_per_node 2 -m workbench.cli train-transcoders ...`: the command joins the group,
+    both ranks train, rank 0 alone prints the summary and writes the set."""
+    repo = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "set"
+    argv = ["train-transcoders", "kjv-small", "--layers", "1", "--out", str(out), "--n-ctx", "32",
+            "--tokens", str(4 * 4 * 31), "--batch-windows", "4", "--expansion", "2", "--architecture", "topk",
+            "--k", "8", "--eval-windows", "2", "--checkpoint-every", "0", "--no-progress"]
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "workbench.cli", *argv], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = json.loads(run.stdout[run.stdout.index("{"):])  # one summary: rank 1 prints nothing
+    assert summary["world_size"] == 2 and summary["out"] == str(out)
+    assert [ev["layer"] for ev in summary["per_layer"]] == [1]
+    saved = json.loads((out / "set.json").read_text())
+    assert [ev["ce_loss_recovered"] for ev in saved["per_layer"]] == pytest.approx(
+        [ev["ce_loss_recovered"] for ev in summary["per_layer"]], abs=1e-4)

@@ -3,6 +3,7 @@
     workbench train-transcoders kjv-small --layers all                 # -> $WORKBENCH_HOME/transcoders/kjv-small
     workbench train-transcoders smollm2-135m --layers 0,3,5 --tokens 2000000 --out DIR
     workbench train-transcoders kjv-small --export-circuit-tracer DIR   # also write circuit-tracer's layout
+    torchrun --nproc_per_node 2 -m workbench.cli train-transcoders kjv-small  # data-parallel (gloo on CPU)
 
 One forward pass per step feeds every layer's trainer, so no activation store is written. The run
 directory holds ``layer_L/`` (checkpoint, ``metrics.jsonl``, ``transcoder/`` in SAELens' layout) and
@@ -17,9 +18,11 @@ import shlex
 from pathlib import Path
 
 from workbench.commands._args import ConfigFlags
+from workbench.distributed import destroy_distributed, dist_info, init_distributed
 from workbench.errors import InputError
 from workbench.pipelines import (
     TranscoderRecipe,
+    TranscoderSet,
     export_circuit_tracer,
     ship_transcoders,
     train_transcoders,
@@ -62,9 +65,22 @@ def cmd_train_transcoders(args: argparse.Namespace) -> int:
         raise InputError("--export-circuit-tracer needs every layer (circuit-tracer loads one transcoder per layer); "
                          "use --layers all")
     out = args.out or transcoders_home(model.cfg.name or Path(args.model).name)
-    result = train_transcoders(model, layers, recipe, out, progress=not args.no_progress)
+    # under torchrun each process forwards its share of every step's windows; rank 0 writes the files
+    info = init_distributed("cpu")
+    try:
+        result = train_transcoders(model, layers, recipe, out, progress=not args.no_progress and info.rank == 0)
+        if info.rank != 0:
+            return 0
+        return _report(args, model, recipe, out, result)
+    finally:
+        destroy_distributed()
+
+
+def _report(args: argparse.Namespace, model, recipe: TranscoderRecipe, out: Path, result: TranscoderSet) -> int:
+    """Print the run's JSON summary; export and ship the set when asked (rank 0 only)."""
     summary = {
-        "out": str(out), "seconds": round(result.seconds, 1), "tokens_per_second": round(result.tokens_per_second, 1),
+        "out": str(out), "world_size": dist_info().world_size, "seconds": round(result.seconds, 1),
+        "tokens_per_second": round(result.tokens_per_second, 1),
         "resumed": {str(k): v for k, v in result.resumed.items()},
         "per_layer": [{k: round(v, 4) if isinstance(v, float) else v for k, v in ev._asdict().items()}
                       for ev in result.per_layer],
