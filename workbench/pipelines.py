@@ -365,12 +365,15 @@ class TranscoderRecipe:
     """At the start, the latents' output is scaled to this fraction of what the skip term (or b_dec) leaves to
     predict."""
     lr: float = 2e-3
+    """Adam's peak learning rate for every layer's transcoder (the SAE trainer's schedule)."""
     seed: int = 0
+    """Seeds the initialisation and the order of the windows."""
     eval_windows: int = 32
     """Held-out windows for the evaluation."""
     dead_tokens: int = 200_000
     """A latent silent for this many tokens counts as dead (and AuxK revives it)."""
     checkpoint_every: int = 200
+    """Steps between each layer's atomic checkpoints (0: only at the end); a killed run resumes from the last one."""
 
     def __post_init__(self) -> None:
         for name in ("n_ctx", "tokens", "epochs", "batch_windows", "expansion", "k", "eval_windows"):
