@@ -74,7 +74,7 @@ def _rss_mb() -> float:
 
 
 def kjv(args) -> None:
-    model = load_model("kjv-small")
+    model = load_model("kjv-small").requires_grad_(False)  # owned here: frozen, as the CLI does
     spec = args.transcoders or "kjv-small"
     try:
         tcs = G.check_transcoders(model, G.load_transcoders(spec))
@@ -82,6 +82,7 @@ def kjv(args) -> None:
     except WorkbenchError as exc:
         tcs = random_set(model)
         what = f"a RANDOM TopK set of the recipe's shape (no trained set: {exc})"
+    tcs = [tc.requires_grad_(False) for tc in tcs]
     tokens = model.to_tokens(KJV_PROMPT)
     graph = G.attribute(model, tcs, tokens)
     batch = min(64, graph.settings["n_active_features"] + graph.n_logits)
@@ -107,7 +108,7 @@ def kjv(args) -> None:
 def smollm2(args) -> None:
     """A whole 10-token SmolLM2 graph: seconds, passes, peak RSS; then pruning, the pruned file and the export."""
     try:
-        model = load_model("smollm2-135m")
+        model = load_model("smollm2-135m").requires_grad_(False)
     except WorkbenchError as exc:
         print(f"smollm2-135m: skipped ({exc})")
         return
@@ -119,6 +120,7 @@ def smollm2(args) -> None:
         tcs = random_set(model, expansion=8)
         what = (f"a RANDOM TopK set of the recipe's shape ({tcs[0].cfg.d_sae} latents, k {tcs[0].cfg.k}, "
                 f"{len(tcs)} layers; no trained SmolLM2 set here): as many active features as the recipe's")
+    tcs = [tc.requires_grad_(False) for tc in tcs]
     rss0 = _rss_mb()
     t0 = time.perf_counter()
     graph = G.attribute(model, tcs, tokens, batch_size=args.batch_size)

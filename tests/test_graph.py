@@ -436,3 +436,52 @@ def test_a_pruned_kjv_small_graph_file_stays_small(tmp_path):
     (tmp_path / "cut.safetensors").write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(CheckpointError, match="truncated"):
         G.AttributionGraph.load(tmp_path / "cut.safetensors")
+
+
+def test_a_graph_built_in_one_thread_leaves_another_threads_gradients_alone():
+    """The app shares one model between sessions, and building a graph freezes its weights for the
+    replacement's backward passes. Another session's gradient work on the same model at the same time
+    (attribution patching, a backward pass through the model's own weights) must give what it gives on a
+    quiet model, and the weights must come back trainable when both are done."""
+    import threading
+
+    from workbench.analysis.attribution_patching import attribution_patch
+
+    model, tcs, tokens = _setup("llama")
+    model.requires_grad_(True)
+    clean, corrupt = tokens, torch.randint(0, 50, tokens.shape)
+
+    def metric(logits):
+        return logits[:, 3] - logits[:, 4]
+
+    def atp():
+        return attribution_patch(model, clean, corrupt, metric).z
+
+    def weight_grad():
+        model.zero_grad(set_to_none=True)
+        model(tokens)[0, -1, 3].backward()
+        return model.embed.W_E.grad.clone()
+
+    quiet_atp, quiet_grad = atp(), weight_grad()
+    stop, errors, seen = threading.Event(), [], []
+
+    def build_graphs():
+        try:
+            while not stop.is_set():
+                G.attribute(model, tcs, tokens, batch_size=4)
+        except Exception as exc:  # noqa: BLE001 - reported by the main thread
+            errors.append(exc)
+
+    builder = threading.Thread(target=build_graphs)
+    builder.start()
+    try:
+        for _ in range(15):
+            seen.append((atp(), weight_grad()))
+    finally:
+        stop.set()
+        builder.join(120)
+    assert not errors, errors
+    for got_atp, got_grad in seen:
+        torch.testing.assert_close(got_atp, quiet_atp)
+        torch.testing.assert_close(got_grad, quiet_grad)
+    assert all(p.requires_grad for p in model.parameters())

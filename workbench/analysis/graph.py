@@ -31,9 +31,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import threading
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -325,40 +323,6 @@ def _frozen_hooks(prompt: _Prompt, batch: int) -> list:
     return [(n, hold(v)) for n, v in {**prompt.scales, **prompt.patterns}.items()]
 
 
-_frozen_guard = threading.Lock()
-_frozen_count: dict[int, tuple[int, list[bool]]] = {}  # id(module) -> (holders, its parameters' requires_grad)
-
-
-@contextmanager
-def _weights_frozen(*modules: torch.nn.Module) -> Iterator[None]:
-    """Within the block, no parameter of ``modules`` requires a gradient; restored afterwards.
-
-    With frozen weights and frozen patterns and scales, the replacement model is linear in its sources,
-    so autograd saves no activation for the backward passes (a matmul keeps its input only for the
-    weight's gradient): a SmolLM2 graph's forward of 64 prompt copies then holds ~0 MB instead of
-    ~270 MB. Counted per module, so two graphs built at once on one model (two app sessions) restore
-    the flags only when the last one ends."""
-    with _frozen_guard:
-        for m in modules:
-            holders, flags = _frozen_count.get(id(m), (0, None))
-            if holders == 0:
-                flags = [p.requires_grad for p in m.parameters()]
-                m.requires_grad_(False)
-            _frozen_count[id(m)] = (holders + 1, flags)
-    try:
-        yield
-    finally:
-        with _frozen_guard:
-            for m in modules:
-                holders, flags = _frozen_count[id(m)]
-                if holders == 1:
-                    del _frozen_count[id(m)]
-                    for p, flag in zip(m.parameters(), flags):
-                        p.requires_grad_(flag)
-                else:
-                    _frozen_count[id(m)] = (holders - 1, flags)
-
-
 def _active(acts: Sequence[Tensor]) -> Int[Tensor, "n 3"]:
     """Every nonzero activation as a ``(layer, pos, index)`` row, layer by layer: the feature nodes' order."""
     parts = [torch.cat([torch.full_like(idx[:, :1], layer), idx], dim=1) for layer, idx in
@@ -397,7 +361,7 @@ class _Replacement:
         for layer, tc in enumerate(transcoders):
             hooks.append((f"blocks.{layer}.mlp.hook_in", self._keep_input(layer)))
             hooks.append((f"blocks.{layer}.mlp.hook_out", self._replace_mlp(layer, tc)))
-        with torch.enable_grad(), _weights_frozen(model, *transcoders), model.hooks(hooks):
+        with torch.enable_grad(), model.hooks(hooks):
             resid = (self.token_coef[..., None] * self.embed).to(self.embed.dtype)
             normed = model.ln_final(model.run_blocks(resid))
             self.final = normed[:, -1].float()  # [batch d_model]: what the logit targets read
@@ -465,6 +429,11 @@ def attribute(
     the system as they go (:func:`workbench.allocator.release_freed_memory`), so the peak is the model, the
     transcoders and the adjacency (a SmolLM2 graph with 9,600 features: ~1,885 MiB, ~1,490 before it starts).
     With ``max_feature_nodes`` below the number of active features, the visited rows are held in full.
+
+    Memory: parameters that require gradients make autograd keep each matmul's input for their
+    gradient (~270 MB on a SmolLM2 graph). The graph never needs them, but the model may be shared
+    (the app's sessions), so this function does not touch its flags: a caller that owns the model and
+    transcoders freezes them (``requires_grad_(False)``), as ``workbench graph`` and the benchmark do.
     """
     transcoders = check_transcoders(model, transcoders)
     if not 0 < desired_logit_prob <= 1:

@@ -63,8 +63,9 @@ def _cmd_graph(args: argparse.Namespace) -> int:
 
 
 def _build_and_write(args: argparse.Namespace) -> int:
-    model = _load(args.model)
-    transcoders = G.load_transcoders(args.transcoders)
+    # this process owns both: frozen, autograd keeps no activations for weight gradients (see attribute)
+    model = _load(args.model).requires_grad_(False)
+    transcoders = {layer: tc.requires_grad_(False) for layer, tc in G.load_transcoders(args.transcoders).items()}
     t0 = time.perf_counter()
     graph = G.attribute(model, transcoders, args.prompt, max_feature_nodes=args.max_features,
                         target=G.target_token(model, args.target) if args.target is not None else None,
