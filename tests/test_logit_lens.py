@@ -255,3 +255,27 @@ def test_tuned_lens_config_refuses_values_it_cannot_use(bad, match):
 
     with pytest.raises(ConfigError, match=match):
         LL.TunedLensConfig(**bad)
+
+
+def test_training_a_lens_leaves_a_shared_models_gradients_alone():
+    """The app shares one model between sessions and trains tuned lenses on it in the background: the
+    model's requires_grad flags stay as they were during and after training, no gradient lands on its
+    weights, and a backward pass through the weights in the middle of training gets its gradient."""
+    from workbench import HookedGPT
+
+    model = HookedGPT(tiny_cfg()).eval().requires_grad_(True)
+    tokens = torch.randint(0, 50, (1, 8))
+    windows = torch.randint(0, 50, (16, 8))
+    seen = []
+
+    def mid_training_backward(step: int) -> None:
+        seen.append(all(p.requires_grad for p in model.parameters()))
+        model.zero_grad(set_to_none=True)
+        model(tokens)[0, -1, 3].backward()
+        seen.append(model.embed.W_E.grad is not None)
+        model.zero_grad(set_to_none=True)
+
+    LL.train_tuned_lens(model, windows, LL.TunedLensConfig(steps=3, batch_size=4, eval_every=2),
+                        on_step=mid_training_backward)
+    assert seen and all(seen)
+    assert all(p.requires_grad and p.grad is None for p in model.parameters())

@@ -390,7 +390,11 @@ def _lens_step(model: HookedGPT, lens: TunedLens, opt: torch.optim.Optimizer, ba
     for i, t in enumerate(lens.translators):
         logp = decode(resid[i] + t(resid[i])).float().log_softmax(-1)
         layer_loss = _kl(final, logp).mean()
-        layer_loss.backward()
+        # gradients for this translator only: the model may be shared (the app's sessions), so its
+        # weights keep their requires_grad flags and get no .grad from a lens
+        params = list(t.parameters())
+        for p, g in zip(params, torch.autograd.grad(layer_loss, params)):
+            p.grad = g
         loss += float(layer_loss.detach())
     opt.step()
     return loss
@@ -471,8 +475,9 @@ def train_tuned_lens(
 ) -> TunedLensTraining:
     """Return a tuned lens trained on ``windows`` to minimise, per layer, KL(final output || lens).
 
-    The model is frozen; each step caches the residuals of one batch and takes an Adam step on the
-    sum over layers of the mean KL, at the learning rate of ``cfg.schedule``. Every ``eval_every``
+    The model is left as it is (only the translators get gradients); each step caches the residuals
+    of one batch and takes an Adam step on the sum over layers of the mean KL, at the learning rate
+    of ``cfg.schedule``. Every ``eval_every``
     steps each layer's translator is scored on validation windows split off ``windows``, and each
     layer keeps its best translator so far (the identity counts as a candidate), so no layer ends
     worse than the logit lens on that split. The validation residuals are computed once and kept
@@ -524,9 +529,6 @@ def _train_tuned_lens(model: HookedGPT, windows: Tensor, cfg: TunedLensConfig, l
     for _ in range(start):  # the data offset: skip the batches the checkpointed steps trained on
         next(batches)
 
-    requires = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
     bar = tqdm(total=cfg.steps, initial=start, desc="tuned lens", disable=not progress)
     try:
         for step in range(start, cfg.steps):
@@ -549,8 +551,6 @@ def _train_tuned_lens(model: HookedGPT, windows: Tensor, cfg: TunedLensConfig, l
                 on_step(done)
     finally:
         bar.close()
-        for p, r in zip(model.parameters(), requires):
-            p.requires_grad_(r)
     with torch.no_grad():
         for t, s in zip(lens.translators, kept.state):
             t.load_state_dict(s)
