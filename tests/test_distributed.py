@@ -154,15 +154,17 @@ def test_torchrun_two_processes_train_the_transcoder_set_one_process_trains(tmp_
         init_distributed("cpu")
         model = load_model("kjv-small").eval()
         result = train_transcoders(model, [0, 1], TranscoderRecipe(**{recipe!r}), sys.argv[1], progress=False)
-        print(json.dumps({{"rank": dist_info().rank, "world": dist_info().world_size,
-                          "ce": [ev.ce_loss_recovered for ev in result.per_layer]}}))
+        # one file per rank: two ranks printing at once can share a line of torchrun's output
+        with open(sys.argv[1] + f".rank{{dist_info().rank}}.json", "w") as f:
+            json.dump({{"rank": dist_info().rank, "world": dist_info().world_size,
+                       "ce": [ev.ce_loss_recovered for ev in result.per_layer]}}, f)
     """))
     env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           str(script), str(tmp_path / "ddp")], cwd=repo, env=env, capture_output=True, text=True,
                          timeout=300)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    ranks = [json.loads(line) for line in ddp.stdout.splitlines() if line.startswith("{")]
+    ranks = [json.loads((tmp_path / f"ddp.rank{r}.json").read_text()) for r in (0, 1)]
     assert sorted((r["rank"], r["world"]) for r in ranks) == [(0, 2), (1, 2)]
     assert ranks[0]["ce"] == ranks[1]["ce"]  # every rank evaluates the same weights
 
