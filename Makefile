@@ -36,10 +36,13 @@ app: fetch
 	$(BIN)/streamlit run app.py --server.address localhost --server.headless true
 
 # ruff first (seconds; its configuration is in pyproject.toml), then the tests, whose annotations
-# jaxtyping + beartype check at run time (tests/conftest.py installs the checks: tests/shape_checks.py)
+# jaxtyping + beartype check at run time (tests/conftest.py installs the checks: tests/shape_checks.py).
+# TEST_WORKERS pytest-xdist workers of one torch thread each (tests/conftest.py); --dist loadfile keeps
+# each test file on one worker, so a module's fixtures (the app's server, a trained model) are built once.
+TEST_WORKERS ?= 2
 test: fetch browser
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 bench: fetch
 	$(BIN)/python -m benchmarks

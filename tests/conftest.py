@@ -5,12 +5,22 @@ Feature areas may add their own fixtures below; keep each one cheap or session-s
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import shape_checks
 import torch
 
 # before any test module imports workbench: check every annotation in workbench/ at run time
 shape_checks.install()
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two pytest-xdist workers on a 2-core machine: each worker, and every process a test
+    # starts (the CLI, torchrun, the app's server), computes on one thread. Two 2-thread workers would
+    # oversubscribe the cores, and then every parallel region of an op waits for a descheduled thread.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["MKL_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
