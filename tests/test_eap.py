@@ -160,6 +160,54 @@ def test_pruning_dangling_edges_changes_nothing(model):
         assert int(filled.sum()) >= int(E.prune_circuit(graph, E.top_n_circuit(res, n)).sum())
 
 
+def test_a_float_mask_patches_as_the_boolean_one_and_its_gradient_is_each_edges_effect(model):
+    """A 0/1 float mask gives the boolean mask's patched run, and the gradient of the metric with respect to a mask
+    entry is the first-order effect of flipping that edge given the rest of the circuit (checked by flipping)."""
+    clean, corrupt = _pair(model)
+    metric = LogitDiff(3, 5)
+    graph = E.Graph.from_model(model)
+    keep = graph.valid() & (torch.rand(graph.n_up, graph.n_down, generator=torch.Generator().manual_seed(2)) < 0.3)
+    e_clean = model.embed_tokens(clean)
+    with torch.no_grad():
+        run_corrupt = E.split_forward(model, model.embed_tokens(corrupt))
+        hard = E.split_forward(model, e_clean, patch=E.Patch(keep, run_corrupt)).logits
+    mask = keep.float().requires_grad_(True)
+    with torch.enable_grad():
+        soft = E.split_forward(model, e_clean, patch=E.Patch(mask, run_corrupt))
+        (grad,) = torch.autograd.grad(metric(soft.logits).mean(), mask)
+    torch.testing.assert_close(soft.logits, hard, rtol=1e-4, atol=1e-4)
+    # small steps along single entries: finite differences against the gradient
+    for u, d in graph.valid().nonzero()[torch.tensor([0, 7, 40, -1])].tolist():
+        step = torch.zeros_like(mask)
+        step[u, d] = 1e-2
+        with torch.no_grad():
+            up, down = (metric(E.split_forward(model, e_clean, patch=E.Patch(mask.detach() + s, run_corrupt)).logits)
+                        for s in (step, -step))
+        assert float(grad[u, d]) == pytest.approx(float(up.mean() - down.mean()) / 2e-2, rel=2e-2, abs=1e-3)
+    assert not (grad[~graph.valid()] != 0).any()  # no edge, no gradient
+
+
+def test_refining_a_circuit_keeps_its_size_and_never_loses_faithfulness(model):
+    clean, corrupt = _pair(model, batch=4)
+    metric = LogitDiff(3, 5)
+    res = E.edge_attribution(model, clean, corrupt, metric, E.EAPConfig(steps=2, batch_size=2))
+    n = 12
+    (start,) = E.faithfulness(model, clean, corrupt, metric, [E.top_n_circuit(res, n)])
+    out = E.refine_circuit(model, clean, corrupt, metric, res, n, steps=8, lr=0.2, batch_size=2)
+    assert int(out.keep.sum()) == n and not (out.keep & ~res.graph.valid()).any()
+    assert len(out.history) == 9 and out.history[0] == pytest.approx(start.faithfulness, abs=1e-4)
+    assert abs(out.faithfulness.faithfulness - 1) <= abs(start.faithfulness - 1) + 1e-4
+    assert out.faithfulness.faithfulness == pytest.approx(min(out.history, key=lambda f: abs(f - 1)), abs=1e-4)
+    if out.swapped:  # a different circuit: it must be the better one
+        assert abs(out.faithfulness.faithfulness - 1) < abs(start.faithfulness - 1)
+    none = E.refine_circuit(model, clean, corrupt, metric, res, n, steps=0)
+    assert torch.equal(none.keep, E.top_n_circuit(res, n)) and none.swapped == 0
+    with pytest.raises(InputError, match="n_edges=0"):
+        E.refine_circuit(model, clean, corrupt, metric, res, 0)
+    with pytest.raises(InputError, match="steps=-1"):
+        E.refine_circuit(model, clean, corrupt, metric, res, n, steps=-1)
+
+
 def test_eap_bad_input(model):
     clean, corrupt = _pair(model)
     with pytest.raises(InputError, match="m >= 1"):
@@ -192,6 +240,14 @@ def test_circuit_command(tmp_path, capsys):
                  "--json", str(out)]) == 0
     pruned = json.loads(out.read_text())
     assert pruned["prune"] and pruned["n_edges"] <= 40 and len(pruned["edges"]) == pruned["n_edges"]
+    assert main(["circuit", "kjv-small", "--task", "ioi", "--edges", "40", "--prompts", "4", "--steps", "2",
+                 "--refine", "3", "--json", str(out)]) == 0
+    refined = json.loads(out.read_text())
+    assert refined["n_edges"] == 40 and len(refined["refine_history"]) == 4
+    assert abs(refined["faithfulness"] - 1) <= abs(refined["refine_history"][0] - 1) + 1e-4
+    assert "refined in 3 steps" in capsys.readouterr().out
+    assert main(["circuit", "kjv-small", "--task", "ioi", "--edges", "40", "--refine", "3", "--greedy"]) == 1
+    assert "leave out --greedy" in capsys.readouterr().err
     assert main(["circuit", "kjv-small", "--task", "greater-than", "--method", "atp", "--prompts", "3",
                  "--top", "4"]) == 0
     assert "AtP in" in capsys.readouterr().out

@@ -4,12 +4,14 @@
     workbench circuit smollm2-135m --task greater-than --method eap --edges 500 --greedy --json gt.json
     workbench circuit kjv-small --task pairs.jsonl --method atp --top 10
     workbench circuit smollm2-135m --task ioi --method eap-ig --edges 2000 --report runs/ioi
+    workbench circuit smollm2-135m --task ioi --edges 2464 --refine 30   # then refine the circuit, same size
 
 ``--task`` is ``ioi``, ``greater-than`` (generated for the model's tokenizer) or a JSON/JSONL file
 of ``{"clean", "corrupt", "answer", "wrong"}`` pairs. ``atp`` lists the heads and residual positions
 whose patching AtP estimates to matter most; ``eap``/``eap-ig`` score every edge, keep ``--edges``
 of them (top-n, or grown greedily from the logits) and report the circuit's faithfulness: the clean
-run with every other edge patched to its corrupted value.
+run with every other edge patched to its corrupted value. ``--refine STEPS`` then improves the top-n
+circuit by gradient steps on its own patched run (same size; see ``eap.refine_circuit``).
 """
 
 from __future__ import annotations
@@ -66,9 +68,21 @@ def _cmd_circuit(args: argparse.Namespace) -> int:
     config = E.EAPConfig(method=args.method, steps=args.steps, batch_size=args.batch_size)
     res = E.edge_attribution(model, task.clean, task.corrupt, task.metric, config)
     score_s = time.perf_counter() - t0
+    if args.refine and (args.greedy or args.prune):
+        raise InputError("--refine starts from the top-n circuit; leave out --greedy and --prune")
+    if args.refine < 0:
+        raise InputError(f"--refine {args.refine} must be >= 0")
     keep = E.greedy_circuit(res, args.edges) if args.greedy else E.top_n_circuit(res, args.edges, prune=args.prune)
     t1 = time.perf_counter()
-    (faith,) = E.faithfulness(model, task.clean, task.corrupt, task.metric, [keep], batch_size=args.batch_size)
+    if args.refine:
+        refined = E.refine_circuit(model, task.clean, task.corrupt, task.metric, res, args.edges, steps=args.refine,
+                                   batch_size=args.batch_size)
+        keep, faith = refined.keep, refined.faithfulness
+        print(f"refined in {args.refine} steps ({time.perf_counter() - t1:.1f} s): faithfulness "
+              f"{refined.history[0]:.3f} -> {faith.faithfulness:.3f}, {refined.swapped} edges swapped")
+        numbers.update(refine_history=refined.history, refine_swapped=refined.swapped)
+    else:
+        (faith,) = E.faithfulness(model, task.clean, task.corrupt, task.metric, [keep], batch_size=args.batch_size)
     faith_s = time.perf_counter() - t1
     graph = res.graph
     edges = [(graph.edge_name(u, d), float(res.scores[u, d])) for u, d in keep.nonzero().tolist()]
@@ -106,6 +120,9 @@ def register(subparsers) -> None:
     p.add_argument("--prune", action="store_true",
                    help="top-n: drop dangling edges (no kept path from the input or to the logits) and fill their "
                         "places from further down the ranking (the circuit may end a few edges short of --edges)")
+    p.add_argument("--refine", type=int, default=0, metavar="STEPS",
+                   help="then refine the top-n circuit by STEPS gradient steps on its own patched run, keeping its "
+                        "size (eap.refine_circuit; one forward and backward pass over the pairs per step)")
     p.add_argument("--prompts", type=int, default=20, help="pairs generated for ioi / greater-than (default 20)")
     p.add_argument("--steps", type=int, default=5, help="EAP-IG interpolation steps m (default 5)")
     p.add_argument("--qk-fix", action="store_true", help="atp: AtP*'s recomputed softmax for queries and keys")
