@@ -16,7 +16,9 @@
    to its corrupted value; the EAP-IG circuits again on held-out pairs. Diagnostics: the exact effect
    of corrupting each of the top ``--check-edges`` edges alone beside its scores, the sign balance of
    the kept edges, and a "helping only" curve (edges whose corruption moves the metric towards the
-   corrupted run's; it overshoots 1, which is why top-n keeps both signs).
+   corrupted run's; it overshoots 1, which is why top-n keeps both signs). With ``--refine STEPS``, each
+   EAP-IG circuit is also refined at its size by gradient steps on its own patched run
+   (``eap.refine_circuit``) and checked on the held-out pairs as well.
 3. **Greater-than** (``gt``): the EAP-IG circuit's probability difference against the full model's.
 
 Output: ``report.html`` and ``report.json`` in ``--out`` (default
@@ -57,6 +59,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--n-gt", type=int, default=4, help="greater-than pairs")
     p.add_argument("--steps", type=int, default=5, help="EAP-IG steps m")
     p.add_argument("--edges", default="250,1000,2464", help="edge counts of the faithfulness curve")
+    p.add_argument("--refine", type=int, default=0, metavar="STEPS",
+                   help="also refine each EAP-IG top-n circuit by STEPS gradient steps on its own patched run "
+                        "(eap.refine_circuit; 0 skips it)")
     p.add_argument("--check-edges", type=int, default=12,
                    help="top EAP-IG edges whose single-edge effect is patched exactly (0 skips it)")
     p.add_argument("--nodes", default="10,30,60", help="node counts of the exact node-patching curve ('' skips it)")
@@ -198,6 +203,19 @@ def stage_eap(model, args, report: Report) -> dict:
         # a diagnostic, not a circuit finder: only the edges that help the answer (it overshoots)
         "eap-ig helping only": lambda n: _signed_top(ig, n),
     }
+    if args.refine:
+        refined = {}
+
+        def refine(n: int) -> torch.Tensor:
+            t0 = time.perf_counter()
+            r = E.refine_circuit(model, task.clean, task.corrupt, task.metric, ig, n, steps=args.refine)
+            refined[n] = {"history": r.history, "swapped": r.swapped, "seconds": time.perf_counter() - t0}
+            log(f"refined {n} edges in {refined[n]['seconds']:.1f}s: {r.history[0]:.3f} -> "
+                f"{r.faithfulness.faithfulness:.3f} ({r.swapped} swapped)")
+            return r.keep
+
+        selections["eap-ig refined"] = refine
+        out["refined"] = refined
     held = T.ioi_task(model, n=args.n_eap, seed=args.seed + 100)
     for name, select in selections.items():
         t0 = time.perf_counter()
@@ -205,8 +223,8 @@ def stage_eap(model, args, report: Report) -> dict:
         faith = E.faithfulness(model, task.clean, task.corrupt, task.metric, circuits)
         out["curves"][name] = [{"edges": f.n_edges, "fraction": f.n_edges / graph.n_edges,
                                 "faithfulness": f.faithfulness} for f in faith]
-        if name == "eap-ig":  # the same circuits on prompts the scores never saw
-            out["curves"]["eap-ig held-out"] = [
+        if name in ("eap-ig", "eap-ig refined"):  # the same circuits on prompts the scores never saw
+            out["curves"][f"{name} held-out"] = [
                 {"edges": f.n_edges, "fraction": f.n_edges / graph.n_edges, "faithfulness": f.faithfulness}
                 for f in E.faithfulness(model, held.clean, held.corrupt, held.metric, circuits)]
         out["clean"], out["corrupt"] = faith[0].clean, faith[0].corrupt

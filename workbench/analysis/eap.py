@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, NamedTuple
 
@@ -471,6 +471,27 @@ class Faithfulness(NamedTuple):
         return (self.circuit - self.corrupt) / (self.clean - self.corrupt)
 
 
+def _patch_chunks(
+    model: HookedGPT,
+    clean: Int[Tensor, "batch pos"],
+    corrupt: Int[Tensor, "batch pos"],
+    metric: Metric,
+    answer_pos: int,
+    batch_size: int | None,
+) -> Iterator[tuple[float, Metric, Tensor, SplitRun, float, float]]:
+    """Per chunk of prompt pairs: its weight in the mean, its metric, the clean embeddings, the corrupted split
+    run, and the clean and corrupted metric values (what a patched run of the chunk needs)."""
+    N = clean.shape[0]
+    for rows in _chunks(N, batch_size):
+        chunk_metric = select_metric(metric, rows, N)
+        with torch.no_grad():  # not a decorator: the run-time checks wrap generators in plain functions
+            run_corrupt = split_forward(model, model.embed_tokens(corrupt[rows]), answer_pos)
+            chunk = ((rows.stop - rows.start) / N, chunk_metric, model.embed_tokens(clean[rows]), run_corrupt,
+                     float(metric_value(chunk_metric, model(clean[rows])[:, answer_pos])),
+                     float(metric_value(chunk_metric, run_corrupt.logits)))
+        yield chunk
+
+
 @torch.no_grad()
 def faithfulness(
     model: HookedGPT,
@@ -489,16 +510,12 @@ def faithfulness(
         if tuple(keep.shape) != (graph.n_up, graph.n_down):
             raise InputError(f"a circuit mask of shape {tuple(keep.shape)} does not fit this model's graph "
                              f"({graph.n_up} upstream x {graph.n_down} downstream nodes)")
-    N = clean.shape[0]
     m_clean = m_corrupt = 0.0
     m_circuit = [0.0] * len(circuits)
-    for rows in _chunks(N, batch_size):
-        w = (rows.stop - rows.start) / N
-        chunk_metric = select_metric(metric, rows, N)
-        e_clean = model.embed_tokens(clean[rows])
-        run_corrupt = split_forward(model, model.embed_tokens(corrupt[rows]), answer_pos)
-        m_clean += w * float(metric_value(chunk_metric, model(clean[rows])[:, answer_pos]))
-        m_corrupt += w * float(metric_value(chunk_metric, run_corrupt.logits))
+    for w, chunk_metric, e_clean, run_corrupt, v_clean, v_corrupt in _patch_chunks(
+            model, clean, corrupt, metric, answer_pos, batch_size):
+        m_clean += w * v_clean
+        m_corrupt += w * v_corrupt
         for i, keep in enumerate(circuits):
             run = split_forward(model, e_clean, answer_pos, Patch(keep.to(e_clean.device), run_corrupt))
             m_circuit[i] += w * float(metric_value(chunk_metric, run.logits))
@@ -565,18 +582,9 @@ def refine_circuit(
     theta = logits[valid].clone().requires_grad_(True)
     optimizer = torch.optim.Adam([theta], lr=lr)
 
-    N = clean.shape[0]
-    chunks = []
-    m_clean = m_corrupt = 0.0
-    with torch.no_grad():
-        for rows in _chunks(N, batch_size):
-            w = (rows.stop - rows.start) / N
-            chunk_metric = select_metric(metric, rows, N)
-            e_clean = model.embed_tokens(clean[rows])
-            run_corrupt = split_forward(model, model.embed_tokens(corrupt[rows]), answer_pos)
-            m_clean += w * float(metric_value(chunk_metric, model(clean[rows])[:, answer_pos]))
-            m_corrupt += w * float(metric_value(chunk_metric, run_corrupt.logits))
-            chunks.append((w, chunk_metric, e_clean, run_corrupt))
+    chunks = list(_patch_chunks(model, clean, corrupt, metric, answer_pos, batch_size))
+    m_clean = sum(c[0] * c[4] for c in chunks)
+    m_corrupt = sum(c[0] * c[5] for c in chunks)
     gap = m_clean - m_corrupt
     if abs(gap) < 1e-9:
         raise InputError("the clean and corrupted runs give the same metric: there is nothing for a circuit to restore")
@@ -592,7 +600,7 @@ def refine_circuit(
         keep_flat = hard()
         m_circuit = 0.0
         grad = torch.zeros_like(theta)
-        for w, chunk_metric, e_clean, run_corrupt in chunks:
+        for w, chunk_metric, e_clean, run_corrupt, _, _ in chunks:
             with torch.enable_grad() if step < steps else torch.no_grad():
                 # straight through: the values of the hard mask, the gradient of the logits
                 flat = keep_flat.to(theta.dtype) + theta - theta.detach()
