@@ -21,6 +21,11 @@
    (``eap.refine_circuit``) and checked on the held-out pairs as well.
 3. **Greater-than** (``gt``): the EAP-IG circuit's probability difference against the full model's.
 
+Measured on SmolLM2 (``--stages eap --n-eap 32 --edges 2464 --refine 30 --nodes '' --check-edges 0``): at 2,464 of
+123,211 edges (2%) the top-n circuits reach faithfulness 0.304 (EAP) and 0.653 (EAP-IG; 0.607 on held-out pairs);
+refined for 30 steps (221 edges swapped, 851 s beside another job) the EAP-IG circuit reaches 1.000 on the 32 pairs
+it was fitted to and **0.906 on 32 held-out pairs**.
+
 Output: ``report.html`` and ``report.json`` in ``--out`` (default
 ``$WORKBENCH_HOME/runs/reports/ioi-circuit``), rewritten after each stage. Each stage's size is a
 flag: on the shared 2-core machine the defaults take tens of minutes.
