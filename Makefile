@@ -38,11 +38,12 @@ app: fetch
 # ruff first (seconds; its configuration is in pyproject.toml), then the tests, whose annotations
 # jaxtyping + beartype check at run time (tests/conftest.py installs the checks: tests/shape_checks.py).
 # TEST_WORKERS pytest-xdist workers of one torch thread each (tests/conftest.py); --dist loadfile keeps
-# each test file on one worker, so a module's fixtures (the app's server, a trained model) are built once.
+# each test file on one worker, so a module's fixtures (the app's server, a trained model) are built once;
+# files start in collection order, the slowest first (conftest.SLOW_FILES_FIRST).
 TEST_WORKERS ?= 2
 test: fetch browser
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15
 
 bench: fetch
 	$(BIN)/python -m benchmarks

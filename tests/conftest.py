@@ -23,6 +23,17 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
+#: test files that take minutes, in the order they start: `make test` runs one file per xdist worker at a time
+#: (--dist loadfile --no-loadscope-reorder), so the longest must not be the last to start (the browser tests
+#: started 6 minutes in and then ran alone for 9). Every other file keeps its place after these.
+SLOW_FILES_FIRST = ("test_app_browser.py", "test_readme.py", "test_app_teaching_browser.py", "test_graph.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the order within a file is kept
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
