@@ -577,9 +577,7 @@ def refine_circuit(
     ranked = size.sort(descending=True).values
     threshold = float(ranked[n_edges - 1] + ranked[n_edges]) / 2 if n_edges < n_valid else float(ranked[-1]) / 2
     tiny = max(float(ranked[0]), 1e-30) * 1e-12
-    logits = torch.full(valid.shape, float("-inf"))
-    logits[valid] = torch.log(size.clamp_min(tiny) / max(threshold, tiny))
-    theta = logits[valid].clone().requires_grad_(True)
+    theta = torch.log(size.clamp_min(tiny) / max(threshold, tiny)).requires_grad_(True)  # one logit per edge
     optimizer = torch.optim.Adam([theta], lr=lr)
 
     chunks = list(_patch_chunks(model, clean, corrupt, metric, answer_pos, batch_size))
