@@ -527,7 +527,7 @@ class Refinement(NamedTuple):
 
     #: the best circuit found (the one whose faithfulness lies nearest 1), ``[up down]``
     keep: Bool[Tensor, "up down"]
-    #: its faithfulness, recomputed by :func:`faithfulness` on the prompts it was refined on
+    #: its faithfulness on the prompts it was refined on (the patched run :func:`faithfulness` makes)
     faithfulness: Faithfulness
     #: the faithfulness of the circuit each step ran (step 0: the starting circuit)
     history: list[float]
@@ -593,7 +593,7 @@ def refine_circuit(
         return keep
 
     first = hard()
-    best, best_distance, history = first, math.inf, []
+    best, best_distance, best_metric, history = first, math.inf, 0.0, []
     for step in range(steps + 1):
         keep_flat = hard()
         m_circuit = 0.0
@@ -612,14 +612,14 @@ def refine_circuit(
         f = (m_circuit - m_corrupt) / gap
         history.append(f)
         if abs(f - 1) < best_distance:
-            best, best_distance = keep_flat, abs(f - 1)
+            best, best_distance, best_metric = keep_flat, abs(f - 1), m_circuit
         if step == steps:
             break
         optimizer.zero_grad()
         theta.grad = grad * (-1.0 if f < 1 else 1.0) / gap  # towards faithfulness 1 from either side
         optimizer.step()
     keep = torch.zeros(valid.shape, dtype=torch.bool).masked_scatter(valid, best)
-    (faith,) = faithfulness(model, clean, corrupt, metric, [keep], answer_pos, batch_size)
+    faith = Faithfulness(n_edges, best_metric, m_clean, m_corrupt)  # that step's run was the circuit's patched run
     return Refinement(keep, faith, history, int((best & ~first).sum()))
 
 
