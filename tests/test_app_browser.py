@@ -1,39 +1,25 @@
 """The app in a real browser: start `streamlit run app.py`, visit every page in headless Debian
 chromium (driven by Playwright), change one control on each, and check that the page shows its
-figure and no exception or error. Screenshots go to the test's temporary directory, and also to
-``$WORKBENCH_SCREENSHOTS`` when that is set."""
+figure and no exception or error. Screenshots of every page go to ``$WORKBENCH_SCREENSHOTS`` when that
+is set."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import socket
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
+from browser_app import BROWSER_MARKS, CHROMIUM, CHROMIUM_ARGS, screenshot_dirs, serve_app
 
-CHROMIUM = os.environ.get("WORKBENCH_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-REPO = Path(__file__).resolve().parent.parent
-
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(not Path(CHROMIUM).is_file(),
-                       reason=f"Debian's chromium is not installed ({CHROMIUM}); `make browser` installs it"),
-]
+pytestmark = BROWSER_MARKS
 
 #: how long one page may take to show its figure after a load or an interaction (seconds; generous because
 #: CI machines are shared: a page takes 2-3 s on an idle one)
 PAGE_TIMEOUT_S = 60
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _quick_sae(home: Path, name: str = "tiny-lm", layer: int = 0) -> None:
@@ -61,42 +47,8 @@ def browser_home(app_home, tmp_path_factory):
 @pytest.fixture(scope="module")
 def app_url(browser_home, tmp_path_factory):
     """Start the app on a free localhost port with the tiny model selected; yield its URL."""
-    home = browser_home
-    port = _free_port()
-    env = dict(os.environ, WORKBENCH_HOME=str(home), WORKBENCH_APP_MODEL="tiny-lm")
-    log = (tmp_path_factory.mktemp("app_log") / "streamlit.log").open("w")
-    proc = subprocess.Popen(
-        # no --server.address / --server.headless: the checkout's .streamlit/config.toml must supply them
-        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
-         "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none"],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-    )
-    url = f"http://localhost:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
-                    if r.read().strip() == b"ok":
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                log.flush()
-                raise RuntimeError(f"streamlit did not come up: {Path(log.name).read_text()[-2000:]}")
-            time.sleep(0.3)
+    with serve_app(browser_home, tmp_path_factory.mktemp("app_log")) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
-
-
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +92,8 @@ def _drawn(page) -> None:
     deadline = time.monotonic() + PAGE_TIMEOUT_S
     while pending.count() and time.monotonic() < deadline:
         page.wait_for_timeout(100)
-    page.wait_for_timeout(300)  # let the last draw's transitions finish before the screenshot
+    if os.environ.get("WORKBENCH_SCREENSHOTS"):
+        page.wait_for_timeout(300)  # let the last draw's transitions finish before the screenshot
 
 
 def _slider(label: str, key: str = "ArrowRight"):
@@ -210,22 +163,13 @@ def test_the_app_listens_on_localhost_only(app_url):
         assert s.connect_ex((ip, port)) != 0, f"the app answers on {ip}:{port}; it must bind to localhost only"
 
 
-def _screenshot_dirs(tmp_path: Path) -> list[Path]:
-    dirs = [tmp_path]
-    extra = os.environ.get("WORKBENCH_SCREENSHOTS")
-    if extra:
-        Path(extra).mkdir(parents=True, exist_ok=True)
-        dirs.append(Path(extra))
-    return dirs
-
-
-def test_every_page_in_a_browser(app_url, browser_page, tmp_path):
+def test_every_page_in_a_browser(app_url, browser_page):
     page = browser_page
     start = time.monotonic()
     page.goto(app_url)
     _settle(page)
     problems = []
-    shots = _screenshot_dirs(tmp_path)
+    shots = screenshot_dirs()
     only = [u for u in os.environ.get("WORKBENCH_BROWSER_PAGES", "").split(",") if u]  # for debugging one page
     for url, (interact, heading) in PAGES.items():
         if only and url not in only:
@@ -255,7 +199,8 @@ def test_every_page_in_a_browser(app_url, browser_page, tmp_path):
             if found.count():
                 problems.append(f"{url}: {what}: {found.first.inner_text()[:500]}")
         print(f"{url}: {time.monotonic() - t0:.1f}s")
-    print(f"screenshots in {', '.join(map(str, shots))}; {len(PAGES)} pages in {time.monotonic() - start:.1f}s")
+    print(f"screenshots in {', '.join(map(str, shots)) or 'none ($WORKBENCH_SCREENSHOTS unset)'}; "
+          f"{len(PAGES)} pages in {time.monotonic() - start:.1f}s")
     assert not problems, "\n".join(problems)
 
 
@@ -493,12 +438,12 @@ def builtin_saes(browser_home):
 
 
 @pytest.mark.parametrize("model", BUILTINS)
-def test_every_page_on_each_builtin_model(model, app_url, builtin_saes, browser, tmp_path):
+def test_every_page_on_each_builtin_model(model, app_url, builtin_saes, browser):
     context = browser.new_context(viewport={"width": 1400, "height": 1000})
     page = context.new_page()
     page.set_default_timeout(PAGE_TIMEOUT_S * 1000)
     try:
-        problems, took = _visit_every_page(page, app_url, model, _screenshot_dirs(tmp_path))
+        problems, took = _visit_every_page(page, app_url, model, screenshot_dirs())
     finally:
         context.close()
     print(f"{model}: " + ", ".join(f"{u} {s:.1f}s" for u, s in took.items()))
@@ -524,12 +469,12 @@ def smollm2_home(browser_home):
 
 @pytest.mark.slow
 @pytest.mark.smollm2
-def test_every_page_on_smollm2(app_url, smollm2_home, browser, tmp_path):
+def test_every_page_on_smollm2(app_url, smollm2_home, browser):
     context = browser.new_context(viewport={"width": 1400, "height": 1000})
     page = context.new_page()
     page.set_default_timeout(PAGE_TIMEOUT_S * 1000)
     try:
-        problems, took = _visit_every_page(page, app_url, "smollm2-135m", _screenshot_dirs(tmp_path))
+        problems, took = _visit_every_page(page, app_url, "smollm2-135m", screenshot_dirs())
     finally:
         context.close()
     print("smollm2-135m: " + ", ".join(f"{u} {s:.1f}s" for u, s in took.items()))

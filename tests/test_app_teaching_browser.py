@@ -2,79 +2,32 @@
 chromium (Playwright), each page visited by its URL, one control used, a plotly figure and no exception
 or error afterwards. The dynamics page, and the embeddings and attention pages' "Across training" sections,
 run on attn-only-2l (its snapshots ship in data/models) and their step slider is moved across the phase
-change. Screenshots go to the test's temporary directory, and to ``$WORKBENCH_SCREENSHOTS`` when that is set."""
+change. Screenshots go to ``$WORKBENCH_SCREENSHOTS`` when that is set."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
-from pathlib import Path
 
 import pytest
+from browser_app import BROWSER_MARKS, CHROMIUM, CHROMIUM_ARGS, screenshot_dirs, serve_app
 
-CHROMIUM = os.environ.get("WORKBENCH_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-REPO = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 90
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(not Path(CHROMIUM).is_file(),
-                       reason=f"Debian's chromium is not installed ({CHROMIUM}); `make browser` installs it"),
-]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+pytestmark = BROWSER_MARKS
 
 
 @pytest.fixture(scope="module")
 def teaching_url(app_home, tmp_path_factory):
     """Start the app (tiny-lm selected) on a free localhost port; yield its URL."""
-    port = _free_port()
-    env = dict(os.environ, WORKBENCH_HOME=str(app_home), WORKBENCH_APP_MODEL="tiny-lm")
-    log = (tmp_path_factory.mktemp("teaching_app_log") / "streamlit.log").open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
-         "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none"],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://localhost:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
-                    if r.read().strip() == b"ok":
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                log.flush()
-                raise RuntimeError(f"streamlit did not come up: {Path(log.name).read_text()[-2000:]}")
-            time.sleep(0.3)
+    with serve_app(app_home, tmp_path_factory.mktemp("teaching_app_log")) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 @pytest.fixture(scope="module")
-def page(tmp_path_factory):
+def page():
     sync_api = pytest.importorskip("playwright.sync_api")
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                    args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                                          "--no-first-run", "--disable-background-networking"])
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         pg = browser.new_page(viewport={"width": 1400, "height": 1400})
         pg.set_default_timeout(TIMEOUT_S * 1000)
         yield pg
@@ -130,13 +83,10 @@ PAGES = {
 }
 
 
-def test_teaching_pages_in_a_browser(teaching_url, page, tmp_path):
+def test_teaching_pages_in_a_browser(teaching_url, page):
     from workbench.app import choices
 
-    extra = os.environ.get("WORKBENCH_SCREENSHOTS")
-    shots = [tmp_path] + ([Path(extra)] if extra else [])
-    for d in shots:
-        d.mkdir(parents=True, exist_ok=True)
+    shots = screenshot_dirs()
     problems = []
     for path, (heading, interact, expected) in PAGES.items():
         toy = choices.model_dir("attn-only-2l")
