@@ -1,6 +1,7 @@
 """Attribution graph speed: a whole graph, its batched backward passes and one plain forward pass, in one run.
 
-    python -m benchmarks.bench_graph [--quick] [--transcoders DIR] [--smollm2]
+    python -m benchmarks.bench_graph [--quick] [--transcoders DIR]
+                                     [--smollm2 [--smollm2-transcoders DIR] [--max-features N]]
 
 kjv-small (target: a graph in <= 5 s, so the app stays interactive): a 10-token prompt through the
 shipped transcoder set (``data/transcoders/kjv-small``), or ``--transcoders DIR``, or, when neither
@@ -13,9 +14,10 @@ and their ratio.
 ``--smollm2`` (targets: a 10-token graph in <= 2 minutes and <= 2 GB, its pruned file and export
 under 5 MB): builds the whole graph and reports its seconds, backward passes and peak RSS
 (``ru_maxrss``, the process's high-water mark: model, transcoders and graph), then prunes it at the
-defaults and writes the pruned graph and its circuit-tracer JSON. With no SmolLM2 transcoder set in
-this checkout, a random TopK set of the recipe's shape (d_sae 4608, k 32, 30 layers) gives the same
-number of active features (9,600) and so of nodes and passes; the output says so.
+defaults and writes the pruned graph and its circuit-tracer JSON. ``--smollm2-transcoders DIR`` names
+a trained set (``workbench train-transcoders smollm2-135m ...``). With none given or shipped, a random
+TopK set of the recipe's shape (d_sae 4608, k 32, 30 layers) gives the same number of active features
+(9,600) and so of nodes and passes; the output says so.
 """
 
 from __future__ import annotations
@@ -113,22 +115,30 @@ def smollm2(args) -> None:
         print(f"smollm2-135m: skipped ({exc})")
         return
     tokens = model.to_tokens(SMOL_PROMPT)[:, :10]
-    try:
-        tcs = G.check_transcoders(model, G.load_transcoders("smollm2-135m"))
-        what = "the trained SmolLM2 set"
-    except WorkbenchError:
+    if args.smollm2_transcoders:  # asked for by name: a missing or wrong set is an error, not a random stand-in
+        tcs = G.check_transcoders(model, G.load_transcoders(args.smollm2_transcoders))
+        what = f"the trained set {args.smollm2_transcoders}"
+    else:
+        try:
+            tcs = G.check_transcoders(model, G.load_transcoders("smollm2-135m"))
+            what = "the shipped SmolLM2 set"
+        except WorkbenchError:
+            tcs = None
+    if tcs is None:
         tcs = random_set(model, expansion=8)
         what = (f"a RANDOM TopK set of the recipe's shape ({tcs[0].cfg.d_sae} latents, k {tcs[0].cfg.k}, "
                 f"{len(tcs)} layers; no trained SmolLM2 set here): as many active features as the recipe's")
     tcs = [tc.requires_grad_(False) for tc in tcs]
     rss0 = _rss_mb()
     t0 = time.perf_counter()
-    graph = G.attribute(model, tcs, tokens, batch_size=args.batch_size)
+    graph = G.attribute(model, tcs, tokens, batch_size=args.batch_size, max_feature_nodes=args.max_features)
     seconds = time.perf_counter() - t0
     rss_graph = _rss_mb()
     print(f"smollm2-135m, 10 tokens, {what}")
-    print(f"  graph: {seconds:.1f} s (target <= 120 s), {graph.n_features} feature nodes, {graph.n_nodes} nodes, "
-          f"{graph.settings['backward_passes']} backward passes of {args.batch_size} rows")
+    n_active = graph.settings["n_active_features"]
+    budget = "" if args.max_features is None else f" (budget {args.max_features} of {n_active})"
+    print(f"  graph: {seconds:.1f} s (target <= 120 s), {graph.n_features} feature nodes{budget}, "
+          f"{graph.n_nodes} nodes, {graph.settings['backward_passes']} backward passes of {args.batch_size} rows")
     print(f"  peak RSS {rss_graph:.0f} MiB (target <= 2 GiB = 2048 MiB: {'met' if rss_graph <= 2048 else 'NOT met'}); "
           f"{rss0:.0f} MiB before (model + transcoders); the adjacency is {graph.n_nodes ** 2 * 4 / 2**20:.0f} MiB")
     del model, tcs  # as `workbench graph` does before pruning
@@ -154,6 +164,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
     parser.add_argument("--transcoders", help="kjv-small transcoder set (default: the shipped one)")
     parser.add_argument("--smollm2", action="store_true", help="also build a 10-token SmolLM2 graph (minutes)")
+    parser.add_argument("--smollm2-transcoders", metavar="DIR",
+                        help="SmolLM2 transcoder set (default: a shipped `smollm2-135m` set, else a random one), e.g. "
+                             "$WORKBENCH_HOME/transcoders/smollm2-135m-x4-k64 from `workbench train-transcoders`")
+    parser.add_argument("--max-features", type=int, default=None, metavar="N",
+                        help="SmolLM2: feature budget (circuit-tracer's CLI uses 7500; default: every active feature)")
     parser.add_argument("--batch-size", type=int, default=64, help="target rows per backward pass (SmolLM2)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
