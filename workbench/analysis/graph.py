@@ -422,13 +422,17 @@ def attribute(
     dropped features' contributions stay in their targets' ``constant``, so rows still sum exactly.
     ``target`` (one token, as text or id) joins the logit nodes when it is not among the top ones.
 
-    Memory: the adjacency matrix (``n_nodes``^2 floats; a 10-token SmolLM2 prompt has ~9,600 active
-    features, 394 MB) is the one large allocation. Backward passes write compact row blocks (only the columns
-    of earlier layers' features, errors and tokens: about half); the dense matrix is filled from them after
-    the replacement model is freed, each block freed as it is copied. The passes' temporaries go back to
-    the system as they go (:func:`workbench.allocator.release_freed_memory`), so the peak is the model, the
-    transcoders and the adjacency (a SmolLM2 graph with 9,600 features: ~1,885 MiB, ~1,490 before it starts).
-    With ``max_feature_nodes`` below the number of active features, the visited rows are held in full.
+    Memory: the adjacency matrix (``n_nodes``^2 floats) is the one large allocation. Backward passes write
+    compact row blocks (only the columns of earlier layers' features, errors and tokens: about half); the
+    dense matrix is filled from them after the replacement model is freed, each block freed as it is copied.
+    The passes' temporaries go back to the system as they go (:func:`workbench.allocator.release_freed_memory`),
+    so the peak is the model, the transcoders and the larger of the replacement model's ``batch_size``
+    copies and the adjacency. Measured on a 10-token SmolLM2 prompt (``benchmarks/bench_graph.py``):
+    with a set of 9,600 active features, ~1,885 MiB (~1,490 before it starts); with the trained
+    expansion-4 k-64 set, 20,016 features, a 1,578 MiB adjacency and 2,792 MiB (1,372 before it starts).
+    With ``max_feature_nodes`` below the number of active features, the visited rows are held in full
+    (``[budget, n_active]`` floats) beside the replacement model: the same prompt with a budget of 7,500
+    peaks at 4,230 MiB.
 
     Memory: parameters that require gradients make autograd keep each matmul's input for their
     gradient (~270 MB on a SmolLM2 graph). The graph never needs them, but the model may be shared
