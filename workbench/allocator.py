@@ -27,6 +27,7 @@ import sys
 # mallopt parameters, from glibc's <malloc.h>
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
 
 #: blocks below this size come from the heap, not a fresh mmap (glibc's default is 128 KiB, adapting up to 32 MiB)
 MMAP_THRESHOLD = 1 << 30
@@ -75,3 +76,20 @@ def retain_freed_memory(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: in
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     # mallopt returns 1 on success; setting either threshold also stops glibc from adapting them on its own
     return bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))
+
+
+def limit_arenas(n: int = 1) -> bool:
+    """Return whether glibc now makes at most ``n`` malloc arenas (False off glibc).
+
+    glibc gives threads their own arenas (up to 8 per core), and memory freed inside one arena's heap
+    serves only the threads of that arena. A trainer running one thread per layer then holds each
+    thread's freed temporaries apart: :func:`workbench.pipelines.train_transcoders` calls this before it
+    starts its threads. Arenas made before the call stay. ``n`` must be at least 1."""
+    if n < 1:
+        raise ValueError(f"n={n} must be at least 1")
+    mallopt = getattr(_libc(), "mallopt", None)
+    if mallopt is None:
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    return bool(mallopt(_M_ARENA_MAX, n))
+

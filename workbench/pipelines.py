@@ -30,6 +30,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from workbench import paths
+from workbench.allocator import limit_arenas, release_freed_memory
 from workbench.analysis.superposition import SyntheticConfig, SyntheticFeatures, mmcs
 from workbench.corpora import load_corpus, make_windows
 from workbench.distributed import dist_info
@@ -337,7 +338,8 @@ class TranscoderRecipe:
     latents, BatchTopK k 32, skip), all 30 layers; *projected* 1.9 h on an idle 2-core CPU (144 tokens/s,
     ``python -m benchmarks.bench_transcoders --quick --part live``). Layers 0, 10, 20 and 29 of it, trained
     alone (29.5 min), recover 0.976 / 0.853 / 0.869 / 0.890 of CE loss with 36-68% of latents dead. The
-    full set with ``expansion=4, k=64, dead_tokens=100_000`` (73.5 min, 228 tokens/s, 17.8 GB peak RSS)
+    full set with ``expansion=4, k=64, dead_tokens=100_000`` (73.5 min, 228 tokens/s, 17.8 GB peak RSS
+    before the trainer threads shared one malloc arena; a 5-step run of the 30 layers now peaks at 9.5 GB)
     recovers 0.61-1.18 per layer, 18 of 30 under 0.90, and replaced all at once agrees with the model's
     top-1 token on 0.34 of held-out positions. Neither reaches the 0.90 wanted: this recipe is a starting
     point, not a finished one (1M tokens is too few for thousands of latents per layer).
@@ -546,6 +548,7 @@ def train_transcoders(
 
         threads = [threading.Thread(target=run, args=(layer,), name=f"transcoder-{layer}", daemon=True)
                    for layer in layers]
+        limit_arenas(1)  # one thread per layer: their freed temporaries must serve each other (see there)
         t0 = time.perf_counter()
         for t in threads:
             t.start()
@@ -562,6 +565,8 @@ def train_transcoders(
                 for layer in layers:
                     if feed.starts[layer] <= step:
                         feed.put(layer, (batch[layer].x, batch[layer].y))
+                del batch
+                release_freed_memory()  # what the last steps freed goes back, so the peak does not grow per layer
                 if bar is not None:
                     bar.update(1)
             if bar is not None:
@@ -582,6 +587,7 @@ def train_transcoders(
             if info.rank == 0:
                 save_sae(tc, out / f"layer_{layer}" / "transcoder",
                          log_feature_density=results[layer].log_feature_density)
+        release_freed_memory()  # the trainers' freed memory, before the evaluation's vocabulary-wide logits
         per_layer, whole = evaluate_transcoders(model, trained, held_out, first_position=recipe.first_position)
         fresh = [layer for layer in layers if results[layer].resumed_from is None]
         done_steps = sum(steps - (results[layer].resumed_from or 0) for layer in layers) / len(layers)
