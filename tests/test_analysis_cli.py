@@ -182,3 +182,18 @@ def test_attribution_patching_script_on_a_tiny_model(tiny_lm, tmp_path):
     resid = torch.as_tensor(patch["resid_pre"]["normalized"])
     assert resid.shape == (2, model.to_tokens(CLEAN).shape[1])
     assert (tmp_path / "rep" / "report.html").is_file()
+
+
+def test_attribution_graphs_script_on_kjv_small_with_a_feature_budget(tmp_path):
+    """The issue-16 analysis runs end to end on the shipped kjv-small set; --max-features caps every graph."""
+    assert _script("attribution_graphs").main(["--models", "kjv-small", "--max-features", "150", "--ablate", "8",
+                                               "--out", str(tmp_path / "rep")]) == 0
+    numbers = json.loads((tmp_path / "rep" / "report.json").read_text())
+    result = numbers["models"]["kjv-small"]
+    graphs = result["graphs"]
+    assert len(graphs) == 20 and result["summary"]["prompts"] == 20
+    assert all(1 <= g["features"] <= 150 and g["feature+error nodes"] >= g["kept"] >= 1 for g in graphs)
+    assert any(g["features"] == 150 for g in graphs)  # the budget bound (kjv-small's graphs have ~900 features)
+    s = result["summary"]
+    assert 0 < s["replacement"] <= 1 and 0 < s["completeness"] <= 1 and 0 <= s["completeness_drop"] <= 1, s
+    assert s["reduction"] >= 1 and -1 <= s["spearman_pooled"] <= 1, s
