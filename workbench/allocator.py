@@ -14,7 +14,8 @@ whole process, so the library never applies it on import; call it in your own sc
 many large passes. The cost is memory: up to ``trim_threshold`` bytes of freed heap stay with the
 process instead of going back to the system. ``WORKBENCH_KEEP_FREED_MEMORY=0`` turns it off.
 Outside glibc (macOS, Windows, musl) it does nothing. :func:`release_freed_memory` hands what is kept
-back (``malloc_trim``) where a step's peak matters more than its page faults (attribution graphs).
+back (``malloc_trim``) where a step's peak matters more than its page faults (attribution graphs), and
+:func:`limit_arenas` keeps many threads from each holding freed memory of their own (the transcoder trainer).
 """
 
 from __future__ import annotations
@@ -45,6 +46,14 @@ def _libc() -> ctypes.CDLL | None:
         return None
 
 
+def _mallopt():
+    """glibc's ``mallopt(param, value)``, or None off Linux (musl and others have no mallopt)."""
+    mallopt = getattr(_libc(), "mallopt", None)
+    if mallopt is not None:
+        mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    return mallopt
+
+
 def release_freed_memory() -> bool:
     """Return whether glibc's ``malloc_trim(0)`` gave free heap memory back to the system.
 
@@ -70,10 +79,9 @@ def retain_freed_memory(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: in
             raise ValueError(f"{name}={value} must be a positive C int (at most {TRIM_THRESHOLD})")
     if os.environ.get("WORKBENCH_KEEP_FREED_MEMORY", "1").strip().lower() in ("0", "false", "no", "off"):
         return False
-    mallopt = getattr(_libc(), "mallopt", None)
-    if mallopt is None:  # off Linux; musl and others have no mallopt
+    mallopt = _mallopt()
+    if mallopt is None:
         return False
-    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     # mallopt returns 1 on success; setting either threshold also stops glibc from adapting them on its own
     return bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))
 
@@ -87,9 +95,5 @@ def limit_arenas(n: int = 1) -> bool:
     starts its threads. Arenas made before the call stay. ``n`` must be at least 1."""
     if n < 1:
         raise ValueError(f"n={n} must be at least 1")
-    mallopt = getattr(_libc(), "mallopt", None)
-    if mallopt is None:
-        return False
-    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    return bool(mallopt(_M_ARENA_MAX, n))
-
+    mallopt = _mallopt()
+    return mallopt is not None and bool(mallopt(_M_ARENA_MAX, n))

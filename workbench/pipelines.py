@@ -566,7 +566,7 @@ def train_transcoders(
                     if feed.starts[layer] <= step:
                         feed.put(layer, (batch[layer].x, batch[layer].y))
                 del batch
-                release_freed_memory()  # what the last steps freed goes back, so the peak does not grow per layer
+                release_freed_memory()  # what the last steps freed goes back instead of piling up per trainer thread
                 if bar is not None:
                     bar.update(1)
             if bar is not None:
