@@ -166,6 +166,45 @@ def test_feature_budget_keeps_the_most_influential_and_rows_still_sum():
     # the logit rows' error and token columns do not depend on which features were kept
     torch.testing.assert_close(small.adjacency[small.logit_node(0):, 15:small.logit_node(0)],
                                full.adjacency[full.logit_node(0):, full.n_features:full.logit_node(0)])
+    # every kept row is the full graph's row: the kept features' and the other nodes' columns as they are,
+    # the dropped features' sum moved into the constant (rows are assembled from compact per-layer chunks)
+    at = {tuple(f): i for i, f in enumerate(full.features.tolist())}
+    idx = torch.tensor([at[tuple(f)] for f in small.features.tolist()])
+    full_rows = torch.cat([idx, torch.arange(full.logit_node(0), full.n_nodes)])
+    dropped = torch.ones(full.n_features, dtype=torch.bool)
+    dropped[idx] = False
+    torch.testing.assert_close(small.adjacency[rows][:, :15], full.adjacency[full_rows][:, idx], atol=1e-6, rtol=0)
+    torch.testing.assert_close(small.adjacency[rows][:, 15:], full.adjacency[full_rows][:, full.n_features:],
+                               atol=1e-6, rtol=0)
+    sent_by_dropped = full.adjacency[full_rows][:, : full.n_features][:, dropped].sum(-1)
+    torch.testing.assert_close(small.constant[rows], full.constant[full_rows] + sent_by_dropped, atol=1e-5, rtol=0)
+
+
+def test_budget_influence_through_chunks_solves_the_series():
+    """The budget's ranking: each feature's influence on the logits through the rows visited so far, read
+    chunk by chunk from compact rows, equals ``direct (I - M)^-1`` with M the visited rows' shares."""
+    model, tcs, tokens = _setup("llama", seed=3)
+    graph = G.attribute(model, tcs, tokens, batch_size=16)
+    n_f = graph.n_features
+    torch.manual_seed(0)
+    visited = torch.randperm(n_f)[: n_f // 2].sort().values
+    layer_start = torch.searchsorted(graph.features[:, 0].contiguous(), torch.arange(graph.n_layers + 1))
+    n_src = graph.logit_node(0)
+    chunks = []
+    for part in visited.split(5):  # batches of 5, cut per layer as the budget stores them
+        layers = graph.features[part, 0]
+        for layer in layers.unique().tolist():
+            sel = part[layers == layer]
+            w = int(layer_start[layer])
+            rows = torch.cat([graph.adjacency[sel, :w], graph.adjacency[sel, n_f:n_src]], dim=1)
+            assert (graph.adjacency[sel, w:n_f] == 0).all()  # a feature hears no feature of its own layer or later
+            chunks.append(G._RowChunk(sel, layer, w, rows, rows.abs().sum(-1)))
+    weights = graph.logit_probs / graph.logit_probs.sum()
+    direct = weights @ G._row_shares(graph.adjacency[n_src:, :n_src])[:, :n_f]
+    M = torch.zeros(n_f, n_f)
+    M[visited] = G._row_shares(graph.adjacency[:n_src])[visited, :n_f]
+    expected = torch.linalg.solve(torch.eye(n_f) - M.T, direct)  # x = direct + x M
+    torch.testing.assert_close(G._feature_influence(chunks, direct), expected, atol=1e-5, rtol=1e-4)
 
 
 def test_interventions_in_the_real_model_and_the_replacement():
