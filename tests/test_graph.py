@@ -460,9 +460,10 @@ def test_a_pruned_kjv_small_graph_file_stays_small(tmp_path):
     path = small.save(tmp_path / "pruned.safetensors")
     with safe_open(str(path), framework="pt") as f:
         keys = set(f.keys())
-    assert "adjacency" not in keys and {"adjacency_index", "adjacency_values"} <= keys
+    assert "adjacency" not in keys and "adjacency_values" in keys  # its nonzero entries, COO or bitmap
     nnz = int((small.adjacency != 0).sum())
-    assert path.stat().st_size < 12 * nnz + 4 * 8 * small.n_nodes + 64 * 1024  # edges + per-node vectors + header
+    edges = min(12 * nnz, small.n_nodes ** 2 / 8 + 4 * nnz)
+    assert path.stat().st_size < edges + 4 * 8 * small.n_nodes + 64 * 1024  # edges + per-node vectors + header
     # smaller than the pruned graph's dense matrix alone, a hundredth of the full graph's, far under 5 MB
     assert path.stat().st_size < small.n_nodes ** 2 * 4 / 2 and path.stat().st_size < graph.n_nodes ** 2 * 4 / 100
     assert path.stat().st_size < 512 * 1024
@@ -475,6 +476,30 @@ def test_a_pruned_kjv_small_graph_file_stays_small(tmp_path):
     (tmp_path / "cut.safetensors").write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(CheckpointError, match="truncated"):
         G.AttributionGraph.load(tmp_path / "cut.safetensors")
+
+
+@pytest.mark.parametrize("keep,form", [(0.005, "adjacency_index"), (0.2, "adjacency_bits"), (1.0, "adjacency")])
+def test_the_adjacency_is_stored_in_its_smallest_exact_form(built, tmp_path, keep, form):
+    """Dense, int32 (row, column) pairs, or a bitmap with row-major values: whichever is smallest for the
+    matrix's density, each read back exactly; a bitmap that disagrees with its values is refused."""
+    *_, graph = built
+    torch.manual_seed(0)
+    A = torch.randn(graph.n_nodes, graph.n_nodes) * (torch.rand(graph.n_nodes, graph.n_nodes) < keep)
+    g = G.AttributionGraph(**{**graph.__dict__, "adjacency": A})
+    path = g.save(tmp_path / "g.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        keys = set(f.keys())
+    assert form in keys and not ({"adjacency", "adjacency_index", "adjacency_bits"} - {form}) & keys
+    assert torch.equal(G.AttributionGraph.load(path).adjacency, A)
+    if form == "adjacency_bits":
+        from safetensors.torch import load_file, save_file
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+        tensors = load_file(str(path))
+        tensors["adjacency_values"] = tensors["adjacency_values"][:-1]  # one value short of the bitmap
+        save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=meta)
+        with pytest.raises(CheckpointError, match="incomplete graph file.*marks"):
+            G.AttributionGraph.load(tmp_path / "bad.safetensors")
 
 
 def test_a_graph_built_in_one_thread_leaves_another_threads_gradients_alone():
