@@ -141,3 +141,46 @@ def test_limit_arenas_refuses_zero():
     with pytest.raises(ValueError, match="at least 1"):
         limit_arenas(0)
 
+
+
+GROWTH_PROBE = r"""
+import ctypes, json
+from workbench.allocator import GrowthTrimmer, resident_bytes, retain_freed_memory
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+retain_freed_memory()
+MiB = 1 << 20
+trim = GrowthTrimmer(margin=128 * MiB)
+
+def kept_block(n):  # touched and freed: it stays resident in the heap until a trim
+    p = libc.malloc(n)
+    ctypes.memset(p, 1, n)
+    libc.free(p)
+
+start = resident_bytes()
+kept_block(64 * MiB)
+small = {"trimmed": trim(), "grown": (resident_bytes() - start) // MiB}
+kept_block(256 * MiB)
+grown = (resident_bytes() - start) // MiB
+big = {"trimmed": trim(), "grown": grown, "after": (resident_bytes() - start) // MiB}
+print(json.dumps({"small": small, "big": big, "trims": trim.trims, "again": trim()}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc only")
+def test_growth_trimmer_trims_only_past_its_margin():
+    """Under the margin a call leaves the kept memory alone (no heap walk); past it, one call gives it
+    back and the next starts from the new, smaller resident set."""
+    out = subprocess.run([sys.executable, "-c", GROWTH_PROBE], capture_output=True, text=True, check=True, timeout=60)
+    r = json.loads(out.stdout)
+    assert r["small"]["trimmed"] is False and r["small"]["grown"] >= 60, r  # 64 MiB kept, under the 128 MiB margin
+    assert r["big"]["trimmed"] is True and r["big"]["grown"] >= 250, r
+    assert r["big"]["after"] < 32, r  # both blocks went back
+    assert r["trims"] == 1 and r["again"] is False, r
+
+
+def test_growth_trimmer_refuses_a_negative_margin():
+    from workbench.allocator import GrowthTrimmer
+    with pytest.raises(ValueError, match="margin"):
+        GrowthTrimmer(margin=-1)
