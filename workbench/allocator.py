@@ -117,9 +117,9 @@ class GrowthTrimmer:
 
     The transcoder trainer's threads free a step's temporaries every second or so, in one shared arena,
     between long-lived batches: the holes pile up (a 16-layer SmolLM2 run rose from 2.5 to 4.8 GB
-    between two trims of the producer). ``malloc_trim`` walks the whole heap (~40 ms there), so a trim
-    after every thread's step cost 20% of the training time; a check of the resident set costs
-    microseconds."""
+    between two trims of the producer). ``malloc_trim`` walks the whole heap: after every thread's step
+    that was 86 trims and 3.3 s in a 5-step run of those 16 layers, and the freed pages fault in again at
+    the next step. A check of the resident set costs microseconds."""
 
     def __init__(self, margin: int = 1 << 30):
         if margin < 0:

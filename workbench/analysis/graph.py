@@ -167,7 +167,7 @@ class AttributionGraph:
         (``n_nodes``^2 bits, row-major, NumPy ``packbits`` order) plus their ``adjacency_values`` in row-major
         order (4 bytes an edge and 1/8 byte a cell). A pruned graph keeps a few percent of its cells, so its
         file holds those edges, not ``n_nodes``^2 zeros: a 10-token SmolLM2 graph pruned from a budget of
-        7,500 features (2,457 nodes, ~880k edges) takes ~4.3 MiB as a bitmap against 10.1 MiB as COO."""
+        7,500 features (2,457 nodes, ~880k edges) takes 4.15 MiB as a bitmap against 10.14 MiB as COO."""
         path = Path(path)
         tensors = {"tokens": self.tokens, "features": self.features, "activations": self.activations,
                    "logit_tokens": self.logit_tokens, "logit_probs": self.logit_probs,
@@ -732,8 +732,7 @@ def _select_by_influence(rep: _Replacement, transcoders: Sequence[SAE], active: 
     Influence on the logits is first estimated from the logit rows' direct effects; after each batch of
     feature rows it is recomputed through the rows known so far, and the next batch is the most
     influential of the features not yet visited (circuit-tracer's order). Only the visited features'
-    rows are held, each cut to the columns its layer can have (about half of a dense row: on a 10-token
-    SmolLM2 prompt with a budget of 7,500 of 20,016 features, ~290 MiB instead of 582)."""
+    rows are held, each cut to the columns its layer can have (on average about half of a dense row)."""
     n_all, B = active.shape[0], rep.batch
     layer_start = torch.searchsorted(active[:, 0].contiguous(), torch.arange(len(rep.acts) + 1))
     n_other = logit_rows.shape[1] - n_all
