@@ -86,17 +86,13 @@ def test_release_gives_the_kept_memory_back():
 # grown); with one arena each thread reuses what the one before freed (about 36 MB).
 ARENA_PROBE = r"""
 import ctypes, json, sys, threading
-from workbench.allocator import limit_arenas, retain_freed_memory
+from workbench.allocator import limit_arenas, resident_bytes as rss, retain_freed_memory
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
 libc.free.argtypes = [ctypes.c_void_p]
 retain_freed_memory()
 limited = limit_arenas(1) if sys.argv[1] == "1" else None
 N, BLOCKS, THREADS = 12 << 20, 3, 8
-
-def rss():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
 
 turns = [threading.Event() for _ in range(THREADS + 1)]
 done = threading.Barrier(THREADS + 1)
@@ -140,7 +136,6 @@ def test_limit_arenas_refuses_zero():
 
     with pytest.raises(ValueError, match="at least 1"):
         limit_arenas(0)
-
 
 
 GROWTH_PROBE = r"""

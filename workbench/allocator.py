@@ -14,10 +14,10 @@ whole process, so the library never applies it on import; call it in your own sc
 many large passes. The cost is memory: up to ``trim_threshold`` bytes of freed heap stay with the
 process instead of going back to the system. ``WORKBENCH_KEEP_FREED_MEMORY=0`` turns it off.
 Outside glibc (macOS, Windows, musl) it does nothing. :func:`release_freed_memory` hands what is kept
-back (``malloc_trim``) where a step's peak matters more than its page faults (attribution graphs), and
-:func:`limit_arenas` keeps many threads from each holding freed memory of their own (the transcoder trainer),
-and :class:`GrowthTrimmer` hands it back only once the resident set has grown by a margin (many threads
-freeing often, where a trim at every step would cost more than it saves).
+back (``malloc_trim``) where a step's peak matters more than its page faults (attribution graphs).
+:func:`limit_arenas` keeps many threads from each holding freed memory of their own, and
+:class:`GrowthTrimmer` hands freed memory back only once the resident set has grown by a margin, where
+many threads free often and a trim at every step would cost more than it saves (the transcoder trainer).
 """
 
 from __future__ import annotations
@@ -117,9 +117,10 @@ class GrowthTrimmer:
 
     The transcoder trainer's threads free a step's temporaries every second or so, in one shared arena,
     between long-lived batches: the holes pile up (a 16-layer SmolLM2 run rose from 2.5 to 4.8 GB
-    between two trims of the producer). ``malloc_trim`` walks the whole heap: after every thread's step
-    that was 86 trims and 3.3 s in a 5-step run of those 16 layers, and the freed pages fault in again at
-    the next step. A check of the resident set costs microseconds."""
+    between two trims of the producer). ``malloc_trim`` walks the whole heap (~40-100 ms there), and the
+    pages it frees fault in again at the next step, so a trim after every thread's step costs more than
+    one when the holes add up. A check of the resident set costs microseconds.
+    ``python -m benchmarks.trainer_memory`` measures the trainer's peak, live tensors and trims."""
 
     def __init__(self, margin: int = 1 << 30):
         if margin < 0:

@@ -631,6 +631,12 @@ def _rows(rep: _Replacement, targets: list, transcoders: Sequence[SAE], out: Flo
     return passes
 
 
+def _layer_starts(active: Tensor, n_layers: int) -> Int[Tensor, " n_layers_plus_1"]:
+    """Where each layer's features begin among the active ``(layer, pos, index)`` rows (ordered by layer),
+    and their count last: features of layer ``l`` are rows ``starts[l]:starts[l + 1]``."""
+    return torch.searchsorted(active[:, 0].contiguous(), torch.arange(n_layers + 1))
+
+
 def _feature_row_blocks(rep: _Replacement, active: Tensor, transcoders: Sequence[SAE]
                         ) -> tuple[list[tuple[int, int, Tensor]], int]:
     """Return every active feature's row, one backward pass at a time, as ``(first row, n_feature_cols, block)``
@@ -638,7 +644,7 @@ def _feature_row_blocks(rep: _Replacement, active: Tensor, transcoders: Sequence
     last row's (a prefix of the feature columns: nodes are ordered by layer), then the errors and tokens:
     about half of the dense rows, the rest being edges no feature can have."""
     n_all, B = active.shape[0], rep.batch
-    layer_start = torch.searchsorted(active[:, 0].contiguous(), torch.arange(len(rep.acts) + 1))
+    layer_start = _layer_starts(active, len(rep.acts))
     n_other = rep.error_coef[0].numel() + rep.token_coef.shape[1]
     blocks, passes = [], 0
     for start in range(0, n_all, B):
@@ -734,7 +740,7 @@ def _select_by_influence(rep: _Replacement, transcoders: Sequence[SAE], active: 
     influential of the features not yet visited (circuit-tracer's order). Only the visited features'
     rows are held, each cut to the columns its layer can have (on average about half of a dense row)."""
     n_all, B = active.shape[0], rep.batch
-    layer_start = torch.searchsorted(active[:, 0].contiguous(), torch.arange(len(rep.acts) + 1))
+    layer_start = _layer_starts(active, len(rep.acts))
     n_other = logit_rows.shape[1] - n_all
     buffer = torch.empty(B, logit_rows.shape[1])  # one batch's full rows, before they are cut per layer
     visited = torch.zeros(n_all, dtype=torch.bool)
