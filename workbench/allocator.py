@@ -117,7 +117,7 @@ class GrowthTrimmer:
 
     The transcoder trainer's threads free a step's temporaries every second or so, in one shared arena,
     between long-lived batches: the holes pile up (a 16-layer SmolLM2 run rose from 2.5 to 4.8 GB
-    between two trims of the producer). ``malloc_trim`` walks the whole heap (~40-100 ms there), and the
+    between two trims of the producer). ``malloc_trim`` walks the whole heap (38-135 ms a call there), and the
     pages it frees fault in again at the next step, so a trim after every thread's step costs more than
     one when the holes add up. A check of the resident set costs microseconds.
     ``python -m benchmarks.trainer_memory`` measures the trainer's peak, live tensors and trims."""
