@@ -122,7 +122,7 @@ _RUN = textwrap.dedent("""
     from workbench.zoo import load_model
 
     slow = sys.argv[2] == "slow"
-    real = P.live_pairs
+    real = P.mixed_live_pairs
 
     def paced(*args, **kwargs):  # the same batches, slowly, so the parent can kill the run between checkpoints
         for batch in real(*args, **kwargs):
@@ -130,7 +130,7 @@ _RUN = textwrap.dedent("""
                 time.sleep(0.4)
             yield batch
 
-    P.live_pairs = paced
+    P.mixed_live_pairs = paced
     recipe = P.TranscoderRecipe(**%r)
     P.train_transcoders(load_model("kjv-small").eval(), [1, 3], recipe, sys.argv[1], progress=False)
 """)

@@ -295,6 +295,25 @@ def test_huge_activations_stop_as_divergence_naming_the_step(tmp_path, scale):
     assert all(math.isfinite(m["loss"]) for m in lines)  # no "loss": Infinity logged
 
 
+def test_a_finite_loss_that_explodes_stops_as_divergence(tmp_path):
+    """A transcoder whose inputs grow 10^4-fold from step 3 predicts outputs far off its target's scale: every
+    loss stays finite, but the squared error passes EXPLODED_FVU times the target's variance at once."""
+    torch.manual_seed(0)
+    A = torch.randn(16, 16) / 4
+    cfg = SAEConfig(d_in=16, d_sae=32, architecture="topk", k=4, d_out=16, skip=True, apply_b_dec_to_input=False)
+
+    def pairs(start: int):
+        for step in range(start, 8):
+            x = torch.randn(64, 16, generator=torch.Generator().manual_seed(step))
+            yield (x * 1e4 if step >= 3 else x), x @ A
+
+    with pytest.raises(TrainingDivergedError, match=r"more than 1,000 times its target's variance, at step 4"):
+        train_sae(SAE(cfg, seed=0), pairs, TrainConfig(total_steps=8, progress=False, checkpoint_every=2), tmp_path)
+    lines = [json.loads(line) for line in (tmp_path / METRICS_FILE).read_text().splitlines()]
+    assert all(math.isfinite(m["loss"]) for m in lines)
+    assert torch.load(tmp_path / CHECKPOINT_DIR / "state.pt", weights_only=True)["step"] == 2
+
+
 def test_api_batch_of_huge_values_or_zero_rows_raises_instead_of_returning_nan_weights():
     sae = SAE(SAEConfig(d_in=16, d_sae=32, architecture="relu"), seed=0)
     cfg = TrainConfig(total_steps=1, progress=False)

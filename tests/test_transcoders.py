@@ -52,6 +52,50 @@ def test_live_pairs_are_the_mlps_inputs_and_outputs():
     assert sum(b[0].x.shape[0] for b in batches) == 5 * 8
 
 
+def test_mixed_rows_cut_a_groups_rows_into_steps_that_each_read_every_window():
+    steps, b, r = 4, 3, 7
+    index = T.mixed_rows(steps, b, r, seed=5, group=2)
+    assert index.shape == (steps, b * r)
+    assert sorted(index.reshape(-1).tolist()) == list(range(steps * b * r))  # every row once
+    windows = index // r  # the window (group-wide) each row is taken from
+    for j in range(steps):
+        assert len(set(windows[j].tolist())) > 2 * b  # from most of the group's 12 windows, not its own 3
+        for c in range(b):  # slot c of step j: rows of slot c's windows in the group's steps
+            assert set((windows[j, c * r:(c + 1) * r] % b).tolist()) == {c}
+    assert not torch.equal(index, T.mixed_rows(steps, b, r, seed=5, group=3))
+    torch.testing.assert_close(index, T.mixed_rows(steps, b, r, seed=5, group=2), atol=0, rtol=0)
+    # two processes holding slots 0-1 and 2-3 of b=4 take, together, what one process takes
+    one = T.mixed_rows(steps, 4, r, seed=5, group=2)
+    for rank in (0, 1):
+        local = T.mixed_rows(steps, 2, r, seed=5, group=2, first_column=2 * rank)
+        window, position = local // r, local % r  # local window t * 2 + c is window t * 4 + 2 * rank + c overall
+        global_rows = ((window // 2) * 4 + 2 * rank + window % 2) * r + position
+        torch.testing.assert_close(global_rows, one[:, rank * 2 * r:(rank + 1) * 2 * r], atol=0, rtol=0)
+
+
+def test_mixed_live_pairs_are_the_same_tokens_in_both_hooks_and_resume_where_they_left_off():
+    torch.manual_seed(0)
+    model = HookedGPT(tiny_cfg(n_layers=2, **LLAMA_TINY)).eval()
+    windows = torch.randint(0, 50, (10, 9))  # 5 steps of 2 windows: a group of 3 and one of 2
+    plain = [b[1] for b in T.live_pairs(model, windows, [1], batch_windows=2, first_position=1)]
+    mixed = [b[1] for b in T.mixed_live_pairs(model, windows, [1], 2, mix_steps=3, first_position=1, seed=4)]
+    assert len(mixed) == 5 and all(m.x.shape == (16, 32) for m in mixed)
+    x_all, y_all = torch.cat([p.x for p in plain]), torch.cat([p.y for p in plain])
+    for m in mixed:  # each mixed row is one of the plain rows, its x and y together
+        match = torch.cdist(m.x, x_all).argmin(dim=1)
+        torch.testing.assert_close(m.x, x_all[match])
+        torch.testing.assert_close(m.y, y_all[match])
+    assert not torch.equal(mixed[0].x, plain[0].x)
+    for start in (1, 3, 4):
+        resumed = list(T.mixed_live_pairs(model, windows, [1], 2, mix_steps=3, first_position=1, seed=4,
+                                          start_step=start))
+        assert len(resumed) == 5 - start
+        for a, b in zip(resumed, mixed[start:]):
+            torch.testing.assert_close(a[1].x, b.x, atol=0, rtol=0)
+    with pytest.raises(InputError, match="mix_steps=0"):
+        next(T.mixed_live_pairs(model, windows, [1], 2, mix_steps=0))
+
+
 def test_evaluation_of_a_transcoder_that_predicts_nothing_recovers_nothing():
     torch.manual_seed(0)
     model = HookedGPT(tiny_cfg(n_layers=2)).eval()

@@ -123,6 +123,69 @@ def live_pairs(
         yield batch
 
 
+def mixed_rows(
+    steps: int, batch_windows: int, rows_per_window: int, seed: int, group: int, first_column: int = 0
+) -> Int[Tensor, "steps rows"]:
+    """Which rows of a group of ``steps`` consecutive steps each of them trains on, when the group's rows are mixed.
+
+    The rows are numbered as :func:`live_pairs` gives a forward pass over the group's ``steps * batch_windows``
+    windows (window by window). A *column* is one window slot of a step followed through the group (slot ``c``
+    of every step: ``steps`` windows); each column's rows go in a seeded random order and are cut into
+    ``steps`` equal parts, and step ``j`` trains on part ``j`` of every column. A step thus holds as many rows
+    as before, from ``steps`` times as many windows. Columns are seeded by their global index
+    (``first_column`` is this process's first slot), so data-parallel processes, each holding its own slots,
+    train together on the rows one process would."""
+    window = torch.arange(steps)[:, None] * batch_windows  # [steps, 1]: each step's first window in the group
+    position = torch.arange(rows_per_window)
+    parts = []
+    for c in range(batch_windows):
+        rows = ((window + c) * rows_per_window + position).reshape(-1)  # column c: steps windows' rows
+        g = torch.Generator().manual_seed((seed * 1_000_003 + group) * 65_537 + first_column + c)
+        parts.append(rows[torch.randperm(rows.numel(), generator=g)].view(steps, rows_per_window))
+    return torch.stack(parts, dim=1).reshape(steps, batch_windows * rows_per_window)
+
+
+def mixed_live_pairs(
+    model: Any,
+    windows: Int[Tensor, "n_windows pos"],
+    layers: Sequence[int],
+    batch_windows: int,
+    mix_steps: int = 1,
+    first_position: int = 0,
+    start_step: int = 0,
+    seed: int = 0,
+    first_column: int = 0,
+) -> Iterator[dict[int, Pairs]]:
+    """Yield one step's pairs at a time, as :func:`live_pairs` with ``batch_windows`` does, with the rows of
+    ``mix_steps`` consecutive steps mixed (:func:`mixed_rows`; ``mix_steps=1`` is ``live_pairs`` itself).
+
+    One forward pass reads the group's ``mix_steps * batch_windows`` windows, and every layer takes the same
+    rows for a step, so row ``i`` of ``x`` and ``y`` stay one token. A step's rows then come from more
+    windows, fewer of them neighbours in one passage. The order depends only on ``seed``, the group and the
+    column, so a run resumed at ``start_step`` reads what an unbroken one would.
+    """
+    if mix_steps < 1:
+        raise InputError(f"mix_steps={mix_steps} must be at least 1")
+    if mix_steps == 1:
+        yield from live_pairs(model, windows, layers, batch_windows, first_position,
+                              start_window=start_step * batch_windows)
+        return
+    group = start_step // mix_steps
+    rows_per_window = windows.shape[1] - first_position
+    for big in live_pairs(model, windows, layers, batch_windows * mix_steps, first_position,
+                          start_window=group * mix_steps * batch_windows):
+        n_windows = big[layers[0]].x.shape[0] // rows_per_window
+        steps = n_windows // batch_windows
+        if steps * batch_windows != n_windows:
+            raise DataError(f"{n_windows} windows do not make whole steps of {batch_windows}")
+        index = mixed_rows(steps, batch_windows, rows_per_window, seed, group, first_column)
+        for j in range(steps):
+            if group * mix_steps + j >= start_step:
+                yield {layer: Pairs(big[layer].x[index[j]], big[layer].y[index[j]]) for layer in layers}
+        del big
+        group += 1
+
+
 def store_pairs(
     store: Any, layer: int, batch_size: int, seed: int = 0
 ) -> Callable[[int], Iterator[tuple[Tensor, Tensor]]]:
