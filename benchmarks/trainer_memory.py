@@ -10,7 +10,8 @@ it, and how many heap trims the trainer's :class:`workbench.allocator.GrowthTrim
 time. Not part of ``python -m benchmarks``: it measures
 memory, not a speed ratio, and takes minutes.
 
-Measured with it here (2-core CPU, the trimmer's 1 GB margin and a queue of one batch per layer):
+Measured with it here before the recipe mixed the rows of several steps (so with ``--mix-steps 1``; 2-core
+CPU, the trimmer's 1 GB margin and a queue of one batch per layer):
 16 layers, training peak 4.28 GB (highest sample 4.13 GB with 2.29 GB of live tensors; 12 trims, 1.3 s);
 30 layers, 7.31 GB (7.28 GB with 4.26 GB live; 26 trims, 3.5 s). Repeated runs differ by ~0.5 GB.
 Before the trimmer and with a queue of two, the same measurement (an equivalent script, run on
@@ -58,6 +59,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--layers", type=int, default=16, help="layers 0..N-1")
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--mix-steps", type=int, default=P.TranscoderRecipe.mix_steps,
+                    help="steps whose rows are mixed (one forward pass each group); the figures above: 1")
     args = ap.parse_args(argv)
 
     samples: list[tuple[float, int]] = []
@@ -96,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         model = load_model(args.model)
         marks["loaded"] = time.perf_counter()
-        recipe = P.TranscoderRecipe(corpus="kjv", k=64, expansion=4, dead_tokens=100_000,
+        recipe = P.TranscoderRecipe(corpus="kjv", k=64, expansion=4, dead_tokens=100_000, mix_steps=args.mix_steps,
                                     tokens=args.steps * P.TranscoderRecipe().rows_per_step())
         with tempfile.TemporaryDirectory() as tmp:
             try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -190,6 +191,24 @@ def test_the_command_takes_its_flags_from_the_recipe(kjv, tmp_path, capsys):
     assert main(["train-transcoders", "kjv-small", "--layers", "0,2", "--export-circuit-tracer", str(tmp_path / "c"),
                  *flags]) == 1
     assert "--layers all" in capsys.readouterr().err
+
+
+def test_the_shipped_sets_card_command_rebuilds_the_recipe_it_was_trained_with():
+    """The recipe's defaults have changed since kjv-small's set was trained; its card's command must still name
+    every value that set was trained with (a recipe.json written before a field existed reads as
+    RECIPE_BEFORE_FIELD)."""
+    import shlex
+
+    from workbench.cli import build_parser
+    from workbench.commands.transcoders import RECIPE_FLAGS
+    from workbench.pipelines import RECIPE_BEFORE_FIELD, SHIPPED_TRANSCODERS
+
+    shipped = SHIPPED_TRANSCODERS / "kjv-small"
+    card = (shipped / "card.md").read_text()
+    line = next(line for line in card.splitlines() if line.startswith("workbench train-transcoders"))
+    rebuilt = dataclasses.asdict(RECIPE_FLAGS.build(build_parser().parse_args(shlex.split(line)[1:])))
+    recorded = {**RECIPE_BEFORE_FIELD, **json.loads((shipped / "set.json").read_text())["recipe"]}
+    assert rebuilt == recorded
 
 
 # --------------------------------------------------------------------------------- the SAE pipeline (issue 14)

@@ -353,7 +353,7 @@ class TranscoderRecipe:
     tokens: int = 1_000_000
     """Training text per layer, in tokens (positions from ``first_position`` on)."""
     epochs: int = 1
-    """Passes over the training text (after the first, each pass reads its windows in a new seeded order)."""
+    """Passes over the training text (each pass after the first reads its windows in its own seeded order)."""
     batch_windows: int = 32
     """Windows per optimizer step (one forward pass feeds every layer)."""
     shuffle: bool = True
@@ -740,13 +740,16 @@ def transcoder_card(record: dict[str, Any], command: str) -> str:
     r = record["recipe"]
     whole = record["whole"]
     epochs = f" x {e} epochs" if (e := r.get("epochs", 1)) > 1 else ""
+    order = "in a seeded random order" if r.get("shuffle", RECIPE_BEFORE_FIELD["shuffle"]) else "in corpus order"
+    if (mixed := r.get("mix_steps", RECIPE_BEFORE_FIELD["mix_steps"])) > 1:
+        order += f", the rows of {mixed} steps mixed"
     lines = [
         f"# Transcoders for {record['model']} (layers {', '.join(map(str, record['layers']))})", "",
         f"One transcoder per MLP: reads `blocks.L.mlp.hook_in`, predicts `blocks.L.mlp.hook_out`. "
         f"{r['architecture']}, {r['expansion']}x d_model latents, k={r['k']}, "
         f"skip term: {'yes' if r['skip'] else 'no'}. "
         f"Trained on {r['tokens']:,} tokens of `{r['corpus']}`{epochs} per layer (windows of {r['n_ctx']}, "
-        f"positions from {r['first_position']}), all layers at once from live activations, "
+        f"positions from {r['first_position']}; {order}), all layers at once from live activations, "
         f"in {record['seconds'] / 60:.1f} min "
         f"({record['tokens_per_second']:,.0f} tokens/s).", "",
         "Reproduce:", "", "```", command, "```", "",
