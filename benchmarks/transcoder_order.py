@@ -44,10 +44,7 @@ def order_index(order: str, recipe: P.TranscoderRecipe, n_windows: int) -> torch
     """The rows (numbered in corpus order) each step trains on, one step after another, for ``order``."""
     rows_per_window = recipe.n_ctx - recipe.first_position
     position = torch.arange(rows_per_window)
-    if order == "corpus":
-        windows = torch.arange(n_windows)
-    else:  # the pipeline's first-epoch order
-        windows = torch.randperm(n_windows, generator=torch.Generator().manual_seed(recipe.seed * 1000))
+    windows = P.window_order(dataclasses.replace(recipe, shuffle=order != "corpus", epochs=1), n_windows)
     rows = (windows[:, None] * rows_per_window + position).reshape(-1)
     if order != "mixed" or recipe.mix_steps == 1:
         return rows

@@ -355,8 +355,8 @@ class TranscoderRecipe:
     """Windows per optimizer step (one forward pass feeds every layer)."""
     shuffle: bool = True
     """Read the training windows in a seeded random order (False: the corpus's order, as every set trained
-    before this field existed was; kjv's books one after another left SmolLM2's layer 3 at held-out FVU 0.578
-    against 0.481 shuffled, in a one-off script: ``python -m benchmarks.transcoder_order``)."""
+    before this field existed was; kjv's books one after another left SmolLM2's layer 3 at held-out FVU 0.577
+    against 0.474 shuffled: ``python -m benchmarks.transcoder_order``)."""
     mix_steps: int = 4
     """Shuffle the rows of this many steps together (one forward pass over ``mix_steps * batch_windows``
     windows), so a step's rows come from that many more windows; 1 keeps each step's windows to itself, as
@@ -529,12 +529,7 @@ def train_transcoders(
     n_train = recipe.steps_per_epoch() * recipe.batch_windows
     windows = token_windows(model, recipe.corpus, recipe.n_ctx, n_train + recipe.eval_windows)
     text, held_out = windows[:n_train], windows[n_train:]
-    orders = [
-        torch.randperm(n_train, generator=torch.Generator().manual_seed(recipe.seed * 1000 + e))
-        if e or recipe.shuffle else torch.arange(n_train)
-        for e in range(recipe.epochs)
-    ]
-    train_windows = text[torch.cat(orders)]
+    train_windows = text[window_order(recipe, n_train)]
     batch_windows = recipe.batch_windows // info.world_size
     if info.world_size > 1:  # this rank's share of every step's windows
         share = slice(info.rank * batch_windows, (info.rank + 1) * batch_windows)
@@ -616,6 +611,16 @@ def train_transcoders(
             (out / "set.json").write_text(json.dumps(record, indent=2))
     return TranscoderSet(trained, per_layer, whole, out, seconds, rate,
                          {layer: results[layer].resumed_from for layer in layers})
+
+
+def window_order(recipe: TranscoderRecipe, n_train: int) -> Tensor:
+    """The order in which the live trainer reads its ``n_train`` training windows, every epoch one after another:
+    each epoch in its own seeded order (the first in corpus order when ``recipe.shuffle`` is off)."""
+    return torch.cat([
+        torch.randperm(n_train, generator=torch.Generator().manual_seed(recipe.seed * 1000 + e))
+        if e or recipe.shuffle else torch.arange(n_train)
+        for e in range(recipe.epochs)
+    ])
 
 
 def transcoder_configs(recipe: TranscoderRecipe, d_model: int) -> tuple[SAEConfig, SAETrainConfig]:
