@@ -340,7 +340,8 @@ class TranscoderRecipe:
     9.8 GB peak RSS), CE recovered 0.77-1.24 per layer with 10 of 30 layers under the 0.90 wanted, and every
     MLP replaced at once agrees with the model's top-1 token on 0.473 of held-out positions (CE 4.49 against
     3.68). The same shape at lr 2e-3 with the windows in corpus order gave 0.61-1.18 (18 under 0.90) and 0.342.
-    The wider set the issue names (``expansion=8, k=32``) trains 1.6x slower a layer.
+    The wider set the issue names (``expansion=8, k=32``) trained SmolLM2's layer 3 alone 1.6x slower
+    (98.5 s against 63 s for 1M tokens; a one-off script).
     """
 
     corpus: str = "kjv"
