@@ -1,12 +1,13 @@
 """How the order of the training rows changes one transcoder: corpus order, shuffled windows, mixed steps.
 
     python -m benchmarks.transcoder_order [--layer 3] [--orders corpus,windows,mixed] [--lr 2e-3 4e-3]
+                                          [--adam-beta2 0.999 0.99] [--epochs 2] [--decay-fraction 0]
 
 Reads one layer's (MLP input, MLP output) pairs once, in corpus order, from the windows
 ``workbench train-transcoders`` would train on (``--tokens`` of the corpus, 32-window steps; the
 recipe's fields are ``TranscoderRecipe``'s defaults with ``expansion=4, k=64, dead_tokens=100_000``,
 the SmolLM2 set's shape). It keeps them in memory (float16, 2.3 GB for 1M tokens), then for each
-order and learning rate trains that layer's transcoder with the settings the pipeline gives
+order, learning rate and Adam beta2 trains that layer's transcoder with the settings the pipeline gives
 (:func:`workbench.pipelines.transcoder_configs`) on the same rows in that order, and evaluates it
 spliced into the model on the held-out windows (FVU, L0, CE loss recovered, the CE gap in nats):
 
@@ -15,6 +16,10 @@ spliced into the model on the held-out windows (FVU, L0, CE loss recovered, the 
 - ``windows``: the windows in the recipe's seeded random order (``--mix-steps 1``);
 - ``mixed``: that order, with the rows of ``--mix-steps`` steps mixed as the live trainer mixes them
   (:func:`workbench.sae.transcoders.mixed_rows`).
+
+``--epochs`` reads the same rows again, each epoch in its own seeded order, as the recipe's ``epochs``
+does; ``--decay-fraction`` replaces the pipeline's (0.3: the last 30% of the steps decay linearly to 0),
+so that ``--epochs 2 --decay-fraction 0`` holds the peak learning rate for twice the recipe's steps.
 
 Not part of ``python -m benchmarks``: it compares training recipes, not speeds, and takes minutes
 (a layer's rows: ~2 min for SmolLM2's layer 3; each training ~1 min on this 2-core CPU).
@@ -37,6 +42,7 @@ import workbench.pipelines as P
 from workbench.sae.model import SAE
 from workbench.sae.train import train_sae
 from workbench.sae.transcoders import evaluate_transcoders, live_pairs, mixed_rows
+from workbench.train import TrainingDivergedError
 from workbench.zoo import load_model
 
 
@@ -44,7 +50,7 @@ def order_index(order: str, recipe: P.TranscoderRecipe, n_windows: int) -> torch
     """The rows (numbered in corpus order) each step trains on, one step after another, for ``order``."""
     rows_per_window = recipe.n_ctx - recipe.first_position
     position = torch.arange(rows_per_window)
-    windows = P.window_order(dataclasses.replace(recipe, shuffle=order != "corpus", epochs=1), n_windows)
+    windows = P.window_order(dataclasses.replace(recipe, shuffle=order != "corpus"), n_windows)
     rows = (windows[:, None] * rows_per_window + position).reshape(-1)
     if order != "mixed" or recipe.mix_steps == 1:
         return rows
@@ -65,13 +71,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tokens", type=int, default=1_000_000)
     ap.add_argument("--orders", default="corpus,windows,mixed")
     ap.add_argument("--lr", type=float, nargs="+", default=[2e-3])
+    ap.add_argument("--adam-beta2", type=float, nargs="+", default=[P.TranscoderRecipe.adam_beta2])
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--decay-fraction", type=float, default=None,
+                    help="the learning rate's decay phase (default: the pipeline's)")
     ap.add_argument("--mix-steps", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     model = load_model(args.model).eval()
     base = P.TranscoderRecipe(corpus=args.corpus, tokens=args.tokens, expansion=4, k=64, dead_tokens=100_000,
-                              mix_steps=args.mix_steps, checkpoint_every=0)
+                              mix_steps=args.mix_steps, epochs=args.epochs, checkpoint_every=0)
     n_train = base.steps_per_epoch() * base.batch_windows
     windows = P.token_windows(model, base.corpus, base.n_ctx, n_train + base.eval_windows)
     t0 = time.perf_counter()
@@ -85,9 +95,11 @@ def main(argv: list[str] | None = None) -> None:
     rows = base.rows_per_step()
     for order in args.orders.split(","):
         index = order_index(order, base, n_train)
-        for lr in args.lr:
-            recipe = dataclasses.replace(base, lr=lr)
+        for lr, beta2 in [(lr, beta2) for lr in args.lr for beta2 in args.adam_beta2]:
+            recipe = dataclasses.replace(base, lr=lr, adam_beta2=beta2)
             sae_cfg, train_cfg = P.transcoder_configs(recipe, model.cfg.d_model)
+            if args.decay_fraction is not None:
+                train_cfg = dataclasses.replace(train_cfg, decay_fraction=args.decay_fraction)
             tc = SAE(sae_cfg, seed=recipe.seed + args.layer)
 
             def batches(start: int, index: torch.Tensor = index):
@@ -96,11 +108,18 @@ def main(argv: list[str] | None = None) -> None:
                     yield x[chosen].float(), y[chosen].float()
 
             t0 = time.perf_counter()
-            train_sae(tc, batches, train_cfg)
+            try:
+                result = train_sae(tc, batches, train_cfg)
+            except TrainingDivergedError as exc:  # a recipe that blows up is a result here, not a crash
+                print(json.dumps({"layer": args.layer, "order": order, "lr": lr, "adam_beta2": beta2,
+                                  "diverged": str(exc).split(";")[0]}), flush=True)
+                continue
             seconds = time.perf_counter() - t0
             [ev], _ = evaluate_transcoders(model, {args.layer: tc.eval()}, windows[n_train:],
                                            first_position=recipe.first_position)
-            print(json.dumps({"layer": args.layer, "order": order, "lr": lr, "train_s": round(seconds, 1),
+            print(json.dumps({"layer": args.layer, "order": order, "lr": lr, "adam_beta2": beta2,
+                              "epochs": recipe.epochs, "train_s": round(seconds, 1),
+                              "last_train_fvu": round(result.last_metrics["fvu"], 4),
                               "fvu": round(ev.fvu, 4), "l0": round(ev.l0, 1),
                               "ce_gap": round(ev.ce_spliced - ev.ce_clean, 4),
                               "ce_loss_recovered": round(ev.ce_loss_recovered, 3)}), flush=True)

@@ -382,6 +382,15 @@ class TranscoderRecipe:
     """Adam's peak learning rate for every layer's transcoder (the SAE trainer's schedule). On SmolLM2's layer 3
     (windows shuffled, 246 steps) held-out FVU was 0.60 at 1e-3, 0.48 at 2e-3 and 0.41 at 4e-3, and 8e-3
     diverged (figures from a one-off script; ``python -m benchmarks.transcoder_order --lr`` redoes them)."""
+    adam_beta2: float = 0.99
+    """Adam's second-moment decay. At 0.999 (the SAE trainer's default, and every set trained before this field
+    existed) lr 4e-3 holds for the recipe's 246 steps but not much longer: SmolLM2's layer 26 held at 4e-3 for
+    two epochs (492 steps) went from training FVU 0.25 at step 330 to 0.93 at step 400 and 132 at step 460,
+    while at 0.99 it kept falling, to 0.23 (held-out 0.31, CE recovered 0.798 against 0.782 for one epoch).
+    Within one epoch the two agree (held-out FVU 0.347 either way), but layers 11 and 28 of the set trained at
+    0.999 spiked (training FVU 0.21 -> 0.75 -> 0.22). Figures from a one-off script on cached pairs;
+    ``python -m benchmarks.transcoder_order --layer 26 --lr 4e-3 --orders mixed --epochs 2 --decay-fraction 0
+    --adam-beta2 0.999 0.99`` redoes the two-epoch comparison. lr 8e-3 still diverges at 0.99."""
     seed: int = 0
     """Seeds the initialisation and the order of the windows."""
     eval_windows: int = 32
@@ -399,6 +408,8 @@ class TranscoderRecipe:
             raise ConfigError(f"first_position={self.first_position} must lie in [0, n_ctx - 1)")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"lr={self.lr} must be a positive number")
+        if not 0 < self.adam_beta2 < 1:
+            raise ConfigError(f"adam_beta2={self.adam_beta2} must lie in (0, 1)")
         if not (math.isfinite(self.latent_init_scale) and self.latent_init_scale > 0):
             raise ConfigError(f"latent_init_scale={self.latent_init_scale} must be a positive number")
         if self.skip_init not in SKIP_INITS:
@@ -631,7 +642,7 @@ def transcoder_configs(recipe: TranscoderRecipe, d_model: int) -> tuple[SAEConfi
     train_cfg = TrainConfig(total_steps=recipe.total_steps(), lr=recipe.lr, seed=recipe.seed,
                             dead_tokens=recipe.dead_tokens, checkpoint_every=recipe.checkpoint_every, progress=False,
                             decay_fraction=0.3, skip_init=recipe.skip_init,  # type: ignore[arg-type]
-                            latent_init_scale=recipe.latent_init_scale)
+                            latent_init_scale=recipe.latent_init_scale, adam_betas=(0.9, recipe.adam_beta2))
     return sae_cfg, train_cfg
 
 
@@ -643,7 +654,7 @@ def transcoder_metadata(model: Any, layer: int, recipe: TranscoderRecipe) -> dic
 
 
 #: What a recipe written before a field existed means by leaving it out (fields not named here: their default).
-RECIPE_BEFORE_FIELD: dict[str, Any] = {"shuffle": False, "mix_steps": 1}
+RECIPE_BEFORE_FIELD: dict[str, Any] = {"shuffle": False, "mix_steps": 1, "adam_beta2": 0.999}
 
 
 def _check_recipe(out: Path, recipe: TranscoderRecipe, model: Any, write: bool = True) -> None:
