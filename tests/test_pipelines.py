@@ -72,6 +72,25 @@ def test_running_again_resumes_a_finished_set_without_training(kjv, tiny_set):
         train_transcoders(kjv, [0, 1, 2, 3], TranscoderRecipe(**{**TINY, "k": 4}), tiny_set.out_dir, progress=False)
 
 
+def test_a_set_recorded_before_adam_beta2_existed_resumes_only_at_the_old_value(kjv, tmp_path):
+    """recipe.json files written before the field read as Adam's old 0.999; the new default 0.99 reaches the
+    trainer, and a value outside (0, 1) is refused."""
+    from workbench.pipelines import transcoder_configs
+
+    old = tmp_path / "old"
+    train_transcoders(kjv, [1], TranscoderRecipe(**{**TINY, "adam_beta2": 0.999}), old, progress=False)
+    recorded = json.loads((old / "recipe.json").read_text())
+    del recorded["adam_beta2"]  # as a set trained before the field existed recorded it
+    (old / "recipe.json").write_text(json.dumps(recorded))
+    with pytest.raises(ConfigError, match=r"other settings \(adam_beta2\)"):
+        train_transcoders(kjv, [1], TranscoderRecipe(**TINY), old, progress=False)
+    again = train_transcoders(kjv, [1], TranscoderRecipe(**{**TINY, "adam_beta2": 0.999}), old, progress=False)
+    assert again.resumed == {1: 6}
+    assert transcoder_configs(TranscoderRecipe(**TINY), 128)[1].adam_betas == (0.9, 0.99)
+    with pytest.raises(ConfigError, match="adam_beta2=1.0"):
+        TranscoderRecipe(adam_beta2=1.0)
+
+
 def test_export_and_ship(kjv, tiny_set, tmp_path, monkeypatch):
     ct = export_circuit_tracer(tiny_set.out_dir, tmp_path / "ct")
     theirs, config = load_circuit_tracer(ct)
