@@ -45,6 +45,14 @@ script: build the graph with and without ``max_feature_nodes=7500``, draw 256 of
 features (``torch.randperm`` with seed 0), and compare ``spearman`` of ``logit_influence`` in each graph
 against ``ablation_effects(...).abs()`` of those features (and of 256 drawn from the full graph).
 
+The set retrained on 2026-12-06 (windows shuffled, four steps mixed, lr 4e-3, Adam beta2 0.99: top-1
+agreement 0.474 against the x4-k64 set's 0.342; ``--transcoders smollm2-135m=$WORKBENCH_HOME/transcoders/
+smollm2-135m --max-features 7500``): replacement 0.592, completeness 0.884; pruning keeps 2.7x fewer feature
+and error nodes (least 2.2x) while completeness falls 21.0% (most 22.6%); Spearman 0.332 pooled, 0.353 mean
+per graph. 24 min 47 s, peak RSS 2.61 GB (21-36 s a graph alone; 98-208 s while another job shared the CPU).
+Better transcoders raised both scores a little and left pruning where it was: influence is still spread
+over thousands of features.
+
 Output: ``report.html`` and ``report.json`` in ``--out`` (default
 ``$WORKBENCH_HOME/runs/reports/attribution-graphs``). kjv-small takes a minute or two.
 """
