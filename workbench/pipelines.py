@@ -359,7 +359,7 @@ class TranscoderRecipe:
     shuffle: bool = True
     """Read the training windows in a seeded random order (False: the corpus's order, as every set trained
     before this field existed was; kjv's books one after another left SmolLM2's layer 3 at held-out FVU 0.577
-    against 0.474 shuffled: ``python -m benchmarks.transcoder_order``)."""
+    against 0.474 shuffled: ``python -m benchmarks.transcoder_order --adam-beta2 0.999``)."""
     mix_steps: int = 4
     """Shuffle the rows of this many steps together (one forward pass over ``mix_steps * batch_windows``
     windows), so a step's rows come from that many more windows; 1 keeps each step's windows to itself, as
@@ -383,7 +383,8 @@ class TranscoderRecipe:
     lr: float = 4e-3
     """Adam's peak learning rate for every layer's transcoder (the SAE trainer's schedule). On SmolLM2's layer 3
     (windows shuffled, 246 steps) held-out FVU was 0.60 at 1e-3, 0.48 at 2e-3 and 0.41 at 4e-3, and 8e-3
-    diverged (figures from a one-off script; ``python -m benchmarks.transcoder_order --lr`` redoes them)."""
+    diverged (Adam beta2 0.999; figures from a one-off script; ``python -m benchmarks.transcoder_order --lr ...
+    --adam-beta2 0.999`` redoes them)."""
     adam_beta2: float = 0.99
     """Adam's second-moment decay. At 0.999 (the SAE trainer's default, and every set trained before this field
     existed) lr 4e-3 holds for the recipe's 246 steps but not much longer: SmolLM2's layer 26 held at 4e-3 for
