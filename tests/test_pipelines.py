@@ -91,6 +91,49 @@ def test_a_set_recorded_before_adam_beta2_existed_resumes_only_at_the_old_value(
         TranscoderRecipe(adam_beta2=1.0)
 
 
+def test_thresholds_are_calibrated_on_the_last_training_windows_and_a_rerun_may_change_only_that(kjv, tmp_path):
+    """After training, a BatchTopK transcoder's inference threshold is the calibration batch's k*rows-th activation
+    (so k latents fire a row there, less the one at the threshold), not the EMA that lags behind the weights.
+    ``calibrate_windows`` may change on a finished set: a rerun recalibrates from the checkpoints without
+    training, 0 gives back exactly what a set trained without calibration holds, and a recipe.json written
+    before the field existed is not refused for it."""
+    from workbench.pipelines import token_windows, window_order
+    from workbench.sae.transcoders import live_pairs
+
+    one_batch = TranscoderRecipe(**{**TINY, "calibrate_windows": 2})
+    out = tmp_path / "set"
+    trained = train_transcoders(kjv, [1], one_batch, out, progress=False)
+    n_train = one_batch.steps_per_epoch() * one_batch.batch_windows
+    windows = token_windows(kjv, one_batch.corpus, one_batch.n_ctx, n_train + one_batch.eval_windows)
+    last = windows[:n_train][window_order(one_batch, n_train)][-2:]
+    x = next(live_pairs(kjv, last, [1], 2, one_batch.first_position))[1].x
+    tc = load_transcoder_set(out, model=kjv)[1]
+    assert torch.all(tc.threshold == tc.threshold[0])  # one global value
+    fired = int((tc.encode(x) > 0).sum())
+    assert fired == one_batch.k * x.shape[0] - 1, fired  # the k*rows-th activation itself sits at the threshold
+    record = json.loads((out / "set.json").read_text())
+    calibrated = record["thresholds"]["1"]["calibrated"]
+    assert calibrated == pytest.approx(float(trained.transcoders[1].threshold[0]))
+    assert record["thresholds"]["1"]["training"] != pytest.approx(calibrated)
+
+    # the EMA back, from the checkpoint, without training: equal to a set never calibrated
+    again = train_transcoders(kjv, [1], TranscoderRecipe(**{**TINY, "calibrate_windows": 0}), out, progress=False)
+    assert again.resumed == {1: 6}
+    never = train_transcoders(kjv, [1], TranscoderRecipe(**{**TINY, "calibrate_windows": 0}), tmp_path / "never",
+                              progress=False)
+    torch.testing.assert_close(again.transcoders[1].threshold, never.transcoders[1].threshold, atol=0, rtol=0)
+    assert json.loads((out / "recipe.json").read_text())["calibrate_windows"] == 0
+    assert json.loads((out / "set.json").read_text())["thresholds"] == {}
+
+    recorded = json.loads((out / "recipe.json").read_text())
+    del recorded["calibrate_windows"]  # as a set trained before the field existed recorded it
+    (out / "recipe.json").write_text(json.dumps(recorded))
+    third = train_transcoders(kjv, [1], one_batch, out, progress=False)  # recalibrated, the same value again
+    assert third.resumed == {1: 6} and float(third.transcoders[1].threshold[0]) == pytest.approx(calibrated)
+    with pytest.raises(ConfigError, match="calibrate_windows=1 must be 0"):
+        TranscoderRecipe(**{**TINY, "calibrate_windows": 1})
+
+
 def test_export_and_ship(kjv, tiny_set, tmp_path, monkeypatch):
     ct = export_circuit_tracer(tiny_set.out_dir, tmp_path / "ct")
     theirs, config = load_circuit_tracer(ct)

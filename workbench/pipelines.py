@@ -45,6 +45,7 @@ from workbench.sae.train import SKIP_INITS, SAETrainConfig, TrainConfig, TrainRe
 from workbench.sae.transcoders import (
     LayerEval,
     SetEval,
+    calibrate_thresholds,
     check_layers,
     check_set,
     evaluate_transcoders,
@@ -334,14 +335,16 @@ class TranscoderRecipe:
     """What a transcoder set is trained on, and its shape. Every field is recorded with the set.
 
     kjv-small's shipped set: ``tokens=1_150_000, epochs=2, expansion=8, lr=2e-3, dead_tokens=200_000,
-    shuffle=False, mix_steps=1`` (CE recovered >= 0.96 on every layer; the defaults were those then).
+    shuffle=False, mix_steps=1, adam_beta2=0.999, calibrate_windows=0`` (CE recovered >= 0.96 on every layer; the
+    defaults were those then).
     SmolLM2-135M's recipe is the defaults (1M tokens of kjv, one epoch, 2,304 latents, BatchTopK k 64, skip,
-    lr 4e-3, Adam beta2 0.99, windows shuffled, four steps' rows mixed), all 30 layers: 71 min of training
-    (235 tokens/s, 9.9 GB peak RSS), CE recovered 0.76-1.23 per layer with 9 of 30 layers under the 0.90
-    wanted (1, 9, 22-28), and every MLP replaced at once agrees with the model's top-1 token on 0.474 of
-    held-out positions (CE 4.53 against 3.68). Trained at beta2 0.999 it gave the same within noise (10 under
-    0.90, top-1 0.473, CE 4.49): beta2 matters past one epoch (``adam_beta2``). The same shape at lr 2e-3
-    with the windows in corpus order gave 0.61-1.18 (18 under 0.90) and 0.342.
+    lr 4e-3, Adam beta2 0.99, windows shuffled, four steps' rows mixed, thresholds calibrated on 128 windows),
+    all 30 layers: 71 min of training (235 tokens/s, 9.9 GB peak RSS), CE recovered 0.76-1.21 per layer with 7
+    of 30 layers under the 0.90 wanted (1, 22-27), and every MLP replaced at once agrees with the model's top-1
+    token on 0.485 of held-out positions (CE 4.51 against 3.68). With the trainer's EMA thresholds (no
+    calibration) it gave 9 under 0.90 (1, 9, 22-28) and top-1 0.474 (CE 4.53); trained at beta2 0.999, the
+    same within noise (10 under 0.90, top-1 0.473, CE 4.49): beta2 matters past one epoch (``adam_beta2``).
+    The same shape at lr 2e-3 with the windows in corpus order gave 0.61-1.18 (18 under 0.90) and 0.342.
     The wider set the issue names (``expansion=8, k=32``) trained SmolLM2's layer 3 alone 1.6x slower
     (98.5 s against 63 s for 1M tokens; a one-off script).
     """
@@ -396,6 +399,17 @@ class TranscoderRecipe:
     cannot reconstruct, not the optimiser. Figures from a one-off script on cached pairs;
     ``python -m benchmarks.transcoder_order --layer 26 --lr 4e-3 --orders mixed --epochs 2 --decay-fraction 0
     --adam-beta2 0.999 0.99`` redoes the two-epoch comparison. lr 8e-3 still diverges at 0.99."""
+    calibrate_windows: int = 128
+    """After training, each BatchTopK transcoder's inference threshold is set from its final weights on the last
+    this many training windows, in batches of a step's windows
+    (:func:`workbench.sae.transcoders.calibrate_thresholds`); 0 keeps the trainer's EMA, as sets trained before
+    this field existed did. Over the recipe's 246 steps the EMA lags behind the weights, so SmolLM2's layers
+    kept 42-97 latents a row at inference instead of 64; calibrated on 128 windows they keep 56-72, every
+    MLP replaced at once agrees with the model's top-1 token on 0.485 of held-out positions instead of 0.474
+    (CE 4.506 against 4.530, KL 1.17 against 1.22), and the layers under CE recovered 0.90 go from 9 to 7
+    (layer 9: 0.899 -> 0.991, layer 28: 0.855 -> 0.914; layer 3: 0.910 -> 0.901). Only the thresholds
+    depend on it, so it may change when a finished set is run again: that recalibrates the set from its
+    checkpoints and evaluates it anew without training."""
     seed: int = 0
     """Seeds the initialisation and the order of the windows."""
     eval_windows: int = 32
@@ -413,6 +427,9 @@ class TranscoderRecipe:
             raise ConfigError(f"first_position={self.first_position} must lie in [0, n_ctx - 1)")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"lr={self.lr} must be a positive number")
+        if self.calibrate_windows and self.calibrate_windows < self.batch_windows:
+            raise ConfigError(f"calibrate_windows={self.calibrate_windows} must be 0 (keep the training EMA) or at "
+                              f"least batch_windows={self.batch_windows} (one batch)")
         if not 0 < self.adam_beta2 < 1:
             raise ConfigError(f"adam_beta2={self.adam_beta2} must lie in (0, 1)")
         if not (math.isfinite(self.latent_init_scale) and self.latent_init_scale > 0):
@@ -547,6 +564,8 @@ def train_transcoders(
     windows = token_windows(model, recipe.corpus, recipe.n_ctx, n_train + recipe.eval_windows)
     text, held_out = windows[:n_train], windows[n_train:]
     train_windows = text[window_order(recipe, n_train)]
+    # the last windows trained on, whole on every rank (calibration is the same computation everywhere)
+    calibration = train_windows[-min(recipe.calibrate_windows, n_train):] if recipe.calibrate_windows else None
     batch_windows = recipe.batch_windows // info.world_size
     if info.world_size > 1:  # this rank's share of every step's windows
         share = slice(info.rank * batch_windows, (info.rank + 1) * batch_windows)
@@ -612,6 +631,9 @@ def train_transcoders(
             raise
         seconds = time.perf_counter() - t0
         trained = {layer: results[layer].sae for layer in layers}
+        release_freed_memory()
+        thresholds = {} if calibration is None else calibrate_thresholds(
+            model, trained, calibration, recipe.batch_windows, recipe.first_position)
         for layer, tc in trained.items():
             if info.rank == 0:
                 save_sae(tc, out / f"layer_{layer}" / "transcoder",
@@ -623,9 +645,13 @@ def train_transcoders(
         rate = done_steps * recipe.rows_per_step() / max(seconds, 1e-9)
         record = {"model": model.cfg.name, "layers": layers, "recipe": asdict(recipe), "seconds": seconds,
                   "tokens_per_second": rate, "fresh_layers": fresh,
+                  "thresholds": {str(layer): {"training": before, "calibrated": after}
+                                 for layer, (before, after) in thresholds.items()},
                   "per_layer": [ev._asdict() for ev in per_layer], "whole": whole._asdict()}
         if info.rank == 0:
             (out / "set.json").write_text(json.dumps(record, indent=2))
+            # the files now hold this recipe's thresholds (the one field a rerun may change: RECIPE_AFTER_TRAINING)
+            (out / "recipe.json").write_text(json.dumps({"model": model.cfg.name, **asdict(recipe)}, indent=2))
     return TranscoderSet(trained, per_layer, whole, out, seconds, rate,
                          {layer: results[layer].resumed_from for layer in layers})
 
@@ -659,7 +685,11 @@ def transcoder_metadata(model: Any, layer: int, recipe: TranscoderRecipe) -> dic
 
 
 #: What a recipe written before a field existed means by leaving it out (fields not named here: their default).
-RECIPE_BEFORE_FIELD: dict[str, Any] = {"shuffle": False, "mix_steps": 1, "adam_beta2": 0.999}
+RECIPE_BEFORE_FIELD: dict[str, Any] = {"shuffle": False, "mix_steps": 1, "adam_beta2": 0.999, "calibrate_windows": 0}
+
+#: Recipe fields that decide only what is done with the trained weights, so a finished or interrupted set may
+#: be run again with another value (the new value is recorded once the set is written).
+RECIPE_AFTER_TRAINING = frozenset({"calibrate_windows"})
 
 
 def _check_recipe(out: Path, recipe: TranscoderRecipe, model: Any, write: bool = True) -> None:
@@ -673,7 +703,8 @@ def _check_recipe(out: Path, recipe: TranscoderRecipe, model: Any, write: bool =
             raise DataError(f"{path} is corrupt; delete {out} or choose another --out") from None
         # a field added since reads as what runs before it did
         defaults = {**{f.name: f.default for f in fields(TranscoderRecipe)}, **RECIPE_BEFORE_FIELD}
-        changed = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k, defaults.get(k)))
+        changed = sorted(k for k in (set(mine) | set(theirs)) - RECIPE_AFTER_TRAINING
+                         if mine.get(k) != theirs.get(k, defaults.get(k)))
         if changed:
             raise ConfigError(f"{out} holds a transcoder set trained with other settings ({', '.join(changed)}); "
                               "resume with the same settings, or choose another --out")
@@ -773,6 +804,10 @@ def transcoder_card(record: dict[str, Any], command: str) -> str:
         f"positions from {r['first_position']}; {order}), all layers at once from live activations, "
         f"in {record['seconds'] / 60:.1f} min "
         f"({record['tokens_per_second']:,.0f} tokens/s).", "",
+        *([f"BatchTopK inference thresholds calibrated on the last {calibrate} training windows "
+           "(the mean over batches of each batch's k x rows-th activation, with the final weights).", ""]
+          if (calibrate := r.get("calibrate_windows", RECIPE_BEFORE_FIELD["calibrate_windows"]))
+          and r["architecture"] == "batchtopk" else []),
         "Reproduce:", "", "```", command, "```", "",
         f"Evaluated on the {r['eval_windows']} windows after the training text (held out):", "",
         "| layer | FVU | L0 | dead | CE clean | CE spliced | CE zero-ablated | CE recovered |",

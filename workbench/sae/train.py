@@ -106,7 +106,9 @@ class SAETrainConfig:
     resample_every: int = 0
     """relu: every this many steps, re-initialise dead latents on badly reconstructed inputs (0: never)."""
     batchtopk_threshold_lr: float = 0.01
-    """batchtopk: EMA rate of the inference threshold (the smallest activation kept)."""
+    """batchtopk: EMA rate of the inference threshold (the smallest activation kept). Over a short run the EMA
+    lags behind the weights; :func:`batchtopk_threshold` computes the threshold from the final weights
+    (the transcoder pipeline does so after training: ``TranscoderRecipe.calibrate_windows``)."""
     init_b_dec_mean: bool = True
     """Start b_dec at the mean of the first batch."""
     sparse_batchtopk: bool = True
@@ -724,6 +726,27 @@ def _update_batchtopk_threshold(sae: SAE, min_active: Tensor, cfg: SAETrainConfi
             sae.threshold.fill_(float(value))
         else:
             sae.threshold.mul_(1 - lr).add_(lr * value)
+
+
+@torch.no_grad()
+def batchtopk_threshold(sae: SAE, batches: Iterable[Tensor]) -> float:
+    """Return the inference threshold at which ``sae``'s weights, as they are now, keep BatchTopK's ``k`` latents
+    a row on average: the mean, over ``batches`` (each [rows, d_in]: pass batches as large as a training
+    step's), of the batch's ``k * rows``-th largest activation, which is what BatchTopK training kept.
+
+    The trainer's own threshold is an EMA (rate ``batchtopk_threshold_lr``) of that value as the weights move.
+    Over a short run it lags behind them: SmolLM2's transcoders trained for 246 steps kept 42-97 latents a
+    row at inference instead of 64. Set ``sae.threshold`` to this after training to remove the lag."""
+    if sae.cfg.architecture != "batchtopk" or sae.cfg.k is None:
+        raise ConfigError(f"only a BatchTopK SAE has a threshold to calibrate; this one is {sae.cfg.architecture}")
+    values = []
+    for x in batches:
+        acts = F.relu(sae.pre_acts(x)).flatten()
+        kept = min(sae.cfg.k * x.shape[0], acts.numel())
+        values.append(float(acts.kthvalue(acts.numel() - kept + 1).values))  # the kept-th largest
+    if not values:
+        raise InputError("no batches to calibrate the threshold on")
+    return sum(values) / len(values)
 
 
 @torch.no_grad()

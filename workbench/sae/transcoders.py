@@ -211,6 +211,43 @@ def store_pairs(
     return open_from
 
 
+def calibrate_thresholds(
+    model: Any,
+    transcoders: Mapping[int, SAE],
+    windows: Int[Tensor, "n_windows pos"],
+    batch_windows: int,
+    first_position: int = 0,
+) -> dict[int, tuple[float, float]]:
+    """Set every BatchTopK transcoder's inference threshold from its final weights, on training windows.
+
+    One forward pass per ``batch_windows`` windows feeds every layer (:func:`live_pairs`); each batch (pass
+    a training step's ``batch_windows``, so that a batch is what BatchTopK selected over) gives the
+    ``k * rows``-th largest activation, and the threshold becomes their mean
+    (:func:`workbench.sae.train.batchtopk_threshold`). Returns layer -> (mean threshold before, after); other
+    architectures are left alone. Deterministic: the same weights and windows give the same thresholds."""
+    from workbench.sae.train import batchtopk_threshold  # the trainer imports this module
+
+    chosen = sorted(layer for layer, tc in transcoders.items() if tc.cfg.architecture == "batchtopk")
+    if not chosen:
+        return {}
+    if windows.shape[0] < batch_windows:
+        raise InputError(f"{windows.shape[0]} windows cannot calibrate in batches of {batch_windows}; "
+                         "give at least one batch")
+    values: dict[int, list[float]] = {layer: [] for layer in chosen}  # per batch, so no batch is held
+    usable = windows[: windows.shape[0] // batch_windows * batch_windows]  # whole batches only
+    for batch in live_pairs(model, usable, chosen, batch_windows, first_position):
+        for layer in chosen:
+            values[layer].append(batchtopk_threshold(transcoders[layer], [batch[layer].x]))
+    out = {}
+    for layer in chosen:
+        tc = transcoders[layer]
+        before, value = float(tc.threshold.mean()), sum(values[layer]) / len(values[layer])
+        with torch.no_grad():
+            tc.threshold.fill_(value)
+        out[layer] = (before, value)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Evaluation
 
