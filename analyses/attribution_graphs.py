@@ -53,6 +53,22 @@ per graph. 24 min 47 s, peak RSS 2.61 GB (21-36 s a graph alone; 98-208 s while 
 Better transcoders raised both scores a little and left pruning where it was: influence is still spread
 over thousands of features.
 
+The same set with its BatchTopK thresholds calibrated (``TranscoderRecipe.calibrate_windows``; 56-72
+latents a row instead of 42-97; top-1 agreement 0.485; what ``$WORKBENCH_HOME/transcoders/smollm2-135m``
+now holds, the uncalibrated set kept as ``smollm2-135m-ema``), ``--max-features 7500``: replacement 0.597,
+completeness 0.887; pruning keeps 2.6x fewer feature and error nodes (least 2.2x) while completeness falls
+21.1% (most 22.6%); Spearman 0.277 pooled, 0.285 mean per graph. 14 min 50 s, peak RSS 2.70 GB (21-85 s a
+graph). More latents fire per position, so the budget keeps a smaller share of them and the sampled
+population is narrower still.
+
+The calibrated set without a budget (every active feature; ``--transcoders smollm2-135m=$WORKBENCH_HOME/
+transcoders/smollm2-135m``, no ``--max-features``; 13,726-37,903 features, 23,631 on average): replacement
+0.621, completeness 0.901; **Spearman 0.728 pooled, 0.714 mean per graph** (least 0.479; target 0.6 met, the
+paper's 0.72); pruning keeps 4.5x fewer feature and error nodes (least 3.8x; target 10x, NOT met) while
+completeness falls 20.4% (most 22.3%; target 20%, NOT met). 30 min 25 s (13-175 s a graph), peak RSS 15.5 GB.
+So influence ranks the real ablation effects as well as the paper reports once every feature is a node;
+what the per-layer set cannot do is concentrate that influence in a tenth of the nodes.
+
 Output: ``report.html`` and ``report.json`` in ``--out`` (default
 ``$WORKBENCH_HOME/runs/reports/attribution-graphs``). kjv-small takes a minute or two.
 """
