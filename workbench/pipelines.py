@@ -390,7 +390,7 @@ class TranscoderRecipe:
     --adam-beta2 0.999`` redoes them)."""
     adam_beta2: float = 0.99
     """Adam's second-moment decay. At 0.999 (the SAE trainer's default, and every set trained before this field
-    existed) lr 4e-3 holds for the recipe's 246 steps but not much longer: SmolLM2's layer 26 held at 4e-3 for
+    existed) lr 4e-3 holds for the recipe's 247 steps but not much longer: SmolLM2's layer 26 held at 4e-3 for
     two epochs (492 steps) went from training FVU 0.25 at step 330 to 0.93 at step 400 and 132 at step 460,
     while at 0.99 it kept falling, to 0.23 (held-out 0.31, CE recovered 0.798 against 0.782 for one epoch).
     Within one epoch the two agree (held-out FVU 0.347 either way; the whole SmolLM2 set retrained at 0.99
@@ -403,7 +403,7 @@ class TranscoderRecipe:
     """After training, each BatchTopK transcoder's inference threshold is set from its final weights on the last
     this many training windows, in batches of a step's windows
     (:func:`workbench.sae.transcoders.calibrate_thresholds`); 0 keeps the trainer's EMA, as sets trained before
-    this field existed did. Over the recipe's 246 steps the EMA lags behind the weights, so SmolLM2's layers
+    this field existed did. Over the recipe's 247 steps the EMA lags behind the weights, so SmolLM2's layers
     kept 42-97 latents a row at inference instead of 64; calibrated on 128 windows they keep 56-72, every
     MLP replaced at once agrees with the model's top-1 token on 0.485 of held-out positions instead of 0.474
     (CE 4.506 against 4.530, KL 1.17 against 1.22), and the layers under CE recovered 0.90 go from 9 to 7

@@ -735,7 +735,7 @@ def batchtopk_threshold(sae: SAE, batches: Iterable[Tensor]) -> float:
     step's), of the batch's ``k * rows``-th largest activation, which is what BatchTopK training kept.
 
     The trainer's own threshold is an EMA (rate ``batchtopk_threshold_lr``) of that value as the weights move.
-    Over a short run it lags behind them: SmolLM2's transcoders trained for 246 steps kept 42-97 latents a
+    Over a short run it lags behind them: SmolLM2's transcoders trained for 247 steps kept 42-97 latents a
     row at inference instead of 64. Set ``sae.threshold`` to this after training to remove the lag."""
     if sae.cfg.architecture != "batchtopk" or sae.cfg.k is None:
         raise ConfigError(f"only a BatchTopK SAE has a threshold to calibrate; this one is {sae.cfg.architecture}")
