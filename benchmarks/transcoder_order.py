@@ -2,6 +2,7 @@
 
     python -m benchmarks.transcoder_order [--layer 3] [--orders corpus,windows,mixed] [--lr 2e-3 4e-3]
                                           [--adam-beta2 0.999 0.99] [--epochs 2] [--decay-fraction 0]
+                                          [--expansion 4 8] [--k 64 128]
 
 Reads one layer's (MLP input, MLP output) pairs once, in corpus order, from the windows
 ``workbench train-transcoders`` would train on (``--tokens`` of the corpus, 32-window steps; the
@@ -20,6 +21,7 @@ spliced into the model on the held-out windows (FVU, L0, CE loss recovered, the 
 ``--epochs`` reads the same rows again, each epoch in its own seeded order, as the recipe's ``epochs``
 does; ``--decay-fraction`` replaces the pipeline's (0.3: the last 30% of the steps decay linearly to 0),
 so that ``--epochs 2 --decay-fraction 0`` holds the peak learning rate for twice the recipe's steps.
+``--expansion`` and ``--k`` try other widths and sparsities (every combination; default the set's 4 and 64).
 
 Not part of ``python -m benchmarks``: it compares training recipes, not speeds, and takes minutes
 (a layer's rows: ~2 min for SmolLM2's layer 3; each training ~1 min on this 2-core CPU).
@@ -28,6 +30,11 @@ Measured here with ``--orders corpus,windows,mixed --lr 2e-3 --adam-beta2 0.999`
 SmolLM2, layer 3, 1M tokens of kjv; 7 min):
 held-out FVU 0.577 / 0.474 / 0.467 and CE loss recovered 0.767 / 0.870 / 0.868 (CE gap 0.034 / 0.019 /
 0.019 nats). The shuffled window order does most of it; mixing four steps adds a little.
+
+``--layer 26 --orders mixed --lr 4e-3 --expansion 4 8 --k 64 128`` (27 min; reading layer 26's rows takes
+12.5 of them): CE loss recovered 0.770 / 0.759 / 0.805 / 0.790 for expansion 4 k 64 / 4 k 128 / 8 k 64 /
+8 k 128 (held-out FVU 0.346 / 0.334 / 0.322 / 0.304; training 67 / 82 / 118 / 133 s). ``--layer 1 --orders
+mixed --lr 4e-3 --expansion 4 8``: 0.849 / 0.873 (FVU 0.237 / 0.194; 53 / 84 s).
 """
 
 from __future__ import annotations
@@ -77,6 +84,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--decay-fraction", type=float, default=None,
                     help="the learning rate's decay phase (default: the pipeline's)")
     ap.add_argument("--mix-steps", type=int, default=4)
+    ap.add_argument("--expansion", type=int, nargs="+", default=[4])
+    ap.add_argument("--k", type=int, nargs="+", default=[64])
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -96,8 +105,10 @@ def main(argv: list[str] | None = None) -> None:
     rows = base.rows_per_step()
     for order in args.orders.split(","):
         index = order_index(order, base, n_train)
-        for lr, beta2 in [(lr, beta2) for lr in args.lr for beta2 in args.adam_beta2]:
-            recipe = dataclasses.replace(base, lr=lr, adam_beta2=beta2)
+        for lr, beta2, width, k in [(lr, beta2, width, k) for lr in args.lr for beta2 in args.adam_beta2
+                                    for width in args.expansion for k in args.k]:
+            recipe = dataclasses.replace(base, lr=lr, adam_beta2=beta2, expansion=width, k=k)
+            shape = {"expansion": width, "k": k}
             sae_cfg, train_cfg = P.transcoder_configs(recipe, model.cfg.d_model)
             if args.decay_fraction is not None:
                 train_cfg = dataclasses.replace(train_cfg, decay_fraction=args.decay_fraction)
@@ -112,13 +123,13 @@ def main(argv: list[str] | None = None) -> None:
             try:
                 result = train_sae(tc, batches, train_cfg)
             except TrainingDivergedError as exc:  # a recipe that blows up is a result here, not a crash
-                print(json.dumps({"layer": args.layer, "order": order, "lr": lr, "adam_beta2": beta2,
+                print(json.dumps({"layer": args.layer, "order": order, "lr": lr, "adam_beta2": beta2, **shape,
                                   "diverged": str(exc).split(";")[0]}), flush=True)
                 continue
             seconds = time.perf_counter() - t0
             [ev], _ = evaluate_transcoders(model, {args.layer: tc.eval()}, windows[n_train:],
                                            first_position=recipe.first_position)
-            print(json.dumps({"layer": args.layer, "order": order, "lr": lr, "adam_beta2": beta2,
+            print(json.dumps({"layer": args.layer, "order": order, "lr": lr, "adam_beta2": beta2, **shape,
                               "epochs": recipe.epochs, "train_s": round(seconds, 1),
                               "last_train_fvu": round(result.last_metrics["fvu"], 4),
                               "fvu": round(ev.fvu, 4), "l0": round(ev.l0, 1),
