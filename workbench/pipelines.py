@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import queue
 import shutil
 import threading
@@ -650,8 +651,7 @@ def train_transcoders(
                   "per_layer": [ev._asdict() for ev in per_layer], "whole": whole._asdict()}
         if info.rank == 0:
             (out / "set.json").write_text(json.dumps(record, indent=2))
-            # the files now hold this recipe's thresholds (the one field a rerun may change: RECIPE_AFTER_TRAINING)
-            (out / "recipe.json").write_text(json.dumps({"model": model.cfg.name, **asdict(recipe)}, indent=2))
+            _record_recipe(out, recipe, model)
     return TranscoderSet(trained, per_layer, whole, out, seconds, rate,
                          {layer: results[layer].resumed_from for layer in layers})
 
@@ -711,6 +711,19 @@ def _check_recipe(out: Path, recipe: TranscoderRecipe, model: Any, write: bool =
     elif write:
         out.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(mine, indent=2))
+
+
+def _record_recipe(out: Path, recipe: TranscoderRecipe, model: Any) -> None:
+    """Once a set is written, record this recipe if ``recipe.json`` names another value of a field a rerun may
+    change (:data:`RECIPE_AFTER_TRAINING`): the files now hold this recipe's. Atomic, and only when it differs,
+    so a plain resume never rewrites (and a kill never truncates) the file :func:`_check_recipe` reads."""
+    path = out / "recipe.json"
+    mine = {"model": model.cfg.name, **asdict(recipe)}
+    if json.loads(path.read_text()) == mine:
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(mine, indent=2))
+    os.replace(tmp, path)
 
 
 #: Transcoder sets that ship with the project: ``data/transcoders/<model name>/``.
