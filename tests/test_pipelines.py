@@ -134,6 +134,43 @@ def test_thresholds_are_calibrated_on_the_last_training_windows_and_a_rerun_may_
         TranscoderRecipe(**{**TINY, "calibrate_windows": 1})
 
 
+def test_a_kl_fine_tune_changes_only_its_layers_and_a_rerun_without_it_gives_back_the_trained_set(kjv, tmp_path):
+    """``kl_steps`` fine-tunes the ``kl_layers`` transcoders after training (recorded in set.json and the card);
+    the other layers are bit for bit those of a set trained without it. The fine-tune's fields may change on a
+    finished set: a rerun at 0 gives back the trained weights from the checkpoints, without training, and the
+    same rerun resumes the fine-tune's finished checkpoint. Layers it does not train are refused up front."""
+    from workbench.pipelines import transcoder_card
+
+    tuned_recipe = TranscoderRecipe(**{**TINY, "kl_steps": 4, "kl_windows": 2, "kl_layers": "1", "kl_lr": 1e-3})
+    out = tmp_path / "set"
+    tuned = train_transcoders(kjv, [1, 2], tuned_recipe, out, progress=False)
+    plain = train_transcoders(kjv, [1, 2], TranscoderRecipe(**TINY), tmp_path / "plain", progress=False)
+    torch.testing.assert_close(tuned.transcoders[2].W_dec, plain.transcoders[2].W_dec, atol=0, rtol=0)
+    assert not torch.equal(tuned.transcoders[1].W_dec, plain.transcoders[1].W_dec)
+    record = json.loads((out / "set.json").read_text())
+    assert record["finetune"]["layers"] == [1] and record["finetune"]["resumed_from"] is None
+    assert [h["step"] for h in record["finetune"]["history"]["1"]] == [0, 3]
+    assert "Then layers 1 fine-tuned 4 steps of 2 windows" in transcoder_card(record, "cmd")
+    for name in ("W_dec", "W_enc", "W_skip"):
+        torch.testing.assert_close(getattr(load_transcoder_set(out, model=kjv)[1], name),
+                                   getattr(tuned.transcoders[1], name), atol=0, rtol=0)
+
+    again = train_transcoders(kjv, [1, 2], tuned_recipe, out, progress=False)  # the finished fine-tune is resumed
+    assert json.loads((out / "set.json").read_text())["finetune"]["resumed_from"] == 4
+    torch.testing.assert_close(again.transcoders[1].W_dec, tuned.transcoders[1].W_dec, atol=0, rtol=0)
+    back = train_transcoders(kjv, [1, 2], TranscoderRecipe(**TINY), out, progress=False)
+    assert back.resumed == {1: 6, 2: 6} and json.loads((out / "set.json").read_text())["finetune"] is None
+    for layer in (1, 2):
+        torch.testing.assert_close(back.transcoders[layer].W_dec, plain.transcoders[layer].W_dec, atol=0, rtol=0)
+
+    with pytest.raises(ConfigError, match=r"names layers \[3\] this run does not train"):
+        train_transcoders(kjv, [1, 2], TranscoderRecipe(**{**TINY, "kl_steps": 2, "kl_layers": "1,3"}),
+                          tmp_path / "bad", progress=False)
+    assert not (tmp_path / "bad").exists()
+    with pytest.raises(ConfigError, match="kl_lr"):
+        TranscoderRecipe(**{**TINY, "kl_steps": 2, "kl_lr": 0.0})
+
+
 def test_export_and_ship(kjv, tiny_set, tmp_path, monkeypatch):
     ct = export_circuit_tracer(tiny_set.out_dir, tmp_path / "ct")
     theirs, config = load_circuit_tracer(ct)

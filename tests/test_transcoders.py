@@ -118,6 +118,67 @@ def test_evaluation_of_a_transcoder_that_predicts_nothing_recovers_nothing():
         T.evaluate_transcoders(model, {0: _tc(d=16)}, windows)
 
 
+def test_kl_fine_tune_lowers_the_spliced_loss_resumes_exactly_and_gives_the_model_no_gradient(tmp_path):
+    """Each layer's transcoder, spliced in alone, is fine-tuned on the KL to the real model: held-out CE with it
+    spliced in falls for every layer. The model's weights get no gradient and the transcoders passed in are left
+    as they were. A run stopped after its checkpoint resumes to the weights of an unbroken run; a checkpoint of
+    other settings is not resumed."""
+    torch.manual_seed(0)
+    model = HookedGPT(tiny_cfg(n_layers=3, **LLAMA_TINY)).eval()
+    windows = torch.randint(0, 50, (24, 12))
+    names = [f"blocks.{layer}.{h}" for layer in range(3) for h in ("hook_resid_mid", "mlp.hook_out")]
+    logits, cache = model.run_with_cache(windows[:4], names_filter=names)
+    for layer in range(3):  # the real MLP output through the later blocks only: the model's own logits
+        spliced = T.spliced_logits(model, layer, cache[f"blocks.{layer}.hook_resid_mid"],
+                                   cache[f"blocks.{layer}.mlp.hook_out"], first_position=1)
+        torch.testing.assert_close(spliced, logits[:, 1:], atol=1e-5, rtol=0)
+
+    from workbench.pipelines import token_windows
+    from workbench.zoo import load_model
+
+    model = load_model("kjv-small").eval()  # a trained model, whose MLPs matter
+    windows = token_windows(model, "kjv", 16, 24)
+    start = {0: _tc(d=128, seed=0), 2: _tc(d=128, seed=2)}  # random: spliced in, worse than the MLP zeroed
+    kept = {layer: tc.W_dec.clone() for layer, tc in start.items()}
+    cfg = T.KLFinetuneConfig(steps=8, batch_windows=2, lr=1e-2, checkpoint_every=2)
+    before = T.evaluate_transcoders(model, start, windows[16:], first_position=1)[0]
+    tuned = T.finetune_on_kl(model, start, windows[:16], cfg, tmp_path / "whole", log_every=1)
+    after = T.evaluate_transcoders(model, tuned.transcoders, windows[16:], first_position=1)[0]
+    for b, a in zip(before, after):  # layer 0: 6.88 -> 4.72 (clean 4.03), layer 2: 4.21 -> 4.04 (clean 4.03)
+        assert a.ce_spliced < b.ce_spliced - 0.1, (b, a)
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(start[layer].W_dec, kept[layer]) for layer in start)
+    assert [h["step"] for h in tuned.history[0]] == list(range(8)) and tuned.resumed_from is None
+    for tc in tuned.transcoders.values():
+        torch.testing.assert_close(tc.W_dec.norm(dim=-1), torch.ones(64))
+
+    real = model.run_with_cache
+    calls = []
+
+    def stop_at_the_sixth_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    model.run_with_cache = stop_at_the_sixth_step
+    with pytest.raises(KeyboardInterrupt):
+        T.finetune_on_kl(model, start, windows[:16], cfg, tmp_path / "stopped", log_every=1)
+    del model.run_with_cache
+    resumed = T.finetune_on_kl(model, start, windows[:16], cfg, tmp_path / "stopped", log_every=1)
+    assert resumed.resumed_from == 4 and resumed.history == tuned.history
+    for layer in start:
+        for name, tensor in tuned.transcoders[layer].state_dict().items():
+            torch.testing.assert_close(resumed.transcoders[layer].state_dict()[name], tensor, atol=0, rtol=0)
+    other = T.finetune_on_kl(model, start, windows[:16], T.KLFinetuneConfig(steps=8, batch_windows=2, lr=5e-3),
+                             tmp_path / "stopped")
+    assert other.resumed_from is None  # another learning rate: started over from the weights passed in
+    with pytest.raises(InputError, match=r"needs \[>= 16, >= 3\] token windows"):
+        T.finetune_on_kl(model, start, windows[:10], cfg)
+    with pytest.raises(ConfigError, match="lr=0"):
+        T.KLFinetuneConfig(steps=2, lr=0)
+
+
 def test_a_transcoder_recovers_planted_features_through_a_linear_map(one_thread):
     """x = sparse features along known input directions (an orthonormal basis, so the encoder is identifiable:
     data spanning only part of the space would leave the rest of each encoder column at its random start);

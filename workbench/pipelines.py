@@ -44,15 +44,19 @@ from workbench.sae.io import load_sae, save_sae
 from workbench.sae.model import SAE, Architecture, Normalization, SAEConfig
 from workbench.sae.train import SKIP_INITS, SAETrainConfig, TrainConfig, TrainResult, collective_group, train_sae
 from workbench.sae.transcoders import (
+    KLFinetuneConfig,
+    KLFinetuneResult,
     LayerEval,
     SetEval,
     calibrate_thresholds,
     check_layers,
     check_set,
     evaluate_transcoders,
+    finetune_on_kl,
     input_hook,
     mixed_live_pairs,
     output_hook,
+    parse_layers,
 )
 from workbench.store import ActivationStore, ReaderConfig, StoreConfig, WriteResult, open_store, write_store
 from workbench.zoo import load_model
@@ -411,6 +415,18 @@ class TranscoderRecipe:
     (layer 9: 0.899 -> 0.991, layer 28: 0.855 -> 0.914; layer 3: 0.910 -> 0.901). Only the thresholds
     depend on it, so it may change when a finished set is run again: that recalibrates the set from its
     checkpoints and evaluates it anew without training."""
+    kl_steps: int = 0
+    """After training, fine-tune the ``kl_layers`` transcoders this many steps on the spliced model's next-token
+    KL against the real model (:func:`workbench.sae.transcoders.finetune_on_kl`), before the thresholds are
+    calibrated; 0: no fine-tune. The windows are a seeded draw from the training text."""
+    kl_layers: str = "all"
+    """Which of the trained layers are fine-tuned: 'all' or comma-separated layers such as 1,22,23."""
+    kl_windows: int = 8
+    """Windows per fine-tuning step."""
+    kl_lr: float = 1e-4
+    """The fine-tune's Adam learning rate (warmed up over its first tenth, decayed over its last 30%)."""
+    kl_fvu_weight: float = 0.05
+    """Weight of the MLP output's FVU beside the KL in the fine-tune's loss."""
     seed: int = 0
     """Seeds the initialisation and the order of the windows."""
     eval_windows: int = 32
@@ -421,7 +437,8 @@ class TranscoderRecipe:
     """Steps between each layer's atomic checkpoints (0: only at the end); a killed run resumes from the last one."""
 
     def __post_init__(self) -> None:
-        for name in ("n_ctx", "tokens", "epochs", "batch_windows", "mix_steps", "expansion", "k", "eval_windows"):
+        for name in ("n_ctx", "tokens", "epochs", "batch_windows", "mix_steps", "expansion", "k", "eval_windows",
+                     "kl_windows"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be at least 1")
         if not 0 <= self.first_position < self.n_ctx - 1:
@@ -431,6 +448,12 @@ class TranscoderRecipe:
         if self.calibrate_windows and self.calibrate_windows < self.batch_windows:
             raise ConfigError(f"calibrate_windows={self.calibrate_windows} must be 0 (keep the training EMA) or at "
                               f"least batch_windows={self.batch_windows} (one batch)")
+        if self.kl_steps < 0:
+            raise ConfigError(f"kl_steps={self.kl_steps} must be 0 (no fine-tune) or more")
+        if not (math.isfinite(self.kl_lr) and self.kl_lr > 0):
+            raise ConfigError(f"kl_lr={self.kl_lr} must be a positive number")
+        if not (math.isfinite(self.kl_fvu_weight) and self.kl_fvu_weight >= 0):
+            raise ConfigError(f"kl_fvu_weight={self.kl_fvu_weight} must be a number >= 0")
         if not 0 < self.adam_beta2 < 1:
             raise ConfigError(f"adam_beta2={self.adam_beta2} must lie in (0, 1)")
         if not (math.isfinite(self.latent_init_scale) and self.latent_init_scale > 0):
@@ -559,6 +582,8 @@ def train_transcoders(
         raise ConfigError(f"batch_windows={recipe.batch_windows} does not split evenly among {info.world_size} "
                           "processes; choose a multiple of the process count")
     layers = check_layers(model, layers)
+    if recipe.kl_steps:
+        _kl_layers(recipe, model, layers)  # refused before anything is trained
     out = Path(out_dir)
     steps = recipe.total_steps()
     n_train = recipe.steps_per_epoch() * recipe.batch_windows
@@ -633,6 +658,11 @@ def train_transcoders(
         seconds = time.perf_counter() - t0
         trained = {layer: results[layer].sae for layer in layers}
         release_freed_memory()
+        finetune = None
+        if recipe.kl_steps:
+            finetune = _finetune(model, trained, text, recipe, out, progress)
+            trained.update(finetune.transcoders)
+            release_freed_memory()
         thresholds = {} if calibration is None else calibrate_thresholds(
             model, trained, calibration, recipe.batch_windows, recipe.first_position)
         for layer, tc in trained.items():
@@ -648,12 +678,42 @@ def train_transcoders(
                   "tokens_per_second": rate, "fresh_layers": fresh,
                   "thresholds": {str(layer): {"training": before, "calibrated": after}
                                  for layer, (before, after) in thresholds.items()},
+                  "finetune": None if finetune is None else {
+                      "layers": sorted(finetune.transcoders), "seconds": finetune.seconds,
+                      "resumed_from": finetune.resumed_from,
+                      "history": {str(layer): h for layer, h in finetune.history.items()}},
                   "per_layer": [ev._asdict() for ev in per_layer], "whole": whole._asdict()}
         if info.rank == 0:
             (out / "set.json").write_text(json.dumps(record, indent=2))
             _record_recipe(out, recipe, model)
     return TranscoderSet(trained, per_layer, whole, out, seconds, rate,
                          {layer: results[layer].resumed_from for layer in layers})
+
+
+def _kl_layers(recipe: TranscoderRecipe, model: Any, layers: Sequence[int]) -> list[int]:
+    """The layers the recipe fine-tunes, all of them among ``layers`` (the trained ones)."""
+    chosen = sorted(set(layers) if recipe.kl_layers.strip() == "all"
+                    else set(parse_layers(recipe.kl_layers, model.cfg.n_layers)))
+    missing = sorted(set(chosen) - set(layers))
+    if missing or not chosen:
+        raise ConfigError(f"kl_layers={recipe.kl_layers!r} names layers {missing or 'none'} this run does not train "
+                          f"(it trains {sorted(layers)}); fine-tune 'all' or a subset of --layers")
+    return chosen
+
+
+def _finetune(model: Any, trained: dict[int, SAE], text: Tensor, recipe: TranscoderRecipe, out: Path,
+              progress: bool) -> KLFinetuneResult:
+    """The recipe's KL fine-tune of its ``kl_layers`` (:attr:`TranscoderRecipe.kl_steps`), checkpointed in ``out``."""
+    chosen = _kl_layers(recipe, model, sorted(trained))
+    every = max(1, recipe.checkpoint_every // 8) if recipe.checkpoint_every else 0  # a fine-tune step costs more
+    cfg = KLFinetuneConfig(recipe.kl_steps, recipe.kl_windows, recipe.kl_lr, recipe.kl_fvu_weight,
+                           first_position=recipe.first_position, checkpoint_every=every)
+    need = cfg.steps * cfg.batch_windows
+    # a seeded draw from the training text (all of it, on every rank: the fine-tune splits each step itself)
+    order = torch.cat([
+        torch.randperm(text.shape[0], generator=torch.Generator().manual_seed(recipe.seed * 1000 + 500 + e))
+        for e in range(math.ceil(need / text.shape[0]))])[:need]
+    return finetune_on_kl(model, {layer: trained[layer] for layer in chosen}, text[order], cfg, out, progress=progress)
 
 
 def window_order(recipe: TranscoderRecipe, n_train: int) -> Tensor:
@@ -685,11 +745,13 @@ def transcoder_metadata(model: Any, layer: int, recipe: TranscoderRecipe) -> dic
 
 
 #: What a recipe written before a field existed means by leaving it out (fields not named here: their default).
-RECIPE_BEFORE_FIELD: dict[str, Any] = {"shuffle": False, "mix_steps": 1, "adam_beta2": 0.999, "calibrate_windows": 0}
+RECIPE_BEFORE_FIELD: dict[str, Any] = {"shuffle": False, "mix_steps": 1, "adam_beta2": 0.999, "calibrate_windows": 0,
+                                       "kl_steps": 0}
 
 #: Recipe fields that decide only what is done with the trained weights, so a finished or interrupted set may
 #: be run again with another value (the new value is recorded once the set is written).
-RECIPE_AFTER_TRAINING = frozenset({"calibrate_windows"})
+RECIPE_AFTER_TRAINING = frozenset({"calibrate_windows", "kl_steps", "kl_layers", "kl_windows", "kl_lr",
+                                   "kl_fvu_weight"})
 
 
 def _check_recipe(out: Path, recipe: TranscoderRecipe, model: Any, write: bool = True) -> None:
@@ -821,6 +883,10 @@ def transcoder_card(record: dict[str, Any], command: str) -> str:
            "(the mean over batches of each batch's k x rows-th activation, with the final weights).", ""]
           if (calibrate := r.get("calibrate_windows", RECIPE_BEFORE_FIELD["calibrate_windows"]))
           and r["architecture"] == "batchtopk" else []),
+        *([f"Then layers {', '.join(map(str, ft['layers']))} fine-tuned {r['kl_steps']} steps of {r['kl_windows']} "
+           f"windows on the next-token KL against the real model with the layer's transcoder spliced in (plus "
+           f"{r['kl_fvu_weight']} x FVU; Adam lr {r['kl_lr']}), in {ft['seconds'] / 60:.1f} min.", ""]
+          if (ft := record.get("finetune")) else []),
         "Reproduce:", "", "```", command, "```", "",
         f"Evaluated on the {r['eval_windows']} windows after the training text (held out):", "",
         "| layer | FVU | L0 | dead | CE clean | CE spliced | CE zero-ablated | CE recovered |",

@@ -13,8 +13,11 @@ place of the MLP's output and measures what the rest of the model makes of it:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
@@ -246,6 +249,225 @@ def calibrate_thresholds(
             tc.threshold.fill_(value)
         out[layer] = (before, value)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Fine-tuning on what the rest of the model makes of the prediction
+
+
+@dataclass(frozen=True)
+class KLFinetuneConfig:
+    """Settings of :func:`finetune_on_kl`."""
+
+    steps: int
+    """Optimizer steps; every chosen layer takes one per step."""
+    batch_windows: int = 8
+    """Windows per step (split among torchrun processes)."""
+    lr: float = 1e-4
+    """Adam's learning rate: linearly up over the first ``warmup_fraction`` of the steps (Adam's first steps move
+    every weight by about ``lr`` whatever its gradient, which a trained transcoder does not need), constant, then
+    linearly to 0 over the last ``decay_fraction``."""
+    fvu_weight: float = 0.05
+    """Weight of the MLP output's FVU beside the KL (keeps the prediction an MLP output, not any vector the
+    later layers happen to tolerate)."""
+    first_position: int = 1
+    """Positions before this one keep the MLP's real output and are not scored (as in training)."""
+    warmup_fraction: float = 0.1
+    decay_fraction: float = 0.3
+    checkpoint_every: int = 25
+    """Steps between atomic checkpoints of the whole stage (0: none); a killed run resumes from the last one."""
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_windows < 1:
+            raise ConfigError(f"steps={self.steps} and batch_windows={self.batch_windows} must be at least 1")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"lr={self.lr} must be a positive number")
+        if not (math.isfinite(self.fvu_weight) and self.fvu_weight >= 0):
+            raise ConfigError(f"fvu_weight={self.fvu_weight} must be a number >= 0")
+        if not (0 <= self.decay_fraction <= 1 and 0 <= self.warmup_fraction <= 1):
+            raise ConfigError(f"warmup_fraction={self.warmup_fraction} and decay_fraction={self.decay_fraction} "
+                              "must lie in [0, 1]")
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of step ``step`` (0-based)."""
+        warmup = round(self.steps * self.warmup_fraction)
+        decay = round(self.steps * self.decay_fraction)
+        scale = min(1.0, (step + 1) / warmup) if warmup else 1.0
+        if decay and self.steps - step < decay:
+            scale = min(scale, (self.steps - step) / decay)
+        return self.lr * scale
+
+
+class KLFinetuneResult(NamedTuple):
+    transcoders: dict[int, SAE]
+    """Layer -> the fine-tuned transcoder (a copy; the ones passed in are left as they were)."""
+    history: dict[int, list[dict[str, float]]]
+    """Layer -> ``{"step", "kl", "fvu", "l0"}`` of every ``log_every``-th step (on that step's training batch)."""
+    resumed_from: int | None
+    seconds: float
+
+
+FINETUNE_DIR = "finetune"
+
+
+def spliced_logits(
+    model: Any,
+    layer: int,
+    resid_mid: Float[Tensor, "batch pos d_model"],
+    mlp_out: Float[Tensor, "batch pos d_model"],
+    first_position: int = 0,
+) -> Float[Tensor, "batch scored d_vocab"]:
+    """Return the logits at positions ``first_position:`` when block ``layer``'s MLP writes ``mlp_out``, running
+    only the blocks after it from the cached ``blocks.L.hook_resid_mid`` (blocks are sequential: the block's
+    output is ``resid_mid + mlp_out``). The same logits as splicing by a hook, without the layers before."""
+    resid = model.run_blocks(resid_mid + mlp_out, start=layer + 1)
+    return model.unembed_resid(resid[:, first_position:])
+
+
+def finetune_on_kl(
+    model: Any,
+    transcoders: Mapping[int, SAE],
+    windows: Int[Tensor, "n_windows pos"],
+    cfg: KLFinetuneConfig,
+    out_dir: Any = None,
+    *,
+    progress: bool = False,
+    log_every: int = 5,
+) -> KLFinetuneResult:
+    """Fine-tune each layer's transcoder, spliced in alone, on the KL between the real model's next-token
+    distribution and the spliced model's (plus ``fvu_weight`` times the FVU of the MLP output).
+
+    The layer-local objective trains what the evaluation measures (CE loss recovered): each MLP's prediction
+    is judged by what the later layers make of it, not only by its distance to the real output (end-to-end
+    dictionary training: Braun et al. 2024; a short KL fine-tune after MSE training: Karvonen 2025). Per step,
+    one clean forward pass over ``batch_windows`` windows caches every chosen layer's MLP input, output and
+    ``resid_mid``; each layer then runs only the blocks after it (:func:`spliced_logits`) and takes an Adam
+    step. The model is frozen. BatchTopK transcoders select over the step's rows as in training (recalibrate
+    their thresholds afterwards); decoder rows stay unit-norm.
+
+    ``windows`` holds ``cfg.steps * cfg.batch_windows`` windows, read in order. With ``out_dir`` the stage
+    checkpoints there (``finetune/state.pt``) and a killed run resumes to the same weights as an unbroken one;
+    a checkpoint written with other settings, layers or windows is not resumed (the stage starts over). Under
+    torchrun each process takes its share of every step's windows and the gradients are averaged."""
+    import copy
+    import time
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    from workbench.distributed import dist_info
+    from workbench.runs import read_checkpoint, write_checkpoint
+    from workbench.sae.train import project_decoder_gradient
+
+    check_set(model, transcoders)
+    layers = sorted(transcoders)
+    info = dist_info()
+    windows = torch.as_tensor(windows)
+    need = cfg.steps * cfg.batch_windows
+    if windows.ndim != 2 or windows.shape[0] < need or windows.shape[1] < cfg.first_position + 2:
+        raise InputError(f"fine-tuning {cfg.steps} steps of {cfg.batch_windows} windows needs [>= {need}, "
+                         f">= {cfg.first_position + 2}] token windows; got {tuple(windows.shape)}")
+    if cfg.batch_windows % info.world_size:
+        raise ConfigError(f"batch_windows={cfg.batch_windows} does not split evenly among {info.world_size} "
+                          "processes; choose a multiple of the process count")
+    share = cfg.batch_windows // info.world_size
+    device = model.embed.W_E.device
+    tuned = {layer: copy.deepcopy(transcoders[layer]).train() for layer in layers}
+    optims = {layer: torch.optim.Adam(tuned[layer].parameters(), lr=cfg.lr) for layer in layers}
+    # what a checkpoint must match to be resumed: the settings, the layers, the windows and the starting weights
+    digest = hashlib.sha256(windows[:need].contiguous().numpy().tobytes())
+    for layer in layers:
+        for tensor in transcoders[layer].state_dict().values():
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    fingerprint = {"settings": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}, "layers": layers,
+                   "data": digest.hexdigest()}
+    path = Path(out_dir) / FINETUNE_DIR / "state.pt" if out_dir is not None else None
+    start, resumed, history = 0, None, {layer: [] for layer in layers}
+    if path is not None and path.exists():
+        state = read_checkpoint(path, device)
+        if json.loads(state["fingerprint"]) == json.loads(json.dumps(fingerprint)):
+            for layer in layers:
+                tuned[layer].load_state_dict(state["sae"][str(layer)])
+                optims[layer].load_state_dict(state["adam"][str(layer)])
+            start = resumed = int(state["step"])
+            history = {int(k): v for k, v in json.loads(state["history"]).items()}
+
+    def checkpoint(step: int) -> None:
+        if info.rank == 0:
+            write_checkpoint(path, {
+                "step": step, "fingerprint": json.dumps(fingerprint), "history": json.dumps(history),
+                "sae": {str(layer): tuned[layer].state_dict() for layer in layers},
+                "adam": {str(layer): optims[layer].state_dict() for layer in layers}})
+
+    names = [h for layer in layers for h in (input_hook(layer), output_hook(layer), f"blocks.{layer}.hook_resid_mid")]
+    fp = cfg.first_position
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=cfg.steps, initial=start, unit="step", desc="KL fine-tune")
+    t0 = time.perf_counter()
+    try:
+        for step in range(start, cfg.steps):
+            b0 = step * cfg.batch_windows + info.rank * share
+            tokens = windows[b0: b0 + share].to(device)
+            with torch.no_grad():
+                logits, cache = model.run_with_cache(tokens, names_filter=names)
+                logp_clean = F.log_softmax(logits[:, fp:].float(), dim=-1)
+                p_clean = logp_clean.exp()
+                del logits
+            for layer in layers:
+                tc, opt = tuned[layer], optims[layer]
+                x, y = cache[input_hook(layer)], cache[output_hook(layer)]
+                mid = cache[f"blocks.{layer}.hook_resid_mid"]
+                rows_x = x[:, fp:].reshape(-1, x.shape[-1]).float()
+                target = y[:, fp:].float()
+                out = tc(rows_x)
+                pred = out.x_hat.view_as(target)
+                mlp_out = torch.cat([y[:, :fp], pred.to(y.dtype)], dim=1)
+                logp = F.log_softmax(spliced_logits(model, layer, mid, mlp_out, fp).float(), dim=-1)
+                kl = (p_clean * (logp_clean - logp)).sum(-1).mean()
+                flat = target.reshape(-1, target.shape[-1])
+                fvu = (pred.reshape_as(flat) - flat).pow(2).sum() / (flat - flat.mean(0)).pow(2).sum().clamp_min(1e-12)
+                loss = kl + cfg.fvu_weight * fvu
+                if not torch.isfinite(loss):
+                    raise DataError(f"KL fine-tuning layer {layer}'s transcoder gave a non-finite loss at step {step} "
+                                    f"(KL {float(kl)}, FVU {float(fvu)}); lower the fine-tune's learning rate. "
+                                    "Nothing of this step was written; the last checkpoint holds")
+                # gradients of this transcoder only: the model's weights (perhaps shared with other callers) get none
+                params = [q for q in tc.parameters() if q.requires_grad]
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
+                for q, g in zip(params, grads):
+                    q.grad = g
+                grads = [g for g in grads if g is not None]
+                if info.world_size > 1:
+                    flat_g = torch.cat([g.reshape(-1) for g in grads])
+                    dist.all_reduce(flat_g)
+                    flat_g /= info.world_size
+                    offset = 0
+                    for g in grads:
+                        g.copy_(flat_g[offset: offset + g.numel()].view_as(g))
+                        offset += g.numel()
+                project_decoder_gradient(tc)
+                for group in opt.param_groups:
+                    group["lr"] = cfg.lr_at(step)
+                opt.step()
+                tc.normalize_decoder()
+                if step % log_every == 0 or step == cfg.steps - 1:
+                    history[layer].append({"step": step, "kl": float(kl.detach()), "fvu": float(fvu.detach()),
+                                           "l0": float((out.latents != 0).sum()) / rows_x.shape[0]})
+                del out, pred, mlp_out, logp, kl, fvu, loss
+            del cache, logp_clean, p_clean
+            done = step + 1
+            if path is not None and cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+                checkpoint(done)
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    for tc in tuned.values():
+        tc.eval()
+    return KLFinetuneResult(tuned, history, resumed, time.perf_counter() - t0)
 
 
 # ---------------------------------------------------------------------------------------------
