@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import errno
 import os
 import subprocess
@@ -132,6 +133,26 @@ class _Cfg:
     betas: tuple[float, float] = (0.9, 0.99)
     progress: bool = True
     """Show a bar."""
+
+
+def test_every_commands_help_renders():
+    """Flag help comes from field docstrings, which may hold a literal '%' (argparse formats help with %)."""
+    from workbench.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert len(commands.choices) > 10
+    for name, sub in commands.choices.items():
+        assert f"{name}" in sub.format_help()
+
+    @dataclass
+    class Percent:
+        share: float = 0.3
+        """Decays over the last 30% of the steps."""
+
+    p = argparse.ArgumentParser()
+    ConfigFlags(Percent).add_to(p)
+    assert "the last 30% of the steps" in p.format_help()
 
 
 def test_config_flags_come_from_the_dataclass_and_round_trip():

@@ -424,7 +424,8 @@ class TranscoderRecipe:
     kl_windows: int = 8
     """Windows per fine-tuning step."""
     kl_lr: float = 1e-4
-    """The fine-tune's Adam learning rate (warmed up over its first tenth, decayed over its last 30%)."""
+    """The fine-tune's Adam learning rate (warmed up over its first tenth of the steps, decayed to 0 over the last
+    three tenths)."""
     kl_fvu_weight: float = 0.05
     """Weight of the MLP output's FVU beside the KL in the fine-tune's loss."""
     seed: int = 0

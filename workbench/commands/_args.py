@@ -225,7 +225,7 @@ class ConfigFlags:
         for f in self.fields():
             dest = self.dest(f.name)
             default = self.default(f)
-            doc = docs.get(f.name, "")
+            doc = docs.get(f.name, "").replace("%", "%%")  # argparse %-formats help: a literal "30%" broke --help
             kind, nargs, choices = _flag_type(self.cls, f.name, hints[f.name])
             choices = self.choices.get(f.name, choices)
             required = default is MISSING
