@@ -167,6 +167,8 @@ def test_a_kl_fine_tune_changes_only_its_layers_and_a_rerun_without_it_gives_bac
         train_transcoders(kjv, [1, 2], TranscoderRecipe(**{**TINY, "kl_steps": 2, "kl_layers": "1,3"}),
                           tmp_path / "bad", progress=False)
     assert not (tmp_path / "bad").exists()
+    with pytest.raises(ConfigError, match="calibrate_windows >= batch_windows"):
+        TranscoderRecipe(**{**TINY, "kl_steps": 2, "calibrate_windows": 0})
     with pytest.raises(ConfigError, match="kl_lr"):
         TranscoderRecipe(**{**TINY, "kl_steps": 2, "kl_lr": 0.0})
 

@@ -451,6 +451,9 @@ class TranscoderRecipe:
                               f"least batch_windows={self.batch_windows} (one batch)")
         if self.kl_steps < 0:
             raise ConfigError(f"kl_steps={self.kl_steps} must be 0 (no fine-tune) or more")
+        if self.kl_steps and self.architecture == "batchtopk" and not self.calibrate_windows:
+            raise ConfigError("the KL fine-tune (kl_steps) moves BatchTopK's weights away from the thresholds training "
+                              "left; calibrate them after it (calibrate_windows >= batch_windows)")
         if not (math.isfinite(self.kl_lr) and self.kl_lr > 0):
             raise ConfigError(f"kl_lr={self.kl_lr} must be a positive number")
         if not (math.isfinite(self.kl_fvu_weight) and self.kl_fvu_weight >= 0):

@@ -348,7 +348,8 @@ def finetune_on_kl(
     ``windows`` holds ``cfg.steps * cfg.batch_windows`` windows, read in order. With ``out_dir`` the stage
     checkpoints there (``finetune/state.pt``) and a killed run resumes to the same weights as an unbroken one;
     a checkpoint written with other settings, layers or windows is not resumed (the stage starts over). Under
-    torchrun each process takes its share of every step's windows and the gradients are averaged."""
+    torchrun each process takes its share of every step's windows and the gradients are averaged (BatchTopK
+    selects over each process's rows, and the FVU term divides by each process's own variance)."""
     import copy
     import time
     from pathlib import Path
