@@ -423,7 +423,7 @@ class TranscoderRecipe:
     """Which of the trained layers are fine-tuned: 'all' or comma-separated layers such as 1,22,23."""
     kl_windows: int = 8
     """Windows per fine-tuning step."""
-    kl_lr: float = 1e-4
+    kl_lr: float = 3e-4
     """The fine-tune's Adam learning rate (warmed up over its first tenth of the steps, decayed to 0 over the last
     three tenths)."""
     kl_fvu_weight: float = 0.05
