@@ -55,11 +55,15 @@ over thousands of features.
 
 The same set with its BatchTopK thresholds calibrated (``TranscoderRecipe.calibrate_windows``; 56-72
 latents a row instead of 42-97; top-1 agreement 0.485; what ``$WORKBENCH_HOME/transcoders/smollm2-135m``
-now holds, the uncalibrated set kept as ``smollm2-135m-ema``), ``--max-features 7500``: replacement 0.597,
-completeness 0.887; pruning keeps 2.6x fewer feature and error nodes (least 2.2x) while completeness falls
+held before its KL fine-tune), ``--max-features 7500``: replacement 0.597, completeness 0.887; pruning
+keeps 2.6x fewer feature and error nodes (least 2.2x) while completeness falls
 21.1% (most 22.6%); Spearman 0.277 pooled, 0.285 mean per graph. 14 min 50 s, peak RSS 2.70 GB (21-85 s a
 graph). More latents fire per position, so the budget keeps a smaller share of them and the sampled
 population is narrower still.
+
+These figures were measured on the set before its KL fine-tune (``TranscoderRecipe.kl_steps``, added on
+2026-12-06 after them; ``workbench train-transcoders smollm2-135m --layers all --kl-steps 0`` gives that set back
+from its checkpoints); the fine-tuned set has not been run through this analysis yet.
 
 The calibrated set without a budget (every active feature; ``--transcoders smollm2-135m=$WORKBENCH_HOME/
 transcoders/smollm2-135m``, no ``--max-features``; 13,726-37,903 features, 23,631 on average): replacement
