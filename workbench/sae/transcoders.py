@@ -263,7 +263,7 @@ class KLFinetuneConfig:
     """Optimizer steps; every chosen layer takes one per step."""
     batch_windows: int = 8
     """Windows per step (split among torchrun processes)."""
-    lr: float = 1e-4
+    lr: float = 3e-4
     """Adam's learning rate: linearly up over the first ``warmup_fraction`` of the steps (Adam's first steps move
     every weight by about ``lr`` whatever its gradient, which a trained transcoder does not need), constant, then
     linearly to 0 over the last ``decay_fraction``."""
@@ -354,11 +354,9 @@ def finetune_on_kl(
     import time
     from pathlib import Path
 
-    import torch.distributed as dist
-
     from workbench.distributed import dist_info
     from workbench.runs import read_checkpoint, write_checkpoint
-    from workbench.sae.train import project_decoder_gradient
+    from workbench.sae.train import _average_gradients, project_decoder_gradient
 
     check_set(model, transcoders)
     layers = sorted(transcoders)
@@ -376,7 +374,7 @@ def finetune_on_kl(
     tuned = {layer: copy.deepcopy(transcoders[layer]).train() for layer in layers}
     optims = {layer: torch.optim.Adam(tuned[layer].parameters(), lr=cfg.lr) for layer in layers}
     # what a checkpoint must match to be resumed: the settings, the layers, the windows and the starting weights
-    digest = hashlib.sha256(windows[:need].contiguous().numpy().tobytes())
+    digest = hashlib.sha256(windows[:need].cpu().contiguous().numpy().tobytes())
     for layer in layers:
         for tensor in transcoders[layer].state_dict().values():
             digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
@@ -439,15 +437,7 @@ def finetune_on_kl(
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
                 for q, g in zip(params, grads):
                     q.grad = g
-                grads = [g for g in grads if g is not None]
-                if info.world_size > 1:
-                    flat_g = torch.cat([g.reshape(-1) for g in grads])
-                    dist.all_reduce(flat_g)
-                    flat_g /= info.world_size
-                    offset = 0
-                    for g in grads:
-                        g.copy_(flat_g[offset: offset + g.numel()].view_as(g))
-                        offset += g.numel()
+                _average_gradients(params, info.world_size)  # over the default group: every rank, layers in order
                 project_decoder_gradient(tc)
                 for group in opt.param_groups:
                     group["lr"] = cfg.lr_at(step)
