@@ -288,14 +288,13 @@ class KLFinetuneConfig:
             raise ConfigError(f"warmup_fraction={self.warmup_fraction} and decay_fraction={self.decay_fraction} "
                               "must lie in [0, 1]")
 
-    def lr_at(self, step: int) -> float:
-        """The learning rate of step ``step`` (0-based)."""
-        warmup = round(self.steps * self.warmup_fraction)
-        decay = round(self.steps * self.decay_fraction)
-        scale = min(1.0, (step + 1) / warmup) if warmup else 1.0
-        if decay and self.steps - step < decay:
-            scale = min(scale, (self.steps - step) / decay)
-        return self.lr * scale
+    @property
+    def schedule(self) -> Any:
+        """The learning-rate schedule, for :func:`workbench.runs.lr_at`."""
+        from workbench.runs import LRSchedule
+
+        return LRSchedule(self.lr, self.steps, warmup_steps=round(self.steps * self.warmup_fraction), decay="linear",
+                          decay_fraction=self.decay_fraction)
 
 
 class KLFinetuneResult(NamedTuple):
@@ -355,7 +354,7 @@ def finetune_on_kl(
     from pathlib import Path
 
     from workbench.distributed import dist_info
-    from workbench.runs import read_checkpoint, write_checkpoint
+    from workbench.runs import lr_at, read_checkpoint, write_checkpoint
     from workbench.sae.train import _average_gradients, project_decoder_gradient
 
     check_set(model, transcoders)
@@ -440,7 +439,7 @@ def finetune_on_kl(
                 _average_gradients(params, info.world_size)  # over the default group: every rank, layers in order
                 project_decoder_gradient(tc)
                 for group in opt.param_groups:
-                    group["lr"] = cfg.lr_at(step)
+                    group["lr"] = lr_at(cfg, step)
                 opt.step()
                 tc.normalize_decoder()
                 if step % log_every == 0 or step == cfg.steps - 1:
