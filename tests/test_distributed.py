@@ -141,16 +141,17 @@ def test_a_malformed_world_size_is_named(monkeypatch, bad):
 def test_torchrun_two_processes_train_the_transcoder_set_one_process_trains(tmp_path):
     """The live all-layers trainer under `torchrun --nproc_per_node 2` (gloo, kjv-small, two layers, TopK so
     the selection is per row): each process reads half of every step's windows, each layer averages its
-    gradients over its own group, and the weights, KL fine-tune included, equal a one-process run's."""
+    gradients over its own group, and the weights, both KL fine-tunes included, equal a one-process run's."""
     repo = Path(__file__).resolve().parent.parent
     # lr 2e-3, not the recipe's 4e-3: the two runs sum in different orders, and at 4e-3 layer 0's decoder came out
     # up to 1.9e-3 apart after the 4 steps (W_enc 2e-5; not traced, most likely a TopK choice flipped by a
     # near-tie). At 2e-3, with the 4 steps' rows mixed as the recipe mixes them, every weight agrees within 4e-6.
     # Then a KL fine-tune of layer 1, two steps of 4 windows: each process splices its 2 windows and the gradients
     # are averaged. Without the FVU term, whose denominator is each process's own variance, it is what one
-    # process computes.
+    # process computes. Then a joint KL fine-tune of both layers, two steps, split and averaged the same way.
     recipe = dict(n_ctx=32, tokens=4 * 4 * 31, batch_windows=4, expansion=2, architecture="topk", k=8, eval_windows=2,
-                  checkpoint_every=0, lr=2e-3, kl_steps=2, kl_windows=4, kl_layers="1", kl_lr=1e-3, kl_fvu_weight=0.0)
+                  checkpoint_every=0, lr=2e-3, kl_steps=2, kl_windows=4, kl_layers="1", kl_lr=1e-3, kl_fvu_weight=0.0,
+                  kl_joint_steps=2, kl_joint_lr=1e-3)
     script = tmp_path / "ddp.py"
     script.write_text(textwrap.dedent(f"""
         import json, sys
@@ -183,7 +184,7 @@ def test_torchrun_two_processes_train_the_transcoder_set_one_process_trains(tmp_
                 torch.testing.assert_close(theirs[name], tensor.detach(), atol=1e-4, rtol=1e-4, msg=f"{layer} {name}")
     saved = json.loads((tmp_path / "ddp" / "set.json").read_text())
     assert [ev["ce_loss_recovered"] for ev in saved["per_layer"]] == pytest.approx(ranks[0]["ce"])
-    assert saved["finetune"]["layers"] == [1]
+    assert saved["finetune"]["layers"] == [1] and saved["finetune_joint"]["layers"] == [0, 1]
     assert not list((tmp_path / "ddp").glob("layer_*/transcoder.r*"))  # rank 1 wrote no files of its own
 
 

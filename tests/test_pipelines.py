@@ -163,6 +163,15 @@ def test_a_kl_fine_tune_changes_only_its_layers_and_a_rerun_without_it_gives_bac
     for layer in (1, 2):
         torch.testing.assert_close(back.transcoders[layer].W_dec, plain.transcoders[layer].W_dec, atol=0, rtol=0)
 
+    # the joint fine-tune follows the per-layer one (resumed here from its finished checkpoint) and moves every layer
+    joint = train_transcoders(kjv, [1, 2], dataclasses.replace(tuned_recipe, kl_joint_steps=2), out, progress=False)
+    record = json.loads((out / "set.json").read_text())
+    assert record["finetune"]["resumed_from"] == 4 and record["finetune_joint"]["layers"] == [1, 2]
+    assert record["finetune_joint"]["resumed_from"] is None and (out / "finetune_joint" / "state.pt").exists()
+    for layer in (1, 2):
+        assert not torch.equal(joint.transcoders[layer].W_dec, tuned.transcoders[layer].W_dec)
+    assert "Then every layer's transcoder fine-tuned together 2 steps of 2 windows" in transcoder_card(record, "cmd")
+
     with pytest.raises(ConfigError, match=r"names layers \[3\] this run does not train"):
         train_transcoders(kjv, [1, 2], TranscoderRecipe(**{**TINY, "kl_steps": 2, "kl_layers": "1,3"}),
                           tmp_path / "bad", progress=False)
@@ -171,6 +180,8 @@ def test_a_kl_fine_tune_changes_only_its_layers_and_a_rerun_without_it_gives_bac
         TranscoderRecipe(**{**TINY, "kl_steps": 2, "calibrate_windows": 0})
     with pytest.raises(ConfigError, match="kl_lr"):
         TranscoderRecipe(**{**TINY, "kl_steps": 2, "kl_lr": 0.0})
+    with pytest.raises(ConfigError, match=r"kl_joint_steps\) moves BatchTopK"):
+        TranscoderRecipe(**{**TINY, "kl_joint_steps": 2, "calibrate_windows": 0})
 
 
 def test_export_and_ship(kjv, tiny_set, tmp_path, monkeypatch):

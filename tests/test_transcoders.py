@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from helpers import LLAMA_TINY, tiny_cfg
@@ -165,6 +167,14 @@ def test_kl_fine_tune_lowers_the_spliced_loss_resumes_exactly_and_gives_the_mode
     with pytest.raises(KeyboardInterrupt):
         T.finetune_on_kl(model, start, windows[:16], cfg, tmp_path / "stopped", log_every=1)
     del model.run_with_cache
+    # a checkpoint written before KLFinetuneConfig had its `joint` field (so without it) is the same fine-tune
+    from workbench.runs import read_checkpoint, write_checkpoint
+
+    state_path = tmp_path / "stopped" / "finetune" / "state.pt"
+    state = read_checkpoint(state_path, "cpu")
+    fingerprint = json.loads(state["fingerprint"])
+    del fingerprint["settings"]["joint"]
+    write_checkpoint(state_path, {**state, "fingerprint": json.dumps(fingerprint)})
     resumed = T.finetune_on_kl(model, start, windows[:16], cfg, tmp_path / "stopped", log_every=1)
     assert resumed.resumed_from == 4 and resumed.history == tuned.history
     for layer in start:
@@ -177,6 +187,50 @@ def test_kl_fine_tune_lowers_the_spliced_loss_resumes_exactly_and_gives_the_mode
         T.finetune_on_kl(model, start, windows[:10], cfg)
     with pytest.raises(ConfigError, match="lr=0"):
         T.KLFinetuneConfig(steps=2, lr=0)
+
+
+def test_a_joint_kl_fine_tune_lowers_the_loss_with_every_mlp_replaced_and_resumes_exactly(tmp_path):
+    """``joint=True`` splices every transcoder in at once and tunes them together: held-out CE of the model with
+    every chosen MLP replaced falls, the model gets no gradient, each layer logs its own FVU beside the shared KL,
+    and the stage checkpoints in its own directory (``finetune_joint``), from which a stopped run resumes to the
+    weights of an unbroken one."""
+    from workbench.pipelines import token_windows
+    from workbench.zoo import load_model
+
+    model = load_model("kjv-small").eval()
+    windows = token_windows(model, "kjv", 16, 24)
+    start = {0: _tc(d=128, seed=0), 2: _tc(d=128, seed=2)}
+    cfg = T.KLFinetuneConfig(steps=8, batch_windows=2, lr=1e-2, checkpoint_every=2, joint=True)
+    before = T.evaluate_transcoders(model, start, windows[16:], first_position=1)[1]
+    tuned = T.finetune_on_kl(model, start, windows[:16], cfg, tmp_path / "whole", log_every=1)
+    after = T.evaluate_transcoders(model, tuned.transcoders, windows[16:], first_position=1)[1]
+    assert after.ce_replaced < before.ce_replaced - 0.3, (before, after)  # 6.91 -> 5.02 (clean 4.03)
+    assert after.kl < before.kl
+    assert all(p.grad is None for p in model.parameters())
+    assert (tmp_path / "whole" / "finetune_joint" / "state.pt").exists()
+    assert not (tmp_path / "whole" / "finetune").exists()
+    for step in range(8):  # one shared KL a step, each layer's own FVU
+        assert tuned.history[0][step]["kl"] == tuned.history[2][step]["kl"]
+        assert tuned.history[0][step]["fvu"] != tuned.history[2][step]["fvu"]
+
+    real = model.run_with_cache
+    calls = []
+
+    def stop_at_the_sixth_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    model.run_with_cache = stop_at_the_sixth_step
+    with pytest.raises(KeyboardInterrupt):
+        T.finetune_on_kl(model, start, windows[:16], cfg, tmp_path / "stopped", log_every=1)
+    del model.run_with_cache
+    resumed = T.finetune_on_kl(model, start, windows[:16], cfg, tmp_path / "stopped", log_every=1)
+    assert resumed.resumed_from == 4 and resumed.history == tuned.history
+    for layer in start:
+        for name, tensor in tuned.transcoders[layer].state_dict().items():
+            torch.testing.assert_close(resumed.transcoders[layer].state_dict()[name], tensor, atol=0, rtol=0)
 
 
 def test_a_transcoder_recovers_planted_features_through_a_linear_map(one_thread):

@@ -435,7 +435,14 @@ class TranscoderRecipe:
     """The fine-tune's Adam learning rate (warmed up over its first tenth of the steps, decayed to 0 over the last
     three tenths)."""
     kl_fvu_weight: float = 0.05
-    """Weight of the MLP output's FVU beside the KL in the fine-tune's loss."""
+    """Weight of the MLP output's FVU beside the KL in the fine-tune's loss (each layer's, in the joint fine-tune)."""
+    kl_joint_steps: int = 0
+    """After training and the ``kl_steps`` fine-tune, fine-tune every trained layer's transcoder together this many
+    steps on the KL of the model with all of them spliced in at once (``KLFinetuneConfig.joint``): the loss behind
+    the set's top-1 agreement; 0: none. Windows of ``kl_windows``, a seeded draw of their own. It may change on a
+    finished set, like the other ``kl_*`` fields."""
+    kl_joint_lr: float = 1e-4
+    """The joint fine-tune's Adam learning rate (the same warmup and decay as ``kl_lr``'s)."""
     seed: int = 0
     """Seeds the initialisation and the order of the windows."""
     eval_windows: int = 32
@@ -457,13 +464,15 @@ class TranscoderRecipe:
         if self.calibrate_windows and self.calibrate_windows < self.batch_windows:
             raise ConfigError(f"calibrate_windows={self.calibrate_windows} must be 0 (keep the training EMA) or at "
                               f"least batch_windows={self.batch_windows} (one batch)")
-        if self.kl_steps < 0:
-            raise ConfigError(f"kl_steps={self.kl_steps} must be 0 (no fine-tune) or more")
-        if self.kl_steps and self.architecture == "batchtopk" and not self.calibrate_windows:
-            raise ConfigError("the KL fine-tune (kl_steps) moves BatchTopK's weights away from the thresholds training "
-                              "left; calibrate them after it (calibrate_windows >= batch_windows)")
-        if not (math.isfinite(self.kl_lr) and self.kl_lr > 0):
-            raise ConfigError(f"kl_lr={self.kl_lr} must be a positive number")
+        for name in ("kl_steps", "kl_joint_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be 0 (no fine-tune) or more")
+            if getattr(self, name) and self.architecture == "batchtopk" and not self.calibrate_windows:
+                raise ConfigError(f"the KL fine-tune ({name}) moves BatchTopK's weights away from the thresholds "
+                                  "training left; calibrate them after it (calibrate_windows >= batch_windows)")
+        for name in ("kl_lr", "kl_joint_lr"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise ConfigError(f"{name}={getattr(self, name)} must be a positive number")
         if not (math.isfinite(self.kl_fvu_weight) and self.kl_fvu_weight >= 0):
             raise ConfigError(f"kl_fvu_weight={self.kl_fvu_weight} must be a number >= 0")
         if not 0 < self.adam_beta2 < 1:
@@ -670,10 +679,14 @@ def train_transcoders(
         seconds = time.perf_counter() - t0
         trained = {layer: results[layer].sae for layer in layers}
         release_freed_memory()
-        finetune = None
+        finetune = joint = None
         if recipe.kl_steps:
             finetune = _finetune(model, trained, text, recipe, out, progress)
             trained.update(finetune.transcoders)
+            release_freed_memory()
+        if recipe.kl_joint_steps:
+            joint = _finetune(model, trained, text, recipe, out, progress, joint=True)
+            trained.update(joint.transcoders)
             release_freed_memory()
         thresholds = {} if calibration is None else calibrate_thresholds(
             model, trained, calibration, recipe.batch_windows, recipe.first_position)
@@ -690,10 +703,11 @@ def train_transcoders(
                   "tokens_per_second": rate, "fresh_layers": fresh,
                   "thresholds": {str(layer): {"training": before, "calibrated": after}
                                  for layer, (before, after) in thresholds.items()},
-                  "finetune": None if finetune is None else {
-                      "layers": sorted(finetune.transcoders), "seconds": finetune.seconds,
-                      "resumed_from": finetune.resumed_from,
-                      "history": {str(layer): h for layer, h in finetune.history.items()}},
+                  **{key: None if stage is None else {
+                      "layers": sorted(stage.transcoders), "seconds": stage.seconds,
+                      "resumed_from": stage.resumed_from,
+                      "history": {str(layer): h for layer, h in stage.history.items()}}
+                     for key, stage in (("finetune", finetune), ("finetune_joint", joint))},
                   "per_layer": [ev._asdict() for ev in per_layer], "whole": whole._asdict()}
         if info.rank == 0:
             (out / "set.json").write_text(json.dumps(record, indent=2))
@@ -714,16 +728,19 @@ def _kl_layers(recipe: TranscoderRecipe, model: Any, layers: Sequence[int]) -> l
 
 
 def _finetune(model: Any, trained: dict[int, SAE], text: Tensor, recipe: TranscoderRecipe, out: Path,
-              progress: bool) -> KLFinetuneResult:
-    """The recipe's KL fine-tune of its ``kl_layers`` (:attr:`TranscoderRecipe.kl_steps`), checkpointed in ``out``."""
-    chosen = _kl_layers(recipe, model, sorted(trained))
+              progress: bool, joint: bool = False) -> KLFinetuneResult:
+    """The recipe's KL fine-tune of its ``kl_layers`` (:attr:`TranscoderRecipe.kl_steps`), or with ``joint`` of
+    every trained layer together (:attr:`TranscoderRecipe.kl_joint_steps`), checkpointed in ``out``."""
+    chosen = sorted(trained) if joint else _kl_layers(recipe, model, sorted(trained))
     every = max(1, recipe.checkpoint_every // 8) if recipe.checkpoint_every else 0  # a fine-tune step costs more
-    cfg = KLFinetuneConfig(recipe.kl_steps, recipe.kl_windows, recipe.kl_lr, recipe.kl_fvu_weight,
-                           first_position=recipe.first_position, checkpoint_every=every)
+    cfg = KLFinetuneConfig(recipe.kl_joint_steps if joint else recipe.kl_steps, recipe.kl_windows,
+                           recipe.kl_joint_lr if joint else recipe.kl_lr, recipe.kl_fvu_weight,
+                           first_position=recipe.first_position, checkpoint_every=every, joint=joint)
     need = cfg.steps * cfg.batch_windows
     # a seeded draw from the training text (all of it, on every rank: the fine-tune splits each step itself)
+    seed = recipe.seed * 1000 + (600 if joint else 500)
     order = torch.cat([
-        torch.randperm(text.shape[0], generator=torch.Generator().manual_seed(recipe.seed * 1000 + 500 + e))
+        torch.randperm(text.shape[0], generator=torch.Generator().manual_seed(seed + e))
         for e in range(math.ceil(need / text.shape[0]))])[:need]
     return finetune_on_kl(model, {layer: trained[layer] for layer in chosen}, text[order], cfg, out, progress=progress)
 
@@ -763,7 +780,7 @@ RECIPE_BEFORE_FIELD: dict[str, Any] = {"shuffle": False, "mix_steps": 1, "adam_b
 #: Recipe fields that decide only what is done with the trained weights, so a finished or interrupted set may
 #: be run again with another value (the new value is recorded once the set is written).
 RECIPE_AFTER_TRAINING = frozenset({"calibrate_windows", "kl_steps", "kl_layers", "kl_windows", "kl_lr",
-                                   "kl_fvu_weight"})
+                                   "kl_fvu_weight", "kl_joint_steps", "kl_joint_lr"})
 
 
 def _check_recipe(out: Path, recipe: TranscoderRecipe, model: Any, write: bool = True) -> None:
@@ -899,6 +916,10 @@ def transcoder_card(record: dict[str, Any], command: str) -> str:
            f"windows on the next-token KL against the real model with the layer's transcoder spliced in (plus "
            f"{r['kl_fvu_weight']} x FVU; Adam lr {r['kl_lr']}), in {ft['seconds'] / 60:.1f} min.", ""]
           if (ft := record.get("finetune")) else []),
+        *([f"Then every layer's transcoder fine-tuned together {r['kl_joint_steps']} steps of {r['kl_windows']} "
+           f"windows on the next-token KL against the real model with every MLP replaced at once (plus "
+           f"{r['kl_fvu_weight']} x each layer's FVU; Adam lr {r['kl_joint_lr']}), in {jt['seconds'] / 60:.1f} min.",
+           ""] if (jt := record.get("finetune_joint")) else []),
         "Reproduce:", "", "```", command, "```", "",
         f"Evaluated on the {r['eval_windows']} windows after the training text (held out):", "",
         "| layer | FVU | L0 | dead | CE clean | CE spliced | CE zero-ablated | CE recovered |",

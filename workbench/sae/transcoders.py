@@ -13,6 +13,7 @@ place of the MLP's output and measures what the rest of the model makes of it:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -276,6 +277,10 @@ class KLFinetuneConfig:
     decay_fraction: float = 0.3
     checkpoint_every: int = 25
     """Steps between atomic checkpoints of the whole stage (0: none); a killed run resumes from the last one."""
+    joint: bool = False
+    """Splice every layer's transcoder in at once and tune them together on KL(real || replaced), the loss of the
+    model with every MLP replaced (what the set's top-1 agreement measures), plus ``fvu_weight`` times each layer's
+    FVU; False: each layer spliced in alone, on its own KL."""
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_windows < 1:
@@ -307,6 +312,7 @@ class KLFinetuneResult(NamedTuple):
 
 
 FINETUNE_DIR = "finetune"
+"""Where :func:`finetune_on_kl` checkpoints in its ``out_dir`` (``finetune_joint`` for a joint fine-tune)."""
 
 
 def spliced_logits(
@@ -321,6 +327,24 @@ def spliced_logits(
     output is ``resid_mid + mlp_out``). The same logits as splicing by a hook, without the layers before."""
     resid = model.run_blocks(resid_mid + mlp_out, start=layer + 1)
     return model.unembed_resid(resid[:, first_position:])
+
+
+#: Settings added to :class:`KLFinetuneConfig` after checkpoints were written without them, at the value those
+#: checkpoints had: a checkpoint that lacks one matches a run that has it at this value.
+FINETUNE_SETTINGS_ADDED: dict[str, Any] = {"joint": False}
+
+
+def _same_fine_tune(stored: dict[str, Any], current: dict[str, Any]) -> bool:
+    """Whether a checkpoint's fingerprint is this run's (settings added since count at their old value)."""
+    def norm(fp: dict[str, Any]) -> dict[str, Any]:
+        settings = {**FINETUNE_SETTINGS_ADDED, **fp.get("settings", {})}
+        return {**fp, "settings": settings}
+    return norm(stored) == norm(current)
+
+
+def _kl(p_clean: Tensor, logp_clean: Tensor, logits: Tensor) -> Tensor:
+    """Mean KL(clean || ``logits``) over positions, from the clean distribution and its log."""
+    return (p_clean * (logp_clean - F.log_softmax(logits.float(), dim=-1))).sum(-1).mean()
 
 
 def finetune_on_kl(
@@ -341,11 +365,16 @@ def finetune_on_kl(
     dictionary training: Braun et al. 2024; a short KL fine-tune after MSE training: Karvonen 2025). Per step,
     one clean forward pass over ``batch_windows`` windows caches every chosen layer's MLP input, output and
     ``resid_mid``; each layer then runs only the blocks after it (:func:`spliced_logits`) and takes an Adam
-    step. The model is frozen. BatchTopK transcoders select over the step's rows as in training (recalibrate
-    their thresholds afterwards); decoder rows stay unit-norm.
+    step. With ``cfg.joint`` every chosen transcoder is spliced in at once instead: one forward pass of the
+    model with all those MLPs replaced gives one KL (the loss behind the whole set's top-1 agreement), and
+    every transcoder takes its step on that KL plus ``fvu_weight`` times its own FVU, the gradient reaching each
+    through the layers after it (the transcoders learn to work together; each layer alone is judged by the
+    per-layer evaluation). The model is frozen. BatchTopK transcoders select over the step's rows as in
+    training (recalibrate their thresholds afterwards); decoder rows stay unit-norm.
 
     ``windows`` holds ``cfg.steps * cfg.batch_windows`` windows, read in order. With ``out_dir`` the stage
-    checkpoints there (``finetune/state.pt``) and a killed run resumes to the same weights as an unbroken one;
+    checkpoints there (``finetune/state.pt``, ``finetune_joint/state.pt`` when joint) and a killed run resumes
+    to the same weights as an unbroken one;
     a checkpoint written with other settings, layers or windows is not resumed (the stage starts over). Under
     torchrun each process takes its share of every step's windows and the gradients are averaged (BatchTopK
     selects over each process's rows, and the FVU term divides by each process's own variance)."""
@@ -379,11 +408,12 @@ def finetune_on_kl(
             digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     fingerprint = {"settings": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}, "layers": layers,
                    "data": digest.hexdigest()}
-    path = Path(out_dir) / FINETUNE_DIR / "state.pt" if out_dir is not None else None
+    stage = FINETUNE_DIR + ("_joint" if cfg.joint else "")
+    path = Path(out_dir) / stage / "state.pt" if out_dir is not None else None
     start, resumed, history = 0, None, {layer: [] for layer in layers}
     if path is not None and path.exists():
         state = read_checkpoint(path, device)
-        if json.loads(state["fingerprint"]) == json.loads(json.dumps(fingerprint)):
+        if _same_fine_tune(json.loads(state["fingerprint"]), json.loads(json.dumps(fingerprint))):
             for layer in layers:
                 tuned[layer].load_state_dict(state["sae"][str(layer)])
                 optims[layer].load_state_dict(state["adam"][str(layer)])
@@ -399,6 +429,53 @@ def finetune_on_kl(
 
     names = [h for layer in layers for h in (input_hook(layer), output_hook(layer), f"blocks.{layer}.hook_resid_mid")]
     fp = cfg.first_position
+
+    def predict(layer: int, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, float]:
+        """Layer ``layer``'s MLP output with the transcoder's prediction from ``fp`` on, its FVU there and its L0."""
+        rows_x = x[:, fp:].reshape(-1, x.shape[-1]).float()
+        target = y[:, fp:].detach().float()
+        out = tuned[layer](rows_x)
+        pred = out.x_hat.view_as(target)
+        flat = target.reshape(-1, target.shape[-1])
+        fvu = (pred.reshape_as(flat) - flat).pow(2).sum() / (flat - flat.mean(0)).pow(2).sum().clamp_min(1e-12)
+        return torch.cat([y[:, :fp], pred.to(y.dtype)], dim=1), fvu, float((out.latents != 0).sum()) / rows_x.shape[0]
+
+    def take_step(step: int, chosen: list[int], kl: Tensor, fvu: dict[int, Tensor], l0: dict[int, float]) -> None:
+        """One Adam step of the ``chosen`` layers' transcoders on ``kl`` + ``fvu_weight`` x their FVUs."""
+        loss = kl + cfg.fvu_weight * sum(fvu.values())
+        if not torch.isfinite(loss):
+            what = f"layer {chosen[0]}'s transcoder" if len(chosen) == 1 else f"layers {chosen} jointly"
+            raise DataError(f"KL fine-tuning {what} gave a non-finite loss at step {step} (KL {float(kl)}, FVU "
+                            f"{[round(float(v), 4) for v in fvu.values()]}); lower the fine-tune's learning rate. "
+                            "Nothing of this step was written; the last checkpoint holds")
+        # gradients of these transcoders only: the model's weights (perhaps shared with other callers) get none
+        params = [q for layer in chosen for q in tuned[layer].parameters() if q.requires_grad]
+        for q, g in zip(params, torch.autograd.grad(loss, params, allow_unused=True)):
+            q.grad = g
+        _average_gradients(params, info.world_size)  # over the default group: every rank, layers in order
+        for layer in chosen:
+            project_decoder_gradient(tuned[layer])
+            for group in optims[layer].param_groups:
+                group["lr"] = lr_at(cfg, step)
+            optims[layer].step()
+            tuned[layer].normalize_decoder()
+            if step % log_every == 0 or step == cfg.steps - 1:
+                history[layer].append({"step": step, "kl": float(kl.detach()), "fvu": float(fvu[layer].detach()),
+                                       "l0": l0[layer]})
+
+    def joint_hooks(fvu: dict[int, Tensor], l0: dict[int, float]) -> list:
+        """Hooks that put every chosen layer's prediction in place of its MLP's output, keeping FVU and L0."""
+        seen: dict[int, Tensor] = {}
+
+        def keep(x: Tensor, hook, layer: int) -> None:
+            seen[layer] = x
+
+        def replace(y: Tensor, hook, layer: int) -> Tensor:
+            out, fvu[layer], l0[layer] = predict(layer, seen.pop(layer), y)
+            return out
+        return [h for layer in layers for h in ((input_hook(layer), functools.partial(keep, layer=layer)),
+                                                 (output_hook(layer), functools.partial(replace, layer=layer)))]
+
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -409,43 +486,25 @@ def finetune_on_kl(
             b0 = step * cfg.batch_windows + info.rank * share
             tokens = windows[b0: b0 + share].to(device)
             with torch.no_grad():
-                logits, cache = model.run_with_cache(tokens, names_filter=names)
+                logits, cache = model.run_with_cache(tokens, names_filter=[] if cfg.joint else names)
                 logp_clean = F.log_softmax(logits[:, fp:].float(), dim=-1)
                 p_clean = logp_clean.exp()
                 del logits
-            for layer in layers:
-                tc, opt = tuned[layer], optims[layer]
-                x, y = cache[input_hook(layer)], cache[output_hook(layer)]
-                mid = cache[f"blocks.{layer}.hook_resid_mid"]
-                rows_x = x[:, fp:].reshape(-1, x.shape[-1]).float()
-                target = y[:, fp:].float()
-                out = tc(rows_x)
-                pred = out.x_hat.view_as(target)
-                mlp_out = torch.cat([y[:, :fp], pred.to(y.dtype)], dim=1)
-                logp = F.log_softmax(spliced_logits(model, layer, mid, mlp_out, fp).float(), dim=-1)
-                kl = (p_clean * (logp_clean - logp)).sum(-1).mean()
-                flat = target.reshape(-1, target.shape[-1])
-                fvu = (pred.reshape_as(flat) - flat).pow(2).sum() / (flat - flat.mean(0)).pow(2).sum().clamp_min(1e-12)
-                loss = kl + cfg.fvu_weight * fvu
-                if not torch.isfinite(loss):
-                    raise DataError(f"KL fine-tuning layer {layer}'s transcoder gave a non-finite loss at step {step} "
-                                    f"(KL {float(kl)}, FVU {float(fvu)}); lower the fine-tune's learning rate. "
-                                    "Nothing of this step was written; the last checkpoint holds")
-                # gradients of this transcoder only: the model's weights (perhaps shared with other callers) get none
-                params = [q for q in tc.parameters() if q.requires_grad]
-                grads = torch.autograd.grad(loss, params, allow_unused=True)
-                for q, g in zip(params, grads):
-                    q.grad = g
-                _average_gradients(params, info.world_size)  # over the default group: every rank, layers in order
-                project_decoder_gradient(tc)
-                for group in opt.param_groups:
-                    group["lr"] = lr_at(cfg, step)
-                opt.step()
-                tc.normalize_decoder()
-                if step % log_every == 0 or step == cfg.steps - 1:
-                    history[layer].append({"step": step, "kl": float(kl.detach()), "fvu": float(fvu.detach()),
-                                           "l0": float((out.latents != 0).sum()) / rows_x.shape[0]})
-                del out, pred, mlp_out, logp, kl, fvu, loss
+
+            if cfg.joint:  # every chosen MLP replaced in one forward pass of the whole model
+                fvu: dict[int, Tensor] = {}
+                l0: dict[int, float] = {}
+                with torch.enable_grad(), model.hooks(joint_hooks(fvu, l0)):
+                    kl = _kl(p_clean, logp_clean, model(tokens)[:, fp:])
+                take_step(step, layers, kl, fvu, l0)
+                del fvu, kl
+            else:  # each layer spliced in alone, running only the blocks after it
+                for layer in layers:
+                    mlp_out, fvu_l, l0_l = predict(layer, cache[input_hook(layer)], cache[output_hook(layer)])
+                    kl = _kl(p_clean, logp_clean,
+                             spliced_logits(model, layer, cache[f"blocks.{layer}.hook_resid_mid"], mlp_out, fp))
+                    take_step(step, [layer], kl, {layer: fvu_l}, {layer: l0_l})
+                    del mlp_out, fvu_l, kl
             del cache, logp_clean, p_clean
             done = step + 1
             if path is not None and cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
