@@ -120,6 +120,26 @@ def test_evaluation_of_a_transcoder_that_predicts_nothing_recovers_nothing():
         T.evaluate_transcoders(model, {0: _tc(d=16)}, windows)
 
 
+def _stop_at_the_sixth_step(model, start, windows, cfg, out) -> None:
+    """Run the fine-tune with the model's clean pass raising on its sixth call: a run killed in step 5, whose last
+    checkpoint (every 2 steps) is step 4's."""
+    real = model.run_with_cache
+    calls = []
+
+    def stop(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    model.run_with_cache = stop
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            T.finetune_on_kl(model, start, windows, cfg, out, log_every=1)
+    finally:
+        del model.run_with_cache
+
+
 def test_kl_fine_tune_lowers_the_spliced_loss_resumes_exactly_and_gives_the_model_no_gradient(tmp_path):
     """Each layer's transcoder, spliced in alone, is fine-tuned on the KL to the real model: held-out CE with it
     spliced in falls for every layer. The model's weights get no gradient and the transcoders passed in are left
@@ -154,19 +174,7 @@ def test_kl_fine_tune_lowers_the_spliced_loss_resumes_exactly_and_gives_the_mode
     for tc in tuned.transcoders.values():
         torch.testing.assert_close(tc.W_dec.norm(dim=-1), torch.ones(64))
 
-    real = model.run_with_cache
-    calls = []
-
-    def stop_at_the_sixth_step(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 6:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    model.run_with_cache = stop_at_the_sixth_step
-    with pytest.raises(KeyboardInterrupt):
-        T.finetune_on_kl(model, start, windows[:16], cfg, tmp_path / "stopped", log_every=1)
-    del model.run_with_cache
+    _stop_at_the_sixth_step(model, start, windows[:16], cfg, tmp_path / "stopped")
     # a checkpoint written before KLFinetuneConfig had its `joint` field (so without it) is the same fine-tune
     from workbench.runs import read_checkpoint, write_checkpoint
 
@@ -213,19 +221,7 @@ def test_a_joint_kl_fine_tune_lowers_the_loss_with_every_mlp_replaced_and_resume
         assert tuned.history[0][step]["kl"] == tuned.history[2][step]["kl"]
         assert tuned.history[0][step]["fvu"] != tuned.history[2][step]["fvu"]
 
-    real = model.run_with_cache
-    calls = []
-
-    def stop_at_the_sixth_step(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 6:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    model.run_with_cache = stop_at_the_sixth_step
-    with pytest.raises(KeyboardInterrupt):
-        T.finetune_on_kl(model, start, windows[:16], cfg, tmp_path / "stopped", log_every=1)
-    del model.run_with_cache
+    _stop_at_the_sixth_step(model, start, windows[:16], cfg, tmp_path / "stopped")
     resumed = T.finetune_on_kl(model, start, windows[:16], cfg, tmp_path / "stopped", log_every=1)
     assert resumed.resumed_from == 4 and resumed.history == tuned.history
     for layer in start:
