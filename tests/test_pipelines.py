@@ -171,6 +171,15 @@ def test_a_kl_fine_tune_changes_only_its_layers_and_a_rerun_without_it_gives_bac
     for layer in (1, 2):
         assert not torch.equal(joint.transcoders[layer].W_dec, tuned.transcoders[layer].W_dec)
     assert "Then every layer's transcoder fine-tuned together 2 steps of 2 windows" in transcoder_card(record, "cmd")
+    # the fine-tunes' precision may change on a finished set too: both stages start over, the model under bf16
+    bf16 = train_transcoders(kjv, [1, 2], dataclasses.replace(tuned_recipe, kl_joint_steps=2, kl_precision="bf16"),
+                             out, progress=False)
+    record = json.loads((out / "set.json").read_text())
+    assert record["finetune"]["resumed_from"] is None and record["finetune_joint"]["resumed_from"] is None
+    assert json.loads((out / "recipe.json").read_text())["kl_precision"] == "bf16"
+    assert "Adam lr 0.001; the model under bfloat16 autocast" in transcoder_card(record, "cmd")
+    for layer in (1, 2):
+        assert not torch.equal(bf16.transcoders[layer].W_dec, joint.transcoders[layer].W_dec)
 
     with pytest.raises(ConfigError, match=r"names layers \[3\] this run does not train"):
         train_transcoders(kjv, [1, 2], TranscoderRecipe(**{**TINY, "kl_steps": 2, "kl_layers": "1,3"}),
@@ -182,6 +191,8 @@ def test_a_kl_fine_tune_changes_only_its_layers_and_a_rerun_without_it_gives_bac
         TranscoderRecipe(**{**TINY, "kl_steps": 2, "kl_lr": 0.0})
     with pytest.raises(ConfigError, match=r"kl_joint_steps\) moves BatchTopK"):
         TranscoderRecipe(**{**TINY, "kl_joint_steps": 2, "calibrate_windows": 0})
+    with pytest.raises(ConfigError, match="kl_precision='fp16' is unknown"):
+        TranscoderRecipe(**{**TINY, "kl_precision": "fp16"})
 
 
 def test_export_and_ship(kjv, tiny_set, tmp_path, monkeypatch):

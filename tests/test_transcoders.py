@@ -175,13 +175,14 @@ def test_kl_fine_tune_lowers_the_spliced_loss_resumes_exactly_and_gives_the_mode
         torch.testing.assert_close(tc.W_dec.norm(dim=-1), torch.ones(64))
 
     _stop_at_the_sixth_step(model, start, windows[:16], cfg, tmp_path / "stopped")
-    # a checkpoint written before KLFinetuneConfig had its `joint` field (so without it) is the same fine-tune
+    # a checkpoint written before KLFinetuneConfig had its `joint` and `precision` fields (so without them) is the
+    # same fine-tune
     from workbench.runs import read_checkpoint, write_checkpoint
 
     state_path = tmp_path / "stopped" / "finetune" / "state.pt"
     state = read_checkpoint(state_path, "cpu")
     fingerprint = json.loads(state["fingerprint"])
-    del fingerprint["settings"]["joint"]
+    del fingerprint["settings"]["joint"], fingerprint["settings"]["precision"]
     write_checkpoint(state_path, {**state, "fingerprint": json.dumps(fingerprint)})
     resumed = T.finetune_on_kl(model, start, windows[:16], cfg, tmp_path / "stopped", log_every=1)
     assert resumed.resumed_from == 4 and resumed.history == tuned.history
@@ -195,6 +196,8 @@ def test_kl_fine_tune_lowers_the_spliced_loss_resumes_exactly_and_gives_the_mode
         T.finetune_on_kl(model, start, windows[:10], cfg)
     with pytest.raises(ConfigError, match="lr=0"):
         T.KLFinetuneConfig(steps=2, lr=0)
+    with pytest.raises(ConfigError, match="precision='fp16' is unknown"):
+        T.KLFinetuneConfig(steps=2, precision="fp16")
 
 
 def test_a_joint_kl_fine_tune_lowers_the_loss_with_every_mlp_replaced_and_resumes_exactly(tmp_path):
@@ -227,6 +230,37 @@ def test_a_joint_kl_fine_tune_lowers_the_loss_with_every_mlp_replaced_and_resume
     for layer in start:
         for name, tensor in tuned.transcoders[layer].state_dict().items():
             torch.testing.assert_close(resumed.transcoders[layer].state_dict()[name], tensor, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("joint", [False, True], ids=["per-layer", "joint"])
+def test_a_bf16_kl_fine_tune_runs_the_model_under_autocast_and_still_lowers_the_loss(joint):
+    """``precision="bf16"`` runs the model's passes under bfloat16 autocast (1.7x faster on SmolLM2's layers 24
+    and 26, the same CE recovered), while the transcoders stay fp32: the loss falls as in fp32, the weights
+    differ from an fp32 run's (autocast took effect) and the model gets no gradient."""
+    from workbench.pipelines import token_windows
+    from workbench.zoo import load_model
+
+    model = load_model("kjv-small").eval()
+    windows = token_windows(model, "kjv", 16, 24)
+    start = {0: _tc(d=128, seed=0), 2: _tc(d=128, seed=2)}
+    runs = {precision: T.finetune_on_kl(model, start, windows[:16], T.KLFinetuneConfig(
+        steps=8, batch_windows=2, lr=1e-2, joint=joint, precision=precision)).transcoders
+        for precision in ("fp32", "bf16")}
+    ev = {name: T.evaluate_transcoders(model, tcs, windows[16:], first_position=1)
+          for name, tcs in (("start", start), *runs.items())}
+    # per-layer, spliced CE: layer 0 6.88 -> 4.718 fp32 / 4.717 bf16, layer 2 4.21 -> 4.043 / 4.041;
+    # joint, every MLP replaced: 6.91 -> 5.019 / 5.017
+    if joint:
+        assert ev["bf16"][1].ce_replaced < ev["start"][1].ce_replaced - 0.3, ev
+        assert ev["bf16"][1].ce_replaced == pytest.approx(ev["fp32"][1].ce_replaced, abs=0.1)
+    else:
+        for b, a, f in zip(ev["start"][0], ev["bf16"][0], ev["fp32"][0]):
+            assert a.ce_spliced < b.ce_spliced - 0.1, (b, a)
+            assert a.ce_spliced == pytest.approx(f.ce_spliced, abs=0.1)
+    for layer in start:
+        assert all(p.dtype == torch.float32 for p in runs["bf16"][layer].parameters())
+        assert not torch.equal(runs["bf16"][layer].W_enc, runs["fp32"][layer].W_enc)
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_a_transcoder_recovers_planted_features_through_a_linear_map(one_thread):

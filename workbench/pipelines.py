@@ -44,6 +44,7 @@ from workbench.sae.io import load_sae, save_sae
 from workbench.sae.model import SAE, Architecture, Normalization, SAEConfig
 from workbench.sae.train import SKIP_INITS, SAETrainConfig, TrainConfig, TrainResult, collective_group, train_sae
 from workbench.sae.transcoders import (
+    PRECISIONS,
     KLFinetuneConfig,
     KLFinetuneResult,
     LayerEval,
@@ -451,6 +452,10 @@ class TranscoderRecipe:
     A one-off run of 40 steps on the same set gave 0.502."""
     kl_joint_lr: float = 1e-4
     """The joint fine-tune's Adam learning rate (the same warmup and decay as ``kl_lr``'s)."""
+    kl_precision: str = "fp32"
+    """bf16: both fine-tunes run the model under bfloat16 autocast (``KLFinetuneConfig.precision``; the transcoders,
+    their Adam steps and the KL stay fp32); fp32: all of it in fp32. Training and evaluation are fp32 either
+    way."""
     seed: int = 0
     """Seeds the initialisation and the order of the windows."""
     eval_windows: int = 32
@@ -478,6 +483,8 @@ class TranscoderRecipe:
             if getattr(self, name) and self.architecture == "batchtopk" and not self.calibrate_windows:
                 raise ConfigError(f"the KL fine-tune ({name}) moves BatchTopK's weights away from the thresholds "
                                   "training left; calibrate them after it (calibrate_windows >= batch_windows)")
+        if self.kl_precision not in PRECISIONS:
+            raise ConfigError(f"kl_precision={self.kl_precision!r} is unknown; expected one of {PRECISIONS}")
         for name in ("kl_lr", "kl_joint_lr"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
                 raise ConfigError(f"{name}={getattr(self, name)} must be a positive number")
@@ -743,7 +750,8 @@ def _finetune(model: Any, trained: dict[int, SAE], text: Tensor, recipe: Transco
     every = max(1, recipe.checkpoint_every // 8) if recipe.checkpoint_every else 0  # a fine-tune step costs more
     cfg = KLFinetuneConfig(recipe.kl_joint_steps if joint else recipe.kl_steps, recipe.kl_windows,
                            recipe.kl_joint_lr if joint else recipe.kl_lr, recipe.kl_fvu_weight,
-                           first_position=recipe.first_position, checkpoint_every=every, joint=joint)
+                           first_position=recipe.first_position, checkpoint_every=every, joint=joint,
+                           precision=recipe.kl_precision)
     need = cfg.steps * cfg.batch_windows
     # a seeded draw from the training text (all of it, on every rank: the fine-tune splits each step itself)
     seed = recipe.seed * 1000 + (600 if joint else 500)
@@ -788,7 +796,7 @@ RECIPE_BEFORE_FIELD: dict[str, Any] = {"shuffle": False, "mix_steps": 1, "adam_b
 #: Recipe fields that decide only what is done with the trained weights, so a finished or interrupted set may
 #: be run again with another value (the new value is recorded once the set is written).
 RECIPE_AFTER_TRAINING = frozenset({"calibrate_windows", "kl_steps", "kl_layers", "kl_windows", "kl_lr",
-                                   "kl_fvu_weight", "kl_joint_steps", "kl_joint_lr"})
+                                   "kl_fvu_weight", "kl_joint_steps", "kl_joint_lr", "kl_precision"})
 
 
 def _check_recipe(out: Path, recipe: TranscoderRecipe, model: Any, write: bool = True) -> None:
@@ -907,6 +915,7 @@ def transcoder_card(record: dict[str, Any], command: str) -> str:
     order = "in a seeded random order" if r.get("shuffle", RECIPE_BEFORE_FIELD["shuffle"]) else "in corpus order"
     if (mixed := r.get("mix_steps", RECIPE_BEFORE_FIELD["mix_steps"])) > 1:
         order += f", the rows of {mixed} steps mixed"
+    bf16 = "; the model under bfloat16 autocast" if r.get("kl_precision", "fp32") == "bf16" else ""
     lines = [
         f"# Transcoders for {record['model']} (layers {', '.join(map(str, record['layers']))})", "",
         f"One transcoder per MLP: reads `blocks.L.mlp.hook_in`, predicts `blocks.L.mlp.hook_out`. "
@@ -922,11 +931,12 @@ def transcoder_card(record: dict[str, Any], command: str) -> str:
           and r["architecture"] == "batchtopk" else []),
         *([f"Then layers {', '.join(map(str, ft['layers']))} fine-tuned {r['kl_steps']} steps of {r['kl_windows']} "
            f"windows on the next-token KL against the real model with the layer's transcoder spliced in (plus "
-           f"{r['kl_fvu_weight']} x FVU; Adam lr {r['kl_lr']}), in {ft['seconds'] / 60:.1f} min.", ""]
+           f"{r['kl_fvu_weight']} x FVU; Adam lr {r['kl_lr']}{bf16}), in {ft['seconds'] / 60:.1f} min.", ""]
           if (ft := record.get("finetune")) else []),
         *([f"Then every layer's transcoder fine-tuned together {r['kl_joint_steps']} steps of {r['kl_windows']} "
            f"windows on the next-token KL against the real model with every MLP replaced at once (plus "
-           f"{r['kl_fvu_weight']} x each layer's FVU; Adam lr {r['kl_joint_lr']}), in {jt['seconds'] / 60:.1f} min.",
+           f"{r['kl_fvu_weight']} x each layer's FVU; Adam lr {r['kl_joint_lr']}{bf16}), in {jt['seconds'] / 60:.1f} "
+           "min.",
            ""] if (jt := record.get("finetune_joint")) else []),
         "Reproduce:", "", "```", command, "```", "",
         f"Evaluated on the {r['eval_windows']} windows after the training text (held out):", "",

@@ -256,6 +256,10 @@ def calibrate_thresholds(
 # Fine-tuning on what the rest of the model makes of the prediction
 
 
+#: What :attr:`KLFinetuneConfig.precision` may be.
+PRECISIONS = ("fp32", "bf16")
+
+
 @dataclass(frozen=True)
 class KLFinetuneConfig:
     """Settings of :func:`finetune_on_kl`."""
@@ -281,6 +285,10 @@ class KLFinetuneConfig:
     """Splice every layer's transcoder in at once and tune them together on KL(real || replaced), the loss of the
     model with every MLP replaced (what the set's top-1 agreement measures), plus ``fvu_weight`` times each layer's
     FVU; False: each layer spliced in alone, on its own KL."""
+    precision: str = "fp32"
+    """bf16 runs the model's forward and backward passes under ``torch.autocast(bfloat16)`` (its weights stay
+    fp32, the transcoders run in fp32 and take fp32 Adam steps; the KL is taken in fp32); fp32 runs all of it
+    in fp32."""
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_windows < 1:
@@ -292,6 +300,8 @@ class KLFinetuneConfig:
         if not (0 <= self.decay_fraction <= 1 and 0 <= self.warmup_fraction <= 1):
             raise ConfigError(f"warmup_fraction={self.warmup_fraction} and decay_fraction={self.decay_fraction} "
                               "must lie in [0, 1]")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision={self.precision!r} is unknown; expected one of {PRECISIONS}")
 
     @property
     def schedule(self) -> Any:
@@ -331,7 +341,7 @@ def spliced_logits(
 
 #: Settings added to :class:`KLFinetuneConfig` after checkpoints were written without them, at the value those
 #: checkpoints had: a checkpoint that lacks one matches a run that has it at this value.
-FINETUNE_SETTINGS_ADDED: dict[str, Any] = {"joint": False}
+FINETUNE_SETTINGS_ADDED: dict[str, Any] = {"joint": False, "precision": "fp32"}
 
 
 def _same_fine_tune(stored: dict[str, Any], current: dict[str, Any]) -> bool:
@@ -430,11 +440,16 @@ def finetune_on_kl(
     names = [h for layer in layers for h in (input_hook(layer), output_hook(layer), f"blocks.{layer}.hook_resid_mid")]
     fp = cfg.first_position
 
+    def model_precision():
+        """The context the model's passes run in: bf16 autocast, or nothing."""
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+
     def predict(layer: int, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, float]:
         """Layer ``layer``'s MLP output with the transcoder's prediction from ``fp`` on, its FVU there and its L0."""
         rows_x = x[:, fp:].reshape(-1, x.shape[-1]).float()
         target = y[:, fp:].detach().float()
-        out = tuned[layer](rows_x)
+        with torch.autocast(device.type, enabled=False):  # the transcoder in fp32 whatever the model runs in
+            out = tuned[layer](rows_x)
         pred = out.x_hat.view_as(target)
         flat = target.reshape(-1, target.shape[-1])
         fvu = (pred.reshape_as(flat) - flat).pow(2).sum() / (flat - flat.mean(0)).pow(2).sum().clamp_min(1e-12)
@@ -485,7 +500,7 @@ def finetune_on_kl(
         for step in range(start, cfg.steps):
             b0 = step * cfg.batch_windows + info.rank * share
             tokens = windows[b0: b0 + share].to(device)
-            with torch.no_grad():
+            with torch.no_grad(), model_precision():
                 logits, cache = model.run_with_cache(tokens, names_filter=[] if cfg.joint else names)
                 logp_clean = F.log_softmax(logits[:, fp:].float(), dim=-1)
                 p_clean = logp_clean.exp()
@@ -494,17 +509,19 @@ def finetune_on_kl(
             if cfg.joint:  # every chosen MLP replaced in one forward pass of the whole model
                 fvu: dict[int, Tensor] = {}
                 l0: dict[int, float] = {}
-                with torch.enable_grad(), model.hooks(joint_hooks(fvu, l0)):
-                    kl = _kl(p_clean, logp_clean, model(tokens)[:, fp:])
+                with torch.enable_grad(), model.hooks(joint_hooks(fvu, l0)), model_precision():
+                    logits = model(tokens)[:, fp:]
+                kl = _kl(p_clean, logp_clean, logits)
                 take_step(step, layers, kl, fvu, l0)
-                del fvu, kl
+                del fvu, kl, logits
             else:  # each layer spliced in alone, running only the blocks after it
                 for layer in layers:
                     mlp_out, fvu_l, l0_l = predict(layer, cache[input_hook(layer)], cache[output_hook(layer)])
-                    kl = _kl(p_clean, logp_clean,
-                             spliced_logits(model, layer, cache[f"blocks.{layer}.hook_resid_mid"], mlp_out, fp))
+                    with model_precision():
+                        logits = spliced_logits(model, layer, cache[f"blocks.{layer}.hook_resid_mid"], mlp_out, fp)
+                    kl = _kl(p_clean, logp_clean, logits)
                     take_step(step, [layer], kl, {layer: fvu_l}, {layer: l0_l})
-                    del mlp_out, fvu_l, kl
+                    del mlp_out, fvu_l, kl, logits
             del cache, logp_clean, p_clean
             done = step + 1
             if path is not None and cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
