@@ -180,6 +180,11 @@ def test_a_kl_fine_tune_changes_only_its_layers_and_a_rerun_without_it_gives_bac
     assert "Adam lr 0.001; the model under bfloat16 autocast" in transcoder_card(record, "cmd")
     for layer in (1, 2):
         assert not torch.equal(bf16.transcoders[layer].W_dec, joint.transcoders[layer].W_dec)
+    # a layer's own step count (LAYER:STEPS in kl_layers), recorded and on the card
+    train_transcoders(kjv, [1, 2], dataclasses.replace(tuned_recipe, kl_layers="1:6,2"), out, progress=False)
+    record = json.loads((out / "set.json").read_text())
+    assert record["finetune"]["steps"] == {"1": 6, "2": 4} and record["finetune_joint"] is None
+    assert "Then layers 1, 2 fine-tuned 4 steps of 2 windows (1: 6 steps) on" in transcoder_card(record, "cmd")
 
     with pytest.raises(ConfigError, match=r"names layers \[3\] this run does not train"):
         train_transcoders(kjv, [1, 2], TranscoderRecipe(**{**TINY, "kl_steps": 2, "kl_layers": "1,3"}),
@@ -191,6 +196,11 @@ def test_a_kl_fine_tune_changes_only_its_layers_and_a_rerun_without_it_gives_bac
         TranscoderRecipe(**{**TINY, "kl_steps": 2, "kl_lr": 0.0})
     with pytest.raises(ConfigError, match=r"kl_joint_steps\) moves BatchTopK"):
         TranscoderRecipe(**{**TINY, "kl_joint_steps": 2, "calibrate_windows": 0})
+    with pytest.raises(ConfigError, match=r"'1:x' is not LAYER or LAYER:STEPS"):
+        train_transcoders(kjv, [1, 2], TranscoderRecipe(**{**TINY, "kl_steps": 2, "kl_layers": "1:x"}),
+                          tmp_path / "bad", progress=False)
+    with pytest.raises(ConfigError, match="kl_steps=0 turns the per-layer fine-tune off"):
+        TranscoderRecipe(**{**TINY, "kl_layers": "1:4"})
     with pytest.raises(ConfigError, match="kl_precision='fp16' is unknown"):
         TranscoderRecipe(**{**TINY, "kl_precision": "fp16"})
 

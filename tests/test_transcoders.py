@@ -232,6 +232,41 @@ def test_a_joint_kl_fine_tune_lowers_the_loss_with_every_mlp_replaced_and_resume
             torch.testing.assert_close(resumed.transcoders[layer].state_dict()[name], tensor, atol=0, rtol=0)
 
 
+def test_layers_with_their_own_step_counts_take_them_and_the_others_are_unchanged(tmp_path):
+    """``layer_steps`` gives layer 2 twelve steps beside layer 0's eight: layer 0 ends bit for bit where a plain
+    eight-step run of both layers leaves it (each layer steps on its own KL, on its own schedule), layer 2
+    takes four steps more on later windows, and a run stopped in step 5 resumes to the same weights."""
+    from workbench.pipelines import token_windows
+    from workbench.zoo import load_model
+
+    model = load_model("kjv-small").eval()
+    windows = token_windows(model, "kjv", 16, 24)
+    start = {0: _tc(d=128, seed=0), 2: _tc(d=128, seed=2)}
+    plain = T.finetune_on_kl(model, start, windows[:16], T.KLFinetuneConfig(steps=8, batch_windows=2, lr=1e-2))
+    cfg = T.KLFinetuneConfig(steps=8, batch_windows=2, lr=1e-2, checkpoint_every=2, layer_steps=((2, 12),))
+    own = T.finetune_on_kl(model, start, windows, cfg, tmp_path / "whole", log_every=1)
+    assert own.steps == {0: 8, 2: 12}
+    assert [h["step"] for h in own.history[0]] == list(range(8))
+    assert [h["step"] for h in own.history[2]] == list(range(12))
+    for name, tensor in plain.transcoders[0].state_dict().items():
+        torch.testing.assert_close(own.transcoders[0].state_dict()[name], tensor, atol=0, rtol=0)
+    assert not torch.equal(own.transcoders[2].W_dec, plain.transcoders[2].W_dec)
+    _stop_at_the_sixth_step(model, start, windows, cfg, tmp_path / "stopped")
+    resumed = T.finetune_on_kl(model, start, windows, cfg, tmp_path / "stopped", log_every=1)
+    assert resumed.resumed_from == 4
+    for layer in start:
+        for name, tensor in own.transcoders[layer].state_dict().items():
+            torch.testing.assert_close(resumed.transcoders[layer].state_dict()[name], tensor, atol=0, rtol=0)
+    with pytest.raises(InputError, match=r"needs \[>= 24, >= 3\] token windows"):
+        T.finetune_on_kl(model, start, windows[:16], cfg)
+    with pytest.raises(InputError, match="layer_steps names layer 1"):
+        T.finetune_on_kl(model, start, windows, T.KLFinetuneConfig(steps=8, batch_windows=2, layer_steps=((1, 4),)))
+    with pytest.raises(ConfigError, match="per-layer only"):
+        T.KLFinetuneConfig(steps=8, joint=True, layer_steps=((2, 12),))
+    with pytest.raises(ConfigError, match="at least 1"):
+        T.KLFinetuneConfig(steps=8, layer_steps=((2, 0),))
+
+
 @pytest.mark.parametrize("joint", [False, True], ids=["per-layer", "joint"])
 def test_a_bf16_kl_fine_tune_runs_the_model_under_autocast_and_still_lowers_the_loss(joint):
     """``precision="bf16"`` runs the model's passes under bfloat16 autocast (1.7x faster on SmolLM2's layers 24

@@ -434,7 +434,9 @@ class TranscoderRecipe:
     moved it (``python -m benchmarks.transcoder_order --layer 26 ... --expansion 4 8 --k 64 128``). The joint
     fine-tune after it (``kl_joint_steps``) lifted those layers further (layer 26: 0.847)."""
     kl_layers: str = "all"
-    """Which of the trained layers are fine-tuned: 'all' or comma-separated layers such as 1,22,23."""
+    """Which of the trained layers are fine-tuned: 'all' or comma-separated layers such as 1,22,23; LAYER:STEPS
+    gives a layer its own step count instead of ``kl_steps`` (1,22,24:300 fine-tunes layer 24 for 300 steps,
+    the others for ``kl_steps``)."""
     kl_windows: int = 8
     """Windows per fine-tuning step."""
     kl_lr: float = 3e-4
@@ -485,6 +487,9 @@ class TranscoderRecipe:
                                   "training left; calibrate them after it (calibrate_windows >= batch_windows)")
         if self.kl_precision not in PRECISIONS:
             raise ConfigError(f"kl_precision={self.kl_precision!r} is unknown; expected one of {PRECISIONS}")
+        if ":" in self.kl_layers and not self.kl_steps:
+            raise ConfigError(f"kl_layers={self.kl_layers!r} gives layers step counts, but kl_steps=0 turns the "
+                              "per-layer fine-tune off; set kl_steps (the other layers' count)")
         for name in ("kl_lr", "kl_joint_lr"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
                 raise ConfigError(f"{name}={getattr(self, name)} must be a positive number")
@@ -720,6 +725,7 @@ def train_transcoders(
                                  for layer, (before, after) in thresholds.items()},
                   **{key: None if stage is None else {
                       "layers": sorted(stage.transcoders), "seconds": stage.seconds,
+                      "steps": {str(layer): n for layer, n in stage.steps.items()},
                       "resumed_from": stage.resumed_from,
                       "history": {str(layer): h for layer, h in stage.history.items()}}
                      for key, stage in (("finetune", finetune), ("finetune_joint", joint))},
@@ -731,28 +737,40 @@ def train_transcoders(
                          {layer: results[layer].resumed_from for layer in layers})
 
 
-def _kl_layers(recipe: TranscoderRecipe, model: Any, layers: Sequence[int]) -> list[int]:
-    """The layers the recipe fine-tunes, all of them among ``layers`` (the trained ones)."""
-    chosen = sorted(set(layers) if recipe.kl_layers.strip() == "all"
-                    else set(parse_layers(recipe.kl_layers, model.cfg.n_layers)))
-    missing = sorted(set(chosen) - set(layers))
-    if missing or not chosen:
+def _kl_layers(recipe: TranscoderRecipe, model: Any, layers: Sequence[int]) -> dict[int, int]:
+    """Layer -> fine-tuning steps, for the layers the recipe fine-tunes, all of them among ``layers`` (the trained
+    ones): ``kl_steps`` unless ``kl_layers`` gives the layer its own count (``LAYER:STEPS``)."""
+    spec = recipe.kl_layers.strip()
+    steps = {layer: recipe.kl_steps for layer in layers} if spec == "all" else {}
+    for part in ([] if spec == "all" else [p.strip() for p in spec.split(",") if p.strip()]):
+        layer, _, count = part.partition(":")
+        try:
+            steps[parse_layers(layer, model.cfg.n_layers)[0]] = int(count) if count else recipe.kl_steps
+        except (ValueError, IndexError, InputError):
+            raise ConfigError(f"kl_layers={recipe.kl_layers!r}: {part!r} is not LAYER or LAYER:STEPS; expected "
+                              "'all' or entries such as 1,22,24:300") from None
+    missing = sorted(set(steps) - set(layers))
+    if missing or not steps:
         raise ConfigError(f"kl_layers={recipe.kl_layers!r} names layers {missing or 'none'} this run does not train "
                           f"(it trains {sorted(layers)}); fine-tune 'all' or a subset of --layers")
-    return chosen
+    if min(steps.values()) < 1:
+        raise ConfigError(f"kl_layers={recipe.kl_layers!r} gives a layer fewer than 1 step")
+    return dict(sorted(steps.items()))
 
 
 def _finetune(model: Any, trained: dict[int, SAE], text: Tensor, recipe: TranscoderRecipe, out: Path,
               progress: bool, joint: bool = False) -> KLFinetuneResult:
     """The recipe's KL fine-tune of its ``kl_layers`` (:attr:`TranscoderRecipe.kl_steps`), or with ``joint`` of
     every trained layer together (:attr:`TranscoderRecipe.kl_joint_steps`), checkpointed in ``out``."""
-    chosen = sorted(trained) if joint else _kl_layers(recipe, model, sorted(trained))
+    steps = {} if joint else _kl_layers(recipe, model, sorted(trained))
+    chosen = sorted(trained) if joint else list(steps)
     every = max(1, recipe.checkpoint_every // 8) if recipe.checkpoint_every else 0  # a fine-tune step costs more
     cfg = KLFinetuneConfig(recipe.kl_joint_steps if joint else recipe.kl_steps, recipe.kl_windows,
                            recipe.kl_joint_lr if joint else recipe.kl_lr, recipe.kl_fvu_weight,
                            first_position=recipe.first_position, checkpoint_every=every, joint=joint,
-                           precision=recipe.kl_precision)
-    need = cfg.steps * cfg.batch_windows
+                           precision=recipe.kl_precision,
+                           layer_steps=tuple((layer, n) for layer, n in steps.items() if n != recipe.kl_steps))
+    need = max([cfg.steps, *steps.values()]) * cfg.batch_windows
     # a seeded draw from the training text (all of it, on every rank: the fine-tune splits each step itself)
     seed = recipe.seed * 1000 + (600 if joint else 500)
     order = torch.cat([
@@ -930,7 +948,8 @@ def transcoder_card(record: dict[str, Any], command: str) -> str:
           if (calibrate := r.get("calibrate_windows", RECIPE_BEFORE_FIELD["calibrate_windows"]))
           and r["architecture"] == "batchtopk" else []),
         *([f"Then layers {', '.join(map(str, ft['layers']))} fine-tuned {r['kl_steps']} steps of {r['kl_windows']} "
-           f"windows on the next-token KL against the real model with the layer's transcoder spliced in (plus "
+           f"windows{_own_steps(ft, r['kl_steps'])} on the next-token KL against the real model with the layer's "
+           "transcoder spliced in (plus "
            f"{r['kl_fvu_weight']} x FVU; Adam lr {r['kl_lr']}{bf16}), in {ft['seconds'] / 60:.1f} min.", ""]
           if (ft := record.get("finetune")) else []),
         *([f"Then every layer's transcoder fine-tuned together {r['kl_joint_steps']} steps of {r['kl_windows']} "
@@ -955,6 +974,12 @@ def transcoder_card(record: dict[str, Any], command: str) -> str:
               "circuit-tracer layout: `workbench train-transcoders ... --export-circuit-tracer DIR`, or "
               "`workbench.pipelines.export_circuit_tracer(name, DIR)`.", ""]
     return "\n".join(lines)
+
+
+def _own_steps(stage: dict[str, Any], default: int) -> str:
+    """`` (24: 300 steps, 25: 300 steps)`` for the layers of a fine-tune ``stage`` record with a count of their own."""
+    own = [f"{layer}: {n} steps" for layer, n in stage.get("steps", {}).items() if n != default]
+    return f" ({', '.join(own)})" if own else ""
 
 
 def _bar(progress: bool, total: int, start: int):

@@ -13,12 +13,12 @@ place of the MLP's output and measures what the rest of the model makes of it:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
@@ -260,7 +260,7 @@ def calibrate_thresholds(
 PRECISIONS = ("fp32", "bf16")
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class KLFinetuneConfig:
     """Settings of :func:`finetune_on_kl`."""
 
@@ -285,6 +285,10 @@ class KLFinetuneConfig:
     """Splice every layer's transcoder in at once and tune them together on KL(real || replaced), the loss of the
     model with every MLP replaced (what the set's top-1 agreement measures), plus ``fvu_weight`` times each layer's
     FVU; False: each layer spliced in alone, on its own KL."""
+    layer_steps: tuple[tuple[int, int], ...] = ()
+    """``(layer, steps)`` pairs: those layers take that many steps instead of ``steps`` (each on its own learning-rate
+    schedule; the stage runs as long as its longest layer, later steps reading later windows). Per-layer mode
+    only: spend steps where a layer still gains from them."""
     precision: str = "fp32"
     """bf16 runs the model's forward and backward passes under ``torch.autocast(bfloat16)`` (its weights stay
     fp32, the transcoders run in fp32 and take fp32 Adam steps; the KL is taken in fp32); fp32 runs all of it
@@ -300,6 +304,10 @@ class KLFinetuneConfig:
         if not (0 <= self.decay_fraction <= 1 and 0 <= self.warmup_fraction <= 1):
             raise ConfigError(f"warmup_fraction={self.warmup_fraction} and decay_fraction={self.decay_fraction} "
                               "must lie in [0, 1]")
+        if any(n < 1 for _, n in self.layer_steps):
+            raise ConfigError(f"layer_steps={self.layer_steps}: every layer's step count must be at least 1")
+        if self.joint and self.layer_steps:
+            raise ConfigError("layer_steps is per-layer only: a joint fine-tune steps every layer together")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision={self.precision!r} is unknown; expected one of {PRECISIONS}")
 
@@ -319,6 +327,8 @@ class KLFinetuneResult(NamedTuple):
     """Layer -> ``{"step", "kl", "fvu", "l0"}`` of every ``log_every``-th step (on that step's training batch)."""
     resumed_from: int | None
     seconds: float
+    steps: dict[int, int] | None = None
+    """Layer -> the steps it took (``cfg.steps`` unless ``cfg.layer_steps`` gives it its own)."""
 
 
 FINETUNE_DIR = "finetune"
@@ -341,7 +351,7 @@ def spliced_logits(
 
 #: Settings added to :class:`KLFinetuneConfig` after checkpoints were written without them, at the value those
 #: checkpoints had: a checkpoint that lacks one matches a run that has it at this value.
-FINETUNE_SETTINGS_ADDED: dict[str, Any] = {"joint": False, "precision": "fp32"}
+FINETUNE_SETTINGS_ADDED: dict[str, Any] = {"joint": False, "precision": "fp32", "layer_steps": []}
 
 
 def _same_fine_tune(stored: dict[str, Any], current: dict[str, Any]) -> bool:
@@ -382,7 +392,8 @@ def finetune_on_kl(
     per-layer evaluation). The model is frozen. BatchTopK transcoders select over the step's rows as in
     training (recalibrate their thresholds afterwards); decoder rows stay unit-norm.
 
-    ``windows`` holds ``cfg.steps * cfg.batch_windows`` windows, read in order. With ``out_dir`` the stage
+    ``windows`` holds ``cfg.steps * cfg.batch_windows`` windows (of the longest layer's steps, with
+    ``cfg.layer_steps``), read in order. With ``out_dir`` the stage
     checkpoints there (``finetune/state.pt``, ``finetune_joint/state.pt`` when joint) and a killed run resumes
     to the same weights as an unbroken one;
     a checkpoint written with other settings, layers or windows is not resumed (the stage starts over). Under
@@ -398,11 +409,19 @@ def finetune_on_kl(
 
     check_set(model, transcoders)
     layers = sorted(transcoders)
+    steps_of = {layer: cfg.steps for layer in layers}
+    for layer, n in cfg.layer_steps:
+        if layer not in steps_of:
+            raise InputError(f"layer_steps names layer {layer}, which is not among the transcoders given ({layers})")
+        steps_of[layer] = n
+    total = max(steps_of.values())
+    # each layer's learning-rate schedule over its own steps
+    schedules = {layer: dataclasses.replace(cfg, steps=n, layer_steps=()) for layer, n in steps_of.items()}
     info = dist_info()
     windows = torch.as_tensor(windows)
-    need = cfg.steps * cfg.batch_windows
+    need = total * cfg.batch_windows
     if windows.ndim != 2 or windows.shape[0] < need or windows.shape[1] < cfg.first_position + 2:
-        raise InputError(f"fine-tuning {cfg.steps} steps of {cfg.batch_windows} windows needs [>= {need}, "
+        raise InputError(f"fine-tuning {total} steps of {cfg.batch_windows} windows needs [>= {need}, "
                          f">= {cfg.first_position + 2}] token windows; got {tuple(windows.shape)}")
     if cfg.batch_windows % info.world_size:
         raise ConfigError(f"batch_windows={cfg.batch_windows} does not split evenly among {info.world_size} "
@@ -437,7 +456,9 @@ def finetune_on_kl(
                 "sae": {str(layer): tuned[layer].state_dict() for layer in layers},
                 "adam": {str(layer): optims[layer].state_dict() for layer in layers}})
 
-    names = [h for layer in layers for h in (input_hook(layer), output_hook(layer), f"blocks.{layer}.hook_resid_mid")]
+    def names(chosen: list[int]) -> list[str]:
+        return [h for layer in chosen
+                for h in (input_hook(layer), output_hook(layer), f"blocks.{layer}.hook_resid_mid")]
     fp = cfg.first_position
 
     def model_precision():
@@ -471,10 +492,10 @@ def finetune_on_kl(
         for layer in chosen:
             project_decoder_gradient(tuned[layer])
             for group in optims[layer].param_groups:
-                group["lr"] = lr_at(cfg, step)
+                group["lr"] = lr_at(schedules[layer], step)
             optims[layer].step()
             tuned[layer].normalize_decoder()
-            if step % log_every == 0 or step == cfg.steps - 1:
+            if step % log_every == 0 or step == steps_of[layer] - 1:
                 history[layer].append({"step": step, "kl": float(kl.detach()), "fvu": float(fvu[layer].detach()),
                                        "l0": l0[layer]})
 
@@ -494,14 +515,15 @@ def finetune_on_kl(
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=cfg.steps, initial=start, unit="step", desc="KL fine-tune")
+        bar = tqdm(total=total, initial=start, unit="step", desc="KL fine-tune")
     t0 = time.perf_counter()
     try:
-        for step in range(start, cfg.steps):
+        for step in range(start, total):
             b0 = step * cfg.batch_windows + info.rank * share
             tokens = windows[b0: b0 + share].to(device)
+            active = [layer for layer in layers if step < steps_of[layer]]  # every layer, unless layer_steps
             with torch.no_grad(), model_precision():
-                logits, cache = model.run_with_cache(tokens, names_filter=[] if cfg.joint else names)
+                logits, cache = model.run_with_cache(tokens, names_filter=[] if cfg.joint else names(active))
                 logp_clean = F.log_softmax(logits[:, fp:].float(), dim=-1)
                 p_clean = logp_clean.exp()
                 del logits
@@ -515,7 +537,7 @@ def finetune_on_kl(
                 take_step(step, layers, kl, fvu, l0)
                 del fvu, kl, logits
             else:  # each layer spliced in alone, running only the blocks after it
-                for layer in layers:
+                for layer in active:
                     mlp_out, fvu_l, l0_l = predict(layer, cache[input_hook(layer)], cache[output_hook(layer)])
                     with model_precision():
                         logits = spliced_logits(model, layer, cache[f"blocks.{layer}.hook_resid_mid"], mlp_out, fp)
@@ -524,7 +546,7 @@ def finetune_on_kl(
                     del mlp_out, fvu_l, kl, logits
             del cache, logp_clean, p_clean
             done = step + 1
-            if path is not None and cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+            if path is not None and cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == total):
                 checkpoint(done)
             if bar is not None:
                 bar.update(1)
@@ -533,7 +555,7 @@ def finetune_on_kl(
             bar.close()
     for tc in tuned.values():
         tc.eval()
-    return KLFinetuneResult(tuned, history, resumed, time.perf_counter() - t0)
+    return KLFinetuneResult(tuned, history, resumed, time.perf_counter() - t0, steps_of)
 
 
 # ---------------------------------------------------------------------------------------------
