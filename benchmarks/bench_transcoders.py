@@ -1,6 +1,6 @@
 """Transcoder training on this machine: pairs vs the SAE trainer, the all-layers live trainer, skip vs plain.
 
-    python -m benchmarks.bench_transcoders [--quick] [--part pairs|batchtopk|live|skip ...]
+    python -m benchmarks.bench_transcoders [--quick] [--part pairs|batchtopk|live|skip|finetune ...]
 
 - ``pairs``: ``train_sae`` on (x, y) pairs (a TopK transcoder, with and without the skip term) beside
   ``train_sae`` on single tensors (a TopK SAE) at the same shape (d_in 576, width 4608, k 32, batch
@@ -8,10 +8,14 @@
 - ``batchtopk``: a BatchTopK skip transcoder's training step at SmolLM2's live shape (d_in 576, width
   4608, k 32, batch 4064) through the sparse kernels and through the dense ``[batch, d_sae]`` step.
 - ``live``: SmolLM2-135M, all 30 layers trained at once from live activations
-  (``workbench.pipelines.train_transcoders``, the documented recipe's shape: 32 windows of 128 tokens
-  a step, 8x = 4608 latents, BatchTopK k 32, skip) for a few steps, beside the forward pass that feeds
-  them alone (``live_pairs``) on the same windows: tokens/s of each, the forward pass's share of the
-  trainer's time, and the documented recipe's projected wall time at that rate.
+  (``workbench.pipelines.train_transcoders``, 32 windows of 128 tokens a step, BatchTopK with skip) for a
+  few steps, at the issue's shape (8x = 4608 latents, k 32) and at the documented recipe's
+  (``TranscoderRecipe``'s defaults: 4x = 2304 latents, k 64), beside the forward pass that feeds them alone
+  (``live_pairs``) on the same windows: tokens/s of each, the forward pass's share of the trainer's time,
+  and the recipe's training time projected at its shape's rate.
+- ``finetune``: SmolLM2-135M, the recipe's per-layer KL fine-tune (``finetune_on_kl``, 8 windows a step) of
+  the layers ``--finetune-layers`` names, the model's passes in fp32 and under bf16 autocast
+  (``KLFinetuneConfig.precision``), timed interleaved: seconds a step of each and the ratio.
 - ``skip``: kjv-small, every layer, TopK k 32 (so L0 is the same by construction) without the skip
   term, with it from zero, and with it from the first batch's ridge fit, on the same tokens; held-out
   FVU and CE recovered per layer.
@@ -32,9 +36,8 @@ from workbench.sae.train import TrainConfig, train_sae
 from workbench.sae.transcoders import live_pairs
 from workbench.zoo import load_model
 
-#: The documented SmolLM2 recipe (README, "Transcoders"): what ``live`` projects the time of.
-SMOLLM2_RECIPE = dict(corpus="kjv", tokens=1_000_000, batch_windows=32, n_ctx=128, expansion=8, k=32,
-                      architecture="batchtopk", skip=True)
+#: The shape the transcoders issue names for the live trainer's throughput (width 4096 there; 8 x 576 here).
+ISSUE_SHAPE = dict(expansion=8, k=32)
 
 
 def pairs(quick: bool) -> None:
@@ -93,25 +96,55 @@ def live(quick: bool) -> None:
         return
     steps = 1 if quick else 3
     layers = list(range(model.cfg.n_layers))
-    recipe = TranscoderRecipe(**{**SMOLLM2_RECIPE, "tokens": steps * 32 * 127, "eval_windows": 1,
-                                 "checkpoint_every": 0})
-    windows = token_windows(model, recipe.corpus, recipe.n_ctx, steps * recipe.batch_windows)
-    t0 = time.perf_counter()
-    for _ in live_pairs(model, windows, layers, recipe.batch_windows, recipe.first_position):
-        pass
-    forward = time.perf_counter() - t0
-    with tempfile.TemporaryDirectory() as tmp:
-        result = train_transcoders(model, layers, recipe, tmp, progress=False)
-    rows = steps * recipe.rows_per_step()
-    full = SMOLLM2_RECIPE["tokens"] / result.tokens_per_second
-    print(f"SmolLM2-135M, all {len(layers)} layers from live activations: {steps} steps of {recipe.batch_windows} x "
-          f"{recipe.n_ctx} tokens, width {recipe.expansion * model.cfg.d_model}, "
-          f"{recipe.architecture} k {recipe.k}, skip")
-    print(f"  forward pass alone (60 hooks)  {rows / forward:10.0f} tokens/s")
-    print(f"  trainer (forward + 30 layers)  {result.tokens_per_second:10.0f} tokens/s (each layer sees them all)")
-    print(f"  forward pass's share of the trainer's time: {forward / result.seconds:.2f}")
-    print(f"  documented recipe ({SMOLLM2_RECIPE['tokens']:,} tokens a layer) projected: "
-          f"{full / 3600:.1f} h (target <= 2 h)")
+    documented = TranscoderRecipe()
+    for name, shape in (("the issue's shape", ISSUE_SHAPE), ("the documented recipe's shape", {})):
+        recipe = TranscoderRecipe(**{**shape, "tokens": steps * 32 * 127, "eval_windows": 1, "checkpoint_every": 0,
+                                     "calibrate_windows": 0})
+        windows = token_windows(model, recipe.corpus, recipe.n_ctx, steps * recipe.batch_windows)
+        t0 = time.perf_counter()
+        for _ in live_pairs(model, windows, layers, recipe.batch_windows, recipe.first_position):
+            pass
+        forward = time.perf_counter() - t0
+        with tempfile.TemporaryDirectory() as tmp:
+            result = train_transcoders(model, layers, recipe, tmp, progress=False)
+        rows = steps * recipe.rows_per_step()
+        print(f"SmolLM2-135M, all {len(layers)} layers from live activations, {name}: {steps} steps of "
+              f"{recipe.batch_windows} x {recipe.n_ctx} tokens, width {recipe.expansion * model.cfg.d_model}, "
+              f"{recipe.architecture} k {recipe.k}, skip")
+        print(f"  forward pass alone (60 hooks)  {rows / forward:10.0f} tokens/s")
+        print(f"  trainer (forward + 30 layers)  {result.tokens_per_second:10.0f} tokens/s (each layer sees them all)")
+        print(f"  forward pass's share of the trainer's time: {forward / result.seconds:.2f}")
+    full = documented.tokens / result.tokens_per_second
+    print(f"  the documented recipe's training ({documented.tokens:,} tokens a layer) projected at this rate: "
+          f"{full / 60:.0f} min (its fine-tunes come on top; target for all of it <= 2 h)")
+
+
+def finetune(quick: bool, layers: str = "24,26") -> None:
+    """The per-layer KL fine-tune's step in fp32 and with the model under bf16 autocast, timed interleaved."""
+    from workbench.sae.transcoders import KLFinetuneConfig, finetune_on_kl, parse_layers
+
+    try:
+        model = load_model("smollm2-135m").eval()
+    except Exception as exc:  # noqa: BLE001 - a machine without the model skips this part, saying why
+        print(f"finetune: SmolLM2-135M not available ({exc}); run `make fetch`")
+        return
+    steps, repeats = (2, 1) if quick else (3, 3)
+    chosen = parse_layers(layers, model.cfg.n_layers)
+    recipe = TranscoderRecipe()
+    windows = token_windows(model, recipe.corpus, recipe.n_ctx, steps * recipe.kl_windows)
+    shape = SAEConfig(d_in=model.cfg.d_model, d_sae=recipe.expansion * model.cfg.d_model, architecture="batchtopk",
+                      k=recipe.k, d_out=model.cfg.d_model, apply_b_dec_to_input=False, skip=True)
+    start = {layer: SAE(shape, seed=layer) for layer in chosen}  # the step's cost does not depend on the weights
+    runs = {precision: lambda precision=precision: finetune_on_kl(model, start, windows, KLFinetuneConfig(
+        steps, recipe.kl_windows, recipe.kl_lr, first_position=recipe.first_position, precision=precision))
+        for precision in ("fp32", "bf16")}
+    med = interleaved_medians(runs, repeats)
+    print(f"SmolLM2-135M per-layer KL fine-tune of layers {layers}: {recipe.kl_windows} windows of {recipe.n_ctx} "
+          f"tokens a step, {repeats} interleaved repeats of {steps} steps (median), torch threads "
+          f"{torch.get_num_threads()}")
+    for name, seconds in med.items():
+        print(f"  model in {name}: {seconds / steps:6.2f} s a step")
+    print(f"  fp32 / bf16 time: {med['fp32'] / med['bf16']:.2f} x")
 
 
 def skip(quick: bool) -> None:
@@ -136,16 +169,20 @@ def skip(quick: bool) -> None:
               f"top-1 agreement {res.whole.top1_agreement:.3f}")
 
 
-PARTS = {"pairs": pairs, "batchtopk": batchtopk, "live": live, "skip": skip}
+PARTS = {"pairs": pairs, "batchtopk": batchtopk, "live": live, "skip": skip, "finetune": finetune}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats and steps")
     parser.add_argument("--part", action="append", choices=sorted(PARTS), help="run only these parts (default: all)")
+    parser.add_argument("--finetune-layers", default="24,26", help="the layers the finetune part fine-tunes")
     args = parser.parse_args(argv)
     for name in args.part or list(PARTS):
-        PARTS[name](args.quick)
+        if name == "finetune":
+            finetune(args.quick, args.finetune_layers)
+        else:
+            PARTS[name](args.quick)
 
 
 if __name__ == "__main__":

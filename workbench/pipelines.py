@@ -345,16 +345,18 @@ class TranscoderRecipe:
     defaults were those then).
     SmolLM2-135M's recipe is the defaults (1M tokens of kjv, one epoch, 2,304 latents, BatchTopK k 64, skip,
     lr 4e-3, Adam beta2 0.99, windows shuffled, four steps' rows mixed, thresholds calibrated on 128 windows)
-    plus ``kl_steps=150, kl_layers="1,22,23,24,25,26,27", kl_joint_steps=60``, all 30 layers: 81.5 min of
-    training (205 tokens/s, 10.1 GB peak RSS; 71 min in an earlier run), 36 min of per-layer fine-tuning (5.7 GB;
-    41.6 min in a later run, on a machine that ran slower that evening) and 12.0 min of joint fine-tuning (7.8 GB):
-    over the 2 h wanted. Before the fine-tunes, CE recovered 0.77-1.21 per layer with 7 of 30 layers under the
-    0.90 wanted (1, 22-27) and every MLP replaced at once agreed with the model's top-1 token on 0.485 of
-    held-out positions (CE 4.517 against 3.680); after the per-layer one, layers 1 and 22-27 recover 0.894 / 0.917
-    / 0.888 / 0.878 / 0.863 / 0.831 / 0.892 (from 0.847 / 0.889 / 0.864 / 0.846 / 0.852 / 0.765 / 0.823) and the
-    whole set agrees on 0.497 (CE 4.433); after the joint one, those layers recover 0.914 / 0.929 / 0.905 / 0.889
-    / 0.875 / 0.847 / 0.911 (3 under 0.90: 24-26; every layer 0.847-1.228) and the whole set agrees on 0.514 (CE
-    4.227, KL 0.930 against 1.10). With the trainer's EMA
+    plus ``kl_steps=150, kl_layers="1,22,23,24:250,25:350,26,27", kl_joint_steps=60, kl_precision="bf16"``, all
+    30 layers: 81.5 min of training (205 tokens/s, 10.1 GB peak RSS; 71 min in an earlier run), 30.0 min of
+    per-layer fine-tuning and 8.0 min of joint fine-tuning (7.5 GB): 1 h 59.5 min, within the 2 h wanted. Before
+    the fine-tunes, CE recovered 0.77-1.21 per layer with 7 of 30 layers under the 0.90 wanted (1, 22-27) and
+    every MLP replaced at once agreed with the model's top-1 token on 0.485 of held-out positions (CE 4.517
+    against 3.680); after both, layers 1 and 22-27 recover 0.910 / 0.928 / 0.906 / 0.914 / 0.896 / 0.849 / 0.912
+    (from 0.847 / 0.889 / 0.864 / 0.846 / 0.852 / 0.765 / 0.823; 2 under 0.90: 25 and 26; every layer
+    0.849-1.227) and the whole set agrees on 0.516 (CE 4.240, KL 0.945). The recipe before it, every one of
+    those layers 150 steps in fp32 (``kl_layers="1,22,23,24,25,26,27"``), took 36 min and 12.0 min for the two
+    fine-tunes (2 h 10 min in all) and left 3 under 0.90 (24-26: 0.889 / 0.875 / 0.847) and top-1 0.514 (CE
+    4.227, KL 0.930); after its per-layer stage alone, 0.894 / 0.917 / 0.888 / 0.878 / 0.863 / 0.831 / 0.892
+    and 0.497 (CE 4.433). With the trainer's EMA
     thresholds (no calibration) an earlier run of the same training gave 9 under 0.90 (1, 9, 22-28) and top-1
     0.474 (CE 4.53); trained at beta2 0.999, the same within noise (10 under 0.90, top-1 0.473, CE 4.49): beta2
     matters past one epoch (``adam_beta2``).
@@ -429,10 +431,12 @@ class TranscoderRecipe:
     KL against the real model (:func:`workbench.sae.transcoders.finetune_on_kl`), before the thresholds are
     calibrated; 0: no fine-tune. The windows are a seeded draw from the training text. It may change on a
     finished set (as may the other ``kl_*`` fields): the fine-tune then starts again from the training
-    checkpoints. On SmolLM2, 150 steps of 8 windows took 14.3 s a step for layers 1 and 22-27 together and lifted
-    their CE recovered by 0.011-0.066 (layer 26: 0.765 -> 0.831); the width and k of the transcoder had barely
-    moved it (``python -m benchmarks.transcoder_order --layer 26 ... --expansion 4 8 --k 64 128``). The joint
-    fine-tune after it (``kl_joint_steps``) lifted those layers further (layer 26: 0.847)."""
+    checkpoints. On SmolLM2, 150 steps of 8 windows took 14.3 s a step in fp32 (8.9 s under
+    ``kl_precision="bf16"``) for layers 1 and 22-27 together and lifted their CE recovered by 0.011-0.066 (layer
+    26: 0.765 -> 0.831); the width and k of the transcoder had barely moved it (``python -m
+    benchmarks.transcoder_order --layer 26 ... --expansion 4 8 --k 64 128``). 400 steps (bf16, a one-off run) took
+    layers 24 / 25 / 26 to 0.921 / 0.894 / 0.844: layer 26 gains little past 150, hence the recipe's own counts
+    for 24 and 25. The joint fine-tune after it (``kl_joint_steps``) lifts those layers further."""
     kl_layers: str = "all"
     """Which of the trained layers are fine-tuned: 'all' or comma-separated layers such as 1,22,23; LAYER:STEPS
     gives a layer its own step count instead of ``kl_steps`` (1,22,24:300 fine-tunes layer 24 for 300 steps,
@@ -449,15 +453,17 @@ class TranscoderRecipe:
     steps on the KL of the model with all of them spliced in at once (``KLFinetuneConfig.joint``): the loss behind
     the set's top-1 agreement; 0: none. Windows of ``kl_windows``, a seeded draw of their own. It may change on a
     finished set, like the other ``kl_*`` fields. On SmolLM2, 60 steps after the per-layer fine-tune took 12.0 s a
-    step and raised the whole set's top-1 agreement from 0.497 to 0.514 and every weak layer's CE recovered when
-    spliced in alone (layers 1 and 22-27, by 0.011-0.020).
+    step in fp32 (8.0 s under bf16) and raised the whole set's top-1 agreement from 0.497 to 0.514 and every weak
+    layer's CE recovered when spliced in alone (layers 1 and 22-27, by 0.011-0.020).
     A one-off run of 40 steps on the same set gave 0.502."""
     kl_joint_lr: float = 1e-4
     """The joint fine-tune's Adam learning rate (the same warmup and decay as ``kl_lr``'s)."""
     kl_precision: str = "fp32"
     """bf16: both fine-tunes run the model under bfloat16 autocast (``KLFinetuneConfig.precision``; the transcoders,
     their Adam steps and the KL stay fp32); fp32: all of it in fp32. Training and evaluation are fp32 either
-    way."""
+    way. On SmolLM2's layers 24 and 26 a per-layer step takes 2.90 s against 5.14 s (``python -m
+    benchmarks.bench_transcoders --part finetune``), and 50 steps at lr 1e-3 left them at CE recovered 0.859 /
+    0.800 against 0.858 / 0.801 in fp32 (a one-off run)."""
     seed: int = 0
     """Seeds the initialisation and the order of the windows."""
     eval_windows: int = 32
