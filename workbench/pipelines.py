@@ -776,7 +776,7 @@ def _finetune(model: Any, trained: dict[int, SAE], text: Tensor, recipe: Transco
                            first_position=recipe.first_position, checkpoint_every=every, joint=joint,
                            precision=recipe.kl_precision,
                            layer_steps=tuple((layer, n) for layer, n in steps.items() if n != recipe.kl_steps))
-    need = max([cfg.steps, *steps.values()]) * cfg.batch_windows
+    need = max(steps.values(), default=cfg.steps) * cfg.batch_windows  # the longest layer's steps
     # a seeded draw from the training text (all of it, on every rank: the fine-tune splits each step itself)
     seed = recipe.seed * 1000 + (600 if joint else 500)
     order = torch.cat([

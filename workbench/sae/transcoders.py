@@ -327,7 +327,7 @@ class KLFinetuneResult(NamedTuple):
     """Layer -> ``{"step", "kl", "fvu", "l0"}`` of every ``log_every``-th step (on that step's training batch)."""
     resumed_from: int | None
     seconds: float
-    steps: dict[int, int] | None = None
+    steps: dict[int, int]
     """Layer -> the steps it took (``cfg.steps`` unless ``cfg.layer_steps`` gives it its own)."""
 
 
