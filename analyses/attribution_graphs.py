@@ -81,9 +81,14 @@ mean per graph** (least 0.515; target 0.6 met); pruning keeps 4.4x fewer feature
 target 10x, NOT met) while completeness falls 20.4% (most 22.2%; target 20%, NOT met). 42 min 09 s (29-206 s a
 graph; the machine ran slower that evening), peak RSS 15.5 GB. The fine-tunes made the replacement model better at
 predicting the next token and left the graphs' shape as it was: the per-layer set's influence stays spread over
-thousands of features. The set of today's recipe (layers 24 and 25 tuned longer, bf16; top-1 0.516) has not been
-through this analysis; its layers differ from that set's by at most 0.025 of CE recovered (layer 24 0.914 against
-0.889, layer 25 0.896 against 0.875).
+thousands of features.
+
+The set of the documented recipe since then (layers 24 and 25 tuned 250 and 350 steps, both fine-tunes under bf16;
+top-1 0.516; the same command, no budget; 13,741-37,806 features, 23,590 on average): replacement 0.616,
+completeness 0.900; **Spearman 0.730 pooled, 0.721 mean per graph** (least 0.453, the repeated-colours prompt;
+target 0.6 met); pruning keeps 4.4x fewer feature and error nodes (least 3.8x; target 10x, NOT met) while
+completeness falls 20.4% (most 22.2%; target 20%, NOT met). 38 min 18 s (25-182 s a graph), peak RSS 15.5 GB: the
+same as the set before, within 0.006.
 
 Output: ``report.html`` and ``report.json`` in ``--out`` (default
 ``$WORKBENCH_HOME/runs/reports/attribution-graphs``). kjv-small takes a minute or two.
