@@ -1,18 +1,22 @@
 """Transcoder training on this machine: pairs vs the SAE trainer, the all-layers live trainer, skip vs plain.
 
-    python -m benchmarks.bench_transcoders [--quick] [--part pairs|batchtopk|live|skip|finetune ...]
+    python -m benchmarks.bench_transcoders [--quick] [--part pairs|batchtopk|selection|live|skip|finetune ...]
 
 - ``pairs``: ``train_sae`` on (x, y) pairs (a TopK transcoder, with and without the skip term) beside
   ``train_sae`` on single tensors (a TopK SAE) at the same shape (d_in 576, width 4608, k 32, batch
   4096), timed interleaved with the median kept. Target: the transcoder within 1.2x of the SAE.
 - ``batchtopk``: a BatchTopK skip transcoder's training step at SmolLM2's live shape (d_in 576, width
   4608, k 32, batch 4064) through the sparse kernels and through the dense ``[batch, d_sae]`` step.
+- ``selection``: a BatchTopK skip transcoder's training step at the documented recipe's shape (d_in 576, width
+  2304, k 64, batch 4064) with its latents chosen from an fp32 and from a bf16 encoder matmul
+  (``SAETrainConfig.precision``), timed interleaved.
 - ``live``: SmolLM2-135M, all 30 layers trained at once from live activations
   (``workbench.pipelines.train_transcoders``, 32 windows of 128 tokens a step, BatchTopK with skip) for a
   few steps, at the issue's shape (8x = 4608 latents, k 32) and at the documented recipe's
-  (``TranscoderRecipe``'s defaults: 4x = 2304 latents, k 64), beside the forward pass that feeds them alone
-  (``live_pairs``) on the same windows: tokens/s of each, the forward pass's share of the trainer's time,
-  and the recipe's training time projected at its shape's rate.
+  (``TranscoderRecipe``'s defaults: 4x = 2304 latents, k 64), the latter in fp32 and with
+  ``precision="bf16"``, each beside the forward pass that feeds it alone (``live_pairs``) on the same
+  windows: tokens/s of each, the forward pass's share of the trainer's time, and the recipe's training time
+  projected at each of its rates.
 - ``finetune``: SmolLM2-135M, the recipe's per-layer KL fine-tune (``finetune_on_kl``, 8 windows a step) of
   the layers ``--finetune-layers`` names, the model's passes in fp32 and under bf16 autocast
   (``KLFinetuneConfig.precision``), timed interleaved: seconds a step of each and the ratio.
@@ -88,6 +92,28 @@ def batchtopk(quick: bool) -> None:
     print(f"  dense / sparse time: {med['dense'] / med['sparse']:.2f} x")
 
 
+def selection(quick: bool) -> None:
+    """The recipe shape's training step with the latents chosen from an fp32 and from a bf16 matmul."""
+    d_in, d_sae, k, batch, steps = 576, 2304, 64, 4064, 3
+    repeats = 2 if quick else 5
+    g = torch.Generator().manual_seed(0)
+    pairs_ = [(torch.randn(batch, d_in, generator=g), torch.randn(batch, d_in, generator=g)) for _ in range(steps)]
+    shape = SAEConfig(d_in=d_in, d_sae=d_sae, architecture="batchtopk", k=k, d_out=d_in, apply_b_dec_to_input=False,
+                      skip=True)
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        cfg = TrainConfig(total_steps=steps, lr=1e-4, progress=False, checkpoint_every=0, log_every=steps,
+                          precision=precision)
+        tc = SAE(shape, seed=0)
+        runs[precision] = lambda tc=tc, cfg=cfg: train_sae(tc, pairs_, cfg)
+    med = interleaved_medians(runs, repeats)
+    print(f"BatchTopK skip transcoder step at the recipe's shape: d_in {d_in}, width {d_sae}, k {k}, batch {batch}, "
+          f"torch threads {torch.get_num_threads()}, {repeats} interleaved repeats of {steps} steps (median)")
+    for name, seconds in med.items():
+        print(f"  latents chosen in {name}: {seconds / steps * 1000:8.1f} ms a step")
+    print(f"  fp32 / bf16 time: {med['fp32'] / med['bf16']:.2f} x")
+
+
 def live(quick: bool) -> None:
     try:
         model = load_model("smollm2-135m").eval()
@@ -97,12 +123,15 @@ def live(quick: bool) -> None:
     steps = 1 if quick else 3
     layers = list(range(model.cfg.n_layers))
     documented = TranscoderRecipe()
-    for name, shape in (("the issue's shape", ISSUE_SHAPE), ("the documented recipe's shape", {})):
+    shapes = (("the issue's shape", ISSUE_SHAPE), ("the documented recipe's shape", {}),
+              ("the documented recipe's shape, precision bf16", {"precision": "bf16"}))
+    for name, shape in shapes:
         recipe = TranscoderRecipe(**{**shape, "tokens": steps * 32 * 127, "eval_windows": 1, "checkpoint_every": 0,
                                      "calibrate_windows": 0})
         windows = token_windows(model, recipe.corpus, recipe.n_ctx, steps * recipe.batch_windows)
         t0 = time.perf_counter()
-        for _ in live_pairs(model, windows, layers, recipe.batch_windows, recipe.first_position):
+        for _ in live_pairs(model, windows, layers, recipe.batch_windows, recipe.first_position,
+                            precision=recipe.precision):
             pass
         forward = time.perf_counter() - t0
         with tempfile.TemporaryDirectory() as tmp:
@@ -114,9 +143,10 @@ def live(quick: bool) -> None:
         print(f"  forward pass alone (60 hooks)  {rows / forward:10.0f} tokens/s")
         print(f"  trainer (forward + 30 layers)  {result.tokens_per_second:10.0f} tokens/s (each layer sees them all)")
         print(f"  forward pass's share of the trainer's time: {forward / result.seconds:.2f}")
-    full = documented.tokens / result.tokens_per_second
-    print(f"  the documented recipe's training ({documented.tokens:,} tokens a layer) projected at this rate: "
-          f"{full / 60:.0f} min (its fine-tunes come on top; target for all of it <= 2 h)")
+        if name != shapes[0][0]:
+            full = documented.tokens / result.tokens_per_second
+            print(f"  the documented recipe's training ({documented.tokens:,} tokens a layer) projected at this "
+                  f"rate: {full / 60:.0f} min (its fine-tunes come on top; target for all of it <= 2 h)")
 
 
 def finetune(quick: bool, layers: str = "24,26") -> None:
@@ -169,7 +199,8 @@ def skip(quick: bool) -> None:
               f"top-1 agreement {res.whole.top1_agreement:.3f}")
 
 
-PARTS = {"pairs": pairs, "batchtopk": batchtopk, "live": live, "skip": skip, "finetune": finetune}
+PARTS = {"pairs": pairs, "batchtopk": batchtopk, "selection": selection, "live": live, "skip": skip,
+         "finetune": finetune}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -91,6 +91,39 @@ def test_a_set_recorded_before_adam_beta2_existed_resumes_only_at_the_old_value(
         TranscoderRecipe(adam_beta2=1.0)
 
 
+def test_a_set_trained_in_bf16_records_it_and_matches_fp32s_quality_and_a_rerun_may_not_change_it(kjv, tiny_set,
+                                                                                                  tmp_path):
+    """``precision="bf16"``: the forward passes under bf16 autocast, the latents chosen from a bf16 matmul. The
+    recipe, each layer's training settings and the card say so; the weights stay fp32 and the held-out FVU is
+    fp32's within noise; a finished set is not rerun at another precision, and a recipe.json written before the
+    field existed reads as fp32."""
+    from workbench.pipelines import transcoder_card
+
+    out = tmp_path / "bf16"
+    low = train_transcoders(kjv, [1, 3], TranscoderRecipe(**{**TINY, "precision": "bf16"}), out, progress=False)
+    assert json.loads((out / "recipe.json").read_text())["precision"] == "bf16"
+    assert json.loads((out / "layer_1" / "train_config.json").read_text())["train"]["precision"] == "bf16"
+    record = json.loads((out / "set.json").read_text())
+    assert "(the model under bfloat16 autocast, latents chosen from a bfloat16 encoder matmul)" in transcoder_card(
+        record, "cmd")
+    exact = {ev.layer: ev for ev in tiny_set.per_layer}
+    for ev in low.per_layer:
+        assert not torch.equal(low.transcoders[ev.layer].W_dec, tiny_set.transcoders[ev.layer].W_dec)
+        assert low.transcoders[ev.layer].W_dec.dtype == torch.float32
+        assert ev.fvu == pytest.approx(exact[ev.layer].fvu, rel=0.1)
+    with pytest.raises(ConfigError, match=r"other settings \(precision\)"):
+        train_transcoders(kjv, [1, 3], TranscoderRecipe(**TINY), out, progress=False)
+    recorded = json.loads((tiny_set.out_dir / "recipe.json").read_text())
+    del recorded["precision"]  # as a set trained before the field existed recorded it
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "recipe.json").write_text(json.dumps(recorded))
+    with pytest.raises(ConfigError, match=r"other settings \(precision\)"):
+        train_transcoders(kjv, [1], TranscoderRecipe(**{**TINY, "precision": "bf16"}), old, progress=False)
+    with pytest.raises(ConfigError, match="precision='fp16' is unknown"):
+        TranscoderRecipe(**{**TINY, "precision": "fp16"})
+
+
 def test_thresholds_are_calibrated_on_the_last_training_windows_and_a_rerun_may_change_only_that(kjv, tmp_path):
     """After training, a BatchTopK transcoder's inference threshold is the calibration batch's k*rows-th activation
     (so k latents fire a row there, less the one at the threshold), not the EMA that lags behind the weights.

@@ -21,7 +21,7 @@ from workbench.cli import main
 from workbench.errors import CheckpointError, ConfigError, DataError, InputError
 from workbench.locking import OutputLockedError, output_lock
 from workbench.sae.io import load_sae
-from workbench.sae.kernels import largest_entries
+from workbench.sae.kernels import largest_entries, make_pattern, pattern_of_entries, values_at
 from workbench.sae.model import SAE, SAEConfig
 from workbench.sae.train import (
     CHECKPOINT_DIR,
@@ -30,6 +30,7 @@ from workbench.sae.train import (
     _initialise_from_batch,
     compute_losses,
     lr_at,
+    topk_forward,
     train_sae,
 )
 from workbench.train import TrainingDivergedError
@@ -429,3 +430,58 @@ def test_largest_entries_is_topk_whether_the_sample_threshold_holds_or_not():
         for n_keep in (1000, 100_000):
             want = set(values.topk(n_keep).indices.tolist())
             assert set(largest_entries(values, n_keep).tolist()) == want
+
+
+def test_values_at_gives_the_dense_pre_activations_at_any_pattern():
+    g = torch.Generator().manual_seed(0)
+    x, W, b = torch.randn(40, 16, generator=g), torch.randn(16, 48, generator=g), torch.randn(48, generator=g)
+    dense = x @ W + b
+    indices = torch.randn(40, 48, generator=g).topk(5, dim=-1).indices.sort(-1).values
+    torch.testing.assert_close(values_at(x, W, b, make_pattern(indices, 48)), dense.gather(1, indices).reshape(-1))
+    flat = torch.randperm(40 * 48, generator=g)[:300].sort().values  # any number a row, some rows none
+    torch.testing.assert_close(values_at(x, W, b, pattern_of_entries(flat, 40, 48)), dense.reshape(-1)[flat])
+
+
+def _entries(out) -> dict[tuple[int, int], float]:
+    return dict(zip(zip(out.pattern.rows.tolist(), out.pattern.columns.tolist()), out.values.reshape(-1).tolist()))
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_bf16_selection_chooses_almost_the_same_latents_and_gives_them_their_exact_values(arch):
+    """precision='bf16': the active latents come from a bfloat16 matmul, their values are fp32's exactly."""
+    tc = SAE(SAEConfig(d_in=32, d_sae=96, architecture=arch, k=6, d_out=24, apply_b_dec_to_input=False, skip=True),
+             seed=0).train()
+    x = torch.randn(128, 32, generator=torch.Generator().manual_seed(1))
+    exact, low = topk_forward(tc, x), topk_forward(tc, x, torch.bfloat16)
+    assert low.pre.dtype == torch.bfloat16 and low.values.dtype == torch.float32
+    a, b = _entries(exact), _entries(low)
+    common = a.keys() & b.keys()
+    assert len(common) >= 0.95 * len(a)  # only near-ties within bf16's rounding may be chosen otherwise
+    for key in common:
+        assert b[key] == pytest.approx(a[key], abs=1e-5)  # computed in fp32, not rounded to bf16
+    if low.pattern.batch and len(common) == len(a) == len(b):
+        torch.testing.assert_close(low.x_hat_n, exact.x_hat_n)
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_bf16_selection_trains_as_well_as_fp32_and_keeps_every_parameter_fp32(synthetic, arch):
+    fits = {precision: _fit(synthetic, arch, 300, precision=precision) for precision in ("fp32", "bf16")}
+    x = synthetic.sample(4096, torch.Generator().manual_seed(9))
+    fvu = {}
+    for precision, sae in fits.items():
+        assert all(p.dtype == torch.float32 for p in sae.parameters())
+        with torch.no_grad():
+            fvu[precision] = float((sae(x).x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+    assert fvu["bf16"] < 0.1
+    assert fvu["bf16"] == pytest.approx(fvu["fp32"], rel=0.15, abs=0.005)
+    assert mmcs(fits["bf16"].W_dec.detach(), synthetic.features) > 0.9
+
+
+def test_bf16_selection_is_refused_where_a_step_has_no_selection_and_unknown_precisions_are_named():
+    with pytest.raises(ConfigError, match="precision='fp16' is unknown"):
+        TrainConfig(total_steps=1, precision="fp16")
+    x = torch.randn(64, 16)
+    for arch, kw in (("relu", {}), ("jumprelu", {}), ("batchtopk", {"sparse_batchtopk": False})):
+        sae = SAE(SAEConfig(d_in=16, d_sae=32, architecture=arch, k=4), seed=0)
+        with pytest.raises(ConfigError, match="train it with precision='fp32'"):
+            train_sae(sae, [x], TrainConfig(total_steps=1, precision="bf16", progress=False, **kw))

@@ -54,6 +54,25 @@ def test_live_pairs_are_the_mlps_inputs_and_outputs():
     assert sum(b[0].x.shape[0] for b in batches) == 5 * 8
 
 
+def test_live_pairs_under_bf16_autocast_come_back_fp32_and_close_to_fp32s():
+    torch.manual_seed(0)
+    model = HookedGPT(tiny_cfg(n_layers=3, **LLAMA_TINY)).eval()
+    windows = torch.randint(0, 50, (4, 9))
+    exact = next(T.live_pairs(model, windows, [0, 2], batch_windows=4, first_position=1))
+    low = next(T.mixed_live_pairs(model, windows, [0, 2], 4, first_position=1, precision="bf16"))
+    for layer in (0, 2):
+        for name in ("x", "y"):
+            a, b = getattr(exact[layer], name), getattr(low[layer], name)
+            assert b.dtype == torch.float32 and b.shape == a.shape
+            assert not torch.equal(a, b)  # it did run in bf16
+            error = (a - b).pow(2).sum() / (a - a.mean(0)).pow(2).sum()
+            assert error < 1e-3, (layer, name, float(error))
+    # the model's own dtype is untouched
+    assert model.embed.W_E.dtype == torch.float32
+    with pytest.raises(ConfigError, match="precision='fp16' is unknown"):
+        next(T.live_pairs(model, windows, [0], batch_windows=2, precision="fp16"))
+
+
 def test_mixed_rows_cut_a_groups_rows_into_steps_that_each_read_most_of_its_windows():
     steps, b, r = 4, 3, 7
     index = T.mixed_rows(steps, b, r, seed=5, group=2)

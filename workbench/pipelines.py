@@ -415,6 +415,12 @@ class TranscoderRecipe:
     cannot reconstruct, not the optimiser. Figures from a one-off script on cached pairs;
     ``python -m benchmarks.transcoder_order --layer 26 --lr 4e-3 --orders mixed --epochs 2 --decay-fraction 0
     --adam-beta2 0.999 0.99`` redoes the two-epoch comparison. lr 8e-3 still diverges at 0.99."""
+    precision: str = "fp32"
+    """bf16: training's forward passes run the model under bfloat16 autocast (``live_pairs``'s ``precision``; the
+    rows reach the trainers as fp32) and each trainer picks its active latents from a bfloat16 encoder matmul,
+    their values computed exactly (``SAETrainConfig.precision``); the transcoders' weights, gradients, losses
+    and Adam stay fp32, and calibration and evaluation run in fp32. fp32: all of it in fp32, as every set
+    trained before this field existed was. The fine-tunes have their own ``kl_precision``."""
     calibrate_windows: int = 128
     """After training, each BatchTopK transcoder's inference threshold is set from its final weights on the last
     this many training windows, in batches of a step's windows
@@ -491,6 +497,8 @@ class TranscoderRecipe:
             if getattr(self, name) and self.architecture == "batchtopk" and not self.calibrate_windows:
                 raise ConfigError(f"the KL fine-tune ({name}) moves BatchTopK's weights away from the thresholds "
                                   "training left; calibrate them after it (calibrate_windows >= batch_windows)")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision={self.precision!r} is unknown; expected one of {PRECISIONS}")
         if self.kl_precision not in PRECISIONS:
             raise ConfigError(f"kl_precision={self.kl_precision!r} is unknown; expected one of {PRECISIONS}")
         if ":" in self.kl_layers and not self.kl_steps:
@@ -681,7 +689,7 @@ def train_transcoders(
             bar = _bar(progress, steps, first)
             pairs = mixed_live_pairs(model, train_windows, layers, batch_windows, recipe.mix_steps,
                                      recipe.first_position, start_step=first, seed=recipe.seed,
-                                     first_column=info.rank * batch_windows)
+                                     first_column=info.rank * batch_windows, precision=recipe.precision)
             for step, batch in zip(range(first, steps), pairs):
                 for layer in layers:
                     if feed.starts[layer] <= step:
@@ -802,7 +810,8 @@ def transcoder_configs(recipe: TranscoderRecipe, d_model: int) -> tuple[SAEConfi
     train_cfg = TrainConfig(total_steps=recipe.total_steps(), lr=recipe.lr, seed=recipe.seed,
                             dead_tokens=recipe.dead_tokens, checkpoint_every=recipe.checkpoint_every, progress=False,
                             decay_fraction=0.3, skip_init=recipe.skip_init,  # type: ignore[arg-type]
-                            latent_init_scale=recipe.latent_init_scale, adam_betas=(0.9, recipe.adam_beta2))
+                            latent_init_scale=recipe.latent_init_scale, adam_betas=(0.9, recipe.adam_beta2),
+                            precision=recipe.precision)  # type: ignore[arg-type]
     return sae_cfg, train_cfg
 
 
@@ -940,14 +949,16 @@ def transcoder_card(record: dict[str, Any], command: str) -> str:
     if (mixed := r.get("mix_steps", RECIPE_BEFORE_FIELD["mix_steps"])) > 1:
         order += f", the rows of {mixed} steps mixed"
     bf16 = "; the model under bfloat16 autocast" if r.get("kl_precision", "fp32") == "bf16" else ""
+    train_bf16 = (" (the model under bfloat16 autocast, latents chosen from a bfloat16 encoder matmul)"
+                  if r.get("precision", "fp32") == "bf16" else "")
     lines = [
         f"# Transcoders for {record['model']} (layers {', '.join(map(str, record['layers']))})", "",
         f"One transcoder per MLP: reads `blocks.L.mlp.hook_in`, predicts `blocks.L.mlp.hook_out`. "
         f"{r['architecture']}, {r['expansion']}x d_model latents, k={r['k']}, "
         f"skip term: {'yes' if r['skip'] else 'no'}. "
         f"Trained on {r['tokens']:,} tokens of `{r['corpus']}`{epochs} per layer (windows of {r['n_ctx']}, "
-        f"positions from {r['first_position']}; {order}), all layers at once from live activations, "
-        f"in {record['seconds'] / 60:.1f} min "
+        f"positions from {r['first_position']}; {order}), all layers at once from live activations"
+        f"{train_bf16}, in {record['seconds'] / 60:.1f} min "
         f"({record['tokens_per_second']:,.0f} tokens/s).", "",
         *([f"BatchTopK inference thresholds calibrated on the last {calibrate} training windows "
            "(the mean over batches of each batch's k x rows-th activation, with the final weights).", ""]

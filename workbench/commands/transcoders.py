@@ -29,11 +29,12 @@ from workbench.pipelines import (
     transcoders_home,
 )
 from workbench.sae.model import ARCHITECTURES
-from workbench.sae.transcoders import parse_layers
+from workbench.sae.transcoders import PRECISIONS, parse_layers
 from workbench.zoo import load_model
 
 #: One ``--flag`` per field of the recipe, its default and help taken from the field.
-RECIPE_FLAGS = ConfigFlags(TranscoderRecipe, choices={"architecture": ARCHITECTURES})
+RECIPE_FLAGS = ConfigFlags(TranscoderRecipe, choices={"architecture": ARCHITECTURES, "precision": PRECISIONS,
+                                                     "kl_precision": PRECISIONS})
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

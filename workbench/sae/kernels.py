@@ -201,6 +201,19 @@ def largest_entries(flat: Float[Tensor, " n"], n_keep: int) -> Int[Tensor, " n_k
     return candidates[flat[candidates].topk(n_keep, sorted=False).indices]
 
 
+def values_at(x_c: Float[Tensor, "batch d_in"], W_enc: Float[Tensor, "d_in d_sae"], b_enc: Float[Tensor, " d_sae"],
+              pattern: SparsePattern) -> Float[Tensor, " entries"]:
+    """Return ``x_c @ W_enc + b_enc`` at the pattern's entries only (flat, in pattern order), in ``x_c``'s dtype.
+
+    The training step picks its latents from a bfloat16 matmul when asked to
+    (``SAETrainConfig.precision``); this gives the chosen entries their exact values (k·batch dot products
+    instead of a second dense matmul)."""
+    if x_c.is_cuda:  # [entries, d_in] gathers: fine in GPU memory (as the decoder's backward does there)
+        return (x_c[pattern.rows] * W_enc.T[pattern.columns]).sum(-1) + b_enc[pattern.columns]
+    sampled = torch.sparse.sampled_addmm(_csr(pattern, b_enc[pattern.columns]), x_c, W_enc, beta=1.0)
+    return sampled.values()
+
+
 def encode_at(sae: SAE, x_c: Tensor, values: Tensor, pattern: SparsePattern) -> Tensor:
     """Differentiable pre-activations at ``pattern`` (values precomputed densely)."""
     return _EncodeAt.apply(

@@ -82,6 +82,10 @@ def parse_layers(spec: str, n_layers: int) -> list[int]:
         raise InputError(f"--layers {spec!r}: expected 'all' or comma-separated layer numbers such as 0,3,5") from None
 
 
+#: What :attr:`KLFinetuneConfig.precision` and :func:`live_pairs`' ``precision`` may be.
+PRECISIONS = ("fp32", "bf16")
+
+
 class Pairs(NamedTuple):
     """One batch of transcoder training rows for one layer."""
 
@@ -98,21 +102,27 @@ def live_pairs(
     batch_windows: int = 8,
     first_position: int = 0,
     start_window: int = 0,
+    precision: str = "fp32",
 ) -> Iterator[dict[int, Pairs]]:
     """Yield, batch by batch, every chosen layer's (input, output) rows from one forward pass.
 
     One pass feeds all transcoders: no activation store is needed for a full set. Rows are positions
     ``first_position:`` of each window (BOS positions are usually left out). ``start_window`` lets
-    a resumed run seek instead of re-reading."""
+    a resumed run seek instead of re-reading. ``precision="bf16"`` runs the pass under bfloat16 autocast
+    (the rows come back fp32 either way): on SmolLM2, 32 windows of 128 tokens take 3.3-3.8 s instead of
+    6.1-6.6 s, and the rows differ from fp32's by an error whose variance is 1e-5 (layer 0) to 4e-4 (layers
+    13-29) of theirs, far under a transcoder's FVU (a one-off script)."""
     layers = check_layers(model, layers)
     if batch_windows < 1:
         raise InputError(f"batch_windows={batch_windows} must be at least 1")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision={precision!r} is unknown; expected one of {PRECISIONS}")
     names = [h for layer in layers for h in (input_hook(layer), output_hook(layer))]
     last = max(layers) + 1
     device = model.embed.W_E.device
     for b0 in range(start_window, windows.shape[0], batch_windows):
         tokens = windows[b0: b0 + batch_windows].to(device)
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             # stop after the last block needed: with the last layer chosen, that skips the unembedding, whose
             # logits (vocabulary x tokens: 3.2 GB for 128 SmolLM2 windows) nothing here reads
             _, cache = model.run_with_cache(tokens, names_filter=names, stop_at_layer=last)
@@ -164,6 +174,7 @@ def mixed_live_pairs(
     start_step: int = 0,
     seed: int = 0,
     first_column: int = 0,
+    precision: str = "fp32",
 ) -> Iterator[dict[int, Pairs]]:
     """Yield one step's pairs at a time, as :func:`live_pairs` with ``batch_windows`` does, with the rows of
     ``mix_steps`` consecutive steps mixed (:func:`mixed_rows`; ``mix_steps=1`` is ``live_pairs`` itself).
@@ -171,18 +182,19 @@ def mixed_live_pairs(
     One forward pass reads the group's ``mix_steps * batch_windows`` windows, and every layer takes the same
     rows for a step, so row ``i`` of ``x`` and ``y`` stay one token. A step's rows then come from more
     windows, fewer of them neighbours in one passage. The order depends only on ``seed``, the group and the
-    column, so a run resumed at ``start_step`` reads what an unbroken one would.
+    column, so a run resumed at ``start_step`` reads what an unbroken one would. ``precision`` is
+    :func:`live_pairs`'.
     """
     if mix_steps < 1:
         raise InputError(f"mix_steps={mix_steps} must be at least 1")
     if mix_steps == 1:
         yield from live_pairs(model, windows, layers, batch_windows, first_position,
-                              start_window=start_step * batch_windows)
+                              start_window=start_step * batch_windows, precision=precision)
         return
     group = start_step // mix_steps
     rows_per_window = windows.shape[1] - first_position
     for big in live_pairs(model, windows, layers, batch_windows * mix_steps, first_position,
-                          start_window=group * mix_steps * batch_windows):
+                          start_window=group * mix_steps * batch_windows, precision=precision):
         n_windows = big[layers[0]].x.shape[0] // rows_per_window
         steps = n_windows // batch_windows
         if steps * batch_windows != n_windows:
@@ -256,8 +268,6 @@ def calibrate_thresholds(
 # Fine-tuning on what the rest of the model makes of the prediction
 
 
-#: What :attr:`KLFinetuneConfig.precision` may be.
-PRECISIONS = ("fp32", "bf16")
 
 
 @dataclasses.dataclass(frozen=True)
