@@ -70,47 +70,40 @@ def pairs(quick: bool) -> None:
     print(f"  skip transcoder             {tps['skip']:10.0f} tokens/s   {med['skip'] / med['sae']:.2f} x")
 
 
-def batchtopk(quick: bool) -> None:
-    """BatchTopK skip transcoder steps at SmolLM2's shape: the sparse kernels against the dense [batch, d_sae] step."""
-    d_in, d_sae, k, batch, steps = 576, 4608, 32, 4064, 3
-    repeats = 2 if quick else 5
+def _skip_transcoder_steps(d_sae: int, k: int, variants: dict[str, dict], quick: bool,
+                           steps: int = 3) -> dict[str, float]:
+    """Median seconds of ``steps`` training steps of a BatchTopK skip transcoder (d_in 576, batch 4064, SmolLM2's
+    live batch) per variant of the training settings, timed interleaved on the same random pairs."""
+    d_in, batch = 576, 4064
     g = torch.Generator().manual_seed(0)
     pairs_ = [(torch.randn(batch, d_in, generator=g), torch.randn(batch, d_in, generator=g)) for _ in range(steps)]
     shape = SAEConfig(d_in=d_in, d_sae=d_sae, architecture="batchtopk", k=k, d_out=d_in, apply_b_dec_to_input=False,
                       skip=True)
     runs = {}
-    for sparse in (True, False):
-        cfg = TrainConfig(total_steps=steps, lr=1e-4, progress=False, checkpoint_every=0, log_every=steps,
-                          sparse_batchtopk=sparse)
+    for name, settings in variants.items():
+        cfg = TrainConfig(total_steps=steps, lr=1e-4, progress=False, checkpoint_every=0, log_every=steps, **settings)
         tc = SAE(shape, seed=0)
-        runs["sparse" if sparse else "dense"] = lambda tc=tc, cfg=cfg: train_sae(tc, pairs_, cfg)
-    med = interleaved_medians(runs, repeats)
+        runs[name] = lambda tc=tc, cfg=cfg: train_sae(tc, pairs_, cfg)
+    repeats = 2 if quick else 5
     print(f"BatchTopK skip transcoder step: d_in {d_in}, width {d_sae}, k {k}, batch {batch} (SmolLM2's live batch), "
           f"torch threads {torch.get_num_threads()}, {repeats} interleaved repeats of {steps} steps (median)")
+    return {name: seconds / steps for name, seconds in interleaved_medians(runs, repeats).items()}
+
+
+def batchtopk(quick: bool) -> None:
+    """BatchTopK skip transcoder steps at SmolLM2's shape: the sparse kernels against the dense [batch, d_sae] step."""
+    med = _skip_transcoder_steps(4608, 32, {"sparse": {}, "dense": {"sparse_batchtopk": False}}, quick)
     for name, seconds in med.items():
-        print(f"  {name:6s} {steps * batch / seconds:10.0f} tokens/s   {seconds / steps * 1000:8.1f} ms/step")
+        print(f"  {name:6s} {4064 / seconds:10.0f} tokens/s   {seconds * 1000:8.1f} ms/step")
     print(f"  dense / sparse time: {med['dense'] / med['sparse']:.2f} x")
 
 
 def selection(quick: bool) -> None:
     """The recipe shape's training step with the latents chosen from an fp32 and from a bf16 matmul."""
-    d_in, d_sae, k, batch, steps = 576, 2304, 64, 4064, 3
-    repeats = 2 if quick else 5
-    g = torch.Generator().manual_seed(0)
-    pairs_ = [(torch.randn(batch, d_in, generator=g), torch.randn(batch, d_in, generator=g)) for _ in range(steps)]
-    shape = SAEConfig(d_in=d_in, d_sae=d_sae, architecture="batchtopk", k=k, d_out=d_in, apply_b_dec_to_input=False,
-                      skip=True)
-    runs = {}
-    for precision in ("fp32", "bf16"):
-        cfg = TrainConfig(total_steps=steps, lr=1e-4, progress=False, checkpoint_every=0, log_every=steps,
-                          precision=precision)
-        tc = SAE(shape, seed=0)
-        runs[precision] = lambda tc=tc, cfg=cfg: train_sae(tc, pairs_, cfg)
-    med = interleaved_medians(runs, repeats)
-    print(f"BatchTopK skip transcoder step at the recipe's shape: d_in {d_in}, width {d_sae}, k {k}, batch {batch}, "
-          f"torch threads {torch.get_num_threads()}, {repeats} interleaved repeats of {steps} steps (median)")
+    med = _skip_transcoder_steps(2304, 64, {"fp32": {}, "bf16": {"precision": "bf16"}}, quick)
+    print("  (the documented recipe's shape)")
     for name, seconds in med.items():
-        print(f"  latents chosen in {name}: {seconds / steps * 1000:8.1f} ms a step")
+        print(f"  latents chosen in {name}: {seconds * 1000:8.1f} ms a step")
     print(f"  fp32 / bf16 time: {med['fp32'] / med['bf16']:.2f} x")
 
 

@@ -420,7 +420,9 @@ class TranscoderRecipe:
     rows reach the trainers as fp32) and each trainer picks its active latents from a bfloat16 encoder matmul,
     their values computed exactly (``SAETrainConfig.precision``); the transcoders' weights, gradients, losses
     and Adam stay fp32, and calibration and evaluation run in fp32. fp32: all of it in fp32, as every set
-    trained before this field existed was. The fine-tunes have their own ``kl_precision``."""
+    trained before this field existed was. The fine-tunes have their own ``kl_precision``. SmolLM2's 30 layers
+    under the recipe's training settings: 65.8 min in bf16 (2026-12-07) against 81.5 in fp32 (2026-12-06), and
+    every layer's last-step training FVU within 0.003 of fp32's (28 of 30 within 0.0006)."""
     calibrate_windows: int = 128
     """After training, each BatchTopK transcoder's inference threshold is set from its final weights on the last
     this many training windows, in batches of a step's windows
