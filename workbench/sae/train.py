@@ -70,8 +70,9 @@ _ADDED_SINCE = frozenset({"sparse_batchtopk", "skip_init", "latent_init_scale", 
 SkipInit = Literal["zero", "ridge"]
 SKIP_INITS: tuple[str, ...] = ("zero", "ridge")
 
-#: What :attr:`SAETrainConfig.precision` may be.
-SELECTION_PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
+#: What :attr:`SAETrainConfig.precision` may be, and so the transcoder pipeline's precisions
+#: (``workbench.sae.transcoders`` re-exports it).
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
 
 #: Ridge penalty of ``skip_init='ridge'``, relative to the input's mean per-dimension variance.
 RIDGE_PENALTY = 1e-3
@@ -157,8 +158,8 @@ class SAETrainConfig:
             raise ConfigError(f"latent_init_scale={self.latent_init_scale} must be a positive number or None")
         if not (math.isfinite(self.skip_lr_scale) and self.skip_lr_scale > 0):
             raise ConfigError(f"skip_lr_scale={self.skip_lr_scale} must be a positive number")
-        if self.precision not in SELECTION_PRECISIONS:
-            raise ConfigError(f"precision={self.precision!r} is unknown; expected one of {SELECTION_PRECISIONS}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision={self.precision!r} is unknown; expected one of {PRECISIONS}")
 
     @property
     def schedule(self) -> LRSchedule:

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from workbench.errors import ConfigError, DataError, HookError, InputError
 from workbench.sae.model import SAE
+from workbench.sae.train import PRECISIONS  # also what KLFinetuneConfig.precision and live_pairs' precision may be
 from workbench.store import ReaderConfig
 
 
@@ -80,10 +81,6 @@ def parse_layers(spec: str, n_layers: int) -> list[int]:
         return [int(part) for part in spec.split(",") if part.strip()]
     except ValueError:
         raise InputError(f"--layers {spec!r}: expected 'all' or comma-separated layer numbers such as 0,3,5") from None
-
-
-#: What :attr:`KLFinetuneConfig.precision` and :func:`live_pairs`' ``precision`` may be.
-PRECISIONS = ("fp32", "bf16")
 
 
 class Pairs(NamedTuple):
