@@ -83,6 +83,11 @@ def parse_layers(spec: str, n_layers: int) -> list[int]:
         raise InputError(f"--layers {spec!r}: expected 'all' or comma-separated layer numbers such as 0,3,5") from None
 
 
+def model_autocast(device: torch.device, precision: str):
+    """The context the model's passes run in at ``precision``: bfloat16 autocast ("bf16"), or nothing ("fp32")."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 class Pairs(NamedTuple):
     """One batch of transcoder training rows for one layer."""
 
@@ -119,7 +124,7 @@ def live_pairs(
     device = model.embed.W_E.device
     for b0 in range(start_window, windows.shape[0], batch_windows):
         tokens = windows[b0: b0 + batch_windows].to(device)
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        with torch.no_grad(), model_autocast(device, precision):
             # stop after the last block needed: with the last layer chosen, that skips the unembedding, whose
             # logits (vocabulary x tokens: 3.2 GB for 128 SmolLM2 windows) nothing here reads
             _, cache = model.run_with_cache(tokens, names_filter=names, stop_at_layer=last)
@@ -470,7 +475,7 @@ def finetune_on_kl(
 
     def model_precision():
         """The context the model's passes run in: bf16 autocast, or nothing."""
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+        return model_autocast(device, cfg.precision)
 
     def predict(layer: int, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, float]:
         """Layer ``layer``'s MLP output with the transcoder's prediction from ``fp`` on, its FVU there and its L0."""
