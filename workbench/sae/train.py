@@ -324,7 +324,8 @@ def compute_losses(
         l0 = active.sum() / x_n.shape[0]
         if arch == "batchtopk":
             # the positive ones: an entry a bf16 selection kept may be exactly <= 0 (precision='bf16')
-            positive = out.values.detach()[out.values.detach() > 0]
+            kept = out.values.detach()
+            positive = kept[kept > 0]
             if positive.numel():
                 min_active = positive.min()
         y_n = x_n if target is None else target.to(x_n.dtype)
