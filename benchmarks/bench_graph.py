@@ -18,6 +18,13 @@ defaults and writes the pruned graph and its circuit-tracer JSON. ``--smollm2-tr
 a trained set (``workbench train-transcoders smollm2-135m ...``). With none given or shipped, a random
 TopK set of the recipe's shape (d_sae 4608, k 32, 30 layers) gives the same number of active features
 (9,600) and so of nodes and passes; the output says so.
+
+Measured on 2026-12-07 with the documented SmolLM2 set (``--quick --smollm2 --smollm2-transcoders
+$WORKBENCH_HOME/transcoders/smollm2-135m``; 28,411 active features on the prompt): with ``--max-features 7500``
+the graph takes 50.8 s and peaks at 1,808 MiB (both targets met), and pruning keeps 3,112 features whose file
+is 12.25 MiB (about 2.8M edges at 4 bytes each; NOT met) and whose circuit-tracer JSON is 210 MiB; with every
+feature, 90.2 s and 4,371 MiB (the 3,149 MiB adjacency alone passes 2 GB; NOT met), pruned to 5,813 features
+and 36.9 MiB.
 """
 
 from __future__ import annotations
